@@ -1,0 +1,44 @@
+/* dsinfer: one program, one subcommand per job. Nothing else lives here. */
+#include "cli/cli.h"
+#include "core/core.h"
+
+#include <stdio.h>
+#include <string.h>
+
+#ifndef DSINFER_VERSION
+#define DSINFER_VERSION "dev"
+#endif
+
+static const struct {
+    const char *name;
+    int (*fn)(int, char **);
+    const char *help;
+} commands[] = {
+    {"generate", ds_cmd_generate, "greedy generation from token ids (ids on stdout)"},
+    {"make-tiny", ds_cmd_make_tiny, "write a random DeepSeek-V3 checkpoint in the HF layout"},
+    {"info", ds_cmd_info, "print a checkpoint's config, parameter counts and bytes per dtype"},
+    {"bench-model", ds_cmd_bench_model, "prefill/decode tokens/s vs this machine's bandwidth"},
+};
+
+static void usage(FILE *f) {
+    fprintf(f, "usage: dsinfer <command> [options]   (dsinfer <command> --help)\n\ncommands:\n");
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        fprintf(f, "  %-12s %s\n", commands[i].name, commands[i].help);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") ||
+        !strcmp(argv[1], "help")) {
+        usage(argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    if (!strcmp(argv[1], "--version")) {
+        printf("dsinfer %s\n", DSINFER_VERSION);
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        if (!strcmp(argv[1], commands[i].name)) return commands[i].fn(argc - 1, argv + 1);
+    fprintf(stderr, "dsinfer: unknown command '%s'\n", argv[1]);
+    usage(stderr);
+    return 2;
+}

@@ -1,0 +1,127 @@
+/* core: error codes, logging, dtypes, a persistent thread pool and a terminal progress bar.
+ *
+ * Nothing here knows about models or files; every other module builds on it. */
+#ifndef DS_CORE_H
+#define DS_CORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#if defined(__GNUC__)
+#define DS_PRINTF(f, a) __attribute__((format(printf, f, a)))
+#define DS_NORETURN __attribute__((noreturn))
+#else
+#define DS_PRINTF(f, a)
+#define DS_NORETURN
+#endif
+
+/* ---- errors -------------------------------------------------------------------------------
+ * Fallible functions return a ds_err (0 or a negative code). The human-readable message that
+ * names the file / tensor / field lives in a thread-local buffer set by ds_err_set(), in the
+ * same way dlerror() works: read it with ds_err_msg() right after the failing call. */
+#define DS_ERRORS(X)                                                                               \
+    X(DS_OK, 0, "success")                                                                         \
+    X(DS_ERR_NOMEM, -1, "out of memory")                                                           \
+    X(DS_ERR_IO, -2, "I/O error")                                                                  \
+    X(DS_ERR_FORMAT, -3, "malformed input")                                                        \
+    X(DS_ERR_UNSUPPORTED, -4, "unsupported")                                                       \
+    X(DS_ERR_MISSING, -5, "missing")                                                               \
+    X(DS_ERR_SHAPE, -6, "shape mismatch")                                                          \
+    X(DS_ERR_ARG, -7, "invalid argument")                                                          \
+    X(DS_ERR_RANGE, -8, "out of range")
+
+typedef enum {
+#define DS_ERR_ENUM(name, val, str) name = val,
+    DS_ERRORS(DS_ERR_ENUM)
+#undef DS_ERR_ENUM
+} ds_err;
+
+/* Static description of a code ("malformed input"); never NULL. */
+const char *ds_strerror(int err);
+/* Formats the message for the current thread and returns err, so `return ds_err_set(...)`. */
+int ds_err_set(int err, const char *fmt, ...) DS_PRINTF(2, 3);
+/* Prepends "prefix: " to the current message (adds context while unwinding); returns err. */
+int ds_err_wrap(int err, const char *fmt, ...) DS_PRINTF(2, 3);
+/* Last message set on this thread ("" when none); valid until the next ds_err_set on it. */
+const char *ds_err_msg(void);
+
+/* Always-on check for broken invariants (not for bad input: that gets a ds_err). */
+#define DS_ASSERT(c)                                                                               \
+    ((c) ? (void)0 : ds_assert_fail(#c, __FILE__, __LINE__))
+DS_NORETURN void ds_assert_fail(const char *expr, const char *file, int line);
+
+/* ---- logging (stderr only: stdout belongs to the command's result) --------------------------- */
+typedef enum { DS_LOG_DEBUG, DS_LOG_INFO, DS_LOG_WARN, DS_LOG_ERROR } ds_log_level;
+void ds_log_set_level(ds_log_level lvl);
+void ds_log(ds_log_level lvl, const char *fmt, ...) DS_PRINTF(2, 3);
+#define ds_info(...) ds_log(DS_LOG_INFO, __VA_ARGS__)
+#define ds_warn(...) ds_log(DS_LOG_WARN, __VA_ARGS__)
+#define ds_debug(...) ds_log(DS_LOG_DEBUG, __VA_ARGS__)
+
+/* Monotonic seconds. */
+double ds_now(void);
+
+/* Allocation that is 64-byte aligned (SIMD rows) and zeroed; NULL on failure. Free with ds_free. */
+void *ds_alloc(size_t bytes);
+void ds_free(void *p);
+/* a * b into *out; 0 on overflow. Used wherever sizes come from untrusted bytes. */
+int ds_mul_ok(uint64_t a, uint64_t b, uint64_t *out);
+
+/* ---- dtypes (the safetensors set) ----------------------------------------------------------- */
+#define DS_DTYPES(X)                                                                               \
+    X(DS_F64, "F64", 8)                                                                            \
+    X(DS_F32, "F32", 4)                                                                            \
+    X(DS_F16, "F16", 2)                                                                            \
+    X(DS_BF16, "BF16", 2)                                                                          \
+    X(DS_F8_E4M3, "F8_E4M3", 1)                                                                    \
+    X(DS_F8_E5M2, "F8_E5M2", 1)                                                                    \
+    X(DS_I64, "I64", 8)                                                                            \
+    X(DS_I32, "I32", 4)                                                                            \
+    X(DS_I16, "I16", 2)                                                                            \
+    X(DS_I8, "I8", 1)                                                                              \
+    X(DS_U64, "U64", 8)                                                                            \
+    X(DS_U32, "U32", 4)                                                                            \
+    X(DS_U16, "U16", 2)                                                                            \
+    X(DS_U8, "U8", 1)                                                                              \
+    X(DS_BOOL, "BOOL", 1)
+
+typedef enum {
+#define DS_DT_ENUM(e, s, n) e,
+    DS_DTYPES(DS_DT_ENUM)
+#undef DS_DT_ENUM
+        DS_DTYPE_COUNT
+} ds_dtype;
+
+const char *ds_dtype_name(ds_dtype t);
+size_t ds_dtype_size(ds_dtype t);
+/* Parses a safetensors dtype string ("BF16"); returns -1 when unknown. */
+int ds_dtype_parse(const char *s);
+
+/* ---- thread pool ----------------------------------------------------------------------------
+ * A fixed set of workers that run one parallel-for at a time. The caller's thread is worker 0,
+ * so a pool of 1 runs everything inline. Not reentrant: a task must not call ds_pool_run. */
+typedef struct ds_pool ds_pool;
+typedef void (*ds_pool_fn)(void *ctx, int thread, int n_threads);
+
+/* n_threads <= 0 means the number of online CPUs. NULL on failure (message set). */
+ds_pool *ds_pool_open(int n_threads);
+void ds_pool_close(ds_pool *p); /* accepts NULL */
+int ds_pool_size(const ds_pool *p);
+/* Runs fn(ctx, i, n) for i in [0, n) on the n threads and returns when all are done. */
+void ds_pool_run(ds_pool *p, ds_pool_fn fn, void *ctx);
+/* Splits [0, total) into n near-equal contiguous parts; part i is [*lo, *hi). */
+void ds_split_range(size_t total, int i, int n, size_t *lo, size_t *hi);
+
+/* ---- progress bar (stderr, only when stderr is a terminal) ---------------------------------- */
+typedef struct {
+    const char *label;
+    uint64_t total, done;
+    double t0, last_draw;
+    int active; /* 0 when stderr is not a tty: every call is then a no-op */
+} ds_progress;
+void ds_progress_begin(ds_progress *pb, const char *label, uint64_t total);
+void ds_progress_add(ds_progress *pb, uint64_t n);
+void ds_progress_end(ds_progress *pb);
+
+#endif

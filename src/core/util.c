@@ -1,0 +1,65 @@
+/* Logging, clocks, aligned allocation and the dtype table. */
+#include "core/core.h"
+
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static ds_log_level log_level = DS_LOG_INFO;
+
+void ds_log_set_level(ds_log_level lvl) { log_level = lvl; }
+
+void ds_log(ds_log_level lvl, const char *fmt, ...) {
+    static const char *const tag[] = {"debug", "info", "warning", "error"};
+    if (lvl < log_level) return;
+    char line[2048];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    /* One fprintf per line so lines from different threads do not interleave. */
+    fprintf(stderr, "dsinfer: %s: %s\n", tag[lvl], line);
+}
+
+double ds_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+void *ds_alloc(size_t bytes) {
+    void *p = NULL;
+    size_t rounded = (bytes + 63) & ~(size_t)63;
+    if (rounded < bytes) return NULL;
+    if (posix_memalign(&p, 64, rounded ? rounded : 64) != 0) return NULL;
+    memset(p, 0, rounded);
+    return p;
+}
+
+void ds_free(void *p) { free(p); }
+
+int ds_mul_ok(uint64_t a, uint64_t b, uint64_t *out) {
+    if (a != 0 && b > UINT64_MAX / a) return 0;
+    *out = a * b;
+    return 1;
+}
+
+static const struct {
+    const char *name;
+    size_t size;
+} dtype_info[DS_DTYPE_COUNT] = {
+#define DS_DT_INFO(e, s, n) {s, n},
+    DS_DTYPES(DS_DT_INFO)
+#undef DS_DT_INFO
+};
+
+const char *ds_dtype_name(ds_dtype t) { return (unsigned)t < DS_DTYPE_COUNT ? dtype_info[t].name : "?"; }
+
+size_t ds_dtype_size(ds_dtype t) { return (unsigned)t < DS_DTYPE_COUNT ? dtype_info[t].size : 0; }
+
+int ds_dtype_parse(const char *s) {
+    for (int i = 0; i < DS_DTYPE_COUNT; i++)
+        if (strcmp(s, dtype_info[i].name) == 0) return i;
+    return -1;
+}

@@ -1,0 +1,127 @@
+/* io: untrusted bytes from disk -> validated structures.
+ *
+ * safetensors files are mapped read-only and every header is checked before any tensor is
+ * handed out (header length, dtype x shape == byte length, ranges inside the data section, no
+ * overlaps); a sharded checkpoint is opened through model.safetensors.index.json. config.json is
+ * read completely into a ds_config, refusing values the engine cannot honour by name.
+ * Every error message names the file and the tensor or field. */
+#ifndef DS_IO_H
+#define DS_IO_H
+
+#include "core/core.h"
+
+#include <jansson.h>
+#include <stdint.h>
+
+#define DS_ST_MAX_DIMS 8
+
+/* One tensor of a safetensors file. Views only: valid while its file/set is open. */
+typedef struct {
+    const char *name;
+    ds_dtype dtype;
+    int ndim;
+    int64_t shape[DS_ST_MAX_DIMS];
+    const void *data;    /* inside the mapping */
+    uint64_t nbytes;     /* == numel * dtype size, checked */
+    uint64_t offset;     /* absolute offset of the data in the file (for messages) */
+    const char *file;    /* path of the file holding it */
+} ds_st_tensor;
+
+/* Parsed header of one safetensors file image. */
+typedef struct {
+    char *path;           /* owned copy of the label/path */
+    ds_st_tensor *tensors; /* n_tensors entries, sorted by data offset */
+    size_t n_tensors;
+    json_t *header;       /* keeps the strings the tensors point to alive */
+    uint64_t data_start;  /* 8 + header length */
+} ds_st_header;
+
+/* Parses and validates the safetensors image buf[0, len). `label` names it in messages.
+ * On success fills *out (release with ds_st_header_free); tensor data pointers point into buf.
+ * This is the entry point of the fuzz target: it must never crash on any bytes. */
+int ds_st_parse(const uint8_t *buf, uint64_t len, const char *label, ds_st_header *out);
+void ds_st_header_free(ds_st_header *h); /* accepts a zeroed struct */
+
+/* A set of mapped safetensors files (one file or the shards of an index) with name lookup. */
+typedef struct ds_st_set ds_st_set;
+
+/* Opens a checkpoint directory: model.safetensors.index.json when present (every shard it names
+ * must exist and hold the tensors it lists), else model.safetensors. */
+int ds_st_open_dir(const char *dir, ds_st_set **out);
+/* Opens a single file. */
+int ds_st_open_file(const char *path, ds_st_set **out);
+void ds_st_close(ds_st_set *s); /* accepts NULL */
+/* NULL when absent. */
+const ds_st_tensor *ds_st_find(const ds_st_set *s, const char *name);
+size_t ds_st_count(const ds_st_set *s);
+const ds_st_tensor *ds_st_at(const ds_st_set *s, size_t i);
+
+/* Incremental writer of one safetensors file: declare tensors, then write their data in the
+ * same order. Used by make-tiny and, later, quantize. */
+typedef struct ds_st_writer ds_st_writer;
+int ds_st_writer_open(const char *path, ds_st_writer **out);
+int ds_st_writer_add(ds_st_writer *w, const char *name, ds_dtype dtype, int ndim,
+                     const int64_t *shape);
+/* Writes the header; then ds_st_writer_data once per tensor, in declaration order. */
+int ds_st_writer_begin_data(ds_st_writer *w);
+int ds_st_writer_data(ds_st_writer *w, const void *data, uint64_t nbytes);
+/* Finishes and closes (also on error); returns the first error seen. */
+int ds_st_writer_close(ds_st_writer *w);
+
+/* ---- JSON helpers (jansson) ---- */
+/* Loads a JSON file; on failure the message names the file, line and column. */
+int ds_json_load_file(const char *path, json_t **out);
+
+/* ---- config.json ---- */
+/* Engine limits, checked when the config is read (DeepSeek-V3 uses 256 experts, rope dim 64). */
+#define DS_MAX_EXPERTS 1024
+#define DS_MAX_ROPE_DIM 1024
+
+typedef enum { DS_QUANT_NONE, DS_QUANT_FP8 } ds_quant_method;
+
+typedef struct {
+    /* dimensions */
+    int64_t vocab_size, hidden_size, intermediate_size, moe_intermediate_size;
+    int64_t n_layers, n_heads;
+    int64_t q_lora_rank; /* 0 when null: q_proj instead of q_a/q_b */
+    int64_t kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim;
+    /* MoE */
+    int64_t n_routed_experts, n_shared_experts, n_experts_per_tok, n_group, topk_group;
+    int64_t first_k_dense_replace, moe_layer_freq;
+    int norm_topk_prob;
+    float routed_scaling_factor;
+    /* norms and positions */
+    float rms_norm_eps;
+    double rope_theta;
+    int64_t max_position_embeddings;
+    int rope_yarn; /* rope_scaling present with type yarn */
+    double yarn_factor, yarn_beta_fast, yarn_beta_slow, yarn_mscale, yarn_mscale_all_dim;
+    int64_t yarn_original_max_position_embeddings;
+    /* tokens */
+    int64_t bos_token_id;
+    int64_t eos_token_ids[8];
+    int n_eos;
+    int tie_word_embeddings;
+    ds_dtype torch_dtype;
+    int64_t num_nextn_predict_layers; /* MTP layers after the main ones: recognised, skipped */
+    /* quantization_config */
+    ds_quant_method quant;
+    int64_t quant_block[2]; /* fp8 weight_block_size */
+} ds_config;
+
+/* Reads and validates DIR/config.json (or a config.json path). Messages name the field. */
+int ds_config_load(const char *path, ds_config *out);
+/* Same from a parsed object; `label` names the source in messages. */
+int ds_config_from_json(const json_t *root, const char *label, ds_config *out);
+/* Whether layer l uses MoE (else the dense MLP). */
+int ds_config_layer_is_moe(const ds_config *c, int64_t l);
+/* Writes a human-readable summary of every field. */
+void ds_config_print(const ds_config *c, FILE *f);
+/* Parameter counts implied by the config (src/io/params.c; pure arithmetic): *total is every
+ * weight of the main model (embedding, the n_layers decoder layers with their norms, router and
+ * e_score_correction_bias, final norm, lm_head unless tied); *active is what one token reads
+ * (the same with only n_experts_per_tok of the routed experts per MoE layer). MTP layers
+ * (num_nextn_predict_layers) and fp8 scale tensors are not counted. */
+void ds_config_param_counts(const ds_config *c, uint64_t *total, uint64_t *active);
+
+#endif

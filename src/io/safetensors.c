@@ -1,0 +1,423 @@
+/* safetensors reader.
+ *
+ * A safetensors file is an 8-byte little-endian header length N, N bytes of JSON describing
+ * every tensor (dtype, shape, [begin, end) relative to the data section), then the data. The
+ * bytes come from disk and may be truncated, corrupt or hostile, so nothing in the header is
+ * trusted until it has been checked against the file: every size computation is guarded
+ * against overflow, every range must lie inside the data section, byte lengths must equal
+ * dtype x shape, and ranges may not overlap (two tensors aliasing the same bytes is never
+ * legitimate and would hide a corrupt file). Only then are tensors handed out, as views into a
+ * read-only private mapping: weights are never copied. */
+#include "io/io.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* The reference implementation refuses headers over 100 MB; a 671B checkpoint's largest shard
+ * header is well under 1 MB. */
+#define ST_MAX_HEADER ((uint64_t)100 << 20)
+
+static int cmp_offset(const void *a, const void *b) {
+    const ds_st_tensor *x = a, *y = b;
+    return x->offset < y->offset ? -1 : x->offset > y->offset ? 1 : 0;
+}
+
+static int get_u64(const json_t *v, uint64_t *out) {
+    if (!json_is_integer(v) || json_integer_value(v) < 0) return 0;
+    *out = (uint64_t)json_integer_value(v);
+    return 1;
+}
+
+/* Validates one header entry and fills *t; data pointers are set by the caller. */
+static int parse_entry(const char *label, const char *name, json_t *v, uint64_t data_len,
+                       ds_st_tensor *t) {
+    if (!json_is_object(v))
+        return ds_err_set(DS_ERR_FORMAT, "%s: tensor '%s': header entry is not an object", label,
+                          name);
+    json_t *dt = json_object_get(v, "dtype"), *shape = json_object_get(v, "shape"),
+           *offs = json_object_get(v, "data_offsets");
+    if (!json_is_string(dt))
+        return ds_err_set(DS_ERR_FORMAT, "%s: tensor '%s': missing or non-string \"dtype\"",
+                          label, name);
+    int dtype = ds_dtype_parse(json_string_value(dt));
+    if (dtype < 0)
+        return ds_err_set(DS_ERR_UNSUPPORTED, "%s: tensor '%s': unknown dtype \"%s\"", label,
+                          name, json_string_value(dt));
+    if (!json_is_array(shape))
+        return ds_err_set(DS_ERR_FORMAT, "%s: tensor '%s': missing or non-array \"shape\"", label,
+                          name);
+    if (json_array_size(shape) > DS_ST_MAX_DIMS)
+        return ds_err_set(DS_ERR_UNSUPPORTED, "%s: tensor '%s': %zu dimensions (at most %d)",
+                          label, name, json_array_size(shape), DS_ST_MAX_DIMS);
+    if (!json_is_array(offs) || json_array_size(offs) != 2)
+        return ds_err_set(DS_ERR_FORMAT,
+                          "%s: tensor '%s': \"data_offsets\" must be an array [begin, end]", label,
+                          name);
+    t->name = name;
+    t->dtype = (ds_dtype)dtype;
+    t->ndim = (int)json_array_size(shape);
+    uint64_t numel = 1;
+    for (int d = 0; d < t->ndim; d++) {
+        uint64_t dim;
+        if (!get_u64(json_array_get(shape, (size_t)d), &dim) || dim > INT64_MAX)
+            return ds_err_set(DS_ERR_FORMAT,
+                              "%s: tensor '%s': shape[%d] is not a non-negative integer", label,
+                              name, d);
+        t->shape[d] = (int64_t)dim;
+        if (!ds_mul_ok(numel, dim, &numel))
+            return ds_err_set(DS_ERR_FORMAT, "%s: tensor '%s': shape overflows", label, name);
+    }
+    uint64_t need, begin, end;
+    if (!ds_mul_ok(numel, ds_dtype_size(t->dtype), &need))
+        return ds_err_set(DS_ERR_FORMAT, "%s: tensor '%s': shape overflows", label, name);
+    if (!get_u64(json_array_get(offs, 0), &begin) || !get_u64(json_array_get(offs, 1), &end))
+        return ds_err_set(DS_ERR_FORMAT,
+                          "%s: tensor '%s': data_offsets are not non-negative integers", label,
+                          name);
+    if (end < begin)
+        return ds_err_set(DS_ERR_FORMAT,
+                          "%s: tensor '%s': data_offsets [%llu, %llu] end before begin", label,
+                          name, (unsigned long long)begin, (unsigned long long)end);
+    if (end - begin != need)
+        return ds_err_set(DS_ERR_SHAPE,
+                          "%s: tensor '%s': data_offsets [%llu, %llu] hold %llu bytes but %s x "
+                          "shape needs %llu",
+                          label, name, (unsigned long long)begin, (unsigned long long)end,
+                          (unsigned long long)(end - begin), ds_dtype_name(t->dtype),
+                          (unsigned long long)need);
+    if (end > data_len)
+        return ds_err_set(DS_ERR_FORMAT,
+                          "%s: tensor '%s': data_offsets [%llu, %llu] run past the end of the data "
+                          "section (%llu bytes; file truncated?)",
+                          label, name, (unsigned long long)begin, (unsigned long long)end,
+                          (unsigned long long)data_len);
+    t->offset = begin; /* made absolute by the caller */
+    t->nbytes = need;
+    return DS_OK;
+}
+
+int ds_st_parse(const uint8_t *buf, uint64_t len, const char *label, ds_st_header *out) {
+    memset(out, 0, sizeof *out);
+    if (len < 8)
+        return ds_err_set(DS_ERR_FORMAT, "%s: %llu bytes, too short for a safetensors header",
+                          label, (unsigned long long)len);
+    uint64_t n = 0;
+    for (int i = 7; i >= 0; i--) n = (n << 8) | buf[i];
+    if (n > len - 8)
+        return ds_err_set(DS_ERR_FORMAT,
+                          "%s: header length %llu exceeds the file size %llu (truncated or not a "
+                          "safetensors file)",
+                          label, (unsigned long long)n, (unsigned long long)len);
+    if (n > ST_MAX_HEADER)
+        return ds_err_set(DS_ERR_FORMAT, "%s: header length %llu exceeds the 100 MB limit", label,
+                          (unsigned long long)n);
+    if (n < 2 || buf[8] != '{')
+        return ds_err_set(DS_ERR_FORMAT, "%s: header does not start with a JSON object", label);
+
+    json_error_t jerr;
+    json_t *root = json_loadb((const char *)buf + 8, (size_t)n, JSON_REJECT_DUPLICATES, &jerr);
+    if (!root)
+        return ds_err_set(DS_ERR_FORMAT, "%s: header is not valid JSON: %s (line %d, column %d)",
+                          label, jerr.text, jerr.line, jerr.column);
+    if (!json_is_object(root)) {
+        json_decref(root);
+        return ds_err_set(DS_ERR_FORMAT, "%s: header is not a JSON object", label);
+    }
+    out->header = root;
+    out->data_start = 8 + n;
+    out->path = strdup(label);
+    size_t cap = json_object_size(root);
+    out->tensors = calloc(cap ? cap : 1, sizeof *out->tensors);
+    if (!out->path || !out->tensors) {
+        ds_st_header_free(out);
+        return ds_err_set(DS_ERR_NOMEM, "%s: out of memory reading the header", label);
+    }
+    uint64_t data_len = len - out->data_start;
+    const char *key;
+    json_t *v;
+    json_object_foreach(root, key, v) {
+        if (strcmp(key, "__metadata__") == 0) {
+            if (!json_is_object(v)) {
+                ds_st_header_free(out);
+                return ds_err_set(DS_ERR_FORMAT, "%s: __metadata__ is not an object", label);
+            }
+            continue;
+        }
+        ds_st_tensor *t = &out->tensors[out->n_tensors];
+        int rc = parse_entry(label, key, v, data_len, t);
+        if (rc) {
+            ds_st_header_free(out);
+            return rc;
+        }
+        t->data = buf + out->data_start + t->offset;
+        t->offset += out->data_start;
+        t->file = out->path;
+        out->n_tensors++;
+    }
+    qsort(out->tensors, out->n_tensors, sizeof *out->tensors, cmp_offset);
+    for (size_t i = 1; i < out->n_tensors; i++) {
+        const ds_st_tensor *a = &out->tensors[i - 1], *b = &out->tensors[i];
+        if (b->offset < a->offset + a->nbytes) {
+            int rc = ds_err_set(DS_ERR_FORMAT, "%s: tensors '%s' and '%s' overlap in the data section",
+                                label, a->name, b->name);
+            ds_st_header_free(out);
+            return rc;
+        }
+    }
+    return DS_OK;
+}
+
+void ds_st_header_free(ds_st_header *h) {
+    if (!h) return;
+    free(h->tensors);
+    free(h->path);
+    if (h->header) json_decref(h->header);
+    memset(h, 0, sizeof *h);
+}
+
+/* ---- mapped files and the name index ---- */
+
+typedef struct {
+    void *map;
+    uint64_t len;
+    ds_st_header h;
+} st_file;
+
+struct ds_st_set {
+    st_file *files;
+    size_t n_files;
+    const ds_st_tensor **all; /* every tensor of every file, in file order */
+    size_t n_all;
+    const ds_st_tensor **slots; /* open-addressing hash table, capacity a power of two */
+    size_t cap;
+};
+
+static uint64_t hash_str(const char *s) {
+    uint64_t h = 1469598103934665603ull;
+    while (*s) h = (h ^ (uint8_t)*s++) * 1099511628211ull;
+    return h;
+}
+
+static int map_file(const char *path, st_file *f) {
+    memset(f, 0, sizeof *f);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return ds_err_set(DS_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        return ds_err_set(DS_ERR_IO, "%s: not a regular file", path);
+    }
+    f->len = (uint64_t)st.st_size;
+    if (f->len < 8) {
+        close(fd);
+        return ds_err_set(DS_ERR_FORMAT, "%s: %llu bytes, too short for a safetensors header",
+                          path, (unsigned long long)f->len);
+    }
+    f->map = mmap(NULL, (size_t)f->len, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (f->map == MAP_FAILED) {
+        f->map = NULL;
+        return ds_err_set(DS_ERR_IO, "%s: mmap failed: %s", path, strerror(errno));
+    }
+    int rc = ds_st_parse(f->map, f->len, path, &f->h);
+    if (rc) {
+        munmap(f->map, (size_t)f->len);
+        f->map = NULL;
+    }
+    return rc;
+}
+
+static int set_build_index(ds_st_set *s) {
+    size_t n = 0;
+    for (size_t i = 0; i < s->n_files; i++) n += s->files[i].h.n_tensors;
+    s->cap = 16;
+    while (s->cap < 2 * n) s->cap *= 2;
+    s->slots = calloc(s->cap, sizeof *s->slots);
+    s->all = calloc(n ? n : 1, sizeof *s->all);
+    if (!s->slots || !s->all) return ds_err_set(DS_ERR_NOMEM, "out of memory indexing tensors");
+    for (size_t i = 0; i < s->n_files; i++) {
+        for (size_t j = 0; j < s->files[i].h.n_tensors; j++) {
+            const ds_st_tensor *t = &s->files[i].h.tensors[j];
+            size_t k = (size_t)hash_str(t->name) & (s->cap - 1);
+            while (s->slots[k]) {
+                if (strcmp(s->slots[k]->name, t->name) == 0)
+                    return ds_err_set(DS_ERR_FORMAT, "tensor '%s' appears in both %s and %s",
+                                      t->name, s->slots[k]->file, t->file);
+                k = (k + 1) & (s->cap - 1);
+            }
+            s->slots[k] = t;
+            s->all[s->n_all++] = t;
+        }
+    }
+    return DS_OK;
+}
+
+const ds_st_tensor *ds_st_find(const ds_st_set *s, const char *name) {
+    size_t k = (size_t)hash_str(name) & (s->cap - 1);
+    while (s->slots[k]) {
+        if (strcmp(s->slots[k]->name, name) == 0) return s->slots[k];
+        k = (k + 1) & (s->cap - 1);
+    }
+    return NULL;
+}
+
+size_t ds_st_count(const ds_st_set *s) { return s->n_all; }
+const ds_st_tensor *ds_st_at(const ds_st_set *s, size_t i) { return i < s->n_all ? s->all[i] : NULL; }
+
+void ds_st_close(ds_st_set *s) {
+    if (!s) return;
+    for (size_t i = 0; i < s->n_files; i++) {
+        ds_st_header_free(&s->files[i].h);
+        if (s->files[i].map) munmap(s->files[i].map, (size_t)s->files[i].len);
+    }
+    free(s->files);
+    free(s->all);
+    free(s->slots);
+    free(s);
+}
+
+/* Opens the given paths into a new set. */
+static int open_paths(char **paths, size_t n, ds_st_set **out) {
+    *out = NULL;
+    ds_st_set *s = calloc(1, sizeof *s);
+    if (!s || !(s->files = calloc(n ? n : 1, sizeof *s->files))) {
+        free(s);
+        return ds_err_set(DS_ERR_NOMEM, "out of memory opening checkpoint");
+    }
+    int rc = DS_OK;
+    for (size_t i = 0; i < n && !rc; i++) {
+        rc = map_file(paths[i], &s->files[i]);
+        if (!rc) s->n_files++;
+    }
+    if (!rc) rc = set_build_index(s);
+    if (rc) {
+        ds_st_close(s);
+        return rc;
+    }
+    *out = s;
+    return DS_OK;
+}
+
+int ds_st_open_file(const char *path, ds_st_set **out) {
+    char *p = (char *)path;
+    return open_paths(&p, 1, out);
+}
+
+static char *join_path(const char *dir, const char *name) {
+    size_t n = strlen(dir) + strlen(name) + 2;
+    char *p = malloc(n);
+    if (p) snprintf(p, n, "%s/%s", dir, name);
+    return p;
+}
+
+/* A shard name from the index may not escape the model directory. */
+static int safe_shard_name(const char *f) {
+    if (!*f || f[0] == '/') return 0;
+    for (const char *p = f; *p; p++)
+        if (p[0] == '.' && p[1] == '.' && (p == f || p[-1] == '/') && (p[2] == 0 || p[2] == '/'))
+            return 0;
+    return 1;
+}
+
+static int open_index(const char *dir, const char *index_path, ds_st_set **out) {
+    json_t *root;
+    int rc = ds_json_load_file(index_path, &root);
+    if (rc) return rc;
+    json_t *wm = json_object_get(root, "weight_map");
+    if (!json_is_object(wm)) {
+        json_decref(root);
+        return ds_err_set(DS_ERR_FORMAT, "%s: no \"weight_map\" object", index_path);
+    }
+    /* Unique shard names, in first-seen order. */
+    size_t n = 0, cap = 16;
+    const char **names = malloc(cap * sizeof *names);
+    char **paths = NULL;
+    if (!names) rc = ds_err_set(DS_ERR_NOMEM, "out of memory reading %s", index_path);
+    const char *key;
+    json_t *v;
+    json_object_foreach(wm, key, v) {
+        if (rc) break;
+        if (!json_is_string(v) || !safe_shard_name(json_string_value(v))) {
+            rc = ds_err_set(DS_ERR_FORMAT, "%s: tensor '%s' maps to an invalid file name",
+                            index_path, key);
+            break;
+        }
+        const char *f = json_string_value(v);
+        size_t i = 0;
+        while (i < n && strcmp(names[i], f) != 0) i++;
+        if (i < n) continue;
+        if (n == cap) {
+            const char **nn = realloc(names, 2 * cap * sizeof *names);
+            if (!nn) {
+                rc = ds_err_set(DS_ERR_NOMEM, "out of memory reading %s", index_path);
+                break;
+            }
+            names = nn;
+            cap *= 2;
+        }
+        names[n++] = f;
+    }
+    if (!rc && n == 0) rc = ds_err_set(DS_ERR_FORMAT, "%s: \"weight_map\" is empty", index_path);
+    if (!rc && !(paths = calloc(n, sizeof *paths)))
+        rc = ds_err_set(DS_ERR_NOMEM, "out of memory reading %s", index_path);
+    for (size_t i = 0; !rc && i < n; i++) {
+        paths[i] = join_path(dir, names[i]);
+        if (!paths[i]) rc = ds_err_set(DS_ERR_NOMEM, "out of memory reading %s", index_path);
+        else if (access(paths[i], F_OK) != 0)
+            rc = ds_err_set(DS_ERR_MISSING, "%s names shard '%s', which does not exist",
+                            index_path, names[i]);
+    }
+    ds_st_set *s = NULL;
+    if (!rc) rc = open_paths(paths, n, &s);
+    /* Every entry of the index must be in the file it names. */
+    json_object_foreach(wm, key, v) {
+        if (rc) break;
+        const ds_st_tensor *t = ds_st_find(s, key);
+        const char *want = json_string_value(v);
+        size_t wl = strlen(want), fl = t ? strlen(t->file) : 0;
+        if (!t || fl < wl || strcmp(t->file + fl - wl, want) != 0)
+            rc = ds_err_set(DS_ERR_MISSING, "%s says tensor '%s' is in '%s', but %s", index_path,
+                            key, want, t ? "it is in another file" : "no shard holds it");
+    }
+    for (size_t i = 0; paths && i < n; i++) free(paths[i]);
+    free(paths);
+    free((void *)names);
+    json_decref(root);
+    if (rc) {
+        ds_st_close(s);
+        return rc;
+    }
+    *out = s;
+    return DS_OK;
+}
+
+int ds_st_open_dir(const char *dir, ds_st_set **out) {
+    *out = NULL;
+    char *index = join_path(dir, "model.safetensors.index.json");
+    char *single = join_path(dir, "model.safetensors");
+    int rc;
+    if (!index || !single) rc = ds_err_set(DS_ERR_NOMEM, "out of memory");
+    else if (access(index, F_OK) == 0) rc = open_index(dir, index, out);
+    else if (access(single, F_OK) == 0) rc = ds_st_open_file(single, out);
+    else
+        rc = ds_err_set(DS_ERR_MISSING,
+                        "%s: no model.safetensors.index.json or model.safetensors found", dir);
+    free(index);
+    free(single);
+    return rc;
+}
+
+int ds_json_load_file(const char *path, json_t **out) {
+    json_error_t jerr;
+    *out = json_load_file(path, JSON_REJECT_DUPLICATES, &jerr);
+    if (*out) return DS_OK;
+    if (access(path, F_OK) != 0)
+        return ds_err_set(DS_ERR_MISSING, "%s: cannot open: %s", path, strerror(errno));
+    return ds_err_set(DS_ERR_FORMAT, "%s: invalid JSON: %s (line %d, column %d)", path, jerr.text,
+                      jerr.line, jerr.column);
+}

@@ -1,0 +1,86 @@
+/* kernels: the arithmetic the forward pass spends its time in. Knows only arrays.
+ *
+ * A table of primitive kernels per ISA (scalar reference, AVX2, AVX-512, NEON) is chosen once at
+ * run time from CPUID + OS state (or DS_ISA=scalar|avx2|avx512|neon); a missing slot is filled
+ * from the scalar table, which is complete and is the test oracle. On top of the table sit the
+ * drivers that the model calls: a threaded matmul over weight matrices in their stored dtype,
+ * and a few row ops. */
+#ifndef DS_KERNELS_H
+#define DS_KERNELS_H
+
+#include "core/core.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Primitive kernels. All pointers may be unaligned; n may be any size (odd tails included).
+ * Kernels never fail: preconditions are the caller's job. */
+typedef struct ds_kernels {
+    const char *name; /* "scalar", "avx2", "avx512", "neon" */
+    /* dst[i] = (float)src[i] for BF16 / F16 bit patterns */
+    void (*bf16_to_f32)(float *dst, const uint16_t *src, size_t n);
+    void (*f16_to_f32)(float *dst, const uint16_t *src, size_t n);
+    /* dst[i] = e4m3fn(src[i]) * scale, the product rounded once in f32 (exactly what the
+     * official reference's fp8 x weight_scale_inv dequantisation computes) */
+    void (*fp8_to_f32)(float *dst, const uint8_t *src, size_t n, float scale);
+    /* sum_i a[i] * b[i] */
+    float (*dot_f32)(const float *a, const float *b, size_t n);
+    /* out[r] = sum_i x[i] * w[r][i] for r in 0..3: one pass over x feeds four rows */
+    void (*dot4_f32)(const float *x, const float *const w[4], size_t n, float out[4]);
+    /* y[i] += a * x[i] */
+    void (*axpy_f32)(float *y, float a, const float *x, size_t n);
+} ds_kernels;
+
+/* The table for this machine, selected on first call (thread-safe). */
+const ds_kernels *ds_kernels_get(void);
+/* A specific table, completed from scalar; NULL when this build or CPU cannot run it. */
+const ds_kernels *ds_kernels_for(const char *isa);
+/* The scalar reference table. */
+const ds_kernels *ds_kernels_scalar(void);
+
+/* A weight matrix W [rows, cols] (PyTorch's Linear layout: y = x W^T) in its stored form. The
+ * data is not owned: it usually points into a safetensors mmap. */
+typedef struct {
+    ds_dtype dtype;     /* DS_F32, DS_F16, DS_BF16 or DS_F8_E4M3 */
+    int64_t rows, cols; /* out, in */
+    const void *data;   /* rows x cols, row-major, possibly unaligned */
+    /* DS_F8_E4M3 only: scale[ceil(rows/block_rows)][ceil(cols/block_cols)] (weight_scale_inv);
+     * the real weight is fp8 * scale of its block, edge blocks partial. */
+    const float *scale;
+    int64_t block_rows, block_cols;
+} ds_mat;
+
+/* True when the dtype is one ds_matmul can read. */
+int ds_mat_dtype_ok(ds_dtype t);
+/* Element-exact f32 copy of row r (dst has cols floats), as the reference would dequantise it. */
+void ds_mat_row_f32(const ds_mat *w, int64_t r, float *dst);
+/* Same for columns [c0, c0 + n) of row r. */
+void ds_mat_row_part_f32(const ds_mat *w, int64_t r, int64_t c0, int64_t n, float *dst);
+/* Bytes of the stored matrix (scales included). */
+uint64_t ds_mat_bytes(const ds_mat *w);
+
+/* y[t, r] = sum_c x[t, c] * W[r, c] for t < n_tok: y is [n_tok, rows], x is [n_tok, cols],
+ * both f32 row-major. Rows are split over the pool's threads. */
+void ds_matmul(ds_pool *pool, float *y, const float *x, int64_t n_tok, const ds_mat *w);
+
+/* ---- row ops (single-threaded; small next to the matmuls) ---- */
+/* out = x / sqrt(mean(x^2) + eps) * w (out may alias x) */
+void ds_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps);
+/* in place: x = softmax(x) with the max subtracted, in f32 */
+void ds_softmax(float *x, int64_t n);
+/* a[i] = silu(a[i]) * b[i] */
+void ds_swiglu(float *a, const float *b, int64_t n);
+
+/* Measured sustained read bandwidth of this machine in bytes/s: the pool's threads sum a buffer
+ * of `bytes` (well above the last-level cache) several times; the best pass counts. */
+double ds_measure_read_bandwidth(ds_pool *pool, size_t bytes);
+
+/* ---- quantize/encode helpers (src/kernels/fp8.c) ----
+ * Scalar encoders used when writing checkpoints (make-tiny, quantize); not on any hot path. */
+/* f32 -> FP8 E4M3FN bits, round-to-nearest-even; saturates to +-448 (0x7E / 0xFE) and never
+ * returns the NaN codes 0x7F / 0xFF (a NaN input gives +0, an infinity +-448). */
+uint8_t ds_f32_to_e4m3(float x);
+/* f32 -> BF16 bits, round-to-nearest-even (overflow to +-inf as IEEE does; NaN stays a quiet NaN). */
+uint16_t ds_f32_to_bf16(float x);
+
+#endif

@@ -1,0 +1,67 @@
+/* Internal to src/model: the bound model shared by weights.c (binding), rope.c and forward.c. */
+#ifndef DS_MODEL_INTERNAL_H
+#define DS_MODEL_INTERNAL_H
+
+#include "kernels/kernels.h"
+#include "model/model.h"
+
+typedef struct {
+    ds_mat gate, up, down; /* gate/up [inter, hidden], down [hidden, inter] */
+} ds_mlp;
+
+typedef struct {
+    /* attention (MLA) */
+    float *attn_norm;   /* (hidden) */
+    ds_mat q_a;         /* (q_lora_rank, hidden); unused when q_lora_rank == 0 */
+    float *q_a_norm;    /* (q_lora_rank) */
+    ds_mat q_b;         /* (heads * (nope + rope), q_lora_rank), or q_proj (.., hidden) */
+    ds_mat kv_a;        /* (kv_lora_rank + rope, hidden) */
+    float *kv_a_norm;   /* (kv_lora_rank) */
+    ds_mat kv_b;        /* (heads * (nope + v), kv_lora_rank): per head W_UK rows then W_UV rows */
+    ds_mat o;           /* (hidden, heads * v) */
+    /* feed-forward */
+    float *ffn_norm;    /* (hidden) */
+    int moe;
+    ds_mlp dense;       /* !moe */
+    ds_mat router;      /* (n_routed_experts, hidden) */
+    float *router_bias; /* (n_routed_experts) e_score_correction_bias */
+    ds_mlp *experts;    /* (n_routed_experts) */
+    ds_mlp shared;      /* moe_intermediate * n_shared_experts wide; rows == 0 when none */
+} ds_layer;
+
+struct ds_model {
+    ds_config cfg;
+    ds_st_set *st;
+    ds_pool *pool;
+    int max_batch;
+    ds_mat embed;     /* (vocab, hidden) */
+    ds_mat lm_head;   /* (vocab, hidden) */
+    float *final_norm; /* (hidden) */
+    ds_layer *layers; /* (n_layers) */
+    float **owned;    /* f32 copies made at load (norms, misaligned scales), freed at close */
+    size_t n_owned, cap_owned;
+    /* RoPE */
+    float *inv_freq;     /* (rope / 2) YaRN-corrected inverse frequencies, f32 like the reference */
+    float rope_mscale;   /* cos/sin multiplier (HF/vLLM: mscale / mscale_all_dim ratio, usually 1) */
+    float softmax_scale; /* (nope + rope)^-0.5 x yarn attention mscale^2 */
+    /* scratch, grown on demand by forward.c */
+    float *scratch;
+    size_t scratch_floats;
+    ds_trace_fn trace;
+    void *trace_ctx;
+};
+
+struct ds_kv_cache {
+    int64_t cap, n_layers, kv_lora_rank, rope_dim;
+    float *latent; /* (n_layers, cap, kv_lora_rank) normalised c_kv */
+    float *pe;     /* (n_layers, cap, rope_dim) rotated k_pe, shared by all heads */
+};
+
+/* rope.c: fills inv_freq, rope_mscale and softmax_scale from the config. */
+int ds_rope_init(ds_model *m);
+/* cs[2i], cs[2i+1] = cos, sin of the angle of pair i at position pos (rope_dim floats). */
+void ds_rope_table(const ds_model *m, int64_t pos, float *cs);
+/* Rotates the interleaved pairs (x[2i], x[2i+1]) of x (rope_dim floats) by a table. */
+void ds_rope_rotate(float *x, const float *cs, int64_t rope_dim);
+
+#endif

@@ -1,0 +1,307 @@
+/* Weight binding: Hugging Face tensor names -> layer structs.
+ *
+ * Projections stay in the mapping in their stored dtype (BF16, F16, F32, or the official FP8
+ * with its 128x128 weight_scale_inv grid): the matmul kernels read those directly, so a
+ * checkpoint is never copied. Only vectors the forward pass reads element-wise (norm weights,
+ * the router bias) and scale grids whose mapping is misaligned for f32 access are copied into
+ * small owned f32 arrays. Every tensor the config implies must be present with its exact shape;
+ * the error names the tensor, its file, and what was expected. Layers of the multi-token
+ * prediction module (model.layers.N for N >= num_hidden_layers) are recognised and ignored. */
+#include "model/model_internal.h"
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int own(ds_model *m, float *p) {
+    if (m->n_owned == m->cap_owned) {
+        size_t cap = m->cap_owned ? 2 * m->cap_owned : 64;
+        float **n = realloc(m->owned, cap * sizeof *n);
+        if (!n) return 0;
+        m->owned = n;
+        m->cap_owned = cap;
+    }
+    m->owned[m->n_owned++] = p;
+    return 1;
+}
+
+static const char *dims_str(const ds_st_tensor *t, char *buf, size_t n) {
+    size_t k = (size_t)snprintf(buf, n, "[");
+    for (int d = 0; d < t->ndim && k < n; d++)
+        k += (size_t)snprintf(buf + k, n - k, "%s%lld", d ? ", " : "", (long long)t->shape[d]);
+    if (k < n) snprintf(buf + k, n - k, "]");
+    return buf;
+}
+
+static int find_shaped(ds_model *m, const char *name, int64_t d0, int64_t d1, int ndim,
+                       const ds_st_tensor **out) {
+    const ds_st_tensor *t = ds_st_find(m->st, name);
+    if (!t) return ds_err_set(DS_ERR_MISSING, "missing tensor '%s'", name);
+    if (t->ndim != ndim || t->shape[0] != d0 || (ndim == 2 && t->shape[1] != d1)) {
+        char got[128];
+        if (ndim == 2)
+            return ds_err_set(DS_ERR_SHAPE, "%s: tensor '%s' has shape %s, expected [%lld, %lld]",
+                              t->file, name, dims_str(t, got, sizeof got), (long long)d0,
+                              (long long)d1);
+        return ds_err_set(DS_ERR_SHAPE, "%s: tensor '%s' has shape %s, expected [%lld]", t->file,
+                          name, dims_str(t, got, sizeof got), (long long)d0);
+    }
+    *out = t;
+    return DS_OK;
+}
+
+/* An f32 copy of a 1-D float tensor of n elements. */
+static int bind_vec(ds_model *m, const char *name, int64_t n, float **out) {
+    const ds_st_tensor *t;
+    int rc = find_shaped(m, name, n, 0, 1, &t);
+    if (rc) return rc;
+    if (t->dtype != DS_F32 && t->dtype != DS_BF16 && t->dtype != DS_F16)
+        return ds_err_set(DS_ERR_UNSUPPORTED, "%s: tensor '%s' has dtype %s, expected a float type",
+                          t->file, name, ds_dtype_name(t->dtype));
+    float *v = ds_alloc((size_t)n * sizeof(float));
+    if (!v || !own(m, v)) {
+        ds_free(v);
+        return ds_err_set(DS_ERR_NOMEM, "out of memory binding '%s'", name);
+    }
+    ds_mat view = {t->dtype, 1, n, t->data, NULL, 0, 0};
+    ds_mat_row_f32(&view, 0, v);
+    *out = v;
+    return DS_OK;
+}
+
+/* A [rows, cols] projection `prefix.weight`, with its FP8 scale grid when stored as F8_E4M3. */
+static int bind_mat(ds_model *m, const char *prefix, int64_t rows, int64_t cols, ds_mat *out) {
+    char name[256], sname[280];
+    snprintf(name, sizeof name, "%s.weight", prefix);
+    const ds_st_tensor *t;
+    int rc = find_shaped(m, name, rows, cols, 2, &t);
+    if (rc) return rc;
+    *out = (ds_mat){t->dtype, rows, cols, t->data, NULL, 0, 0};
+    if (t->dtype == DS_F8_E4M3) {
+        if (m->cfg.quant != DS_QUANT_FP8)
+            return ds_err_set(DS_ERR_FORMAT,
+                              "%s: tensor '%s' is F8_E4M3 but config.json has no fp8 "
+                              "quantization_config",
+                              t->file, name);
+        int64_t br = m->cfg.quant_block[0], bc = m->cfg.quant_block[1];
+        snprintf(sname, sizeof sname, "%s.weight_scale_inv", prefix);
+        const ds_st_tensor *s;
+        rc = find_shaped(m, sname, (rows + br - 1) / br, (cols + bc - 1) / bc, 2, &s);
+        if (rc) return rc;
+        if (s->dtype != DS_F32)
+            return ds_err_set(DS_ERR_UNSUPPORTED, "%s: tensor '%s' has dtype %s, expected F32",
+                              s->file, sname, ds_dtype_name(s->dtype));
+        const float *scale = s->data;
+        if ((uintptr_t)s->data % sizeof(float)) { /* misaligned in the file: copy (tiny) */
+            float *copy = ds_alloc((size_t)s->nbytes);
+            if (!copy || !own(m, copy)) {
+                ds_free(copy);
+                return ds_err_set(DS_ERR_NOMEM, "out of memory binding '%s'", sname);
+            }
+            memcpy(copy, s->data, (size_t)s->nbytes);
+            scale = copy;
+        }
+        out->scale = scale;
+        out->block_rows = br;
+        out->block_cols = bc;
+    } else if (!ds_mat_dtype_ok(t->dtype)) {
+        return ds_err_set(DS_ERR_UNSUPPORTED,
+                          "%s: tensor '%s' has dtype %s (supported: F32, F16, BF16, F8_E4M3)",
+                          t->file, name, ds_dtype_name(t->dtype));
+    }
+    return DS_OK;
+}
+
+static int bind_mlp(ds_model *m, const char *prefix, int64_t inter, ds_mlp *mlp) {
+    char p[200];
+    int64_t hid = m->cfg.hidden_size;
+    int rc;
+    snprintf(p, sizeof p, "%s.gate_proj", prefix);
+    if ((rc = bind_mat(m, p, inter, hid, &mlp->gate))) return rc;
+    snprintf(p, sizeof p, "%s.up_proj", prefix);
+    if ((rc = bind_mat(m, p, inter, hid, &mlp->up))) return rc;
+    snprintf(p, sizeof p, "%s.down_proj", prefix);
+    return bind_mat(m, p, hid, inter, &mlp->down);
+}
+
+static int bind_layer(ds_model *m, int64_t l, ds_layer *L) {
+    const ds_config *c = &m->cfg;
+    char p[200], q[240];
+    int64_t hid = c->hidden_size, H = c->n_heads;
+    int64_t qk = c->qk_nope_head_dim + c->qk_rope_head_dim;
+    int rc;
+#define NAME(buf, ...) snprintf(buf, sizeof buf, __VA_ARGS__)
+    NAME(p, "model.layers.%lld", (long long)l);
+    NAME(q, "%s.input_layernorm.weight", p);
+    if ((rc = bind_vec(m, q, hid, &L->attn_norm))) return rc;
+    NAME(q, "%s.post_attention_layernorm.weight", p);
+    if ((rc = bind_vec(m, q, hid, &L->ffn_norm))) return rc;
+    if (c->q_lora_rank) {
+        NAME(q, "%s.self_attn.q_a_proj", p);
+        if ((rc = bind_mat(m, q, c->q_lora_rank, hid, &L->q_a))) return rc;
+        NAME(q, "%s.self_attn.q_a_layernorm.weight", p);
+        if ((rc = bind_vec(m, q, c->q_lora_rank, &L->q_a_norm))) return rc;
+        NAME(q, "%s.self_attn.q_b_proj", p);
+        if ((rc = bind_mat(m, q, H * qk, c->q_lora_rank, &L->q_b))) return rc;
+    } else {
+        NAME(q, "%s.self_attn.q_proj", p);
+        if ((rc = bind_mat(m, q, H * qk, hid, &L->q_b))) return rc;
+    }
+    NAME(q, "%s.self_attn.kv_a_proj_with_mqa", p);
+    if ((rc = bind_mat(m, q, c->kv_lora_rank + c->qk_rope_head_dim, hid, &L->kv_a))) return rc;
+    NAME(q, "%s.self_attn.kv_a_layernorm.weight", p);
+    if ((rc = bind_vec(m, q, c->kv_lora_rank, &L->kv_a_norm))) return rc;
+    NAME(q, "%s.self_attn.kv_b_proj", p);
+    if ((rc = bind_mat(m, q, H * (c->qk_nope_head_dim + c->v_head_dim), c->kv_lora_rank, &L->kv_b)))
+        return rc;
+    NAME(q, "%s.self_attn.o_proj", p);
+    if ((rc = bind_mat(m, q, hid, H * c->v_head_dim, &L->o))) return rc;
+
+    L->moe = ds_config_layer_is_moe(c, l);
+    if (!L->moe) {
+        NAME(q, "%s.mlp", p);
+        return bind_mlp(m, q, c->intermediate_size, &L->dense);
+    }
+    int64_t E = c->n_routed_experts;
+    NAME(q, "%s.mlp.gate", p);
+    if ((rc = bind_mat(m, q, E, hid, &L->router))) return rc;
+    NAME(q, "%s.mlp.gate.e_score_correction_bias", p);
+    if ((rc = bind_vec(m, q, E, &L->router_bias))) return rc;
+    L->experts = calloc((size_t)E, sizeof *L->experts);
+    if (!L->experts) return ds_err_set(DS_ERR_NOMEM, "out of memory binding %s experts", p);
+    for (int64_t e = 0; e < E; e++) {
+        NAME(q, "%s.mlp.experts.%lld", p, (long long)e);
+        if ((rc = bind_mlp(m, q, c->moe_intermediate_size, &L->experts[e]))) return rc;
+    }
+    if (c->n_shared_experts > 0) {
+        NAME(q, "%s.mlp.shared_experts", p);
+        return bind_mlp(m, q, c->moe_intermediate_size * c->n_shared_experts, &L->shared);
+    }
+    return DS_OK;
+#undef NAME
+}
+
+ds_model_params ds_model_default_params(void) {
+    return (ds_model_params){.n_threads = 0, .max_batch = 512};
+}
+
+int ds_model_open(const char *dir, const ds_model_params *params, ds_model **out) {
+    *out = NULL;
+    ds_model_params dp = ds_model_default_params();
+    if (!params) params = &dp;
+    ds_model *m = calloc(1, sizeof *m);
+    if (!m) return ds_err_set(DS_ERR_NOMEM, "out of memory");
+    m->max_batch = params->max_batch > 0 ? params->max_batch : dp.max_batch;
+    int rc = ds_config_load(dir, &m->cfg);
+    if (!rc) rc = ds_st_open_dir(dir, &m->st);
+    if (!rc && !(m->pool = ds_pool_open(params->n_threads))) rc = DS_ERR_NOMEM;
+    if (!rc) rc = ds_rope_init(m);
+    const ds_config *c = &m->cfg;
+    if (!rc && !(m->layers = calloc((size_t)c->n_layers, sizeof *m->layers)))
+        rc = ds_err_set(DS_ERR_NOMEM, "out of memory");
+    if (!rc) rc = bind_mat(m, "model.embed_tokens", c->vocab_size, c->hidden_size, &m->embed);
+    if (!rc) rc = bind_vec(m, "model.norm.weight", c->hidden_size, &m->final_norm);
+    if (!rc) {
+        if (c->tie_word_embeddings && !ds_st_find(m->st, "lm_head.weight")) m->lm_head = m->embed;
+        else rc = bind_mat(m, "lm_head", c->vocab_size, c->hidden_size, &m->lm_head);
+    }
+    ds_progress pb;
+    ds_progress_begin(&pb, "binding layers", (uint64_t)c->n_layers);
+    for (int64_t l = 0; !rc && l < c->n_layers; l++) {
+        rc = bind_layer(m, l, &m->layers[l]);
+        ds_progress_add(&pb, 1);
+    }
+    ds_progress_end(&pb);
+    if (rc) {
+        ds_model_close(m);
+        return rc;
+    }
+    *out = m;
+    return DS_OK;
+}
+
+void ds_model_close(ds_model *m) {
+    if (!m) return;
+    for (int64_t l = 0; m->layers && l < m->cfg.n_layers; l++) free(m->layers[l].experts);
+    free(m->layers);
+    for (size_t i = 0; i < m->n_owned; i++) ds_free(m->owned[i]);
+    free(m->owned);
+    free(m->inv_freq);
+    ds_free(m->scratch);
+    ds_pool_close(m->pool);
+    ds_st_close(m->st);
+    free(m);
+}
+
+const ds_config *ds_model_config(const ds_model *m) { return &m->cfg; }
+ds_pool *ds_model_pool(ds_model *m) { return m->pool; }
+
+void ds_model_set_trace(ds_model *m, ds_trace_fn fn, void *ctx) {
+    m->trace = fn;
+    m->trace_ctx = ctx;
+}
+
+static uint64_t mlp_bytes(const ds_mlp *p) {
+    return p->gate.rows ? ds_mat_bytes(&p->gate) + ds_mat_bytes(&p->up) + ds_mat_bytes(&p->down)
+                        : 0;
+}
+
+static uint64_t layer_attn_bytes(const ds_layer *L) {
+    return (L->q_a.rows ? ds_mat_bytes(&L->q_a) : 0) + ds_mat_bytes(&L->q_b) +
+           ds_mat_bytes(&L->kv_a) + ds_mat_bytes(&L->kv_b) + ds_mat_bytes(&L->o);
+}
+
+/* Sums weight bytes; with `active` only the experts one token visits (all experts have the
+ * same shape, so n_experts_per_tok of them). */
+static uint64_t weight_bytes(const ds_model *m, int active) {
+    const ds_config *c = &m->cfg;
+    uint64_t b = ds_mat_bytes(&m->lm_head);
+    /* A decoded token reads one embedding row; the full table is counted once in the total. */
+    b += active ? (uint64_t)(ds_mat_bytes(&m->embed) / (uint64_t)c->vocab_size)
+                : (m->lm_head.data == m->embed.data ? 0 : ds_mat_bytes(&m->embed));
+    for (int64_t l = 0; l < c->n_layers; l++) {
+        const ds_layer *L = &m->layers[l];
+        b += layer_attn_bytes(L);
+        if (!L->moe) {
+            b += mlp_bytes(&L->dense);
+            continue;
+        }
+        b += ds_mat_bytes(&L->router) + mlp_bytes(&L->shared);
+        b += mlp_bytes(&L->experts[0]) *
+             (uint64_t)(active ? c->n_experts_per_tok : c->n_routed_experts);
+    }
+    return b;
+}
+
+uint64_t ds_model_bytes_per_token(const ds_model *m) { return weight_bytes(m, 1); }
+uint64_t ds_model_weight_bytes(const ds_model *m) { return weight_bytes(m, 0); }
+
+int ds_kv_open(const ds_config *c, int64_t max_len, ds_kv_cache **out) {
+    *out = NULL;
+    if (max_len < 1) return ds_err_set(DS_ERR_ARG, "KV cache length %lld must be >= 1", (long long)max_len);
+    ds_kv_cache *kv = calloc(1, sizeof *kv);
+    if (!kv) return ds_err_set(DS_ERR_NOMEM, "out of memory (KV cache)");
+    kv->cap = max_len;
+    kv->n_layers = c->n_layers;
+    kv->kv_lora_rank = c->kv_lora_rank;
+    kv->rope_dim = c->qk_rope_head_dim;
+    size_t rows = (size_t)c->n_layers * (size_t)max_len;
+    kv->latent = ds_alloc(rows * (size_t)c->kv_lora_rank * sizeof(float));
+    kv->pe = ds_alloc(rows * (size_t)c->qk_rope_head_dim * sizeof(float));
+    if (!kv->latent || !kv->pe) {
+        ds_kv_close(kv);
+        return ds_err_set(DS_ERR_NOMEM, "out of memory: KV cache for %lld tokens",
+                          (long long)max_len);
+    }
+    *out = kv;
+    return DS_OK;
+}
+
+void ds_kv_close(ds_kv_cache *kv) {
+    if (!kv) return;
+    ds_free(kv->latent);
+    ds_free(kv->pe);
+    free(kv);
+}
+
+int64_t ds_kv_capacity(const ds_kv_cache *kv) { return kv->cap; }
