@@ -1,0 +1,167 @@
+/* AVX2 + FMA + F16C table (compiled with -mavx2 -mfma -mf16c, chosen only when CPUID and XCR0
+ * say the CPU and the OS support them).
+ *
+ * Conversions are bit-identical to scalar:
+ *   - BF16: widen to 32 bits and shift left by 16.
+ *   - F16: vcvtph2ps is exact for every code (subnormals included); it quiets a signalling NaN,
+ *     so NaN inputs give *a* NaN, not the same bits.
+ *   - FP8 E4M3FN: the byte's sign moved to bit 15 and its 7 exponent+mantissa bits to bits
+ *     7..13 form an IEEE half whose value is exactly e4m3(b) * 2^-8, normals (bias 15 vs 7) and
+ *     subnormals (m * 2^-3 * 2^-14 = m * 2^-9 * 2^-8) alike; vcvtph2ps widens it exactly to a
+ *     *normal* f32, and one multiply by scale * 2^8 (exact) rounds the exact product
+ *     e4m3(b) * scale once, as the reference does. (Going through an f32 directly, bits << 20, also
+ * works but makes the FP8 subnormals f32 subnormals, and multiplying those measured 2x slower.) The
+ * NaN codes 0x7f / 0xff are NOT special-cased: they come out as +-480 * scale. Checkpoints never
+ * store them, and a branch per byte would cost more than it is worth. Dot products use FMA with
+ * several independent accumulators (FMA latency is 4 cycles, two issue per cycle), and finish odd
+ * tails with masked loads so no element is read twice and nothing past the end is touched. */
+#include "kernels/kernels_isa.h"
+
+#include <immintrin.h>
+#include <math.h>
+
+/* mask_tab + 8 - r yields a load mask whose first r lanes are set */
+static const int32_t mask_tab[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+
+static inline __m256i tail_mask(size_t r) {
+    return _mm256_loadu_si256((const __m256i *)(mask_tab + 8 - r));
+}
+
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static void bf16_to_f32_avx2(float *dst, const uint16_t *src, size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + i)));
+        _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+    }
+    for (; i < n; i++) {
+        uint16_t h;
+        memcpy(&h, src + i, sizeof h);
+        float f = ds_bf16_decode(h);
+        memcpy(dst + i, &f, sizeof f);
+    }
+}
+
+static void f16_to_f32_avx2(float *dst, const uint16_t *src, size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < n; i++) {
+        uint16_t h;
+        memcpy(&h, src + i, sizeof h);
+        float f = ds_f16_decode(h);
+        memcpy(dst + i, &f, sizeof f);
+    }
+}
+
+static void fp8_to_f32_avx2(float *dst, const uint8_t *src, size_t n, float scale) {
+    size_t i = 0;
+    /* e4m3 * 2^-8 times (scale * 2^8) is e4m3 * scale rounded once, as long as scale * 2^8 is
+     * itself exact: true for every finite |scale| <= 2^119, i.e. every real weight_scale_inv */
+    if (fabsf(scale) <= 0x1p119f) {
+        const __m128i sign_m = _mm_set1_epi16(0x80), mag_m = _mm_set1_epi16(0x7f);
+        const __m256 vs = _mm256_set1_ps(scale * 256.0f);
+        for (; i + 8 <= n; i += 8) {
+            __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(src + i)));
+            __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, sign_m), 8),
+                                     _mm_slli_epi16(_mm_and_si128(b, mag_m), 7));
+            _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtph_ps(h), vs));
+        }
+    }
+    for (; i < n; i++) {
+        float f = ds_e4m3_decode(src[i]) * scale;
+        memcpy(dst + i, &f, sizeof f);
+    }
+}
+
+static float dot_f32_avx2(const float *a, const float *b, size_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    __m256 s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
+        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
+    }
+    for (; i + 8 <= n; i += 8)
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    if (i < n) {
+        __m256i m = tail_mask(n - i);
+        s1 = _mm256_fmadd_ps(_mm256_maskload_ps(a + i, m), _mm256_maskload_ps(b + i, m), s1);
+    }
+    return hsum256(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+}
+
+static void dot4_f32_avx2(const float *x, const float *const w[4], size_t n, float out[4]) {
+    const float *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+    /* two accumulators per row: eight independent FMA chains cover the latency */
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+           a3 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(),
+           b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 xa = _mm256_loadu_ps(x + i), xb = _mm256_loadu_ps(x + i + 8);
+        a0 = _mm256_fmadd_ps(xa, _mm256_loadu_ps(w0 + i), a0);
+        a1 = _mm256_fmadd_ps(xa, _mm256_loadu_ps(w1 + i), a1);
+        a2 = _mm256_fmadd_ps(xa, _mm256_loadu_ps(w2 + i), a2);
+        a3 = _mm256_fmadd_ps(xa, _mm256_loadu_ps(w3 + i), a3);
+        b0 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w0 + i + 8), b0);
+        b1 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w1 + i + 8), b1);
+        b2 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w2 + i + 8), b2);
+        b3 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w3 + i + 8), b3);
+    }
+    if (i + 8 <= n) {
+        __m256 xa = _mm256_loadu_ps(x + i);
+        a0 = _mm256_fmadd_ps(xa, _mm256_loadu_ps(w0 + i), a0);
+        a1 = _mm256_fmadd_ps(xa, _mm256_loadu_ps(w1 + i), a1);
+        a2 = _mm256_fmadd_ps(xa, _mm256_loadu_ps(w2 + i), a2);
+        a3 = _mm256_fmadd_ps(xa, _mm256_loadu_ps(w3 + i), a3);
+        i += 8;
+    }
+    if (i < n) {
+        __m256i m = tail_mask(n - i);
+        __m256 xb = _mm256_maskload_ps(x + i, m);
+        b0 = _mm256_fmadd_ps(xb, _mm256_maskload_ps(w0 + i, m), b0);
+        b1 = _mm256_fmadd_ps(xb, _mm256_maskload_ps(w1 + i, m), b1);
+        b2 = _mm256_fmadd_ps(xb, _mm256_maskload_ps(w2 + i, m), b2);
+        b3 = _mm256_fmadd_ps(xb, _mm256_maskload_ps(w3 + i, m), b3);
+    }
+    out[0] = hsum256(_mm256_add_ps(a0, b0));
+    out[1] = hsum256(_mm256_add_ps(a1, b1));
+    out[2] = hsum256(_mm256_add_ps(a2, b2));
+    out[3] = hsum256(_mm256_add_ps(a3, b3));
+}
+
+static void axpy_f32_avx2(float *y, float a, const float *x, size_t n) {
+    const __m256 va = _mm256_set1_ps(a);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i,
+                         _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    if (i < n) {
+        __m256i m = tail_mask(n - i);
+        __m256 r = _mm256_fmadd_ps(va, _mm256_maskload_ps(x + i, m), _mm256_maskload_ps(y + i, m));
+        _mm256_maskstore_ps(y + i, m, r);
+    }
+}
+
+static const ds_kernels avx2_table = {
+    .name = "avx2",
+    .bf16_to_f32 = bf16_to_f32_avx2,
+    .f16_to_f32 = f16_to_f32_avx2,
+    .fp8_to_f32 = fp8_to_f32_avx2,
+    .dot_f32 = dot_f32_avx2,
+    .dot4_f32 = dot4_f32_avx2,
+    .axpy_f32 = axpy_f32_avx2,
+};
+
+const ds_kernels *ds_kernels_avx2_table(void) {
+    return &avx2_table;
+}

@@ -1,0 +1,151 @@
+/* AVX-512 table (compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni plus the
+ * AVX2 set; chosen only when CPUID and XCR0 report all of them, opmask and ZMM state included).
+ *
+ * Same arithmetic as the AVX2 file, sixteen lanes wide; see kernels_avx2.c for why the FP8
+ * half-precision detour is exact. Here every tail is a masked load / store (AVX512BW gives byte and
+ * word masks), so a whole vector path runs for every n and the NaN codes of FP8 (0x7f / 0xff) come
+ * out as +-480 * scale everywhere instead of NaN. F16 NaNs come out quieted. */
+#include "kernels/kernels_isa.h"
+
+#include <immintrin.h>
+#include <math.h>
+
+static inline __mmask16 tail16(size_t r) {
+    return (__mmask16)((1u << r) - 1u);
+}
+
+static void bf16_to_f32_avx512(float *dst, const uint16_t *src, size_t n) {
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + i)));
+        _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+    }
+    if (i < n) {
+        __mmask16 m = tail16(n - i);
+        __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, src + i));
+        _mm512_mask_storeu_ps(dst + i, m, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+    }
+}
+
+static void f16_to_f32_avx512(float *dst, const uint16_t *src, size_t n) {
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+    if (i < n) {
+        __mmask16 m = tail16(n - i);
+        _mm512_mask_storeu_ps(dst + i, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, src + i)));
+    }
+}
+
+/* 16 FP8 bytes -> f32 * scale, with vs = scale * 2^8; see kernels_avx2.c for why this is exact */
+static inline __m512 fp8x16(__m128i bytes, __m512 vs) {
+    __m256i b = _mm256_cvtepu8_epi16(bytes);
+    __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8),
+                                _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7f)), 7));
+    return _mm512_mul_ps(_mm512_cvtph_ps(h), vs);
+}
+
+static void fp8_to_f32_avx512(float *dst, const uint8_t *src, size_t n, float scale) {
+    size_t i = 0;
+    if (fabsf(scale) <= 0x1p119f) { /* scale * 2^8 exact: every real weight_scale_inv */
+        const __m512 vs = _mm512_set1_ps(scale * 256.0f);
+        for (; i + 16 <= n; i += 16)
+            _mm512_storeu_ps(dst + i, fp8x16(_mm_loadu_si128((const __m128i *)(src + i)), vs));
+        if (i < n) {
+            __mmask16 m = tail16(n - i);
+            _mm512_mask_storeu_ps(dst + i, m, fp8x16(_mm_maskz_loadu_epi8(m, src + i), vs));
+            i = n;
+        }
+    }
+    for (; i < n; i++) {
+        float f = ds_e4m3_decode(src[i]) * scale;
+        memcpy(dst + i, &f, sizeof f);
+    }
+}
+
+static float dot_f32_avx512(const float *a, const float *b, size_t n) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    __m512 s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+    size_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+        s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), _mm512_loadu_ps(b + i + 32), s2);
+        s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), _mm512_loadu_ps(b + i + 48), s3);
+    }
+    for (; i + 16 <= n; i += 16)
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    if (i < n) {
+        __mmask16 m = tail16(n - i);
+        s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), s1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+}
+
+static void dot4_f32_avx512(const float *x, const float *const w[4], size_t n, float out[4]) {
+    const float *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+    /* two accumulators per row: eight independent FMA chains cover the latency */
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
+           a3 = _mm512_setzero_ps(), b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps(),
+           b2 = _mm512_setzero_ps(), b3 = _mm512_setzero_ps();
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m512 xa = _mm512_loadu_ps(x + i), xb = _mm512_loadu_ps(x + i + 16);
+        a0 = _mm512_fmadd_ps(xa, _mm512_loadu_ps(w0 + i), a0);
+        a1 = _mm512_fmadd_ps(xa, _mm512_loadu_ps(w1 + i), a1);
+        a2 = _mm512_fmadd_ps(xa, _mm512_loadu_ps(w2 + i), a2);
+        a3 = _mm512_fmadd_ps(xa, _mm512_loadu_ps(w3 + i), a3);
+        b0 = _mm512_fmadd_ps(xb, _mm512_loadu_ps(w0 + i + 16), b0);
+        b1 = _mm512_fmadd_ps(xb, _mm512_loadu_ps(w1 + i + 16), b1);
+        b2 = _mm512_fmadd_ps(xb, _mm512_loadu_ps(w2 + i + 16), b2);
+        b3 = _mm512_fmadd_ps(xb, _mm512_loadu_ps(w3 + i + 16), b3);
+    }
+    if (i + 16 <= n) {
+        __m512 xa = _mm512_loadu_ps(x + i);
+        a0 = _mm512_fmadd_ps(xa, _mm512_loadu_ps(w0 + i), a0);
+        a1 = _mm512_fmadd_ps(xa, _mm512_loadu_ps(w1 + i), a1);
+        a2 = _mm512_fmadd_ps(xa, _mm512_loadu_ps(w2 + i), a2);
+        a3 = _mm512_fmadd_ps(xa, _mm512_loadu_ps(w3 + i), a3);
+        i += 16;
+    }
+    if (i < n) {
+        __mmask16 m = tail16(n - i);
+        __m512 xb = _mm512_maskz_loadu_ps(m, x + i);
+        b0 = _mm512_fmadd_ps(xb, _mm512_maskz_loadu_ps(m, w0 + i), b0);
+        b1 = _mm512_fmadd_ps(xb, _mm512_maskz_loadu_ps(m, w1 + i), b1);
+        b2 = _mm512_fmadd_ps(xb, _mm512_maskz_loadu_ps(m, w2 + i), b2);
+        b3 = _mm512_fmadd_ps(xb, _mm512_maskz_loadu_ps(m, w3 + i), b3);
+    }
+    out[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0));
+    out[1] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1));
+    out[2] = _mm512_reduce_add_ps(_mm512_add_ps(a2, b2));
+    out[3] = _mm512_reduce_add_ps(_mm512_add_ps(a3, b3));
+}
+
+static void axpy_f32_avx512(float *y, float a, const float *x, size_t n) {
+    const __m512 va = _mm512_set1_ps(a);
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(y + i,
+                         _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+    if (i < n) {
+        __mmask16 m = tail16(n - i);
+        __m512 r =
+            _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i));
+        _mm512_mask_storeu_ps(y + i, m, r);
+    }
+}
+
+static const ds_kernels avx512_table = {
+    .name = "avx512",
+    .bf16_to_f32 = bf16_to_f32_avx512,
+    .f16_to_f32 = f16_to_f32_avx512,
+    .fp8_to_f32 = fp8_to_f32_avx512,
+    .dot_f32 = dot_f32_avx512,
+    .dot4_f32 = dot4_f32_avx512,
+    .axpy_f32 = axpy_f32_avx512,
+};
+
+const ds_kernels *ds_kernels_avx512_table(void) {
+    return &avx512_table;
+}

@@ -1,0 +1,82 @@
+/* The scalar reference table: complete, portable C, and the oracle every SIMD table is tested
+ * against. Conversions are exact by construction (see the decoders in kernels_isa.h); the dot
+ * products use eight independent accumulators, which both lets the CPU overlap the additions
+ * and keeps the rounding error of long sums smaller than one serial chain would.
+ *
+ * Every load goes through memcpy: the kernels promise to accept unaligned pointers (weights are
+ * views into a safetensors mmap whose data offset need not be aligned), and memcpy is the only
+ * portable way to read a misaligned float or uint16_t. Compilers turn it into a plain load. */
+#include "kernels/kernels_isa.h"
+
+static inline float ld_f32(const float *p, size_t i) {
+    float v;
+    memcpy(&v, (const unsigned char *)p + i * sizeof v, sizeof v);
+    return v;
+}
+
+static inline uint16_t ld_u16(const uint16_t *p, size_t i) {
+    uint16_t v;
+    memcpy(&v, (const unsigned char *)p + i * sizeof v, sizeof v);
+    return v;
+}
+
+static inline void st_f32(float *p, size_t i, float v) {
+    memcpy((unsigned char *)p + i * sizeof v, &v, sizeof v);
+}
+
+static void bf16_to_f32_scalar(float *dst, const uint16_t *src, size_t n) {
+    for (size_t i = 0; i < n; i++) st_f32(dst, i, ds_bf16_decode(ld_u16(src, i)));
+}
+
+static void f16_to_f32_scalar(float *dst, const uint16_t *src, size_t n) {
+    for (size_t i = 0; i < n; i++) st_f32(dst, i, ds_f16_decode(ld_u16(src, i)));
+}
+
+static void fp8_to_f32_scalar(float *dst, const uint8_t *src, size_t n, float scale) {
+    for (size_t i = 0; i < n; i++) st_f32(dst, i, ds_e4m3_decode(src[i]) * scale);
+}
+
+static float dot_f32_scalar(const float *a, const float *b, size_t n) {
+    float acc[8] = {0};
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) acc[k] += ld_f32(a, i + k) * ld_f32(b, i + k);
+    for (int k = 0; i < n; i++, k++) acc[k] += ld_f32(a, i) * ld_f32(b, i);
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+static void dot4_f32_scalar(const float *x, const float *const w[4], size_t n, float out[4]) {
+    /* two partial sums per row: enough independent chains to hide the add latency */
+    float acc[4][2] = {{0}};
+    size_t i = 0;
+    for (; i + 2 <= n; i += 2) {
+        float x0 = ld_f32(x, i), x1 = ld_f32(x, i + 1);
+        for (int r = 0; r < 4; r++) {
+            acc[r][0] += x0 * ld_f32(w[r], i);
+            acc[r][1] += x1 * ld_f32(w[r], i + 1);
+        }
+    }
+    if (i < n) {
+        float x0 = ld_f32(x, i);
+        for (int r = 0; r < 4; r++) acc[r][0] += x0 * ld_f32(w[r], i);
+    }
+    for (int r = 0; r < 4; r++) out[r] = acc[r][0] + acc[r][1];
+}
+
+static void axpy_f32_scalar(float *y, float a, const float *x, size_t n) {
+    for (size_t i = 0; i < n; i++) st_f32(y, i, ld_f32(y, i) + a * ld_f32(x, i));
+}
+
+static const ds_kernels scalar_table = {
+    .name = "scalar",
+    .bf16_to_f32 = bf16_to_f32_scalar,
+    .f16_to_f32 = f16_to_f32_scalar,
+    .fp8_to_f32 = fp8_to_f32_scalar,
+    .dot_f32 = dot_f32_scalar,
+    .dot4_f32 = dot4_f32_scalar,
+    .axpy_f32 = axpy_f32_scalar,
+};
+
+const ds_kernels *ds_kernels_scalar(void) {
+    return &scalar_table;
+}

@@ -1,0 +1,112 @@
+/* Row ops (RMSNorm, softmax, SwiGLU) and the bandwidth probe.
+ *
+ * The row ops are single-threaded and run on vectors of a few thousand floats, tiny next to
+ * the matmuls, so they are written for accuracy first: they must track the PyTorch f32
+ * reference to ~1e-6 relative, since their outputs feed every following layer. Sums that span a
+ * whole row (sum of squares, softmax denominator) are accumulated in double, which makes them
+ * at least as accurate as PyTorch's own (pairwise, vectorised) f32 reductions; everything
+ * element-wise is done in f32 in the reference's order. */
+#include "kernels/kernels.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+void ds_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps) {
+    DS_ASSERT(n > 0);
+    double ss = 0.0;
+    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * (double)x[i];
+    /* torch: x * rsqrt(mean(x^2) + eps) * w, with mean and rsqrt in f32 */
+    float ms = (float)(ss / (double)n);
+    float r = 1.0f / sqrtf(ms + eps);
+    /* element i is read before it is written, so out may alias x */
+    for (int64_t i = 0; i < n; i++) out[i] = (x[i] * r) * w[i];
+}
+
+void ds_softmax(float *x, int64_t n) {
+    if (n <= 0) return;
+    float mx = x[0];
+    for (int64_t i = 1; i < n; i++)
+        if (x[i] > mx) mx = x[i];
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        x[i] = expf(x[i] - mx);
+        sum += x[i];
+    }
+    /* sum >= 1 (the max contributes exp(0)) unless the row holds NaN or is all -inf, in which
+     * case the NaNs propagate as they do in torch */
+    float inv = (float)(1.0 / sum);
+    for (int64_t i = 0; i < n; i++) x[i] *= inv;
+}
+
+void ds_swiglu(float *a, const float *b, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        float v = a[i];
+        a[i] = v / (1.0f + expf(-v)) * b[i];
+    }
+}
+
+/* ---- bandwidth probe ----
+ * The probe reads with the selected table's dot_f32(a, a): one memory stream through the same
+ * wide loads the matmul uses. A plain C loop is bounded by load issue width instead (about 19
+ * GB/s against 32 GB/s on one Zen core), which would make the matmul look faster than memory. */
+typedef struct {
+    const ds_kernels *k;
+    float *buf; /* [n] */
+    size_t n;
+    int touch;   /* 1: write the slice (first touch); 0: read it */
+    float *sums; /* [n_threads] */
+} bw_ctx;
+
+static void bw_thread(void *arg, int thread, int n_threads) {
+    bw_ctx *c = arg;
+    size_t lo, hi;
+    ds_split_range(c->n, thread, n_threads, &lo, &hi);
+    if (c->touch) /* the first write places each page on this thread's NUMA node */
+        memset(c->buf + lo, 0, (hi - lo) * sizeof(float));
+    else
+        c->sums[thread] = c->k->dot_f32(c->buf + lo, c->buf + lo, hi - lo);
+}
+
+static void bw_run(ds_pool *pool, bw_ctx *c) {
+    if (pool)
+        ds_pool_run(pool, bw_thread, c);
+    else
+        bw_thread(c, 0, 1);
+}
+
+double ds_measure_read_bandwidth(ds_pool *pool, size_t bytes) {
+    size_t n = bytes / sizeof(float);
+    int nt = pool ? ds_pool_size(pool) : 1;
+    if (n == 0) return 0.0;
+    /* not ds_alloc: it zeroes the buffer on this thread, which would defeat the parallel first
+     * touch; fresh pages of a large allocation are only placed when first written */
+    void *mem = NULL;
+    if (posix_memalign(&mem, 64, n * sizeof(float)) != 0) {
+        ds_warn("bandwidth probe: cannot allocate %zu bytes", bytes);
+        return 0.0;
+    }
+    float *sums = calloc((size_t)nt, sizeof *sums);
+    if (!sums) {
+        free(mem);
+        ds_warn("bandwidth probe: out of memory");
+        return 0.0;
+    }
+    bw_ctx c = {ds_kernels_get(), mem, n, 1, sums};
+    bw_run(pool, &c);
+    c.touch = 0;
+
+    volatile float sink = 0; /* consumes the sums so the passes cannot be optimised away */
+    double best = 0.0;
+    for (int pass = 0; pass < 5; pass++) {
+        double t0 = ds_now();
+        bw_run(pool, &c);
+        double dt = ds_now() - t0;
+        for (int i = 0; i < nt; i++) sink += sums[i];
+        if (dt > 0 && (best == 0.0 || dt < best)) best = dt;
+    }
+    (void)sink;
+    free(sums);
+    free(mem);
+    return best > 0 ? (double)(n * sizeof(float)) / best : 0.0;
+}

@@ -1,0 +1,634 @@
+/* Kernels against references.
+ *
+ *  1. The scalar table against independent formulas (ldexp in double) over every bit pattern:
+ *     scalar is the oracle for the rest, so it is checked against something that is not itself.
+ *  2. Every table this machine can run (scalar, avx2, avx512, neon) against scalar: conversions
+ *     bit-exact over all 65536 / 256 patterns and on odd lengths with unaligned pointers and a
+ *     canary past the end; dot / dot4 / axpy within a tolerance scaled by sum |a*b|.
+ *  3. ds_matmul for F32 / BF16 / F16 / F8_E4M3 against a double-precision product with the
+ *     dequantised matrix, on shapes that are not multiples of 4 or of the FP8 block and with a
+ *     different scale in every block (so a wrong block index changes the answer), for pools of
+ *     1 and 3 threads. ds_matmul always uses ds_kernels_get(), which is fixed once per process,
+ *     so this part runs in one forked child per table with DS_ISA forcing it.
+ *  4. Row ops against double references; the bandwidth probe returns something sane.
+ *
+ * DS_KERNELS_BENCH=1 also times 4096 x 4096 and 16384 x 4096 matmuls of every dtype at n_tok = 1
+ * on one thread against the measured single-thread read bandwidth (validate, then time). */
+#include "kernels/kernels.h"
+#include "testutil.h"
+
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static const size_t sizes[] = {1, 3, 7, 15, 16, 17, 31, 33, 63, 127, 129, 1000, 4097};
+#define N_SIZES (sizeof sizes / sizeof sizes[0])
+static const char *const isas[] = {"scalar", "avx2", "avx512", "neon"};
+#define N_ISAS (sizeof isas / sizeof isas[0])
+
+/* ---- helpers ---- */
+static uint64_t rng = 0x9e3779b97f4a7c15ull;
+static uint64_t rnd64(void) { /* splitmix64 */
+    uint64_t z = (rng += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+static float rnd_uniform(float lo, float hi) {
+    return lo + (hi - lo) * (float)((double)(rnd64() >> 11) * 0x1p-53);
+}
+
+static uint32_t fbits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+/* Same value and, for zeros, same sign; any NaN matches any NaN when nan_ok. */
+static int same_float(float a, float b, int nan_ok) {
+    if (isnan(a) || isnan(b)) return nan_ok && isnan(a) && isnan(b);
+    return fbits(a) == fbits(b);
+}
+
+/* Independent decoders: the textbook formulas, in double. */
+static double ref_f16(uint16_t h) {
+    int s = h >> 15, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    double v;
+    if (e == 31)
+        v = m ? NAN : INFINITY;
+    else if (e == 0)
+        v = ldexp(m, -24);
+    else
+        v = ldexp(1024 + m, e - 25);
+    return s ? -v : v;
+}
+static double ref_bf16(uint16_t h) {
+    int s = h >> 15, e = (h >> 7) & 0xff, m = h & 0x7f;
+    double v;
+    if (e == 255)
+        v = m ? NAN : INFINITY;
+    else if (e == 0)
+        v = ldexp(m, -133);
+    else
+        v = ldexp(128 + m, e - 134);
+    return s ? -v : v;
+}
+static int e4m3_is_nan(uint8_t b) {
+    return (b & 0x7f) == 0x7f;
+}
+static double ref_e4m3(uint8_t b) {
+    int s = b >> 7, e = (b >> 3) & 0xf, m = b & 7;
+    double v;
+    if (e == 15 && m == 7)
+        v = NAN;
+    else if (e == 0)
+        v = ldexp(m, -9);
+    else
+        v = ldexp(8 + m, e - 10);
+    return s ? -v : v;
+}
+
+/* ---- 1. the scalar oracle against the formulas ---- */
+static void test_scalar_formulas(void) {
+    const ds_kernels *s = ds_kernels_scalar();
+    CHECK(strcmp(s->name, "scalar") == 0);
+    static uint16_t src[65536];
+    static float dst[65536];
+    for (int i = 0; i < 65536; i++) src[i] = (uint16_t)i;
+
+    int bad = 0;
+    s->f16_to_f32(dst, src, 65536);
+    for (int i = 0; i < 65536; i++) bad += !same_float(dst[i], (float)ref_f16(src[i]), 1);
+    CHECK_MSG(bad == 0, "%d f16 codes decode wrongly", bad);
+    bad = 0;
+    s->bf16_to_f32(dst, src, 65536);
+    for (int i = 0; i < 65536; i++) bad += !same_float(dst[i], (float)ref_bf16(src[i]), 1);
+    CHECK_MSG(bad == 0, "%d bf16 codes decode wrongly", bad);
+
+    uint8_t b8[256];
+    for (int i = 0; i < 256; i++) b8[i] = (uint8_t)i;
+    const float scales[] = {1.0f, 0.0123f, 3.7e-5f, 1e-38f, -2.5f, 448.0f};
+    for (size_t k = 0; k < sizeof scales / sizeof scales[0]; k++) {
+        s->fp8_to_f32(dst, b8, 256, scales[k]);
+        bad = 0;
+        for (int i = 0; i < 256; i++) {
+            if (e4m3_is_nan((uint8_t)i)) {
+                bad += !isnan(dst[i]);
+                continue;
+            }
+            float want = (float)ref_e4m3((uint8_t)i) * scales[k]; /* exact value, one rounding */
+            bad += !same_float(dst[i], want, 0);
+        }
+        CHECK_MSG(bad == 0, "%d fp8 codes wrong at scale %g", bad, (double)scales[k]);
+    }
+    /* landmarks, in case the reference formula and the kernel share a mistake */
+    uint8_t lm[] = {0x38, 0x7e, 0x01, 0x08, 0x80, 0xb8};
+    float lv[6];
+    s->fp8_to_f32(lv, lm, 6, 1.0f);
+    CHECK(lv[0] == 1.0f && lv[1] == 448.0f && lv[2] == 0x1p-9f && lv[3] == 0x1p-6f);
+    CHECK(lv[4] == 0.0f && signbit(lv[4]) && lv[5] == -1.0f);
+    uint16_t hm[] = {0x3c00, 0x0001, 0x7c00, 0xfc00, 0x7bff, 0x3f80};
+    s->f16_to_f32(lv, hm, 5);
+    CHECK(lv[0] == 1.0f && lv[1] == 0x1p-24f && isinf(lv[2]) && lv[3] < 0 && isinf(lv[3]));
+    CHECK(lv[4] == 65504.0f);
+    s->bf16_to_f32(lv, hm + 5, 1);
+    CHECK(lv[0] == 1.0f);
+}
+
+/* ---- 2. every table against scalar ---- */
+static void test_conversions(const ds_kernels *k) {
+    const ds_kernels *s = ds_kernels_scalar();
+    static uint16_t src[65536 + 1];
+    static float got[65536 + 32], want[65536 + 32];
+    for (int i = 0; i < 65536; i++) src[i] = (uint16_t)i;
+
+    /* every bit pattern */
+    int bad = 0;
+    k->bf16_to_f32(got, src, 65536);
+    s->bf16_to_f32(want, src, 65536);
+    for (int i = 0; i < 65536; i++) bad += !same_float(got[i], want[i], 1);
+    CHECK_MSG(bad == 0, "%s: %d bf16 codes differ from scalar", k->name, bad);
+    bad = 0;
+    k->f16_to_f32(got, src, 65536);
+    s->f16_to_f32(want, src, 65536);
+    for (int i = 0; i < 65536; i++) bad += !same_float(got[i], want[i], 1);
+    CHECK_MSG(bad == 0, "%s: %d f16 codes differ from scalar", k->name, bad);
+
+    static uint8_t b8[4097 + 2]; /* all 256 codes first, then the odd-length runs */
+    for (int i = 0; i < 256; i++) b8[i] = (uint8_t)i;
+    const float scales[] = {1.0f, 0.0123f, 3.7e-5f, 1e-38f, 1e-44f, -2.5f, 7.1e4f, 1e37f, -3e38f};
+    for (size_t j = 0; j < sizeof scales / sizeof scales[0]; j++) {
+        k->fp8_to_f32(got, b8, 256, scales[j]);
+        s->fp8_to_f32(want, b8, 256, scales[j]);
+        bad = 0;
+        for (int i = 0; i < 256; i++)
+            if (!e4m3_is_nan((uint8_t)i)) bad += !same_float(got[i], want[i], 0);
+        CHECK_MSG(bad == 0, "%s: %d fp8 codes differ from scalar at scale %g", k->name, bad,
+                  (double)scales[j]);
+    }
+
+    /* odd lengths, source and destination both off a 64-byte boundary, canary past the end */
+    const float canary = -12345.678f;
+    DS_ASSERT(sizes[N_SIZES - 1] + 2 <= sizeof b8);
+    for (size_t si = 0; si < N_SIZES; si++) {
+        size_t n = sizes[si];
+        for (size_t i = 0; i < n; i++) src[1 + i] = (uint16_t)rnd64();
+        for (size_t i = 0; i < n; i++) {
+            b8[1 + i] = (uint8_t)rnd64();
+            if (e4m3_is_nan(b8[1 + i])) b8[1 + i] ^= 1; /* SIMD tables need not keep NaN codes */
+        }
+        int bad_bf = 0, bad_h = 0, bad_8 = 0, bad_canary = 0;
+        for (int conv = 0; conv < 3; conv++) {
+            for (int i = 0; i < 16; i++) got[1 + n + i] = canary;
+            if (conv == 0) {
+                k->bf16_to_f32(got + 1, src + 1, n);
+                s->bf16_to_f32(want + 1, src + 1, n);
+            } else if (conv == 1) {
+                k->f16_to_f32(got + 1, src + 1, n);
+                s->f16_to_f32(want + 1, src + 1, n);
+            } else {
+                k->fp8_to_f32(got + 1, b8 + 1, n, 0.37f);
+                s->fp8_to_f32(want + 1, b8 + 1, n, 0.37f);
+            }
+            int *b = conv == 0 ? &bad_bf : conv == 1 ? &bad_h : &bad_8;
+            for (size_t i = 1; i <= n; i++) *b += !same_float(got[i], want[i], 1);
+            for (int i = 0; i < 16; i++) bad_canary += fbits(got[1 + n + i]) != fbits(canary);
+        }
+        CHECK_MSG(bad_bf + bad_h + bad_8 == 0, "%s n=%zu: bf16 %d, f16 %d, fp8 %d wrong", k->name,
+                  n, bad_bf, bad_h, bad_8);
+        CHECK_MSG(bad_canary == 0, "%s n=%zu: a conversion wrote past the end", k->name, n);
+    }
+}
+
+/* Fills a[0..n) with uniform values in [-1, 1]. */
+static void fill(float *a, size_t n) {
+    for (size_t i = 0; i < n; i++) a[i] = rnd_uniform(-1.0f, 1.0f);
+}
+
+/* The tolerance of an n-long f32 dot product relative to sum |a*b|. Real summation error is
+ * ~1e-7 * sqrt(n) relative here; a single lost or doubled element costs ~1/n of the sum, which
+ * is above this for every n we test. */
+#define DOT_RTOL 2e-6
+
+static void test_dot(const ds_kernels *k) {
+    const ds_kernels *s = ds_kernels_scalar();
+    size_t maxn = sizes[N_SIZES - 1];
+    float *buf = malloc((6 * maxn + 16) * sizeof(float));
+    float *a = buf + 1, *b = a + maxn + 1, *w[4];
+    for (int r = 0; r < 4; r++) w[r] = b + (size_t)(r + 1) * (maxn + 1) + (size_t)r;
+    fill(buf, 6 * maxn + 16);
+
+    for (size_t si = 0; si < N_SIZES; si++) {
+        size_t n = sizes[si];
+        double ref = 0, sabs = 0;
+        for (size_t i = 0; i < n; i++) {
+            ref += (double)a[i] * b[i];
+            sabs += fabs((double)a[i] * b[i]);
+        }
+        float d = k->dot_f32(a, b, n), ds = s->dot_f32(a, b, n);
+        CHECK_MSG(fabs(d - ref) <= DOT_RTOL * sabs, "%s dot n=%zu: %.9g vs %.9g", k->name, n,
+                  (double)d, ref);
+        CHECK_MSG(fabs(d - ds) <= 2 * DOT_RTOL * sabs, "%s dot n=%zu: %.9g vs scalar %.9g", k->name,
+                  n, (double)d, (double)ds);
+
+        float out[4], outs[4];
+        const float *const wc[4] = {w[0], w[1], w[2], w[3]};
+        k->dot4_f32(a, wc, n, out);
+        s->dot4_f32(a, wc, n, outs);
+        for (int r = 0; r < 4; r++) {
+            double rr = 0, ra = 0;
+            for (size_t i = 0; i < n; i++) {
+                rr += (double)a[i] * w[r][i];
+                ra += fabs((double)a[i] * w[r][i]);
+            }
+            CHECK_MSG(fabs(out[r] - rr) <= DOT_RTOL * ra, "%s dot4 n=%zu row %d: %.9g vs %.9g",
+                      k->name, n, r, (double)out[r], rr);
+            CHECK_MSG(fabs(out[r] - outs[r]) <= 2 * DOT_RTOL * ra,
+                      "%s dot4 n=%zu row %d: %.9g vs scalar %.9g", k->name, n, r, (double)out[r],
+                      (double)outs[r]);
+        }
+
+        /* axpy on an unaligned y with canaries either side: one rounding (FMA) or two */
+        enum { PAD = 16 }; /* a full vector of canaries past the end */
+        float *y = malloc((n + 1 + PAD) * sizeof(float)), *y0 = malloc(n * sizeof(float));
+        float *ys = malloc(n * sizeof(float));
+        fill(y + 1, n);
+        memcpy(y0, y + 1, n * sizeof(float));
+        memcpy(ys, y + 1, n * sizeof(float));
+        y[0] = 777.0f;
+        for (int i = 0; i < PAD; i++) y[n + 1 + i] = 777.0f;
+        const float alpha = -0.8125f;
+        k->axpy_f32(y + 1, alpha, a, n);
+        s->axpy_f32(ys, alpha, a, n);
+        int bad = 0;
+        for (size_t i = 0; i < n; i++) {
+            double want = (double)y0[i] + (double)alpha * a[i];
+            double tol = 2 * FLT_EPSILON * (fabs(y0[i]) + fabs(alpha * a[i]));
+            bad += fabs(y[1 + i] - want) > tol || fabs(y[1 + i] - ys[i]) > 2 * tol;
+        }
+        CHECK_MSG(bad == 0, "%s axpy n=%zu: %d elements wrong", k->name, n, bad);
+        int oob = y[0] != 777.0f;
+        for (int i = 0; i < PAD; i++) oob += y[n + 1 + i] != 777.0f;
+        CHECK_MSG(oob == 0, "%s axpy n=%zu wrote out of bounds", k->name, n);
+        free(y);
+        free(y0);
+        free(ys);
+    }
+    free(buf);
+}
+
+/* ---- 3. matmul ---- */
+typedef struct {
+    int64_t rows, cols, block_rows, block_cols;
+} shape;
+
+/* Weights of one dtype in a byte buffer at an awkward offset, plus their exact f32 values. */
+typedef struct {
+    ds_mat m;
+    unsigned char *raw; /* owns m.data */
+    float *scale;       /* owns m.scale */
+    float *deq;         /* [rows, cols] the reference dequantisation */
+} test_mat;
+
+static uint16_t rnd_f16_bits(void) {
+    uint16_t sign = (uint16_t)((rnd64() & 1) << 15), m = (uint16_t)(rnd64() & 0x3ff);
+    /* exponents 0 (subnormals) and 5..16: values up to ~4, no inf / NaN */
+    uint16_t e = (rnd64() % 8 == 0) ? 0 : (uint16_t)(5 + rnd64() % 12);
+    return (uint16_t)(sign | (e << 10) | m);
+}
+
+static void make_mat(test_mat *t, ds_dtype dt, shape sh) {
+    memset(t, 0, sizeof *t);
+    size_t n = (size_t)(sh.rows * sh.cols), esz = ds_dtype_size(dt);
+    size_t off = dt == DS_F32 ? 4 : dt == DS_F8_E4M3 ? 1 : 2; /* naturally but not SIMD aligned */
+    t->raw = malloc(n * esz + off + 1);
+    t->deq = malloc((n ? n : 1) * sizeof(float));
+    unsigned char *p = t->raw + off;
+    int64_t nrb = (sh.rows + sh.block_rows - 1) / sh.block_rows;
+    int64_t ncb = (sh.cols + sh.block_cols - 1) / sh.block_cols;
+    if (dt == DS_F8_E4M3) {
+        t->scale = malloc((size_t)(nrb * ncb) * sizeof(float));
+        /* a different scale in every block, in a pattern no row- or column-only index recovers */
+        for (int64_t i = 0; i < nrb * ncb; i++)
+            t->scale[i] = 1e-3f * (float)(1 + i) * (i % 2 ? 1.75f : 1.0f);
+    }
+    for (size_t i = 0; i < n; i++) {
+        size_t r = i / (size_t)sh.cols, c = i % (size_t)sh.cols;
+        float v;
+        if (dt == DS_F32) {
+            v = rnd_uniform(-1, 1);
+            memcpy(p + 4 * i, &v, 4);
+        } else if (dt == DS_BF16) {
+            uint16_t h = (uint16_t)(fbits(rnd_uniform(-1, 1)) >> 16);
+            memcpy(p + 2 * i, &h, 2);
+            v = (float)ref_bf16(h);
+        } else if (dt == DS_F16) {
+            uint16_t h = rnd_f16_bits();
+            memcpy(p + 2 * i, &h, 2);
+            v = (float)ref_f16(h);
+        } else {
+            uint8_t b = (uint8_t)rnd64();
+            if (e4m3_is_nan(b)) b ^= 1;
+            p[i] = b;
+            float sc = t->scale[(int64_t)r / sh.block_rows * ncb + (int64_t)c / sh.block_cols];
+            v = (float)ref_e4m3(b) * sc; /* exact value times scale, rounded once in f32 */
+        }
+        t->deq[i] = v;
+    }
+    t->m = (ds_mat){dt, sh.rows, sh.cols, p, t->scale, sh.block_rows, sh.block_cols};
+}
+
+static void free_mat(test_mat *t) {
+    free(t->raw);
+    free(t->scale);
+    free(t->deq);
+}
+
+static void check_rows(const test_mat *t, const char *what) {
+    int64_t rows = t->m.rows, cols = t->m.cols;
+    float *buf = malloc((size_t)(cols + 1) * sizeof(float));
+    const int64_t rsel[] = {0, rows / 2, rows - 1};
+    int bad = 0;
+    for (int i = 0; i < 3; i++) {
+        int64_t r = rsel[i];
+        buf[cols] = 555.0f;
+        ds_mat_row_f32(&t->m, r, buf);
+        for (int64_t c = 0; c < cols; c++) bad += !same_float(buf[c], t->deq[r * cols + c], 0);
+        bad += buf[cols] != 555.0f;
+        /* pieces that start and end inside blocks and cross block boundaries */
+        const int64_t parts[][2] = {{0, 1},    {1, cols - 1}, {cols / 2, cols - cols / 2},
+                                    {100, 60}, {127, 2},      {130, 70},
+                                    {63, 66},  {cols - 1, 1}, {5, 0}};
+        for (size_t j = 0; j < sizeof parts / sizeof parts[0]; j++) {
+            int64_t c0 = parts[j][0], n = parts[j][1];
+            if (c0 + n > cols) continue;
+            buf[n] = 555.0f;
+            ds_mat_row_part_f32(&t->m, r, c0, n, buf);
+            for (int64_t c = 0; c < n; c++)
+                bad += !same_float(buf[c], t->deq[r * cols + c0 + c], 0);
+            bad += buf[n] != 555.0f;
+        }
+    }
+    CHECK_MSG(bad == 0, "%s: %d row elements differ from the reference dequantisation", what, bad);
+    free(buf);
+}
+
+static void check_matmul(const test_mat *t, ds_pool *p1, ds_pool *p3, const char *what) {
+    int64_t rows = t->m.rows, cols = t->m.cols;
+    const int64_t toks[] = {1, 5, 17};
+    for (size_t ti = 0; ti < 3; ti++) {
+        int64_t nt = toks[ti];
+        float *x = malloc((size_t)(nt * cols) * sizeof(float));
+        float *y1 = malloc((size_t)(nt * rows + 1) * sizeof(float));
+        float *y3 = malloc((size_t)(nt * rows + 1) * sizeof(float));
+        fill(x, (size_t)(nt * cols));
+        y1[nt * rows] = y3[nt * rows] = 999.0f;
+        ds_matmul(p1, y1, x, nt, &t->m);
+        ds_matmul(p3, y3, x, nt, &t->m);
+        int bad = 0;
+        double worst = 0;
+        for (int64_t tk = 0; tk < nt; tk++)
+            for (int64_t r = 0; r < rows; r++) {
+                double ref = 0, sabs = 0;
+                for (int64_t c = 0; c < cols; c++) {
+                    double pr = (double)x[tk * cols + c] * t->deq[r * cols + c];
+                    ref += pr;
+                    sabs += fabs(pr);
+                }
+                double err = fabs(y1[tk * rows + r] - ref) / (sabs > 0 ? sabs : 1);
+                if (err > worst) worst = err;
+                bad += !(err <= DOT_RTOL) || (sabs == 0 && y1[tk * rows + r] != 0);
+            }
+        CHECK_MSG(bad == 0, "%s n_tok=%lld: %d outputs wrong (worst rel err %.3g)", what,
+                  (long long)nt, bad, worst);
+        /* a row's arithmetic does not depend on which thread computes it */
+        CHECK_MSG(memcmp(y1, y3, (size_t)(nt * rows) * sizeof(float)) == 0,
+                  "%s n_tok=%lld: 1 and 3 threads disagree", what, (long long)nt);
+        CHECK_MSG(y1[nt * rows] == 999.0f && y3[nt * rows] == 999.0f, "%s n_tok=%lld: wrote past y",
+                  what, (long long)nt);
+        free(x);
+        free(y1);
+        free(y3);
+    }
+}
+
+/* Rows and matmuls of every dtype and shape with the table ds_kernels_get() chose. */
+static void matmul_suite(void) {
+    ds_pool *p1 = ds_pool_open(1), *p3 = ds_pool_open(3);
+    CHECK(p1 && p3);
+    if (!p1 || !p3) return;
+    const shape shapes[] = {
+        {300, 200, 128, 128}, /* scale grid [3, 2], partial edge blocks */
+        {301, 203, 128, 128}, /* plus a tail row block of 1 */
+        {7, 129, 4, 64},      /* blocks that are not square: row and column indices differ */
+        {130, 70, 64, 32},    /* grid [3, 3] */
+        {1, 1, 128, 128},     {6, 4097, 128, 1000},
+    };
+    const ds_dtype dts[] = {DS_F32, DS_BF16, DS_F16, DS_F8_E4M3};
+    for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++)
+        for (size_t di = 0; di < 4; di++) {
+            test_mat t;
+            make_mat(&t, dts[di], shapes[si]);
+            char what[96];
+            snprintf(what, sizeof what, "%s %s %lldx%lld", ds_kernels_get()->name,
+                     ds_dtype_name(dts[di]), (long long)shapes[si].rows,
+                     (long long)shapes[si].cols);
+            check_rows(&t, what);
+            check_matmul(&t, p1, p3, what);
+            free_mat(&t);
+        }
+    ds_pool_close(p1);
+    ds_pool_close(p3);
+}
+
+static void test_mat_misc(void) {
+    CHECK(ds_mat_dtype_ok(DS_F32) && ds_mat_dtype_ok(DS_BF16) && ds_mat_dtype_ok(DS_F16));
+    CHECK(ds_mat_dtype_ok(DS_F8_E4M3));
+    CHECK(!ds_mat_dtype_ok(DS_F8_E5M2) && !ds_mat_dtype_ok(DS_I32) && !ds_mat_dtype_ok(DS_F64));
+    ds_mat m = {DS_F8_E4M3, 300, 200, "", NULL, 128, 128};
+    CHECK(ds_mat_bytes(&m) == 300 * 200 + 3 * 2 * 4);
+    m.dtype = DS_BF16;
+    CHECK(ds_mat_bytes(&m) == 300 * 200 * 2);
+    m.dtype = DS_F32;
+    CHECK(ds_mat_bytes(&m) == 300 * 200 * 4);
+}
+
+/* Runs fn in a child with DS_ISA=isa; the child's exit status is its failure count. */
+static int run_child(const char *isa, const char *want_name, void (*fn)(void)) {
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid < 0) return -1;
+    if (pid == 0) {
+        ds_test_failures = ds_test_checks = 0;
+        setenv("DS_ISA", isa, 1);
+        const ds_kernels *k = ds_kernels_get();
+        CHECK_MSG(strcmp(k->name, want_name) == 0, "DS_ISA=%s chose %s, not %s", isa, k->name,
+                  want_name);
+        if (fn) fn();
+        char name[64];
+        snprintf(name, sizeof name, "test_kernels[DS_ISA=%s]", isa);
+        int rc = ds_test_finish(name);
+        exit(rc); /* not _exit: LeakSanitizer checks the child at exit */
+    }
+    int st = 0;
+    if (waitpid(pid, &st, 0) < 0) return -1;
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
+}
+
+/* ---- 4. row ops ---- */
+static void test_row_ops(void) {
+    size_t maxn = sizes[N_SIZES - 1];
+    float *x = malloc(maxn * sizeof(float)), *w = malloc(maxn * sizeof(float));
+    float *o = malloc(maxn * sizeof(float)), *o2 = malloc(maxn * sizeof(float));
+    for (size_t si = 0; si < N_SIZES; si++) {
+        size_t n = sizes[si];
+        for (size_t i = 0; i < n; i++) {
+            x[i] = rnd_uniform(-3, 3);
+            w[i] = rnd_uniform(0.5f, 1.5f);
+        }
+        const float eps = 1e-6f;
+        double ss = 0;
+        for (size_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
+        double r = 1.0 / sqrt(ss / (double)n + eps);
+        ds_rmsnorm(o, x, w, (int64_t)n, eps);
+        int bad = 0;
+        for (size_t i = 0; i < n; i++) {
+            double want = x[i] * r * w[i];
+            bad += fabs(o[i] - want) > 1e-6 * fabs(want) + 1e-30;
+        }
+        CHECK_MSG(bad == 0, "rmsnorm n=%zu: %d elements off", n, bad);
+        memcpy(o2, x, n * sizeof(float));
+        ds_rmsnorm(o2, o2, w, (int64_t)n, eps);
+        CHECK_MSG(memcmp(o, o2, n * sizeof(float)) == 0, "rmsnorm n=%zu: in place differs", n);
+
+        /* softmax: large magnitudes, so an unsubtracted max would overflow expf */
+        double mx = -INFINITY, sum = 0;
+        for (size_t i = 0; i < n; i++) {
+            x[i] = rnd_uniform(-20, 20) + (si % 2 ? 500.0f : 0.0f);
+            if (x[i] > mx) mx = x[i];
+        }
+        for (size_t i = 0; i < n; i++) sum += exp((double)x[i] - mx);
+        memcpy(o, x, n * sizeof(float));
+        ds_softmax(o, (int64_t)n);
+        bad = 0;
+        double total = 0;
+        for (size_t i = 0; i < n; i++) {
+            double want = exp((double)x[i] - mx) / sum;
+            /* x - max is rounded to f32 first: up to ~40 * 2^-24 absolute in the exponent */
+            bad += !(fabs(o[i] - want) <= 5e-6 * want + 1e-30);
+            total += o[i];
+        }
+        CHECK_MSG(bad == 0, "softmax n=%zu: %d elements off", n, bad);
+        CHECK_NEAR(total, 1.0, 1e-5);
+
+        for (size_t i = 0; i < n; i++) {
+            x[i] = rnd_uniform(-12, 12);
+            w[i] = rnd_uniform(-2, 2);
+        }
+        memcpy(o, x, n * sizeof(float));
+        ds_swiglu(o, w, (int64_t)n);
+        bad = 0;
+        for (size_t i = 0; i < n; i++) {
+            double a = x[i], want = a / (1.0 + exp(-a)) * w[i];
+            bad += !(fabs(o[i] - want) <= 1e-6 * fabs(want) + 1e-12);
+        }
+        CHECK_MSG(bad == 0, "swiglu n=%zu: %d elements off", n, bad);
+    }
+    free(x);
+    free(w);
+    free(o);
+    free(o2);
+}
+
+static void bench(void) {
+    ds_pool *p1 = ds_pool_open(1);
+    if (!p1) return;
+    double bw = ds_measure_read_bandwidth(p1, (size_t)512 << 20);
+    printf("bench: read bandwidth, 1 thread: %.2f GB/s\n", bw / 1e9);
+    const int64_t C = 4096;
+    const ds_dtype dts[] = {DS_BF16, DS_F16, DS_F8_E4M3, DS_F32};
+    /* 4096 rows: the matrix may sit partly in a large L3; 16384 rows cannot */
+    for (size_t d = 0; d < 8; d++) {
+        const int64_t R = d < 4 ? 4096 : 16384;
+        size_t esz = ds_dtype_size(dts[d % 4]);
+        unsigned char *data = malloc((size_t)(R * C) * esz);
+        for (size_t i = 0; i < (size_t)(R * C) * esz; i++) data[i] = (uint8_t)(rnd64() & 0x3b);
+        static float scale[128 * 32];
+        for (int i = 0; i < 128 * 32; i++) scale[i] = 1e-3f;
+        ds_mat m = {dts[d % 4], R, C, data, scale, 128, 128};
+        float *x = malloc((size_t)C * sizeof(float)), *y = malloc((size_t)R * sizeof(float));
+        fill(x, (size_t)C);
+        double best = 1e30;
+        for (int it = 0; it < 8; it++) {
+            double t0 = ds_now();
+            ds_matmul(p1, y, x, 1, &m);
+            double dt = ds_now() - t0;
+            if (dt < best) best = dt;
+        }
+        double gbs = (double)ds_mat_bytes(&m) / best / 1e9;
+        printf("bench: ds_matmul %s %lldx%lld n_tok=1, 1 thread, %s: %.2f ms, %.2f GB/s of "
+               "weights (%.0f%% of read bandwidth), %.2f GFLOP/s\n",
+               ds_dtype_name(dts[d % 4]), (long long)R, (long long)C, ds_kernels_get()->name,
+               best * 1e3, gbs, 100.0 * gbs * 1e9 / bw, 2.0 * (double)(R * C) / best / 1e9);
+        free(data);
+        free(x);
+        free(y);
+    }
+    ds_pool_close(p1);
+}
+
+int main(void) {
+    ds_log_set_level(DS_LOG_ERROR); /* the DS_ISA fallbacks below warn on purpose */
+
+    /* The forks come first: once this process calls ds_kernels_get() its choice is fixed, and a
+     * child would inherit it. */
+    const char *best = "scalar";
+    for (size_t i = 0; i < N_ISAS; i++)
+        if (ds_kernels_for(isas[i]) && strcmp(isas[i], "neon") != 0) best = isas[i];
+    if (ds_kernels_for("neon")) best = "neon";
+    for (size_t i = 0; i < N_ISAS; i++) {
+        if (!ds_kernels_for(isas[i])) {
+            printf("note: no %s table on this machine/build; skipping it\n", isas[i]);
+            continue;
+        }
+        int rc = run_child(isas[i], isas[i], matmul_suite);
+        CHECK_MSG(rc == 0, "matmul suite under DS_ISA=%s failed (status %d)", isas[i], rc);
+    }
+    /* unknown and unavailable names fall back to the best table */
+    CHECK(run_child("bogus", best, NULL) == 0);
+    CHECK(run_child(strcmp(best, "neon") == 0 ? "avx512" : "neon", best, NULL) == 0);
+
+    test_scalar_formulas();
+    for (size_t i = 0; i < N_ISAS; i++) {
+        const ds_kernels *k = ds_kernels_for(isas[i]);
+        if (!k) continue;
+        CHECK(strcmp(k->name, isas[i]) == 0);
+        CHECK(k->bf16_to_f32 && k->f16_to_f32 && k->fp8_to_f32 && k->dot_f32 && k->dot4_f32 &&
+              k->axpy_f32);
+        test_conversions(k);
+        test_dot(k);
+        printf("table %s: conversions, dot, dot4, axpy checked\n", k->name);
+    }
+    CHECK(ds_kernels_for("bogus") == NULL && ds_kernels_for(NULL) == NULL);
+    /* DS_ISA may be set for this run: then that table, when it exists here */
+    const char *env = getenv("DS_ISA");
+    const char *want = env && ds_kernels_for(env) ? env : best;
+    CHECK_MSG(strcmp(ds_kernels_get()->name, want) == 0, "chose %s, expected %s",
+              ds_kernels_get()->name, want);
+    test_mat_misc();
+    test_row_ops();
+
+    ds_pool *p2 = ds_pool_open(2);
+    double bw = ds_measure_read_bandwidth(p2, (size_t)32 << 20);
+    CHECK_MSG(bw > 1e8 && bw < 1e13, "read bandwidth %g B/s", bw);
+    printf("read bandwidth (32 MiB, 2 threads): %.2f GB/s\n", bw / 1e9);
+    ds_pool_close(p2);
+
+    const char *b = getenv("DS_KERNELS_BENCH");
+    if (b && *b && strcmp(b, "0") != 0) bench();
+    return ds_test_finish("test_kernels");
+}
