@@ -130,6 +130,36 @@ int main(void) {
     expect_open_error("trunc", DS_ERR_FORMAT, "run past the end of the data section (");
     expect_cli_error("trunc", "file truncated?");
 
+    /* The official release's multi-token-prediction layer (model.layers.N, N ==
+     * num_hidden_layers) is recognised and skipped: the checkpoint loads and runs as without. */
+    make("mtp", "bf16");
+    edit_config("mtp", "num_nextn_predict_layers", "1");
+    {
+        char path[4096];
+        snprintf(path, sizeof path, "%.3000s/mtp/model-mtp.safetensors", tmp);
+        ds_st_writer *w;
+        int64_t shape[2] = {64, 128};
+        uint16_t zeros[64 * 128] = {0};
+        CHECK(ds_st_writer_open(path, &w) == DS_OK);
+        CHECK(ds_st_writer_add(w, "model.layers.3.eh_proj.weight", DS_BF16, 2, shape) == DS_OK);
+        CHECK(ds_st_writer_begin_data(w) == DS_OK);
+        CHECK(ds_st_writer_data(w, zeros, sizeof zeros) == DS_OK);
+        CHECK(ds_st_writer_close(w) == DS_OK);
+        snprintf(path, sizeof path, "%.3000s/mtp/model.safetensors.index.json", tmp);
+        json_t *idx = json_load_file(path, 0, NULL);
+        CHECK(idx != NULL);
+        json_object_set_new(json_object_get(idx, "weight_map"), "model.layers.3.eh_proj.weight",
+                            json_string("model-mtp.safetensors"));
+        CHECK(json_dump_file(idx, path, 0) == 0);
+        json_decref(idx);
+        snprintf(path, sizeof path, "%.3000s/mtp", tmp);
+        ds_model *m = NULL;
+        CHECK_MSG(ds_model_open(path, NULL, &m) == DS_OK, "%s", ds_err_msg());
+        if (m) CHECK(ds_model_config(m)->num_nextn_predict_layers == 1 &&
+                     ds_model_config(m)->n_layers == 3);
+        ds_model_close(m);
+    }
+
     /* Not a checkpoint at all. */
     expect_cli_error("does-not-exist", "cannot open");
 
