@@ -4,6 +4,7 @@
 #   2. Release build with gcc, warnings as errors -> build/,      all tests (ctest)
 #   3. build with clang, warnings as errors       -> build-clang/, build only
 #   4. ASan + UBSan build with clang              -> build-asan/,  unit tests (ctest)
+#      then a ThreadSanitizer build               -> build-tsan/,  the multi-threaded tests
 #   5. libFuzzer build with clang                 -> build-fuzz/,  each fuzz_* target for
 #      DSINFER_FUZZ_SECONDS (default 60) seconds from its seed corpus tests/fuzz/corpus/<name>/
 # Any failure fails the script.
@@ -61,6 +62,14 @@ ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:strict_string_checks=1}" \
   UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}" \
   ctest "${asan_args[@]}"
 stage_done "ASan+UBSan build + tests" "$t"
+
+section "4b/5 ThreadSanitizer build (clang) -> build-tsan/ + the multi-threaded tests"
+t=$SECONDS
+configure build-tsan clang -DCMAKE_BUILD_TYPE=Release -DDSINFER_TSAN=ON -DDSINFER_WERROR=ON
+build build-tsan --target test_pool test_kernels test_forward
+TSAN_OPTIONS="${TSAN_OPTIONS:-halt_on_error=1}" \
+  ctest --test-dir build-tsan --output-on-failure --no-tests=error -R '^(test_pool|test_kernels|test_forward)$'
+stage_done "TSan build + threaded tests" "$t"
 
 section "5/5 fuzz build (clang libFuzzer) -> build-fuzz/, ${FUZZ_SECONDS}s per target"
 t=$SECONDS

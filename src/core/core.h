@@ -99,8 +99,11 @@ size_t ds_dtype_size(ds_dtype t);
 int ds_dtype_parse(const char *s);
 
 /* ---- thread pool ----------------------------------------------------------------------------
- * A fixed set of workers that run one parallel-for at a time. The caller's thread is worker 0,
- * so a pool of 1 runs everything inline. Not reentrant: a task must not call ds_pool_run. */
+ * A fixed set of workers that run one parallel-for at a time; the caller takes part, so a pool
+ * of 1 runs everything inline. Slices are claimed dynamically: fn(ctx, i, n) runs exactly once
+ * for each i in [0, n) (n = pool size), on whichever thread claims it, so state indexed by i is
+ * private to one call, but i is not a thread identity. Not reentrant: a task must not call
+ * ds_pool_run on the same pool. ds_pool_run is not thread-safe: one caller at a time. */
 typedef struct ds_pool ds_pool;
 typedef void (*ds_pool_fn)(void *ctx, int thread, int n_threads);
 
@@ -108,7 +111,7 @@ typedef void (*ds_pool_fn)(void *ctx, int thread, int n_threads);
 ds_pool *ds_pool_open(int n_threads);
 void ds_pool_close(ds_pool *p); /* accepts NULL */
 int ds_pool_size(const ds_pool *p);
-/* Runs fn(ctx, i, n) for i in [0, n) on the n threads and returns when all are done. */
+/* Runs fn(ctx, i, n) for every i in [0, n) and returns when all have finished. */
 void ds_pool_run(ds_pool *p, ds_pool_fn fn, void *ctx);
 /* Splits [0, total) into n near-equal contiguous parts; part i is [*lo, *hi). */
 void ds_split_range(size_t total, int i, int n, size_t *lo, size_t *hi);

@@ -1,12 +1,17 @@
 /* A persistent thread pool for parallel-for.
  *
  * The forward pass issues hundreds of short parallel loops per decoded token (one per matmul and
- * attention phase), each often only tens of microseconds long. Waking sleeping threads through
- * a condition variable costs about as much as the work itself on virtual machines, so workers
- * first spin on an atomic generation counter for a while (~1 ms) and only then sleep; the
- * caller spins on the pending count while the loop runs. An idle engine therefore burns no CPU
- * beyond that first millisecond, and a busy one never pays for a wake-up. The caller's thread
- * runs slice 0 itself. */
+ * attention phase), each often only tens of microseconds long. Two things make that hard:
+ *  - waking sleeping threads through a condition variable costs about as much as the work on
+ *    virtual machines, so idle workers first spin (~1 ms) on the ticket before they sleep;
+ *  - when the machine is oversubscribed (ctest -j, a neighbour process), a worker may not be
+ *    running at all. Slices are therefore not bound to threads: every participant, the caller
+ *    included, claims slice indices from one atomic ticket until none are left, so a
+ *    descheduled worker simply claims nothing and the caller never waits for it to wake up.
+ * The ticket packs (generation << 32 | next slice); a claim is a compare-and-swap on it, so a
+ * worker that arrives late for a finished loop claims nothing. A claimed slice keeps its
+ * generation from completing, and fn/ctx are only rewritten between generations, so reading
+ * them after a successful claim is race-free. */
 #include "core/core.h"
 
 #include <pthread.h>
@@ -32,46 +37,55 @@ struct ds_pool {
     pthread_t *threads;
     pthread_mutex_t mu;
     pthread_cond_t wake;
-    _Atomic uint64_t generation; /* bumped once per ds_pool_run */
-    _Atomic int pending;         /* workers still running the current generation */
+    _Atomic uint64_t ticket; /* generation << 32 | next unclaimed slice */
+    _Atomic int done;        /* slices finished in the current generation */
     _Atomic int quit;
     int sleepers; /* workers blocked on `wake`, guarded by mu */
     ds_pool_fn fn;
     void *ctx;
 };
 
-typedef struct {
-    ds_pool *p;
-    int index;
-} worker_arg;
+static uint32_t gen_of(uint64_t t) { return (uint32_t)(t >> 32); }
+
+/* Claims and runs slices of generation `gen` until none are left. */
+static void run_slices(ds_pool *p, uint32_t gen) {
+    uint64_t t = atomic_load_explicit(&p->ticket, memory_order_acquire);
+    for (;;) {
+        uint32_t i = (uint32_t)t;
+        if (gen_of(t) != gen || i >= (uint32_t)p->n) return;
+        if (!atomic_compare_exchange_weak_explicit(&p->ticket, &t, t + 1, memory_order_acq_rel,
+                                                   memory_order_acquire))
+            continue; /* t now holds the current ticket */
+        /* Slice i of `gen` is ours, so `gen` cannot finish before we do: fn/ctx are stable. */
+        p->fn(p->ctx, (int)i, p->n);
+        atomic_fetch_add_explicit(&p->done, 1, memory_order_release);
+        t = atomic_load_explicit(&p->ticket, memory_order_acquire);
+    }
+}
 
 /* Waits until the generation moves past `seen` or the pool quits; returns the new generation. */
-static uint64_t wait_generation(ds_pool *p, uint64_t seen) {
+static uint32_t wait_generation(ds_pool *p, uint32_t seen) {
     for (int i = 0; i < SPIN_LIMIT; i++) {
-        uint64_t g = atomic_load_explicit(&p->generation, memory_order_acquire);
+        uint32_t g = gen_of(atomic_load_explicit(&p->ticket, memory_order_acquire));
         if (g != seen || atomic_load_explicit(&p->quit, memory_order_relaxed)) return g;
         cpu_relax();
     }
     pthread_mutex_lock(&p->mu);
     p->sleepers++;
-    while (atomic_load(&p->generation) == seen && !atomic_load(&p->quit))
+    while (gen_of(atomic_load(&p->ticket)) == seen && !atomic_load(&p->quit))
         pthread_cond_wait(&p->wake, &p->mu);
     p->sleepers--;
     pthread_mutex_unlock(&p->mu);
-    return atomic_load_explicit(&p->generation, memory_order_acquire);
+    return gen_of(atomic_load_explicit(&p->ticket, memory_order_acquire));
 }
 
 static void *worker_main(void *arg) {
-    worker_arg *wa = arg;
-    ds_pool *p = wa->p;
-    int index = wa->index;
-    free(wa);
-    uint64_t seen = 0;
+    ds_pool *p = arg;
+    uint32_t seen = 0;
     for (;;) {
         seen = wait_generation(p, seen);
         if (atomic_load(&p->quit)) return NULL;
-        p->fn(p->ctx, index, p->n); /* fn/ctx were published before the generation bump */
-        atomic_fetch_sub_explicit(&p->pending, 1, memory_order_release);
+        run_slices(p, seen);
     }
 }
 
@@ -96,10 +110,7 @@ ds_pool *ds_pool_open(int n_threads) {
         return NULL;
     }
     for (int i = 1; i < n_threads; i++) {
-        worker_arg *wa = malloc(sizeof *wa);
-        if (wa) *wa = (worker_arg){p, i};
-        if (!wa || pthread_create(&p->threads[i], NULL, worker_main, wa) != 0) {
-            free(wa);
+        if (pthread_create(&p->threads[i], NULL, worker_main, p) != 0) {
             p->n = i; /* only the threads started so far are joined */
             ds_pool_close(p);
             ds_err_set(DS_ERR_NOMEM, "thread pool: cannot start thread %d of %d", i, n_threads);
@@ -129,19 +140,21 @@ void ds_pool_run(ds_pool *p, ds_pool_fn fn, void *ctx) {
         fn(ctx, 0, 1);
         return;
     }
+    /* The previous generation is complete (done == n), so nothing reads fn/ctx/done now. */
     p->fn = fn;
     p->ctx = ctx;
-    atomic_store_explicit(&p->pending, p->n - 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&p->generation, 1, memory_order_release);
+    atomic_store_explicit(&p->done, 0, memory_order_relaxed);
+    uint32_t gen = gen_of(atomic_load_explicit(&p->ticket, memory_order_relaxed)) + 1;
+    atomic_store_explicit(&p->ticket, (uint64_t)gen << 32, memory_order_release);
     pthread_mutex_lock(&p->mu);
     if (p->sleepers) pthread_cond_broadcast(&p->wake);
     pthread_mutex_unlock(&p->mu);
 
-    fn(ctx, 0, p->n);
+    run_slices(p, gen);
 
-    for (long spins = 0; atomic_load_explicit(&p->pending, memory_order_acquire) > 0; spins++) {
+    for (long spins = 0; atomic_load_explicit(&p->done, memory_order_acquire) < p->n; spins++) {
         if (spins < SPIN_LIMIT) cpu_relax();
-        else sched_yield(); /* a descheduled worker (oversubscribed machine): let it run */
+        else sched_yield(); /* a worker was descheduled mid-slice: let it finish */
     }
 }
 

@@ -1,0 +1,67 @@
+/* Thread pool: every slice of every parallel loop runs exactly once, across many back-to-back
+ * loops (the decode pattern) and with more threads than cores (the oversubscribed pattern that
+ * made slices wait on descheduled workers), and the pool shuts down cleanly from any state. */
+#include "core/core.h"
+#include "testutil.h"
+
+#include <stdatomic.h>
+#include <stdlib.h>
+
+typedef struct {
+    _Atomic int *hits; /* per slice */
+    _Atomic long sum;
+    int expected_n;
+    _Atomic int bad_n;
+} loop_ctx;
+
+static void body(void *arg, int i, int n) {
+    loop_ctx *c = arg;
+    if (n != c->expected_n) atomic_fetch_add(&c->bad_n, 1);
+    atomic_fetch_add(&c->hits[i], 1);
+    atomic_fetch_add(&c->sum, i + 1);
+}
+
+static void run_many(int threads, int loops) {
+    ds_pool *p = ds_pool_open(threads);
+    CHECK(p != NULL);
+    if (!p) return;
+    int n = ds_pool_size(p);
+    CHECK(n == threads);
+    _Atomic int *hits = calloc((size_t)n, sizeof *hits);
+    int wrong = 0;
+    for (int l = 0; l < loops; l++) {
+        loop_ctx c = {hits, 0, n, 0};
+        for (int i = 0; i < n; i++) atomic_store(&hits[i], 0);
+        ds_pool_run(p, body, &c);
+        long want = (long)n * (n + 1) / 2;
+        for (int i = 0; i < n; i++) wrong += atomic_load(&hits[i]) != 1;
+        wrong += atomic_load(&c.sum) != want || atomic_load(&c.bad_n) != 0;
+    }
+    CHECK_MSG(wrong == 0, "%d threads: %d loops ran a slice other than exactly once", threads, wrong);
+    free(hits);
+    ds_pool_close(p);
+}
+
+static void test_split(void) {
+    size_t lo, hi, covered = 0, prev = 0;
+    for (int i = 0; i < 7; i++) {
+        ds_split_range(100, i, 7, &lo, &hi);
+        CHECK(lo == prev && hi >= lo && hi - lo >= 14 && hi - lo <= 15);
+        covered += hi - lo;
+        prev = hi;
+    }
+    CHECK(covered == 100 && prev == 100);
+    ds_split_range(3, 4, 5, &lo, &hi);
+    CHECK(lo == 3 && hi == 3);
+}
+
+int main(void) {
+    test_split();
+    run_many(1, 100);
+    run_many(2, 20000);
+    run_many(8, 3000); /* more threads than this machine's cores */
+    /* Close right after open, and after the workers have gone to sleep. */
+    ds_pool_close(ds_pool_open(4));
+    ds_pool_close(NULL);
+    return ds_test_finish("test_pool");
+}
