@@ -84,6 +84,13 @@ int ds_cmd_generate(int argc, char **argv) {
     const ds_config *cfg = ds_model_config(m);
     ds_info("loaded %s in %.2fs (%d threads)", model_dir, ds_now() - t0,
             ds_pool_size(ds_model_pool(m)));
+    if (n_ids + max_tokens > cfg->max_position_embeddings) {
+        ds_err_set(DS_ERR_RANGE,
+                   "prompt (%lld tokens) + --max-tokens (%ld) exceeds the model's "
+                   "max_position_embeddings (%lld)",
+                   (long long)n_ids, max_tokens, (long long)cfg->max_position_embeddings);
+        goto fail;
+    }
     if (ds_kv_open(cfg, n_ids + max_tokens, &kv)) goto fail;
     if (!(logits = malloc((size_t)cfg->vocab_size * sizeof *logits))) {
         ds_err_set(DS_ERR_NOMEM, "out of memory");

@@ -99,6 +99,9 @@ static void complete(ds_kernels *dst, const ds_kernels *src) {
     if (!dst->dot_f32) dst->dot_f32 = s->dot_f32;
     if (!dst->dot4_f32) dst->dot4_f32 = s->dot4_f32;
     if (!dst->axpy_f32) dst->axpy_f32 = s->axpy_f32;
+    if (!dst->dot4_bf16) dst->dot4_bf16 = s->dot4_bf16;
+    if (!dst->dot4_f16) dst->dot4_f16 = s->dot4_f16;
+    if (!dst->dot4_fp8) dst->dot4_fp8 = s->dot4_fp8;
 }
 
 static void detect(void) {

@@ -29,6 +29,19 @@ typedef struct ds_kernels {
     void (*dot4_f32)(const float *x, const float *const w[4], size_t n, float out[4]);
     /* y[i] += a * x[i] */
     void (*axpy_f32)(float *y, float a, const float *x, size_t n);
+    /* Fused decode + dot4 for the memory-bound matmuls of decoding (few tokens): the weights are
+     * read in their stored dtype and widened in registers, never written to a scratch.
+     * out[r] = sum_i x[i] * bf16(w[r][i]) (resp. f16) for r in 0..3, the decode exact. */
+    void (*dot4_bf16)(const float *x, const uint16_t *const w[4], size_t n, float out[4]);
+    void (*dot4_f16)(const float *x, const uint16_t *const w[4], size_t n, float out[4]);
+    /* FP8 E4M3FN with the scale factored out per block: the columns are cut into blocks of
+     * `block` (> 0) starting at column 0 of w[r], the last one partial, and
+     *   out[r] = sum_b scale[r][b] * (sum_{i in block b} x[i] * e4m3(w[r][i])).
+     * Within f32 round-off of the dot with the dequantised weights (fp8 * scale rounded once):
+     * e4m3 values are exact, so only where the one rounding happens differs. scale[r] points at
+     * the scales of row r's blocks (the row's entry of weight_scale_inv), possibly unaligned. */
+    void (*dot4_fp8)(const float *x, const uint8_t *const w[4], const float *const scale[4],
+                     size_t n, size_t block, float out[4]);
 } ds_kernels;
 
 /* The table for this machine, selected on first call (thread-safe). */

@@ -139,6 +139,125 @@ static void dot4_f32_avx2(const float *x, const float *const w[4], size_t n, flo
     out[3] = hsum256(_mm256_add_ps(a3, b3));
 }
 
+/* ---- fused decode + dot4 ----
+ * The loops of dot4_f32_avx2 with each weight load replaced by a decode in registers: 8 stored
+ * elements -> one __m256. AVX2 has no 8- or 16-bit masked loads, so a tail of fewer than 8
+ * elements is copied into a zeroed 8-element buffer first (x is loaded with a float mask, so
+ * the padding lanes multiply 0 by 0). */
+static inline __m256 ld_bf16x8(const uint16_t *p) {
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+static inline __m256 ld_f16x8(const uint16_t *p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+/* FP8 -> e4m3 * 2^-8 exactly (the half-precision detour above): u = b << 7 puts the 7 low bits
+ * at bits 7..13 and the sign at bit 14; u + (u & 0x4000) carries the sign to bit 15. */
+static inline __m256 ld_fp8x8(const uint8_t *p) {
+    __m128i u = _mm_slli_epi16(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p)), 7);
+    return _mm256_cvtph_ps(_mm_add_epi16(u, _mm_and_si128(u, _mm_set1_epi16(0x4000))));
+}
+
+/* The last r < 8 elements of a row, zero-padded to a full vector. */
+static inline __m256 ld_bf16_tail(const uint16_t *p, size_t r) {
+    uint16_t buf[8] = {0};
+    memcpy(buf, p, r * sizeof *p);
+    return ld_bf16x8(buf);
+}
+static inline __m256 ld_f16_tail(const uint16_t *p, size_t r) {
+    uint16_t buf[8] = {0};
+    memcpy(buf, p, r * sizeof *p);
+    return ld_f16x8(buf);
+}
+static inline __m256 ld_fp8_tail(const uint8_t *p, size_t r) {
+    uint8_t buf[8] = {0};
+    memcpy(buf, p, r);
+    return ld_fp8x8(buf);
+}
+
+#define DOT4_BODY(LD, LDT, x, w0, w1, w2, w3, n)                                                 \
+    do {                                                                                         \
+        size_t i = 0;                                                                            \
+        for (; i + 16 <= (n); i += 16) {                                                         \
+            __m256 xa = _mm256_loadu_ps((x) + i), xb = _mm256_loadu_ps((x) + i + 8);             \
+            a0 = _mm256_fmadd_ps(xa, LD((w0) + i), a0);                                          \
+            a1 = _mm256_fmadd_ps(xa, LD((w1) + i), a1);                                          \
+            a2 = _mm256_fmadd_ps(xa, LD((w2) + i), a2);                                          \
+            a3 = _mm256_fmadd_ps(xa, LD((w3) + i), a3);                                          \
+            b0 = _mm256_fmadd_ps(xb, LD((w0) + i + 8), b0);                                      \
+            b1 = _mm256_fmadd_ps(xb, LD((w1) + i + 8), b1);                                      \
+            b2 = _mm256_fmadd_ps(xb, LD((w2) + i + 8), b2);                                      \
+            b3 = _mm256_fmadd_ps(xb, LD((w3) + i + 8), b3);                                      \
+        }                                                                                        \
+        if (i + 8 <= (n)) {                                                                      \
+            __m256 xa = _mm256_loadu_ps((x) + i);                                                \
+            a0 = _mm256_fmadd_ps(xa, LD((w0) + i), a0);                                          \
+            a1 = _mm256_fmadd_ps(xa, LD((w1) + i), a1);                                          \
+            a2 = _mm256_fmadd_ps(xa, LD((w2) + i), a2);                                          \
+            a3 = _mm256_fmadd_ps(xa, LD((w3) + i), a3);                                          \
+            i += 8;                                                                              \
+        }                                                                                        \
+        if (i < (n)) {                                                                           \
+            size_t r_ = (n) - i;                                                                 \
+            __m256 xb = _mm256_maskload_ps((x) + i, tail_mask(r_));                              \
+            b0 = _mm256_fmadd_ps(xb, LDT((w0) + i, r_), b0);                                     \
+            b1 = _mm256_fmadd_ps(xb, LDT((w1) + i, r_), b1);                                     \
+            b2 = _mm256_fmadd_ps(xb, LDT((w2) + i, r_), b2);                                     \
+            b3 = _mm256_fmadd_ps(xb, LDT((w3) + i, r_), b3);                                     \
+        }                                                                                        \
+    } while (0)
+
+#define ZERO8()                                                                                  \
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),         \
+           a3 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(),         \
+           b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps()
+
+static void dot4_bf16_avx2(const float *x, const uint16_t *const w[4], size_t n, float out[4]) {
+    ZERO8();
+    DOT4_BODY(ld_bf16x8, ld_bf16_tail, x, w[0], w[1], w[2], w[3], n);
+    out[0] = hsum256(_mm256_add_ps(a0, b0));
+    out[1] = hsum256(_mm256_add_ps(a1, b1));
+    out[2] = hsum256(_mm256_add_ps(a2, b2));
+    out[3] = hsum256(_mm256_add_ps(a3, b3));
+}
+
+static void dot4_f16_avx2(const float *x, const uint16_t *const w[4], size_t n, float out[4]) {
+    ZERO8();
+    DOT4_BODY(ld_f16x8, ld_f16_tail, x, w[0], w[1], w[2], w[3], n);
+    out[0] = hsum256(_mm256_add_ps(a0, b0));
+    out[1] = hsum256(_mm256_add_ps(a1, b1));
+    out[2] = hsum256(_mm256_add_ps(a2, b2));
+    out[3] = hsum256(_mm256_add_ps(a3, b3));
+}
+
+static inline float ld_scale(const float *p, size_t i) {
+    float v;
+    memcpy(&v, (const unsigned char *)p + i * sizeof v, sizeof v);
+    return v;
+}
+
+/* Per block: fresh accumulators, then one FMA per row adds the block's vector sums times its
+ * scale into the row totals; the decoded weights are e4m3 * 2^-8, so the totals are multiplied by
+ * 2^8 at the end (exact). */
+static void dot4_fp8_avx2(const float *x, const uint8_t *const w[4], const float *const scale[4],
+                          size_t n, size_t block, float out[4]) {
+    __m256 t0 = _mm256_setzero_ps(), t1 = _mm256_setzero_ps(), t2 = _mm256_setzero_ps(),
+           t3 = _mm256_setzero_ps();
+    for (size_t c0 = 0, b = 0; c0 < n; c0 += block, b++) {
+        size_t len = n - c0 < block ? n - c0 : block;
+        ZERO8();
+        DOT4_BODY(ld_fp8x8, ld_fp8_tail, x + c0, w[0] + c0, w[1] + c0, w[2] + c0, w[3] + c0, len);
+        t0 = _mm256_fmadd_ps(_mm256_add_ps(a0, b0), _mm256_set1_ps(ld_scale(scale[0], b)), t0);
+        t1 = _mm256_fmadd_ps(_mm256_add_ps(a1, b1), _mm256_set1_ps(ld_scale(scale[1], b)), t1);
+        t2 = _mm256_fmadd_ps(_mm256_add_ps(a2, b2), _mm256_set1_ps(ld_scale(scale[2], b)), t2);
+        t3 = _mm256_fmadd_ps(_mm256_add_ps(a3, b3), _mm256_set1_ps(ld_scale(scale[3], b)), t3);
+    }
+    out[0] = hsum256(t0) * 256.0f;
+    out[1] = hsum256(t1) * 256.0f;
+    out[2] = hsum256(t2) * 256.0f;
+    out[3] = hsum256(t3) * 256.0f;
+}
+
 static void axpy_f32_avx2(float *y, float a, const float *x, size_t n) {
     const __m256 va = _mm256_set1_ps(a);
     size_t i = 0;
@@ -160,6 +279,9 @@ static const ds_kernels avx2_table = {
     .dot_f32 = dot_f32_avx2,
     .dot4_f32 = dot4_f32_avx2,
     .axpy_f32 = axpy_f32_avx2,
+    .dot4_bf16 = dot4_bf16_avx2,
+    .dot4_f16 = dot4_f16_avx2,
+    .dot4_fp8 = dot4_fp8_avx2,
 };
 
 const ds_kernels *ds_kernels_avx2_table(void) {

@@ -122,6 +122,125 @@ static void dot4_f32_avx512(const float *x, const float *const w[4], size_t n, f
     out[3] = _mm512_reduce_add_ps(_mm512_add_ps(a3, b3));
 }
 
+/* ---- fused decode + dot4 ----
+ * The loops of dot4_f32_avx512 with each weight load replaced by a decode in registers: 16
+ * stored elements -> one __m512. Full loads in the main loop, masked loads in the tail (masked-off
+ * lanes are not read, so nothing past the end is touched and no mask faults). */
+static inline __m512 ld_bf16x16(const uint16_t *p) {
+    __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+static inline __m512 ld_bf16x16_m(const uint16_t *p, __mmask16 m) {
+    __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+static inline __m512 ld_f16x16(const uint16_t *p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+}
+static inline __m512 ld_f16x16_m(const uint16_t *p, __mmask16 m) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+/* FP8 -> e4m3 * 2^-8 exactly, via the IEEE half with the byte's 7 low bits at bits 7..13 and its
+ * sign at bit 15: the byte sign-extended to 16 bits and shifted left by 7 has the sign in both
+ * bit 15 and bit 14, and clearing bit 14 leaves that half (two ops fewer than masking and
+ * shifting sign and magnitude apart). */
+static inline __m512 fp8_half16(__m128i bytes) {
+    __m256i u = _mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7);
+    return _mm512_cvtph_ps(_mm256_and_si256(u, _mm256_set1_epi16((short)0xbfff)));
+}
+static inline __m512 ld_fp8x16(const uint8_t *p) {
+    return fp8_half16(_mm_loadu_si128((const __m128i *)p));
+}
+static inline __m512 ld_fp8x16_m(const uint8_t *p, __mmask16 m) {
+    return fp8_half16(_mm_maskz_loadu_epi8(m, p));
+}
+
+/* Accumulates sum_i x[i] * LD(w_r + i) over i < n into a0..a3 (even steps) and b0..b3 (odd
+ * steps), the same chain layout as dot4_f32_avx512. */
+#define DOT4_BODY(LD, LDM, x, w0, w1, w2, w3, n)                                                 \
+    do {                                                                                         \
+        size_t i = 0;                                                                            \
+        for (; i + 32 <= (n); i += 32) {                                                         \
+            __m512 xa = _mm512_loadu_ps((x) + i), xb = _mm512_loadu_ps((x) + i + 16);            \
+            a0 = _mm512_fmadd_ps(xa, LD((w0) + i), a0);                                          \
+            a1 = _mm512_fmadd_ps(xa, LD((w1) + i), a1);                                          \
+            a2 = _mm512_fmadd_ps(xa, LD((w2) + i), a2);                                          \
+            a3 = _mm512_fmadd_ps(xa, LD((w3) + i), a3);                                          \
+            b0 = _mm512_fmadd_ps(xb, LD((w0) + i + 16), b0);                                     \
+            b1 = _mm512_fmadd_ps(xb, LD((w1) + i + 16), b1);                                     \
+            b2 = _mm512_fmadd_ps(xb, LD((w2) + i + 16), b2);                                     \
+            b3 = _mm512_fmadd_ps(xb, LD((w3) + i + 16), b3);                                     \
+        }                                                                                        \
+        if (i + 16 <= (n)) {                                                                     \
+            __m512 xa = _mm512_loadu_ps((x) + i);                                                \
+            a0 = _mm512_fmadd_ps(xa, LD((w0) + i), a0);                                          \
+            a1 = _mm512_fmadd_ps(xa, LD((w1) + i), a1);                                          \
+            a2 = _mm512_fmadd_ps(xa, LD((w2) + i), a2);                                          \
+            a3 = _mm512_fmadd_ps(xa, LD((w3) + i), a3);                                          \
+            i += 16;                                                                             \
+        }                                                                                        \
+        if (i < (n)) {                                                                           \
+            __mmask16 m = tail16((n) - i);                                                       \
+            __m512 xb = _mm512_maskz_loadu_ps(m, (x) + i);                                       \
+            b0 = _mm512_fmadd_ps(xb, LDM((w0) + i, m), b0);                                      \
+            b1 = _mm512_fmadd_ps(xb, LDM((w1) + i, m), b1);                                      \
+            b2 = _mm512_fmadd_ps(xb, LDM((w2) + i, m), b2);                                      \
+            b3 = _mm512_fmadd_ps(xb, LDM((w3) + i, m), b3);                                      \
+        }                                                                                        \
+    } while (0)
+
+#define ZERO8()                                                                                  \
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),         \
+           a3 = _mm512_setzero_ps(), b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps(),         \
+           b2 = _mm512_setzero_ps(), b3 = _mm512_setzero_ps()
+
+static void dot4_bf16_avx512(const float *x, const uint16_t *const w[4], size_t n,
+                             float out[4]) {
+    ZERO8();
+    DOT4_BODY(ld_bf16x16, ld_bf16x16_m, x, w[0], w[1], w[2], w[3], n);
+    out[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0));
+    out[1] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1));
+    out[2] = _mm512_reduce_add_ps(_mm512_add_ps(a2, b2));
+    out[3] = _mm512_reduce_add_ps(_mm512_add_ps(a3, b3));
+}
+
+static void dot4_f16_avx512(const float *x, const uint16_t *const w[4], size_t n, float out[4]) {
+    ZERO8();
+    DOT4_BODY(ld_f16x16, ld_f16x16_m, x, w[0], w[1], w[2], w[3], n);
+    out[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0));
+    out[1] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1));
+    out[2] = _mm512_reduce_add_ps(_mm512_add_ps(a2, b2));
+    out[3] = _mm512_reduce_add_ps(_mm512_add_ps(a3, b3));
+}
+
+static inline float ld_scale(const float *p, size_t i) {
+    float v;
+    memcpy(&v, (const unsigned char *)p + i * sizeof v, sizeof v);
+    return v;
+}
+
+/* Per block: fresh accumulators, then the block's vector sums times its scale are added into the
+ * row totals t0..t3 (one FMA per row per block, no horizontal sums until the end). The decoded
+ * weights are e4m3 * 2^-8, so the totals are multiplied by 2^8 at the end (exact). */
+static void dot4_fp8_avx512(const float *x, const uint8_t *const w[4], const float *const scale[4],
+                            size_t n, size_t block, float out[4]) {
+    __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps(), t2 = _mm512_setzero_ps(),
+           t3 = _mm512_setzero_ps();
+    for (size_t c0 = 0, b = 0; c0 < n; c0 += block, b++) {
+        size_t len = n - c0 < block ? n - c0 : block;
+        ZERO8();
+        DOT4_BODY(ld_fp8x16, ld_fp8x16_m, x + c0, w[0] + c0, w[1] + c0, w[2] + c0, w[3] + c0, len);
+        t0 = _mm512_fmadd_ps(_mm512_add_ps(a0, b0), _mm512_set1_ps(ld_scale(scale[0], b)), t0);
+        t1 = _mm512_fmadd_ps(_mm512_add_ps(a1, b1), _mm512_set1_ps(ld_scale(scale[1], b)), t1);
+        t2 = _mm512_fmadd_ps(_mm512_add_ps(a2, b2), _mm512_set1_ps(ld_scale(scale[2], b)), t2);
+        t3 = _mm512_fmadd_ps(_mm512_add_ps(a3, b3), _mm512_set1_ps(ld_scale(scale[3], b)), t3);
+    }
+    out[0] = _mm512_reduce_add_ps(t0) * 256.0f;
+    out[1] = _mm512_reduce_add_ps(t1) * 256.0f;
+    out[2] = _mm512_reduce_add_ps(t2) * 256.0f;
+    out[3] = _mm512_reduce_add_ps(t3) * 256.0f;
+}
+
 static void axpy_f32_avx512(float *y, float a, const float *x, size_t n) {
     const __m512 va = _mm512_set1_ps(a);
     size_t i = 0;
@@ -144,6 +263,9 @@ static const ds_kernels avx512_table = {
     .dot_f32 = dot_f32_avx512,
     .dot4_f32 = dot4_f32_avx512,
     .axpy_f32 = axpy_f32_avx512,
+    .dot4_bf16 = dot4_bf16_avx512,
+    .dot4_f16 = dot4_f16_avx512,
+    .dot4_fp8 = dot4_fp8_avx512,
 };
 
 const ds_kernels *ds_kernels_avx512_table(void) {

@@ -63,6 +63,64 @@ static void dot4_f32_scalar(const float *x, const float *const w[4], size_t n, f
     for (int r = 0; r < 4; r++) out[r] = acc[r][0] + acc[r][1];
 }
 
+/* The fused kernels below decode each weight on the fly, in the order and with the two-chain
+ * accumulation of dot4_f32_scalar: on the same data they give the same sums as decoding a row
+ * with bf16_to_f32 / f16_to_f32 first and calling dot4_f32. */
+#define DOT4_DECODED(DECODE)                                                                     \
+    do {                                                                                         \
+        float acc[4][2] = {{0}};                                                                 \
+        size_t i = 0;                                                                            \
+        for (; i + 2 <= n; i += 2) {                                                             \
+            float x0 = ld_f32(x, i), x1 = ld_f32(x, i + 1);                                      \
+            for (int r = 0; r < 4; r++) {                                                        \
+                acc[r][0] += x0 * DECODE(w[r], i);                                               \
+                acc[r][1] += x1 * DECODE(w[r], i + 1);                                           \
+            }                                                                                    \
+        }                                                                                        \
+        if (i < n) {                                                                             \
+            float x0 = ld_f32(x, i);                                                             \
+            for (int r = 0; r < 4; r++) acc[r][0] += x0 * DECODE(w[r], i);                       \
+        }                                                                                        \
+        for (int r = 0; r < 4; r++) out[r] = acc[r][0] + acc[r][1];                              \
+    } while (0)
+
+#define LD_BF16(p, i) ds_bf16_decode(ld_u16((p), (i)))
+#define LD_F16(p, i) ds_f16_decode(ld_u16((p), (i)))
+
+static void dot4_bf16_scalar(const float *x, const uint16_t *const w[4], size_t n,
+                             float out[4]) {
+    DOT4_DECODED(LD_BF16);
+}
+
+static void dot4_f16_scalar(const float *x, const uint16_t *const w[4], size_t n, float out[4]) {
+    DOT4_DECODED(LD_F16);
+}
+
+/* Per block of `block` columns: the unscaled partial sums of x * e4m3(w), then times the block's
+ * scale, added to the row total. */
+static void dot4_fp8_scalar(const float *x, const uint8_t *const w[4], const float *const scale[4],
+                            size_t n, size_t block, float out[4]) {
+    float tot[4] = {0};
+    for (size_t c0 = 0, b = 0; c0 < n; c0 += block, b++) {
+        size_t len = n - c0 < block ? n - c0 : block;
+        float acc[4][2] = {{0}};
+        size_t i = 0;
+        for (; i + 2 <= len; i += 2) {
+            float x0 = ld_f32(x, c0 + i), x1 = ld_f32(x, c0 + i + 1);
+            for (int r = 0; r < 4; r++) {
+                acc[r][0] += x0 * ds_e4m3_decode(w[r][c0 + i]);
+                acc[r][1] += x1 * ds_e4m3_decode(w[r][c0 + i + 1]);
+            }
+        }
+        if (i < len) {
+            float x0 = ld_f32(x, c0 + i);
+            for (int r = 0; r < 4; r++) acc[r][0] += x0 * ds_e4m3_decode(w[r][c0 + i]);
+        }
+        for (int r = 0; r < 4; r++) tot[r] += (acc[r][0] + acc[r][1]) * ld_f32(scale[r], b);
+    }
+    for (int r = 0; r < 4; r++) out[r] = tot[r];
+}
+
 static void axpy_f32_scalar(float *y, float a, const float *x, size_t n) {
     for (size_t i = 0; i < n; i++) st_f32(y, i, ld_f32(y, i) + a * ld_f32(x, i));
 }
@@ -75,6 +133,9 @@ static const ds_kernels scalar_table = {
     .dot_f32 = dot_f32_scalar,
     .dot4_f32 = dot4_f32_scalar,
     .axpy_f32 = axpy_f32_scalar,
+    .dot4_bf16 = dot4_bf16_scalar,
+    .dot4_f16 = dot4_f16_scalar,
+    .dot4_fp8 = dot4_fp8_scalar,
 };
 
 const ds_kernels *ds_kernels_scalar(void) {

@@ -174,6 +174,79 @@ static void matmul_thread(void *arg, int thread, int n_threads) {
     }
 }
 
+/* ---- the fused path (few tokens) ---- */
+#include <stdlib.h>
+static int64_t xenv(const char *n, int64_t d) {
+    const char *e = getenv(n);
+    return e && *e ? atoll(e) : d;
+}
+static int64_t X_CHUNK = 1024, X_PF = 0, X_MAXTOK = 4;
+
+static void matmul_fused_thread(void *arg, int thread, int n_threads) {
+    const matmul_ctx *c = arg;
+    const ds_mat *w = c->w;
+    const ds_kernels *k = c->k;
+    const size_t cols = (size_t)w->cols, rows = (size_t)w->rows, n_tok = (size_t)c->n_tok;
+    const size_t esz = ds_dtype_size(w->dtype);
+    size_t chunk = (size_t)X_CHUNK;
+    size_t bc = 0, n_col_blocks = 0;
+    if (w->dtype == DS_F8_E4M3) {
+        bc = (size_t)w->block_cols;
+        n_col_blocks = (cols + bc - 1) / bc;
+        chunk = chunk < bc ? bc : chunk / bc * bc;
+    }
+    if (chunk == 0 || chunk > cols) chunk = cols;
+    size_t b_lo, b_hi;
+    ds_split_range((rows + 3) / 4, thread, n_threads, &b_lo, &b_hi);
+    for (size_t b = b_lo; b < b_hi; b++) {
+        size_t r0 = 4 * b, nr = rows - r0 < 4 ? rows - r0 : 4;
+        size_t rr[4]; /* rows past the end repeat row r0; their outputs are dropped */
+        for (size_t j = 0; j < 4; j++) rr[j] = r0 + (j < nr ? j : 0);
+        for (size_t c0 = 0; c0 < cols; c0 += chunk) {
+            size_t nc = cols - c0 < chunk ? cols - c0 : chunk;
+            const unsigned char *wp[4];
+            for (size_t j = 0; j < 4; j++)
+                wp[j] = (const unsigned char *)w->data + (rr[j] * cols + c0) * esz;
+            if (X_PF == 1) {
+                size_t nb = c0 + chunk < cols ? b : b + 1, nc0 = c0 + chunk < cols ? c0 + chunk : 0;
+                if (nb < b_hi) {
+                    size_t nnc = cols - nc0 < chunk ? cols - nc0 : chunk;
+                    for (size_t r = 4 * nb; r < 4 * nb + 4 && r < rows; r++) {
+                        const char *p = (const char *)w->data + (r * cols + nc0) * esz;
+                        for (size_t o = 0; o < nnc * esz; o += 64) __builtin_prefetch(p + o);
+                    }
+                }
+            } else if (X_PF > 1) {
+                for (size_t j = 0; j < 4; j++) {
+                    const char *p = (const char *)wp[j] + (size_t)X_PF;
+                    for (size_t o = 0; o < nc * esz; o += 64) __builtin_prefetch(p + o);
+                }
+            }
+            const float *sp[4];
+            if (bc)
+                for (size_t j = 0; j < 4; j++)
+                    sp[j] = w->scale + (rr[j] / (size_t)w->block_rows) * n_col_blocks + c0 / bc;
+            for (size_t t = 0; t < n_tok; t++) {
+                const float *xt = c->x + t * cols + c0;
+                float *yt = c->y + t * rows + r0;
+                float out[4];
+                switch (w->dtype) {
+                case DS_BF16:
+                    k->dot4_bf16(xt, (const uint16_t *const *)(const void *)wp, nc, out);
+                    break;
+                case DS_F16:
+                    k->dot4_f16(xt, (const uint16_t *const *)(const void *)wp, nc, out);
+                    break;
+                default:
+                    k->dot4_fp8(xt, (const uint8_t *const *)wp, sp, nc, bc, out);
+                    break;
+                }
+                for (size_t j = 0; j < nr; j++) yt[j] = c0 == 0 ? out[j] : yt[j] + out[j];
+            }
+        }
+    }
+}
+
 void ds_matmul(ds_pool *pool, float *y, const float *x, int64_t n_tok, const ds_mat *w) {
     check_mat(w);
     DS_ASSERT(n_tok >= 0);
@@ -185,8 +258,17 @@ void ds_matmul(ds_pool *pool, float *y, const float *x, int64_t n_tok, const ds_
     }
     /* a NULL pool or a pool of one runs inline on the caller's thread */
     matmul_ctx c = {ds_kernels_get(), w, y, x, n_tok};
+    static int once;
+    if (!once) {
+        once = 1;
+        X_CHUNK = xenv("DSX_CHUNK", X_CHUNK);
+        X_PF = xenv("DSX_PF", X_PF);
+        X_MAXTOK = xenv("DSX_MAXTOK", X_MAXTOK);
+    }
+    void (*fn)(void *, int, int) =
+        w->dtype != DS_F32 && n_tok <= X_MAXTOK ? matmul_fused_thread : matmul_thread;
     if (pool && ds_pool_size(pool) > 1)
-        ds_pool_run(pool, matmul_thread, &c);
+        ds_pool_run(pool, fn, &c);
     else
-        matmul_thread(&c, 0, 1);
+        fn(&c, 0, 1);
 }

@@ -12,8 +12,9 @@
  *     so this part runs in one forked child per table with DS_ISA forcing it.
  *  4. Row ops against double references; the bandwidth probe returns something sane.
  *
- * DS_KERNELS_BENCH=1 also times 4096 x 4096 and 16384 x 4096 matmuls of every dtype at n_tok = 1
- * on one thread against the measured single-thread read bandwidth (validate, then time). */
+ * DS_KERNELS_BENCH=1 also times 4096 x 4096 and 16384 x 4096 matmuls of every dtype at n_tok = 1,
+ * and BF16 / FP8 16384 x 4096 at n_tok = 2..8, on one and on two threads, against the read
+ * bandwidth measured with the same pool (validate, then time). */
 #include "kernels/kernels.h"
 #include "testutil.h"
 
@@ -544,41 +545,55 @@ static void test_row_ops(void) {
     free(o2);
 }
 
-static void bench(void) {
-    ds_pool *p1 = ds_pool_open(1);
-    if (!p1) return;
-    double bw = ds_measure_read_bandwidth(p1, (size_t)512 << 20);
-    printf("bench: read bandwidth, 1 thread: %.2f GB/s\n", bw / 1e9);
+/* One timed configuration: best of `iters` calls, reported against the read bandwidth bw. */
+static void bench_one(ds_pool *pool, int n_threads, double bw, ds_dtype dt, int64_t R,
+                      int64_t n_tok) {
     const int64_t C = 4096;
-    const ds_dtype dts[] = {DS_BF16, DS_F16, DS_F8_E4M3, DS_F32};
-    /* 4096 rows: the matrix may sit partly in a large L3; 16384 rows cannot */
-    for (size_t d = 0; d < 8; d++) {
-        const int64_t R = d < 4 ? 4096 : 16384;
-        size_t esz = ds_dtype_size(dts[d % 4]);
-        unsigned char *data = malloc((size_t)(R * C) * esz);
-        for (size_t i = 0; i < (size_t)(R * C) * esz; i++) data[i] = (uint8_t)(rnd64() & 0x3b);
-        static float scale[128 * 32];
-        for (int i = 0; i < 128 * 32; i++) scale[i] = 1e-3f;
-        ds_mat m = {dts[d % 4], R, C, data, scale, 128, 128};
-        float *x = malloc((size_t)C * sizeof(float)), *y = malloc((size_t)R * sizeof(float));
-        fill(x, (size_t)C);
-        double best = 1e30;
-        for (int it = 0; it < 8; it++) {
-            double t0 = ds_now();
-            ds_matmul(p1, y, x, 1, &m);
-            double dt = ds_now() - t0;
-            if (dt < best) best = dt;
-        }
-        double gbs = (double)ds_mat_bytes(&m) / best / 1e9;
-        printf("bench: ds_matmul %s %lldx%lld n_tok=1, 1 thread, %s: %.2f ms, %.2f GB/s of "
-               "weights (%.0f%% of read bandwidth), %.2f GFLOP/s\n",
-               ds_dtype_name(dts[d % 4]), (long long)R, (long long)C, ds_kernels_get()->name,
-               best * 1e3, gbs, 100.0 * gbs * 1e9 / bw, 2.0 * (double)(R * C) / best / 1e9);
-        free(data);
-        free(x);
-        free(y);
+    size_t esz = ds_dtype_size(dt);
+    unsigned char *data = malloc((size_t)(R * C) * esz);
+    for (size_t i = 0; i < (size_t)(R * C) * esz; i++) data[i] = (uint8_t)(rnd64() & 0x3b);
+    static float scale[128 * 32];
+    for (int i = 0; i < 128 * 32; i++) scale[i] = 1e-3f;
+    ds_mat m = {dt, R, C, data, scale, 128, 128};
+    float *x = malloc((size_t)(n_tok * C) * sizeof(float));
+    float *y = malloc((size_t)(n_tok * R) * sizeof(float));
+    fill(x, (size_t)(n_tok * C));
+    double best = 1e30;
+    for (int it = 0; it < 10; it++) {
+        double t0 = ds_now();
+        ds_matmul(pool, y, x, n_tok, &m);
+        double dti = ds_now() - t0;
+        if (dti < best) best = dti;
     }
-    ds_pool_close(p1);
+    double gbs = (double)ds_mat_bytes(&m) / best / 1e9;
+    printf("bench: ds_matmul %-7s %5lldx%lld n_tok=%lld, %d thread%s, %s: %7.2f ms, %6.2f GB/s of "
+           "weights (%3.0f%% of read bandwidth), %.2f GFLOP/s\n",
+           ds_dtype_name(dt), (long long)R, (long long)C, (long long)n_tok, n_threads,
+           n_threads > 1 ? "s" : "", ds_kernels_get()->name, best * 1e3, gbs,
+           100.0 * gbs * 1e9 / bw, 2.0 * (double)(R * C * n_tok) / best / 1e9);
+    free(data);
+    free(x);
+    free(y);
+}
+
+static void bench(void) {
+    const ds_dtype dts[] = {DS_BF16, DS_F8_E4M3, DS_F16, DS_F32};
+    const int64_t toks[] = {1, 2, 3, 4, 8};
+    for (int nth = 1; nth <= 2; nth++) {
+        ds_pool *pool = ds_pool_open(nth);
+        if (!pool) return;
+        double bw = ds_measure_read_bandwidth(pool, (size_t)512 << 20);
+        printf("bench: read bandwidth, %d thread%s: %.2f GB/s\n", nth, nth > 1 ? "s" : "",
+               bw / 1e9);
+        /* 4096 rows: the matrix may sit partly in a large L3; 16384 rows cannot */
+        for (size_t d = 0; d < 4; d++)
+            for (int64_t R = 4096; R <= 16384; R *= 4) bench_one(pool, nth, bw, dts[d], R, 1);
+        /* small batches, where the fused and the tiled paths meet */
+        for (size_t d = 0; d < 2; d++)
+            for (size_t t = 1; t < sizeof toks / sizeof toks[0]; t++)
+                bench_one(pool, nth, bw, dts[d], 16384, toks[t]);
+        ds_pool_close(pool);
+    }
 }
 
 int main(void) {
