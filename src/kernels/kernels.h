@@ -42,6 +42,14 @@ typedef struct ds_kernels {
      * the scales of row r's blocks (the row's entry of weight_scale_inv), possibly unaligned. */
     void (*dot4_fp8)(const float *x, const uint8_t *const w[4], const float *const scale[4],
                      size_t n, size_t block, float out[4]);
+    /* The same for two tokens against the same four rows, so each weight is decoded once for
+     * both: out[r] is the dot with x0, out[4 + r] the dot with x1. */
+    void (*dot4x2_bf16)(const float *x0, const float *x1, const uint16_t *const w[4], size_t n,
+                        float out[8]);
+    void (*dot4x2_f16)(const float *x0, const float *x1, const uint16_t *const w[4], size_t n,
+                       float out[8]);
+    void (*dot4x2_fp8)(const float *x0, const float *x1, const uint8_t *const w[4],
+                       const float *const scale[4], size_t n, size_t block, float out[8]);
 } ds_kernels;
 
 /* The table for this machine, selected on first call (thread-safe). */
@@ -93,7 +101,8 @@ double ds_measure_read_bandwidth(ds_pool *pool, size_t bytes);
 /* f32 -> FP8 E4M3FN bits, round-to-nearest-even; saturates to +-448 (0x7E / 0xFE) and never
  * returns the NaN codes 0x7F / 0xFF (a NaN input gives +0, an infinity +-448). */
 uint8_t ds_f32_to_e4m3(float x);
-/* f32 -> BF16 bits, round-to-nearest-even (overflow to +-inf as IEEE does; NaN stays a quiet NaN). */
+/* f32 -> BF16 bits, round-to-nearest-even (overflow to +-inf as IEEE does; NaN stays a quiet NaN).
+ */
 uint16_t ds_f32_to_bf16(float x);
 
 #endif

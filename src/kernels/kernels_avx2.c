@@ -175,41 +175,41 @@ static inline __m256 ld_fp8_tail(const uint8_t *p, size_t r) {
     return ld_fp8x8(buf);
 }
 
-#define DOT4_BODY(LD, LDT, x, w0, w1, w2, w3, n)                                                 \
-    do {                                                                                         \
-        size_t i = 0;                                                                            \
-        for (; i + 16 <= (n); i += 16) {                                                         \
-            __m256 xa = _mm256_loadu_ps((x) + i), xb = _mm256_loadu_ps((x) + i + 8);             \
-            a0 = _mm256_fmadd_ps(xa, LD((w0) + i), a0);                                          \
-            a1 = _mm256_fmadd_ps(xa, LD((w1) + i), a1);                                          \
-            a2 = _mm256_fmadd_ps(xa, LD((w2) + i), a2);                                          \
-            a3 = _mm256_fmadd_ps(xa, LD((w3) + i), a3);                                          \
-            b0 = _mm256_fmadd_ps(xb, LD((w0) + i + 8), b0);                                      \
-            b1 = _mm256_fmadd_ps(xb, LD((w1) + i + 8), b1);                                      \
-            b2 = _mm256_fmadd_ps(xb, LD((w2) + i + 8), b2);                                      \
-            b3 = _mm256_fmadd_ps(xb, LD((w3) + i + 8), b3);                                      \
-        }                                                                                        \
-        if (i + 8 <= (n)) {                                                                      \
-            __m256 xa = _mm256_loadu_ps((x) + i);                                                \
-            a0 = _mm256_fmadd_ps(xa, LD((w0) + i), a0);                                          \
-            a1 = _mm256_fmadd_ps(xa, LD((w1) + i), a1);                                          \
-            a2 = _mm256_fmadd_ps(xa, LD((w2) + i), a2);                                          \
-            a3 = _mm256_fmadd_ps(xa, LD((w3) + i), a3);                                          \
-            i += 8;                                                                              \
-        }                                                                                        \
-        if (i < (n)) {                                                                           \
-            size_t r_ = (n) - i;                                                                 \
-            __m256 xb = _mm256_maskload_ps((x) + i, tail_mask(r_));                              \
-            b0 = _mm256_fmadd_ps(xb, LDT((w0) + i, r_), b0);                                     \
-            b1 = _mm256_fmadd_ps(xb, LDT((w1) + i, r_), b1);                                     \
-            b2 = _mm256_fmadd_ps(xb, LDT((w2) + i, r_), b2);                                     \
-            b3 = _mm256_fmadd_ps(xb, LDT((w3) + i, r_), b3);                                     \
-        }                                                                                        \
+#define DOT4_BODY(LD, LDT, x, w0, w1, w2, w3, n)                                                   \
+    do {                                                                                           \
+        size_t i = 0;                                                                              \
+        for (; i + 16 <= (n); i += 16) {                                                           \
+            __m256 xa = _mm256_loadu_ps((x) + i), xb = _mm256_loadu_ps((x) + i + 8);               \
+            a0 = _mm256_fmadd_ps(xa, LD((w0) + i), a0);                                            \
+            a1 = _mm256_fmadd_ps(xa, LD((w1) + i), a1);                                            \
+            a2 = _mm256_fmadd_ps(xa, LD((w2) + i), a2);                                            \
+            a3 = _mm256_fmadd_ps(xa, LD((w3) + i), a3);                                            \
+            b0 = _mm256_fmadd_ps(xb, LD((w0) + i + 8), b0);                                        \
+            b1 = _mm256_fmadd_ps(xb, LD((w1) + i + 8), b1);                                        \
+            b2 = _mm256_fmadd_ps(xb, LD((w2) + i + 8), b2);                                        \
+            b3 = _mm256_fmadd_ps(xb, LD((w3) + i + 8), b3);                                        \
+        }                                                                                          \
+        if (i + 8 <= (n)) {                                                                        \
+            __m256 xa = _mm256_loadu_ps((x) + i);                                                  \
+            a0 = _mm256_fmadd_ps(xa, LD((w0) + i), a0);                                            \
+            a1 = _mm256_fmadd_ps(xa, LD((w1) + i), a1);                                            \
+            a2 = _mm256_fmadd_ps(xa, LD((w2) + i), a2);                                            \
+            a3 = _mm256_fmadd_ps(xa, LD((w3) + i), a3);                                            \
+            i += 8;                                                                                \
+        }                                                                                          \
+        if (i < (n)) {                                                                             \
+            size_t r_ = (n)-i;                                                                     \
+            __m256 xb = _mm256_maskload_ps((x) + i, tail_mask(r_));                                \
+            b0 = _mm256_fmadd_ps(xb, LDT((w0) + i, r_), b0);                                       \
+            b1 = _mm256_fmadd_ps(xb, LDT((w1) + i, r_), b1);                                       \
+            b2 = _mm256_fmadd_ps(xb, LDT((w2) + i, r_), b2);                                       \
+            b3 = _mm256_fmadd_ps(xb, LDT((w3) + i, r_), b3);                                       \
+        }                                                                                          \
     } while (0)
 
-#define ZERO8()                                                                                  \
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),         \
-           a3 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(),         \
+#define ZERO8()                                                                                    \
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),           \
+           a3 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(),           \
            b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps()
 
 static void dot4_bf16_avx2(const float *x, const uint16_t *const w[4], size_t n, float out[4]) {
@@ -258,6 +258,72 @@ static void dot4_fp8_avx2(const float *x, const uint8_t *const w[4], const float
     out[3] = hsum256(t3) * 256.0f;
 }
 
+/* Two tokens: each decoded vector feeds two FMAs, one per token; a[r] collects x0 and c[r] x1
+ * (eight independent chains, one step of 8 columns per iteration). wv[r] points at row r. */
+#define DOT4X2_BODY(LD, LDT, x0, x1, wv, n)                                                        \
+    do {                                                                                           \
+        size_t i = 0;                                                                              \
+        for (; i + 8 <= (n); i += 8) {                                                             \
+            __m256 p = _mm256_loadu_ps((x0) + i), q = _mm256_loadu_ps((x1) + i);                   \
+            for (int r = 0; r < 4; r++) {                                                          \
+                __m256 v = LD((wv)[r] + i);                                                        \
+                a[r] = _mm256_fmadd_ps(p, v, a[r]);                                                \
+                c[r] = _mm256_fmadd_ps(q, v, c[r]);                                                \
+            }                                                                                      \
+        }                                                                                          \
+        if (i < (n)) {                                                                             \
+            size_t r_ = (n)-i;                                                                     \
+            __m256i m_ = tail_mask(r_);                                                            \
+            __m256 p = _mm256_maskload_ps((x0) + i, m_), q = _mm256_maskload_ps((x1) + i, m_);     \
+            for (int r = 0; r < 4; r++) {                                                          \
+                __m256 v = LDT((wv)[r] + i, r_);                                                   \
+                a[r] = _mm256_fmadd_ps(p, v, a[r]);                                                \
+                c[r] = _mm256_fmadd_ps(q, v, c[r]);                                                \
+            }                                                                                      \
+        }                                                                                          \
+    } while (0)
+
+static void dot4x2_bf16_avx2(const float *x0, const float *x1, const uint16_t *const w[4], size_t n,
+                             float out[8]) {
+    __m256 a[4], c[4];
+    for (int r = 0; r < 4; r++) a[r] = c[r] = _mm256_setzero_ps();
+    DOT4X2_BODY(ld_bf16x8, ld_bf16_tail, x0, x1, w, n);
+    for (int r = 0; r < 4; r++) {
+        out[r] = hsum256(a[r]);
+        out[4 + r] = hsum256(c[r]);
+    }
+}
+
+static void dot4x2_f16_avx2(const float *x0, const float *x1, const uint16_t *const w[4], size_t n,
+                            float out[8]) {
+    __m256 a[4], c[4];
+    for (int r = 0; r < 4; r++) a[r] = c[r] = _mm256_setzero_ps();
+    DOT4X2_BODY(ld_f16x8, ld_f16_tail, x0, x1, w, n);
+    for (int r = 0; r < 4; r++) {
+        out[r] = hsum256(a[r]);
+        out[4 + r] = hsum256(c[r]);
+    }
+}
+
+static void dot4x2_fp8_avx2(const float *x0, const float *x1, const uint8_t *const w[4],
+                            const float *const scale[4], size_t n, size_t block, float out[8]) {
+    __m256 t[8];
+    for (int r = 0; r < 8; r++) t[r] = _mm256_setzero_ps();
+    for (size_t k0 = 0, b = 0; k0 < n; k0 += block, b++) {
+        size_t len = n - k0 < block ? n - k0 : block;
+        const uint8_t *const wb[4] = {w[0] + k0, w[1] + k0, w[2] + k0, w[3] + k0};
+        __m256 a[4], c[4];
+        for (int r = 0; r < 4; r++) a[r] = c[r] = _mm256_setzero_ps();
+        DOT4X2_BODY(ld_fp8x8, ld_fp8_tail, x0 + k0, x1 + k0, wb, len);
+        for (int r = 0; r < 4; r++) {
+            __m256 s = _mm256_set1_ps(ld_scale(scale[r], b));
+            t[r] = _mm256_fmadd_ps(a[r], s, t[r]);
+            t[4 + r] = _mm256_fmadd_ps(c[r], s, t[4 + r]);
+        }
+    }
+    for (int r = 0; r < 8; r++) out[r] = hsum256(t[r]) * 256.0f;
+}
+
 static void axpy_f32_avx2(float *y, float a, const float *x, size_t n) {
     const __m256 va = _mm256_set1_ps(a);
     size_t i = 0;
@@ -282,6 +348,9 @@ static const ds_kernels avx2_table = {
     .dot4_bf16 = dot4_bf16_avx2,
     .dot4_f16 = dot4_f16_avx2,
     .dot4_fp8 = dot4_fp8_avx2,
+    .dot4x2_bf16 = dot4x2_bf16_avx2,
+    .dot4x2_f16 = dot4x2_f16_avx2,
+    .dot4x2_fp8 = dot4x2_fp8_avx2,
 };
 
 const ds_kernels *ds_kernels_avx2_table(void) {

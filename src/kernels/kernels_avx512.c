@@ -157,45 +157,44 @@ static inline __m512 ld_fp8x16_m(const uint8_t *p, __mmask16 m) {
 
 /* Accumulates sum_i x[i] * LD(w_r + i) over i < n into a0..a3 (even steps) and b0..b3 (odd
  * steps), the same chain layout as dot4_f32_avx512. */
-#define DOT4_BODY(LD, LDM, x, w0, w1, w2, w3, n)                                                 \
-    do {                                                                                         \
-        size_t i = 0;                                                                            \
-        for (; i + 32 <= (n); i += 32) {                                                         \
-            __m512 xa = _mm512_loadu_ps((x) + i), xb = _mm512_loadu_ps((x) + i + 16);            \
-            a0 = _mm512_fmadd_ps(xa, LD((w0) + i), a0);                                          \
-            a1 = _mm512_fmadd_ps(xa, LD((w1) + i), a1);                                          \
-            a2 = _mm512_fmadd_ps(xa, LD((w2) + i), a2);                                          \
-            a3 = _mm512_fmadd_ps(xa, LD((w3) + i), a3);                                          \
-            b0 = _mm512_fmadd_ps(xb, LD((w0) + i + 16), b0);                                     \
-            b1 = _mm512_fmadd_ps(xb, LD((w1) + i + 16), b1);                                     \
-            b2 = _mm512_fmadd_ps(xb, LD((w2) + i + 16), b2);                                     \
-            b3 = _mm512_fmadd_ps(xb, LD((w3) + i + 16), b3);                                     \
-        }                                                                                        \
-        if (i + 16 <= (n)) {                                                                     \
-            __m512 xa = _mm512_loadu_ps((x) + i);                                                \
-            a0 = _mm512_fmadd_ps(xa, LD((w0) + i), a0);                                          \
-            a1 = _mm512_fmadd_ps(xa, LD((w1) + i), a1);                                          \
-            a2 = _mm512_fmadd_ps(xa, LD((w2) + i), a2);                                          \
-            a3 = _mm512_fmadd_ps(xa, LD((w3) + i), a3);                                          \
-            i += 16;                                                                             \
-        }                                                                                        \
-        if (i < (n)) {                                                                           \
-            __mmask16 m = tail16((n) - i);                                                       \
-            __m512 xb = _mm512_maskz_loadu_ps(m, (x) + i);                                       \
-            b0 = _mm512_fmadd_ps(xb, LDM((w0) + i, m), b0);                                      \
-            b1 = _mm512_fmadd_ps(xb, LDM((w1) + i, m), b1);                                      \
-            b2 = _mm512_fmadd_ps(xb, LDM((w2) + i, m), b2);                                      \
-            b3 = _mm512_fmadd_ps(xb, LDM((w3) + i, m), b3);                                      \
-        }                                                                                        \
+#define DOT4_BODY(LD, LDM, x, w0, w1, w2, w3, n)                                                   \
+    do {                                                                                           \
+        size_t i = 0;                                                                              \
+        for (; i + 32 <= (n); i += 32) {                                                           \
+            __m512 xa = _mm512_loadu_ps((x) + i), xb = _mm512_loadu_ps((x) + i + 16);              \
+            a0 = _mm512_fmadd_ps(xa, LD((w0) + i), a0);                                            \
+            a1 = _mm512_fmadd_ps(xa, LD((w1) + i), a1);                                            \
+            a2 = _mm512_fmadd_ps(xa, LD((w2) + i), a2);                                            \
+            a3 = _mm512_fmadd_ps(xa, LD((w3) + i), a3);                                            \
+            b0 = _mm512_fmadd_ps(xb, LD((w0) + i + 16), b0);                                       \
+            b1 = _mm512_fmadd_ps(xb, LD((w1) + i + 16), b1);                                       \
+            b2 = _mm512_fmadd_ps(xb, LD((w2) + i + 16), b2);                                       \
+            b3 = _mm512_fmadd_ps(xb, LD((w3) + i + 16), b3);                                       \
+        }                                                                                          \
+        if (i + 16 <= (n)) {                                                                       \
+            __m512 xa = _mm512_loadu_ps((x) + i);                                                  \
+            a0 = _mm512_fmadd_ps(xa, LD((w0) + i), a0);                                            \
+            a1 = _mm512_fmadd_ps(xa, LD((w1) + i), a1);                                            \
+            a2 = _mm512_fmadd_ps(xa, LD((w2) + i), a2);                                            \
+            a3 = _mm512_fmadd_ps(xa, LD((w3) + i), a3);                                            \
+            i += 16;                                                                               \
+        }                                                                                          \
+        if (i < (n)) {                                                                             \
+            __mmask16 m = tail16((n)-i);                                                           \
+            __m512 xb = _mm512_maskz_loadu_ps(m, (x) + i);                                         \
+            b0 = _mm512_fmadd_ps(xb, LDM((w0) + i, m), b0);                                        \
+            b1 = _mm512_fmadd_ps(xb, LDM((w1) + i, m), b1);                                        \
+            b2 = _mm512_fmadd_ps(xb, LDM((w2) + i, m), b2);                                        \
+            b3 = _mm512_fmadd_ps(xb, LDM((w3) + i, m), b3);                                        \
+        }                                                                                          \
     } while (0)
 
-#define ZERO8()                                                                                  \
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),         \
-           a3 = _mm512_setzero_ps(), b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps(),         \
+#define ZERO8()                                                                                    \
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),           \
+           a3 = _mm512_setzero_ps(), b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps(),           \
            b2 = _mm512_setzero_ps(), b3 = _mm512_setzero_ps()
 
-static void dot4_bf16_avx512(const float *x, const uint16_t *const w[4], size_t n,
-                             float out[4]) {
+static void dot4_bf16_avx512(const float *x, const uint16_t *const w[4], size_t n, float out[4]) {
     ZERO8();
     DOT4_BODY(ld_bf16x16, ld_bf16x16_m, x, w[0], w[1], w[2], w[3], n);
     out[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0));
@@ -241,6 +240,91 @@ static void dot4_fp8_avx512(const float *x, const uint8_t *const w[4], const flo
     out[3] = _mm512_reduce_add_ps(t3) * 256.0f;
 }
 
+/* Two tokens: each decoded vector feeds two FMAs, one per token; a0..a3 collect x0, c0..c3 x1
+ * (eight independent chains, one step of 16 columns per iteration). */
+#define DOT4X2_BODY(LD, LDM, x0, x1, w0, w1, w2, w3, n)                                            \
+    do {                                                                                           \
+        size_t i = 0;                                                                              \
+        for (; i + 16 <= (n); i += 16) {                                                           \
+            __m512 p = _mm512_loadu_ps((x0) + i), q = _mm512_loadu_ps((x1) + i), v;                \
+            v = LD((w0) + i);                                                                      \
+            a0 = _mm512_fmadd_ps(p, v, a0);                                                        \
+            c0 = _mm512_fmadd_ps(q, v, c0);                                                        \
+            v = LD((w1) + i);                                                                      \
+            a1 = _mm512_fmadd_ps(p, v, a1);                                                        \
+            c1 = _mm512_fmadd_ps(q, v, c1);                                                        \
+            v = LD((w2) + i);                                                                      \
+            a2 = _mm512_fmadd_ps(p, v, a2);                                                        \
+            c2 = _mm512_fmadd_ps(q, v, c2);                                                        \
+            v = LD((w3) + i);                                                                      \
+            a3 = _mm512_fmadd_ps(p, v, a3);                                                        \
+            c3 = _mm512_fmadd_ps(q, v, c3);                                                        \
+        }                                                                                          \
+        if (i < (n)) {                                                                             \
+            __mmask16 m = tail16((n)-i);                                                           \
+            __m512 p = _mm512_maskz_loadu_ps(m, (x0) + i), q = _mm512_maskz_loadu_ps(m, (x1) + i); \
+            __m512 v;                                                                              \
+            v = LDM((w0) + i, m);                                                                  \
+            a0 = _mm512_fmadd_ps(p, v, a0);                                                        \
+            c0 = _mm512_fmadd_ps(q, v, c0);                                                        \
+            v = LDM((w1) + i, m);                                                                  \
+            a1 = _mm512_fmadd_ps(p, v, a1);                                                        \
+            c1 = _mm512_fmadd_ps(q, v, c1);                                                        \
+            v = LDM((w2) + i, m);                                                                  \
+            a2 = _mm512_fmadd_ps(p, v, a2);                                                        \
+            c2 = _mm512_fmadd_ps(q, v, c2);                                                        \
+            v = LDM((w3) + i, m);                                                                  \
+            a3 = _mm512_fmadd_ps(p, v, a3);                                                        \
+            c3 = _mm512_fmadd_ps(q, v, c3);                                                        \
+        }                                                                                          \
+    } while (0)
+
+#define ZERO8X2()                                                                                  \
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),           \
+           a3 = _mm512_setzero_ps(), c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps(),           \
+           c2 = _mm512_setzero_ps(), c3 = _mm512_setzero_ps()
+
+static void dot4x2_bf16_avx512(const float *x0, const float *x1, const uint16_t *const w[4],
+                               size_t n, float out[8]) {
+    ZERO8X2();
+    DOT4X2_BODY(ld_bf16x16, ld_bf16x16_m, x0, x1, w[0], w[1], w[2], w[3], n);
+    const __m512 acc[8] = {a0, a1, a2, a3, c0, c1, c2, c3};
+    for (int r = 0; r < 8; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+static void dot4x2_f16_avx512(const float *x0, const float *x1, const uint16_t *const w[4],
+                              size_t n, float out[8]) {
+    ZERO8X2();
+    DOT4X2_BODY(ld_f16x16, ld_f16x16_m, x0, x1, w[0], w[1], w[2], w[3], n);
+    const __m512 acc[8] = {a0, a1, a2, a3, c0, c1, c2, c3};
+    for (int r = 0; r < 8; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+static void dot4x2_fp8_avx512(const float *x0, const float *x1, const uint8_t *const w[4],
+                              const float *const scale[4], size_t n, size_t block, float out[8]) {
+    __m512 t[8];
+    for (int r = 0; r < 8; r++) t[r] = _mm512_setzero_ps();
+    for (size_t k0 = 0, b = 0; k0 < n; k0 += block, b++) {
+        size_t len = n - k0 < block ? n - k0 : block;
+        ZERO8X2();
+        DOT4X2_BODY(ld_fp8x16, ld_fp8x16_m, x0 + k0, x1 + k0, w[0] + k0, w[1] + k0, w[2] + k0,
+                    w[3] + k0, len);
+        const __m512 s0 = _mm512_set1_ps(ld_scale(scale[0], b)),
+                     s1 = _mm512_set1_ps(ld_scale(scale[1], b)),
+                     s2 = _mm512_set1_ps(ld_scale(scale[2], b)),
+                     s3 = _mm512_set1_ps(ld_scale(scale[3], b));
+        t[0] = _mm512_fmadd_ps(a0, s0, t[0]);
+        t[1] = _mm512_fmadd_ps(a1, s1, t[1]);
+        t[2] = _mm512_fmadd_ps(a2, s2, t[2]);
+        t[3] = _mm512_fmadd_ps(a3, s3, t[3]);
+        t[4] = _mm512_fmadd_ps(c0, s0, t[4]);
+        t[5] = _mm512_fmadd_ps(c1, s1, t[5]);
+        t[6] = _mm512_fmadd_ps(c2, s2, t[6]);
+        t[7] = _mm512_fmadd_ps(c3, s3, t[7]);
+    }
+    for (int r = 0; r < 8; r++) out[r] = _mm512_reduce_add_ps(t[r]) * 256.0f;
+}
+
 static void axpy_f32_avx512(float *y, float a, const float *x, size_t n) {
     const __m512 va = _mm512_set1_ps(a);
     size_t i = 0;
@@ -266,6 +350,9 @@ static const ds_kernels avx512_table = {
     .dot4_bf16 = dot4_bf16_avx512,
     .dot4_f16 = dot4_f16_avx512,
     .dot4_fp8 = dot4_fp8_avx512,
+    .dot4x2_bf16 = dot4x2_bf16_avx512,
+    .dot4x2_f16 = dot4x2_f16_avx512,
+    .dot4x2_fp8 = dot4x2_fp8_avx512,
 };
 
 const ds_kernels *ds_kernels_avx512_table(void) {

@@ -66,29 +66,28 @@ static void dot4_f32_scalar(const float *x, const float *const w[4], size_t n, f
 /* The fused kernels below decode each weight on the fly, in the order and with the two-chain
  * accumulation of dot4_f32_scalar: on the same data they give the same sums as decoding a row
  * with bf16_to_f32 / f16_to_f32 first and calling dot4_f32. */
-#define DOT4_DECODED(DECODE)                                                                     \
-    do {                                                                                         \
-        float acc[4][2] = {{0}};                                                                 \
-        size_t i = 0;                                                                            \
-        for (; i + 2 <= n; i += 2) {                                                             \
-            float x0 = ld_f32(x, i), x1 = ld_f32(x, i + 1);                                      \
-            for (int r = 0; r < 4; r++) {                                                        \
-                acc[r][0] += x0 * DECODE(w[r], i);                                               \
-                acc[r][1] += x1 * DECODE(w[r], i + 1);                                           \
-            }                                                                                    \
-        }                                                                                        \
-        if (i < n) {                                                                             \
-            float x0 = ld_f32(x, i);                                                             \
-            for (int r = 0; r < 4; r++) acc[r][0] += x0 * DECODE(w[r], i);                       \
-        }                                                                                        \
-        for (int r = 0; r < 4; r++) out[r] = acc[r][0] + acc[r][1];                              \
+#define DOT4_DECODED(DECODE)                                                                       \
+    do {                                                                                           \
+        float acc[4][2] = {{0}};                                                                   \
+        size_t i = 0;                                                                              \
+        for (; i + 2 <= n; i += 2) {                                                               \
+            float x0 = ld_f32(x, i), x1 = ld_f32(x, i + 1);                                        \
+            for (int r = 0; r < 4; r++) {                                                          \
+                acc[r][0] += x0 * DECODE(w[r], i);                                                 \
+                acc[r][1] += x1 * DECODE(w[r], i + 1);                                             \
+            }                                                                                      \
+        }                                                                                          \
+        if (i < n) {                                                                               \
+            float x0 = ld_f32(x, i);                                                               \
+            for (int r = 0; r < 4; r++) acc[r][0] += x0 * DECODE(w[r], i);                         \
+        }                                                                                          \
+        for (int r = 0; r < 4; r++) out[r] = acc[r][0] + acc[r][1];                                \
     } while (0)
 
 #define LD_BF16(p, i) ds_bf16_decode(ld_u16((p), (i)))
 #define LD_F16(p, i) ds_f16_decode(ld_u16((p), (i)))
 
-static void dot4_bf16_scalar(const float *x, const uint16_t *const w[4], size_t n,
-                             float out[4]) {
+static void dot4_bf16_scalar(const float *x, const uint16_t *const w[4], size_t n, float out[4]) {
     DOT4_DECODED(LD_BF16);
 }
 
@@ -121,6 +120,65 @@ static void dot4_fp8_scalar(const float *x, const uint8_t *const w[4], const flo
     for (int r = 0; r < 4; r++) out[r] = tot[r];
 }
 
+/* Two tokens: the one-token loops above run for x0 and x1 side by side on each decoded weight,
+ * so out[r] and out[4 + r] equal what dot4_<dtype>_scalar gives for x0 and x1 separately. */
+#define DOT4X2_DECODED(DECODE)                                                                     \
+    do {                                                                                           \
+        float acc[8][2] = {{0}};                                                                   \
+        size_t i = 0;                                                                              \
+        for (; i + 2 <= n; i += 2) {                                                               \
+            float p0 = ld_f32(x0, i), p1 = ld_f32(x0, i + 1);                                      \
+            float q0 = ld_f32(x1, i), q1 = ld_f32(x1, i + 1);                                      \
+            for (int r = 0; r < 4; r++) {                                                          \
+                float v0 = DECODE(w[r], i), v1 = DECODE(w[r], i + 1);                              \
+                acc[r][0] += p0 * v0;                                                              \
+                acc[r][1] += p1 * v1;                                                              \
+                acc[4 + r][0] += q0 * v0;                                                          \
+                acc[4 + r][1] += q1 * v1;                                                          \
+            }                                                                                      \
+        }                                                                                          \
+        if (i < n) {                                                                               \
+            float p0 = ld_f32(x0, i), q0 = ld_f32(x1, i);                                          \
+            for (int r = 0; r < 4; r++) {                                                          \
+                float v0 = DECODE(w[r], i);                                                        \
+                acc[r][0] += p0 * v0;                                                              \
+                acc[4 + r][0] += q0 * v0;                                                          \
+            }                                                                                      \
+        }                                                                                          \
+        for (int r = 0; r < 8; r++) out[r] = acc[r][0] + acc[r][1];                                \
+    } while (0)
+
+#define LD_E4M3(p, i) ds_e4m3_decode((p)[i])
+
+/* The unscaled sums of one FP8 block for two tokens. */
+static void dot4x2_fp8_block(const float *x0, const float *x1, const uint8_t *const w[4], size_t n,
+                             float out[8]) {
+    DOT4X2_DECODED(LD_E4M3);
+}
+
+static void dot4x2_bf16_scalar(const float *x0, const float *x1, const uint16_t *const w[4],
+                               size_t n, float out[8]) {
+    DOT4X2_DECODED(LD_BF16);
+}
+
+static void dot4x2_f16_scalar(const float *x0, const float *x1, const uint16_t *const w[4],
+                              size_t n, float out[8]) {
+    DOT4X2_DECODED(LD_F16);
+}
+
+static void dot4x2_fp8_scalar(const float *x0, const float *x1, const uint8_t *const w[4],
+                              const float *const scale[4], size_t n, size_t block, float out[8]) {
+    float tot[8] = {0};
+    for (size_t c0 = 0, b = 0; c0 < n; c0 += block, b++) {
+        size_t len = n - c0 < block ? n - c0 : block;
+        const uint8_t *const wb[4] = {w[0] + c0, w[1] + c0, w[2] + c0, w[3] + c0};
+        float part[8];
+        dot4x2_fp8_block(x0 + c0, x1 + c0, wb, len, part);
+        for (int r = 0; r < 8; r++) tot[r] += part[r] * ld_f32(scale[r % 4], b);
+    }
+    for (int r = 0; r < 8; r++) out[r] = tot[r];
+}
+
 static void axpy_f32_scalar(float *y, float a, const float *x, size_t n) {
     for (size_t i = 0; i < n; i++) st_f32(y, i, ld_f32(y, i) + a * ld_f32(x, i));
 }
@@ -136,6 +194,9 @@ static const ds_kernels scalar_table = {
     .dot4_bf16 = dot4_bf16_scalar,
     .dot4_f16 = dot4_f16_scalar,
     .dot4_fp8 = dot4_fp8_scalar,
+    .dot4x2_bf16 = dot4x2_bf16_scalar,
+    .dot4x2_f16 = dot4x2_f16_scalar,
+    .dot4x2_fp8 = dot4x2_fp8_scalar,
 };
 
 const ds_kernels *ds_kernels_scalar(void) {

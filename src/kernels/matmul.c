@@ -6,35 +6,52 @@
  * memory bandwidth: every weight byte must be read exactly once per call and used by every token
  * of the batch while it is hot.
  *
- * Blocking. Each thread owns a contiguous range of rows (a contiguous slice of the mmap, so the
- * hardware prefetcher sees one stream per thread) and walks it four rows at a time. The four
- * rows are processed in column tiles of MM_TILE (512) columns:
+ * Split. Each thread owns a contiguous range of rows (a contiguous slice of the mmap) and walks
+ * it four rows at a time, so four FMA chains share each load of x. Two paths, chosen per call:
+ *
+ * Fused path (BF16 / F16 / FP8, n_tok <= MM_FUSED_MAX_TOK = 8). The dot kernels read the stored
+ * dtype and widen it in registers (dot4_<dtype>, and dot4x2_<dtype> for two tokens against the
+ * same rows, so a weight is decoded once per token pair). Nothing is written: the earlier
+ * convert-to-scratch-then-dot4 did a store and a reload per weight, and `perf` on the decode of a
+ * BF16 model showed 52% of the time in the conversion and ~30% of the read bandwidth reached.
+ * The rows are cut into chunks of MM_FUSED_CHUNK (1024) columns, and software prefetches run a
+ * fixed 32 KiB ahead through the thread's slice of W (see MM_FUSED_PF_AHEAD), which measured
+ * ~5-20% over leaving it to the hardware prefetcher. Measured on a 2-core Zen 5 VM
+ * (test_kernels' DS_KERNELS_BENCH, 16384 x 4096, n_tok = 1), before -> after: one thread BF16
+ * 13-16 -> 25-27 GB/s and FP8 7-9 -> 21 GB/s (read bandwidth 28-37); two threads BF16 25-26 ->
+ * 38-54 and FP8 13 -> 36-42 GB/s (read bandwidth 35-61; the VM is shared and noisy).
+ * FP8 stays compute-bound (~26 GB/s in L2 on one core: 3 integer ops + a vcvtph2ps per 16
+ * weights), BF16 / F16 are memory-bound. Tables without their own fused kernels (NEON today)
+ * keep the tiled path rather than run the scalar fallbacks.
+ *
+ * Tiled path (F32 always; other dtypes for n_tok > 8). The four rows are processed in column
+ * tiles of MM_TILE (512) columns:
  *   1. the 4 x MM_TILE tile is dequantised to f32 into an 8 KiB scratch on the stack, once per
  *      tile whatever n_tok is, while the next tile is software-prefetched;
- *   2. for every token, dot4 makes one pass over the tile of x[t] that feeds four rows (x is
- *      loaded once per four rows, and four FMA chains run side by side), and the partial sums
- *      are added into y[t, r0..r0+3].
- * Why tiles rather than whole rows: a whole-row scratch (4 x 7168 floats = 112 KiB) lives in L2,
- * and converting from DRAM into L2 measured ~16 GB/s on one Zen core against ~23 GB/s into an
- * L1-sized tile; the tile of x is L1-resident too, which matters once n_tok > 1. Tiles of
- * 256..2048 columns were measured; 512 with prefetching was best, by less than the noise of
- * the shared machine it was measured on. The cost is
- * one extra f32 addition per tile per output, a rounding far below the dot's own.
- * F32 weights are read in place, in the same tiles. Converting to f32 first instead of fusing
- * the decode into the dot product keeps one dot kernel per ISA rather than one per
- * (ISA, dtype) pair; the conversion is paid once per weight and reused by all n_tok tokens. A
- * fused bf16/fp8 dot would save the round trip through L1 (the remaining gap to the read
- * bandwidth at n_tok = 1) and is the next step if decode needs it.
+ *   2. for every token, dot4 makes one pass over the tile of x[t] that feeds four rows, and the
+ *      partial sums are added into y[t, r0..r0+3].
+ * The conversion is paid once per weight and reused by all n_tok tokens, which is what wins for
+ * prefill; at 16 tokens the two paths measured even. Why tiles rather than whole rows: a
+ * whole-row scratch (4 x 7168 floats = 112 KiB) lives in L2, and converting from DRAM into L2
+ * measured ~16 GB/s on one Zen core against ~23 GB/s into an L1-sized tile; the tile of x is
+ * L1-resident too. Tiles of 256..2048 columns were measured; 512 with prefetching was best, by
+ * less than the noise of the shared machine it was measured on. F32 weights are read in place,
+ * in the same tiles. Both paths add one f32 partial sum per tile / chunk per output, a rounding
+ * far below the dot's own.
  *
- * FP8 weights carry one scale per block_rows x block_cols block (128 x 128 in DeepSeek-V3);
- * each row tile is converted segment by segment, each segment with the scale of its block,
- * edge blocks partial. The result is element-exact: fp8 * scale rounded once in f32, the same
- * value the official dequantisation produces.
+ * FP8 weights carry one scale per block_rows x block_cols block (128 x 128 in DeepSeek-V3).
+ * The tiled path converts each row tile segment by segment, each segment with the scale of its
+ * block: element-exact, fp8 * scale rounded once in f32, the same value the official
+ * dequantisation produces. The fused path factors the scale out instead: per block the kernel
+ * sums x * e4m3 (exact e4m3 values) and multiplies the block's vector sums by its scale, one
+ * FMA per row per block. Mathematically the same product; the roundings differ by f32 round-off
+ * (~1e-7 relative), well inside what the golden tests allow. Chunks hold whole blocks.
  *
  * Rows are computed identically whatever the thread count (the split is by whole 4-row blocks
- * and the tile order is fixed), so results do not depend on the pool size. No state outlives a
- * call and the scratch is on each thread's stack, so any number of pools (models) may run
- * matmuls concurrently. */
+ * and the tile / chunk order is fixed), so results do not depend on the pool size; they do
+ * depend on n_tok (path, and pairing in the fused path), by round-off. No state outlives a call
+ * and the scratch is on each thread's stack, so any number of pools (models) may run matmuls
+ * concurrently. */
 #include "kernels/kernels_isa.h"
 
 int ds_mat_dtype_ok(ds_dtype t) {
@@ -175,12 +192,74 @@ static void matmul_thread(void *arg, int thread, int n_threads) {
 }
 
 /* ---- the fused path (few tokens) ---- */
-#include <stdlib.h>
-static int64_t xenv(const char *n, int64_t d) {
-    const char *e = getenv(n);
-    return e && *e ? atoll(e) : d;
+
+/* Up to this many tokens the fused path runs; above it the tiled one. On the 2-core Zen VM,
+ * 16384 x 7168, 2 threads: fused (pairs through dot4x2) beat tiled by ~1.3-1.6x at n_tok = 1..4,
+ * by ~1.2x at 6 and 8, and tied at 16 (tiled f32 dot4 has become as fast per token as decoding
+ * once per token pair), so the crossover is somewhere past 8. */
+#define MM_FUSED_MAX_TOK 8
+/* Columns per fused call (rounded to a whole number of FP8 blocks): 4 rows x 1024 BF16 is 8 KiB,
+ * so for n_tok > 2 the later token pairs re-read the weights from L1; the tile of each x[t]
+ * (4 KiB) stays in L1 as well. 512 / 2048 / whole rows measured no better at n_tok = 1, and FP8
+ * with one call per 128-column block was ~25% slower (per-call and reduction overhead). */
+#define MM_FUSED_CHUNK 1024
+/* Software prefetch distance of the fused path, in bytes of the thread's slice of W. While
+ * the kernel runs, the hardware prefetcher alone let the miss queue run dry at chunk and block
+ * boundaries. Measured against prefetching "the next chunk" (2 threads): equal on 4096- and
+ * 7168-column matrices, ~20% faster on 1024-column ones (129280 x 1024, the medium test model's
+ * lm_head), where the next block is only 8 KiB ahead. 16..64 KiB were alike; 8 KiB was worse. */
+#define MM_FUSED_PF_AHEAD (32 * 1024)
+
+/* Whether table k has its own fused kernels for this dtype. The scalar fallbacks that complete a
+ * partial SIMD table (NEON today) would be far slower than that table's conversion + dot4 tiles,
+ * so such a table keeps the tiled path. The scalar table itself may run either; fused is used. */
+static int fused_native(const ds_kernels *k, ds_dtype t) {
+    const ds_kernels *s = ds_kernels_scalar();
+    if (strcmp(k->name, s->name) == 0) return 1;
+    switch (t) {
+    case DS_BF16:
+        return k->dot4_bf16 != s->dot4_bf16 && k->dot4x2_bf16 != s->dot4x2_bf16;
+    case DS_F16:
+        return k->dot4_f16 != s->dot4_f16 && k->dot4x2_f16 != s->dot4x2_f16;
+    case DS_F8_E4M3:
+        return k->dot4_fp8 != s->dot4_fp8 && k->dot4x2_fp8 != s->dot4x2_fp8;
+    default:
+        return 0;
+    }
 }
-static int64_t X_CHUNK = 1024, X_PF = 0, X_MAXTOK = 4;
+
+/* One fused call: the partial sums of columns [c0, c0 + nc) of the four rows wp (stored bytes,
+ * already offset to c0) for tokens t (and t + 1 when pair), into out[0..3] (and out[4..7]). */
+static void fused_call(const ds_kernels *k, ds_dtype dt, const float *x0, const float *x1,
+                       const unsigned char *const wp[4], const float *const sp[4], size_t nc,
+                       size_t bc, float out[8]) {
+    const uint16_t *w16[4];
+    const uint8_t *w8[4];
+    for (int j = 0; j < 4; j++) {
+        w16[j] = (const uint16_t *)(const void *)wp[j]; /* kernels accept unaligned pointers */
+        w8[j] = wp[j];
+    }
+    switch (dt) {
+    case DS_BF16:
+        if (x1)
+            k->dot4x2_bf16(x0, x1, w16, nc, out);
+        else
+            k->dot4_bf16(x0, w16, nc, out);
+        break;
+    case DS_F16:
+        if (x1)
+            k->dot4x2_f16(x0, x1, w16, nc, out);
+        else
+            k->dot4_f16(x0, w16, nc, out);
+        break;
+    default: /* DS_F8_E4M3 */
+        if (x1)
+            k->dot4x2_fp8(x0, x1, w8, sp, nc, bc, out);
+        else
+            k->dot4_fp8(x0, w8, sp, nc, bc, out);
+        break;
+    }
+}
 
 static void matmul_fused_thread(void *arg, int thread, int n_threads) {
     const matmul_ctx *c = arg;
@@ -188,60 +267,46 @@ static void matmul_fused_thread(void *arg, int thread, int n_threads) {
     const ds_kernels *k = c->k;
     const size_t cols = (size_t)w->cols, rows = (size_t)w->rows, n_tok = (size_t)c->n_tok;
     const size_t esz = ds_dtype_size(w->dtype);
-    size_t chunk = (size_t)X_CHUNK;
-    size_t bc = 0, n_col_blocks = 0;
-    if (w->dtype == DS_F8_E4M3) {
+    size_t chunk = MM_FUSED_CHUNK, bc = 0, n_col_blocks = 0;
+    if (w->dtype == DS_F8_E4M3) { /* chunks of whole scale blocks: the kernel starts a block at 0 */
         bc = (size_t)w->block_cols;
         n_col_blocks = (cols + bc - 1) / bc;
         chunk = chunk < bc ? bc : chunk / bc * bc;
     }
-    if (chunk == 0 || chunk > cols) chunk = cols;
-    size_t b_lo, b_hi;
+    if (chunk > cols) chunk = cols;
+    size_t b_lo, b_hi; /* in blocks of 4 rows */
     ds_split_range((rows + 3) / 4, thread, n_threads, &b_lo, &b_hi);
+
+    /* byte offsets into W: this thread's slice is [4 b_lo cols esz, end); prefetched up to pf */
+    size_t pf = 4 * b_lo * cols * esz, end = (4 * b_hi < rows ? 4 * b_hi : rows) * cols * esz;
     for (size_t b = b_lo; b < b_hi; b++) {
         size_t r0 = 4 * b, nr = rows - r0 < 4 ? rows - r0 : 4;
-        size_t rr[4]; /* rows past the end repeat row r0; their outputs are dropped */
+        size_t rr[4]; /* a tail block repeats row r0 in the missing slots; those sums are dropped */
         for (size_t j = 0; j < 4; j++) rr[j] = r0 + (j < nr ? j : 0);
         for (size_t c0 = 0; c0 < cols; c0 += chunk) {
             size_t nc = cols - c0 < chunk ? cols - c0 : chunk;
+            /* the thread's rows are one contiguous byte range, walked block by block: keep the
+             * prefetches MM_FUSED_PF_AHEAD bytes ahead of the end of this chunk's share of it */
+            size_t target = (r0 * cols + 4 * (c0 + nc)) * esz + MM_FUSED_PF_AHEAD;
+            if (target > end) target = end;
+            for (; pf < target; pf += 64) __builtin_prefetch((const char *)w->data + pf);
             const unsigned char *wp[4];
-            for (size_t j = 0; j < 4; j++)
+            const float *sp[4] = {NULL, NULL, NULL, NULL};
+            for (size_t j = 0; j < 4; j++) {
                 wp[j] = (const unsigned char *)w->data + (rr[j] * cols + c0) * esz;
-            if (X_PF == 1) {
-                size_t nb = c0 + chunk < cols ? b : b + 1, nc0 = c0 + chunk < cols ? c0 + chunk : 0;
-                if (nb < b_hi) {
-                    size_t nnc = cols - nc0 < chunk ? cols - nc0 : chunk;
-                    for (size_t r = 4 * nb; r < 4 * nb + 4 && r < rows; r++) {
-                        const char *p = (const char *)w->data + (r * cols + nc0) * esz;
-                        for (size_t o = 0; o < nnc * esz; o += 64) __builtin_prefetch(p + o);
-                    }
-                }
-            } else if (X_PF > 1) {
-                for (size_t j = 0; j < 4; j++) {
-                    const char *p = (const char *)wp[j] + (size_t)X_PF;
-                    for (size_t o = 0; o < nc * esz; o += 64) __builtin_prefetch(p + o);
-                }
+                if (bc) sp[j] = w->scale + (rr[j] / (size_t)w->block_rows) * n_col_blocks + c0 / bc;
             }
-            const float *sp[4];
-            if (bc)
-                for (size_t j = 0; j < 4; j++)
-                    sp[j] = w->scale + (rr[j] / (size_t)w->block_rows) * n_col_blocks + c0 / bc;
-            for (size_t t = 0; t < n_tok; t++) {
-                const float *xt = c->x + t * cols + c0;
-                float *yt = c->y + t * rows + r0;
-                float out[4];
-                switch (w->dtype) {
-                case DS_BF16:
-                    k->dot4_bf16(xt, (const uint16_t *const *)(const void *)wp, nc, out);
-                    break;
-                case DS_F16:
-                    k->dot4_f16(xt, (const uint16_t *const *)(const void *)wp, nc, out);
-                    break;
-                default:
-                    k->dot4_fp8(xt, (const uint8_t *const *)wp, sp, nc, bc, out);
-                    break;
+            /* tokens in pairs (each weight decoded once per pair), an odd one alone */
+            for (size_t t = 0; t < n_tok; t += 2) {
+                size_t nt = n_tok - t < 2 ? 1 : 2;
+                const float *x0 = c->x + t * cols + c0, *x1 = nt == 2 ? x0 + cols : NULL;
+                float out[8];
+                fused_call(k, w->dtype, x0, x1, wp, sp, nc, bc, out);
+                for (size_t u = 0; u < nt; u++) {
+                    float *yt = c->y + (t + u) * rows + r0;
+                    for (size_t j = 0; j < nr; j++)
+                        yt[j] = c0 == 0 ? out[4 * u + j] : yt[j] + out[4 * u + j];
                 }
-                for (size_t j = 0; j < nr; j++) yt[j] = c0 == 0 ? out[j] : yt[j] + out[j];
             }
         }
     }
@@ -258,15 +323,10 @@ void ds_matmul(ds_pool *pool, float *y, const float *x, int64_t n_tok, const ds_
     }
     /* a NULL pool or a pool of one runs inline on the caller's thread */
     matmul_ctx c = {ds_kernels_get(), w, y, x, n_tok};
-    static int once;
-    if (!once) {
-        once = 1;
-        X_CHUNK = xenv("DSX_CHUNK", X_CHUNK);
-        X_PF = xenv("DSX_PF", X_PF);
-        X_MAXTOK = xenv("DSX_MAXTOK", X_MAXTOK);
-    }
-    void (*fn)(void *, int, int) =
-        w->dtype != DS_F32 && n_tok <= X_MAXTOK ? matmul_fused_thread : matmul_thread;
+    /* few tokens: stream the stored weights through the fused kernels; more: tiles of f32 */
+    ds_pool_fn fn = matmul_thread;
+    if (w->dtype != DS_F32 && n_tok <= MM_FUSED_MAX_TOK && fused_native(c.k, w->dtype))
+        fn = matmul_fused_thread;
     if (pool && ds_pool_size(pool) > 1)
         ds_pool_run(pool, fn, &c);
     else

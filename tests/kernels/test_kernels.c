@@ -4,11 +4,14 @@
  *     scalar is the oracle for the rest, so it is checked against something that is not itself.
  *  2. Every table this machine can run (scalar, avx2, avx512, neon) against scalar: conversions
  *     bit-exact over all 65536 / 256 patterns and on odd lengths with unaligned pointers and a
- *     canary past the end; dot / dot4 / axpy within a tolerance scaled by sum |a*b|.
+ *     canary past the end; dot / dot4 / axpy within a tolerance scaled by sum |a*b|; the fused
+ *     decode + dot kernels (one and two tokens, FP8 with per-block scales) against a double dot
+ *     of the decoded weights and against scalar, rows in exact-size allocations.
  *  3. ds_matmul for F32 / BF16 / F16 / F8_E4M3 against a double-precision product with the
  *     dequantised matrix, on shapes that are not multiples of 4 or of the FP8 block and with a
  *     different scale in every block (so a wrong block index changes the answer), for pools of
- *     1 and 3 threads. ds_matmul always uses ds_kernels_get(), which is fixed once per process,
+ *     1 and 3 threads, at n_tok 1..5 (the fused path) and 17 (the tiled one). ds_matmul always
+ *     uses ds_kernels_get(), which is fixed once per process,
  *     so this part runs in one forked child per table with DS_ISA forcing it.
  *  4. Row ops against double references; the bandwidth probe returns something sane.
  *
@@ -282,6 +285,135 @@ static void test_dot(const ds_kernels *k) {
     free(buf);
 }
 
+/* The fused decode + dot kernels (dot4_<dtype>, dot4x2_<dtype>) against a double-precision dot
+ * with the decoded weights and against scalar, on odd lengths. Every row and x lives in its own
+ * allocation of exactly the bytes it needs, at an offset off any SIMD boundary, so a read past
+ * the end is caught by ASan and an alignment assumption by a fault. FP8 runs several block
+ * widths with a different scale per block and row, and rows that sit in different row-blocks. */
+static uint16_t rnd_f16_bits(void);
+
+typedef struct {
+    void *raw[4];
+    const void *w[4]; /* the rows, at raw + one element */
+} fused_rows;
+
+static void fused_rows_make(fused_rows *f, size_t n, size_t esz, int dtype_kind) {
+    for (int r = 0; r < 4; r++) {
+        unsigned char *p = malloc((n + 1) * esz);
+        f->raw[r] = p;
+        f->w[r] = p + esz;
+        for (size_t i = 0; i < n; i++) {
+            if (dtype_kind == 0) { /* bf16 of a value in [-1, 1] */
+                uint16_t h = (uint16_t)(fbits(rnd_uniform(-1, 1)) >> 16);
+                memcpy(p + esz * (1 + i), &h, 2);
+            } else if (dtype_kind == 1) {
+                uint16_t h = rnd_f16_bits();
+                memcpy(p + esz * (1 + i), &h, 2);
+            } else {
+                uint8_t b = (uint8_t)rnd64();
+                if (e4m3_is_nan(b)) b ^= 1; /* SIMD tables need not keep NaN codes */
+                p[1 + i] = b;
+            }
+        }
+    }
+}
+
+static void fused_rows_free(fused_rows *f) {
+    for (int r = 0; r < 4; r++) free(f->raw[r]);
+}
+
+/* Decoded element i of row r as a double. */
+static double fused_elem(const fused_rows *f, int kind, int r, size_t i) {
+    if (kind == 2) return ref_e4m3(((const uint8_t *)f->w[r])[i]);
+    uint16_t h;
+    memcpy(&h, (const unsigned char *)f->w[r] + 2 * i, 2);
+    return kind == 0 ? ref_bf16(h) : ref_f16(h);
+}
+
+static void test_fused(const ds_kernels *k) {
+    const ds_kernels *s = ds_kernels_scalar();
+    static const char *const kind_name[3] = {"bf16", "f16", "fp8"};
+    for (size_t si = 0; si < N_SIZES; si++) {
+        size_t n = sizes[si];
+        float *xraw0 = malloc((n + 1) * sizeof(float)), *xraw1 = malloc((n + 1) * sizeof(float));
+        const float *x[2] = {xraw0 + 1, xraw1 + 1};
+        fill(xraw0 + 1, n);
+        fill(xraw1 + 1, n);
+        for (int kind = 0; kind < 3; kind++) {
+            fused_rows f;
+            fused_rows_make(&f, n, kind == 2 ? 1 : 2, kind);
+            /* FP8: block widths that cut n into several full blocks and a partial one, or one */
+            const size_t blocks[] = {128, 7, 1, n + 5};
+            size_t n_blocks_try = kind == 2 ? 4 : 1;
+            for (size_t bi = 0; bi < n_blocks_try; bi++) {
+                size_t block = blocks[bi], nb = (n + block - 1) / block;
+                float *sraw[4];
+                const float *sc[4];
+                for (int r = 0; r < 4; r++) {
+                    sraw[r] = malloc((nb + 1) * sizeof(float));
+                    for (size_t j = 0; j < nb; j++)
+                        sraw[r][1 + j] = 1e-3f * (float)(1 + r + 4 * j) * (j % 2 ? -1.75f : 1.0f);
+                    sc[r] = sraw[r] + 1;
+                }
+                float got[8], want[8], got1[8], want1[8];
+                if (kind == 2) {
+                    const uint8_t *const w8[4] = {f.w[0], f.w[1], f.w[2], f.w[3]};
+                    k->dot4x2_fp8(x[0], x[1], w8, sc, n, block, got);
+                    s->dot4x2_fp8(x[0], x[1], w8, sc, n, block, want);
+                    k->dot4_fp8(x[0], w8, sc, n, block, got1);
+                    k->dot4_fp8(x[1], w8, sc, n, block, got1 + 4);
+                    s->dot4_fp8(x[0], w8, sc, n, block, want1);
+                    s->dot4_fp8(x[1], w8, sc, n, block, want1 + 4);
+                } else {
+                    const uint16_t *const w16[4] = {f.w[0], f.w[1], f.w[2], f.w[3]};
+                    void (*kx2)(const float *, const float *, const uint16_t *const[4], size_t,
+                                float[8]) = kind == 0 ? k->dot4x2_bf16 : k->dot4x2_f16;
+                    void (*sx2)(const float *, const float *, const uint16_t *const[4], size_t,
+                                float[8]) = kind == 0 ? s->dot4x2_bf16 : s->dot4x2_f16;
+                    void (*k1)(const float *, const uint16_t *const[4], size_t, float[4]) =
+                        kind == 0 ? k->dot4_bf16 : k->dot4_f16;
+                    void (*s1)(const float *, const uint16_t *const[4], size_t, float[4]) =
+                        kind == 0 ? s->dot4_bf16 : s->dot4_f16;
+                    kx2(x[0], x[1], w16, n, got);
+                    sx2(x[0], x[1], w16, n, want);
+                    k1(x[0], w16, n, got1);
+                    k1(x[1], w16, n, got1 + 4);
+                    s1(x[0], w16, n, want1);
+                    s1(x[1], w16, n, want1 + 4);
+                }
+                int bad = 0;
+                double worst = 0;
+                for (int o = 0; o < 8; o++) {
+                    int t = o / 4, r = o % 4;
+                    double ref = 0, sabs = 0;
+                    for (size_t i = 0; i < n; i++) {
+                        double sv = kind == 2 ? sc[r][i / block] : 1.0;
+                        double pr = (double)x[t][i] * fused_elem(&f, kind, r, i) * sv;
+                        ref += pr;
+                        sabs += fabs(pr);
+                    }
+                    double tol = DOT_RTOL * (sabs > 0 ? sabs : 1);
+                    const float *vals[4] = {got, want, got1, want1};
+                    for (int v = 0; v < 4; v++) {
+                        double e = fabs(vals[v][o] - ref);
+                        if (e / (sabs > 0 ? sabs : 1) > worst) worst = e / (sabs > 0 ? sabs : 1);
+                        bad += !(e <= tol);
+                    }
+                    bad += !(fabs(got[o] - want[o]) <= 2 * tol);
+                    /* scalar's pair kernel is the one-token kernel run twice, bit for bit */
+                    bad += fbits(want[o]) != fbits(want1[o]);
+                }
+                CHECK_MSG(bad == 0, "%s fused %s n=%zu block=%zu: %d wrong (worst rel err %.3g)",
+                          k->name, kind_name[kind], n, block, bad, worst);
+                for (int r = 0; r < 4; r++) free(sraw[r]);
+            }
+            fused_rows_free(&f);
+        }
+        free(xraw0);
+        free(xraw1);
+    }
+}
+
 /* ---- 3. matmul ---- */
 typedef struct {
     int64_t rows, cols, block_rows, block_cols;
@@ -295,7 +427,7 @@ typedef struct {
     float *deq;         /* [rows, cols] the reference dequantisation */
 } test_mat;
 
-static uint16_t rnd_f16_bits(void) {
+static uint16_t rnd_f16_bits(void) { /* finite: no inf / NaN */
     uint16_t sign = (uint16_t)((rnd64() & 1) << 15), m = (uint16_t)(rnd64() & 0x3ff);
     /* exponents 0 (subnormals) and 5..16: values up to ~4, no inf / NaN */
     uint16_t e = (rnd64() % 8 == 0) ? 0 : (uint16_t)(5 + rnd64() % 12);
@@ -380,8 +512,9 @@ static void check_rows(const test_mat *t, const char *what) {
 
 static void check_matmul(const test_mat *t, ds_pool *p1, ds_pool *p3, const char *what) {
     int64_t rows = t->m.rows, cols = t->m.cols;
-    const int64_t toks[] = {1, 5, 17};
-    for (size_t ti = 0; ti < 3; ti++) {
+    /* 1..5: the fused path for BF16 / F16 / FP8 (single tokens and pairs), 17: the tiled one */
+    const int64_t toks[] = {1, 2, 3, 4, 5, 17};
+    for (size_t ti = 0; ti < sizeof toks / sizeof toks[0]; ti++) {
         int64_t nt = toks[ti];
         float *x = malloc((size_t)(nt * cols) * sizeof(float));
         float *y1 = malloc((size_t)(nt * rows + 1) * sizeof(float));
@@ -624,9 +757,12 @@ int main(void) {
         CHECK(strcmp(k->name, isas[i]) == 0);
         CHECK(k->bf16_to_f32 && k->f16_to_f32 && k->fp8_to_f32 && k->dot_f32 && k->dot4_f32 &&
               k->axpy_f32);
+        CHECK(k->dot4_bf16 && k->dot4_f16 && k->dot4_fp8 && k->dot4x2_bf16 && k->dot4x2_f16 &&
+              k->dot4x2_fp8);
         test_conversions(k);
         test_dot(k);
-        printf("table %s: conversions, dot, dot4, axpy checked\n", k->name);
+        test_fused(k);
+        printf("table %s: conversions, dot, dot4, axpy, fused dot4 / dot4x2 checked\n", k->name);
     }
     CHECK(ds_kernels_for("bogus") == NULL && ds_kernels_for(NULL) == NULL);
     /* DS_ISA may be set for this run: then that table, when it exists here */
