@@ -99,7 +99,7 @@ static int read_rope_scaling(cfg_src *s, ds_config *c) {
     if (isnan(c->yarn_factor) || c->yarn_factor <= 0)
         return ds_err_set(DS_ERR_MISSING, "%s: rope_scaling.factor missing or not positive",
                           s->label);
-    if (isnan(orig) || orig < 1 || orig != floor(orig))
+    if (isnan(orig) || orig < 1 || orig > 1e15 || orig != floor(orig))
         return ds_err_set(DS_ERR_MISSING,
                           "%s: rope_scaling.original_max_position_embeddings missing or invalid",
                           s->label);

@@ -98,6 +98,11 @@ static void test_refusals(void) {
                  "unsupported rope_scaling type \"linear\"");
     expect_error("rope_scaling", "{\"type\":\"yarn\",\"original_max_position_embeddings\":64}",
                  DS_ERR_MISSING, "rope_scaling.factor");
+    /* Found by the fuzzer: a huge float must not be converted to an integer. */
+    expect_error("rope_scaling",
+                 "{\"type\":\"yarn\",\"factor\":4,\"original_max_position_embeddings\":"
+                 "1e21}",
+                 DS_ERR_MISSING, "original_max_position_embeddings missing or invalid");
     expect_error("quantization_config", "{\"quant_method\":\"gptq\"}", DS_ERR_UNSUPPORTED,
                  "unsupported quantization_config.quant_method \"gptq\"");
     expect_error("quantization_config", "{\"quant_method\":\"fp8\",\"fmt\":\"e5m2\"}",
