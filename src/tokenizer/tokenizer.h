@@ -79,12 +79,14 @@ int ds_detok_push(ds_detok *d, int32_t id, ds_buf *out);
 int ds_detok_finish(ds_detok *d, ds_buf *out); /* flushes a dangling prefix as U+FFFD */
 
 /* ---- chat formats ---------------------------------------------------------------------------- */
-typedef enum { DS_CHAT_V3, DS_CHAT_R1 } ds_chat_format;
+/* V3: DeepSeek-V3; R1: DeepSeek-R1 (the revision that opens "<think>\n" in the generation
+ * prompt); R1_0528: DeepSeek-R1-0528. docs/chat.md says where each template comes from. */
+typedef enum { DS_CHAT_V3, DS_CHAT_R1, DS_CHAT_R1_0528 } ds_chat_format;
 
 /* Recognises a DeepSeek chat_template (from tokenizer_config.json); DS_ERR_UNSUPPORTED with a
  * message suggesting --chat-template-format for anything else. */
 int ds_chat_detect(const char *chat_template, ds_chat_format *out);
-/* Parses "v3" / "r1" (the --chat-template-format values). */
+/* Parses "v3" / "r1" / "r1-0528" (the --chat-template-format values); DS_ERR_ARG otherwise. */
 int ds_chat_format_parse(const char *name, ds_chat_format *out);
 const char *ds_chat_format_name(ds_chat_format f);
 
