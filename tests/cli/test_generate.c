@@ -1,0 +1,136 @@
+/* `dsinfer generate` end to end, through the binary:
+ *   - --prompt TEXT tokenizes with BOS and reproduces the golden greedy continuation of the
+ *     official reference for every fixture prompt given as text;
+ *   - --chat renders + tokenizes exactly like `chat-template` piped into `tokenize --no-bos`;
+ *   - the text output is the detokenized id output;
+ *   - stdout carries nothing but the result. */
+#include "testutil.h"
+#include "io/io.h"
+
+#include <stdlib.h>
+#include <sys/wait.h>
+
+/* Runs a shell command, returns its stdout (malloc'd) and exit status. */
+static char *run(const char *cmd, int *status) {
+    FILE *p = popen(cmd, "r");
+    if (!p) return NULL;
+    size_t cap = 1 << 16, n = 0;
+    char *out = malloc(cap);
+    size_t got;
+    while (out && (got = fread(out + n, 1, cap - n - 1, p)) > 0) {
+        n += got;
+        if (n + 1 == cap) {
+            char *bigger = realloc(out, cap *= 2);
+            if (!bigger) break;
+            out = bigger;
+        }
+    }
+    int st = pclose(p);
+    *status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+    if (out) out[n] = 0;
+    return out;
+}
+
+static void chomp(char *s) {
+    size_t n = strlen(s);
+    while (n && (s[n - 1] == '\n' || s[n - 1] == '\r')) s[--n] = 0;
+}
+
+int main(void) {
+    const char *fx = ds_test_fixtures();
+    if (!fx) return ds_test_skip_or_fail("golden fixtures missing");
+    char model[4096], path[4200], cmd[16384];
+    snprintf(model, sizeof model, "%.4000s/tiny-a", fx);
+    snprintf(path, sizeof path, "%s/golden.json", model);
+    json_t *g;
+    CHECK_MSG(ds_json_load_file(path, &g) == DS_OK, "%s", ds_err_msg());
+    if (!g) return ds_test_finish("test_generate");
+
+    /* --prompt TEXT == the golden greedy tokens (the prompts' texts are tokenized with BOS). */
+    size_t i;
+    json_t *p;
+    int checked = 0;
+    json_array_foreach(json_object_get(g, "prompts"), i, p) {
+        const char *text = json_string_value(json_object_get(p, "text"));
+        if (!text || strchr(text, '\'') || !json_is_true(json_object_get(p, "add_bos"))) continue;
+        json_t *gt = json_object_get(json_object_get(p, "greedy"), "tokens");
+        char want[4096] = "";
+        size_t j;
+        json_t *v;
+        json_array_foreach(gt, j, v) {
+            size_t l = strlen(want);
+            snprintf(want + l, sizeof want - l, "%s%lld", j ? "," : "", (long long)json_integer_value(v));
+        }
+        snprintf(cmd, sizeof cmd,
+                 "'%s' generate --model '%s' --prompt '%s' --max-tokens %zu --ignore-eos "
+                 "--output ids 2>/dev/null",
+                 DSINFER_BIN, model, text, json_array_size(gt));
+        int st;
+        char *out = run(cmd, &st);
+        CHECK(out != NULL && st == 0);
+        if (out) {
+            chomp(out);
+            CHECK_MSG(strcmp(out, want) == 0, "prompt '%s': got %s, golden %s", text, out, want);
+            free(out);
+        }
+        checked++;
+    }
+    CHECK(checked >= 3);
+
+    /* --chat == chat-template | tokenize --no-bos, then the same greedy tokens. */
+    int st;
+    snprintf(cmd, sizeof cmd,
+             "printf '%%s' '[{\"role\":\"system\",\"content\":\"Be brief.\"},{\"role\":\"user\","
+             "\"content\":\"Hello, who are you?\"}]' | '%s' chat-template --model '%s' "
+             "--add-generation-prompt | '%s' tokenize --model '%s' --no-bos",
+             DSINFER_BIN, model, DSINFER_BIN, model);
+    char *ids = run(cmd, &st);
+    CHECK(ids != NULL && st == 0);
+    if (ids) {
+        chomp(ids);
+        CHECK(strncmp(ids, "0,", 2) == 0); /* the template writes the BOS token itself */
+        snprintf(cmd, sizeof cmd,
+                 "'%s' generate --model '%s' --prompt-ids '%s' --max-tokens 6 --ignore-eos",
+                 DSINFER_BIN, model, ids);
+        char *a = run(cmd, &st);
+        snprintf(cmd, sizeof cmd,
+                 "'%s' generate --model '%s' --chat 'Hello, who are you?' --system 'Be brief.' "
+                 "--max-tokens 6 --ignore-eos --output ids 2>/dev/null",
+                 DSINFER_BIN, model);
+        char *b = run(cmd, &st);
+        CHECK(a && b && st == 0);
+        if (a && b) CHECK_MSG(strcmp(a, b) == 0, "--chat ids %s vs piped %s", b, a);
+        /* Text output == detokenize of the id output (special tokens skipped). */
+        if (b) {
+            chomp(b);
+            snprintf(cmd, sizeof cmd,
+                     "'%s' generate --model '%s' --chat 'Hello, who are you?' --system "
+                     "'Be brief.' --max-tokens 6 --ignore-eos 2>/dev/null",
+                     DSINFER_BIN, model);
+            char *text = run(cmd, &st);
+            snprintf(cmd, sizeof cmd, "'%s' detokenize --model '%s' --skip-special --ids '%s'",
+                     DSINFER_BIN, model, b);
+            char *want = run(cmd, &st);
+            CHECK(text && want);
+            if (text && want) {
+                chomp(text);
+                CHECK_MSG(strcmp(text, want) == 0, "text '%s' vs detokenized '%s'", text, want);
+                CHECK(strlen(text) > 0);
+            }
+            free(text);
+            free(want);
+        }
+        free(a);
+        free(b);
+        free(ids);
+    }
+
+    /* Usage errors exit 2 and print nothing on stdout. */
+    snprintf(cmd, sizeof cmd, "'%s' generate --model '%s' --prompt x --chat y 2>/dev/null",
+             DSINFER_BIN, model);
+    char *out = run(cmd, &st);
+    CHECK(st == 2 && out && out[0] == 0);
+    free(out);
+    json_decref(g);
+    return ds_test_finish("test_generate");
+}
