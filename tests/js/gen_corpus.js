@@ -222,13 +222,53 @@ const CP_RANGES = [
     [0x1f300, 0x1faff, 6], [0x20000, 0x2a6df, 2], [0xe0000, 0xe007f, 1], [0x10fff0, 0x10ffff, 1],
 ];
 const CP_TOTAL = CP_RANGES.reduce((a, r) => a + r[2], 0);
-function randomCodePoint(rng) {
-    let w = rng.next() * CP_TOTAL;
-    for (const [lo, hi, weight] of CP_RANGES) {
-        if (w < weight) return rng.int(lo, hi);
-        w -= weight;
+
+// Code points assigned by Unicode 15.0, from Debian's unicode-data (DerivedAge.txt). Hugging
+// Face tokenizers' regex engine (Oniguruma 6.9.8) and dsinfer use Unicode 15.0 tables; Node's
+// own tables are those of its ICU (15.0 on Debian 12's Node 18, 17.0 on Node 20.20), so a code
+// point assigned after 15.0 would make the JS reference depend on the Node version. Such code
+// points are drawn again; the decision uses only the file, so the corpus is the same on every
+// Node. Unassigned code points stay in through the noncharacters, which are never assigned.
+const UCD_AGE = process.env.DSINFER_UCD_AGE || '/usr/share/unicode/DerivedAge.txt';
+const ASSIGNED_15 = (() => {
+    let text;
+    try {
+        text = fs.readFileSync(UCD_AGE, 'utf8');
+    } catch (e) {
+        throw new Error(`gen_corpus: cannot read ${UCD_AGE} (Debian package unicode-data; run scripts/setup.sh): ${e.message}`);
     }
-    return 0x41;
+    const ranges = [];
+    for (const line of text.split('\n')) {
+        const m = line.match(/^([0-9A-F]+)(?:\.\.([0-9A-F]+))?\s*;\s*(\d+)\.(\d+)/);
+        if (!m || +m[3] > 15 || (+m[3] === 15 && +m[4] > 0)) continue;
+        ranges.push([parseInt(m[1], 16), m[2] ? parseInt(m[2], 16) : parseInt(m[1], 16)]);
+    }
+    return ranges.sort((a, b) => a[0] - b[0]);
+})();
+function assignedBy15(cp) {
+    let lo = 0, hi = ASSIGNED_15.length - 1;
+    while (lo <= hi) {
+        const mid = (lo + hi) >> 1, [a, b] = ASSIGNED_15[mid];
+        if (cp < a) hi = mid - 1;
+        else if (cp > b) lo = mid + 1;
+        else return true;
+    }
+    return false;
+}
+const isNoncharacter = (cp) => (cp >= 0xfdd0 && cp <= 0xfdef) || (cp & 0xfffe) === 0xfffe;
+
+function randomCodePoint(rng) {
+    for (;;) {
+        let w = rng.next() * CP_TOTAL, cp = 0x41;
+        for (const [lo, hi, weight] of CP_RANGES) {
+            if (w < weight) {
+                cp = rng.int(lo, hi);
+                break;
+            }
+            w -= weight;
+        }
+        if (assignedBy15(cp) || isNoncharacter(cp)) return cp;
+    }
 }
 function randomUnicode(rng, n) {
     let s = '';

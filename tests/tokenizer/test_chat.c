@@ -24,42 +24,6 @@
 #define TC_JSON(name, args)                                                                        \
     "{\"type\": \"function\", \"function\": {\"name\": \"" name "\", \"arguments\": " args "}}"
 
-/* The DeepSeek-R1 template as published (deepseek-ai/DeepSeek-R1 tokenizer_config.json). */
-static const char TPL_R1[] =
-    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = fals"
-    "e %}{% endif %}{% set ns = namespace(is_first=false, is_tool=false, is_output_fi"
-    "rst=true, system_prompt='', is_first_sp=true) %}{%- for message in messages %}{%"
-    "- if message['role'] == 'system' %}{%- if ns.is_first_sp %}{% set ns.system_prom"
-    "pt = ns.system_prompt + message['content'] %}{% set ns.is_first_sp = false %}{%-"
-    " else %}{% set ns.system_prompt = ns.system_prompt + '\\n\\n' + message['content']"
-    " %}{%- endif %}{%- endif %}{%- endfor %}{{ bos_token }}{{ ns.system_prompt }}{%-"
-    " for message in messages %}{%- if message['role'] == 'user' %}{%- set ns.is_tool"
-    " = false -%}{{'<｜User｜>' + message['content']}}{%- endif %}{%- if message['role'"
-    "] == 'assistant' and 'tool_calls' in message %}{%- set ns.is_tool = false -%}{%-"
-    " for tool in message['tool_calls'] %}{%- if not ns.is_first %}{%- if message['co"
-    "ntent'] is none %}{{'<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' + too"
-    "l['type'] + '<｜tool▁sep｜>' + tool['function']['name'] + '\\n' + '```json' + '\\n' "
-    "+ tool['function']['arguments'] + '\\n' + '```' + '<｜tool▁call▁end｜>'}}{%- else %"
-    "}{{'<｜Assistant｜>' + message['content'] + '<｜tool▁calls▁begin｜><｜tool▁call▁begin"
-    "｜>' + tool['type'] + '<｜tool▁sep｜>' + tool['function']['name'] + '\\n' + '```json"
-    "' + '\\n' + tool['function']['arguments'] + '\\n' + '```' + '<｜tool▁call▁end｜>'}}{"
-    "%- endif %}{%- set ns.is_first = true -%}{%- else %}{{'\\n' + '<｜tool▁call▁begin｜"
-    ">' + tool['type'] + '<｜tool▁sep｜>' + tool['function']['name'] + '\\n' + '```json'"
-    " + '\\n' + tool['function']['arguments'] + '\\n' + '```' + '<｜tool▁call▁end｜>'}}{%"
-    "- endif %}{%- endfor %}{{'<｜tool▁calls▁end｜><｜end▁of▁sentence｜>'}}{%- endif %}{%"
-    "- if message['role'] == 'assistant' and 'tool_calls' not in message %}{%- if ns."
-    "is_tool %}{{'<｜tool▁outputs▁end｜>' + message['content'] + '<｜end▁of▁sentence｜>'}"
-    "}{%- set ns.is_tool = false -%}{%- else %}{% set content = message['content'] %}"
-    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{"
-    "% endif %}{{'<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>'}}{%- endif %}{%- e"
-    "ndif %}{%- if message['role'] == 'tool' %}{%- set ns.is_tool = true -%}{%- if ns"
-    ".is_output_first %}{{'<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>' + message['co"
-    "ntent'] + '<｜tool▁output▁end｜>'}}{%- set ns.is_output_first = false %}{%- else %"
-    "}{{'<｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>'}}{%- end"
-    "if %}{%- endif %}{%- endfor -%}{% if ns.is_tool %}{{'<｜tool▁outputs▁end｜>'}}{% e"
-    "ndif %}{% if add_generation_prompt and not ns.is_tool %}{{'<｜Assistant｜><think>\\"
-    "n'}}{% endif %}";
-
 /* Renders messages (JSON text) and compares with the expected bytes. */
 static void expect(ds_chat_format f, const char *json, int agp, const char *want, int line) {
     json_error_t e;
@@ -321,7 +285,14 @@ static void test_detect(const char *fixtures) {
         free(w);
         free(v3);
     }
-    CHECK(ds_chat_detect(TPL_R1, &f) == DS_OK && f == DS_CHAT_R1);
+    {
+        /* The published R1 template, kept as test data beside the JS conformance test. */
+        json_t *r1 = json_load_file(DSINFER_SOURCE_DIR "/tests/js/templates/deepseek-r1.json", 0, NULL);
+        CHECK(r1 != NULL);
+        const char *tpl = json_string_value(json_object_get(r1, "chat_template"));
+        CHECK(tpl && ds_chat_detect(tpl, &f) == DS_OK && f == DS_CHAT_R1);
+        json_decref(r1);
+    }
     CHECK(ds_chat_detect("{% for m in messages %}{{ m['content'] }}{% endfor %}", &f) ==
           DS_ERR_UNSUPPORTED);
     CHECK_ERR_CONTAINS("--chat-template-format v3|r1");
