@@ -62,13 +62,20 @@ const ds_kernels *ds_kernels_scalar(void);
 /* A weight matrix W [rows, cols] (PyTorch's Linear layout: y = x W^T) in its stored form. The
  * data is not owned: it usually points into a safetensors mmap. */
 typedef struct {
-    ds_dtype dtype;     /* DS_F32, DS_F16, DS_BF16 or DS_F8_E4M3 */
-    int64_t rows, cols; /* out, in */
+    ds_dtype dtype;     /* DS_F32, DS_F16, DS_BF16, DS_F8_E4M3 or DS_I8 */
+    int64_t rows, cols; /* out, in (logical elements, also when int4-packed) */
     const void *data;   /* rows x cols, row-major, possibly unaligned */
-    /* DS_F8_E4M3 only: scale[ceil(rows/block_rows)][ceil(cols/block_cols)] (weight_scale_inv);
-     * the real weight is fp8 * scale of its block, edge blocks partial. */
+    /* DS_F8_E4M3 and DS_I8: scale[ceil(rows/block_rows)][ceil(cols/block_cols)]; the real
+     * weight is the stored value * the scale of its block, edge blocks partial. FP8: the
+     * official weight_scale_inv (128 x 128). I8 per output channel (W8A8, weight_scale [out, 1]):
+     * block_rows 1, block_cols = cols. I8 blockwise: 128 x 128. W4A8: block_rows 1, block_cols =
+     * the group size along the input. */
     const float *scale;
     int64_t block_rows, block_cols;
+    /* DS_I8 only: 1 when two signed 4-bit values are packed per byte along a row (W4A8): byte j
+     * of a row holds column 2j in its low nibble and 2j+1 in its high nibble, two's complement
+     * in [-8, 7]; a row takes ceil(cols / 2) bytes. 0: one int8 per element. */
+    int int4;
 } ds_mat;
 
 /* True when the dtype is one ds_matmul can read. */
@@ -81,8 +88,16 @@ void ds_mat_row_part_f32(const ds_mat *w, int64_t r, int64_t c0, int64_t n, floa
 uint64_t ds_mat_bytes(const ds_mat *w);
 
 /* y[t, r] = sum_c x[t, c] * W[r, c] for t < n_tok: y is [n_tok, rows], x is [n_tok, cols],
- * both f32 row-major. Rows are split over the pool's threads. */
+ * both f32 row-major. Rows are split over the pool's threads.
+ * For DS_I8 weights (W8A8, W4A8) the activations are quantized per token on the fly (see
+ * ds_quantize_row_i8) and the products accumulate exactly in int32 per scale block:
+ *   y[t, r] = sum_blocks s_x[t] * scale(r, block) * sum_{c in block} q_x[t, c] * q_w[r, c]. */
 void ds_matmul(ds_pool *pool, float *y, const float *x, int64_t n_tok, const ds_mat *w);
+
+/* Dynamic per-token activation quantization for W8A8/W4A8 (SGLang's per_token_quant_int8):
+ * scale = max|x| / 127 (1 when x is all zeros), q[i] = round-half-even(x[i] / scale), which
+ * stays within [-127, 127]. */
+void ds_quantize_row_i8(const float *x, int64_t n, int8_t *q, float *scale);
 
 /* ---- row ops (single-threaded; small next to the matmuls) ---- */
 /* out = x / sqrt(mean(x^2) + eps) * w (out may alias x) */

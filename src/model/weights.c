@@ -63,7 +63,7 @@ static int bind_vec(ds_model *m, const char *name, int64_t n, float **out) {
         ds_free(v);
         return ds_err_set(DS_ERR_NOMEM, "out of memory binding '%s'", name);
     }
-    ds_mat view = {t->dtype, 1, n, t->data, NULL, 0, 0};
+    ds_mat view = {.dtype = t->dtype, .rows = 1, .cols = n, .data = t->data};
     ds_mat_row_f32(&view, 0, v);
     *out = v;
     return DS_OK;
@@ -76,7 +76,7 @@ static int bind_mat(ds_model *m, const char *prefix, int64_t rows, int64_t cols,
     const ds_st_tensor *t;
     int rc = find_shaped(m, name, rows, cols, 2, &t);
     if (rc) return rc;
-    *out = (ds_mat){t->dtype, rows, cols, t->data, NULL, 0, 0};
+    *out = (ds_mat){.dtype = t->dtype, .rows = rows, .cols = cols, .data = t->data};
     if (t->dtype == DS_F8_E4M3) {
         if (m->cfg.quant != DS_QUANT_FP8)
             return ds_err_set(DS_ERR_FORMAT,

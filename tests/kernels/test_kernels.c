@@ -472,7 +472,7 @@ static void make_mat(test_mat *t, ds_dtype dt, shape sh) {
         }
         t->deq[i] = v;
     }
-    t->m = (ds_mat){dt, sh.rows, sh.cols, p, t->scale, sh.block_rows, sh.block_cols};
+    t->m = (ds_mat){dt, sh.rows, sh.cols, p, t->scale, sh.block_rows, sh.block_cols, 0};
 }
 
 static void free_mat(test_mat *t) {
