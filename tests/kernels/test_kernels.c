@@ -583,7 +583,7 @@ static void test_mat_misc(void) {
     CHECK(ds_mat_dtype_ok(DS_F32) && ds_mat_dtype_ok(DS_BF16) && ds_mat_dtype_ok(DS_F16));
     CHECK(ds_mat_dtype_ok(DS_F8_E4M3));
     CHECK(!ds_mat_dtype_ok(DS_F8_E5M2) && !ds_mat_dtype_ok(DS_I32) && !ds_mat_dtype_ok(DS_F64));
-    ds_mat m = {DS_F8_E4M3, 300, 200, "", NULL, 128, 128};
+    ds_mat m = {DS_F8_E4M3, 300, 200, "", NULL, 128, 128, 0};
     CHECK(ds_mat_bytes(&m) == 300 * 200 + 3 * 2 * 4);
     m.dtype = DS_BF16;
     CHECK(ds_mat_bytes(&m) == 300 * 200 * 2);
@@ -687,7 +687,7 @@ static void bench_one(ds_pool *pool, int n_threads, double bw, ds_dtype dt, int6
     for (size_t i = 0; i < (size_t)(R * C) * esz; i++) data[i] = (uint8_t)(rnd64() & 0x3b);
     static float scale[128 * 32];
     for (int i = 0; i < 128 * 32; i++) scale[i] = 1e-3f;
-    ds_mat m = {dt, R, C, data, scale, 128, 128};
+    ds_mat m = {dt, R, C, data, scale, 128, 128, 0};
     float *x = malloc((size_t)(n_tok * C) * sizeof(float));
     float *y = malloc((size_t)(n_tok * R) * sizeof(float));
     fill(x, (size_t)(n_tok * C));
