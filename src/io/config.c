@@ -120,21 +120,39 @@ static int read_quant(cfg_src *s, ds_config *c) {
     if (!json_is_string(m))
         return ds_err_set(DS_ERR_FORMAT, "%s: quantization_config has no \"quant_method\"",
                           s->label);
-    if (strcmp(json_string_value(m), "fp8") != 0)
-        return ds_err_set(DS_ERR_UNSUPPORTED,
-                          "%s: unsupported quantization_config.quant_method \"%s\" (dsinfer "
-                          "supports \"fp8\")",
-                          s->label, json_string_value(m));
-    json_t *fmt = json_object_get(q, "fmt");
-    if (fmt && (!json_is_string(fmt) || strcmp(json_string_value(fmt), "e4m3") != 0))
-        return ds_err_set(DS_ERR_UNSUPPORTED,
-                          "%s: unsupported quantization_config.fmt (dsinfer supports \"e4m3\")",
-                          s->label);
+    const char *method = json_string_value(m);
     json_t *as = json_object_get(q, "activation_scheme");
     if (as && (!json_is_string(as) || strcmp(json_string_value(as), "dynamic") != 0))
         return ds_err_set(DS_ERR_UNSUPPORTED,
                           "%s: unsupported quantization_config.activation_scheme (dsinfer "
                           "supports \"dynamic\")",
+                          s->label);
+    if (strcmp(method, "w8a8_int8") == 0) {
+        c->quant = DS_QUANT_W8A8;
+        return DS_OK;
+    }
+    if (strcmp(method, "w4a8_int4") == 0) {
+        json_t *g = json_object_get(q, "group_size");
+        c->quant = DS_QUANT_W4A8;
+        c->quant_group = 128;
+        if (g && (!json_is_integer(g) || json_integer_value(g) < 2 ||
+                  json_integer_value(g) > (1 << 20) || json_integer_value(g) % 2))
+            return ds_err_set(DS_ERR_FORMAT,
+                              "%s: quantization_config.group_size must be an even integer in "
+                              "[2, 1048576]",
+                              s->label);
+        if (g) c->quant_group = json_integer_value(g);
+        return DS_OK;
+    }
+    if (strcmp(method, "fp8") != 0)
+        return ds_err_set(DS_ERR_UNSUPPORTED,
+                          "%s: unsupported quantization_config.quant_method \"%s\" (dsinfer "
+                          "supports \"fp8\", \"w8a8_int8\", \"w4a8_int4\")",
+                          s->label, method);
+    json_t *fmt = json_object_get(q, "fmt");
+    if (fmt && (!json_is_string(fmt) || strcmp(json_string_value(fmt), "e4m3") != 0))
+        return ds_err_set(DS_ERR_UNSUPPORTED,
+                          "%s: unsupported quantization_config.fmt (dsinfer supports \"e4m3\")",
                           s->label);
     json_t *bs = json_object_get(q, "weight_block_size");
     c->quant = DS_QUANT_FP8;
@@ -359,5 +377,10 @@ void ds_config_print(const ds_config *c, FILE *f) {
     if (c->quant == DS_QUANT_FP8)
         fprintf(f, "quantization             fp8 e4m3, %lldx%lld blocks\n",
                 (long long)c->quant_block[0], (long long)c->quant_block[1]);
+    else if (c->quant == DS_QUANT_W8A8)
+        fprintf(f, "quantization             w8a8_int8 (int8 per output channel, int8 tokens)\n");
+    else if (c->quant == DS_QUANT_W4A8)
+        fprintf(f, "quantization             w4a8_int4 (int4, groups of %lld, int8 tokens)\n",
+                (long long)c->quant_group);
     else fprintf(f, "quantization             none\n");
 }

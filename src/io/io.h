@@ -77,7 +77,7 @@ int ds_json_load_file(const char *path, json_t **out);
 #define DS_MAX_EXPERTS 1024
 #define DS_MAX_ROPE_DIM 1024
 
-typedef enum { DS_QUANT_NONE, DS_QUANT_FP8 } ds_quant_method;
+typedef enum { DS_QUANT_NONE, DS_QUANT_FP8, DS_QUANT_W8A8, DS_QUANT_W4A8 } ds_quant_method;
 
 typedef struct {
     /* dimensions */
@@ -107,6 +107,7 @@ typedef struct {
     /* quantization_config */
     ds_quant_method quant;
     int64_t quant_block[2]; /* fp8 weight_block_size */
+    int64_t quant_group;    /* w4a8_int4 group_size (input columns per scale) */
 } ds_config;
 
 /* Reads and validates DIR/config.json (or a config.json path). Messages name the field. */
@@ -123,5 +124,21 @@ void ds_config_print(const ds_config *c, FILE *f);
  * (the same with only n_experts_per_tok of the routed experts per MoE layer). MTP layers
  * (num_nextn_predict_layers) and fp8 scale tensors are not counted. */
 void ds_config_param_counts(const ds_config *c, uint64_t *total, uint64_t *active);
+
+/* ---- SHA-256 ----
+ * OpenSSL libcrypto underneath (src/io/sha256.c). Used for the manifest that `dsinfer quantize`
+ * writes and `dsinfer check` verifies ("<64 hex>  <file name>" lines, as sha256sum prints). */
+typedef struct ds_sha256 ds_sha256;
+/* A streaming hasher: open, update any number of times, final once, close (accepts NULL). */
+int ds_sha256_open(ds_sha256 **out);
+int ds_sha256_update(ds_sha256 *h, const void *data, size_t n);
+int ds_sha256_final(ds_sha256 *h, uint8_t out[32]);
+void ds_sha256_close(ds_sha256 *h);
+/* Digest of data[0, n). */
+int ds_sha256_buf(const void *data, size_t n, uint8_t out[32]);
+/* Digest of a whole file, read in 1 MiB pieces; the message names the path on failure. */
+int ds_sha256_file(const char *path, uint8_t out[32]);
+/* Lower-case hex of a digest, NUL-terminated. */
+void ds_sha256_hex(const uint8_t d[32], char hex[65]);
 
 #endif

@@ -69,47 +69,67 @@ static int bind_vec(ds_model *m, const char *name, int64_t n, float **out) {
     return DS_OK;
 }
 
-/* A [rows, cols] projection `prefix.weight`, with its FP8 scale grid when stored as F8_E4M3. */
+/* The F32 scale grid `sname` of shape [d0, d1]; copied when misaligned in the file (tiny). */
+static int bind_scale(ds_model *m, const char *sname, int64_t d0, int64_t d1, const float **out) {
+    const ds_st_tensor *s;
+    int rc = find_shaped(m, sname, d0, d1, 2, &s);
+    if (rc) return rc;
+    if (s->dtype != DS_F32)
+        return ds_err_set(DS_ERR_UNSUPPORTED, "%s: tensor '%s' has dtype %s, expected F32",
+                          s->file, sname, ds_dtype_name(s->dtype));
+    *out = s->data;
+    if ((uintptr_t)s->data % sizeof(float)) {
+        float *copy = ds_alloc((size_t)s->nbytes);
+        if (!copy || !own(m, copy)) {
+            ds_free(copy);
+            return ds_err_set(DS_ERR_NOMEM, "out of memory binding '%s'", sname);
+        }
+        memcpy(copy, s->data, (size_t)s->nbytes);
+        *out = copy;
+    }
+    return DS_OK;
+}
+
+/* A [rows, cols] projection `prefix.weight` in its stored form: a float dtype, the official FP8
+ * (+ weight_scale_inv blocks), W8A8 int8 (+ weight_scale [rows, 1]) or W4A8 packed int4
+ * (stored [rows, ceil(cols/2)] + weight_scale [rows, ceil(cols/group)]); see docs/formats.md. */
 static int bind_mat(ds_model *m, const char *prefix, int64_t rows, int64_t cols, ds_mat *out) {
+    const ds_config *c = &m->cfg;
     char name[256], sname[280];
     snprintf(name, sizeof name, "%s.weight", prefix);
-    const ds_st_tensor *t;
-    int rc = find_shaped(m, name, rows, cols, 2, &t);
+    const ds_st_tensor *t = ds_st_find(m->st, name);
+    int w4 = t && t->dtype == DS_I8 && c->quant == DS_QUANT_W4A8;
+    const ds_st_tensor *found;
+    int rc = find_shaped(m, name, rows, w4 ? (cols + 1) / 2 : cols, 2, &found);
     if (rc) return rc;
-    *out = (ds_mat){.dtype = t->dtype, .rows = rows, .cols = cols, .data = t->data};
+    *out = (ds_mat){.dtype = t->dtype, .rows = rows, .cols = cols, .data = t->data, .int4 = w4};
     if (t->dtype == DS_F8_E4M3) {
-        if (m->cfg.quant != DS_QUANT_FP8)
+        if (c->quant != DS_QUANT_FP8)
             return ds_err_set(DS_ERR_FORMAT,
                               "%s: tensor '%s' is F8_E4M3 but config.json has no fp8 "
                               "quantization_config",
                               t->file, name);
-        int64_t br = m->cfg.quant_block[0], bc = m->cfg.quant_block[1];
+        out->block_rows = c->quant_block[0];
+        out->block_cols = c->quant_block[1];
         snprintf(sname, sizeof sname, "%s.weight_scale_inv", prefix);
-        const ds_st_tensor *s;
-        rc = find_shaped(m, sname, (rows + br - 1) / br, (cols + bc - 1) / bc, 2, &s);
-        if (rc) return rc;
-        if (s->dtype != DS_F32)
-            return ds_err_set(DS_ERR_UNSUPPORTED, "%s: tensor '%s' has dtype %s, expected F32",
-                              s->file, sname, ds_dtype_name(s->dtype));
-        const float *scale = s->data;
-        if ((uintptr_t)s->data % sizeof(float)) { /* misaligned in the file: copy (tiny) */
-            float *copy = ds_alloc((size_t)s->nbytes);
-            if (!copy || !own(m, copy)) {
-                ds_free(copy);
-                return ds_err_set(DS_ERR_NOMEM, "out of memory binding '%s'", sname);
-            }
-            memcpy(copy, s->data, (size_t)s->nbytes);
-            scale = copy;
-        }
-        out->scale = scale;
-        out->block_rows = br;
-        out->block_cols = bc;
+    } else if (t->dtype == DS_I8) {
+        if (c->quant != DS_QUANT_W8A8 && c->quant != DS_QUANT_W4A8)
+            return ds_err_set(DS_ERR_FORMAT,
+                              "%s: tensor '%s' is I8 but config.json's quantization_config is "
+                              "not w8a8_int8 or w4a8_int4",
+                              t->file, name);
+        out->block_rows = 1;
+        out->block_cols = w4 ? c->quant_group : cols;
+        snprintf(sname, sizeof sname, "%s.weight_scale", prefix);
     } else if (!ds_mat_dtype_ok(t->dtype)) {
         return ds_err_set(DS_ERR_UNSUPPORTED,
-                          "%s: tensor '%s' has dtype %s (supported: F32, F16, BF16, F8_E4M3)",
+                          "%s: tensor '%s' has dtype %s (supported: F32, F16, BF16, F8_E4M3, I8)",
                           t->file, name, ds_dtype_name(t->dtype));
+    } else {
+        return DS_OK;
     }
-    return DS_OK;
+    return bind_scale(m, sname, (rows + out->block_rows - 1) / out->block_rows,
+                      (cols + out->block_cols - 1) / out->block_cols, &out->scale);
 }
 
 static int bind_mlp(ds_model *m, const char *prefix, int64_t inter, ds_mlp *mlp) {

@@ -71,6 +71,15 @@ static void test_variants(void) {
     CHECK(parse_with("q_lora_rank", "null", &c) == DS_OK && c.q_lora_rank == 0);
     CHECK(parse_with("rope_scaling", "null", &c) == DS_OK && !c.rope_yarn);
     CHECK(parse_with("quantization_config", NULL, &c) == DS_OK && c.quant == DS_QUANT_NONE);
+    CHECK(parse_with("quantization_config",
+                     "{\"quant_method\":\"w8a8_int8\",\"activation_scheme\":\"dynamic\"}",
+                     &c) == DS_OK &&
+          c.quant == DS_QUANT_W8A8);
+    CHECK(parse_with("quantization_config", "{\"quant_method\":\"w4a8_int4\",\"group_size\":256}",
+                     &c) == DS_OK &&
+          c.quant == DS_QUANT_W4A8 && c.quant_group == 256);
+    CHECK(parse_with("quantization_config", "{\"quant_method\":\"w4a8_int4\"}", &c) == DS_OK &&
+          c.quant_group == 128);
     CHECK(parse_with("eos_token_id", "[1, 128001]", &c) == DS_OK && c.n_eos == 2 &&
           c.eos_token_ids[1] == 128001);
     CHECK(parse_with("moe_layer_freq", "2", &c) == DS_OK && ds_config_layer_is_moe(&c, 4) &&
@@ -105,6 +114,11 @@ static void test_refusals(void) {
                  DS_ERR_MISSING, "original_max_position_embeddings missing or invalid");
     expect_error("quantization_config", "{\"quant_method\":\"gptq\"}", DS_ERR_UNSUPPORTED,
                  "unsupported quantization_config.quant_method \"gptq\"");
+    expect_error("quantization_config", "{\"quant_method\":\"w4a8_int4\",\"group_size\":127}",
+                 DS_ERR_FORMAT, "group_size must be an even integer");
+    expect_error("quantization_config",
+                 "{\"quant_method\":\"w8a8_int8\",\"activation_scheme\":\"static\"}",
+                 DS_ERR_UNSUPPORTED, "activation_scheme");
     expect_error("quantization_config", "{\"quant_method\":\"fp8\",\"fmt\":\"e5m2\"}",
                  DS_ERR_UNSUPPORTED, "quantization_config.fmt");
     expect_error("quantization_config", "{\"quant_method\":\"fp8\",\"weight_block_size\":[128]}",
