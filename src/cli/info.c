@@ -116,6 +116,8 @@ int ds_cmd_info(int argc, char **argv) {
         const ds_st_tensor *t = ds_st_at(set, i);
         uint64_t numel = 1;
         for (int d = 0; d < t->ndim; d++) numel *= (uint64_t)t->shape[d];
+        /* W4A8 stores two int4 parameters per I8 byte (docs/formats.md). */
+        if (c.quant == DS_QUANT_W4A8 && t->dtype == DS_I8 && t->ndim == 2) numel *= 2;
         by_dtype[t->dtype].n++;
         by_dtype[t->dtype].numel += numel;
         by_dtype[t->dtype].bytes += t->nbytes;
