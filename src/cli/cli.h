@@ -13,6 +13,7 @@ int ds_cmd_bench_model(int argc, char **argv);
 int ds_cmd_tokenize(int argc, char **argv);
 int ds_cmd_detokenize(int argc, char **argv);
 int ds_cmd_chat_template(int argc, char **argv);
+int ds_cmd_quantize(int argc, char **argv);
 
 /* Helpers shared by the subcommands. */
 /* Parses "1,2,3" or "1 2 3" into a malloc'd array; -1 and a message on bad input. */
@@ -22,5 +23,19 @@ const char *ds_cli_default_model(void);
 /* The directory of the real DeepSeek-V3 tokenizer files (DSINFER_TOKENIZER_DIR env, else the
  * path scripts/setup.sh fetched them to). */
 const char *ds_cli_default_tokenizer_dir(void);
+
+/* "a/b", malloc'd (caller frees); NULL when out of memory. */
+char *ds_cli_path_join(const char *a, const char *b);
+/* Copies a file; the message names the file on failure. */
+int ds_cli_copy_file(const char *src, const char *dst);
+/* Removes a tree this program created (or one --force told it to replace). */
+void ds_cli_rm_tree(const char *path);
+/* 1 when dir is a directory with entries, 0 when empty or absent, -1 when not a directory. */
+int ds_cli_dir_state(const char *dir);
+/* Whether dir/name is a regular file. */
+int ds_cli_file_exists(const char *dir, const char *name);
+/* Parses a non-negative integer (with allow_suffix: K, M, G binary multipliers, optional "B" or
+ * "iB"); 0 when malformed or overflowing. */
+int ds_cli_parse_u64(const char *s, uint64_t *out, int allow_suffix);
 
 #endif

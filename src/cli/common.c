@@ -1,11 +1,14 @@
-/* Helpers shared by the dsinfer subcommands: default locations and token-id lists. */
+/* Helpers shared by the dsinfer subcommands: default locations, token-id lists, files. */
 #include "cli/cli.h"
 #include "core/core.h"
 
+#include <dirent.h>
 #include <errno.h>
+#include <ftw.h>
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #ifndef DSINFER_DEFAULT_MODEL_DIR
 #define DSINFER_DEFAULT_MODEL_DIR "demo-model"
@@ -100,4 +103,99 @@ int ds_cli_parse_ids(const char *s, int32_t **ids, int64_t *n) {
     *ids = v;
     *n = (int64_t)cnt;
     return 0;
+}
+
+/* ---- files and directories (make-tiny, quantize) ---- */
+char *ds_cli_path_join(const char *a, const char *b) {
+    size_t n = strlen(a) + strlen(b) + 2;
+    char *p = malloc(n);
+    if (p) snprintf(p, n, "%s/%s", a, b);
+    return p;
+}
+/* ---- files and directories ------------------------------------------------------------------ */
+int ds_cli_copy_file(const char *src, const char *dst) {
+    FILE *in = fopen(src, "rb");
+    if (!in) return ds_err_set(DS_ERR_IO, "%s: cannot open: %s", src, strerror(errno));
+    FILE *out = fopen(dst, "wb");
+    if (!out) {
+        int e = errno;
+        fclose(in);
+        return ds_err_set(DS_ERR_IO, "%s: cannot create: %s", dst, strerror(e));
+    }
+    char buf[1 << 16];
+    size_t n;
+    int rc = DS_OK;
+    while ((n = fread(buf, 1, sizeof buf, in)) > 0)
+        if (fwrite(buf, 1, n, out) != n) {
+            rc = ds_err_set(DS_ERR_IO, "%s: write failed: %s", dst, strerror(errno));
+            break;
+        }
+    if (!rc && ferror(in)) rc = ds_err_set(DS_ERR_IO, "%s: read failed", src);
+    fclose(in);
+    if (fclose(out) != 0 && !rc) rc = ds_err_set(DS_ERR_IO, "%s: write failed", dst);
+    return rc;
+}
+static int rm_entry(const char *path, const struct stat *sb, int type, struct FTW *ftw) {
+    (void)sb;
+    (void)type;
+    (void)ftw;
+    return remove(path);
+}
+/* Removes a tree that this command created (or one --force told it to replace). */
+void ds_cli_rm_tree(const char *path) {
+    nftw(path, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+}
+/* 1 when dir is a directory with entries, 0 when empty or absent, -1 when not a directory. */
+int ds_cli_dir_state(const char *dir) {
+    struct stat st;
+    if (lstat(dir, &st) != 0) return 0;
+    if (!S_ISDIR(st.st_mode)) return -1;
+    DIR *d = opendir(dir);
+    if (!d) return 1;
+    int nonempty = 0;
+    struct dirent *e;
+    while (!nonempty && (e = readdir(d)) != NULL)
+        nonempty = strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0;
+    closedir(d);
+    return nonempty;
+}
+int ds_cli_file_exists(const char *dir, const char *name) {
+    char *p = ds_cli_path_join(dir, name);
+    struct stat st;
+    int ok = p && stat(p, &st) == 0 && S_ISREG(st.st_mode);
+    free(p);
+    return ok;
+}
+int ds_cli_parse_u64(const char *s, uint64_t *out, int allow_suffix) {
+    if (!s || !*s || *s == '-') return 0;
+    char *e = NULL;
+    errno = 0;
+    unsigned long long v = strtoull(s, &e, 0);
+    if (e == s || errno) return 0;
+    uint64_t mul = 1;
+    if (allow_suffix && *e) {
+        switch (*e) {
+        case 'k':
+        case 'K':
+            mul = 1ull << 10;
+            break;
+        case 'm':
+        case 'M':
+            mul = 1ull << 20;
+            break;
+        case 'g':
+        case 'G':
+            mul = 1ull << 30;
+            break;
+        default:
+            return 0;
+        }
+        e++;
+        if (*e == 'i' && e[1] == 'B')
+            e += 2;
+        else if (*e == 'B')
+            e++;
+    }
+    if (*e) return 0;
+    return ds_mul_ok(v, mul, out);
 }

@@ -21,6 +21,7 @@ static const struct {
     {"tokenize", ds_cmd_tokenize, "text to token ids with the model's tokenizer.json"},
     {"detokenize", ds_cmd_detokenize, "token ids to text (lossy UTF-8)"},
     {"chat-template", ds_cmd_chat_template, "render a JSON messages array with the chat template"},
+    {"quantize", ds_cmd_quantize, "int8 / int4 weights (w8a8, w4a8) from a BF16 or FP8 checkpoint"},
 };
 
 static void usage(FILE *f) {

@@ -30,9 +30,7 @@
 #include "kernels/kernels.h"
 
 #include <errno.h>
-#include <ftw.h>
 #include <math.h>
-#include <dirent.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -317,12 +315,6 @@ static int gen_tensor(const mt_opts *o, const mt_tensor *t, mt_scratch *sc) {
     return DS_OK;
 }
 
-static char *path_join(const char *a, const char *b) {
-    size_t n = strlen(a) + strlen(b) + 2;
-    char *p = malloc(n);
-    if (p) snprintf(p, n, "%s/%s", a, b);
-    return p;
-}
 
 static void shard_name(char *buf, size_t cap, int i, int n) {
     snprintf(buf, cap, "model-%05d-of-%05d.safetensors", i + 1, n);
@@ -339,7 +331,7 @@ static int write_shards(const char *dir, const mt_opts *o, mt_plan *pl, int n_sh
     for (int s = 0; !rc && s < n_shards; s++) {
         char fname[64];
         shard_name(fname, sizeof fname, s, n_shards);
-        char *path = path_join(dir, fname);
+        char *path = ds_cli_path_join(dir, fname);
         if (!path) {
             rc = ds_err_set(DS_ERR_NOMEM, "out of memory");
             break;
@@ -371,7 +363,7 @@ static int write_shards(const char *dir, const mt_opts *o, mt_plan *pl, int n_sh
 
 /* JSON files: sorted keys, two-space indent, like Python's json.dump(indent=2, sort_keys=True). */
 static int dump_json(json_t *j, const char *dir, const char *name) {
-    char *path = path_join(dir, name);
+    char *path = ds_cli_path_join(dir, name);
     if (!path) return ds_err_set(DS_ERR_NOMEM, "out of memory");
     int rc = DS_OK;
     if (!j || json_dump_file(j, path, JSON_INDENT(2) | JSON_SORT_KEYS | JSON_REAL_PRECISION(15)))
@@ -476,64 +468,10 @@ static json_t *make_config(const mt_opts *o) {
     return c;
 }
 
-/* ---- files and directories ------------------------------------------------------------------ */
-static int copy_file(const char *src, const char *dst) {
-    FILE *in = fopen(src, "rb");
-    if (!in) return ds_err_set(DS_ERR_IO, "%s: cannot open: %s", src, strerror(errno));
-    FILE *out = fopen(dst, "wb");
-    if (!out) {
-        int e = errno;
-        fclose(in);
-        return ds_err_set(DS_ERR_IO, "%s: cannot create: %s", dst, strerror(e));
-    }
-    char buf[1 << 16];
-    size_t n;
-    int rc = DS_OK;
-    while ((n = fread(buf, 1, sizeof buf, in)) > 0)
-        if (fwrite(buf, 1, n, out) != n) {
-            rc = ds_err_set(DS_ERR_IO, "%s: write failed: %s", dst, strerror(errno));
-            break;
-        }
-    if (!rc && ferror(in)) rc = ds_err_set(DS_ERR_IO, "%s: read failed", src);
-    fclose(in);
-    if (fclose(out) != 0 && !rc) rc = ds_err_set(DS_ERR_IO, "%s: write failed", dst);
-    return rc;
-}
 
-static int rm_entry(const char *path, const struct stat *sb, int type, struct FTW *ftw) {
-    (void)sb;
-    (void)type;
-    (void)ftw;
-    return remove(path);
-}
 
-/* Removes a tree that this command created (or one --force told it to replace). */
-static void rm_tree(const char *path) {
-    nftw(path, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
-}
 
-/* 1 when dir is a directory with entries, 0 when empty or absent, -1 when not a directory. */
-static int dir_state(const char *dir) {
-    struct stat st;
-    if (lstat(dir, &st) != 0) return 0;
-    if (!S_ISDIR(st.st_mode)) return -1;
-    DIR *d = opendir(dir);
-    if (!d) return 1;
-    int nonempty = 0;
-    struct dirent *e;
-    while (!nonempty && (e = readdir(d)) != NULL)
-        nonempty = strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0;
-    closedir(d);
-    return nonempty;
-}
 
-static int file_exists(const char *dir, const char *name) {
-    char *p = path_join(dir, name);
-    struct stat st;
-    int ok = p && stat(p, &st) == 0 && S_ISREG(st.st_mode);
-    free(p);
-    return ok;
-}
 
 /* ---- the command ---------------------------------------------------------------------------- */
 static void usage(FILE *f) {
@@ -554,39 +492,6 @@ static void usage(FILE *f) {
             ds_cli_default_tokenizer_dir());
 }
 
-static int parse_u64(const char *s, uint64_t *out, int allow_suffix) {
-    if (!s || !*s || *s == '-') return 0;
-    char *e = NULL;
-    errno = 0;
-    unsigned long long v = strtoull(s, &e, 0);
-    if (e == s || errno) return 0;
-    uint64_t mul = 1;
-    if (allow_suffix && *e) {
-        switch (*e) {
-        case 'k':
-        case 'K':
-            mul = 1ull << 10;
-            break;
-        case 'm':
-        case 'M':
-            mul = 1ull << 20;
-            break;
-        case 'g':
-        case 'G':
-            mul = 1ull << 30;
-            break;
-        default:
-            return 0;
-        }
-        e++;
-        if (*e == 'i' && e[1] == 'B')
-            e += 2;
-        else if (*e == 'B')
-            e++;
-    }
-    if (*e) return 0;
-    return ds_mul_ok(v, mul, out);
-}
 
 int ds_cmd_make_tiny(int argc, char **argv) {
     const char *out_arg = NULL, *preset = "tiny", *dtype = "bf16", *tok_dir = NULL;
@@ -625,13 +530,13 @@ int ds_cmd_make_tiny(int argc, char **argv) {
         else if (!strcmp(a, "--tokenizer"))
             tok_dir = val;
         else if (!strcmp(a, "--seed")) {
-            if (!parse_u64(val, &seed, 0)) {
+            if (!ds_cli_parse_u64(val, &seed, 0)) {
                 fprintf(stderr, "dsinfer make-tiny: --seed '%s' is not a non-negative integer\n",
                         val);
                 return 2;
             }
         } else if (!strcmp(a, "--shard-bytes")) {
-            if (!parse_u64(val, &shard_bytes, 1) || shard_bytes == 0) {
+            if (!ds_cli_parse_u64(val, &shard_bytes, 1) || shard_bytes == 0) {
                 fprintf(stderr,
                         "dsinfer make-tiny: --shard-bytes '%s' is not a positive size "
                         "(e.g. 1048576 or 512M)\n",
@@ -693,14 +598,14 @@ int ds_cmd_make_tiny(int argc, char **argv) {
 
     int status = 1, rc = DS_OK, made_tmp = 0;
     mt_plan pl = {0};
-    int existing = dir_state(out);
+    int existing = ds_cli_dir_state(out);
     if (existing != 0 && !force) {
         fprintf(stderr, "dsinfer make-tiny: %s already exists%s; pass --force to replace it\n", out,
                 existing < 0 ? " and is not a directory" : " and is not empty");
         goto done;
     }
-    if (!no_tok && (!file_exists(tok_dir, "tokenizer.json") ||
-                    !file_exists(tok_dir, "tokenizer_config.json"))) {
+    if (!no_tok && (!ds_cli_file_exists(tok_dir, "tokenizer.json") ||
+                    !ds_cli_file_exists(tok_dir, "tokenizer_config.json"))) {
         fprintf(stderr,
                 "dsinfer make-tiny: the DeepSeek-V3 tokenizer files (tokenizer.json, "
                 "tokenizer_config.json) are not in %s.\n"
@@ -726,8 +631,8 @@ int ds_cmd_make_tiny(int argc, char **argv) {
     if (!rc) rc = write_index(tmp, &pl, n_shards);
     const char *tok_files[] = {"tokenizer.json", "tokenizer_config.json"};
     for (int i = 0; !rc && !no_tok && i < 2; i++) {
-        char *src = path_join(tok_dir, tok_files[i]), *dst = path_join(tmp, tok_files[i]);
-        rc = src && dst ? copy_file(src, dst) : ds_err_set(DS_ERR_NOMEM, "out of memory");
+        char *src = ds_cli_path_join(tok_dir, tok_files[i]), *dst = ds_cli_path_join(tmp, tok_files[i]);
+        rc = src && dst ? ds_cli_copy_file(src, dst) : ds_err_set(DS_ERR_NOMEM, "out of memory");
         free(src);
         free(dst);
     }
@@ -738,7 +643,7 @@ int ds_cmd_make_tiny(int argc, char **argv) {
     /* mkdtemp makes the directory 0700; a checkpoint is an ordinary readable directory */
     chmod(tmp, 0755);
     /* Publish: move an existing OUT_DIR aside (only reachable with --force), rename, clean up. */
-    existing = dir_state(out);
+    existing = ds_cli_dir_state(out);
     int moved_aside = 0;
     if (existing != 0) {
         struct stat st;
@@ -763,7 +668,7 @@ int ds_cmd_make_tiny(int argc, char **argv) {
         goto done;
     }
     made_tmp = 0;
-    if (moved_aside) rm_tree(aside);
+    if (moved_aside) ds_cli_rm_tree(aside);
     {
         uint64_t bytes = 0;
         for (size_t i = 0; i < pl.n; i++) bytes += pl.t[i].nbytes;
@@ -775,7 +680,7 @@ int ds_cmd_make_tiny(int argc, char **argv) {
     }
     status = 0;
 done:
-    if (made_tmp) rm_tree(tmp);
+    if (made_tmp) ds_cli_rm_tree(tmp);
     free(pl.t);
     free(out);
     free(tmp);

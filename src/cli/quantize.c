@@ -1,0 +1,800 @@
+/* `dsinfer quantize IN_DIR OUT_DIR --scheme w8a8|w4a8`: a BF16 / F16 / F32 or official FP8
+ * DeepSeek-V3 checkpoint -> the int8 formats the CPU kernels run (docs/formats.md).
+ *
+ * Which tensors. Every 2-D `*.weight` under `model.layers.N.self_attn.` and `model.layers.N.mlp.`
+ * (MTP layers N >= num_hidden_layers included), except the router `mlp.gate.weight`; with
+ * --quantize-lm-head also `lm_head.weight`. Everything else (embeddings, norms, router and its
+ * e_score_correction_bias, lm_head by default, MTP's eh_proj / shared_head) is copied: BF16 byte
+ * for byte, an FP8 one dequantised to BF16, any other dtype unchanged. The source's
+ * `*_scale_inv` tensors are consumed by their FP8 weights, never copied.
+ *
+ * Layouts (src/kernels/kernels.h, ds_mat, is the authority):
+ *   W8A8  <p>.weight I8 [out, in], <p>.weight_scale F32 [out, 1]; per row s = max|w| / 127
+ *         (1 for an all-zero row), q = clamp(rint(w / s), -127, 127) — SGLang's w8a8_int8.
+ *   W4A8  <p>.weight I8 [out, ceil(in / 2)], <p>.weight_scale F32 [out, ceil(in / G)]; per
+ *         group of G input columns s = max|w| / 7 (1 when all zero), q = clamp(rint(w / s), -8,
+ *         7), byte j of a row = column 2j in the low nibble, 2j + 1 in the high one (an odd last
+ *         high nibble is 0) — dsinfer's w4a8_int4.
+ * rint rounds half to even (the default rounding mode). The source row is first dequantised
+ * to f32 exactly as the reference does (ds_mat_row_f32: fp8 x scale_inv rounded once).
+ *
+ * Memory. The source shards are mmapped; a tensor is read row by row (rows split over a thread
+ * pool, one f32 row of scratch per thread) into one output buffer of the tensor's quantized
+ * size, written, and then its source pages are dropped with madvise(MADV_DONTNEED), so the
+ * resident set stays near the largest single tensor whatever the checkpoint's size. Copied
+ * tensors go from the mapping to the file without a buffer.
+ *
+ * Crash safety. Everything is written into OUT_DIR.tmp-XXXXXX and renamed to OUT_DIR after the
+ * manifest, the last file, so an interrupted run never leaves a directory named OUT_DIR. SIGINT
+ * and SIGTERM stop at the next tensor and remove the temporary directory; SIGKILL leaves it
+ * behind, under its .tmp- name. */
+#include "cli/cli.h"
+#include "core/core.h"
+#include "io/io.h"
+#include "kernels/kernels.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <math.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define QZ_MANIFEST "dsinfer-manifest.sha256"
+
+typedef enum { QZ_W8A8, QZ_W4A8 } qz_scheme;
+
+/* What happens to one source tensor. */
+typedef enum {
+    QZ_COPY,     /* bytes unchanged */
+    QZ_TO_BF16,  /* an FP8 tensor outside the quantized set: dequantised to BF16 */
+    QZ_QUANT,    /* quantized: two output tensors (weight, weight_scale) */
+    QZ_CONSUMED, /* an FP8 weight_scale_inv: read with its weight, not written */
+} qz_action;
+
+typedef struct {
+    const ds_st_tensor *src;   /* the source tensor (view into the set) */
+    const ds_st_tensor *scale; /* FP8 source: its weight_scale_inv, else NULL */
+    qz_action action;
+    ds_dtype out_dtype;
+    int64_t out_shape[DS_ST_MAX_DIMS]; /* the weight (or copied tensor) */
+    int out_ndim;
+    int64_t scale_shape[2]; /* QZ_QUANT: weight_scale [out, n_groups] */
+    uint64_t out_bytes, scale_bytes;
+    int shard;
+} qz_item;
+
+typedef struct {
+    qz_scheme scheme;
+    int64_t group; /* W4A8 group size along the input */
+    int lm_head;
+    int64_t fp8_block[2]; /* source weight_block_size */
+} qz_opts;
+
+static volatile sig_atomic_t qz_interrupted;
+static void on_signal(int sig) {
+    (void)sig;
+    qz_interrupted = 1;
+}
+
+
+
+
+
+
+
+
+/* Drops the resident pages of a tensor's source bytes (file-backed, read-only: they are simply
+ * read again if touched), so reading a 700 GB checkpoint does not grow the resident set. */
+static void drop_pages(const ds_st_tensor *t) {
+    if (!t || !t->nbytes) return;
+    const uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t a = (uintptr_t)t->data & ~(pg - 1);
+    uintptr_t b = ((uintptr_t)t->data + t->nbytes + pg - 1) & ~(pg - 1);
+    madvise((void *)a, b - a, MADV_DONTNEED);
+}
+
+/* ---- the plan ------------------------------------------------------------------------------ */
+static int ends_with(const char *s, const char *suf) {
+    size_t n = strlen(s), m = strlen(suf);
+    return n >= m && memcmp(s + n - m, suf, m) == 0;
+}
+
+/* Whether a tensor name is one of the projections this command quantizes. */
+static int is_quantized_name(const char *name, int lm_head) {
+    if (lm_head && strcmp(name, "lm_head.weight") == 0) return 1;
+    const char *p = "model.layers.";
+    if (strncmp(name, p, strlen(p)) != 0) return 0;
+    const char *s = name + strlen(p);
+    if (*s < '0' || *s > '9') return 0;
+    while (*s >= '0' && *s <= '9') s++;
+    if (strncmp(s, ".self_attn.", 11) != 0 && strncmp(s, ".mlp.", 5) != 0) return 0;
+    if (strcmp(s, ".mlp.gate.weight") == 0) return 0; /* the router */
+    return ends_with(name, ".weight");
+}
+
+static int64_t cdiv(int64_t a, int64_t b) {
+    return (a + b - 1) / b;
+}
+
+static int build_plan(const ds_st_set *set, const qz_opts *o, qz_item **out, size_t *n_out) {
+    size_t n = ds_st_count(set);
+    qz_item *it = calloc(n ? n : 1, sizeof *it);
+    if (!it) return ds_err_set(DS_ERR_NOMEM, "out of memory");
+    int rc = DS_OK;
+    char sname[512];
+    for (size_t i = 0; !rc && i < n; i++) {
+        const ds_st_tensor *t = ds_st_at(set, i);
+        qz_item *q = &it[i];
+        q->src = t;
+        q->out_dtype = t->dtype;
+        q->out_ndim = t->ndim;
+        memcpy(q->out_shape, t->shape, sizeof q->out_shape);
+        q->out_bytes = t->nbytes;
+        if (ends_with(t->name, "_scale_inv")) {
+            size_t wl = strlen(t->name) - strlen("_scale_inv");
+            snprintf(sname, sizeof sname, "%.*s", (int)wl, t->name);
+            const ds_st_tensor *w = ds_st_find(set, sname);
+            if (!w || w->dtype != DS_F8_E4M3) {
+                rc = ds_err_set(DS_ERR_FORMAT, "%s: tensor '%s' has no F8_E4M3 weight '%s'",
+                                t->file, t->name, sname);
+                break;
+            }
+            q->action = QZ_CONSUMED;
+            q->out_bytes = 0;
+            continue;
+        }
+        if (t->dtype == DS_F8_E4M3) {
+            snprintf(sname, sizeof sname, "%s_scale_inv", t->name);
+            const ds_st_tensor *s = ds_st_find(set, sname);
+            const int64_t br = o->fp8_block[0], bc = o->fp8_block[1];
+            if (t->ndim != 2) {
+                rc = ds_err_set(DS_ERR_SHAPE, "%s: F8_E4M3 tensor '%s' is not 2-D", t->file,
+                                t->name);
+                break;
+            }
+            if (!s || s->dtype != DS_F32 || s->ndim != 2 || s->shape[0] != cdiv(t->shape[0], br) ||
+                s->shape[1] != cdiv(t->shape[1], bc)) {
+                rc = ds_err_set(DS_ERR_FORMAT,
+                                "%s: F8_E4M3 tensor '%s' needs '%s' F32 [%lld, %lld] "
+                                "(weight_block_size [%lld, %lld])",
+                                t->file, t->name, sname, (long long)cdiv(t->shape[0], br),
+                                (long long)cdiv(t->shape[1], bc), (long long)br, (long long)bc);
+                break;
+            }
+            q->scale = s;
+        }
+        if (is_quantized_name(t->name, o->lm_head) && t->ndim == 2) {
+            if (!ds_mat_dtype_ok(t->dtype) || t->dtype == DS_I8) {
+                rc = ds_err_set(DS_ERR_UNSUPPORTED,
+                                "%s: tensor '%s' is %s; quantize reads BF16, F16, F32 or "
+                                "F8_E4M3 (an already quantized checkpoint cannot be requantized)",
+                                t->file, t->name, ds_dtype_name(t->dtype));
+                break;
+            }
+            const int64_t rows = t->shape[0], cols = t->shape[1];
+            q->action = QZ_QUANT;
+            q->out_dtype = DS_I8;
+            q->out_shape[0] = rows;
+            if (o->scheme == QZ_W8A8) {
+                q->out_shape[1] = cols;
+                q->scale_shape[1] = 1;
+            } else {
+                q->out_shape[1] = cdiv(cols, 2);
+                q->scale_shape[1] = cdiv(cols, o->group);
+            }
+            q->scale_shape[0] = rows;
+            q->out_bytes = (uint64_t)rows * (uint64_t)q->out_shape[1];
+            q->scale_bytes = (uint64_t)rows * (uint64_t)q->scale_shape[1] * sizeof(float);
+        } else if (t->dtype == DS_F8_E4M3) {
+            q->action = QZ_TO_BF16;
+            q->out_dtype = DS_BF16;
+            q->out_bytes = t->nbytes * 2;
+        } else {
+            q->action = QZ_COPY;
+        }
+    }
+    if (rc) {
+        free(it);
+        return rc;
+    }
+    *out = it;
+    *n_out = n;
+    return DS_OK;
+}
+
+/* Greedy in order; a weight and its weight_scale share a shard. Returns the shard count. */
+static int assign_shards(qz_item *it, size_t n, uint64_t shard_bytes) {
+    int shard = 0;
+    uint64_t cur = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (it[i].action == QZ_CONSUMED) continue;
+        uint64_t b = it[i].out_bytes + it[i].scale_bytes;
+        if (cur > 0 && cur + b > shard_bytes) {
+            shard++;
+            cur = 0;
+        }
+        it[i].shard = shard;
+        cur += b;
+    }
+    return shard + 1;
+}
+
+static void shard_name(char *buf, size_t cap, int i, int n) {
+    snprintf(buf, cap, "model-%05d-of-%05d.safetensors", i + 1, n);
+}
+
+static void scale_name(char *buf, size_t cap, const char *weight) {
+    snprintf(buf, cap, "%s_scale", weight);
+}
+
+/* ---- quantizing one tensor ----------------------------------------------------------------- */
+typedef struct {
+    const ds_mat *src; /* the source matrix */
+    const qz_opts *o;
+    int8_t *q;    /* [rows, row_bytes] */
+    float *scale; /* [rows, n_groups] */
+    float **rowf; /* per pool slice: cols floats */
+    int64_t row_bytes, n_groups;
+} qz_job;
+
+/* q = clamp(rint(w / s), lo, hi) for w[0, n) with s = max|w| / hi (1 when all zero). */
+static float quant_group(const float *w, int64_t n, float lo, float hi, int8_t *q) {
+    float mx = 0.0f;
+    for (int64_t i = 0; i < n; i++) mx = fmaxf(mx, fabsf(w[i]));
+    const float s = mx > 0.0f ? mx / hi : 1.0f;
+    for (int64_t i = 0; i < n; i++) {
+        float v = rintf(w[i] / s);
+        v = v < lo ? lo : v > hi ? hi : v;
+        q[i] = (int8_t)v;
+    }
+    return s;
+}
+
+static void quant_rows(void *arg, int slice, int n_slices) {
+    const qz_job *j = arg;
+    const int64_t cols = j->src->cols;
+    size_t lo, hi;
+    ds_split_range((size_t)j->src->rows, slice, n_slices, &lo, &hi);
+    float *w = j->rowf[slice];
+    int8_t *tmp = (int8_t *)(w + cols); /* cols int8 after the floats (W4A8 staging) */
+    for (size_t r = lo; r < hi; r++) {
+        ds_mat_row_f32(j->src, (int64_t)r, w);
+        int8_t *qr = j->q + r * (size_t)j->row_bytes;
+        float *sr = j->scale + r * (size_t)j->n_groups;
+        if (j->o->scheme == QZ_W8A8) {
+            sr[0] = quant_group(w, cols, -127.0f, 127.0f, qr);
+            continue;
+        }
+        for (int64_t g = 0; g < j->n_groups; g++) {
+            int64_t c0 = g * j->o->group, n = cols - c0 < j->o->group ? cols - c0 : j->o->group;
+            sr[g] = quant_group(w + c0, n, -8.0f, 7.0f, tmp + c0);
+        }
+        for (int64_t b = 0; b < j->row_bytes; b++) {
+            uint8_t l = (uint8_t)tmp[2 * b] & 0xF;
+            uint8_t h = 2 * b + 1 < cols ? (uint8_t)tmp[2 * b + 1] & 0xF : 0;
+            qr[b] = (int8_t)(uint8_t)(l | (uint8_t)(h << 4));
+        }
+    }
+}
+
+static ds_mat source_mat(const qz_item *q, const qz_opts *o) {
+    ds_mat m;
+    memset(&m, 0, sizeof m);
+    m.dtype = q->src->dtype;
+    m.rows = q->src->shape[0];
+    m.cols = q->src->shape[1];
+    m.data = q->src->data;
+    if (q->scale) {
+        m.scale = q->scale->data;
+        m.block_rows = o->fp8_block[0];
+        m.block_cols = o->fp8_block[1];
+    }
+    return m;
+}
+
+typedef struct {
+    void *buf;
+    size_t cap;
+    float **rowf; /* n_slices rows of scratch */
+    int n_slices;
+    int64_t rowf_cols;
+} qz_scratch;
+
+static int grow(void **p, size_t *cap, size_t need) {
+    if (need <= *cap) return 1;
+    free(*p);
+    *p = malloc(need);
+    *cap = *p ? need : 0;
+    return *p != NULL;
+}
+
+static int ensure_rows(qz_scratch *sc, int64_t cols) {
+    if (cols <= sc->rowf_cols) return 1;
+    for (int i = 0; i < sc->n_slices; i++) {
+        ds_free(sc->rowf[i]);
+        /* cols floats + cols int8 of staging for the int4 packing */
+        sc->rowf[i] = ds_alloc((size_t)cols * (sizeof(float) + 1) + 64);
+        if (!sc->rowf[i]) {
+            sc->rowf_cols = 0;
+            return 0;
+        }
+    }
+    sc->rowf_cols = cols;
+    return 1;
+}
+
+/* Writes the data of item q (one or two ds_st_writer_data calls). */
+static int write_item(ds_st_writer *w, ds_pool *pool, const qz_opts *o, const qz_item *q,
+                      qz_scratch *sc) {
+    int rc = DS_OK;
+    if (q->action == QZ_COPY) {
+        rc = ds_st_writer_data(w, q->src->data, q->src->nbytes);
+    } else if (q->action == QZ_TO_BF16) {
+        ds_mat m = source_mat(q, o);
+        if (!grow(&sc->buf, &sc->cap, (size_t)q->out_bytes + 1) || !ensure_rows(sc, m.cols))
+            return ds_err_set(DS_ERR_NOMEM, "out of memory converting '%s'", q->src->name);
+        uint16_t *d = sc->buf;
+        for (int64_t r = 0; r < m.rows; r++) {
+            ds_mat_row_f32(&m, r, sc->rowf[0]);
+            for (int64_t c = 0; c < m.cols; c++) d[r * m.cols + c] = ds_f32_to_bf16(sc->rowf[0][c]);
+        }
+        rc = ds_st_writer_data(w, sc->buf, q->out_bytes);
+    } else {
+        ds_mat m = source_mat(q, o);
+        if (!grow(&sc->buf, &sc->cap, (size_t)(q->out_bytes + q->scale_bytes) + 1) ||
+            !ensure_rows(sc, m.cols))
+            return ds_err_set(DS_ERR_NOMEM, "out of memory quantizing '%s' (%llu bytes)",
+                              q->src->name, (unsigned long long)(q->out_bytes + q->scale_bytes));
+        /* the scales first (4-byte aligned at the buffer start), then the int8 data */
+        qz_job j = {&m,
+                    o,
+                    (int8_t *)sc->buf + q->scale_bytes,
+                    sc->buf,
+                    sc->rowf,
+                    q->out_shape[1],
+                    q->scale_shape[1]};
+        ds_pool_run(pool, quant_rows, &j);
+        rc = ds_st_writer_data(w, j.q, q->out_bytes);
+        if (!rc) rc = ds_st_writer_data(w, j.scale, q->scale_bytes);
+    }
+    drop_pages(q->src);
+    drop_pages(q->scale);
+    return rc;
+}
+
+typedef struct {
+    size_t n_quant, n_copy;
+    uint64_t bytes_in, bytes_out;
+} qz_stats;
+
+static int write_shards(const char *dir, ds_pool *pool, const qz_opts *o, const qz_item *it,
+                        size_t n, int n_shards, qz_stats *st) {
+    qz_scratch sc = {0};
+    sc.n_slices = ds_pool_size(pool);
+    sc.rowf = calloc((size_t)sc.n_slices, sizeof *sc.rowf);
+    if (!sc.rowf) return ds_err_set(DS_ERR_NOMEM, "out of memory");
+    ds_progress pb;
+    uint64_t total = 0;
+    for (size_t i = 0; i < n; i++) total += it[i].src->nbytes;
+    ds_progress_begin(&pb, "quantize", total);
+    int rc = DS_OK;
+    size_t i = 0;
+    char sname[512];
+    for (int s = 0; !rc && s < n_shards; s++) {
+        char fname[64];
+        shard_name(fname, sizeof fname, s, n_shards);
+        char *path = ds_cli_path_join(dir, fname);
+        if (!path) {
+            rc = ds_err_set(DS_ERR_NOMEM, "out of memory");
+            break;
+        }
+        ds_st_writer *w = NULL;
+        rc = ds_st_writer_open(path, &w);
+        size_t j = i;
+        for (; !rc && j < n && (it[j].action == QZ_CONSUMED || it[j].shard == s); j++) {
+            const qz_item *q = &it[j];
+            if (q->action == QZ_CONSUMED) continue;
+            rc = ds_st_writer_add(w, q->src->name, q->out_dtype, q->out_ndim, q->out_shape);
+            if (!rc && q->action == QZ_QUANT) {
+                scale_name(sname, sizeof sname, q->src->name);
+                rc = ds_st_writer_add(w, sname, DS_F32, 2, q->scale_shape);
+            }
+        }
+        if (!rc) rc = ds_st_writer_begin_data(w);
+        for (size_t k = i; !rc && k < j; k++) {
+            const qz_item *q = &it[k];
+            if (qz_interrupted) rc = ds_err_set(DS_ERR_IO, "interrupted");
+            if (!rc && q->action != QZ_CONSUMED) rc = write_item(w, pool, o, q, &sc);
+            if (!rc && q->action != QZ_CONSUMED) {
+                if (q->action == QZ_QUANT)
+                    st->n_quant++;
+                else
+                    st->n_copy++;
+                st->bytes_out += q->out_bytes + q->scale_bytes;
+            }
+            st->bytes_in += q->src->nbytes;
+            ds_progress_add(&pb, q->src->nbytes);
+        }
+        if (w) {
+            int rc2 = ds_st_writer_close(w);
+            if (!rc) rc = rc2;
+        }
+        free(path);
+        i = j;
+    }
+    ds_progress_end(&pb);
+    free(sc.buf);
+    for (int k = 0; k < sc.n_slices; k++) ds_free(sc.rowf[k]);
+    free(sc.rowf);
+    return rc;
+}
+
+/* ---- JSON outputs -------------------------------------------------------------------------- */
+/* Whether every real in j survives printing with 15 significant digits (true for what people
+ * write in config files: 1e-06, 0.02, 2.5); else the config is printed with 17, exact always. */
+static int reals_short(const json_t *j) {
+    if (json_is_real(j)) {
+        char buf[64];
+        snprintf(buf, sizeof buf, "%.15g", json_real_value(j));
+        return strtod(buf, NULL) == json_real_value(j);
+    }
+    if (json_is_object(j)) {
+        const char *k;
+        json_t *v;
+        json_object_foreach((json_t *)j, k, v) if (!reals_short(v)) return 0;
+    } else if (json_is_array(j)) {
+        size_t i;
+        json_t *v;
+        json_array_foreach(j, i, v) if (!reals_short(v)) return 0;
+    }
+    return 1;
+}
+
+static int dump_json(json_t *j, const char *dir, const char *name, size_t flags) {
+    char *path = ds_cli_path_join(dir, name);
+    if (!path) return ds_err_set(DS_ERR_NOMEM, "out of memory");
+    int rc = DS_OK;
+    size_t prec = reals_short(j) ? 15 : 17;
+    if (json_dump_file(j, path, JSON_INDENT(2) | JSON_REAL_PRECISION(prec) | flags))
+        rc = ds_err_set(DS_ERR_IO, "%s: cannot write: %s", path, strerror(errno));
+    free(path);
+    return rc;
+}
+
+/* The quantization_config written for a scheme (docs/formats.md). */
+static json_t *quant_config(const qz_opts *o) {
+    if (o->scheme == QZ_W8A8)
+        return json_pack("{s:s, s:s}", "quant_method", "w8a8_int8", "activation_scheme", "dynamic");
+    return json_pack("{s:s, s:I, s:s}", "quant_method", "w4a8_int4", "group_size",
+                     (json_int_t)o->group, "activation_scheme", "dynamic");
+}
+
+static int write_index(const char *dir, const qz_item *it, size_t n, int n_shards) {
+    json_t *root = json_object(), *meta = json_object(), *map = json_object();
+    uint64_t total = 0;
+    int bad = !root || !meta || !map;
+    char sname[512];
+    for (size_t i = 0; !bad && i < n; i++) {
+        if (it[i].action == QZ_CONSUMED) continue;
+        char fname[64];
+        shard_name(fname, sizeof fname, it[i].shard, n_shards);
+        bad |= json_object_set_new(map, it[i].src->name, json_string(fname));
+        if (it[i].action == QZ_QUANT) {
+            scale_name(sname, sizeof sname, it[i].src->name);
+            bad |= json_object_set_new(map, sname, json_string(fname));
+        }
+        total += it[i].out_bytes + it[i].scale_bytes;
+    }
+    if (!bad) {
+        bad |= json_object_set_new(meta, "total_size", json_integer((json_int_t)total));
+        bad |= json_object_set_new(root, "metadata", meta);
+        meta = NULL;
+        bad |= json_object_set_new(root, "weight_map", map);
+        map = NULL;
+    }
+    json_decref(meta);
+    json_decref(map);
+    int rc = bad ? ds_err_set(DS_ERR_NOMEM, "out of memory")
+                 : dump_json(root, dir, "model.safetensors.index.json", JSON_SORT_KEYS);
+    json_decref(root);
+    return rc;
+}
+
+static int cmp_str(const void *a, const void *b) {
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* dir/dsinfer-manifest.sha256: "<hex>  <name>\n" for every regular file in dir, sorted. */
+static int write_manifest(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return ds_err_set(DS_ERR_IO, "%s: cannot list: %s", dir, strerror(errno));
+    char **names = NULL;
+    size_t n = 0, cap = 0;
+    int rc = DS_OK;
+    struct dirent *e;
+    while (!rc && (e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.' || strcmp(e->d_name, QZ_MANIFEST) == 0) continue;
+        if (n == cap) {
+            cap = cap ? 2 * cap : 32;
+            char **nn = realloc(names, cap * sizeof *nn);
+            if (!nn) {
+                rc = ds_err_set(DS_ERR_NOMEM, "out of memory");
+                break;
+            }
+            names = nn;
+        }
+        names[n] = strdup(e->d_name);
+        if (!names[n])
+            rc = ds_err_set(DS_ERR_NOMEM, "out of memory");
+        else
+            n++;
+    }
+    closedir(d);
+    if (!rc) qsort(names, n, sizeof *names, cmp_str);
+    char *mpath = ds_cli_path_join(dir, QZ_MANIFEST);
+    FILE *f = rc ? NULL : mpath ? fopen(mpath, "w") : NULL;
+    if (!rc && !f) rc = ds_err_set(DS_ERR_IO, "%s: cannot create", mpath ? mpath : dir);
+    for (size_t i = 0; !rc && i < n; i++) {
+        char *p = ds_cli_path_join(dir, names[i]);
+        uint8_t dg[32];
+        char hex[65];
+        rc = p ? ds_sha256_file(p, dg) : ds_err_set(DS_ERR_NOMEM, "out of memory");
+        free(p);
+        if (rc) break;
+        ds_sha256_hex(dg, hex);
+        fprintf(f, "%s  %s\n", hex, names[i]);
+    }
+    if (f && fclose(f) != 0 && !rc) rc = ds_err_set(DS_ERR_IO, "%s: write failed", mpath);
+    for (size_t i = 0; i < n; i++) free(names[i]);
+    free(names);
+    free(mpath);
+    return rc;
+}
+
+/* ---- the command ---------------------------------------------------------------------------- */
+static void usage(FILE *f) {
+    fprintf(f,
+            "usage: dsinfer quantize IN_DIR OUT_DIR --scheme w8a8|w4a8 [options]\n"
+            "Converts a BF16/F16/F32 or official FP8 DeepSeek-V3 checkpoint to int8 weights\n"
+            "(every attention and MLP/expert projection; docs/formats.md).\n"
+            "  --scheme w8a8|w4a8      w8a8: int8 per output channel (SGLang w8a8_int8);\n"
+            "                          w4a8: int4 per input group, packed along rows (w4a8_int4)\n"
+            "  --group-size G          W4A8 group along the input (default 128)\n"
+            "  --quantize-lm-head      also quantize lm_head.weight (default: copied)\n"
+            "  --shard-bytes N[K|M|G]  bytes per output shard (default 4G)\n"
+            "  --threads N             quantizing threads (default: all CPUs)\n"
+            "  --force                 replace a non-empty OUT_DIR\n");
+}
+
+int ds_cmd_quantize(int argc, char **argv) {
+    const char *in_dir = NULL, *out_arg = NULL, *scheme = NULL;
+    uint64_t group = 128, shard_bytes = 4ull << 30, threads = 0;
+    int force = 0;
+    qz_opts o = {QZ_W8A8, 128, 0, {128, 128}};
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *val = NULL;
+        char key[64];
+        if (strncmp(a, "--", 2) == 0 && strchr(a, '=')) {
+            size_t k = (size_t)(strchr(a, '=') - a);
+            if (k >= sizeof key) k = sizeof key - 1;
+            memcpy(key, a, k);
+            key[k] = 0;
+            val = strchr(a, '=') + 1;
+            a = key;
+        }
+        int takes = !strcmp(a, "--scheme") || !strcmp(a, "--group-size") ||
+                    !strcmp(a, "--shard-bytes") || !strcmp(a, "--threads");
+        if (takes && !val) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "dsinfer quantize: %s needs a value\n", a);
+                return 2;
+            }
+            val = argv[++i];
+        } else if (!takes && val) {
+            fprintf(stderr, "dsinfer quantize: %s takes no value\n", a);
+            return 2;
+        }
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            usage(stdout);
+            return 0;
+        } else if (!strcmp(a, "--scheme"))
+            scheme = val;
+        else if (!strcmp(a, "--group-size")) {
+            if (!ds_cli_parse_u64(val, &group, 0) || group == 0 || group > (1u << 30)) {
+                fprintf(stderr, "dsinfer quantize: --group-size '%s' is not a positive integer\n",
+                        val);
+                return 2;
+            }
+        } else if (!strcmp(a, "--shard-bytes")) {
+            if (!ds_cli_parse_u64(val, &shard_bytes, 1) || shard_bytes == 0) {
+                fprintf(stderr, "dsinfer quantize: --shard-bytes '%s' is not a positive size\n",
+                        val);
+                return 2;
+            }
+        } else if (!strcmp(a, "--threads")) {
+            if (!ds_cli_parse_u64(val, &threads, 0) || threads > 4096) {
+                fprintf(stderr, "dsinfer quantize: --threads '%s' is not a thread count\n", val);
+                return 2;
+            }
+        } else if (!strcmp(a, "--quantize-lm-head"))
+            o.lm_head = 1;
+        else if (!strcmp(a, "--force"))
+            force = 1;
+        else if (a[0] == '-' && a[1]) {
+            fprintf(stderr, "dsinfer quantize: unknown option '%s'\n", a);
+            usage(stderr);
+            return 2;
+        } else if (!in_dir)
+            in_dir = a;
+        else if (!out_arg)
+            out_arg = a;
+        else {
+            fprintf(stderr, "dsinfer quantize: unexpected argument '%s'\n", a);
+            return 2;
+        }
+    }
+    if (!in_dir || !out_arg) {
+        usage(stderr);
+        return 2;
+    }
+    if (!scheme) {
+        fprintf(stderr, "dsinfer quantize: --scheme w8a8|w4a8 is required\n");
+        return 2;
+    }
+    if (!strcmp(scheme, "w4a8"))
+        o.scheme = QZ_W4A8;
+    else if (strcmp(scheme, "w8a8") != 0) {
+        fprintf(stderr, "dsinfer quantize: unknown --scheme '%s' (w8a8 or w4a8)\n", scheme);
+        return 2;
+    }
+    o.group = (int64_t)group;
+
+    size_t ol = strlen(out_arg);
+    while (ol > 1 && out_arg[ol - 1] == '/') ol--;
+    char *out = malloc(ol + 16), *tmp = malloc(ol + 16), *aside = malloc(ol + 16);
+    if (!out || !tmp || !aside) {
+        free(out);
+        free(tmp);
+        free(aside);
+        fprintf(stderr, "dsinfer quantize: out of memory\n");
+        return 1;
+    }
+    memcpy(out, out_arg, ol);
+    out[ol] = 0;
+    snprintf(tmp, ol + 16, "%s.tmp-XXXXXX", out);
+    snprintf(aside, ol + 16, "%s.old-XXXXXX", out);
+
+    const double t0 = ds_now();
+    int status = 1, rc = DS_OK, made_tmp = 0;
+    ds_st_set *set = NULL;
+    ds_pool *pool = NULL;
+    json_t *cfg = NULL;
+    qz_item *it = NULL;
+    size_t n_items = 0;
+    qz_stats st = {0};
+    struct sigaction sa, old_int, old_term;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    qz_interrupted = 0;
+    sigaction(SIGINT, &sa, &old_int);
+    sigaction(SIGTERM, &sa, &old_term);
+
+    int existing = ds_cli_dir_state(out);
+    if (existing != 0 && !force) {
+        fprintf(stderr, "dsinfer quantize: %s already exists%s; pass --force to replace it\n", out,
+                existing < 0 ? " and is not a directory" : " and is not empty");
+        status = 2;
+        goto done;
+    }
+    char *cfg_path = ds_cli_path_join(in_dir, "config.json");
+    rc = cfg_path ? ds_json_load_file(cfg_path, &cfg) : ds_err_set(DS_ERR_NOMEM, "out of memory");
+    if (!rc && !json_is_object(cfg))
+        rc = ds_err_set(DS_ERR_FORMAT, "%s: not a JSON object", cfg_path);
+    free(cfg_path);
+    if (!rc) {
+        /* the source's fp8 block size (the official release: [128, 128]) */
+        json_t *qc = json_object_get(cfg, "quantization_config");
+        json_t *bs = qc ? json_object_get(qc, "weight_block_size") : NULL;
+        if (bs) {
+            json_t *b0 = json_array_get(bs, 0), *b1 = json_array_get(bs, 1);
+            if (json_array_size(bs) != 2 || !json_is_integer(b0) || !json_is_integer(b1) ||
+                json_integer_value(b0) <= 0 || json_integer_value(b1) <= 0)
+                rc = ds_err_set(DS_ERR_FORMAT,
+                                "%s/config.json: quantization_config.weight_block_size is not "
+                                "two positive integers",
+                                in_dir);
+            else {
+                o.fp8_block[0] = json_integer_value(b0);
+                o.fp8_block[1] = json_integer_value(b1);
+            }
+        }
+    }
+    if (!rc) rc = ds_st_open_dir(in_dir, &set);
+    if (!rc) rc = build_plan(set, &o, &it, &n_items);
+    if (!rc && !(pool = ds_pool_open((int)threads))) rc = DS_ERR_NOMEM;
+    if (rc) {
+        fprintf(stderr, "dsinfer quantize: %s\n", ds_err_msg());
+        goto done;
+    }
+    if (!mkdtemp(tmp)) {
+        fprintf(stderr, "dsinfer quantize: cannot create %s: %s\n", tmp, strerror(errno));
+        goto done;
+    }
+    made_tmp = 1;
+    int n_shards = assign_shards(it, n_items, shard_bytes);
+    rc = write_shards(tmp, pool, &o, it, n_items, n_shards, &st);
+    if (!rc) rc = write_index(tmp, it, n_items, n_shards);
+    if (!rc) {
+        json_t *qc = quant_config(&o);
+        rc = qc && !json_object_set_new(cfg, "quantization_config", qc)
+                 ? dump_json(cfg, tmp, "config.json", 0)
+                 : ds_err_set(DS_ERR_NOMEM, "out of memory");
+    }
+    const char *copied[] = {"tokenizer.json", "tokenizer_config.json", "generation_config.json"};
+    for (int i = 0; !rc && i < 3; i++) {
+        if (!ds_cli_file_exists(in_dir, copied[i])) continue;
+        char *src = ds_cli_path_join(in_dir, copied[i]), *dst = ds_cli_path_join(tmp, copied[i]);
+        rc = src && dst ? ds_cli_copy_file(src, dst) : ds_err_set(DS_ERR_NOMEM, "out of memory");
+        free(src);
+        free(dst);
+    }
+    if (!rc && qz_interrupted) rc = ds_err_set(DS_ERR_IO, "interrupted");
+    if (!rc) rc = write_manifest(tmp);
+    if (rc) {
+        fprintf(stderr, "dsinfer quantize: %s\n", ds_err_msg());
+        goto done;
+    }
+    chmod(tmp, 0755); /* mkdtemp makes it 0700 */
+    existing = ds_cli_dir_state(out);
+    int moved_aside = 0;
+    if (existing != 0) { /* only reachable with --force */
+        struct stat sb;
+        if (existing < 0) {
+            if (unlink(out) != 0) {
+                fprintf(stderr, "dsinfer quantize: cannot remove %s: %s\n", out, strerror(errno));
+                goto done;
+            }
+        } else if (!mkdtemp(aside) || rename(out, aside) != 0) {
+            fprintf(stderr, "dsinfer quantize: cannot move %s aside: %s\n", out, strerror(errno));
+            if (stat(aside, &sb) == 0) rmdir(aside);
+            goto done;
+        } else {
+            moved_aside = 1;
+        }
+    } else {
+        rmdir(out); /* an empty OUT_DIR is replaced */
+    }
+    if (rename(tmp, out) != 0) {
+        fprintf(stderr, "dsinfer quantize: cannot rename %s to %s: %s\n", tmp, out,
+                strerror(errno));
+        if (moved_aside && rename(aside, out) != 0)
+            fprintf(stderr, "dsinfer quantize: the previous %s is at %s\n", out, aside);
+        goto done;
+    }
+    made_tmp = 0;
+    if (moved_aside) ds_cli_rm_tree(aside);
+    printf("quantized %s -> %s (%s", in_dir, out, o.scheme == QZ_W8A8 ? "w8a8_int8" : "w4a8_int4");
+    if (o.scheme == QZ_W4A8) printf(", group %lld", (long long)o.group);
+    printf("): %zu tensors quantized, %zu copied, %.1f MB in -> %.1f MB out in %d shard%s, "
+           "%.1f s\n",
+           st.n_quant, st.n_copy, (double)st.bytes_in / 1e6, (double)st.bytes_out / 1e6, n_shards,
+           n_shards == 1 ? "" : "s", ds_now() - t0);
+    status = 0;
+done:
+    if (made_tmp) ds_cli_rm_tree(tmp);
+    sigaction(SIGINT, &old_int, NULL);
+    sigaction(SIGTERM, &old_term, NULL);
+    free(it);
+    ds_pool_close(pool);
+    ds_st_close(set);
+    json_decref(cfg);
+    free(out);
+    free(tmp);
+    free(aside);
+    return status;
+}
