@@ -5,6 +5,7 @@
 #   3. build with clang, warnings as errors       -> build-clang/, build only
 #   4. ASan + UBSan build with clang              -> build-asan/,  unit tests (ctest)
 #      then a ThreadSanitizer build               -> build-tsan/,  the multi-threaded tests
+#      then an aarch64 cross build (gcc)          -> build-aarch64/, test_kernels under qemu
 #   5. libFuzzer build with clang                 -> build-fuzz/,  each fuzz_* target for
 #      DSINFER_FUZZ_SECONDS (default 60) seconds from its seed corpus tests/fuzz/corpus/<name>/
 # Any failure fails the script.
@@ -70,6 +71,25 @@ build build-tsan --target test_pool test_kernels test_forward
 TSAN_OPTIONS="${TSAN_OPTIONS:-halt_on_error=1}" \
   ctest --test-dir build-tsan --output-on-failure --no-tests=error -R '^(test_pool|test_kernels|test_forward)$'
 stage_done "TSan build + threaded tests" "$t"
+
+section "4c/5 aarch64 cross build (gcc) -> build-aarch64/ + test_kernels under qemu-aarch64"
+# The NEON table cannot run on an x86 CI machine, so the kernels test (it needs only src/core and
+# src/kernels: no jansson / pcre2) is cross-compiled with Debian's gcc-aarch64-linux-gnu, the NEON
+# file with its own -march flags as in CMakeLists.txt, and run under user-mode qemu (its default
+# CPU has the dot-product extension). DS_ISA children cover scalar and neon.
+t=$SECONDS
+ACC=aarch64-linux-gnu-gcc
+AOUT=build-aarch64
+ACFLAGS=(-std=c11 -D_GNU_SOURCE -O2 -g -Wall -Wextra -Werror -Isrc -Itests)
+mkdir -p "$AOUT"
+"$ACC" "${ACFLAGS[@]}" -march=armv8.2-a+dotprod+fp16 -c src/kernels/kernels_neon.c \
+  -o "$AOUT/kernels_neon.o"
+mapfile -t asrcs < <(ls src/core/*.c src/kernels/*.c tests/testutil.c tests/kernels/test_kernels.c |
+  grep -v -E '_(avx2|avx512|neon)\.c$')
+"$ACC" "${ACFLAGS[@]}" -DDSINFER_FIXTURES_DEFAULT='"none"' -DDSINFER_SOURCE_DIR="\"$ROOT\"" \
+  -DDSINFER_BIN='"none"' -o "$AOUT/test_kernels" "${asrcs[@]}" "$AOUT/kernels_neon.o" -lpthread -lm
+timeout 300 qemu-aarch64 -L /usr/aarch64-linux-gnu "$AOUT/test_kernels"
+stage_done "aarch64 cross build + qemu kernels" "$t"
 
 section "5/5 fuzz build (clang libFuzzer) -> build-fuzz/, ${FUZZ_SECONDS}s per target"
 t=$SECONDS

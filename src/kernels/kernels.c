@@ -105,6 +105,8 @@ static void complete(ds_kernels *dst, const ds_kernels *src) {
     if (!dst->dot4x2_bf16) dst->dot4x2_bf16 = s->dot4x2_bf16;
     if (!dst->dot4x2_f16) dst->dot4x2_f16 = s->dot4x2_f16;
     if (!dst->dot4x2_fp8) dst->dot4x2_fp8 = s->dot4x2_fp8;
+    if (!dst->dot4_i8) dst->dot4_i8 = s->dot4_i8;
+    if (!dst->dot4_i4) dst->dot4_i4 = s->dot4_i4;
 }
 
 static void detect(void) {

@@ -50,6 +50,21 @@ typedef struct ds_kernels {
                        float out[8]);
     void (*dot4x2_fp8)(const float *x0, const float *x1, const uint8_t *const w[4],
                        const float *const scale[4], size_t n, size_t block, float out[8]);
+    /* Integer dots of W8A8 / W4A8, exact in int32: the columns are cut into blocks of `block`
+     * (> 0) starting at column 0, the last one partial, and for every block b and row r
+     *   out[4 * b + r] = sum_{i in block b} x[i] * w[r][i]
+     * (out holds 4 * ceil(n / block) int32). x is quantized activations: |x[i]| <= 127 (-128
+     * never appears; the AVX2 sign trick relies on it). Weights may be any int8, -128 included.
+     * Every table gives the same integers (the SIMD ones reorder an exact sum); the caller keeps
+     * block * 127 * 128 < 2^31 (block <= 131072). */
+    void (*dot4_i8)(const int8_t *x, const int8_t *const w[4], size_t n, size_t block,
+                    int32_t *out);
+    /* The same with int4 weights packed two per byte (ds_mat.int4): w[r] points at the byte of
+     * an even column, byte j holding logical column 2j in its low nibble and 2j + 1 in its high
+     * one, two's complement in [-8, 7]; n logical columns (ceil(n / 2) bytes are read; when n is
+     * odd the last high nibble is ignored). block is even unless block >= n. */
+    void (*dot4_i4)(const int8_t *x, const uint8_t *const w[4], size_t n, size_t block,
+                    int32_t *out);
 } ds_kernels;
 
 /* The table for this machine, selected on first call (thread-safe). */

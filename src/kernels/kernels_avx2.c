@@ -337,6 +337,113 @@ static void axpy_f32_avx2(float *y, float a, const float *x, size_t n) {
     }
 }
 
+/* ---- integer dots ----
+ * vpmaddubsw multiplies unsigned by signed bytes and adds pairs into int16, saturating. For
+ * int8 the unsigned side is |w| (|-128| = 128 as a byte) and the sign moves onto x
+ * (vpsignb: |x| <= 127, so -x never overflows): a pair is at most 2 * 128 * 127 = 32512, below
+ * the int16 limit, so nothing saturates. For int4 the unsigned side is w + 8 in [0, 15]
+ * (nibble ^ 8) and 8 * sum x is taken back out at the end. vpmaddwd with ones widens to int32.
+ * Tails go through zero-padded copies (zero x adds nothing). Exact: equals the scalar sums. */
+
+/* [sum a0, sum a1, sum a2, sum a3] */
+static inline __m128i reduce4_epi32_avx2(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
+    __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
+    return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+}
+
+static inline __m256i i8_row(__m256i acc, __m256i xv, __m256i wv, __m256i ones16) {
+    __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones16));
+}
+
+static void dot4_i8_avx2(const int8_t *x, const int8_t *const w[4], size_t n, size_t block,
+                         int32_t *out) {
+    const __m256i ones16 = _mm256_set1_epi16(1);
+    for (size_t c0 = 0, b = 0; c0 < n; c0 += block, b++) {
+        size_t end = c0 + (n - c0 < block ? n - c0 : block);
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+        size_t i = c0;
+        for (; i + 32 <= end; i += 32) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(const void *)(x + i));
+            a0 = i8_row(a0, xv, _mm256_loadu_si256((const __m256i *)(const void *)(w[0] + i)), ones16);
+            a1 = i8_row(a1, xv, _mm256_loadu_si256((const __m256i *)(const void *)(w[1] + i)), ones16);
+            a2 = i8_row(a2, xv, _mm256_loadu_si256((const __m256i *)(const void *)(w[2] + i)), ones16);
+            a3 = i8_row(a3, xv, _mm256_loadu_si256((const __m256i *)(const void *)(w[3] + i)), ones16);
+        }
+        if (i < end) {
+            _Alignas(32) int8_t bx[32] = {0}, bw[4][32] = {{0}};
+            memcpy(bx, x + i, end - i);
+            for (int r = 0; r < 4; r++) memcpy(bw[r], w[r] + i, end - i);
+            __m256i xv = _mm256_load_si256((const __m256i *)(const void *)bx);
+            a0 = i8_row(a0, xv, _mm256_load_si256((const __m256i *)(const void *)bw[0]), ones16);
+            a1 = i8_row(a1, xv, _mm256_load_si256((const __m256i *)(const void *)bw[1]), ones16);
+            a2 = i8_row(a2, xv, _mm256_load_si256((const __m256i *)(const void *)bw[2]), ones16);
+            a3 = i8_row(a3, xv, _mm256_load_si256((const __m256i *)(const void *)bw[3]), ones16);
+        }
+        _mm_storeu_si128((__m128i *)(void *)(out + 4 * b), reduce4_epi32_avx2(a0, a1, a2, a3));
+    }
+}
+
+/* 64 columns of x split into even and odd ones in the order of the 32 packed bytes holding
+ * their weights (see kernels_avx512.c: sign-extend the bytes of each word, pack, permute). */
+static inline void split_even_odd_avx2(__m256i x0, __m256i x1, __m256i *xe, __m256i *xo) {
+    __m256i e0 = _mm256_srai_epi16(_mm256_slli_epi16(x0, 8), 8);
+    __m256i e1 = _mm256_srai_epi16(_mm256_slli_epi16(x1, 8), 8);
+    __m256i o0 = _mm256_srai_epi16(x0, 8), o1 = _mm256_srai_epi16(x1, 8);
+    *xe = _mm256_permute4x64_epi64(_mm256_packs_epi16(e0, e1), 0xd8);
+    *xo = _mm256_permute4x64_epi64(_mm256_packs_epi16(o0, o1), 0xd8);
+}
+
+static inline __m256i i4_row(__m256i acc, __m256i packed, __m256i xe, __m256i xo) {
+    const __m256i flip = _mm256_set1_epi8((char)0x88), lo4 = _mm256_set1_epi8(0x0f);
+    __m256i p = _mm256_xor_si256(packed, flip);
+    /* each pair <= 2 * 15 * 127, the two sums <= 7620: int16 holds it */
+    __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(p, lo4), xe),
+                                 _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(p, 4), lo4), xo));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(s, _mm256_set1_epi16(1)));
+}
+
+static void dot4_i4_avx2(const int8_t *x, const uint8_t *const w[4], size_t n, size_t block,
+                         int32_t *out) {
+    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    for (size_t c0 = 0, b = 0; c0 < n; c0 += block, b++) {
+        size_t end = c0 + (n - c0 < block ? n - c0 : block);
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, sx = a0;
+        for (size_t i = c0; i < end; i += 64) {
+            const size_t o = i / 2; /* i is even: block even, or a single block from 0 */
+            __m256i x0, x1, pw[4];
+            if (i + 64 <= end) {
+                x0 = _mm256_loadu_si256((const __m256i *)(const void *)(x + i));
+                x1 = _mm256_loadu_si256((const __m256i *)(const void *)(x + i + 32));
+                for (int r = 0; r < 4; r++)
+                    pw[r] = _mm256_loadu_si256((const __m256i *)(const void *)(w[r] + o));
+            } else {
+                _Alignas(32) int8_t bx[64] = {0};
+                _Alignas(32) uint8_t bw[4][32] = {{0}};
+                memcpy(bx, x + i, end - i);
+                for (int r = 0; r < 4; r++) memcpy(bw[r], w[r] + o, (end - i + 1) / 2);
+                x0 = _mm256_load_si256((const __m256i *)(const void *)bx);
+                x1 = _mm256_load_si256((const __m256i *)(const void *)(bx + 32));
+                for (int r = 0; r < 4; r++)
+                    pw[r] = _mm256_load_si256((const __m256i *)(const void *)bw[r]);
+            }
+            __m256i sxs = _mm256_add_epi16(_mm256_maddubs_epi16(ones8, x0),
+                                           _mm256_maddubs_epi16(ones8, x1));
+            sx = _mm256_add_epi32(sx, _mm256_madd_epi16(sxs, ones16));
+            __m256i xe, xo;
+            split_even_odd_avx2(x0, x1, &xe, &xo);
+            a0 = i4_row(a0, pw[0], xe, xo);
+            a1 = i4_row(a1, pw[1], xe, xo);
+            a2 = i4_row(a2, pw[2], xe, xo);
+            a3 = i4_row(a3, pw[3], xe, xo);
+        }
+        __m256i comp = _mm256_slli_epi32(sx, 3);
+        _mm_storeu_si128((__m128i *)(void *)(out + 4 * b),
+                         reduce4_epi32_avx2(_mm256_sub_epi32(a0, comp), _mm256_sub_epi32(a1, comp),
+                                            _mm256_sub_epi32(a2, comp), _mm256_sub_epi32(a3, comp)));
+    }
+}
+
 static const ds_kernels avx2_table = {
     .name = "avx2",
     .bf16_to_f32 = bf16_to_f32_avx2,
@@ -351,6 +458,8 @@ static const ds_kernels avx2_table = {
     .dot4x2_bf16 = dot4x2_bf16_avx2,
     .dot4x2_f16 = dot4x2_f16_avx2,
     .dot4x2_fp8 = dot4x2_fp8_avx2,
+    .dot4_i8 = dot4_i8_avx2,
+    .dot4_i4 = dot4_i4_avx2,
 };
 
 const ds_kernels *ds_kernels_avx2_table(void) {

@@ -339,6 +339,123 @@ static void axpy_f32_avx512(float *y, float a, const float *x, size_t n) {
     }
 }
 
+/* ---- integer dots (VNNI) ----
+ * vpdpbusd multiplies unsigned by signed bytes, so one side is made unsigned and the offset is
+ * taken back out exactly: for int8, u = w + 128 (w ^ 0x80, any int8 w) against s = x, and
+ *   sum x * w = sum x * u - 128 * sum x,
+ * with sum x from one more vpdpbusd against a vector of ones, shared by the four rows. For int4,
+ * u = nibble ^ 8 = w + 8 in [0, 15] and the correction is 8 * sum x. Products and sums are exact
+ * in int32 (vpdpbusd does not saturate), so the results equal the scalar sums bit for bit. */
+
+/* [sum a0, sum a1, sum a2, sum a3] */
+static inline __m128i reduce4_epi32(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
+    __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
+    __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
+    __m512i s = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+    __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+static inline __mmask64 tail64(size_t r) {
+    return r >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << r) - 1);
+}
+
+static void dot4_i8_avx512(const int8_t *x, const int8_t *const w[4], size_t n, size_t block,
+                           int32_t *out) {
+    const __m512i ones = _mm512_set1_epi8(1), flip = _mm512_set1_epi8((char)0x80);
+    for (size_t c0 = 0, b = 0; c0 < n; c0 += block, b++) {
+        size_t end = c0 + (n - c0 < block ? n - c0 : block);
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, sx = a0;
+        __m512i e0 = a0, e1 = a0, e2 = a0, e3 = a0, sy = a0; /* second chain: 128 per step */
+        size_t i = c0;
+        for (; i + 128 <= end; i += 128) {
+            __m512i xv = _mm512_loadu_si512(x + i), yv = _mm512_loadu_si512(x + i + 64);
+            sx = _mm512_dpbusd_epi32(sx, ones, xv);
+            sy = _mm512_dpbusd_epi32(sy, ones, yv);
+            a0 = _mm512_dpbusd_epi32(a0, _mm512_xor_si512(_mm512_loadu_si512(w[0] + i), flip), xv);
+            a1 = _mm512_dpbusd_epi32(a1, _mm512_xor_si512(_mm512_loadu_si512(w[1] + i), flip), xv);
+            a2 = _mm512_dpbusd_epi32(a2, _mm512_xor_si512(_mm512_loadu_si512(w[2] + i), flip), xv);
+            a3 = _mm512_dpbusd_epi32(a3, _mm512_xor_si512(_mm512_loadu_si512(w[3] + i), flip), xv);
+            e0 = _mm512_dpbusd_epi32(e0, _mm512_xor_si512(_mm512_loadu_si512(w[0] + i + 64), flip),
+                                     yv);
+            e1 = _mm512_dpbusd_epi32(e1, _mm512_xor_si512(_mm512_loadu_si512(w[1] + i + 64), flip),
+                                     yv);
+            e2 = _mm512_dpbusd_epi32(e2, _mm512_xor_si512(_mm512_loadu_si512(w[2] + i + 64), flip),
+                                     yv);
+            e3 = _mm512_dpbusd_epi32(e3, _mm512_xor_si512(_mm512_loadu_si512(w[3] + i + 64), flip),
+                                     yv);
+        }
+        for (; i < end; i += 64) { /* masked: zero x and w past the end add 0 * 128 */
+            __mmask64 m = tail64(end - i);
+            __m512i xv = _mm512_maskz_loadu_epi8(m, x + i);
+            sx = _mm512_dpbusd_epi32(sx, ones, xv);
+            a0 = _mm512_dpbusd_epi32(a0, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w[0] + i), flip),
+                                     xv);
+            a1 = _mm512_dpbusd_epi32(a1, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w[1] + i), flip),
+                                     xv);
+            a2 = _mm512_dpbusd_epi32(a2, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w[2] + i), flip),
+                                     xv);
+            a3 = _mm512_dpbusd_epi32(a3, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w[3] + i), flip),
+                                     xv);
+        }
+        __m512i comp = _mm512_slli_epi32(_mm512_add_epi32(sx, sy), 7);
+        a0 = _mm512_sub_epi32(_mm512_add_epi32(a0, e0), comp);
+        a1 = _mm512_sub_epi32(_mm512_add_epi32(a1, e1), comp);
+        a2 = _mm512_sub_epi32(_mm512_add_epi32(a2, e2), comp);
+        a3 = _mm512_sub_epi32(_mm512_add_epi32(a3, e3), comp);
+        _mm_storeu_si128((__m128i *)(void *)(out + 4 * b), reduce4_epi32(a0, a1, a2, a3));
+    }
+}
+
+/* x[i .. i + 128) split into the even and the odd columns, in the order of the 64 packed bytes
+ * that hold them: xe[j] = x[i + 2j], xo[j] = x[i + 2j + 1]. The words of x shifted keep one byte
+ * each, sign-extended (exact), packs_epi16 puts them back into bytes (no saturation: they fit),
+ * interleaving 64-bit groups per 128-bit lane, and the permute restores the byte order. */
+static inline void split_even_odd(__m512i x0, __m512i x1, __m512i *xe, __m512i *xo) {
+    const __m512i idx = _mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0);
+    __m512i e0 = _mm512_srai_epi16(_mm512_slli_epi16(x0, 8), 8);
+    __m512i e1 = _mm512_srai_epi16(_mm512_slli_epi16(x1, 8), 8);
+    __m512i o0 = _mm512_srai_epi16(x0, 8), o1 = _mm512_srai_epi16(x1, 8);
+    *xe = _mm512_permutexvar_epi64(idx, _mm512_packs_epi16(e0, e1));
+    *xo = _mm512_permutexvar_epi64(idx, _mm512_packs_epi16(o0, o1));
+}
+
+static void dot4_i4_avx512(const int8_t *x, const uint8_t *const w[4], size_t n, size_t block,
+                           int32_t *out) {
+    const __m512i ones = _mm512_set1_epi8(1), flip = _mm512_set1_epi8((char)0x88);
+    const __m512i lo4 = _mm512_set1_epi8(0x0f);
+    for (size_t c0 = 0, b = 0; c0 < n; c0 += block, b++) {
+        size_t end = c0 + (n - c0 < block ? n - c0 : block);
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, sx = a0;
+        for (size_t i = c0; i < end; i += 128) {
+            size_t left = end - i; /* logical columns; x past the end loads as 0 */
+            __mmask64 mx0 = tail64(left), mx1 = tail64(left > 64 ? left - 64 : 0);
+            __mmask64 mp = tail64((left + 1) / 2);
+            __m512i x0 = _mm512_maskz_loadu_epi8(mx0, x + i);
+            __m512i x1 = _mm512_maskz_loadu_epi8(mx1, x + i + 64);
+            sx = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sx, ones, x0), ones, x1);
+            __m512i xe, xo;
+            split_even_odd(x0, x1, &xe, &xo);
+            const size_t o = i / 2; /* i is even: block even, or a single block from 0 */
+#define I4_ROW(acc, r)                                                                             \
+    do {                                                                                           \
+        __m512i p = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mp, w[r] + o), flip);                 \
+        acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(p, lo4), xe);                              \
+        acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(p, 4), lo4), xo);        \
+    } while (0)
+            I4_ROW(a0, 0);
+            I4_ROW(a1, 1);
+            I4_ROW(a2, 2);
+            I4_ROW(a3, 3);
+#undef I4_ROW
+        }
+        __m512i comp = _mm512_slli_epi32(sx, 3);
+        _mm_storeu_si128((__m128i *)(void *)(out + 4 * b),
+                         reduce4_epi32(_mm512_sub_epi32(a0, comp), _mm512_sub_epi32(a1, comp),
+                                       _mm512_sub_epi32(a2, comp), _mm512_sub_epi32(a3, comp)));
+    }
+}
+
 static const ds_kernels avx512_table = {
     .name = "avx512",
     .bf16_to_f32 = bf16_to_f32_avx512,
@@ -353,6 +470,8 @@ static const ds_kernels avx512_table = {
     .dot4x2_bf16 = dot4x2_bf16_avx512,
     .dot4x2_f16 = dot4x2_f16_avx512,
     .dot4x2_fp8 = dot4x2_fp8_avx512,
+    .dot4_i8 = dot4_i8_avx512,
+    .dot4_i4 = dot4_i4_avx512,
 };
 
 const ds_kernels *ds_kernels_avx512_table(void) {

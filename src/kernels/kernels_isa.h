@@ -72,4 +72,11 @@ static inline float ds_e4m3_decode(uint8_t b) {
     return ds_f32_from_bits(sign | ((e + 120u) << 23) | (m << 20)); /* rebias 7 -> 127 */
 }
 
+/* Logical column c of an int4-packed row (ds_mat.int4): low nibble for even c, high for odd,
+ * two's complement in [-8, 7]. */
+static inline int ds_i4_get(const uint8_t *row, size_t c) {
+    unsigned v = (c & 1) ? (unsigned)(row[c >> 1] >> 4) : (unsigned)(row[c >> 1] & 0xfu);
+    return (int)(v ^ 8u) - 8;
+}
+
 #endif

@@ -124,6 +124,67 @@ static void axpy_f32_neon(float *y, float a, const float *x, size_t n) {
     for (; i < n; i++) y[i] += a * x[i];
 }
 
+/* ---- integer dots (dot-product extension: SDOT, signed x signed bytes into int32) ----
+ * int8 is one SDOT per 16 columns and row. int4: vld2q_s8 splits 32 columns of x into the even
+ * and the odd ones, matching the low and the high nibbles of 16 packed bytes; the nibbles are
+ * sign-extended in place (shift left 4, arithmetic shift right 4). Tails go through zero-padded
+ * copies. Exact: equals the scalar sums. */
+static void dot4_i8_neon(const int8_t *x, const int8_t *const w[4], size_t n, size_t block,
+                         int32_t *out) {
+    for (size_t c0 = 0, b = 0; c0 < n; c0 += block, b++) {
+        size_t end = c0 + (n - c0 < block ? n - c0 : block);
+        int32x4_t a[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
+        size_t i = c0;
+        for (; i + 16 <= end; i += 16) {
+            int8x16_t xv = vld1q_s8(x + i);
+            for (int r = 0; r < 4; r++) a[r] = vdotq_s32(a[r], xv, vld1q_s8(w[r] + i));
+        }
+        if (i < end) {
+            int8_t bx[16] = {0}, bw[16];
+            memcpy(bx, x + i, end - i);
+            int8x16_t xv = vld1q_s8(bx);
+            for (int r = 0; r < 4; r++) {
+                memset(bw, 0, sizeof bw);
+                memcpy(bw, w[r] + i, end - i);
+                a[r] = vdotq_s32(a[r], xv, vld1q_s8(bw));
+            }
+        }
+        for (int r = 0; r < 4; r++) out[4 * b + (size_t)r] = vaddvq_s32(a[r]);
+    }
+}
+
+static void dot4_i4_neon(const int8_t *x, const uint8_t *const w[4], size_t n, size_t block,
+                         int32_t *out) {
+    for (size_t c0 = 0, b = 0; c0 < n; c0 += block, b++) {
+        size_t end = c0 + (n - c0 < block ? n - c0 : block);
+        int32x4_t a[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
+        for (size_t i = c0; i < end; i += 32) {
+            const size_t o = i / 2; /* i is even: block even, or a single block from 0 */
+            int8x16x2_t xv;
+            int8x16_t pw[4];
+            if (i + 32 <= end) {
+                xv = vld2q_s8(x + i);
+                for (int r = 0; r < 4; r++) pw[r] = vreinterpretq_s8_u8(vld1q_u8(w[r] + o));
+            } else {
+                int8_t bx[32] = {0};
+                uint8_t bw[16];
+                memcpy(bx, x + i, end - i);
+                xv = vld2q_s8(bx);
+                for (int r = 0; r < 4; r++) {
+                    memset(bw, 0, sizeof bw);
+                    memcpy(bw, w[r] + o, (end - i + 1) / 2);
+                    pw[r] = vreinterpretq_s8_u8(vld1q_u8(bw));
+                }
+            }
+            for (int r = 0; r < 4; r++) {
+                int8x16_t lo = vshrq_n_s8(vshlq_n_s8(pw[r], 4), 4), hi = vshrq_n_s8(pw[r], 4);
+                a[r] = vdotq_s32(vdotq_s32(a[r], lo, xv.val[0]), hi, xv.val[1]);
+            }
+        }
+        for (int r = 0; r < 4; r++) out[4 * b + (size_t)r] = vaddvq_s32(a[r]);
+    }
+}
+
 static const ds_kernels neon_table = {
     .name = "neon",
     .bf16_to_f32 = bf16_to_f32_neon,
@@ -132,6 +193,8 @@ static const ds_kernels neon_table = {
     .dot_f32 = dot_f32_neon,
     .dot4_f32 = dot4_f32_neon,
     .axpy_f32 = axpy_f32_neon,
+    .dot4_i8 = dot4_i8_neon,
+    .dot4_i4 = dot4_i4_neon,
 };
 
 const ds_kernels *ds_kernels_neon_table(void) {

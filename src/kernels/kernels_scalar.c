@@ -183,6 +183,31 @@ static void axpy_f32_scalar(float *y, float a, const float *x, size_t n) {
     for (size_t i = 0; i < n; i++) st_f32(y, i, ld_f32(y, i) + a * ld_f32(x, i));
 }
 
+/* Integer dots: plain int32 sums per block and row, the oracle of the SIMD reorderings. */
+static void dot4_i8_scalar(const int8_t *x, const int8_t *const w[4], size_t n, size_t block,
+                           int32_t *out) {
+    for (size_t c0 = 0, b = 0; c0 < n; c0 += block, b++) {
+        size_t len = n - c0 < block ? n - c0 : block;
+        for (int r = 0; r < 4; r++) {
+            int32_t s = 0;
+            for (size_t i = c0; i < c0 + len; i++) s += (int32_t)x[i] * (int32_t)w[r][i];
+            out[4 * b + (size_t)r] = s;
+        }
+    }
+}
+
+static void dot4_i4_scalar(const int8_t *x, const uint8_t *const w[4], size_t n, size_t block,
+                           int32_t *out) {
+    for (size_t c0 = 0, b = 0; c0 < n; c0 += block, b++) {
+        size_t len = n - c0 < block ? n - c0 : block;
+        for (int r = 0; r < 4; r++) {
+            int32_t s = 0;
+            for (size_t i = c0; i < c0 + len; i++) s += (int32_t)x[i] * ds_i4_get(w[r], i);
+            out[4 * b + (size_t)r] = s;
+        }
+    }
+}
+
 static const ds_kernels scalar_table = {
     .name = "scalar",
     .bf16_to_f32 = bf16_to_f32_scalar,
@@ -197,6 +222,8 @@ static const ds_kernels scalar_table = {
     .dot4x2_bf16 = dot4x2_bf16_scalar,
     .dot4x2_f16 = dot4x2_f16_scalar,
     .dot4x2_fp8 = dot4x2_fp8_scalar,
+    .dot4_i8 = dot4_i8_scalar,
+    .dot4_i4 = dot4_i4_scalar,
 };
 
 const ds_kernels *ds_kernels_scalar(void) {

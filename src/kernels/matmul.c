@@ -54,13 +54,21 @@
  * concurrently. */
 #include "kernels/kernels_isa.h"
 
+#include <stdlib.h>
+
 int ds_mat_dtype_ok(ds_dtype t) {
-    return t == DS_F32 || t == DS_F16 || t == DS_BF16 || t == DS_F8_E4M3;
+    return t == DS_F32 || t == DS_F16 || t == DS_BF16 || t == DS_F8_E4M3 || t == DS_I8;
+}
+
+/* Bytes of one stored row: int4 packs two columns per byte. */
+static size_t row_bytes(const ds_mat *w) {
+    if (w->dtype == DS_I8 && w->int4) return (size_t)(w->cols + 1) / 2;
+    return (size_t)w->cols * ds_dtype_size(w->dtype);
 }
 
 uint64_t ds_mat_bytes(const ds_mat *w) {
-    uint64_t n = (uint64_t)w->rows * (uint64_t)w->cols * ds_dtype_size(w->dtype);
-    if (w->dtype == DS_F8_E4M3 && w->block_rows > 0 && w->block_cols > 0) {
+    uint64_t n = (uint64_t)w->rows * (uint64_t)row_bytes(w);
+    if ((w->dtype == DS_F8_E4M3 || w->dtype == DS_I8) && w->block_rows > 0 && w->block_cols > 0) {
         uint64_t rb = (uint64_t)((w->rows + w->block_rows - 1) / w->block_rows);
         uint64_t cb = (uint64_t)((w->cols + w->block_cols - 1) / w->block_cols);
         n += rb * cb * sizeof(float);
@@ -71,7 +79,14 @@ uint64_t ds_mat_bytes(const ds_mat *w) {
 static void check_mat(const ds_mat *w) {
     DS_ASSERT(ds_mat_dtype_ok(w->dtype));
     DS_ASSERT(w->rows >= 0 && w->cols >= 0 && w->data);
-    if (w->dtype == DS_F8_E4M3) DS_ASSERT(w->scale && w->block_rows > 0 && w->block_cols > 0);
+    if (w->dtype == DS_F8_E4M3 || w->dtype == DS_I8)
+        DS_ASSERT(w->scale && w->block_rows > 0 && w->block_cols > 0);
+    if (w->dtype == DS_I8) {
+        int64_t bc = w->block_cols < w->cols ? w->block_cols : w->cols;
+        DS_ASSERT(bc <= 131072); /* a block's int32 sum: bc * 127 * 128 < 2^31 */
+        /* int4 blocks start on a byte: an even group size, or one block per row */
+        if (w->int4) DS_ASSERT(w->block_cols % 2 == 0 || w->block_cols >= w->cols);
+    }
 }
 
 /* Columns [c0, c0 + n) of row r to f32 with table k. Assumes check_mat(w) passed. */
@@ -103,6 +118,18 @@ static void row_part(const ds_kernels *k, const ds_mat *w, int64_t r, int64_t c0
         }
         break;
     }
+    case DS_I8: { /* q * scale, rounded once in f32 (q is exact in f32) */
+        int64_t n_col_blocks = (w->cols + w->block_cols - 1) / w->block_cols;
+        const float *srow = w->scale + (r / w->block_rows) * n_col_blocks;
+        const unsigned char *row = base + (size_t)r * row_bytes(w);
+        for (int64_t c = c0; c < c0 + n; c++) {
+            float s;
+            memcpy(&s, srow + c / w->block_cols, sizeof s);
+            int q = w->int4 ? ds_i4_get(row, (size_t)c) : (int)(int8_t)row[c];
+            dst[c - c0] = (float)q * s;
+        }
+        break;
+    }
     default:
         DS_ASSERT(!"unsupported weight dtype");
     }
@@ -125,6 +152,8 @@ typedef struct {
     float *y;       /* [n_tok, rows] */
     const float *x; /* [n_tok, cols] */
     int64_t n_tok;
+    const int8_t *q; /* DS_I8: [n_tok, cols] the quantized activations */
+    const float *sx; /* DS_I8: [n_tok] their scales */
 } matmul_ctx;
 
 /* Columns per tile. 4 x MM_TILE f32 is 8 KiB of scratch, well inside L1D with the tile of x. A
@@ -312,6 +341,108 @@ static void matmul_fused_thread(void *arg, int thread, int n_threads) {
     }
 }
 
+/* ---- the integer path (DS_I8: W8A8, W4A8) ----
+ *
+ * ds_matmul quantizes every token's activations once per call (ds_quantize_row_i8, into a heap
+ * scratch [n_tok, cols] owned by the call), then each thread walks its rows four at a time
+ * through dot4_i8 / dot4_i4, which return exact int32 sums per scale block; each sum is turned
+ * into f32 once: y[t, r] += s_x[t] * scale(r, block) * (float)isum, blocks in column order.
+ * Kernel calls cover MM_I8_CHUNK columns (whole blocks when blocks are smaller; a block larger
+ * than a chunk, e.g. per-channel W8A8 whose one block is the whole row, is summed in int32 over
+ * its chunks before the conversion), so the four weight rows of a chunk stay in L1 while every
+ * token of the batch passes over them.
+ *
+ * Decode (n_tok <= MM_FUSED_MAX_TOK): a tile is 4 rows; the weights stream once through the
+ * thread's contiguous slice with software prefetch MM_FUSED_PF_AHEAD bytes ahead, as in the
+ * fused path. Prefill (more tokens): a tile is MM_I8_TILE_ROWS rows x MM_I8_CHUNK columns
+ * (64 KiB of int8 weights: L2) and all tokens pass over it before the next chunk, so each weight
+ * is loaded from memory once and from cache n_tok times, and each token's chunk of x (2 KiB)
+ * serves MM_I8_TILE_ROWS rows from L1. As everywhere, a row's arithmetic does not depend on the
+ * thread count. */
+#define MM_I8_CHUNK 2048
+#define MM_I8_TILE_ROWS 32
+
+static void matmul_i8_thread(void *arg, int thread, int n_threads) {
+    const matmul_ctx *c = arg;
+    const ds_mat *w = c->w;
+    const ds_kernels *k = c->k;
+    const size_t cols = (size_t)w->cols, rows = (size_t)w->rows, n_tok = (size_t)c->n_tok;
+    const size_t rowb = row_bytes(w), bco = (size_t)w->block_cols, br = (size_t)w->block_rows;
+    const size_t ncb = (cols + bco - 1) / bco; /* scale columns */
+    const size_t bc = bco < cols ? bco : cols; /* effective block width */
+    const int big = bc > MM_I8_CHUNK;         /* blocks span several chunks */
+    const size_t seg = big ? MM_I8_CHUNK : MM_I8_CHUNK / bc * bc;
+    const size_t kblock = big ? MM_I8_CHUNK : bc;
+    const size_t gpt = n_tok > MM_FUSED_MAX_TOK ? MM_I8_TILE_ROWS / 4 : 1; /* groups per tile */
+    size_t g_lo, g_hi; /* in groups of 4 rows */
+    ds_split_range((rows + 3) / 4, thread, n_threads, &g_lo, &g_hi);
+    if (g_lo >= g_hi) return;
+    const size_t r_lo = 4 * g_lo, r_hi = 4 * g_hi < rows ? 4 * g_hi : rows;
+    for (size_t t = 0; t < n_tok; t++) memset(c->y + t * rows + r_lo, 0, (r_hi - r_lo) * sizeof(float));
+    int32_t *isum = malloc((seg / kblock + 1) * 4 * sizeof(int32_t)); /* [blocks of a call, 4] */
+    int32_t *part = big ? calloc(n_tok * gpt * 4, sizeof(int32_t)) : NULL; /* [n_tok, tile rows] */
+    DS_ASSERT(isum && (!big || part));
+    const unsigned char *data = w->data;
+    size_t pf = r_lo * rowb, end = r_hi * rowb; /* prefetch cursor (decode), byte offsets */
+
+    for (size_t g0 = g_lo; g0 < g_hi; g0 += gpt) {
+        size_t gn = g_hi - g0 < gpt ? g_hi - g0 : gpt;
+        for (size_t c0 = 0; c0 < cols;) {
+            size_t nc = cols - c0 < seg ? cols - c0 : seg;
+            size_t bend = cols; /* end of the block holding c0, when blocks span chunks */
+            if (big) {
+                bend = (c0 / bco + 1) * bco;
+                if (bend > cols) bend = cols;
+                if (c0 + nc > bend) nc = bend - c0;
+            }
+            size_t cb0 = w->int4 ? c0 / 2 : c0; /* byte offset of c0 in a row */
+            if (gpt == 1) { /* decode: keep the prefetches ahead of this chunk's bytes */
+                size_t target = 4 * g0 * rowb + 4 * (w->int4 ? (c0 + nc + 1) / 2 : c0 + nc) +
+                                MM_FUSED_PF_AHEAD;
+                if (target > end) target = end;
+                for (; pf < target; pf += 64) __builtin_prefetch(data + pf);
+            }
+            size_t nb = (nc + kblock - 1) / kblock;
+            for (size_t t = 0; t < n_tok; t++) {
+                const int8_t *xq = c->q + t * cols + c0;
+                float *yt = c->y + t * rows;
+                for (size_t gi = 0; gi < gn; gi++) {
+                    size_t r0 = 4 * (g0 + gi), nr = rows - r0 < 4 ? rows - r0 : 4;
+                    const unsigned char *wp[4];
+                    for (size_t j = 0; j < 4; j++) /* a tail group repeats row r0; dropped */
+                        wp[j] = data + (r0 + (j < nr ? j : 0)) * rowb + cb0;
+                    if (w->int4) {
+                        const uint8_t *const w4[4] = {wp[0], wp[1], wp[2], wp[3]};
+                        k->dot4_i4(xq, w4, nc, kblock, isum);
+                    } else {
+                        const int8_t *const w8[4] = {(const int8_t *)wp[0], (const int8_t *)wp[1],
+                                                     (const int8_t *)wp[2], (const int8_t *)wp[3]};
+                        k->dot4_i8(xq, w8, nc, kblock, isum);
+                    }
+                    int32_t *pp = big ? part + (t * gpt + gi) * 4 : NULL;
+                    for (size_t b = 0; b < nb; b++) {
+                        size_t cb = (c0 + b * kblock) / bco; /* scale column of this block */
+                        if (big) {
+                            for (size_t j = 0; j < nr; j++) pp[j] += isum[j];
+                            if (c0 + nc < bend) continue; /* the block goes on */
+                        }
+                        for (size_t j = 0; j < nr; j++) {
+                            float sw;
+                            memcpy(&sw, w->scale + ((r0 + j) / br) * ncb + cb, sizeof sw);
+                            int32_t v = big ? pp[j] : isum[4 * b + j];
+                            yt[r0 + j] += c->sx[t] * sw * (float)v;
+                            if (big) pp[j] = 0;
+                        }
+                    }
+                }
+            }
+            c0 += nc;
+        }
+    }
+    free(isum);
+    free(part);
+}
+
 void ds_matmul(ds_pool *pool, float *y, const float *x, int64_t n_tok, const ds_mat *w) {
     check_mat(w);
     DS_ASSERT(n_tok >= 0);
@@ -322,7 +453,25 @@ void ds_matmul(ds_pool *pool, float *y, const float *x, int64_t n_tok, const ds_
         return;
     }
     /* a NULL pool or a pool of one runs inline on the caller's thread */
-    matmul_ctx c = {ds_kernels_get(), w, y, x, n_tok};
+    matmul_ctx c = {ds_kernels_get(), w, y, x, n_tok, NULL, NULL};
+    if (w->dtype == DS_I8) {
+        /* the activations of each token quantized once per call (owned here) */
+        size_t cols = (size_t)w->cols;
+        int8_t *q = malloc((size_t)n_tok * cols);
+        float *sx = malloc((size_t)n_tok * sizeof(float));
+        DS_ASSERT(q && sx);
+        for (int64_t t = 0; t < n_tok; t++)
+            ds_quantize_row_i8(x + (size_t)t * cols, w->cols, q + (size_t)t * cols, sx + t);
+        c.q = q;
+        c.sx = sx;
+        if (pool && ds_pool_size(pool) > 1)
+            ds_pool_run(pool, matmul_i8_thread, &c);
+        else
+            matmul_i8_thread(&c, 0, 1);
+        free(q);
+        free(sx);
+        return;
+    }
     /* few tokens: stream the stored weights through the fused kernels; more: tiles of f32 */
     ds_pool_fn fn = matmul_thread;
     if (w->dtype != DS_F32 && n_tok <= MM_FUSED_MAX_TOK && fused_native(c.k, w->dtype))

@@ -46,6 +46,28 @@ void ds_swiglu(float *a, const float *b, int64_t n) {
     }
 }
 
+/* SGLang's per_token_quant_int8: scale = max|x| / 127, q = round(x / scale), torch.round being
+ * half-to-even, which nearbyintf is under the default rounding mode (never changed here). The
+ * division (not a multiply by 127 / max) is what the reference does; x / scale of the largest
+ * element may come out a hair above 127, and the clamp keeps every q in [-127, 127]. */
+void ds_quantize_row_i8(const float *x, int64_t n, int8_t *q, float *scale) {
+    DS_ASSERT(n >= 0 && (n == 0 || (x && q)) && scale);
+    float amax = 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+        float a = fabsf(x[i]);
+        if (a > amax) amax = a;
+    }
+    float s = amax > 0.0f ? amax / 127.0f : 1.0f;
+    *scale = s;
+    for (int64_t i = 0; i < n; i++) {
+        float v = nearbyintf(x[i] / s);
+        if (v > 127.0f) v = 127.0f;
+        if (v < -127.0f) v = -127.0f;
+        if (v != v) v = 0.0f; /* NaN: converting it would be undefined */
+        q[i] = (int8_t)v;
+    }
+}
+
 /* ---- bandwidth probe ----
  * The probe reads with the selected table's dot_f32(a, a): one memory stream through the same
  * wide loads the matmul uses. A plain C loop is bounded by load issue width instead (about 19

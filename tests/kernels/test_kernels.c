@@ -17,7 +17,9 @@
  *
  * DS_KERNELS_BENCH=1 also times 4096 x 4096 and 16384 x 4096 matmuls of every dtype at n_tok = 1,
  * and BF16 / FP8 16384 x 4096 at n_tok = 2..8, on one and on two threads, against the read
- * bandwidth measured with the same pool (validate, then time). */
+ * bandwidth measured with the same pool (validate, then time). DS_KERNELS_BENCH=i8 runs only the
+ * integer part: W8A8 / W4A8 decode on 16384 x 7168 with all cores against the read bandwidth, and
+ * prefill at n_tok 8 / 64 / 256 against the peak int8 ops of the selected ISA. */
 #include "kernels/kernels.h"
 #include "testutil.h"
 
@@ -425,6 +427,7 @@ typedef struct {
     unsigned char *raw; /* owns m.data */
     float *scale;       /* owns m.scale */
     float *deq;         /* [rows, cols] the reference dequantisation */
+    int8_t *qv;         /* DS_I8: [rows, cols] the stored integers (int4 unpacked) */
 } test_mat;
 
 static uint16_t rnd_f16_bits(void) { /* finite: no inf / NaN */
@@ -479,6 +482,85 @@ static void free_mat(test_mat *t) {
     free(t->raw);
     free(t->scale);
     free(t->deq);
+    free(t->qv);
+}
+
+/* DS_I8 weights: int8 over the whole range (-128 included) or int4 packed (int4 = 1), a
+ * different scale per block, at an odd byte offset. */
+static void make_mat_i8(test_mat *t, shape sh, int int4) {
+    memset(t, 0, sizeof *t);
+    size_t rows = (size_t)sh.rows, cols = (size_t)sh.cols, rowb = int4 ? (cols + 1) / 2 : cols;
+    int64_t nrb = (sh.rows + sh.block_rows - 1) / sh.block_rows;
+    int64_t ncb = (sh.cols + sh.block_cols - 1) / sh.block_cols;
+    t->raw = calloc(rows * rowb + 2, 1);
+    t->deq = malloc((rows * cols > 0 ? rows * cols : 1) * sizeof(float));
+    t->qv = malloc(rows * cols > 0 ? rows * cols : 1);
+    t->scale = malloc((size_t)(nrb * ncb) * sizeof(float));
+    for (int64_t i = 0; i < nrb * ncb; i++)
+        t->scale[i] = 1e-3f * (float)(1 + i) * (i % 2 ? 1.75f : 1.0f);
+    unsigned char *p = t->raw + 1;
+    for (size_t r = 0; r < rows; r++)
+        for (size_t c = 0; c < cols; c++) {
+            int v = int4 ? (int)(rnd64() % 16) - 8 : (int)(rnd64() % 256) - 128;
+            if (int4)
+                p[r * rowb + c / 2] |= (uint8_t)((v & 15) << (c % 2 ? 4 : 0));
+            else
+                p[r * rowb + c] = (uint8_t)v;
+            t->qv[r * cols + c] = (int8_t)v;
+            float sc = t->scale[(int64_t)r / sh.block_rows * ncb + (int64_t)c / sh.block_cols];
+            t->deq[r * cols + c] = (float)v * sc;
+        }
+    t->m = (ds_mat){DS_I8, sh.rows, sh.cols, p, t->scale, sh.block_rows, sh.block_cols, int4};
+}
+
+/* ds_matmul on DS_I8 against a double product computed from the same quantized activations
+ * (ds_quantize_row_i8 is checked on its own) and the stored integers: exact integer sums per
+ * block, so only the f32 conversion and accumulation differ, ~1e-7 relative. */
+static void check_matmul_i8(const test_mat *t, ds_pool *p1, ds_pool *p3, const char *what) {
+    int64_t rows = t->m.rows, cols = t->m.cols, bc = t->m.block_cols, br = t->m.block_rows;
+    int64_t ncb = (cols + bc - 1) / bc;
+    const int64_t toks[] = {1, 2, 3, 4, 5, 17, 40};
+    for (size_t ti = 0; ti < sizeof toks / sizeof toks[0]; ti++) {
+        int64_t nt = toks[ti];
+        float *x = malloc((size_t)(nt * cols) * sizeof(float));
+        float *y1 = malloc((size_t)(nt * rows + 1) * sizeof(float));
+        float *y3 = malloc((size_t)(nt * rows + 1) * sizeof(float));
+        int8_t *q = malloc((size_t)cols);
+        fill(x, (size_t)(nt * cols));
+        y1[nt * rows] = y3[nt * rows] = 999.0f;
+        ds_matmul(p1, y1, x, nt, &t->m);
+        ds_matmul(p3, y3, x, nt, &t->m);
+        int bad = 0;
+        double worst = 0;
+        for (int64_t tk = 0; tk < nt; tk++) {
+            float sx;
+            ds_quantize_row_i8(x + tk * cols, cols, q, &sx);
+            for (int64_t r = 0; r < rows; r++) {
+                double ref = 0, sabs = 0;
+                for (int64_t b = 0; b < ncb; b++) {
+                    int64_t is = 0;
+                    for (int64_t cc = b * bc; cc < cols && cc < (b + 1) * bc; cc++)
+                        is += (int64_t)q[cc] * t->qv[r * cols + cc];
+                    double term = (double)sx * t->scale[(r / br) * ncb + b] * (double)is;
+                    ref += term;
+                    sabs += fabs(term);
+                }
+                double err = fabs(y1[tk * rows + r] - ref) / (sabs > 0 ? sabs : 1);
+                if (err > worst) worst = err;
+                bad += !(err <= 1e-5) || (sabs == 0 && y1[tk * rows + r] != 0);
+            }
+        }
+        CHECK_MSG(bad == 0, "%s n_tok=%lld: %d outputs wrong (worst rel err %.3g)", what,
+                  (long long)nt, bad, worst);
+        CHECK_MSG(memcmp(y1, y3, (size_t)(nt * rows) * sizeof(float)) == 0,
+                  "%s n_tok=%lld: 1 and 3 threads disagree", what, (long long)nt);
+        CHECK_MSG(y1[nt * rows] == 999.0f && y3[nt * rows] == 999.0f, "%s n_tok=%lld: wrote past y",
+                  what, (long long)nt);
+        free(x);
+        free(y1);
+        free(y3);
+        free(q);
+    }
 }
 
 static void check_rows(const test_mat *t, const char *what) {
@@ -575,8 +657,139 @@ static void matmul_suite(void) {
             check_matmul(&t, p1, p3, what);
             free_mat(&t);
         }
+    /* DS_I8: per-channel W8A8 (one block per row, also wider than a kernel chunk), 128 x 128
+     * blocks, int4 with groups of 128 and 64 on odd column counts, blocks straddling chunks */
+    const struct {
+        shape sh;
+        int int4;
+    } i8s[] = {
+        {{37, 200, 1, 200}, 0},   {{33, 4097, 1, 4097}, 0}, {{301, 203, 128, 128}, 0},
+        {{7, 129, 4, 64}, 0},     {{35, 5000, 1, 3000}, 0}, {{45, 301, 1, 128}, 1},
+        {{70, 257, 1, 64}, 1},    {{9, 4097, 1, 4097}, 1},  {{13, 131, 1, 131}, 1},
+        {{1, 1, 1, 1}, 1},        {{1, 1, 1, 128}, 0},
+    };
+    for (size_t i = 0; i < sizeof i8s / sizeof i8s[0]; i++) {
+        test_mat t;
+        make_mat_i8(&t, i8s[i].sh, i8s[i].int4);
+        char what[96];
+        snprintf(what, sizeof what, "%s %s %lldx%lld block %lldx%lld", ds_kernels_get()->name,
+                 i8s[i].int4 ? "I4" : "I8", (long long)i8s[i].sh.rows, (long long)i8s[i].sh.cols,
+                 (long long)i8s[i].sh.block_rows, (long long)i8s[i].sh.block_cols);
+        if (i8s[i].sh.cols >= 200) check_rows(&t, what);
+        check_matmul_i8(&t, p1, p3, what);
+        free_mat(&t);
+    }
     ds_pool_close(p1);
     ds_pool_close(p3);
+}
+
+/* The integer dots against scalar, bit-exact, and scalar against an int64 sum: odd lengths,
+ * several block widths, rows and x in exact-size allocations at odd offsets (ASan catches a
+ * read past the end), random data over the whole range and the extremes (x = +-127 against
+ * w = -128 everywhere: the largest pair sums the AVX2 int16 step sees). */
+static void test_int_dots(const ds_kernels *k) {
+    const ds_kernels *s = ds_kernels_scalar();
+    const size_t blocks[] = {0 /* = n */, 2, 32, 64, 128, 130, 1000};
+    for (size_t si = 0; si < N_SIZES; si++) {
+        size_t n = sizes[si], nb4 = (n + 1) / 2;
+        for (int pat = 0; pat < 3; pat++) {
+            unsigned char *xb = malloc(n + 1), *wb[4], *pb[4];
+            int8_t *x = (int8_t *)xb + 1;
+            for (size_t i = 0; i < n; i++)
+                x[i] = pat == 0 ? (int8_t)((int)(rnd64() % 255) - 127)
+                                : (int8_t)(pat == 1 ? 127 : (i % 2 ? 127 : -127));
+            for (int r = 0; r < 4; r++) {
+                wb[r] = malloc(n + 3);
+                pb[r] = malloc(nb4 + 3);
+                for (size_t i = 0; i < n; i++) wb[r][r % 3 + i] = pat ? 0x80 : (uint8_t)rnd64();
+                for (size_t i = 0; i < nb4; i++) pb[r][r % 3 + i] = pat ? 0x88 : (uint8_t)rnd64();
+            }
+            const int8_t *const w8[4] = {(int8_t *)wb[0], (int8_t *)wb[1] + 1, (int8_t *)wb[2] + 2,
+                                         (int8_t *)wb[3]};
+            const uint8_t *const w4[4] = {pb[0], pb[1] + 1, pb[2] + 2, pb[3]};
+            for (size_t bi = 0; bi < sizeof blocks / sizeof blocks[0]; bi++) {
+                size_t blk = blocks[bi] ? blocks[bi] : n, nb = (n + blk - 1) / blk;
+                int32_t *o = malloc(nb * 4 * sizeof(int32_t)), *os = malloc(nb * 4 * sizeof(int32_t));
+                int bad8 = 0, bad4 = 0, badref = 0;
+                k->dot4_i8(x, w8, n, blk, o);
+                s->dot4_i8(x, w8, n, blk, os);
+                for (size_t b = 0; b < nb; b++)
+                    for (int r = 0; r < 4; r++) {
+                        int64_t ref = 0;
+                        for (size_t i = b * blk; i < n && i < (b + 1) * blk; i++)
+                            ref += (int64_t)x[i] * w8[r][i];
+                        badref += os[4 * b + (size_t)r] != ref;
+                        bad8 += o[4 * b + (size_t)r] != os[4 * b + (size_t)r];
+                    }
+                k->dot4_i4(x, w4, n, blk, o);
+                s->dot4_i4(x, w4, n, blk, os);
+                for (size_t b = 0; b < nb; b++)
+                    for (int r = 0; r < 4; r++) {
+                        int64_t ref = 0;
+                        for (size_t i = b * blk; i < n && i < (b + 1) * blk; i++) {
+                            int v = (w4[r][i / 2] >> (i % 2 ? 4 : 0)) & 15;
+                            ref += (int64_t)x[i] * (v >= 8 ? v - 16 : v);
+                        }
+                        badref += os[4 * b + (size_t)r] != ref;
+                        bad4 += o[4 * b + (size_t)r] != os[4 * b + (size_t)r];
+                    }
+                CHECK_MSG(badref == 0, "scalar integer dots n=%zu block=%zu: %d sums wrong", n, blk,
+                          badref);
+                CHECK_MSG(bad8 == 0 && bad4 == 0,
+                          "%s dot4_i8 / dot4_i4 n=%zu block=%zu pattern %d: %d / %d differ from "
+                          "scalar",
+                          k->name, n, blk, pat, bad8, bad4);
+                free(o);
+                free(os);
+            }
+            free(xb);
+            for (int r = 0; r < 4; r++) {
+                free(wb[r]);
+                free(pb[r]);
+            }
+        }
+    }
+}
+
+/* ds_quantize_row_i8 against the formula, with ties: max |x| = 127 makes scale exactly 1, so
+ * x = k + 0.5 lands on a tie that must round to even. */
+static void test_quantize_i8(void) {
+    float x[16] = {127.0f, 2.5f, 3.5f, -2.5f, -3.5f, 0.5f, -0.5f, 1.5f, 126.5f, -126.5f, 0.0f,
+                   -127.0f, 4.4999995f, 100.5f, -101.5f, 7.0f};
+    const int8_t want[16] = {127, 2, 4, -2, -4, 0, 0, 2, 126, -126, 0, -127, 4, 100, -102, 7};
+    int8_t q[17];
+    float sc = 0;
+    q[16] = 55;
+    ds_quantize_row_i8(x, 16, q, &sc);
+    CHECK(sc == 1.0f && memcmp(q, want, 16) == 0 && q[16] == 55);
+    float z[5] = {0, -0.0f, 0, 0, 0};
+    ds_quantize_row_i8(z, 5, q, &sc);
+    CHECK(sc == 1.0f);
+    for (int i = 0; i < 5; i++) CHECK(q[i] == 0);
+    /* random rows against the formula in double (x / scale is one f32 division) */
+    for (size_t si = 0; si < N_SIZES; si++) {
+        size_t n = sizes[si];
+        float *v = malloc(n * sizeof(float));
+        int8_t *qq = malloc(n);
+        float amax = 0;
+        for (size_t i = 0; i < n; i++) {
+            v[i] = rnd_uniform(-3, 3) * (si % 3 ? 1.0f : 1e-20f);
+            if (fabsf(v[i]) > amax) amax = fabsf(v[i]);
+        }
+        ds_quantize_row_i8(v, (int64_t)n, qq, &sc);
+        float ws = amax / 127.0f;
+        int bad = sc != ws;
+        for (size_t i = 0; i < n; i++) {
+            double d = (double)(v[i] / ws), f = floor(d), r = d - f;
+            double k = r > 0.5 ? f + 1 : r < 0.5 ? f : (fmod(f, 2) == 0 ? f : f + 1);
+            if (k > 127) k = 127;
+            if (k < -127) k = -127;
+            bad += qq[i] != (int8_t)k;
+        }
+        CHECK_MSG(bad == 0, "quantize_row_i8 n=%zu: %d wrong", n, bad);
+        free(v);
+        free(qq);
+    }
 }
 
 static void test_mat_misc(void) {
@@ -589,6 +802,12 @@ static void test_mat_misc(void) {
     CHECK(ds_mat_bytes(&m) == 300 * 200 * 2);
     m.dtype = DS_F32;
     CHECK(ds_mat_bytes(&m) == 300 * 200 * 4);
+    CHECK(ds_mat_dtype_ok(DS_I8));
+    ds_mat i8 = {DS_I8, 300, 201, "", NULL, 1, 201, 0};
+    CHECK(ds_mat_bytes(&i8) == 300 * 201 + 300 * 4);
+    i8.int4 = 1;
+    i8.block_cols = 64;
+    CHECK(ds_mat_bytes(&i8) == 300 * 101 + 300 * 4 * 4);
 }
 
 /* Runs fn in a child with DS_ISA=isa; the child's exit status is its failure count. */
@@ -709,6 +928,94 @@ static void bench_one(ds_pool *pool, int n_threads, double bw, ds_dtype dt, int6
     free(y);
 }
 
+/* Best-of-iters seconds of one DS_I8 matmul. */
+static double bench_i8_time(ds_pool *pool, const ds_mat *m, int64_t n_tok, int iters) {
+    float *x = malloc((size_t)(n_tok * m->cols) * sizeof(float));
+    float *y = malloc((size_t)(n_tok * m->rows) * sizeof(float));
+    fill(x, (size_t)(n_tok * m->cols));
+    double best = 1e30;
+    for (int it = 0; it < iters; it++) {
+        double t0 = ds_now();
+        ds_matmul(pool, y, x, n_tok, m);
+        double dti = ds_now() - t0;
+        if (dti < best) best = dti;
+    }
+    free(x);
+    free(y);
+    return best;
+}
+
+/* Core clock estimate: a chain of dependent integer adds runs at one per cycle. */
+static double est_clock_hz(void) {
+    volatile uint64_t seed = 1;
+    double best = 0;
+    for (int rep = 0; rep < 5; rep++) {
+        uint64_t v = seed;
+        const uint64_t n = 200000000;
+        double t0 = ds_now();
+#if defined(__x86_64__)
+        for (uint64_t i = 0; i < n; i++) __asm__ volatile("add $1, %0" : "+r"(v));
+#else
+        for (uint64_t i = 0; i < n; i++) __asm__ volatile("add %0, %0, #1" : "+r"(v));
+#endif
+        double dt = ds_now() - t0;
+        seed = v;
+        if (n / dt > best) best = (double)n / dt;
+    }
+    return best;
+}
+
+/* W8A8 / W4A8 against read bandwidth and peak int8 ops (the figures). */
+static void bench_i8(void) {
+    const int64_t R = 16384, C = 7168;
+    int nth = (int)sysconf(_SC_NPROCESSORS_ONLN);
+    if (nth < 1) nth = 1;
+    ds_pool *pool = ds_pool_open(nth);
+    if (!pool) return;
+    double bw = ds_measure_read_bandwidth(pool, (size_t)1 << 30);
+    printf("bench-i8: %d threads, table %s, read bandwidth %.2f GB/s\n", nth,
+           ds_kernels_get()->name, bw / 1e9);
+    unsigned char *d8 = malloc((size_t)(R * C)), *d4 = malloc((size_t)(R * C / 2));
+    for (size_t i = 0; i < (size_t)(R * C); i++) d8[i] = (uint8_t)rnd64();
+    for (size_t i = 0; i < (size_t)(R * C / 2); i++) d4[i] = (uint8_t)rnd64();
+    float *sc = malloc((size_t)(R * (C / 128)) * sizeof(float));
+    for (int64_t i = 0; i < R * (C / 128); i++) sc[i] = 1e-3f;
+    ds_mat w8 = {DS_I8, R, C, d8, sc, 1, C, 0};      /* per-channel W8A8 */
+    ds_mat w4 = {DS_I8, R, C, d4, sc, 1, 128, 1};    /* W4A8, groups of 128 */
+    double t8 = bench_i8_time(pool, &w8, 1, 20), t4 = bench_i8_time(pool, &w4, 1, 20);
+    double g8 = (double)ds_mat_bytes(&w8) / t8 / 1e9, g4 = (double)ds_mat_bytes(&w4) / t4 / 1e9;
+    printf("bench-i8: W8A8 matvec %lldx%lld n_tok=1: %.3f ms, %.2f GB/s = %.0f%% of read bandwidth "
+           "(target >= 85%%)\n",
+           (long long)R, (long long)C, t8 * 1e3, g8, 100 * g8 * 1e9 / bw);
+    printf("bench-i8: W4A8 matvec %lldx%lld n_tok=1 (group 128): %.3f ms, %.2f GB/s = %.0f%% of "
+           "read bandwidth, %.2fx faster than W8A8 (target >= 1.7x)\n",
+           (long long)R, (long long)C, t4 * 1e3, g4, 100 * g4 * 1e9 / bw, t8 / t4);
+    /* peak: AVX-512 VNNI / AVX2 retire 2 x 64 / 2 x 32 int8 MACs per cycle per core (2 ops each);
+     * NEON SDOT 2 x 16. Clock estimated from a dependent add chain. */
+    double hz = est_clock_hz();
+    const char *isa = ds_kernels_get()->name;
+    double macs = strcmp(isa, "avx512") == 0 ? 128 : strcmp(isa, "avx2") == 0 ? 64
+                  : strcmp(isa, "neon") == 0  ? 32 : 1;
+    double peak = 2.0 * macs * hz * nth;
+    printf("bench-i8: clock ~%.2f GHz (dependent-add chain), peak int8 %.0f GOPS "
+           "(%d cores x 2 x %.0f MACs/cycle)\n",
+           hz / 1e9, peak / 1e9, nth, macs);
+    const int64_t toks[] = {8, 64, 256};
+    for (size_t i = 0; i < sizeof toks / sizeof toks[0]; i++)
+        for (int v = 0; v < 2; v++) {
+            const ds_mat *m = v ? &w4 : &w8;
+            double t = bench_i8_time(pool, m, toks[i], toks[i] > 64 ? 3 : 5);
+            double ops = 2.0 * (double)(R * C * toks[i]) / t;
+            printf("bench-i8: %s matmul n_tok=%lld: %.2f ms, %.0f GOPS = %.0f%% of peak int8\n",
+                   v ? "W4A8" : "W8A8", (long long)toks[i], t * 1e3, ops / 1e9,
+                   100 * ops / peak);
+        }
+    free(d8);
+    free(d4);
+    free(sc);
+    ds_pool_close(pool);
+}
+
 static void bench(void) {
     const ds_dtype dts[] = {DS_BF16, DS_F8_E4M3, DS_F16, DS_F32};
     const int64_t toks[] = {1, 2, 3, 4, 8};
@@ -762,7 +1069,11 @@ int main(void) {
         test_conversions(k);
         test_dot(k);
         test_fused(k);
-        printf("table %s: conversions, dot, dot4, axpy, fused dot4 / dot4x2 checked\n", k->name);
+        CHECK(k->dot4_i8 && k->dot4_i4);
+        test_int_dots(k);
+        printf("table %s: conversions, dot, dot4, axpy, fused dot4 / dot4x2, dot4_i8 / dot4_i4 "
+               "checked\n",
+               k->name);
     }
     CHECK(ds_kernels_for("bogus") == NULL && ds_kernels_for(NULL) == NULL);
     /* DS_ISA may be set for this run: then that table, when it exists here */
@@ -771,6 +1082,7 @@ int main(void) {
     CHECK_MSG(strcmp(ds_kernels_get()->name, want) == 0, "chose %s, expected %s",
               ds_kernels_get()->name, want);
     test_mat_misc();
+    test_quantize_i8();
     test_row_ops();
 
     ds_pool *p2 = ds_pool_open(2);
@@ -780,6 +1092,9 @@ int main(void) {
     ds_pool_close(p2);
 
     const char *b = getenv("DS_KERNELS_BENCH");
-    if (b && *b && strcmp(b, "0") != 0) bench();
+    if (b && *b && strcmp(b, "0") != 0) {
+        if (strcmp(b, "i8") != 0) bench();
+        bench_i8();
+    }
     return ds_test_finish("test_kernels");
 }
