@@ -11,6 +11,7 @@
 #include "cli/cli.h"
 #include "io/io.h"
 #include "kernels/kernels.h"
+#include "model/model.h"
 #include "testutil.h"
 
 #include <dirent.h>
@@ -339,6 +340,24 @@ int main(void) {
     CHECK_MSG(WIFSIGNALED(wst), "the run finished before it could be killed");
     CHECK(!exists(ok));
     CHECK(count_tmp_siblings(tmp, "killed") == 1); /* left behind, under its .tmp- name */
+    {
+        /* ... and the loader refuses what the killed run left (no config.json / index yet). */
+        DIR *d = opendir(tmp);
+        struct dirent *e;
+        int refused = 0, seen = 0;
+        while (d && (e = readdir(d)))
+            if (!strncmp(e->d_name, "killed.tmp-", 11)) {
+                char *left = join(tmp, e->d_name);
+                ds_model *m = NULL;
+                seen = 1;
+                refused = ds_model_open(left, NULL, &m) != DS_OK && m == NULL;
+                CHECK_MSG(refused, "the loader accepted an interrupted quantize output");
+                ds_model_close(m);
+                free(left);
+            }
+        if (d) closedir(d);
+        CHECK(seen && refused);
+    }
 
     free(sm);
     free(ok);

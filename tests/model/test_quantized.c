@@ -5,10 +5,11 @@
  *    reproduces the engine on the dequantized weights (q * scale stored as F32) up to the
  *    per-token activation quantization: top-1 identical where the reference margin is clear,
  *    small KL.
- * 2. Fidelity: every BF16 golden fixture, quantized by `dsinfer quantize` to W8A8 and W4A8,
+ * 2. Fidelity: the BF16 golden fixture, quantized by `dsinfer quantize` to W8A8 and W4A8,
  *    against the golden logits of DeepSeek's reference: top-1 agreement and mean KL divergence
  *    per position over all prompts, with thresholds set from measured values with a margin
- *    (docs/formats.md records them). */
+ *    (docs/formats.md records them).
+ * 3. make-tiny --dtype fp8 -> `dsinfer quantize` -> `dsinfer generate`, end to end. */
 #include "cli/cli.h"
 #include "kernels/kernels.h"
 #include "model/model.h"
@@ -303,11 +304,37 @@ static void test_fixture(const char *tmp, const char *fx, const char *name) {
     json_decref(g);
 }
 
+/* ---- 3. make-tiny --dtype fp8 -> quantize -> generate, through the binaries ---- */
+static void test_end_to_end(const char *tmp) {
+    char src[4096];
+    snprintf(src, sizeof src, "%.4000s/fp8", tmp);
+    char *argv[] = {"make-tiny", src, "--dtype", "fp8", "--no-tokenizer", NULL};
+    CHECK(ds_cmd_make_tiny(5, argv) == 0);
+    static const char *const scheme[] = {"w8a8", "w4a8"};
+    for (int k = 0; k < 2; k++) {
+        char cmd[20000], out[4200];
+        snprintf(out, sizeof out, "%.4000s-%s", src, scheme[k]);
+        snprintf(cmd, sizeof cmd,
+                 "'%s' quantize '%s' '%s' --scheme %s >/dev/null 2>&1 && "
+                 "'%s' generate --model '%s' --prompt-ids 0,100,200 --max-tokens 8 --ignore-eos "
+                 "2>/dev/null",
+                 DSINFER_BIN, src, out, scheme[k], DSINFER_BIN, out);
+        FILE *p = popen(cmd, "r");
+        char line[512] = "";
+        if (p && !fgets(line, sizeof line, p)) line[0] = 0;
+        int st = p ? pclose(p) : -1;
+        int commas = 0;
+        for (char *c = line; *c; c++) commas += *c == ',';
+        CHECK_MSG(st == 0 && commas == 7, "%s: status %d, output '%s'", scheme[k], st, line);
+    }
+}
+
 int main(void) {
     char *tmp = ds_test_tmpdir();
     CHECK(tmp != NULL);
     if (!tmp) return ds_test_finish("test_quantized");
     test_channel_int8(tmp);
+    test_end_to_end(tmp);
     const char *fx = ds_test_fixtures();
     if (fx) test_fixture(tmp, fx, "tiny-a");
     ds_test_rmtree(tmp);
