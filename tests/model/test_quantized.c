@@ -100,7 +100,7 @@ static void make_channel_int8(const char *src, const char *q) {
  * int8 arithmetic from the weight rounding. */
 static void dequantized_copy(const char *q, const char *r) {
     ds_config cfg;
-    ds_st_set *s;
+    ds_st_set *s = NULL;
     CHECK_MSG(ds_config_load(q, &cfg) == DS_OK && ds_st_open_dir(q, &s) == DS_OK, "%s",
               ds_err_msg());
     if (!s) return;
