@@ -118,15 +118,21 @@ static void row_part(const ds_kernels *k, const ds_mat *w, int64_t r, int64_t c0
         }
         break;
     }
-    case DS_I8: { /* q * scale, rounded once in f32 (q is exact in f32) */
+    case DS_I8: { /* q * scale, rounded once in f32 (q is exact in f32), block by block */
         int64_t n_col_blocks = (w->cols + w->block_cols - 1) / w->block_cols;
         const float *srow = w->scale + (r / w->block_rows) * n_col_blocks;
         const unsigned char *row = base + (size_t)r * row_bytes(w);
-        for (int64_t c = c0; c < c0 + n; c++) {
+        for (int64_t c = c0, end = c0 + n; c < end;) {
+            int64_t cb = c / w->block_cols, seg_end = (cb + 1) * w->block_cols;
+            if (seg_end > end) seg_end = end;
             float s;
-            memcpy(&s, srow + c / w->block_cols, sizeof s);
-            int q = w->int4 ? ds_i4_get(row, (size_t)c) : (int)(int8_t)row[c];
-            dst[c - c0] = (float)q * s;
+            memcpy(&s, srow + cb, sizeof s);
+            float *d = dst + (c - c0);
+            if (w->int4)
+                for (int64_t i = c; i < seg_end; i++) *d++ = (float)ds_i4_get(row, (size_t)i) * s;
+            else
+                for (int64_t i = c; i < seg_end; i++) *d++ = (float)(int8_t)row[i] * s;
+            c = seg_end;
         }
         break;
     }
