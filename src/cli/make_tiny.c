@@ -30,6 +30,7 @@
 #include "kernels/kernels.h"
 
 #include <errno.h>
+#include <getopt.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -497,69 +498,47 @@ int ds_cmd_make_tiny(int argc, char **argv) {
     const char *out_arg = NULL, *preset = "tiny", *dtype = "bf16", *tok_dir = NULL;
     uint64_t seed = 1, shard_bytes = 512ull << 20;
     int no_tok = 0, force = 0, q_lora = 1;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i], *val = NULL;
-        char key[64];
-        if (strncmp(a, "--", 2) == 0 && strchr(a, '=')) {
-            size_t k = (size_t)(strchr(a, '=') - a);
-            if (k >= sizeof key) k = sizeof key - 1;
-            memcpy(key, a, k);
-            key[k] = 0;
-            val = strchr(a, '=') + 1;
-            a = key;
-        }
-        int takes = !strcmp(a, "--preset") || !strcmp(a, "--seed") || !strcmp(a, "--dtype") ||
-                    !strcmp(a, "--tokenizer") || !strcmp(a, "--shard-bytes");
-        if (takes && !val) {
-            if (i + 1 >= argc) {
-                fprintf(stderr, "dsinfer make-tiny: %s needs a value\n", a);
-                return 2;
-            }
-            val = argv[++i];
-        } else if (!takes && val) {
-            fprintf(stderr, "dsinfer make-tiny: %s takes no value\n", a);
-            return 2;
-        }
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
-            usage(stdout);
-            return 0;
-        } else if (!strcmp(a, "--preset"))
-            preset = val;
-        else if (!strcmp(a, "--dtype"))
-            dtype = val;
-        else if (!strcmp(a, "--tokenizer"))
-            tok_dir = val;
-        else if (!strcmp(a, "--seed")) {
-            if (!ds_cli_parse_u64(val, &seed, 0)) {
+    static const struct option opts[] = {
+        {"preset", required_argument, 0, 'p'},      {"seed", required_argument, 0, 's'},
+        {"dtype", required_argument, 0, 'd'},       {"tokenizer", required_argument, 0, 't'},
+        {"shard-bytes", required_argument, 0, 'b'}, {"no-tokenizer", no_argument, 0, 'T'},
+        {"no-q-lora", no_argument, 0, 'q'},         {"force", no_argument, 0, 'f'},
+        {"help", no_argument, 0, 'h'},              {0, 0, 0, 0}};
+    int c;
+    optind = 0; /* full reset: tests call this repeatedly in one process */
+    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'p': preset = optarg; break;
+        case 'd': dtype = optarg; break;
+        case 't': tok_dir = optarg; break;
+        case 's':
+            if (!ds_cli_parse_u64(optarg, &seed, 0)) {
                 fprintf(stderr, "dsinfer make-tiny: --seed '%s' is not a non-negative integer\n",
-                        val);
+                        optarg);
                 return 2;
             }
-        } else if (!strcmp(a, "--shard-bytes")) {
-            if (!ds_cli_parse_u64(val, &shard_bytes, 1) || shard_bytes == 0) {
+            break;
+        case 'b':
+            if (!ds_cli_parse_u64(optarg, &shard_bytes, 1) || shard_bytes == 0) {
                 fprintf(stderr,
                         "dsinfer make-tiny: --shard-bytes '%s' is not a positive size "
                         "(e.g. 1048576 or 512M)\n",
-                        val);
+                        optarg);
                 return 2;
             }
-        } else if (!strcmp(a, "--no-tokenizer"))
-            no_tok = 1;
-        else if (!strcmp(a, "--no-q-lora"))
-            q_lora = 0;
-        else if (!strcmp(a, "--force"))
-            force = 1;
-        else if (a[0] == '-' && a[1]) {
-            fprintf(stderr, "dsinfer make-tiny: unknown option '%s'\n", a);
-            usage(stderr);
-            return 2;
-        } else if (!out_arg)
-            out_arg = a;
-        else {
-            fprintf(stderr, "dsinfer make-tiny: unexpected argument '%s'\n", a);
-            return 2;
+            break;
+        case 'T': no_tok = 1; break;
+        case 'q': q_lora = 0; break;
+        case 'f': force = 1; break;
+        case 'h': usage(stdout); return 0;
+        default: usage(stderr); return 2;
         }
     }
+    if (argc - optind > 1) {
+        fprintf(stderr, "dsinfer make-tiny: unexpected argument '%s'\n", argv[optind + 1]);
+        return 2;
+    }
+    if (optind < argc) out_arg = argv[optind];
     if (!out_arg) {
         usage(stderr);
         return 2;

@@ -35,6 +35,7 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <getopt.h>
 #include <math.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -575,68 +576,48 @@ int ds_cmd_quantize(int argc, char **argv) {
     uint64_t group = 128, shard_bytes = 4ull << 30, threads = 0;
     int force = 0;
     qz_opts o = {QZ_W8A8, 128, 0, {128, 128}};
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i], *val = NULL;
-        char key[64];
-        if (strncmp(a, "--", 2) == 0 && strchr(a, '=')) {
-            size_t k = (size_t)(strchr(a, '=') - a);
-            if (k >= sizeof key) k = sizeof key - 1;
-            memcpy(key, a, k);
-            key[k] = 0;
-            val = strchr(a, '=') + 1;
-            a = key;
-        }
-        int takes = !strcmp(a, "--scheme") || !strcmp(a, "--group-size") ||
-                    !strcmp(a, "--shard-bytes") || !strcmp(a, "--threads");
-        if (takes && !val) {
-            if (i + 1 >= argc) {
-                fprintf(stderr, "dsinfer quantize: %s needs a value\n", a);
-                return 2;
-            }
-            val = argv[++i];
-        } else if (!takes && val) {
-            fprintf(stderr, "dsinfer quantize: %s takes no value\n", a);
-            return 2;
-        }
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
-            usage(stdout);
-            return 0;
-        } else if (!strcmp(a, "--scheme"))
-            scheme = val;
-        else if (!strcmp(a, "--group-size")) {
-            if (!ds_cli_parse_u64(val, &group, 0) || group == 0 || group > (1u << 30)) {
+    static const struct option opts[] = {
+        {"scheme", required_argument, 0, 's'},      {"group-size", required_argument, 0, 'g'},
+        {"shard-bytes", required_argument, 0, 'b'}, {"threads", required_argument, 0, 't'},
+        {"quantize-lm-head", no_argument, 0, 'l'},  {"force", no_argument, 0, 'f'},
+        {"help", no_argument, 0, 'h'},              {0, 0, 0, 0}};
+    int c;
+    optind = 0; /* full reset: tests call this repeatedly in one process */
+    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        switch (c) {
+        case 's': scheme = optarg; break;
+        case 'g':
+            if (!ds_cli_parse_u64(optarg, &group, 0) || group == 0 || group > (1u << 30)) {
                 fprintf(stderr, "dsinfer quantize: --group-size '%s' is not a positive integer\n",
-                        val);
+                        optarg);
                 return 2;
             }
-        } else if (!strcmp(a, "--shard-bytes")) {
-            if (!ds_cli_parse_u64(val, &shard_bytes, 1) || shard_bytes == 0) {
+            break;
+        case 'b':
+            if (!ds_cli_parse_u64(optarg, &shard_bytes, 1) || shard_bytes == 0) {
                 fprintf(stderr, "dsinfer quantize: --shard-bytes '%s' is not a positive size\n",
-                        val);
+                        optarg);
                 return 2;
             }
-        } else if (!strcmp(a, "--threads")) {
-            if (!ds_cli_parse_u64(val, &threads, 0) || threads > 4096) {
-                fprintf(stderr, "dsinfer quantize: --threads '%s' is not a thread count\n", val);
+            break;
+        case 't':
+            if (!ds_cli_parse_u64(optarg, &threads, 0) || threads > 4096) {
+                fprintf(stderr, "dsinfer quantize: --threads '%s' is not a thread count\n", optarg);
                 return 2;
             }
-        } else if (!strcmp(a, "--quantize-lm-head"))
-            o.lm_head = 1;
-        else if (!strcmp(a, "--force"))
-            force = 1;
-        else if (a[0] == '-' && a[1]) {
-            fprintf(stderr, "dsinfer quantize: unknown option '%s'\n", a);
-            usage(stderr);
-            return 2;
-        } else if (!in_dir)
-            in_dir = a;
-        else if (!out_arg)
-            out_arg = a;
-        else {
-            fprintf(stderr, "dsinfer quantize: unexpected argument '%s'\n", a);
-            return 2;
+            break;
+        case 'l': o.lm_head = 1; break;
+        case 'f': force = 1; break;
+        case 'h': usage(stdout); return 0;
+        default: usage(stderr); return 2;
         }
     }
+    if (argc - optind > 2) {
+        fprintf(stderr, "dsinfer quantize: unexpected argument '%s'\n", argv[optind + 2]);
+        return 2;
+    }
+    if (optind < argc) in_dir = argv[optind];
+    if (optind + 1 < argc) out_arg = argv[optind + 1];
     if (!in_dir || !out_arg) {
         usage(stderr);
         return 2;
