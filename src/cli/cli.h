@@ -34,6 +34,20 @@ void ds_cli_rm_tree(const char *path);
 int ds_cli_dir_state(const char *dir);
 /* Whether dir/name is a regular file. */
 int ds_cli_file_exists(const char *dir, const char *name);
+/* A checkpoint directory written in a temporary sibling (OUT.tmp-XXXXXX) and published whole by
+ * one rename, so a directory named OUT is always complete (make-tiny, quantize). */
+typedef struct {
+    char *out, *tmp; /* OUT without trailing slashes; its temporary sibling */
+    int made;        /* tmp exists and is ours to remove */
+} ds_cli_outdir;
+/* Refuses an existing non-empty OUT unless force (returns 2), creates the temporary directory
+ * (returns 1 on failure, 0 on success). Messages start with cmd. Always pair with _end. */
+int ds_cli_outdir_begin(ds_cli_outdir *d, const char *cmd, const char *out, int force);
+/* Moves a previous OUT aside (only reachable with --force), renames tmp to OUT, removes the old
+ * one; 0 on success, 1 (message printed) on failure. */
+int ds_cli_outdir_publish(ds_cli_outdir *d, const char *cmd);
+/* Removes tmp unless published, frees. Accepts a zeroed struct. */
+void ds_cli_outdir_end(ds_cli_outdir *d);
 /* Parses a non-negative integer (with allow_suffix: K, M, G binary multipliers, optional "B" or
  * "iB"); 0 when malformed or overflowing. */
 int ds_cli_parse_u64(const char *s, uint64_t *out, int allow_suffix);

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #ifndef DSINFER_DEFAULT_MODEL_DIR
 #define DSINFER_DEFAULT_MODEL_DIR "demo-model"
@@ -198,4 +199,79 @@ int ds_cli_parse_u64(const char *s, uint64_t *out, int allow_suffix) {
     }
     if (*e) return 0;
     return ds_mul_ok(v, mul, out);
+}
+
+int ds_cli_outdir_begin(ds_cli_outdir *d, const char *cmd, const char *out, int force) {
+    memset(d, 0, sizeof *d);
+    size_t ol = strlen(out);
+    while (ol > 1 && out[ol - 1] == '/') ol--; /* so OUT.tmp-XXXXXX is a sibling */
+    d->out = malloc(ol + 1);
+    d->tmp = malloc(ol + 16);
+    if (!d->out || !d->tmp) {
+        fprintf(stderr, "dsinfer %s: out of memory\n", cmd);
+        return 1;
+    }
+    memcpy(d->out, out, ol);
+    d->out[ol] = 0;
+    snprintf(d->tmp, ol + 16, "%s.tmp-XXXXXX", d->out);
+    int existing = ds_cli_dir_state(d->out);
+    if (existing != 0 && !force) {
+        fprintf(stderr, "dsinfer %s: %s already exists%s; pass --force to replace it\n", cmd,
+                d->out, existing < 0 ? " and is not a directory" : " and is not empty");
+        return 2;
+    }
+    if (!mkdtemp(d->tmp)) {
+        fprintf(stderr, "dsinfer %s: cannot create %s: %s\n", cmd, d->tmp, strerror(errno));
+        return 1;
+    }
+    d->made = 1;
+    chmod(d->tmp, 0755); /* mkdtemp makes it 0700; a checkpoint is an ordinary directory */
+    return 0;
+}
+
+int ds_cli_outdir_publish(ds_cli_outdir *d, const char *cmd) {
+    size_t n = strlen(d->out) + 16;
+    char *aside = malloc(n);
+    if (!aside) {
+        fprintf(stderr, "dsinfer %s: out of memory\n", cmd);
+        return 1;
+    }
+    snprintf(aside, n, "%s.old-XXXXXX", d->out);
+    int existing = ds_cli_dir_state(d->out), moved_aside = 0, rc = 1;
+    if (existing < 0) {
+        if (unlink(d->out) != 0) {
+            fprintf(stderr, "dsinfer %s: cannot remove %s: %s\n", cmd, d->out, strerror(errno));
+            goto out;
+        }
+    } else if (existing > 0) {
+        if (!mkdtemp(aside) || rename(d->out, aside) != 0) {
+            fprintf(stderr, "dsinfer %s: cannot move %s aside: %s\n", cmd, d->out,
+                    strerror(errno));
+            rmdir(aside);
+            goto out;
+        }
+        moved_aside = 1;
+    } else {
+        rmdir(d->out); /* an empty OUT is replaced */
+    }
+    if (rename(d->tmp, d->out) != 0) {
+        fprintf(stderr, "dsinfer %s: cannot rename %s to %s: %s\n", cmd, d->tmp, d->out,
+                strerror(errno));
+        if (moved_aside && rename(aside, d->out) != 0)
+            fprintf(stderr, "dsinfer %s: the previous %s is at %s\n", cmd, d->out, aside);
+        goto out;
+    }
+    d->made = 0;
+    if (moved_aside) ds_cli_rm_tree(aside);
+    rc = 0;
+out:
+    free(aside);
+    return rc;
+}
+
+void ds_cli_outdir_end(ds_cli_outdir *d) {
+    if (d->made) ds_cli_rm_tree(d->tmp);
+    free(d->out);
+    free(d->tmp);
+    memset(d, 0, sizeof *d);
 }

@@ -559,30 +559,6 @@ int ds_cmd_make_tiny(int argc, char **argv) {
     }
     if (!tok_dir) tok_dir = ds_cli_default_tokenizer_dir();
 
-    /* OUT_DIR without trailing slashes, so OUT_DIR.tmp-XXXXXX is its sibling */
-    size_t ol = strlen(out_arg);
-    while (ol > 1 && out_arg[ol - 1] == '/') ol--;
-    char *out = malloc(ol + 16), *tmp = malloc(ol + 16), *aside = malloc(ol + 16);
-    if (!out || !tmp || !aside) {
-        free(out);
-        free(tmp);
-        free(aside);
-        fprintf(stderr, "dsinfer make-tiny: out of memory\n");
-        return 1;
-    }
-    memcpy(out, out_arg, ol);
-    out[ol] = 0;
-    snprintf(tmp, ol + 16, "%s.tmp-XXXXXX", out);
-    snprintf(aside, ol + 16, "%s.old-XXXXXX", out);
-
-    int status = 1, rc = DS_OK, made_tmp = 0;
-    mt_plan pl = {0};
-    int existing = ds_cli_dir_state(out);
-    if (existing != 0 && !force) {
-        fprintf(stderr, "dsinfer make-tiny: %s already exists%s; pass --force to replace it\n", out,
-                existing < 0 ? " and is not a directory" : " and is not empty");
-        goto done;
-    }
     if (!no_tok && (!ds_cli_file_exists(tok_dir, "tokenizer.json") ||
                     !ds_cli_file_exists(tok_dir, "tokenizer_config.json"))) {
         fprintf(stderr,
@@ -591,13 +567,14 @@ int ds_cmd_make_tiny(int argc, char **argv) {
                 "  Run scripts/setup.sh to fetch them, pass --tokenizer DIR, or --no-tokenizer "
                 "for a checkpoint without them.\n",
                 tok_dir);
-        goto done;
+        return 1;
     }
-    if (!mkdtemp(tmp)) {
-        fprintf(stderr, "dsinfer make-tiny: cannot create %s: %s\n", tmp, strerror(errno));
-        goto done;
-    }
-    made_tmp = 1;
+    ds_cli_outdir od;
+    mt_plan pl = {0};
+    int rc = DS_OK, status = ds_cli_outdir_begin(&od, "make-tiny", out_arg, force);
+    if (status) goto done;
+    status = 1;
+    const char *tmp = od.tmp, *out = od.out;
 
     rc = build_plan(&o, &pl);
     int n_shards = rc ? 0 : assign_shards(&pl, shard_bytes);
@@ -619,35 +596,7 @@ int ds_cmd_make_tiny(int argc, char **argv) {
         fprintf(stderr, "dsinfer make-tiny: %s\n", ds_err_msg());
         goto done;
     }
-    /* mkdtemp makes the directory 0700; a checkpoint is an ordinary readable directory */
-    chmod(tmp, 0755);
-    /* Publish: move an existing OUT_DIR aside (only reachable with --force), rename, clean up. */
-    existing = ds_cli_dir_state(out);
-    int moved_aside = 0;
-    if (existing != 0) {
-        struct stat st;
-        if (existing < 0) {
-            if (unlink(out) != 0) {
-                fprintf(stderr, "dsinfer make-tiny: cannot remove %s: %s\n", out, strerror(errno));
-                goto done;
-            }
-        } else if (!mkdtemp(aside) || rename(out, aside) != 0) {
-            fprintf(stderr, "dsinfer make-tiny: cannot move %s aside: %s\n", out, strerror(errno));
-            if (stat(aside, &st) == 0) rmdir(aside);
-            goto done;
-        } else {
-            moved_aside = 1;
-        }
-    }
-    if (rename(tmp, out) != 0) {
-        fprintf(stderr, "dsinfer make-tiny: cannot rename %s to %s: %s\n", tmp, out,
-                strerror(errno));
-        if (moved_aside && rename(aside, out) != 0)
-            fprintf(stderr, "dsinfer make-tiny: the previous %s is at %s\n", out, aside);
-        goto done;
-    }
-    made_tmp = 0;
-    if (moved_aside) ds_cli_rm_tree(aside);
+    if (ds_cli_outdir_publish(&od, "make-tiny")) goto done;
     {
         uint64_t bytes = 0;
         for (size_t i = 0; i < pl.n; i++) bytes += pl.t[i].nbytes;
@@ -659,10 +608,7 @@ int ds_cmd_make_tiny(int argc, char **argv) {
     }
     status = 0;
 done:
-    if (made_tmp) ds_cli_rm_tree(tmp);
+    ds_cli_outdir_end(&od);
     free(pl.t);
-    free(out);
-    free(tmp);
-    free(aside);
     return status;
 }

@@ -634,23 +634,9 @@ int ds_cmd_quantize(int argc, char **argv) {
     }
     o.group = (int64_t)group;
 
-    size_t ol = strlen(out_arg);
-    while (ol > 1 && out_arg[ol - 1] == '/') ol--;
-    char *out = malloc(ol + 16), *tmp = malloc(ol + 16), *aside = malloc(ol + 16);
-    if (!out || !tmp || !aside) {
-        free(out);
-        free(tmp);
-        free(aside);
-        fprintf(stderr, "dsinfer quantize: out of memory\n");
-        return 1;
-    }
-    memcpy(out, out_arg, ol);
-    out[ol] = 0;
-    snprintf(tmp, ol + 16, "%s.tmp-XXXXXX", out);
-    snprintf(aside, ol + 16, "%s.old-XXXXXX", out);
-
     const double t0 = ds_now();
-    int status = 1, rc = DS_OK, made_tmp = 0;
+    int status = 1, rc = DS_OK;
+    ds_cli_outdir od = {0};
     ds_st_set *set = NULL;
     ds_pool *pool = NULL;
     json_t *cfg = NULL;
@@ -665,13 +651,10 @@ int ds_cmd_quantize(int argc, char **argv) {
     sigaction(SIGINT, &sa, &old_int);
     sigaction(SIGTERM, &sa, &old_term);
 
-    int existing = ds_cli_dir_state(out);
-    if (existing != 0 && !force) {
-        fprintf(stderr, "dsinfer quantize: %s already exists%s; pass --force to replace it\n", out,
-                existing < 0 ? " and is not a directory" : " and is not empty");
-        status = 2;
-        goto done;
-    }
+    status = ds_cli_outdir_begin(&od, "quantize", out_arg, force);
+    if (status) goto done;
+    status = 1;
+    const char *tmp = od.tmp, *out = od.out;
     char *cfg_path = ds_cli_path_join(in_dir, "config.json");
     rc = cfg_path ? ds_json_load_file(cfg_path, &cfg) : ds_err_set(DS_ERR_NOMEM, "out of memory");
     if (!rc && !json_is_object(cfg))
@@ -702,11 +685,6 @@ int ds_cmd_quantize(int argc, char **argv) {
         fprintf(stderr, "dsinfer quantize: %s\n", ds_err_msg());
         goto done;
     }
-    if (!mkdtemp(tmp)) {
-        fprintf(stderr, "dsinfer quantize: cannot create %s: %s\n", tmp, strerror(errno));
-        goto done;
-    }
-    made_tmp = 1;
     int n_shards = assign_shards(it, n_items, shard_bytes);
     rc = write_shards(tmp, pool, &o, it, n_items, n_shards, &st);
     if (!rc) rc = write_index(tmp, it, n_items, n_shards);
@@ -730,35 +708,7 @@ int ds_cmd_quantize(int argc, char **argv) {
         fprintf(stderr, "dsinfer quantize: %s\n", ds_err_msg());
         goto done;
     }
-    chmod(tmp, 0755); /* mkdtemp makes it 0700 */
-    existing = ds_cli_dir_state(out);
-    int moved_aside = 0;
-    if (existing != 0) { /* only reachable with --force */
-        struct stat sb;
-        if (existing < 0) {
-            if (unlink(out) != 0) {
-                fprintf(stderr, "dsinfer quantize: cannot remove %s: %s\n", out, strerror(errno));
-                goto done;
-            }
-        } else if (!mkdtemp(aside) || rename(out, aside) != 0) {
-            fprintf(stderr, "dsinfer quantize: cannot move %s aside: %s\n", out, strerror(errno));
-            if (stat(aside, &sb) == 0) rmdir(aside);
-            goto done;
-        } else {
-            moved_aside = 1;
-        }
-    } else {
-        rmdir(out); /* an empty OUT_DIR is replaced */
-    }
-    if (rename(tmp, out) != 0) {
-        fprintf(stderr, "dsinfer quantize: cannot rename %s to %s: %s\n", tmp, out,
-                strerror(errno));
-        if (moved_aside && rename(aside, out) != 0)
-            fprintf(stderr, "dsinfer quantize: the previous %s is at %s\n", out, aside);
-        goto done;
-    }
-    made_tmp = 0;
-    if (moved_aside) ds_cli_rm_tree(aside);
+    if (ds_cli_outdir_publish(&od, "quantize")) goto done;
     printf("quantized %s -> %s (%s", in_dir, out, o.scheme == QZ_W8A8 ? "w8a8_int8" : "w4a8_int4");
     if (o.scheme == QZ_W4A8) printf(", group %lld", (long long)o.group);
     printf("): %zu tensors quantized, %zu copied, %.1f MB in -> %.1f MB out in %d shard%s, "
@@ -767,15 +717,12 @@ int ds_cmd_quantize(int argc, char **argv) {
            n_shards == 1 ? "" : "s", ds_now() - t0);
     status = 0;
 done:
-    if (made_tmp) ds_cli_rm_tree(tmp);
+    ds_cli_outdir_end(&od);
     sigaction(SIGINT, &old_int, NULL);
     sigaction(SIGTERM, &old_term, NULL);
     free(it);
     ds_pool_close(pool);
     ds_st_close(set);
     json_decref(cfg);
-    free(out);
-    free(tmp);
-    free(aside);
     return status;
 }
