@@ -4,6 +4,8 @@
 #ifndef DS_CLI_H
 #define DS_CLI_H
 
+#include <jansson.h>
+#include <stddef.h>
 #include <stdint.h>
 
 int ds_cmd_generate(int argc, char **argv);
@@ -48,6 +50,11 @@ int ds_cli_outdir_begin(ds_cli_outdir *d, const char *cmd, const char *out, int 
 int ds_cli_outdir_publish(ds_cli_outdir *d, const char *cmd);
 /* Removes tmp unless published, frees. Accepts a zeroed struct. */
 void ds_cli_outdir_end(ds_cli_outdir *d);
+/* "model-0000i-of-0000N.safetensors" for shard i (0-based) of n, as Hugging Face names them. */
+void ds_cli_shard_name(char *buf, size_t cap, int i, int n);
+/* Writes DIR/model.safetensors.index.json: {"metadata": {"total_size": total}, "weight_map":
+ * map} with sorted keys. Takes ownership of map (may be NULL after a failed allocation). */
+int ds_cli_write_index(const char *dir, json_t *map, uint64_t total);
 /* Parses a non-negative integer (with allow_suffix: K, M, G binary multipliers, optional "B" or
  * "iB"); 0 when malformed or overflowing. */
 int ds_cli_parse_u64(const char *s, uint64_t *out, int allow_suffix);

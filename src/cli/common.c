@@ -275,3 +275,29 @@ void ds_cli_outdir_end(ds_cli_outdir *d) {
     free(d->tmp);
     memset(d, 0, sizeof *d);
 }
+
+void ds_cli_shard_name(char *buf, size_t cap, int i, int n) {
+    snprintf(buf, cap, "model-%05d-of-%05d.safetensors", i + 1, n);
+}
+
+int ds_cli_write_index(const char *dir, json_t *map, uint64_t total) {
+    json_t *root = json_object(), *meta = json_object();
+    int bad = !root || !meta || !map;
+    if (!bad) {
+        bad |= json_object_set_new(meta, "total_size", json_integer((json_int_t)total));
+        bad |= json_object_set_new(root, "metadata", meta);
+        bad |= json_object_set_new(root, "weight_map", map);
+        meta = map = NULL;
+    }
+    json_decref(meta);
+    json_decref(map);
+    char *path = bad ? NULL : ds_cli_path_join(dir, "model.safetensors.index.json");
+    int rc = DS_OK;
+    if (!path)
+        rc = ds_err_set(DS_ERR_NOMEM, "out of memory");
+    else if (json_dump_file(root, path, JSON_INDENT(2) | JSON_SORT_KEYS))
+        rc = ds_err_set(DS_ERR_IO, "%s: cannot write: %s", path, strerror(errno));
+    free(path);
+    json_decref(root);
+    return rc;
+}

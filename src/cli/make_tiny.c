@@ -317,10 +317,6 @@ static int gen_tensor(const mt_opts *o, const mt_tensor *t, mt_scratch *sc) {
 }
 
 
-static void shard_name(char *buf, size_t cap, int i, int n) {
-    snprintf(buf, cap, "model-%05d-of-%05d.safetensors", i + 1, n);
-}
-
 static int write_shards(const char *dir, const mt_opts *o, mt_plan *pl, int n_shards) {
     mt_scratch sc = {0};
     ds_progress pb;
@@ -331,7 +327,7 @@ static int write_shards(const char *dir, const mt_opts *o, mt_plan *pl, int n_sh
     size_t i = 0;
     for (int s = 0; !rc && s < n_shards; s++) {
         char fname[64];
-        shard_name(fname, sizeof fname, s, n_shards);
+        ds_cli_shard_name(fname, sizeof fname, s, n_shards);
         char *path = ds_cli_path_join(dir, fname);
         if (!path) {
             rc = ds_err_set(DS_ERR_NOMEM, "out of memory");
@@ -374,28 +370,18 @@ static int dump_json(json_t *j, const char *dir, const char *name) {
 }
 
 static int write_index(const char *dir, const mt_plan *pl, int n_shards) {
-    json_t *root = json_object(), *meta = json_object(), *map = json_object();
+    json_t *map = json_object();
     uint64_t total = 0;
-    int bad = !root || !meta || !map;
-    for (size_t i = 0; !bad && i < pl->n; i++) {
+    for (size_t i = 0; map && i < pl->n; i++) {
         char fname[64];
-        shard_name(fname, sizeof fname, pl->t[i].shard, n_shards);
-        bad |= json_object_set_new(map, pl->t[i].name, json_string(fname));
+        ds_cli_shard_name(fname, sizeof fname, pl->t[i].shard, n_shards);
+        if (json_object_set_new(map, pl->t[i].name, json_string(fname))) {
+            json_decref(map);
+            map = NULL;
+        }
         total += pl->t[i].nbytes;
     }
-    if (!bad) {
-        bad |= json_object_set_new(meta, "total_size", json_integer((json_int_t)total));
-        bad |= json_object_set_new(root, "metadata", meta);
-        meta = NULL;
-        bad |= json_object_set_new(root, "weight_map", map);
-        map = NULL;
-    }
-    json_decref(meta);
-    json_decref(map);
-    int rc = bad ? ds_err_set(DS_ERR_NOMEM, "out of memory")
-                 : dump_json(root, dir, "model.safetensors.index.json");
-    json_decref(root);
-    return rc;
+    return ds_cli_write_index(dir, map, total);
 }
 
 /* config.json with the keys and values of deepseek-ai/DeepSeek-V3's, dimensions from the preset. */

@@ -224,10 +224,6 @@ static int assign_shards(qz_item *it, size_t n, uint64_t shard_bytes) {
     return shard + 1;
 }
 
-static void shard_name(char *buf, size_t cap, int i, int n) {
-    snprintf(buf, cap, "model-%05d-of-%05d.safetensors", i + 1, n);
-}
-
 static void scale_name(char *buf, size_t cap, const char *weight) {
     snprintf(buf, cap, "%s_scale", weight);
 }
@@ -387,7 +383,7 @@ static int write_shards(const char *dir, ds_pool *pool, const qz_opts *o, const 
     char sname[512];
     for (int s = 0; !rc && s < n_shards; s++) {
         char fname[64];
-        shard_name(fname, sizeof fname, s, n_shards);
+        ds_cli_shard_name(fname, sizeof fname, s, n_shards);
         char *path = ds_cli_path_join(dir, fname);
         if (!path) {
             rc = ds_err_set(DS_ERR_NOMEM, "out of memory");
@@ -455,12 +451,12 @@ static int reals_short(const json_t *j) {
     return 1;
 }
 
-static int dump_json(json_t *j, const char *dir, const char *name, size_t flags) {
+static int dump_json(json_t *j, const char *dir, const char *name) {
     char *path = ds_cli_path_join(dir, name);
     if (!path) return ds_err_set(DS_ERR_NOMEM, "out of memory");
     int rc = DS_OK;
     size_t prec = reals_short(j) ? 15 : 17;
-    if (json_dump_file(j, path, JSON_INDENT(2) | JSON_REAL_PRECISION(prec) | flags))
+    if (json_dump_file(j, path, JSON_INDENT(2) | JSON_REAL_PRECISION(prec)))
         rc = ds_err_set(DS_ERR_IO, "%s: cannot write: %s", path, strerror(errno));
     free(path);
     return rc;
@@ -475,34 +471,25 @@ static json_t *quant_config(const qz_opts *o) {
 }
 
 static int write_index(const char *dir, const qz_item *it, size_t n, int n_shards) {
-    json_t *root = json_object(), *meta = json_object(), *map = json_object();
+    json_t *map = json_object();
     uint64_t total = 0;
-    int bad = !root || !meta || !map;
     char sname[512];
-    for (size_t i = 0; !bad && i < n; i++) {
+    for (size_t i = 0; map && i < n; i++) {
         if (it[i].action == QZ_CONSUMED) continue;
         char fname[64];
-        shard_name(fname, sizeof fname, it[i].shard, n_shards);
-        bad |= json_object_set_new(map, it[i].src->name, json_string(fname));
+        ds_cli_shard_name(fname, sizeof fname, it[i].shard, n_shards);
+        int bad = json_object_set_new(map, it[i].src->name, json_string(fname));
         if (it[i].action == QZ_QUANT) {
             scale_name(sname, sizeof sname, it[i].src->name);
             bad |= json_object_set_new(map, sname, json_string(fname));
         }
+        if (bad) {
+            json_decref(map);
+            map = NULL;
+        }
         total += it[i].out_bytes + it[i].scale_bytes;
     }
-    if (!bad) {
-        bad |= json_object_set_new(meta, "total_size", json_integer((json_int_t)total));
-        bad |= json_object_set_new(root, "metadata", meta);
-        meta = NULL;
-        bad |= json_object_set_new(root, "weight_map", map);
-        map = NULL;
-    }
-    json_decref(meta);
-    json_decref(map);
-    int rc = bad ? ds_err_set(DS_ERR_NOMEM, "out of memory")
-                 : dump_json(root, dir, "model.safetensors.index.json", JSON_SORT_KEYS);
-    json_decref(root);
-    return rc;
+    return ds_cli_write_index(dir, map, total);
 }
 
 static int cmp_str(const void *a, const void *b) {
@@ -691,7 +678,7 @@ int ds_cmd_quantize(int argc, char **argv) {
     if (!rc) {
         json_t *qc = quant_config(&o);
         rc = qc && !json_object_set_new(cfg, "quantization_config", qc)
-                 ? dump_json(cfg, tmp, "config.json", 0)
+                 ? dump_json(cfg, tmp, "config.json")
                  : ds_err_set(DS_ERR_NOMEM, "out of memory");
     }
     const char *copied[] = {"tokenizer.json", "tokenizer_config.json", "generation_config.json"};
