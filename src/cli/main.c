@@ -18,6 +18,7 @@ static const struct {
     {"make-tiny", ds_cmd_make_tiny, "write a random DeepSeek-V3 checkpoint in the HF layout"},
     {"info", ds_cmd_info, "print a checkpoint's config, parameter counts and bytes per dtype"},
     {"bench-model", ds_cmd_bench_model, "prefill/decode tokens/s vs this machine's bandwidth"},
+    {"bench-kernels", ds_cmd_bench_kernels, "matmul kernels vs read bandwidth and peak int8 ops"},
     {"tokenize", ds_cmd_tokenize, "text to token ids with the model's tokenizer.json"},
     {"detokenize", ds_cmd_detokenize, "token ids to text (lossy UTF-8)"},
     {"chat-template", ds_cmd_chat_template, "render a JSON messages array with the chat template"},

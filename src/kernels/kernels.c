@@ -96,6 +96,8 @@ static void complete(ds_kernels *dst, const ds_kernels *src) {
     if (!dst->bf16_to_f32) dst->bf16_to_f32 = s->bf16_to_f32;
     if (!dst->f16_to_f32) dst->f16_to_f32 = s->f16_to_f32;
     if (!dst->fp8_to_f32) dst->fp8_to_f32 = s->fp8_to_f32;
+    if (!dst->i8_to_f32) dst->i8_to_f32 = s->i8_to_f32;
+    if (!dst->i4_to_f32) dst->i4_to_f32 = s->i4_to_f32;
     if (!dst->dot_f32) dst->dot_f32 = s->dot_f32;
     if (!dst->dot4_f32) dst->dot4_f32 = s->dot4_f32;
     if (!dst->axpy_f32) dst->axpy_f32 = s->axpy_f32;
@@ -107,6 +109,9 @@ static void complete(ds_kernels *dst, const ds_kernels *src) {
     if (!dst->dot4x2_fp8) dst->dot4x2_fp8 = s->dot4x2_fp8;
     if (!dst->dot4_i8) dst->dot4_i8 = s->dot4_i8;
     if (!dst->dot4_i4) dst->dot4_i4 = s->dot4_i4;
+    if (!dst->pack16_i8) dst->pack16_i8 = s->pack16_i8;
+    if (!dst->pack16_i4) dst->pack16_i4 = s->pack16_i4;
+    if (!dst->gemm16x8_i8) dst->gemm16x8_i8 = s->gemm16x8_i8;
 }
 
 static void detect(void) {

@@ -23,6 +23,11 @@ typedef struct ds_kernels {
     /* dst[i] = e4m3fn(src[i]) * scale, the product rounded once in f32 (exactly what the
      * official reference's fp8 x weight_scale_inv dequantisation computes) */
     void (*fp8_to_f32)(float *dst, const uint8_t *src, size_t n, float scale);
+    /* dst[i] = (float)q[i] * scale, the product rounded once: the dequantisation of a W8A8 row
+     * segment (int8) and of a W4A8 one (int4 packed as in ds_mat.int4, src at the byte of an
+     * even column, n logical columns) */
+    void (*i8_to_f32)(float *dst, const int8_t *src, size_t n, float scale);
+    void (*i4_to_f32)(float *dst, const uint8_t *src, size_t n, float scale);
     /* sum_i a[i] * b[i] */
     float (*dot_f32)(const float *a, const float *b, size_t n);
     /* out[r] = sum_i x[i] * w[r][i] for r in 0..3: one pass over x feeds four rows */
@@ -62,9 +67,31 @@ typedef struct ds_kernels {
     /* The same with int4 weights packed two per byte (ds_mat.int4): w[r] points at the byte of
      * an even column, byte j holding logical column 2j in its low nibble and 2j + 1 in its high
      * one, two's complement in [-8, 7]; n logical columns (ceil(n / 2) bytes are read; when n is
-     * odd the last high nibble is ignored). block is even unless block >= n. */
-    void (*dot4_i4)(const int8_t *x, const uint8_t *const w[4], size_t n, size_t block,
-                    int32_t *out);
+     * odd the last high nibble is ignored). block is even unless block >= n. The activation work
+     * is done once per token by the caller, not once per four rows: xs is x in the split layout
+     * of ds_i4_split (within every 128-column step of every block the even columns first, then
+     * the odd ones, matching the low and the high nibbles of the step's 64 bytes), and
+     * xoff[b] = 8 * sum_{i in block b} x[i] (the kernels that add w + 8 take it back out). */
+    void (*dot4_i4)(const int8_t *xs, const int32_t *xoff, const uint8_t *const w[4], size_t n,
+                    size_t block, int32_t *out);
+    /* The integer GEMM of prefill (many tokens), W8A8 and W4A8 alike. Sixteen weight rows are
+     * first packed into a panel of ceil(n / 4) groups of 64 bytes; group g holds, for row r,
+     * columns 4g .. 4g + 3 at bytes 4r .. 4r + 3, each stored as the unsigned w + off (off = 128
+     * for int8, 8 for int4; bytes past column n are 0), so one 64-byte load gives the 16 rows'
+     * 4-column slices and one VNNI/SDOT step per token adds 16 rows' partial dots in 16 lanes.
+     * w[r] as in dot4_i8 / dot4_i4 (int4: pointing at the byte of column 0). */
+    void (*pack16_i8)(uint8_t *panel, const int8_t *const w[16], size_t n);
+    void (*pack16_i4)(uint8_t *panel, const uint8_t *const w[16], size_t n);
+    /* Eight tokens against one panel. x[t] are quantized activations (|x| <= 127) readable for
+     * 4 * ceil(n / 4) bytes, zero past n. The columns are cut into blocks of `block` (a multiple
+     * of 4, or >= n: one block); for each block b the exact sum is
+     *   isum[t][r] = sum_{i in b} x[t][i] * panel(r, i) - xoff[t][b]
+     * where the caller passes xoff[t][b] = off * sum_{i in b} x[t][i] (int32 arithmetic wraps:
+     * the raw sums may exceed 2^31 for long blocks, the difference, a true int8 dot, does not).
+     * Then, blocks in order from acc = 0: acc[t][r] = fma((float)isum[t][r], sw[16 b + r], acc)
+     * (sw: [blocks][16] row scales), and out[16 t + r] = acc. Every table gives the same floats. */
+    void (*gemm16x8_i8)(const uint8_t *panel, size_t n, size_t block, const int8_t *const x[8],
+                        const int32_t *const xoff[8], const float *sw, float out[128]);
 } ds_kernels;
 
 /* The table for this machine, selected on first call (thread-safe). */
@@ -108,6 +135,12 @@ uint64_t ds_mat_bytes(const ds_mat *w);
  * ds_quantize_row_i8) and the products accumulate exactly in int32 per scale block:
  *   y[t, r] = sum_blocks s_x[t] * scale(r, block) * sum_{c in block} q_x[t, c] * q_w[r, c]. */
 void ds_matmul(ds_pool *pool, float *y, const float *x, int64_t n_tok, const ds_mat *w);
+
+/* x[0, n) to the split layout dot4_i4 reads: blocks of `block` columns from column 0 (the last
+ * partial), each cut into steps of 128 columns from its start (the last partial), and a step of
+ * L columns starting at i0 stores x[i0], x[i0 + 2], ... (ceil(L / 2) values) then x[i0 + 1],
+ * x[i0 + 3], ... (floor(L / 2)) at xs[i0 ..]. A permutation within each step; xs has n bytes. */
+void ds_i4_split(const int8_t *x, size_t n, size_t block, int8_t *xs);
 
 /* Dynamic per-token activation quantization for W8A8/W4A8 (SGLang's per_token_quant_int8):
  * scale = max|x| / 127 (1 when x is all zeros), q[i] = round-half-even(x[i] / scale), which

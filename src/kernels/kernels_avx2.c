@@ -365,10 +365,14 @@ static void dot4_i8_avx2(const int8_t *x, const int8_t *const w[4], size_t n, si
         size_t i = c0;
         for (; i + 32 <= end; i += 32) {
             __m256i xv = _mm256_loadu_si256((const __m256i *)(const void *)(x + i));
-            a0 = i8_row(a0, xv, _mm256_loadu_si256((const __m256i *)(const void *)(w[0] + i)), ones16);
-            a1 = i8_row(a1, xv, _mm256_loadu_si256((const __m256i *)(const void *)(w[1] + i)), ones16);
-            a2 = i8_row(a2, xv, _mm256_loadu_si256((const __m256i *)(const void *)(w[2] + i)), ones16);
-            a3 = i8_row(a3, xv, _mm256_loadu_si256((const __m256i *)(const void *)(w[3] + i)), ones16);
+            a0 = i8_row(a0, xv, _mm256_loadu_si256((const __m256i *)(const void *)(w[0] + i)),
+                        ones16);
+            a1 = i8_row(a1, xv, _mm256_loadu_si256((const __m256i *)(const void *)(w[1] + i)),
+                        ones16);
+            a2 = i8_row(a2, xv, _mm256_loadu_si256((const __m256i *)(const void *)(w[2] + i)),
+                        ones16);
+            a3 = i8_row(a3, xv, _mm256_loadu_si256((const __m256i *)(const void *)(w[3] + i)),
+                        ones16);
         }
         if (i < end) {
             _Alignas(32) int8_t bx[32] = {0}, bw[4][32] = {{0}};
@@ -386,62 +390,88 @@ static void dot4_i8_avx2(const int8_t *x, const int8_t *const w[4], size_t n, si
 
 /* 64 columns of x split into even and odd ones in the order of the 32 packed bytes holding
  * their weights (see kernels_avx512.c: sign-extend the bytes of each word, pack, permute). */
-static inline void split_even_odd_avx2(__m256i x0, __m256i x1, __m256i *xe, __m256i *xo) {
-    __m256i e0 = _mm256_srai_epi16(_mm256_slli_epi16(x0, 8), 8);
-    __m256i e1 = _mm256_srai_epi16(_mm256_slli_epi16(x1, 8), 8);
-    __m256i o0 = _mm256_srai_epi16(x0, 8), o1 = _mm256_srai_epi16(x1, 8);
-    *xe = _mm256_permute4x64_epi64(_mm256_packs_epi16(e0, e1), 0xd8);
-    *xo = _mm256_permute4x64_epi64(_mm256_packs_epi16(o0, o1), 0xd8);
-}
-
 static inline __m256i i4_row(__m256i acc, __m256i packed, __m256i xe, __m256i xo) {
     const __m256i flip = _mm256_set1_epi8((char)0x88), lo4 = _mm256_set1_epi8(0x0f);
     __m256i p = _mm256_xor_si256(packed, flip);
     /* each pair <= 2 * 15 * 127, the two sums <= 7620: int16 holds it */
-    __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(p, lo4), xe),
-                                 _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(p, 4), lo4), xo));
+    __m256i s =
+        _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(p, lo4), xe),
+                         _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(p, 4), lo4), xo));
     return _mm256_add_epi32(acc, _mm256_madd_epi16(s, _mm256_set1_epi16(1)));
 }
 
-static void dot4_i4_avx2(const int8_t *x, const uint8_t *const w[4], size_t n, size_t block,
-                         int32_t *out) {
-    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+static inline __m256i ld256(const void *p) {
+    return _mm256_loadu_si256((const __m256i *)p);
+}
+
+/* x arrives split (ds_i4_split): a 128-column step is 64 even then 64 odd values, and its 64
+ * packed bytes are two halves of 32, each pairing with 32 of the even and 32 of the odd values.
+ * A partial step (ceil(L/2) even, floor(L/2) odd) goes through zero-padded copies. */
+static void dot4_i4_avx2(const int8_t *xs, const int32_t *xoff, const uint8_t *const w[4], size_t n,
+                         size_t block, int32_t *out) {
     for (size_t c0 = 0, b = 0; c0 < n; c0 += block, b++) {
-        size_t end = c0 + (n - c0 < block ? n - c0 : block);
-        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, sx = a0;
-        for (size_t i = c0; i < end; i += 64) {
+        size_t end = n - c0 < block ? n : c0 + block;
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+        for (size_t i = c0; i < end; i += 128) {
             const size_t o = i / 2; /* i is even: block even, or a single block from 0 */
-            __m256i x0, x1, pw[4];
-            if (i + 64 <= end) {
-                x0 = _mm256_loadu_si256((const __m256i *)(const void *)(x + i));
-                x1 = _mm256_loadu_si256((const __m256i *)(const void *)(x + i + 32));
-                for (int r = 0; r < 4; r++)
-                    pw[r] = _mm256_loadu_si256((const __m256i *)(const void *)(w[r] + o));
-            } else {
-                _Alignas(32) int8_t bx[64] = {0};
-                _Alignas(32) uint8_t bw[4][32] = {{0}};
-                memcpy(bx, x + i, end - i);
-                for (int r = 0; r < 4; r++) memcpy(bw[r], w[r] + o, (end - i + 1) / 2);
-                x0 = _mm256_load_si256((const __m256i *)(const void *)bx);
-                x1 = _mm256_load_si256((const __m256i *)(const void *)(bx + 32));
-                for (int r = 0; r < 4; r++)
-                    pw[r] = _mm256_load_si256((const __m256i *)(const void *)bw[r]);
+            _Alignas(32) int8_t bx[128];
+            _Alignas(32) uint8_t bw[4][64];
+            const int8_t *xe = xs + i, *xo = xs + i + 64;
+            const uint8_t *wr[4] = {w[0] + o, w[1] + o, w[2] + o, w[3] + o};
+            if (i + 128 > end) {
+                size_t len = end - i, ne = (len + 1) / 2;
+                memset(bx, 0, sizeof bx);
+                memcpy(bx, xs + i, ne);
+                memcpy(bx + 64, xs + i + ne, len / 2);
+                xe = bx;
+                xo = bx + 64;
+                for (int r = 0; r < 4; r++) {
+                    memset(bw[r], 0, 64);
+                    memcpy(bw[r], wr[r], ne);
+                    wr[r] = bw[r];
+                }
             }
-            __m256i sxs = _mm256_add_epi16(_mm256_maddubs_epi16(ones8, x0),
-                                           _mm256_maddubs_epi16(ones8, x1));
-            sx = _mm256_add_epi32(sx, _mm256_madd_epi16(sxs, ones16));
-            __m256i xe, xo;
-            split_even_odd_avx2(x0, x1, &xe, &xo);
-            a0 = i4_row(a0, pw[0], xe, xo);
-            a1 = i4_row(a1, pw[1], xe, xo);
-            a2 = i4_row(a2, pw[2], xe, xo);
-            a3 = i4_row(a3, pw[3], xe, xo);
+            for (size_t h = 0; h < 64; h += 32) {
+                __m256i e = ld256(xe + h), od = ld256(xo + h);
+                a0 = i4_row(a0, ld256(wr[0] + h), e, od);
+                a1 = i4_row(a1, ld256(wr[1] + h), e, od);
+                a2 = i4_row(a2, ld256(wr[2] + h), e, od);
+                a3 = i4_row(a3, ld256(wr[3] + h), e, od);
+            }
         }
-        __m256i comp = _mm256_slli_epi32(sx, 3);
-        _mm_storeu_si128((__m128i *)(void *)(out + 4 * b),
-                         reduce4_epi32_avx2(_mm256_sub_epi32(a0, comp), _mm256_sub_epi32(a1, comp),
-                                            _mm256_sub_epi32(a2, comp), _mm256_sub_epi32(a3, comp)));
+        __m128i sum = _mm_sub_epi32(reduce4_epi32_avx2(a0, a1, a2, a3), _mm_set1_epi32(xoff[b]));
+        _mm_storeu_si128((__m128i *)(void *)(out + 4 * b), sum);
     }
+}
+
+static void i8_to_f32_avx2(float *dst, const int8_t *src, size_t n, float scale) {
+    const __m256 vs = _mm256_set1_ps(scale);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(src + i)));
+        _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtepi32_ps(v), vs));
+    }
+    for (; i < n; i++) dst[i] = (float)src[i] * scale;
+}
+
+/* 8 packed bytes -> 16 columns: dwords, nibbles interleaved by unpack + 128-bit permute */
+static void i4_to_f32_avx2(float *dst, const uint8_t *src, size_t n, float scale) {
+    const __m256 vs = _mm256_set1_ps(scale);
+    const __m256i lo4 = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256i b =
+            _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(src + i / 2)));
+        __m256i lo = _mm256_and_si256(b, lo4), hi = _mm256_srli_epi32(b, 4);
+        __m256i u0 = _mm256_unpacklo_epi32(lo, hi), u1 = _mm256_unpackhi_epi32(lo, hi);
+        __m256i c0 = _mm256_permute2x128_si256(u0, u1, 0x20);
+        __m256i c1 = _mm256_permute2x128_si256(u0, u1, 0x31);
+        c0 = _mm256_sub_epi32(_mm256_xor_si256(c0, eight), eight);
+        c1 = _mm256_sub_epi32(_mm256_xor_si256(c1, eight), eight);
+        _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtepi32_ps(c0), vs));
+        _mm256_storeu_ps(dst + i + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(c1), vs));
+    }
+    for (; i < n; i++) dst[i] = (float)ds_i4_get(src, i) * scale;
 }
 
 static const ds_kernels avx2_table = {
@@ -449,6 +479,8 @@ static const ds_kernels avx2_table = {
     .bf16_to_f32 = bf16_to_f32_avx2,
     .f16_to_f32 = f16_to_f32_avx2,
     .fp8_to_f32 = fp8_to_f32_avx2,
+    .i8_to_f32 = i8_to_f32_avx2,
+    .i4_to_f32 = i4_to_f32_avx2,
     .dot_f32 = dot_f32_avx2,
     .dot4_f32 = dot4_f32_avx2,
     .axpy_f32 = axpy_f32_avx2,

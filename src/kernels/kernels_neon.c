@@ -125,10 +125,8 @@ static void axpy_f32_neon(float *y, float a, const float *x, size_t n) {
 }
 
 /* ---- integer dots (dot-product extension: SDOT, signed x signed bytes into int32) ----
- * int8 is one SDOT per 16 columns and row. int4: vld2q_s8 splits 32 columns of x into the even
- * and the odd ones, matching the low and the high nibbles of 16 packed bytes; the nibbles are
- * sign-extended in place (shift left 4, arithmetic shift right 4). Tails go through zero-padded
- * copies. Exact: equals the scalar sums. */
+ * int8 is one SDOT per 16 columns and row; int4 below. Tails go through zero-padded copies.
+ * Exact: equals the scalar sums. */
 static void dot4_i8_neon(const int8_t *x, const int8_t *const w[4], size_t n, size_t block,
                          int32_t *out) {
     for (size_t c0 = 0, b = 0; c0 < n; c0 += block, b++) {
@@ -153,32 +151,42 @@ static void dot4_i8_neon(const int8_t *x, const int8_t *const w[4], size_t n, si
     }
 }
 
-static void dot4_i4_neon(const int8_t *x, const uint8_t *const w[4], size_t n, size_t block,
-                         int32_t *out) {
+/* x arrives split (ds_i4_split): a 128-column step is 64 even then 64 odd values, matching the
+ * low and the high nibbles of the step's 64 bytes, 16 at a time. SDOT is signed x signed, so the
+ * nibbles are sign-extended in place and xoff is not needed. A partial step goes through
+ * zero-padded copies. */
+static void dot4_i4_neon(const int8_t *xs, const int32_t *xoff, const uint8_t *const w[4], size_t n,
+                         size_t block, int32_t *out) {
+    (void)xoff;
     for (size_t c0 = 0, b = 0; c0 < n; c0 += block, b++) {
-        size_t end = c0 + (n - c0 < block ? n - c0 : block);
+        size_t end = n - c0 < block ? n : c0 + block;
         int32x4_t a[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
-        for (size_t i = c0; i < end; i += 32) {
+        for (size_t i = c0; i < end; i += 128) {
             const size_t o = i / 2; /* i is even: block even, or a single block from 0 */
-            int8x16x2_t xv;
-            int8x16_t pw[4];
-            if (i + 32 <= end) {
-                xv = vld2q_s8(x + i);
-                for (int r = 0; r < 4; r++) pw[r] = vreinterpretq_s8_u8(vld1q_u8(w[r] + o));
-            } else {
-                int8_t bx[32] = {0};
-                uint8_t bw[16];
-                memcpy(bx, x + i, end - i);
-                xv = vld2q_s8(bx);
+            int8_t bx[128];
+            uint8_t bw[4][64];
+            const int8_t *xe = xs + i, *xo = xs + i + 64;
+            const uint8_t *wr[4] = {w[0] + o, w[1] + o, w[2] + o, w[3] + o};
+            if (i + 128 > end) {
+                size_t len = end - i, ne = (len + 1) / 2;
+                memset(bx, 0, sizeof bx);
+                memcpy(bx, xs + i, ne);
+                memcpy(bx + 64, xs + i + ne, len / 2);
+                xe = bx;
+                xo = bx + 64;
                 for (int r = 0; r < 4; r++) {
-                    memset(bw, 0, sizeof bw);
-                    memcpy(bw, w[r] + o, (end - i + 1) / 2);
-                    pw[r] = vreinterpretq_s8_u8(vld1q_u8(bw));
+                    memset(bw[r], 0, 64);
+                    memcpy(bw[r], wr[r], ne);
+                    wr[r] = bw[r];
                 }
             }
-            for (int r = 0; r < 4; r++) {
-                int8x16_t lo = vshrq_n_s8(vshlq_n_s8(pw[r], 4), 4), hi = vshrq_n_s8(pw[r], 4);
-                a[r] = vdotq_s32(vdotq_s32(a[r], lo, xv.val[0]), hi, xv.val[1]);
+            for (size_t h = 0; h < 64; h += 16) {
+                int8x16_t e = vld1q_s8(xe + h), od = vld1q_s8(xo + h);
+                for (int r = 0; r < 4; r++) {
+                    int8x16_t p = vreinterpretq_s8_u8(vld1q_u8(wr[r] + h));
+                    int8x16_t lo = vshrq_n_s8(vshlq_n_s8(p, 4), 4), hi = vshrq_n_s8(p, 4);
+                    a[r] = vdotq_s32(vdotq_s32(a[r], lo, e), hi, od);
+                }
             }
         }
         for (int r = 0; r < 4; r++) out[4 * b + (size_t)r] = vaddvq_s32(a[r]);

@@ -8,6 +8,8 @@
  * portable way to read a misaligned float or uint16_t. Compilers turn it into a plain load. */
 #include "kernels/kernels_isa.h"
 
+#include <math.h>
+
 static inline float ld_f32(const float *p, size_t i) {
     float v;
     memcpy(&v, (const unsigned char *)p + i * sizeof v, sizeof v);
@@ -196,16 +198,68 @@ static void dot4_i8_scalar(const int8_t *x, const int8_t *const w[4], size_t n, 
     }
 }
 
-static void dot4_i4_scalar(const int8_t *x, const uint8_t *const w[4], size_t n, size_t block,
-                           int32_t *out) {
+/* Reads x back out of the split layout (ds_i4_split) step by step. */
+static void dot4_i4_scalar(const int8_t *xs, const int32_t *xoff, const uint8_t *const w[4],
+                           size_t n, size_t block, int32_t *out) {
+    (void)xoff; /* the unsplit sum needs no offset */
     for (size_t c0 = 0, b = 0; c0 < n; c0 += block, b++) {
-        size_t len = n - c0 < block ? n - c0 : block;
-        for (int r = 0; r < 4; r++) {
-            int32_t s = 0;
-            for (size_t i = c0; i < c0 + len; i++) s += (int32_t)x[i] * ds_i4_get(w[r], i);
-            out[4 * b + (size_t)r] = s;
+        size_t end = n - c0 < block ? n : c0 + block;
+        int32_t s[4] = {0, 0, 0, 0};
+        for (size_t i0 = c0; i0 < end; i0 += 128) {
+            size_t len = end - i0 < 128 ? end - i0 : 128, ne = (len + 1) / 2;
+            for (size_t j = 0; j < len; j++) {
+                int32_t xv = xs[i0 + (j % 2 ? ne + j / 2 : j / 2)];
+                for (int r = 0; r < 4; r++) s[r] += xv * ds_i4_get(w[r], i0 + j);
+            }
         }
+        memcpy(out + 4 * b, s, sizeof s);
     }
+}
+
+/* Panel byte of row r, column c: the unsigned w + off, 0 past n (see ds_kernels.pack16_i8). */
+static void pack16_i8_scalar(uint8_t *panel, const int8_t *const w[16], size_t n) {
+    for (size_t g = 0; g < (n + 3) / 4; g++)
+        for (size_t r = 0; r < 16; r++)
+            for (size_t j = 0; j < 4; j++) {
+                size_t c = 4 * g + j;
+                panel[64 * g + 4 * r + j] = c < n ? (uint8_t)(w[r][c] + 128) : 0;
+            }
+}
+
+static void pack16_i4_scalar(uint8_t *panel, const uint8_t *const w[16], size_t n) {
+    for (size_t g = 0; g < (n + 3) / 4; g++)
+        for (size_t r = 0; r < 16; r++)
+            for (size_t j = 0; j < 4; j++) {
+                size_t c = 4 * g + j;
+                panel[64 * g + 4 * r + j] = c < n ? (uint8_t)(ds_i4_get(w[r], c) + 8) : 0;
+            }
+}
+
+static void gemm16x8_i8_scalar(const uint8_t *panel, size_t n, size_t block,
+                               const int8_t *const x[8], const int32_t *const xoff[8],
+                               const float *sw, float out[128]) {
+    size_t ng = (n + 3) / 4, bg = block >= n ? ng : block / 4; /* groups per block */
+    for (size_t t = 0; t < 8; t++)
+        for (size_t r = 0; r < 16; r++) {
+            float acc = 0;
+            for (size_t g0 = 0, b = 0; g0 < ng; g0 += bg, b++) {
+                uint32_t s = 0; /* wraps like the SIMD lanes; the final difference is exact */
+                for (size_t g = g0; g < g0 + bg && g < ng; g++)
+                    for (size_t j = 0; j < 4; j++)
+                        s += (uint32_t)((int32_t)x[t][4 * g + j] * panel[64 * g + 4 * r + j]);
+                int32_t isum = (int32_t)(s - (uint32_t)xoff[t][b]);
+                acc = fmaf((float)isum, sw[16 * b + r], acc);
+            }
+            out[16 * t + r] = acc;
+        }
+}
+
+static void i8_to_f32_scalar(float *dst, const int8_t *src, size_t n, float scale) {
+    for (size_t i = 0; i < n; i++) dst[i] = (float)src[i] * scale;
+}
+
+static void i4_to_f32_scalar(float *dst, const uint8_t *src, size_t n, float scale) {
+    for (size_t i = 0; i < n; i++) dst[i] = (float)ds_i4_get(src, i) * scale;
 }
 
 static const ds_kernels scalar_table = {
@@ -213,6 +267,8 @@ static const ds_kernels scalar_table = {
     .bf16_to_f32 = bf16_to_f32_scalar,
     .f16_to_f32 = f16_to_f32_scalar,
     .fp8_to_f32 = fp8_to_f32_scalar,
+    .i8_to_f32 = i8_to_f32_scalar,
+    .i4_to_f32 = i4_to_f32_scalar,
     .dot_f32 = dot_f32_scalar,
     .dot4_f32 = dot4_f32_scalar,
     .axpy_f32 = axpy_f32_scalar,
@@ -224,6 +280,9 @@ static const ds_kernels scalar_table = {
     .dot4x2_fp8 = dot4x2_fp8_scalar,
     .dot4_i8 = dot4_i8_scalar,
     .dot4_i4 = dot4_i4_scalar,
+    .pack16_i8 = pack16_i8_scalar,
+    .pack16_i4 = pack16_i4_scalar,
+    .gemm16x8_i8 = gemm16x8_i8_scalar,
 };
 
 const ds_kernels *ds_kernels_scalar(void) {

@@ -128,10 +128,16 @@ static void row_part(const ds_kernels *k, const ds_mat *w, int64_t r, int64_t c0
             float s;
             memcpy(&s, srow + cb, sizeof s);
             float *d = dst + (c - c0);
-            if (w->int4)
-                for (int64_t i = c; i < seg_end; i++) *d++ = (float)ds_i4_get(row, (size_t)i) * s;
-            else
-                for (int64_t i = c; i < seg_end; i++) *d++ = (float)(int8_t)row[i] * s;
+            if (!w->int4) {
+                k->i8_to_f32(d, (const int8_t *)row + c, (size_t)(seg_end - c), s);
+            } else {
+                int64_t i = c;
+                if (i % 2) { /* the kernel starts on a byte: an odd first column alone */
+                    *d++ = (float)ds_i4_get(row, (size_t)i) * s;
+                    i++;
+                }
+                if (i < seg_end) k->i4_to_f32(d, row + i / 2, (size_t)(seg_end - i), s);
+            }
             c = seg_end;
         }
         break;
@@ -158,8 +164,12 @@ typedef struct {
     float *y;       /* [n_tok, rows] */
     const float *x; /* [n_tok, cols] */
     int64_t n_tok;
-    const int8_t *q; /* DS_I8: [n_tok, cols] the quantized activations */
-    const float *sx; /* DS_I8: [n_tok] their scales */
+    const int8_t *q;     /* DS_I8: [n_tok, ldq] the quantized activations, zero past cols */
+    size_t ldq;          /* DS_I8: cols rounded up to 4 (the GEMM reads whole 4-column groups) */
+    const float *sx;     /* DS_I8: [n_tok] their scales */
+    const int32_t *xoff; /* GEMM: [n_tok, blocks]; dot4 int4: [n_tok, n_pieces] (see below) */
+    const int8_t *xs;    /* dot4 int4: [n_tok, ldq] q in the split layout (ds_i4_split) */
+    size_t n_pieces;     /* dot4 int4: kernel blocks per row (i8_plan), each with its xoff */
 } matmul_ctx;
 
 /* Columns per tile. 4 x MM_TILE f32 is 8 KiB of scratch, well inside L1D with the tile of x. A
@@ -350,14 +360,21 @@ static void matmul_fused_thread(void *arg, int thread, int n_threads) {
 /* ---- the integer path (DS_I8: W8A8, W4A8) ----
  *
  * ds_matmul quantizes every token's activations once per call (ds_quantize_row_i8, into a heap
- * scratch [n_tok, cols] owned by the call), then each thread walks its rows four at a time
- * through dot4_i8 / dot4_i4, which return exact int32 sums per scale block; each sum is turned
- * into f32 once: y[t, r] += s_x[t] * scale(r, block) * (float)isum, blocks in column order.
+ * scratch [n_tok, cols rounded up to 4] owned by the call), then each thread walks its rows four at
+ * a time through dot4_i8 / dot4_i4, which return exact int32 sums per scale block. For int4 the
+ * call also lays each token's activations out once in the split order the nibbles need
+ * (ds_i4_split) with their block sums (the offset of the unsigned nibbles): done per row group
+ * inside the kernel, that work cost about as much as the weights' own. The sums become f32 per
+ * row as acc += scale(r, block) * (float)isum, blocks in column order, in four named
+ * accumulators (an array here lived in memory, and its store-to-load chain per block cost more
+ * than the int4 kernel), and s_x[t], common to every block, multiplies y once per row at the end.
  * Kernel calls cover MM_I8_CHUNK columns (whole blocks when blocks are smaller; a block larger
  * than a chunk, e.g. per-channel W8A8 whose one block is the whole row, is summed in int32 over
  * its chunks before the conversion), so the four weight rows of a chunk stay in L1 while every
  * token of the batch passes over them.
  *
+ * This path runs below MM_GEMM_MIN_TOK tokens, and for any count on tables without GEMM kernels
+ * or with blocks that are not whole 4-column groups (the GEMM path below covers the rest).
  * Decode (n_tok <= MM_FUSED_MAX_TOK): a tile is 4 rows; the weights stream once through the
  * thread's contiguous slice with software prefetch MM_FUSED_PF_AHEAD bytes ahead, as in the
  * fused path. Prefill (more tokens): a tile is MM_I8_TILE_ROWS rows x MM_I8_CHUNK columns
@@ -369,19 +386,51 @@ static void matmul_fused_thread(void *arg, int thread, int n_threads) {
  * At n_tok = 1 a block wider than a chunk (per-channel W8A8) is summed by one kernel call over
  * the whole block (up to MM_I8_DECODE_BLOCK_MAX columns, where int32 cannot overflow), so no
  * int32 partials are stored and re-added per chunk; with more tokens the 2048-column chunks stay
- * (their weights are reused from L1 by every token). The per-block f32 conversion keeps the four
- * rows' sums in a local array and reads the scales through per-row pointers set once per call
- * (it used to divide twice per block and go through y in memory). On the 2-vCPU Zen VM,
- * 16384 x 7168, 2 threads, n_tok = 1, best of several noisy runs (read bandwidth 54-65 GB/s):
- * W8A8 2.8-3.1 -> 2.05-2.2 ms, W4A8 (group 128) 2.4-2.6 -> 1.6-1.8 ms (with dot4_i4_avx512's
- * cheaper even/odd split and unmasked main loop). The integers are unchanged, and so is the
- * order of the f32 additions per row. */
+ * (their weights are reused from L1 by every token). Figures: docs/benchmarks.md. */
 #define MM_I8_CHUNK 2048
 #define MM_I8_TILE_ROWS 32
 /* Decode: a block wider than a chunk (per-channel W8A8) is summed by one kernel call over the
  * whole block, up to this many columns (block * 127 * 128 stays < 2^31), so no int32 partials
  * are stored and re-added per chunk. */
 #define MM_I8_DECODE_BLOCK_MAX 131072
+
+/* How a call cuts the columns: kernel calls over chunks of `seg` columns (whole blocks), or, when
+ * a block spans several chunks (`big`), over pieces of one block; a kernel sums blocks of
+ * `kblock` columns from the start of its call. */
+typedef struct {
+    size_t bc;     /* effective block width (per-channel: the whole row) */
+    size_t seg;    /* columns per kernel call (at most) */
+    size_t kblock; /* the kernel's block argument */
+    int big;       /* blocks span several calls */
+    int decode;    /* few tokens: 4-row tiles streamed with prefetch */
+} i8_plan;
+
+static i8_plan i8_plan_for(const ds_mat *w, size_t n_tok) {
+    const size_t cols = (size_t)w->cols, bco = (size_t)w->block_cols;
+    i8_plan p;
+    p.bc = bco < cols ? bco : cols;
+    p.decode = n_tok <= MM_FUSED_MAX_TOK;
+    const size_t chunk =
+        p.decode && n_tok == 1 && p.bc > MM_I8_CHUNK && p.bc <= MM_I8_DECODE_BLOCK_MAX
+            ? p.bc
+            : MM_I8_CHUNK;
+    p.big = p.bc > chunk;
+    p.seg = p.big ? chunk : chunk / p.bc * p.bc;
+    p.kblock = p.big ? chunk : p.bc;
+    return p;
+}
+
+/* Columns of the kernel call starting at c0 (the calls walk the row in order). */
+static size_t i8_call_cols(const ds_mat *w, const i8_plan *p, size_t c0) {
+    const size_t cols = (size_t)w->cols, bco = (size_t)w->block_cols;
+    size_t nc = cols - c0 < p->seg ? cols - c0 : p->seg;
+    if (p->big) { /* stop at the end of the block holding c0 */
+        size_t bend = (c0 / bco + 1) * bco;
+        if (bend > cols) bend = cols;
+        if (c0 + nc > bend) nc = bend - c0;
+    }
+    return nc;
+}
 
 static void matmul_i8_thread(void *arg, int thread, int n_threads) {
     const matmul_ctx *c = arg;
@@ -390,19 +439,16 @@ static void matmul_i8_thread(void *arg, int thread, int n_threads) {
     const size_t cols = (size_t)w->cols, rows = (size_t)w->rows, n_tok = (size_t)c->n_tok;
     const size_t rowb = row_bytes(w), bco = (size_t)w->block_cols, br = (size_t)w->block_rows;
     const size_t ncb = (cols + bco - 1) / bco; /* scale columns */
-    const size_t bc = bco < cols ? bco : cols; /* effective block width */
-    const int decode = n_tok <= MM_FUSED_MAX_TOK;
-    const size_t chunk =
-        decode && n_tok == 1 && bc > MM_I8_CHUNK && bc <= MM_I8_DECODE_BLOCK_MAX ? bc : MM_I8_CHUNK;
-    const int big = bc > chunk;               /* blocks span several chunks */
-    const size_t seg = big ? chunk : chunk / bc * bc;
-    const size_t kblock = big ? chunk : bc;
+    const i8_plan pl = i8_plan_for(w, n_tok);
+    const int decode = pl.decode, big = pl.big;
+    const size_t seg = pl.seg, kblock = pl.kblock;
     const size_t gpt = decode ? 1 : MM_I8_TILE_ROWS / 4; /* groups per tile */
-    size_t g_lo, g_hi; /* in groups of 4 rows */
+    size_t g_lo, g_hi;                                   /* in groups of 4 rows */
     ds_split_range((rows + 3) / 4, thread, n_threads, &g_lo, &g_hi);
     if (g_lo >= g_hi) return;
     const size_t r_lo = 4 * g_lo, r_hi = 4 * g_hi < rows ? 4 * g_hi : rows;
-    for (size_t t = 0; t < n_tok; t++) memset(c->y + t * rows + r_lo, 0, (r_hi - r_lo) * sizeof(float));
+    for (size_t t = 0; t < n_tok; t++)
+        memset(c->y + t * rows + r_lo, 0, (r_hi - r_lo) * sizeof(float));
     int32_t *isum = malloc((seg / kblock + 1) * 4 * sizeof(int32_t)); /* [blocks of a call, 4] */
     int32_t *part = big ? calloc(n_tok * gpt * 4, sizeof(int32_t)) : NULL; /* [n_tok, tile rows] */
     DS_ASSERT(isum && (!big || part));
@@ -411,31 +457,26 @@ static void matmul_i8_thread(void *arg, int thread, int n_threads) {
 
     for (size_t g0 = g_lo; g0 < g_hi; g0 += gpt) {
         size_t gn = g_hi - g0 < gpt ? g_hi - g0 : gpt;
-        for (size_t c0 = 0; c0 < cols;) {
-            size_t nc = cols - c0 < seg ? cols - c0 : seg;
-            size_t bend = cols; /* end of the block holding c0, when blocks span chunks */
-            if (big) {
-                bend = (c0 / bco + 1) * bco;
-                if (bend > cols) bend = cols;
-                if (c0 + nc > bend) nc = bend - c0;
-            }
-            const size_t cbase = c0 / bco; /* scale column of the chunk's first block */
+        for (size_t c0 = 0, piece0 = 0; c0 < cols;) {
+            const size_t nc = i8_call_cols(w, &pl, c0);
+            size_t bend = (c0 / bco + 1) * bco; /* end of the block holding c0 (big) */
+            if (bend > cols) bend = cols;
+            const size_t cbase = c0 / bco;      /* scale column of the chunk's first block */
             size_t cb0 = w->int4 ? c0 / 2 : c0; /* byte offset of c0 in a row */
             if (gpt == 1) { /* decode: keep the prefetches ahead of this chunk's bytes */
-                size_t target = 4 * g0 * rowb + 4 * (w->int4 ? (c0 + nc + 1) / 2 : c0 + nc) +
-                                MM_FUSED_PF_AHEAD;
+                size_t target =
+                    4 * g0 * rowb + 4 * (w->int4 ? (c0 + nc + 1) / 2 : c0 + nc) + MM_FUSED_PF_AHEAD;
                 if (target > end) target = end;
                 for (; pf < target; pf += 64) __builtin_prefetch(data + pf);
             }
             size_t nb = (nc + kblock - 1) / kblock;
             for (size_t t = 0; t < n_tok; t++) {
-                const int8_t *xq = c->q + t * cols + c0;
+                const int8_t *xq = c->q + t * c->ldq + c0;
                 float *yt = c->y + t * rows;
-                const float sxt = c->sx[t];
                 for (size_t gi = 0; gi < gn; gi++) {
                     size_t r0 = 4 * (g0 + gi), nr = rows - r0 < 4 ? rows - r0 : 4;
                     const unsigned char *wp[4];
-                    const float *srow[4]; /* the scale row of each row, at this chunk */
+                    const float *srow[4];            /* the scale row of each row, at this chunk */
                     for (size_t j = 0; j < 4; j++) { /* a tail group repeats row r0; dropped */
                         size_t r = r0 + (j < nr ? j : 0);
                         wp[j] = data + r * rowb + cb0;
@@ -443,7 +484,8 @@ static void matmul_i8_thread(void *arg, int thread, int n_threads) {
                     }
                     if (w->int4) {
                         const uint8_t *const w4[4] = {wp[0], wp[1], wp[2], wp[3]};
-                        k->dot4_i4(xq, w4, nc, kblock, isum);
+                        k->dot4_i4(c->xs + t * c->ldq + c0, c->xoff + t * c->n_pieces + piece0, w4,
+                                   nc, kblock, isum);
                     } else {
                         const int8_t *const w8[4] = {(const int8_t *)wp[0], (const int8_t *)wp[1],
                                                      (const int8_t *)wp[2], (const int8_t *)wp[3]};
@@ -457,27 +499,147 @@ static void matmul_i8_thread(void *arg, int thread, int n_threads) {
                         for (size_t j = 0; j < nr; j++) {
                             float sw;
                             memcpy(&sw, srow[j], sizeof sw);
-                            yr[j] += sxt * sw * (float)pp[j];
+                            yr[j] += sw * (float)pp[j];
                             pp[j] = 0;
                         }
                         continue;
                     }
-                    float acc[4] = {yr[0], 0, 0, 0};
-                    for (size_t j = 0; j < nr; j++) acc[j] = yr[j];
-                    for (size_t b = 0; b < nb; b++) /* scale columns cbase + b, blocks in order */
-                        for (size_t j = 0; j < 4; j++) {
-                            float sw;
-                            memcpy(&sw, srow[j] + b, sizeof sw);
-                            acc[j] += sxt * sw * (float)isum[4 * b + j];
-                        }
-                    for (size_t j = 0; j < nr; j++) yr[j] = acc[j];
+                    /* four named accumulators: an array here lived in memory, and its
+                     * store-to-load chain per block cost more than the int4 kernel itself */
+                    float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+                    for (size_t b = 0; b < nb; b++) { /* scale columns cbase + b, in order */
+                        float s0, s1, s2, s3;
+                        memcpy(&s0, srow[0] + b, sizeof s0);
+                        memcpy(&s1, srow[1] + b, sizeof s1);
+                        memcpy(&s2, srow[2] + b, sizeof s2);
+                        memcpy(&s3, srow[3] + b, sizeof s3);
+                        a0 += s0 * (float)isum[4 * b];
+                        a1 += s1 * (float)isum[4 * b + 1];
+                        a2 += s2 * (float)isum[4 * b + 2];
+                        a3 += s3 * (float)isum[4 * b + 3];
+                    }
+                    const float acc[4] = {a0, a1, a2, a3};
+                    for (size_t j = 0; j < nr; j++) yr[j] += acc[j];
                 }
             }
             c0 += nc;
+            piece0 += nb;
         }
+        /* the activation scale, common to every block of a row, applied once */
+        size_t g_r0 = 4 * g0, g_r1 = 4 * (g0 + gn) < rows ? 4 * (g0 + gn) : rows;
+        for (size_t t = 0; t < n_tok; t++)
+            for (size_t r = g_r0; r < g_r1; r++) c->y[t * rows + r] *= c->sx[t];
     }
     free(isum);
     free(part);
+}
+
+/* ---- the GEMM path (DS_I8 with MM_GEMM_MIN_TOK tokens or more) ----
+ *
+ * Prefill and batched decode multiply many tokens by the same weights, so the work is compute
+ * bound and the layout of the products matters more than the bytes. The dot4 kernels keep one
+ * row x token dot per register and must reduce its 16 lanes at every block end; here sixteen
+ * rows are packed once into a panel (pack16_*: [4-column group][16 rows][4 bytes], unsigned
+ * w + off) so that a lane is a row: one 64-byte panel load and one VNNI step per token add four
+ * columns of 16 rows, eight tokens per pass (gemm16x8_i8), and a block end costs one convert and
+ * one FMA per 16 outputs instead of a horizontal reduction. int4 weights are widened to bytes
+ * while packing, so W4A8 prefill runs the same inner loop as W8A8 and pays its unpacking once per
+ * weight, not once per token.
+ *
+ * Each thread owns whole panels (16-row groups) and takes up to MM_GEMM_L2 bytes of them at a
+ * time: packs them (weights read from memory once), then walks the tokens eight at a time over
+ * every panel of the group, so a token group's activations serve several panels from cache and
+ * each panel is re-read from L2. The offset of the unsigned weights comes back out through
+ * xoff = off * the block sums of each token's activations, computed once per call. Rows do not
+ * depend on the thread count (whole panels per thread, fixed order). Tables without their own
+ * GEMM kernels (AVX2, NEON) and blocks that are not whole 4-column groups keep the dot4 path. */
+#define MM_GEMM_L2 (512 * 1024)
+/* From this many tokens on the GEMM path runs. Measured on the 2-vCPU Zen 5 VM, 16384 x 7168,
+ * 2 threads (W8A8 / W4A8 group 128, ms): 2 tokens dot4 3.6 / 4.4 vs GEMM 4.5 / 5.0; 4 tokens
+ * 5.7 / 7.7 vs 4.5 / 5.1; 8 tokens 8.7 / 13.6 vs 5.9 / 5.3. Packing costs about one streaming
+ * pass over the weights, so below 4 tokens the dot4 kernels, which stream without it, win. */
+#define MM_GEMM_MIN_TOK 4
+
+static int gemm_native(const ds_kernels *k) {
+    const ds_kernels *s = ds_kernels_scalar();
+    return strcmp(k->name, s->name) == 0 || k->gemm16x8_i8 != s->gemm16x8_i8;
+}
+
+/* Effective block width: per-channel scales (one block per row) give the whole row. */
+static size_t i8_block(const ds_mat *w) {
+    return (size_t)(w->block_cols < w->cols ? w->block_cols : w->cols);
+}
+
+static void matmul_gemm_thread(void *arg, int thread, int n_threads) {
+    const matmul_ctx *c = arg;
+    const ds_mat *w = c->w;
+    const ds_kernels *k = c->k;
+    const size_t cols = (size_t)w->cols, rows = (size_t)w->rows, n_tok = (size_t)c->n_tok;
+    const size_t rowb = row_bytes(w), br = (size_t)w->block_rows, blk = i8_block(w);
+    const size_t nb = (cols + blk - 1) / blk, pbytes = 64 * ((cols + 3) / 4);
+    size_t gp = MM_GEMM_L2 / pbytes; /* panels per group */
+    if (gp < 1) gp = 1;
+    size_t p_lo, p_hi;
+    ds_split_range((rows + 15) / 16, thread, n_threads, &p_lo, &p_hi);
+    if (p_lo >= p_hi) return;
+    if (gp > p_hi - p_lo) gp = p_hi - p_lo;
+    uint8_t *pan = ds_alloc(gp * pbytes);               /* [gp][groups][16][4] */
+    float *sw = ds_alloc(gp * nb * 16 * sizeof(float)); /* [gp][nb][16] */
+    DS_ASSERT(pan && sw);
+    const unsigned char *data = w->data;
+    for (size_t p0 = p_lo; p0 < p_hi; p0 += gp) {
+        size_t pn = p_hi - p0 < gp ? p_hi - p0 : gp;
+        for (size_t pi = 0; pi < pn; pi++) {
+            size_t r0 = 16 * (p0 + pi), nr = rows - r0 < 16 ? rows - r0 : 16;
+            const uint8_t *w4[16];
+            const int8_t *w8[16];
+            for (size_t j = 0; j < 16; j++) { /* a tail panel repeats row r0; dropped */
+                size_t r = r0 + (j < nr ? j : 0);
+                w4[j] = data + r * rowb;
+                w8[j] = (const int8_t *)w4[j];
+                for (size_t b = 0; b < nb; b++)
+                    memcpy(sw + (pi * nb + b) * 16 + j, w->scale + (r / br) * nb + b,
+                           sizeof(float));
+            }
+            if (w->int4)
+                k->pack16_i4(pan + pi * pbytes, w4, cols);
+            else
+                k->pack16_i8(pan + pi * pbytes, w8, cols);
+        }
+        for (size_t t0 = 0; t0 < n_tok; t0 += 8) {
+            size_t nt = n_tok - t0 < 8 ? n_tok - t0 : 8;
+            const int8_t *xs[8];
+            const int32_t *xo[8];
+            for (size_t j = 0; j < 8; j++) { /* a tail group repeats token t0; dropped */
+                size_t t = t0 + (j < nt ? j : 0);
+                xs[j] = c->q + t * c->ldq;
+                xo[j] = c->xoff + t * nb;
+            }
+            for (size_t pi = 0; pi < pn; pi++) {
+                size_t r0 = 16 * (p0 + pi), nr = rows - r0 < 16 ? rows - r0 : 16;
+                float out[128];
+                k->gemm16x8_i8(pan + pi * pbytes, cols, blk, xs, xo, sw + pi * nb * 16, out);
+                for (size_t j = 0; j < nt; j++)
+                    for (size_t r = 0; r < nr; r++)
+                        c->y[(t0 + j) * rows + r0 + r] = c->sx[t0 + j] * out[16 * j + r];
+            }
+        }
+    }
+    ds_free(pan);
+    ds_free(sw);
+}
+
+/* off * the sum of q over each block of kblock columns in [c0, c0 + len), into dst; returns the
+ * number of blocks. The products wrap in int32 as the kernels' lanes do (see gemm16x8_i8). */
+static size_t block_offsets(const int8_t *q, size_t c0, size_t len, size_t kblock, int64_t off,
+                            int32_t *dst) {
+    size_t nb = 0;
+    for (size_t b0 = c0; b0 < c0 + len; b0 += kblock, nb++) {
+        int64_t sum = 0;
+        for (size_t i = b0; i < c0 + len && i < b0 + kblock; i++) sum += q[i];
+        dst[nb] = (int32_t)(uint32_t)(off * sum);
+    }
+    return nb;
 }
 
 void ds_matmul(ds_pool *pool, float *y, const float *x, int64_t n_tok, const ds_mat *w) {
@@ -490,23 +652,58 @@ void ds_matmul(ds_pool *pool, float *y, const float *x, int64_t n_tok, const ds_
         return;
     }
     /* a NULL pool or a pool of one runs inline on the caller's thread */
-    matmul_ctx c = {ds_kernels_get(), w, y, x, n_tok, NULL, NULL};
+    matmul_ctx c = {ds_kernels_get(), w, y, x, n_tok, NULL, 0, NULL, NULL, NULL, 0};
     if (w->dtype == DS_I8) {
-        /* the activations of each token quantized once per call (owned here) */
-        size_t cols = (size_t)w->cols;
-        int8_t *q = malloc((size_t)n_tok * cols);
+        /* the activations of each token quantized once per call (owned here), rows padded with
+         * zeros to whole 4-column groups */
+        const size_t cols = (size_t)w->cols, ldq = (cols + 3) / 4 * 4, blk = i8_block(w);
+        int8_t *q = calloc((size_t)n_tok, ldq);
         float *sx = malloc((size_t)n_tok * sizeof(float));
         DS_ASSERT(q && sx);
         for (int64_t t = 0; t < n_tok; t++)
-            ds_quantize_row_i8(x + (size_t)t * cols, w->cols, q + (size_t)t * cols, sx + t);
+            ds_quantize_row_i8(x + (size_t)t * cols, w->cols, q + (size_t)t * ldq, sx + t);
         c.q = q;
+        c.ldq = ldq;
         c.sx = sx;
+        ds_pool_fn fn = matmul_i8_thread;
+        int32_t *xoff = NULL;
+        int8_t *xs = NULL;
+        if (n_tok >= MM_GEMM_MIN_TOK && (blk == cols || blk % 4 == 0) && gemm_native(c.k)) {
+            const size_t nb = (cols + blk - 1) / blk;
+            xoff = malloc((size_t)n_tok * nb * sizeof(int32_t));
+            DS_ASSERT(xoff);
+            for (size_t t = 0; t < (size_t)n_tok; t++)
+                block_offsets(q + t * ldq, 0, cols, blk, w->int4 ? 8 : 128, xoff + t * nb);
+            fn = matmul_gemm_thread;
+        } else if (w->int4) { /* dot4_i4: split x and the offsets of the kernel's blocks */
+            const i8_plan pl = i8_plan_for(w, (size_t)n_tok);
+            size_t np = 0;
+            for (size_t c0 = 0, nc; c0 < cols; c0 += nc) {
+                nc = i8_call_cols(w, &pl, c0);
+                np += (nc + pl.kblock - 1) / pl.kblock;
+            }
+            xs = malloc((size_t)n_tok * ldq);
+            xoff = malloc((size_t)n_tok * np * sizeof(int32_t));
+            DS_ASSERT(xs && xoff);
+            for (size_t t = 0; t < (size_t)n_tok; t++) {
+                ds_i4_split(q + t * ldq, cols, pl.bc, xs + t * ldq);
+                for (size_t c0 = 0, nc, i = 0; c0 < cols; c0 += nc) {
+                    nc = i8_call_cols(w, &pl, c0);
+                    i += block_offsets(q + t * ldq, c0, nc, pl.kblock, 8, xoff + t * np + i);
+                }
+            }
+            c.xs = xs;
+            c.n_pieces = np;
+        }
+        c.xoff = xoff;
         if (pool && ds_pool_size(pool) > 1)
-            ds_pool_run(pool, matmul_i8_thread, &c);
+            ds_pool_run(pool, fn, &c);
         else
-            matmul_i8_thread(&c, 0, 1);
+            fn(&c, 0, 1);
         free(q);
         free(sx);
+        free(xoff);
+        free(xs);
         return;
     }
     /* few tokens: stream the stored weights through the fused kernels; more: tiles of f32 */

@@ -132,3 +132,14 @@ double ds_measure_read_bandwidth(ds_pool *pool, size_t bytes) {
     free(mem);
     return best > 0 ? (double)(n * sizeof(float)) / best : 0.0;
 }
+
+void ds_i4_split(const int8_t *x, size_t n, size_t block, int8_t *xs) {
+    DS_ASSERT(block > 0);
+    for (size_t c0 = 0; c0 < n; c0 += block) {
+        size_t end = n - c0 < block ? n : c0 + block;
+        for (size_t i0 = c0; i0 < end; i0 += 128) {
+            size_t len = end - i0 < 128 ? end - i0 : 128, ne = (len + 1) / 2;
+            for (size_t j = 0; j < len; j++) xs[i0 + (j % 2 ? ne + j / 2 : j / 2)] = x[i0 + j];
+        }
+    }
+}

@@ -15,11 +15,7 @@
  *     so this part runs in one forked child per table with DS_ISA forcing it.
  *  4. Row ops against double references; the bandwidth probe returns something sane.
  *
- * DS_KERNELS_BENCH=1 also times 4096 x 4096 and 16384 x 4096 matmuls of every dtype at n_tok = 1,
- * and BF16 / FP8 16384 x 4096 at n_tok = 2..8, on one and on two threads, against the read
- * bandwidth measured with the same pool (validate, then time). DS_KERNELS_BENCH=i8 runs only the
- * integer part: W8A8 / W4A8 decode on 16384 x 7168 with all cores against the read bandwidth, and
- * prefill at n_tok 8 / 64 / 256 against the peak int8 ops of the selected ISA. */
+ * Speed is not tested here: `dsinfer bench-kernels` measures it against this machine's limits. */
 #include "kernels/kernels.h"
 #include "testutil.h"
 
@@ -663,10 +659,11 @@ static void matmul_suite(void) {
         shape sh;
         int int4;
     } i8s[] = {
-        {{37, 200, 1, 200}, 0},   {{33, 4097, 1, 4097}, 0}, {{301, 203, 128, 128}, 0},
-        {{7, 129, 4, 64}, 0},     {{35, 5000, 1, 3000}, 0}, {{45, 301, 1, 128}, 1},
-        {{70, 257, 1, 64}, 1},    {{9, 4097, 1, 4097}, 1},  {{13, 131, 1, 131}, 1},
-        {{1, 1, 1, 1}, 1},        {{1, 1, 1, 128}, 0},
+        {{37, 200, 1, 200}, 0}, {{33, 4097, 1, 4097}, 0}, {{301, 203, 128, 128}, 0},
+        {{7, 129, 4, 64}, 0},   {{35, 5000, 1, 3000}, 0}, {{45, 301, 1, 128}, 1},
+        {{70, 257, 1, 64}, 1},  {{9, 4097, 1, 4097}, 1},  {{13, 131, 1, 131}, 1},
+        {{1, 1, 1, 1}, 1},      {{1, 1, 1, 128}, 0},      {{21, 50, 1, 6}, 1},
+        {{19, 45, 1, 10}, 0},   {{40, 1030, 1, 132}, 1},
     };
     for (size_t i = 0; i < sizeof i8s / sizeof i8s[0]; i++) {
         test_mat t;
@@ -709,7 +706,8 @@ static void test_int_dots(const ds_kernels *k) {
             const uint8_t *const w4[4] = {pb[0], pb[1] + 1, pb[2] + 2, pb[3]};
             for (size_t bi = 0; bi < sizeof blocks / sizeof blocks[0]; bi++) {
                 size_t blk = blocks[bi] ? blocks[bi] : n, nb = (n + blk - 1) / blk;
-                int32_t *o = malloc(nb * 4 * sizeof(int32_t)), *os = malloc(nb * 4 * sizeof(int32_t));
+                int32_t *o = malloc(nb * 4 * sizeof(int32_t)),
+                        *os = malloc(nb * 4 * sizeof(int32_t));
                 int bad8 = 0, bad4 = 0, badref = 0;
                 k->dot4_i8(x, w8, n, blk, o);
                 s->dot4_i8(x, w8, n, blk, os);
@@ -721,8 +719,19 @@ static void test_int_dots(const ds_kernels *k) {
                         badref += os[4 * b + (size_t)r] != ref;
                         bad8 += o[4 * b + (size_t)r] != os[4 * b + (size_t)r];
                     }
-                k->dot4_i4(x, w4, n, blk, o);
-                s->dot4_i4(x, w4, n, blk, os);
+                /* int4: x split per block, the offsets of the unsigned nibbles per block */
+                int8_t *xs = malloc(n);
+                int32_t *xoff = malloc(nb * sizeof(int32_t));
+                ds_i4_split(x, n, blk, xs);
+                for (size_t b = 0; b < nb; b++) {
+                    int32_t sum = 0;
+                    for (size_t i = b * blk; i < n && i < (b + 1) * blk; i++) sum += x[i];
+                    xoff[b] = 8 * sum;
+                }
+                k->dot4_i4(xs, xoff, w4, n, blk, o);
+                s->dot4_i4(xs, xoff, w4, n, blk, os);
+                free(xs);
+                free(xoff);
                 for (size_t b = 0; b < nb; b++)
                     for (int r = 0; r < 4; r++) {
                         int64_t ref = 0;
@@ -751,11 +760,168 @@ static void test_int_dots(const ds_kernels *k) {
     }
 }
 
+/* i8_to_f32 / i4_to_f32 against scalar bit-exact, and scalar against q * scale computed here,
+ * on every length up to 70 and 1000 (tails), rows at odd offsets, all byte values. */
+static void test_int_dequant(const ds_kernels *k) {
+    const ds_kernels *s = ds_kernels_scalar();
+    unsigned char buf[1002];
+    for (size_t i = 0; i < sizeof buf; i++) buf[i] = (uint8_t)(i * 37 + 11);
+    float a[2001], b[2001];
+    const float sc = 0.0371f;
+    int bad = 0, badref = 0;
+    for (size_t n = 0; n <= 1000; n = n < 70 ? n + 1 : 1000) {
+        const int8_t *q = (const int8_t *)buf + 1;
+        k->i8_to_f32(a, q, n, sc);
+        s->i8_to_f32(b, q, n, sc);
+        for (size_t i = 0; i < n; i++) badref += b[i] != (float)q[i] * sc;
+        bad += memcmp(a, b, n * sizeof(float)) != 0;
+        k->i4_to_f32(a, buf + 1, n, sc);
+        s->i4_to_f32(b, buf + 1, n, sc);
+        for (size_t i = 0; i < n; i++) {
+            int v = (buf[1 + i / 2] >> (i % 2 ? 4 : 0)) & 15;
+            badref += b[i] != (float)(v >= 8 ? v - 16 : v) * sc;
+        }
+        bad += memcmp(a, b, n * sizeof(float)) != 0;
+        if (n == 1000) break;
+    }
+    CHECK_MSG(badref == 0, "scalar i8_to_f32 / i4_to_f32: %d values wrong", badref);
+    CHECK_MSG(bad == 0, "%s i8_to_f32 / i4_to_f32 differ from scalar at %d lengths", k->name, bad);
+}
+
+/* ds_i4_split against hand-made layouts: one partial step; blocks of 4 with a short last one;
+ * and a full 128-column step followed by a partial one inside one block. */
+static void test_i4_split(void) {
+    int8_t x[300], xs[300];
+    for (int i = 0; i < 300; i++) x[i] = (int8_t)i;
+    ds_i4_split(x, 5, 128, xs);
+    const int8_t a[] = {0, 2, 4, 1, 3};
+    CHECK(memcmp(xs, a, sizeof a) == 0);
+    ds_i4_split(x, 10, 4, xs);
+    const int8_t b[] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 9};
+    CHECK(memcmp(xs, b, sizeof b) == 0);
+    ds_i4_split(x, 133, 300, xs);
+    int bad = 0;
+    for (int j = 0; j < 64; j++) bad += xs[j] != 2 * j || xs[64 + j] != 2 * j + 1;
+    const int8_t c[] = {(int8_t)128, (int8_t)130, (int8_t)132, (int8_t)129, (int8_t)131};
+    CHECK(bad == 0 && memcmp(xs + 128, c, sizeof c) == 0);
+}
+
+/* The prefill GEMM kernels against scalar, bit-exact (panel bytes and output floats), and the
+ * scalar ones against the definition: packed bytes from the element values, and every output
+ * recomputed here from int64 block sums (exact, so the fma chain per block is the only rounding,
+ * done the same way). Column counts with ragged 4-column groups and 64-column transposes, blocks
+ * of 4 .. 132 and one whole-row block, and the extremes (w = -128 against x = +-127). */
+static void test_gemm(const ds_kernels *k) {
+    const ds_kernels *s = ds_kernels_scalar();
+    const size_t ns[] = {1, 3, 4, 5, 63, 64, 65, 130, 257, 1000};
+    const size_t blocks[] = {0 /* = n */, 4, 8, 128, 132};
+    for (size_t ni = 0; ni < sizeof ns / sizeof ns[0]; ni++)
+        for (int pat = 0; pat < 2; pat++) {
+            size_t n = ns[ni], ng = (n + 3) / 4, pb = 64 * ng, rb4 = (n + 1) / 2;
+            unsigned char *w8b[16], *w4b[16];
+            const int8_t *w8[16];
+            const uint8_t *w4[16];
+            for (int r = 0; r < 16; r++) { /* exact-size rows at odd offsets */
+                w8b[r] = malloc(n + 1);
+                w4b[r] = malloc(rb4 + 1);
+                for (size_t i = 0; i < n; i++) w8b[r][1 + i] = pat ? 0x80 : (uint8_t)rnd64();
+                for (size_t i = 0; i < rb4; i++) w4b[r][1 + i] = pat ? 0x88 : (uint8_t)rnd64();
+                w8[r] = (const int8_t *)w8b[r] + 1;
+                w4[r] = w4b[r] + 1;
+            }
+            uint8_t *pk = malloc(pb), *ps = malloc(pb), *p4 = malloc(pb), *p4s = malloc(pb);
+            k->pack16_i8(pk, w8, n);
+            s->pack16_i8(ps, w8, n);
+            k->pack16_i4(p4, w4, n);
+            s->pack16_i4(p4s, w4, n);
+            int badp = 0, badref = 0;
+            for (size_t g = 0; g < ng; g++)
+                for (size_t r = 0; r < 16; r++)
+                    for (size_t j = 0; j < 4; j++) {
+                        size_t c = 4 * g + j, o = 64 * g + 4 * r + j;
+                        int v4 = c < n ? ((w4[r][c / 2] >> (c % 2 ? 4 : 0)) & 15) : 0;
+                        int e8 = c < n ? w8[r][c] + 128 : 0,
+                            e4 = c < n ? (v4 >= 8 ? v4 - 16 : v4) + 8 : 0;
+                        badref += ps[o] != e8 || p4s[o] != e4;
+                    }
+            badp = memcmp(pk, ps, pb) != 0 || memcmp(p4, p4s, pb) != 0;
+            CHECK_MSG(badref == 0, "scalar pack16 n=%zu pattern %d: %d bytes wrong", n, pat,
+                      badref);
+            CHECK_MSG(!badp, "%s pack16_i8 / pack16_i4 n=%zu pattern %d differ from scalar",
+                      k->name, n, pat);
+            /* eight tokens, each readable up to 4 * ng bytes with zeros past n */
+            int8_t *xs[8];
+            for (int t = 0; t < 8; t++) {
+                xs[t] = calloc(4 * ng, 1);
+                for (size_t i = 0; i < n; i++)
+                    xs[t][i] =
+                        pat ? (int8_t)(t % 2 ? 127 : -127) : (int8_t)((int)(rnd64() % 255) - 127);
+            }
+            const int8_t *const xc[8] = {xs[0], xs[1], xs[2], xs[3], xs[4], xs[5], xs[6], xs[7]};
+            for (size_t bi = 0; bi < sizeof blocks / sizeof blocks[0]; bi++) {
+                size_t blk = blocks[bi] ? blocks[bi] : n, nb = (n + blk - 1) / blk;
+                float *sw = malloc(nb * 16 * sizeof(float));
+                for (size_t i = 0; i < nb * 16; i++) sw[i] = 1e-3f * (float)(1 + rnd64() % 1000);
+                for (int v = 0; v < 2; v++) { /* int8, int4 */
+                    const uint8_t *pan = v ? p4s : ps;
+                    const int64_t off = v ? 8 : 128;
+                    int32_t *xo[8];
+                    for (int t = 0; t < 8; t++) {
+                        xo[t] = malloc(nb * sizeof(int32_t));
+                        for (size_t b = 0; b < nb; b++) {
+                            int64_t sum = 0;
+                            for (size_t i = b * blk; i < n && i < (b + 1) * blk; i++)
+                                sum += xs[t][i];
+                            xo[t][b] = (int32_t)(uint32_t)(off * sum);
+                        }
+                    }
+                    const int32_t *const xoc[8] = {xo[0], xo[1], xo[2], xo[3],
+                                                   xo[4], xo[5], xo[6], xo[7]};
+                    float ok_[128], os_[128];
+                    k->gemm16x8_i8(v ? p4 : pk, n, blk, xc, xoc, sw, ok_);
+                    s->gemm16x8_i8(pan, n, blk, xc, xoc, sw, os_);
+                    int bad = 0, bads = 0;
+                    for (int t = 0; t < 8; t++)
+                        for (int r = 0; r < 16; r++) {
+                            float acc = 0;
+                            for (size_t b = 0; b < nb; b++) {
+                                int64_t is = 0;
+                                for (size_t i = b * blk; i < n && i < (b + 1) * blk; i++) {
+                                    int wv =
+                                        v ? ((w4[r][i / 2] >> (i % 2 ? 4 : 0)) & 15) : w8[r][i];
+                                    if (v && wv >= 8) wv -= 16;
+                                    is += (int64_t)xs[t][i] * wv;
+                                }
+                                acc = fmaf((float)is, sw[16 * b + (size_t)r], acc);
+                            }
+                            bads += memcmp(&acc, &os_[16 * t + r], sizeof acc) != 0;
+                            bad += memcmp(&ok_[16 * t + r], &os_[16 * t + r], sizeof acc) != 0;
+                        }
+                    CHECK_MSG(bads == 0, "scalar gemm16x8 %s n=%zu block=%zu pattern %d: %d wrong",
+                              v ? "int4" : "int8", n, blk, pat, bads);
+                    CHECK_MSG(bad == 0, "%s gemm16x8 %s n=%zu block=%zu pattern %d: %d differ",
+                              k->name, v ? "int4" : "int8", n, blk, pat, bad);
+                    for (int t = 0; t < 8; t++) free(xo[t]);
+                }
+                free(sw);
+            }
+            for (int t = 0; t < 8; t++) free(xs[t]);
+            for (int r = 0; r < 16; r++) {
+                free(w8b[r]);
+                free(w4b[r]);
+            }
+            free(pk);
+            free(ps);
+            free(p4);
+            free(p4s);
+        }
+}
+
 /* ds_quantize_row_i8 against the formula, with ties: max |x| = 127 makes scale exactly 1, so
  * x = k + 0.5 lands on a tie that must round to even. */
 static void test_quantize_i8(void) {
-    float x[16] = {127.0f, 2.5f, 3.5f, -2.5f, -3.5f, 0.5f, -0.5f, 1.5f, 126.5f, -126.5f, 0.0f,
-                   -127.0f, 4.4999995f, 100.5f, -101.5f, 7.0f};
+    float x[16] = {127.0f, 2.5f,    3.5f, -2.5f,   -3.5f,      0.5f,   -0.5f,   1.5f,
+                   126.5f, -126.5f, 0.0f, -127.0f, 4.4999995f, 100.5f, -101.5f, 7.0f};
     const int8_t want[16] = {127, 2, 4, -2, -4, 0, 0, 2, 126, -126, 0, -127, 4, 100, -102, 7};
     int8_t q[17];
     float sc = 0;
@@ -898,144 +1064,6 @@ static void test_row_ops(void) {
 }
 
 /* One timed configuration: best of `iters` calls, reported against the read bandwidth bw. */
-static void bench_one(ds_pool *pool, int n_threads, double bw, ds_dtype dt, int64_t R,
-                      int64_t n_tok) {
-    const int64_t C = 4096;
-    size_t esz = ds_dtype_size(dt);
-    unsigned char *data = malloc((size_t)(R * C) * esz);
-    for (size_t i = 0; i < (size_t)(R * C) * esz; i++) data[i] = (uint8_t)(rnd64() & 0x3b);
-    static float scale[128 * 32];
-    for (int i = 0; i < 128 * 32; i++) scale[i] = 1e-3f;
-    ds_mat m = {dt, R, C, data, scale, 128, 128, 0};
-    float *x = malloc((size_t)(n_tok * C) * sizeof(float));
-    float *y = malloc((size_t)(n_tok * R) * sizeof(float));
-    fill(x, (size_t)(n_tok * C));
-    double best = 1e30;
-    for (int it = 0; it < 10; it++) {
-        double t0 = ds_now();
-        ds_matmul(pool, y, x, n_tok, &m);
-        double dti = ds_now() - t0;
-        if (dti < best) best = dti;
-    }
-    double gbs = (double)ds_mat_bytes(&m) / best / 1e9;
-    printf("bench: ds_matmul %-7s %5lldx%lld n_tok=%lld, %d thread%s, %s: %7.2f ms, %6.2f GB/s of "
-           "weights (%3.0f%% of read bandwidth), %.2f GFLOP/s\n",
-           ds_dtype_name(dt), (long long)R, (long long)C, (long long)n_tok, n_threads,
-           n_threads > 1 ? "s" : "", ds_kernels_get()->name, best * 1e3, gbs,
-           100.0 * gbs * 1e9 / bw, 2.0 * (double)(R * C * n_tok) / best / 1e9);
-    free(data);
-    free(x);
-    free(y);
-}
-
-/* Best-of-iters seconds of one DS_I8 matmul. */
-static double bench_i8_time(ds_pool *pool, const ds_mat *m, int64_t n_tok, int iters) {
-    float *x = malloc((size_t)(n_tok * m->cols) * sizeof(float));
-    float *y = malloc((size_t)(n_tok * m->rows) * sizeof(float));
-    fill(x, (size_t)(n_tok * m->cols));
-    double best = 1e30;
-    for (int it = 0; it < iters; it++) {
-        double t0 = ds_now();
-        ds_matmul(pool, y, x, n_tok, m);
-        double dti = ds_now() - t0;
-        if (dti < best) best = dti;
-    }
-    free(x);
-    free(y);
-    return best;
-}
-
-/* Core clock estimate: a chain of dependent integer adds runs at one per cycle. */
-static double est_clock_hz(void) {
-    volatile uint64_t seed = 1;
-    double best = 0;
-    for (int rep = 0; rep < 5; rep++) {
-        uint64_t v = seed;
-        const uint64_t n = 200000000;
-        double t0 = ds_now();
-#if defined(__x86_64__)
-        for (uint64_t i = 0; i < n; i++) __asm__ volatile("add $1, %0" : "+r"(v));
-#else
-        for (uint64_t i = 0; i < n; i++) __asm__ volatile("add %0, %0, #1" : "+r"(v));
-#endif
-        double dt = ds_now() - t0;
-        seed = v;
-        if (n / dt > best) best = (double)n / dt;
-    }
-    return best;
-}
-
-/* W8A8 / W4A8 against read bandwidth and peak int8 ops (the figures). */
-static void bench_i8(void) {
-    const int64_t R = 16384, C = 7168;
-    int nth = (int)sysconf(_SC_NPROCESSORS_ONLN);
-    if (nth < 1) nth = 1;
-    ds_pool *pool = ds_pool_open(nth);
-    if (!pool) return;
-    double bw = ds_measure_read_bandwidth(pool, (size_t)1 << 30);
-    printf("bench-i8: %d threads, table %s, read bandwidth %.2f GB/s\n", nth,
-           ds_kernels_get()->name, bw / 1e9);
-    unsigned char *d8 = malloc((size_t)(R * C)), *d4 = malloc((size_t)(R * C / 2));
-    for (size_t i = 0; i < (size_t)(R * C); i++) d8[i] = (uint8_t)rnd64();
-    for (size_t i = 0; i < (size_t)(R * C / 2); i++) d4[i] = (uint8_t)rnd64();
-    float *sc = malloc((size_t)(R * (C / 128)) * sizeof(float));
-    for (int64_t i = 0; i < R * (C / 128); i++) sc[i] = 1e-3f;
-    ds_mat w8 = {DS_I8, R, C, d8, sc, 1, C, 0};      /* per-channel W8A8 */
-    ds_mat w4 = {DS_I8, R, C, d4, sc, 1, 128, 1};    /* W4A8, groups of 128 */
-    double t8 = bench_i8_time(pool, &w8, 1, 20), t4 = bench_i8_time(pool, &w4, 1, 20);
-    double g8 = (double)ds_mat_bytes(&w8) / t8 / 1e9, g4 = (double)ds_mat_bytes(&w4) / t4 / 1e9;
-    printf("bench-i8: W8A8 matvec %lldx%lld n_tok=1: %.3f ms, %.2f GB/s = %.0f%% of read bandwidth "
-           "(target >= 85%%)\n",
-           (long long)R, (long long)C, t8 * 1e3, g8, 100 * g8 * 1e9 / bw);
-    printf("bench-i8: W4A8 matvec %lldx%lld n_tok=1 (group 128): %.3f ms, %.2f GB/s = %.0f%% of "
-           "read bandwidth, %.2fx faster than W8A8 (target >= 1.7x)\n",
-           (long long)R, (long long)C, t4 * 1e3, g4, 100 * g4 * 1e9 / bw, t8 / t4);
-    /* peak: AVX-512 VNNI / AVX2 retire 2 x 64 / 2 x 32 int8 MACs per cycle per core (2 ops each);
-     * NEON SDOT 2 x 16. Clock estimated from a dependent add chain. */
-    double hz = est_clock_hz();
-    const char *isa = ds_kernels_get()->name;
-    double macs = strcmp(isa, "avx512") == 0 ? 128 : strcmp(isa, "avx2") == 0 ? 64
-                  : strcmp(isa, "neon") == 0  ? 32 : 1;
-    double peak = 2.0 * macs * hz * nth;
-    printf("bench-i8: clock ~%.2f GHz (dependent-add chain), peak int8 %.0f GOPS "
-           "(%d cores x 2 x %.0f MACs/cycle)\n",
-           hz / 1e9, peak / 1e9, nth, macs);
-    const int64_t toks[] = {8, 64, 256};
-    for (size_t i = 0; i < sizeof toks / sizeof toks[0]; i++)
-        for (int v = 0; v < 2; v++) {
-            const ds_mat *m = v ? &w4 : &w8;
-            double t = bench_i8_time(pool, m, toks[i], toks[i] > 64 ? 3 : 5);
-            double ops = 2.0 * (double)(R * C * toks[i]) / t;
-            printf("bench-i8: %s matmul n_tok=%lld: %.2f ms, %.0f GOPS = %.0f%% of peak int8\n",
-                   v ? "W4A8" : "W8A8", (long long)toks[i], t * 1e3, ops / 1e9,
-                   100 * ops / peak);
-        }
-    free(d8);
-    free(d4);
-    free(sc);
-    ds_pool_close(pool);
-}
-
-static void bench(void) {
-    const ds_dtype dts[] = {DS_BF16, DS_F8_E4M3, DS_F16, DS_F32};
-    const int64_t toks[] = {1, 2, 3, 4, 8};
-    for (int nth = 1; nth <= 2; nth++) {
-        ds_pool *pool = ds_pool_open(nth);
-        if (!pool) return;
-        double bw = ds_measure_read_bandwidth(pool, (size_t)512 << 20);
-        printf("bench: read bandwidth, %d thread%s: %.2f GB/s\n", nth, nth > 1 ? "s" : "",
-               bw / 1e9);
-        /* 4096 rows: the matrix may sit partly in a large L3; 16384 rows cannot */
-        for (size_t d = 0; d < 4; d++)
-            for (int64_t R = 4096; R <= 16384; R *= 4) bench_one(pool, nth, bw, dts[d], R, 1);
-        /* small batches, where the fused and the tiled paths meet */
-        for (size_t d = 0; d < 2; d++)
-            for (size_t t = 1; t < sizeof toks / sizeof toks[0]; t++)
-                bench_one(pool, nth, bw, dts[d], 16384, toks[t]);
-        ds_pool_close(pool);
-    }
-}
-
 int main(void) {
     ds_log_set_level(DS_LOG_ERROR); /* the DS_ISA fallbacks below warn on purpose */
 
@@ -1069,10 +1097,12 @@ int main(void) {
         test_conversions(k);
         test_dot(k);
         test_fused(k);
-        CHECK(k->dot4_i8 && k->dot4_i4);
+        CHECK(k->dot4_i8 && k->dot4_i4 && k->pack16_i8 && k->pack16_i4 && k->gemm16x8_i8);
         test_int_dots(k);
-        printf("table %s: conversions, dot, dot4, axpy, fused dot4 / dot4x2, dot4_i8 / dot4_i4 "
-               "checked\n",
+        test_int_dequant(k);
+        test_gemm(k);
+        printf("table %s: conversions, dot, dot4, axpy, fused dot4 / dot4x2, dot4_i8 / dot4_i4, "
+               "pack16 / gemm16x8 checked\n",
                k->name);
     }
     CHECK(ds_kernels_for("bogus") == NULL && ds_kernels_for(NULL) == NULL);
@@ -1083,6 +1113,7 @@ int main(void) {
               ds_kernels_get()->name, want);
     test_mat_misc();
     test_quantize_i8();
+    test_i4_split();
     test_row_ops();
 
     ds_pool *p2 = ds_pool_open(2);
@@ -1091,10 +1122,5 @@ int main(void) {
     printf("read bandwidth (32 MiB, 2 threads): %.2f GB/s\n", bw / 1e9);
     ds_pool_close(p2);
 
-    const char *b = getenv("DS_KERNELS_BENCH");
-    if (b && *b && strcmp(b, "0") != 0) {
-        if (strcmp(b, "i8") != 0) bench();
-        bench_i8();
-    }
     return ds_test_finish("test_kernels");
 }
