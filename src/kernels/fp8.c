@@ -1,4 +1,4 @@
-/* Encoders from f32 to the narrow storage formats: FP8 E4M3FN and BF16.
+/* Encoders from f32 to the narrow storage formats: FP8 E4M3FN, BF16 and F16.
  *
  * E4M3FN (the "fn" = finite, no infinities) as the official DeepSeek-V3 release stores it:
  * 1 sign bit, 4 exponent bits (bias 7), 3 mantissa bits. Codes 0x01..0x07 are subnormals
@@ -43,4 +43,18 @@ uint16_t ds_f32_to_bf16(float x) {
     if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x0040u); /* quiet NaN */
     u += 0x7FFFu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
+}
+
+uint16_t ds_f32_to_f16(float x) {
+    uint32_t u = f32_bits(x);
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    uint32_t a = u & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) return sign | 0x7E00u;  /* NaN: a quiet NaN */
+    if (a >= 0x477FF000u) return sign | 0x7C00u; /* >= 65520 (half way above 65504): inf */
+    if (a < 0x38800000u) {                       /* |x| < 2^-14: subnormal, step 2^-24 */
+        float q = rintf(fabsf(x) * 16777216.0f); /* exact scaling; ties to even */
+        return sign | (uint16_t)q;               /* q <= 1024, the smallest normal's code */
+    }
+    uint32_t r = a + 0xFFFu + ((a >> 13) & 1u); /* keep 10 of 23 mantissa bits, RNE */
+    return sign | (uint16_t)((r >> 13) - ((127u - 15u) << 10));
 }

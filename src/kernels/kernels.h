@@ -167,5 +167,8 @@ uint8_t ds_f32_to_e4m3(float x);
 /* f32 -> BF16 bits, round-to-nearest-even (overflow to +-inf as IEEE does; NaN stays a quiet NaN).
  */
 uint16_t ds_f32_to_bf16(float x);
+/* f32 -> IEEE binary16 bits, round-to-nearest-even, subnormals kept, overflow to +-inf, NaN stays
+ * a quiet NaN. */
+uint16_t ds_f32_to_f16(float x);
 
 #endif

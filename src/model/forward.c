@@ -27,37 +27,53 @@
 
 /* Chunk-sized activations; offsets into m->scratch, computed per chunk. */
 typedef struct {
-    float *x, *h, *a;       /* (B, hidden) residual, normed input, block output */
-    float *qa;              /* (B, q_lora_rank) */
-    float *q;               /* (B, heads, nope + rope) */
-    float *kv;              /* (B, kv_lora_rank + rope) */
-    float *q_abs, *o_lat;   /* (B, heads, kv_lora_rank) */
-    float *o;               /* (B, heads * v) */
-    float *router;          /* (B, n_routed_experts) */
-    float *xs, *g, *u, *d;  /* expert batch: (B, hidden), (B, inter) x2, (B, hidden) */
-    float *topw;            /* (B, k) routing weights */
-    int32_t *tope;          /* (B, k) routed experts, by descending biased score */
-    int32_t *by_expert;     /* (B * k) token indices grouped by expert */
-    float *thread_buf;      /* per thread: scores (kv cap) + one dequantised row */
+    float *x, *h, *a;      /* (B, hidden) residual, normed input, block output */
+    float *qa;             /* (B, q_lora_rank) */
+    float *q;              /* (B, heads, nope + rope) */
+    float *kv;             /* (B, kv_lora_rank + rope) */
+    float *q_abs, *o_lat;  /* (B, heads, kv_lora_rank) */
+    float *o;              /* (B, heads * v) */
+    float *router;         /* (B, n_routed_experts) */
+    float *xs, *g, *u, *d; /* expert batch: (B, hidden), (B, inter) x2, (B, hidden) */
+    float *topw;           /* (B, k) routing weights */
+    int32_t *tope;         /* (B, k) routed experts, by descending biased score */
+    int32_t *by_expert;    /* (B * k) token indices grouped by expert */
+    float *thread_buf;     /* per thread: scores (max context) + one dequantised row */
     size_t thread_floats;
 } fwd_bufs;
 
-static int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+static int64_t imax(int64_t a, int64_t b) {
+    return a > b ? a : b;
+}
 
-static int setup_bufs(ds_model *m, const ds_kv_cache *kv, int64_t B, fwd_bufs *b) {
+/* B tokens per chunk, attention over at most max_ctx positions per token. */
+static int setup_bufs(ds_model *m, int64_t max_ctx, int64_t B, fwd_bufs *b) {
     const ds_config *c = &m->cfg;
     int64_t D = c->hidden_size, H = c->n_heads, qk = c->qk_nope_head_dim + c->qk_rope_head_dim;
-    int64_t inter = imax(c->intermediate_size, c->moe_intermediate_size * imax(1, c->n_shared_experts));
+    int64_t inter =
+        imax(c->intermediate_size, c->moe_intermediate_size * imax(1, c->n_shared_experts));
     int64_t k = imax(1, c->n_experts_per_tok), E = imax(1, c->n_routed_experts);
     int64_t row = imax(imax(c->kv_lora_rank, c->v_head_dim), c->qk_nope_head_dim);
-    b->thread_floats = (size_t)((kv->cap + row + 15) & ~(int64_t)15);
-    size_t sizes[] = {
-        (size_t)(B * D), (size_t)(B * D), (size_t)(B * D), (size_t)(B * c->q_lora_rank),
-        (size_t)(B * H * qk), (size_t)(B * (c->kv_lora_rank + c->qk_rope_head_dim)),
-        (size_t)(B * H * c->kv_lora_rank), (size_t)(B * H * c->kv_lora_rank),
-        (size_t)(B * H * c->v_head_dim), (size_t)(B * E), (size_t)(B * D), (size_t)(B * inter),
-        (size_t)(B * inter), (size_t)(B * D), (size_t)(B * k), (size_t)(B * k), (size_t)(B * k),
-        b->thread_floats * (size_t)ds_pool_size(m->pool)};
+    /* scores, then a row at the 16-float boundary after them (forward_chunk's row_off) */
+    b->thread_floats = (size_t)(((max_ctx + 15) & ~(int64_t)15) + ((row + 15) & ~(int64_t)15));
+    size_t sizes[] = {(size_t)(B * D),
+                      (size_t)(B * D),
+                      (size_t)(B * D),
+                      (size_t)(B * c->q_lora_rank),
+                      (size_t)(B * H * qk),
+                      (size_t)(B * (c->kv_lora_rank + c->qk_rope_head_dim)),
+                      (size_t)(B * H * c->kv_lora_rank),
+                      (size_t)(B * H * c->kv_lora_rank),
+                      (size_t)(B * H * c->v_head_dim),
+                      (size_t)(B * E),
+                      (size_t)(B * D),
+                      (size_t)(B * inter),
+                      (size_t)(B * inter),
+                      (size_t)(B * D),
+                      (size_t)(B * k),
+                      (size_t)(B * k),
+                      (size_t)(B * k),
+                      b->thread_floats * (size_t)ds_pool_size(m->pool)};
     enum { N = sizeof sizes / sizeof sizes[0] };
     size_t total = 0;
     for (int i = 0; i < N; i++) total += (sizes[i] + 15) & ~(size_t)15; /* 64-byte aligned parts */
@@ -69,9 +85,23 @@ static int setup_bufs(ds_model *m, const ds_kv_cache *kv, int64_t B, fwd_bufs *b
             return ds_err_set(DS_ERR_NOMEM, "out of memory: %zu MiB of activations",
                               total * sizeof(float) >> 20);
     }
-    float *p = m->scratch, **dst[] = {&b->x, &b->h, &b->a, &b->qa, &b->q, &b->kv, &b->q_abs,
-                                      &b->o_lat, &b->o, &b->router, &b->xs, &b->g, &b->u, &b->d,
-                                      &b->topw, (float **)&b->tope, (float **)&b->by_expert,
+    float *p = m->scratch, **dst[] = {&b->x,
+                                      &b->h,
+                                      &b->a,
+                                      &b->qa,
+                                      &b->q,
+                                      &b->kv,
+                                      &b->q_abs,
+                                      &b->o_lat,
+                                      &b->o,
+                                      &b->router,
+                                      &b->xs,
+                                      &b->g,
+                                      &b->u,
+                                      &b->d,
+                                      &b->topw,
+                                      (float **)&b->tope,
+                                      (float **)&b->by_expert,
                                       &b->thread_buf};
     for (int i = 0; i < N; i++) {
         *dst[i] = p;
@@ -100,8 +130,17 @@ typedef struct {
     const ds_layer *L;
     ds_kv_cache *kv;
     fwd_bufs *b;
-    int64_t n, start_pos, layer;
+    const ds_batch *bt; /* the step; this chunk is its tokens [i0, i0 + n) */
+    int64_t i0, n, layer;
+    int64_t row_off; /* per-thread buffer: offset of the dequantised row after the scores */
 } attn_ctx;
+
+/* The cache slot of position pos of the sequence of batch token i. */
+static int64_t slot_of(const ds_kv_cache *kv, const ds_batch *bt, int64_t i, int64_t pos) {
+    int64_t bs = kv->block_size;
+    return (int64_t)bt->block_tables[(int64_t)bt->seq[i] * bt->max_blocks + pos / bs] * bs +
+           pos % bs;
+}
 
 /* q_abs[t, h] = sum_d q_nope[t, h, d] * W_UK[h][d, :], one dequantised W_UK row at a time so
  * each row is read once for all tokens. Threads split the heads. */
@@ -111,43 +150,79 @@ static void absorb_q_task(void *arg, int thread, int n_threads) {
     const ds_kernels *k = ds_kernels_get();
     int64_t H = c->n_heads, R = c->kv_lora_rank, dn = c->qk_nope_head_dim;
     int64_t qk = dn + c->qk_rope_head_dim, rows_per_head = dn + c->v_head_dim;
-    float *row = a->b->thread_buf + (size_t)thread * a->b->thread_floats + a->kv->cap;
+    float *row = a->b->thread_buf + (size_t)thread * a->b->thread_floats + a->row_off;
     size_t h0, h1;
     ds_split_range((size_t)H, thread, n_threads, &h0, &h1);
     for (int64_t h = (int64_t)h0; h < (int64_t)h1; h++) {
-        for (int64_t t = 0; t < a->n; t++) memset(a->b->q_abs + (t * H + h) * R, 0, (size_t)R * sizeof(float));
+        for (int64_t t = 0; t < a->n; t++)
+            memset(a->b->q_abs + (t * H + h) * R, 0, (size_t)R * sizeof(float));
         for (int64_t d = 0; d < dn; d++) {
             ds_mat_row_f32(&a->L->kv_b, h * rows_per_head + d, row);
             for (int64_t t = 0; t < a->n; t++)
-                k->axpy_f32(a->b->q_abs + (t * H + h) * R, a->b->q[(t * H + h) * qk + d], row, (size_t)R);
+                k->axpy_f32(a->b->q_abs + (t * H + h) * R, a->b->q[(t * H + h) * qk + d], row,
+                            (size_t)R);
         }
     }
 }
 
-/* For each (token, head): scores over the cached positions, softmax, weighted latent sum. */
+/* out[j] = x . rows[j] for four cached rows of n elements in the cache's dtype. */
+static void dot4_cached(const ds_kernels *k, const ds_kv_cache *kv, const float *x,
+                        const void *const rows[4], int64_t n, float out[4]) {
+    switch (kv->dtype) {
+    case DS_KV_F32:
+        k->dot4_f32(x, (const float *const *)rows, (size_t)n, out);
+        break;
+    case DS_KV_BF16:
+        k->dot4_bf16(x, (const uint16_t *const *)rows, (size_t)n, out);
+        break;
+    case DS_KV_F16:
+        k->dot4_f16(x, (const uint16_t *const *)rows, (size_t)n, out);
+        break;
+    }
+}
+
+/* For each (token, head): scores over the sequence's cached positions 0 .. p (four at a time
+ * through the dot4 kernels, reading the cache's dtype in place), softmax, weighted latent sum. */
 static void attend_task(void *arg, int thread, int n_threads) {
     attn_ctx *a = arg;
     const ds_config *c = &a->m->cfg;
     const ds_kernels *k = ds_kernels_get();
+    const ds_kv_cache *kv = a->kv;
     int64_t H = c->n_heads, R = c->kv_lora_rank, dr = c->qk_rope_head_dim;
     int64_t qk = c->qk_nope_head_dim + dr;
-    const float *lat = a->kv->latent + (size_t)a->layer * (size_t)a->kv->cap * (size_t)R;
-    const float *pe = a->kv->pe + (size_t)a->layer * (size_t)a->kv->cap * (size_t)dr;
     float *scores = a->b->thread_buf + (size_t)thread * a->b->thread_floats;
+    float *row = scores + a->row_off; /* a latent row in f32 when the cache is narrower */
     float scale = a->m->softmax_scale;
     size_t i0, i1;
     ds_split_range((size_t)(a->n * H), thread, n_threads, &i0, &i1);
     for (size_t i = i0; i < i1; i++) {
-        int64_t t = (int64_t)i / H, h = (int64_t)i % H, S = a->start_pos + t + 1; /* causal */
+        int64_t t = (int64_t)i / H, h = (int64_t)i % H, bi = a->i0 + t;
+        int64_t S = a->bt->positions[bi] + 1; /* causal: positions 0 .. p */
         const float *qa = a->b->q_abs + (t * H + h) * R;
         const float *qpe = a->b->q + (t * H + h) * qk + c->qk_nope_head_dim;
-        for (int64_t s = 0; s < S; s++)
-            scores[s] = (k->dot_f32(qa, lat + s * R, (size_t)R) +
-                         k->dot_f32(qpe, pe + s * dr, (size_t)dr)) * scale;
+        for (int64_t s0 = 0; s0 < S; s0 += 4) {
+            const void *lat[4], *pe[4];
+            for (int64_t j = 0; j < 4; j++) { /* past S: repeat the last position, dropped */
+                int64_t slot = slot_of(kv, a->bt, bi, s0 + j < S ? s0 + j : S - 1);
+                lat[j] = ds_kv_latent_at(kv, a->layer, slot);
+                pe[j] = ds_kv_pe_at(kv, a->layer, slot);
+            }
+            float sl[4], sp[4];
+            dot4_cached(k, kv, qa, lat, R, sl);
+            dot4_cached(k, kv, qpe, pe, dr, sp);
+            for (int64_t j = 0; j < 4 && s0 + j < S; j++) scores[s0 + j] = (sl[j] + sp[j]) * scale;
+        }
         ds_softmax(scores, S);
         float *ol = a->b->o_lat + (t * H + h) * R;
         memset(ol, 0, (size_t)R * sizeof(float));
-        for (int64_t s = 0; s < S; s++) k->axpy_f32(ol, scores[s], lat + s * R, (size_t)R);
+        for (int64_t s = 0; s < S; s++) {
+            const void *lat = ds_kv_latent_at(kv, a->layer, slot_of(kv, a->bt, bi, s));
+            if (kv->dtype != DS_KV_F32) {
+                ds_kv_load(kv, row, lat, R);
+                lat = row;
+            }
+            k->axpy_f32(ol, scores[s], lat, (size_t)R);
+        }
     }
 }
 
@@ -157,20 +232,21 @@ static void absorb_o_task(void *arg, int thread, int n_threads) {
     const ds_config *c = &a->m->cfg;
     const ds_kernels *k = ds_kernels_get();
     int64_t H = c->n_heads, R = c->kv_lora_rank, dn = c->qk_nope_head_dim, dv = c->v_head_dim;
-    float *row = a->b->thread_buf + (size_t)thread * a->b->thread_floats + a->kv->cap;
+    float *row = a->b->thread_buf + (size_t)thread * a->b->thread_floats + a->row_off;
     size_t h0, h1;
     ds_split_range((size_t)H, thread, n_threads, &h0, &h1);
     for (int64_t h = (int64_t)h0; h < (int64_t)h1; h++)
         for (int64_t v = 0; v < dv; v++) {
             ds_mat_row_f32(&a->L->kv_b, h * (dn + dv) + dn + v, row);
             for (int64_t t = 0; t < a->n; t++)
-                a->b->o[(t * H + h) * dv + v] = k->dot_f32(a->b->o_lat + (t * H + h) * R, row, (size_t)R);
+                a->b->o[(t * H + h) * dv + v] =
+                    k->dot_f32(a->b->o_lat + (t * H + h) * R, row, (size_t)R);
         }
 }
 
-/* b->a = MLA(b->h) for n tokens at start_pos; appends their latents to the cache. */
+/* b->a = MLA(b->h) for the chunk's tokens; writes their latents to their cache slots first. */
 static void attention(ds_model *m, const ds_layer *L, int64_t l, ds_kv_cache *kv, fwd_bufs *b,
-                      int64_t n, int64_t start_pos) {
+                      const ds_batch *bt, int64_t i0, int64_t n, int64_t row_off) {
     const ds_config *c = &m->cfg;
     int64_t H = c->n_heads, R = c->kv_lora_rank, dr = c->qk_rope_head_dim;
     int64_t qk = c->qk_nope_head_dim + dr;
@@ -182,19 +258,21 @@ static void attention(ds_model *m, const ds_layer *L, int64_t l, ds_kv_cache *kv
         ds_matmul(m->pool, b->q, b->h, n, &L->q_b);
     }
     ds_matmul(m->pool, b->kv, b->h, n, &L->kv_a);
-    float cs[DS_MAX_ROPE_DIM];
+    float cs[DS_MAX_ROPE_DIM], pe[DS_MAX_ROPE_DIM];
+    float *lat = b->thread_buf + row_off; /* thread 0's row: free until the tasks run */
     for (int64_t t = 0; t < n; t++) {
-        int64_t pos = start_pos + t;
+        int64_t pos = bt->positions[i0 + t], slot = slot_of(kv, bt, i0 + t, pos);
         float *kvt = b->kv + t * (R + dr);
-        float *lat = kv->latent + ((size_t)l * (size_t)kv->cap + (size_t)pos) * (size_t)R;
-        float *pe = kv->pe + ((size_t)l * (size_t)kv->cap + (size_t)pos) * (size_t)dr;
         ds_rope_table(m, pos, cs);
         ds_rmsnorm(lat, kvt, L->kv_a_norm, R, c->rms_norm_eps);
+        ds_kv_store(kv, ds_kv_latent_at(kv, l, slot), lat, R);
         memcpy(pe, kvt + R, (size_t)dr * sizeof(float));
         ds_rope_rotate(pe, cs, dr);
-        for (int64_t h = 0; h < H; h++) ds_rope_rotate(b->q + (t * H + h) * qk + c->qk_nope_head_dim, cs, dr);
+        ds_kv_store(kv, ds_kv_pe_at(kv, l, slot), pe, dr);
+        for (int64_t h = 0; h < H; h++)
+            ds_rope_rotate(b->q + (t * H + h) * qk + c->qk_nope_head_dim, cs, dr);
     }
-    attn_ctx a = {m, L, kv, b, n, start_pos, l};
+    attn_ctx a = {m, L, kv, b, bt, i0, n, l, row_off};
     ds_pool_run(m->pool, absorb_q_task, &a);
     ds_pool_run(m->pool, attend_task, &a);
     ds_pool_run(m->pool, absorb_o_task, &a);
@@ -229,8 +307,10 @@ static void route(const ds_config *c, const ds_layer *L, fwd_bufs *b, int64_t n)
             for (int64_t g = 0; g < G; g++) {
                 float b1 = -INFINITY, b2 = -INFINITY;
                 for (int64_t e = g * per_group; e < (g + 1) * per_group; e++) {
-                    if (biased[e] > b1) b2 = b1, b1 = biased[e];
-                    else if (biased[e] > b2) b2 = biased[e];
+                    if (biased[e] > b1)
+                        b2 = b1, b1 = biased[e];
+                    else if (biased[e] > b2)
+                        b2 = biased[e];
                 }
                 gscore[g] = b1 + b2;
                 group_ok[g] = 0;
@@ -299,61 +379,145 @@ static void moe(ds_model *m, const ds_layer *L, int64_t l, fwd_bufs *b, int64_t 
 
 /* ---- the network ---- */
 
-static int forward_chunk(ds_model *m, ds_kv_cache *kv, const int32_t *tokens, int64_t n,
-                         int64_t start_pos, float *logits, int all_logits, int want_logits) {
+/* Tokens [i0, i0 + n) of a batch; logits for those of logits_idx[*li ..] in range, advancing *li.
+ */
+static int forward_chunk(ds_model *m, ds_kv_cache *kv, const ds_batch *bt, int64_t i0, int64_t n,
+                         int64_t max_ctx, float *logits, int32_t *li) {
     const ds_config *c = &m->cfg;
     int64_t D = c->hidden_size;
     fwd_bufs b;
-    int rc = setup_bufs(m, kv, n, &b);
+    int rc = setup_bufs(m, max_ctx, n, &b);
     if (rc) return rc;
-    for (int64_t t = 0; t < n; t++) ds_mat_row_f32(&m->embed, tokens[t], b.x + t * D);
+    const int64_t row_off = (max_ctx + 15) & ~(int64_t)15;
+    for (int64_t t = 0; t < n; t++) ds_mat_row_f32(&m->embed, bt->tokens[i0 + t], b.x + t * D);
     trace(m, "embed", 0, b.x, n, D);
     for (int64_t l = 0; l < c->n_layers; l++) {
         const ds_layer *L = &m->layers[l];
         memcpy(b.h, b.x, (size_t)(n * D) * sizeof(float));
         rmsnorm_rows(b.h, L->attn_norm, n, D, D, c->rms_norm_eps);
         trace(m, "layers.%lld.attn_norm_out", l, b.h, n, D);
-        attention(m, L, l, kv, &b, n, start_pos);
+        attention(m, L, l, kv, &b, bt, i0, n, row_off);
         trace(m, "layers.%lld.attn_out", l, b.a, n, D);
         for (int64_t i = 0; i < n * D; i++) b.x[i] += b.a[i];
         memcpy(b.h, b.x, (size_t)(n * D) * sizeof(float));
         rmsnorm_rows(b.h, L->ffn_norm, n, D, D, c->rms_norm_eps);
         trace(m, "layers.%lld.ffn_norm_out", l, b.h, n, D);
-        if (L->moe) moe(m, L, l, &b, n);
-        else mlp(m, &L->dense, b.h, n, b.a, &b);
+        if (L->moe)
+            moe(m, L, l, &b, n);
+        else
+            mlp(m, &L->dense, b.h, n, b.a, &b);
         trace(m, "layers.%lld.ffn_out", l, b.a, n, D);
         for (int64_t i = 0; i < n * D; i++) b.x[i] += b.a[i];
         trace(m, "layers.%lld.out", l, b.x, n, D);
     }
     rmsnorm_rows(b.x, m->final_norm, n, D, D, c->rms_norm_eps);
     trace(m, "final_norm_out", 0, b.x, n, D);
-    if (all_logits) ds_matmul(m->pool, logits, b.x, n, &m->lm_head);
-    else if (want_logits) ds_matmul(m->pool, logits, b.x + (n - 1) * D, 1, &m->lm_head);
+    /* the rows that want logits, packed in order (b.h is free now), through lm_head at once */
+    int32_t j0 = *li, nl = 0;
+    while (j0 + nl < bt->n_logits && bt->logits_idx[j0 + nl] < i0 + n) {
+        int64_t t = bt->logits_idx[j0 + nl] - i0;
+        memmove(b.h + nl * D, b.x + t * D, (size_t)D * sizeof(float));
+        nl++;
+    }
+    if (nl) ds_matmul(m->pool, logits + (size_t)j0 * (size_t)c->vocab_size, b.h, nl, &m->lm_head);
+    *li = j0 + nl;
+    return DS_OK;
+}
+
+/* Every index of the batch in range, so that nothing below can read or write out of bounds. */
+static int check_batch(const ds_model *m, const ds_kv_cache *kv, const ds_batch *bt,
+                       int64_t *max_ctx) {
+    const ds_config *c = &m->cfg;
+    if (kv->n_layers != c->n_layers || kv->kv_lora_rank != c->kv_lora_rank ||
+        kv->rope_dim != c->qk_rope_head_dim)
+        return ds_err_set(DS_ERR_ARG, "forward: KV cache was made for another model shape");
+    if (bt->n_tokens < 1 || bt->n_seqs < 1 || bt->max_blocks < 1 || bt->n_logits < 0)
+        return ds_err_set(DS_ERR_ARG, "forward: empty batch (%d tokens, %d sequences)",
+                          bt->n_tokens, bt->n_seqs);
+    *max_ctx = 0;
+    for (int32_t i = 0; i < bt->n_tokens; i++) {
+        int32_t tok = bt->tokens[i], pos = bt->positions[i], s = bt->seq[i];
+        if (tok < 0 || tok >= c->vocab_size)
+            return ds_err_set(DS_ERR_RANGE,
+                              "token id %d at index %d is outside the vocabulary "
+                              "[0, %lld)",
+                              tok, i, (long long)c->vocab_size);
+        if (s < 0 || s >= bt->n_seqs)
+            return ds_err_set(DS_ERR_RANGE, "token %d names sequence %d of %d", i, s, bt->n_seqs);
+        if (pos < 0 || pos / kv->block_size >= bt->max_blocks)
+            return ds_err_set(DS_ERR_RANGE,
+                              "position %d of token %d is outside its block table "
+                              "(%d blocks of %lld)",
+                              pos, i, bt->max_blocks, (long long)kv->block_size);
+        for (int64_t blk = 0; blk <= pos / kv->block_size; blk++) {
+            int32_t id = bt->block_tables[(int64_t)s * bt->max_blocks + blk];
+            if (id < 0 || id >= kv->n_blocks)
+                return ds_err_set(DS_ERR_RANGE,
+                                  "block id %d of sequence %d is outside the KV "
+                                  "cache's %lld blocks",
+                                  id, s, (long long)kv->n_blocks);
+        }
+        if (pos + 1 > *max_ctx) *max_ctx = pos + 1;
+    }
+    for (int32_t j = 0; j < bt->n_logits; j++)
+        if (bt->logits_idx[j] < 0 || bt->logits_idx[j] >= bt->n_tokens ||
+            (j && bt->logits_idx[j] <= bt->logits_idx[j - 1]))
+            return ds_err_set(DS_ERR_RANGE,
+                              "logits index %d (entry %d) is out of range or out of "
+                              "order",
+                              bt->logits_idx[j], j);
+    return DS_OK;
+}
+
+int ds_model_forward_batch(ds_model *m, ds_kv_cache *kv, const ds_batch *bt, float *logits) {
+    int64_t max_ctx = 0;
+    int rc = check_batch(m, kv, bt, &max_ctx);
+    if (rc) return rc;
+    int32_t li = 0;
+    for (int64_t done = 0; done < bt->n_tokens;) {
+        int64_t len = bt->n_tokens - done < m->max_batch ? bt->n_tokens - done : m->max_batch;
+        rc = forward_chunk(m, kv, bt, done, len, max_ctx, logits, &li);
+        if (rc) return rc;
+        done += len;
+    }
     return DS_OK;
 }
 
 int ds_model_forward(ds_model *m, ds_kv_cache *kv, const int32_t *tokens, int64_t n,
                      int64_t start_pos, float *logits, int all_logits) {
-    const ds_config *c = &m->cfg;
     if (n < 1) return ds_err_set(DS_ERR_ARG, "forward: no tokens");
     if (start_pos < 0 || start_pos + n > kv->cap)
         return ds_err_set(DS_ERR_RANGE,
                           "forward: positions %lld..%lld exceed the KV cache of %lld tokens",
                           (long long)start_pos, (long long)(start_pos + n - 1), (long long)kv->cap);
-    if (kv->n_layers != c->n_layers || kv->kv_lora_rank != c->kv_lora_rank ||
-        kv->rope_dim != c->qk_rope_head_dim)
-        return ds_err_set(DS_ERR_ARG, "forward: KV cache was made for another model shape");
-    for (int64_t i = 0; i < n; i++)
-        if (tokens[i] < 0 || tokens[i] >= c->vocab_size)
-            return ds_err_set(DS_ERR_RANGE, "token id %d at index %lld is outside the vocabulary "
-                              "[0, %lld)", tokens[i], (long long)i, (long long)c->vocab_size);
-    for (int64_t done = 0; done < n;) {
-        int64_t len = n - done < m->max_batch ? n - done : m->max_batch;
-        int last = done + len == n;
-        float *out = all_logits ? logits + (size_t)done * (size_t)c->vocab_size : logits;
-        int rc = forward_chunk(m, kv, tokens + done, len, start_pos + done, out, all_logits, last);
-        if (rc) return rc;
-        done += len;
+    /* one sequence whose block table is the cache's blocks in order: slot = position */
+    int32_t *pos = malloc((size_t)n * sizeof(int32_t)), *seq = calloc((size_t)n, sizeof(int32_t));
+    int32_t *table = malloc((size_t)kv->n_blocks * sizeof(int32_t));
+    int32_t *lidx = malloc((size_t)n * sizeof(int32_t));
+    int rc;
+    if (!pos || !seq || !table || !lidx) {
+        rc = ds_err_set(DS_ERR_NOMEM, "out of memory (forward of %lld tokens)", (long long)n);
+        goto out;
     }
-    return DS_OK;
+    for (int64_t i = 0; i < n; i++) {
+        pos[i] = (int32_t)(start_pos + i);
+        lidx[i] = (int32_t)i;
+    }
+    for (int64_t i = 0; i < kv->n_blocks; i++) table[i] = (int32_t)i;
+    ds_batch bt = {(int32_t)n,
+                   tokens,
+                   pos,
+                   seq,
+                   1,
+                   (int32_t)kv->n_blocks,
+                   table,
+                   all_logits ? (int32_t)n : 1,
+                   all_logits ? lidx : lidx + n - 1};
+    rc = ds_model_forward_batch(m, kv, &bt, logits);
+out:
+    free(pos);
+    free(seq);
+    free(table);
+    free(lidx);
+    return rc;
 }

@@ -29,20 +29,58 @@ ds_pool *ds_model_pool(ds_model *m);
 uint64_t ds_model_bytes_per_token(const ds_model *m);
 uint64_t ds_model_weight_bytes(const ds_model *m);
 
-/* The MLA cache of one sequence: per layer and position only the normalised latent
- * (kv_lora_rank floats) and the rotated rope key (qk_rope_head_dim floats). */
+/* ---- the MLA KV cache ----
+ * Per layer and token slot only what the model needs: the normalised latent (kv_lora_rank) and
+ * the rotated rope key (qk_rope_head_dim, shared by all heads), stored as f32, bf16 or f16. The
+ * slots are grouped into blocks of block_size; which block holds which positions of which
+ * sequence is decided by the caller (the engine's block manager) and handed to
+ * ds_model_forward_batch as block tables. */
 typedef struct ds_kv_cache ds_kv_cache;
+typedef enum { DS_KV_F32, DS_KV_BF16, DS_KV_F16 } ds_kv_dtype;
+
+/* "f32" / "float32", "bf16" / "bfloat16", "f16" / "float16" / "half"; DS_ERR_ARG otherwise. */
+int ds_kv_dtype_parse(const char *s, ds_kv_dtype *out);
+const char *ds_kv_dtype_name(ds_kv_dtype dt);
+/* Bytes one token occupies: layers x (kv_lora_rank + qk_rope_head_dim) x the dtype's size. */
+uint64_t ds_kv_bytes_per_token(const ds_config *c, ds_kv_dtype dt);
+/* n_blocks blocks of block_size slots, zeroed. */
+int ds_kv_open_paged(const ds_config *c, int64_t n_blocks, int64_t block_size, ds_kv_dtype dt,
+                     ds_kv_cache **out);
+/* One sequence of up to max_len tokens, f32: a single block (ds_model_forward's cache). */
 int ds_kv_open(const ds_config *c, int64_t max_len, ds_kv_cache **out);
 void ds_kv_close(ds_kv_cache *kv); /* accepts NULL */
-int64_t ds_kv_capacity(const ds_kv_cache *kv);
+int64_t ds_kv_capacity(const ds_kv_cache *kv); /* slots: n_blocks x block_size */
+int64_t ds_kv_block_size(const ds_kv_cache *kv);
+int64_t ds_kv_n_blocks(const ds_kv_cache *kv);
 
-/* Runs tokens[0, n) at positions start_pos .. start_pos + n - 1 (the cache must already hold
- * positions < start_pos). Writes next-token logits: for every one of the n tokens into
- * logits[n][vocab] when all_logits, else only for the last token into logits[vocab].
- * Returns DS_ERR_RANGE when a token id is outside the vocabulary or positions exceed the
- * cache, with the message naming the value. */
+/* Runs tokens[0, n) of one sequence at positions start_pos .. start_pos + n - 1, the cache's
+ * slots taken in order (slot = position; the cache must already hold positions < start_pos).
+ * Writes next-token logits: for every one of the n tokens into logits[n][vocab] when
+ * all_logits, else only for the last token into logits[vocab]. Returns DS_ERR_RANGE when a
+ * token id is outside the vocabulary or positions exceed the cache, naming the value. */
 int ds_model_forward(ds_model *m, ds_kv_cache *kv, const int32_t *tokens, int64_t n,
                      int64_t start_pos, float *logits, int all_logits);
+
+/* One step of a ragged batch: tokens of several sequences, each at its own position, plain
+ * arrays so that a step can be copied or broadcast as is. Token i belongs to sequence seq[i]
+ * (a row of block_tables) at position positions[i]; its latent goes to slot
+ * block_tables[seq[i]][p / block_size] * block_size + p % block_size, and it attends to
+ * positions 0 .. p of its sequence, which must be in the cache or earlier in this batch (the
+ * tokens of one sequence come in increasing position order). */
+typedef struct {
+    int32_t n_tokens;
+    const int32_t *tokens;       /* [n_tokens] */
+    const int32_t *positions;    /* [n_tokens] */
+    const int32_t *seq;          /* [n_tokens] */
+    int32_t n_seqs, max_blocks;  /* block_tables is [n_seqs][max_blocks] */
+    const int32_t *block_tables; /* block ids; entries past a sequence's length are unused */
+    int32_t n_logits;
+    const int32_t *logits_idx;   /* [n_logits] increasing token indices that want logits */
+} ds_batch;
+
+/* Runs a batch; logits[j][vocab] for token logits_idx[j]. DS_ERR_RANGE names the first bad
+ * token id, position, block id or index; nothing is written to the cache then. */
+int ds_model_forward_batch(ds_model *m, ds_kv_cache *kv, const ds_batch *b, float *logits);
 
 /* Debug/trace hook: called with named intermediate activations ("layers.1.attn_out", shape
  * [rows, cols]) during forward. NULL disables it (the default). Used by the golden tests. */

@@ -52,10 +52,19 @@ struct ds_model {
 };
 
 struct ds_kv_cache {
-    int64_t cap, n_layers, kv_lora_rank, rope_dim;
-    float *latent; /* (n_layers, cap, kv_lora_rank) normalised c_kv */
-    float *pe;     /* (n_layers, cap, rope_dim) rotated k_pe, shared by all heads */
+    int64_t cap, n_layers, kv_lora_rank, rope_dim; /* cap = n_blocks * block_size slots */
+    int64_t n_blocks, block_size;
+    ds_kv_dtype dtype;
+    size_t esz;    /* bytes per element: 4 or 2 */
+    void *latent;  /* (n_layers, cap, kv_lora_rank) normalised c_kv */
+    void *pe;      /* (n_layers, cap, rope_dim) rotated k_pe, shared by all heads */
 };
+
+/* kv.c: element pointers of slot `slot` of layer l, and the f32 <-> stored conversions. */
+void *ds_kv_latent_at(const ds_kv_cache *kv, int64_t l, int64_t slot);
+void *ds_kv_pe_at(const ds_kv_cache *kv, int64_t l, int64_t slot);
+void ds_kv_store(const ds_kv_cache *kv, void *dst, const float *src, int64_t n);
+void ds_kv_load(const ds_kv_cache *kv, float *dst, const void *src, int64_t n);
 
 /* rope.c: fills inv_freq, rope_mscale and softmax_scale from the config. */
 int ds_rope_init(ds_model *m);

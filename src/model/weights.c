@@ -295,33 +295,3 @@ static uint64_t weight_bytes(const ds_model *m, int active) {
 
 uint64_t ds_model_bytes_per_token(const ds_model *m) { return weight_bytes(m, 1); }
 uint64_t ds_model_weight_bytes(const ds_model *m) { return weight_bytes(m, 0); }
-
-int ds_kv_open(const ds_config *c, int64_t max_len, ds_kv_cache **out) {
-    *out = NULL;
-    if (max_len < 1) return ds_err_set(DS_ERR_ARG, "KV cache length %lld must be >= 1", (long long)max_len);
-    ds_kv_cache *kv = calloc(1, sizeof *kv);
-    if (!kv) return ds_err_set(DS_ERR_NOMEM, "out of memory (KV cache)");
-    kv->cap = max_len;
-    kv->n_layers = c->n_layers;
-    kv->kv_lora_rank = c->kv_lora_rank;
-    kv->rope_dim = c->qk_rope_head_dim;
-    size_t rows = (size_t)c->n_layers * (size_t)max_len;
-    kv->latent = ds_alloc(rows * (size_t)c->kv_lora_rank * sizeof(float));
-    kv->pe = ds_alloc(rows * (size_t)c->qk_rope_head_dim * sizeof(float));
-    if (!kv->latent || !kv->pe) {
-        ds_kv_close(kv);
-        return ds_err_set(DS_ERR_NOMEM, "out of memory: KV cache for %lld tokens",
-                          (long long)max_len);
-    }
-    *out = kv;
-    return DS_OK;
-}
-
-void ds_kv_close(ds_kv_cache *kv) {
-    if (!kv) return;
-    ds_free(kv->latent);
-    ds_free(kv->pe);
-    free(kv);
-}
-
-int64_t ds_kv_capacity(const ds_kv_cache *kv) { return kv->cap; }

@@ -448,6 +448,29 @@ static void test_encoders(void) {
     CHECK(ds_f32_to_bf16(3.4e38f) == 0x7F80 && ds_f32_to_bf16(INFINITY) == 0x7F80);
     uint16_t qn = ds_f32_to_bf16(NAN);
     CHECK((qn & 0x7F80) == 0x7F80 && (qn & 0x7F) != 0);
+
+    /* f16 (the KV cache's): every finite code round-trips through an independent ldexp decode,
+     * the tie with the next code goes to the even one, just off it to the nearer one */
+    for (uint32_t h = 0; h < 0x7C00; h++) {
+        int e = (int)(h >> 10), m = (int)(h & 0x3FF);
+        float f = e ? ldexpf(1.0f + (float)m / 1024.0f, e - 15) : ldexpf((float)m, -24);
+        float g = (h + 1 < 0x7C00) ? ((h + 1) >> 10 ? ldexpf(1.0f + (float)((h + 1) & 0x3FF) / 1024.0f, (int)((h + 1) >> 10) - 15)
+                                                    : ldexpf((float)(h + 1), -24))
+                                   : 65536.0f;
+        float mid = 0.5f * (f + g); /* exact in f32 */
+        uint16_t even = (h & 1) ? (uint16_t)(h + 1) : (uint16_t)h;
+        if (ds_f32_to_f16(f) != h || ds_f32_to_f16(-f) != (0x8000 | h) ||
+            ds_f32_to_f16(mid) != (even == 0x7C00 ? 0x7C00 : even) ||
+            ds_f32_to_f16(nextafterf(mid, 0.0f)) != h) {
+            CHECK_MSG(0, "f16 code 0x%04x: round trip or tie wrong", h);
+            break;
+        }
+    }
+    CHECK(ds_f32_to_f16(65504.0f) == 0x7BFF && ds_f32_to_f16(65519.0f) == 0x7BFF);
+    CHECK(ds_f32_to_f16(65520.0f) == 0x7C00 && ds_f32_to_f16(-INFINITY) == 0xFC00);
+    CHECK(ds_f32_to_f16(0x1p-25f) == 0 && ds_f32_to_f16(0x1.8p-25f) == 1);
+    uint16_t hn = ds_f32_to_f16(NAN);
+    CHECK((hn & 0x7C00) == 0x7C00 && (hn & 0x3FF) != 0);
 }
 
 int main(void) {
