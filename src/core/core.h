@@ -29,7 +29,9 @@
     X(DS_ERR_MISSING, -5, "missing")                                                               \
     X(DS_ERR_SHAPE, -6, "shape mismatch")                                                          \
     X(DS_ERR_ARG, -7, "invalid argument")                                                          \
-    X(DS_ERR_RANGE, -8, "out of range")
+    X(DS_ERR_RANGE, -8, "out of range")                                                            \
+    X(DS_ERR_TIMEOUT, -9, "timed out")                                                             \
+    X(DS_ERR_CLOSED, -10, "shut down")
 
 typedef enum {
 #define DS_ERR_ENUM(name, val, str) name = val,

@@ -7,6 +7,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 int ds_kv_dtype_parse(const char *s, ds_kv_dtype *out) {
     static const struct {
@@ -32,6 +33,12 @@ static size_t kv_esz(ds_kv_dtype dt) {
     return dt == DS_KV_F32 ? 4 : 2;
 }
 
+static void *map_zero(size_t bytes) {
+    void *p = mmap(NULL, bytes ? bytes : 1, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                   -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
 uint64_t ds_kv_bytes_per_token(const ds_config *c, ds_kv_dtype dt) {
     return (uint64_t)c->n_layers * (uint64_t)(c->kv_lora_rank + c->qk_rope_head_dim) * kv_esz(dt);
 }
@@ -53,8 +60,12 @@ int ds_kv_open_paged(const ds_config *c, int64_t n_blocks, int64_t block_size, d
     kv->dtype = dt;
     kv->esz = kv_esz(dt);
     size_t rows = (size_t)c->n_layers * (size_t)kv->cap;
-    kv->latent = ds_alloc(rows * (size_t)c->kv_lora_rank * kv->esz);
-    kv->pe = ds_alloc(rows * (size_t)c->qk_rope_head_dim * kv->esz);
+    /* anonymous mappings: zero, page-aligned, and committed as the slots are first written, so
+     * a cache sized for the whole memory budget costs nothing until it is used */
+    kv->latent_bytes = rows * (size_t)c->kv_lora_rank * kv->esz;
+    kv->pe_bytes = rows * (size_t)c->qk_rope_head_dim * kv->esz;
+    kv->latent = map_zero(kv->latent_bytes);
+    kv->pe = map_zero(kv->pe_bytes);
     if (!kv->latent || !kv->pe) {
         ds_kv_close(kv);
         return ds_err_set(
@@ -77,8 +88,8 @@ int ds_kv_open(const ds_config *c, int64_t max_len, ds_kv_cache **out) {
 
 void ds_kv_close(ds_kv_cache *kv) {
     if (!kv) return;
-    ds_free(kv->latent);
-    ds_free(kv->pe);
+    if (kv->latent) munmap(kv->latent, kv->latent_bytes);
+    if (kv->pe) munmap(kv->pe, kv->pe_bytes);
     free(kv);
 }
 

@@ -56,8 +56,9 @@ struct ds_kv_cache {
     int64_t n_blocks, block_size;
     ds_kv_dtype dtype;
     size_t esz;    /* bytes per element: 4 or 2 */
-    void *latent;  /* (n_layers, cap, kv_lora_rank) normalised c_kv */
-    void *pe;      /* (n_layers, cap, rope_dim) rotated k_pe, shared by all heads */
+    void *latent;  /* (n_layers, cap, kv_lora_rank) normalised c_kv; mmap'd */
+    void *pe;      /* (n_layers, cap, rope_dim) rotated k_pe, shared by all heads; mmap'd */
+    size_t latent_bytes, pe_bytes;
 };
 
 /* kv.c: element pointers of slot `slot` of layer l, and the f32 <-> stored conversions. */
