@@ -67,9 +67,9 @@ stage_done "ASan+UBSan build + tests" "$t"
 section "4b/5 ThreadSanitizer build (clang) -> build-tsan/ + the multi-threaded tests"
 t=$SECONDS
 configure build-tsan clang -DCMAKE_BUILD_TYPE=Release -DDSINFER_TSAN=ON -DDSINFER_WERROR=ON
-build build-tsan --target test_pool test_kernels test_forward
+build build-tsan --target test_pool test_kernels test_forward test_batch test_engine
 TSAN_OPTIONS="${TSAN_OPTIONS:-halt_on_error=1}" \
-  ctest --test-dir build-tsan --output-on-failure --no-tests=error -R '^(test_pool|test_kernels|test_forward)$'
+  ctest --test-dir build-tsan --output-on-failure --no-tests=error -R '^(test_pool|test_kernels|test_forward|test_batch|test_engine)$'
 stage_done "TSan build + threaded tests" "$t"
 
 section "4c/5 aarch64 cross build (gcc) -> build-aarch64/ + test_kernels under qemu-aarch64"

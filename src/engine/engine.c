@@ -96,6 +96,8 @@ struct ds_engine {
     pthread_mutex_t mu;
     pthread_cond_t wake;
     int stopping;
+    int closed;   /* ds_engine_close ran; the struct lives on until live == 0 */
+    int64_t live; /* request handles not freed yet */
     ds_req *in_head, *in_tail;
     ds_req *active; /* engine thread only */
     uint64_t next_id;
@@ -136,9 +138,20 @@ static void req_free(ds_req *r) {
     free(r);
 }
 
-/* Drops one owner; frees at zero. Under e->mu. */
-static void req_unref(ds_req *r) {
-    if (--r->refs == 0) req_free(r);
+/* Drops one owner; frees at zero. Under e->mu. Returns 1 when that was the last handle of a
+ * closed engine: the caller frees the engine's shell once it has unlocked (engine_free_shell). */
+static int req_unref(ds_req *r) {
+    ds_engine *e = r->e;
+    if (--r->refs) return 0;
+    req_free(r);
+    return --e->live == 0 && e->closed;
+}
+
+/* The engine's struct outlives ds_engine_close while handles remain (they use its mutex). */
+static void engine_free_shell(ds_engine *e) {
+    pthread_cond_destroy(&e->wake);
+    pthread_mutex_destroy(&e->mu);
+    free(e);
 }
 
 void ds_engine_event_free(ds_engine_event *ev) {
@@ -273,6 +286,7 @@ int ds_engine_submit(ds_engine *e, const ds_request *q, ds_req **out) {
         return ds_err_set(DS_ERR_CLOSED, "the engine is shutting down");
     }
     r->id = ++e->next_id;
+    e->live++;
     if (e->in_tail)
         e->in_tail->next_incoming = r;
     else
@@ -332,10 +346,11 @@ void ds_req_release(ds_req *r) {
     pthread_mutex_lock(&e->mu);
     if (!r->done) {
         r->abort_flag = 1;
-        pthread_cond_signal(&e->wake);
+        if (!e->closed) pthread_cond_signal(&e->wake);
     }
-    req_unref(r);
+    int last = req_unref(r);
     pthread_mutex_unlock(&e->mu);
+    if (last) engine_free_shell(e);
 }
 
 uint64_t ds_req_id(const ds_req *r) {
@@ -426,7 +441,7 @@ static void finish(ds_engine *e, ds_req *r, ds_engine_event *ev, int flush, noti
     active_unlink(e, r);
     deliver(e, r, ev, nl);
     pthread_mutex_lock(&e->mu);
-    req_unref(r);
+    (void)req_unref(r); /* the engine is open: never its last handle */
     pthread_mutex_unlock(&e->mu);
 }
 
@@ -831,7 +846,7 @@ void ds_engine_close(ds_engine *e) {
         ev.finish = DS_FINISH_ABORT;
         deliver(e, r, &ev, &nl);
         pthread_mutex_lock(&e->mu);
-        req_unref(r);
+        (void)req_unref(r); /* not closed yet: the caller's handle remains */
         pthread_mutex_unlock(&e->mu);
     }
     for (size_t i = 0; i < nl.n; i++) nl.r[i]->notify(nl.r[i]->notify_ctx);
@@ -849,9 +864,11 @@ void ds_engine_close(ds_engine *e) {
     free(e->logits_idx);
     free(e->tables);
     free(e->logits);
-    pthread_cond_destroy(&e->wake);
-    pthread_mutex_destroy(&e->mu);
-    free(e);
+    pthread_mutex_lock(&e->mu);
+    e->closed = 1;
+    int last = e->live == 0;
+    pthread_mutex_unlock(&e->mu);
+    if (last) engine_free_shell(e);
 }
 
 int32_t ds_engine_max_model_len(const ds_engine *e) {
