@@ -4,6 +4,10 @@
 #ifndef DS_CLI_H
 #define DS_CLI_H
 
+#include "engine/engine.h"
+#include "model/model.h"
+
+#include <getopt.h>
 #include <jansson.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -59,5 +63,43 @@ int ds_cli_write_index(const char *dir, json_t *map, uint64_t total);
 /* Parses a non-negative integer (with allow_suffix: K, M, G binary multipliers, optional "B" or
  * "iB"); 0 when malformed or overflowing. */
 int ds_cli_parse_u64(const char *s, uint64_t *out, int allow_suffix);
+
+/* The engine flags shared by the commands that run the engine (generate --batch-file, serve),
+ * named as in vLLM: --max-num-seqs, --max-num-batched-tokens, --max-model-len, --block-size,
+ * --kv-cache-memory BYTES (K/M/G suffixes), --memory-utilization F (vLLM's
+ * --gpu-memory-utilization is accepted too), --kv-cache-dtype f32|bf16|f16 (auto = f32),
+ * --no-enable-prefix-caching / --enable-prefix-caching. Splice DS_CLI_ENGINE_OPTIONS into a
+ * getopt_long table; their codes start at DS_CLI_ENGINE_OPT. */
+#define DS_CLI_ENGINE_OPT 0x1000
+#define DS_CLI_ENGINE_OPTIONS                                                                      \
+    {"max-num-seqs", required_argument, 0, DS_CLI_ENGINE_OPT + 0},                                 \
+        {"max-num-batched-tokens", required_argument, 0, DS_CLI_ENGINE_OPT + 1},                   \
+        {"max-model-len", required_argument, 0, DS_CLI_ENGINE_OPT + 2},                            \
+        {"block-size", required_argument, 0, DS_CLI_ENGINE_OPT + 3},                               \
+        {"kv-cache-memory", required_argument, 0, DS_CLI_ENGINE_OPT + 4},                          \
+        {"memory-utilization", required_argument, 0, DS_CLI_ENGINE_OPT + 5},                       \
+        {"gpu-memory-utilization", required_argument, 0, DS_CLI_ENGINE_OPT + 5},                   \
+        {"kv-cache-dtype", required_argument, 0, DS_CLI_ENGINE_OPT + 6},                           \
+        {"enable-prefix-caching", no_argument, 0, DS_CLI_ENGINE_OPT + 7}, {                        \
+        "no-enable-prefix-caching", no_argument, 0, DS_CLI_ENGINE_OPT + 8                          \
+    }
+/* The help lines of those flags. */
+#define DS_CLI_ENGINE_HELP                                                                         \
+    "  --max-num-seqs N            sequences running at once (default 256)\n"                      \
+    "  --max-num-batched-tokens N  tokens per engine step (default 2048)\n"                        \
+    "  --max-model-len N           prompt + output limit (default: the model's, capped to the\n"   \
+    "                              KV cache)\n"                                                    \
+    "  --block-size N              tokens per KV block (default 16)\n"                             \
+    "  --kv-cache-memory BYTES     KV cache size, e.g. 8G (default: --memory-utilization)\n"       \
+    "  --memory-utilization F      fraction of available memory after the weights (0.9)\n"         \
+    "  --kv-cache-dtype T          f32 (default, exact), bf16 or f16 (half the memory)\n"          \
+    "  --no-enable-prefix-caching  do not share KV blocks of common prefixes\n"
+/* Applies one of those flags (code c, argument arg) to p. 1 when c is one of them, 0 when it
+ * is not, -1 after printing a message about a bad value (a usage error). */
+int ds_cli_engine_flag(int c, const char *arg, const char *cmd, ds_engine_params *p);
+
+/* generate --batch-file: every JSON line of file through the engine at once (generate_batch.c). */
+int ds_cli_generate_batch(const char *model_dir, const char *file, int text_out,
+                          const ds_model_params *mp, const ds_engine_params *ep);
 
 #endif

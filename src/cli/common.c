@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <ftw.h>
 #include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -245,8 +246,7 @@ int ds_cli_outdir_publish(ds_cli_outdir *d, const char *cmd) {
         }
     } else if (existing > 0) {
         if (!mkdtemp(aside) || rename(d->out, aside) != 0) {
-            fprintf(stderr, "dsinfer %s: cannot move %s aside: %s\n", cmd, d->out,
-                    strerror(errno));
+            fprintf(stderr, "dsinfer %s: cannot move %s aside: %s\n", cmd, d->out, strerror(errno));
             rmdir(aside);
             goto out;
         }
@@ -300,4 +300,79 @@ int ds_cli_write_index(const char *dir, json_t *map, uint64_t total) {
     free(path);
     json_decref(root);
     return rc;
+}
+
+static int flag_long(const char *cmd, const char *flag, const char *arg, long lo, long hi,
+                     long *out) {
+    char *end;
+    errno = 0;
+    long v = strtol(arg, &end, 10);
+    if (!*arg || *end || errno || v < lo || v > hi) {
+        fprintf(stderr, "dsinfer %s: --%s '%s' must be an integer in %ld..%ld\n", cmd, flag, arg,
+                lo, hi);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+int ds_cli_engine_flag(int c, const char *arg, const char *cmd, ds_engine_params *p) {
+    long v = 0;
+    switch (c - DS_CLI_ENGINE_OPT) {
+    case 0:
+        if (flag_long(cmd, "max-num-seqs", arg, 1, 65536, &v)) return -1;
+        p->max_num_seqs = (int32_t)v;
+        return 1;
+    case 1:
+        if (flag_long(cmd, "max-num-batched-tokens", arg, 1, 1 << 20, &v)) return -1;
+        p->max_num_batched_tokens = (int32_t)v;
+        return 1;
+    case 2:
+        if (flag_long(cmd, "max-model-len", arg, 1, INT32_MAX, &v)) return -1;
+        p->max_model_len = (int32_t)v;
+        return 1;
+    case 3:
+        if (flag_long(cmd, "block-size", arg, 1, 4096, &v)) return -1;
+        p->block_size = (int32_t)v;
+        return 1;
+    case 4:
+        if (!ds_cli_parse_u64(arg, &p->kv_cache_memory, 1) || !p->kv_cache_memory) {
+            fprintf(stderr,
+                    "dsinfer %s: --kv-cache-memory '%s' must be a positive size such as "
+                    "8G or 512M\n",
+                    cmd, arg);
+            return -1;
+        }
+        return 1;
+    case 5: {
+        char *end;
+        double f = strtod(arg, &end);
+        if (!*arg || *end || !(f > 0 && f <= 1)) {
+            fprintf(stderr, "dsinfer %s: --memory-utilization '%s' must be in (0, 1]\n", cmd, arg);
+            return -1;
+        }
+        p->memory_utilization = f;
+        return 1;
+    }
+    case 6: {
+        ds_kv_dtype dt;
+        if (!strcmp(arg, "auto"))
+            dt = DS_KV_F32;
+        else if (ds_kv_dtype_parse(arg, &dt) != DS_OK) {
+            fprintf(stderr, "dsinfer %s: --kv-cache-dtype '%s' must be auto, f32, bf16 or f16\n",
+                    cmd, arg);
+            return -1;
+        }
+        p->kv_dtype = (int)dt;
+        return 1;
+    }
+    case 7:
+        p->prefix_caching = 1;
+        return 1;
+    case 8:
+        p->prefix_caching = 0;
+        return 1;
+    default:
+        return 0;
+    }
 }

@@ -15,29 +15,37 @@
 #include <string.h>
 
 static void usage(FILE *f) {
-    fprintf(f,
-            "usage: dsinfer generate [--model DIR] (--prompt-ids IDS | --prompt TEXT | --chat TEXT)\n"
-            "                        [--system TEXT] [--chat-template-format v3|r1|r1-0528]\n"
-            "                        [--output ids|text] [--max-tokens N] [--threads N] [--ignore-eos]\n"
-            "  --model DIR        checkpoint directory (default: the built-in demo model)\n"
-            "  --prompt-ids IDS   prompt token ids, e.g. 0,671,4787 (used exactly; no BOS added)\n"
-            "  --prompt TEXT      prompt text (BOS added when tokenizer_config.json says so)\n"
-            "  --chat TEXT        one user message, rendered with the model's chat template\n"
-            "  --system TEXT      a system prompt for --chat\n"
-            "  --chat-template-format F  use format F instead of detecting tokenizer_config's\n"
-            "  --output ids|text  what to print (default: ids for --prompt-ids, else text)\n"
-            "  --max-tokens N     tokens to generate (default 16)\n"
-            "  --threads N        worker threads (default: all CPUs)\n"
-            "  --ignore-eos       keep generating past the end-of-sequence token\n"
-            "Prints only the result on stdout; logs go to stderr.\n");
+    fprintf(
+        f,
+        "usage: dsinfer generate [--model DIR] (--prompt-ids IDS | --prompt TEXT | --chat TEXT)\n"
+        "                        [--system TEXT] [--chat-template-format v3|r1|r1-0528]\n"
+        "                        [--output ids|text] [--max-tokens N] [--threads N] "
+        "[--ignore-eos]\n"
+        "       dsinfer generate [--model DIR] --batch-file FILE [engine flags]\n"
+        "  --model DIR        checkpoint directory (default: the built-in demo model)\n"
+        "  --prompt-ids IDS   prompt token ids, e.g. 0,671,4787 (used exactly; no BOS added)\n"
+        "  --prompt TEXT      prompt text (BOS added when tokenizer_config.json says so)\n"
+        "  --chat TEXT        one user message, rendered with the model's chat template\n"
+        "  --system TEXT      a system prompt for --chat\n"
+        "  --chat-template-format F  use format F instead of detecting tokenizer_config's\n"
+        "  --output ids|text  what to print (default: ids for --prompt-ids, else text)\n"
+        "  --max-tokens N     tokens to generate (default 16)\n"
+        "  --threads N        worker threads (default: all CPUs)\n"
+        "  --ignore-eos       keep generating past the end-of-sequence token\n"
+        "  --batch-file FILE  one JSON request per line (prompt | prompt_ids | messages, and\n"
+        "                     OpenAI sampling fields) run through the serving engine at once;\n"
+        "                     one JSON result per line on stdout (docs/engine.md)\n"
+        "engine flags (--batch-file):\n" DS_CLI_ENGINE_HELP
+        "Prints only the result on stdout; logs go to stderr.\n");
 }
 
 typedef struct {
-    const char *model_dir, *ids, *prompt, *chat, *system, *chat_format;
+    const char *model_dir, *ids, *prompt, *chat, *system, *chat_format, *batch_file;
     int text_out; /* -1 until chosen */
     long max_tokens;
     int ignore_eos;
     ds_model_params mp;
+    ds_engine_params ep;
 } gen_opts;
 
 static int argmax(const float *x, int64_t n) {
@@ -54,7 +62,8 @@ static int render_chat(const gen_opts *o, const ds_tokenizer *t, ds_buf *text) {
                             : ds_chat_detect(ds_tok_chat_template(t), &f);
     if (rc) return rc;
     json_t *msgs = json_array();
-    if (o->system) json_array_append_new(msgs, json_pack("{s:s,s:s}", "role", "system", "content", o->system));
+    if (o->system)
+        json_array_append_new(msgs, json_pack("{s:s,s:s}", "role", "system", "content", o->system));
     json_array_append_new(msgs, json_pack("{s:s,s:s}", "role", "user", "content", o->chat));
     rc = ds_chat_render(f, ds_tok_bos_token(t), msgs, 1, text);
     json_decref(msgs);
@@ -66,7 +75,8 @@ static int prompt_ids(const gen_opts *o, const ds_tokenizer *t, int32_t **ids, i
     if (o->ids) return ds_cli_parse_ids(o->ids, ids, n) ? DS_ERR_ARG : DS_OK;
     ds_buf text = {0};
     int add_bos = 0, rc = DS_OK;
-    if (o->chat) rc = render_chat(o, t, &text);
+    if (o->chat)
+        rc = render_chat(o, t, &text);
     else {
         rc = ds_buf_append(&text, o->prompt, strlen(o->prompt));
         add_bos = ds_tok_add_bos(t);
@@ -146,7 +156,8 @@ static int run(const gen_opts *o) {
     }
     if (o->text_out) {
         ds_buf tail = {0};
-        if (!(rc = ds_detok_finish(&detok, &tail)) && tail.len) fwrite(tail.data, 1, tail.len, stdout);
+        if (!(rc = ds_detok_finish(&detok, &tail)) && tail.len)
+            fwrite(tail.data, 1, tail.len, stdout);
         ds_buf_free(&tail);
     }
     printf("\n");
@@ -165,26 +176,48 @@ out:
 }
 
 int ds_cmd_generate(int argc, char **argv) {
-    static const struct option opts[] = {
-        {"model", required_argument, 0, 'm'},       {"prompt-ids", required_argument, 0, 'p'},
-        {"prompt", required_argument, 0, 'P'},      {"chat", required_argument, 0, 'c'},
-        {"system", required_argument, 0, 's'},      {"chat-template-format", required_argument, 0, 'f'},
-        {"output", required_argument, 0, 'o'},      {"max-tokens", required_argument, 0, 'n'},
-        {"threads", required_argument, 0, 't'},     {"ignore-eos", no_argument, 0, 'e'},
-        {"help", no_argument, 0, 'h'},              {0, 0, 0, 0}};
-    gen_opts o = {.model_dir = ds_cli_default_model(), .text_out = -1, .max_tokens = 16,
-                  .mp = ds_model_default_params()};
+    static const struct option opts[] = {{"model", required_argument, 0, 'm'},
+                                         {"prompt-ids", required_argument, 0, 'p'},
+                                         {"prompt", required_argument, 0, 'P'},
+                                         {"chat", required_argument, 0, 'c'},
+                                         {"system", required_argument, 0, 's'},
+                                         {"chat-template-format", required_argument, 0, 'f'},
+                                         {"output", required_argument, 0, 'o'},
+                                         {"max-tokens", required_argument, 0, 'n'},
+                                         {"threads", required_argument, 0, 't'},
+                                         {"ignore-eos", no_argument, 0, 'e'},
+                                         {"batch-file", required_argument, 0, 'b'},
+                                         DS_CLI_ENGINE_OPTIONS,
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
+    gen_opts o = {.model_dir = ds_cli_default_model(),
+                  .text_out = -1,
+                  .max_tokens = 16,
+                  .mp = ds_model_default_params(),
+                  .ep = ds_engine_default_params()};
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         char *end = NULL;
         switch (c) {
-        case 'm': o.model_dir = optarg; break;
-        case 'p': o.ids = optarg; break;
-        case 'P': o.prompt = optarg; break;
-        case 'c': o.chat = optarg; break;
-        case 's': o.system = optarg; break;
-        case 'f': o.chat_format = optarg; break;
+        case 'm':
+            o.model_dir = optarg;
+            break;
+        case 'p':
+            o.ids = optarg;
+            break;
+        case 'P':
+            o.prompt = optarg;
+            break;
+        case 'c':
+            o.chat = optarg;
+            break;
+        case 's':
+            o.system = optarg;
+            break;
+        case 'f':
+            o.chat_format = optarg;
+            break;
         case 'o':
             if (strcmp(optarg, "ids") && strcmp(optarg, "text")) {
                 fprintf(stderr, "dsinfer generate: --output must be ids or text\n");
@@ -206,16 +239,38 @@ int ds_cmd_generate(int argc, char **argv) {
                 return 2;
             }
             break;
-        case 'e': o.ignore_eos = 1; break;
-        case 'h': usage(stdout); return 0;
-        default: usage(stderr); return 2;
+        case 'e':
+            o.ignore_eos = 1;
+            break;
+        case 'b':
+            o.batch_file = optarg;
+            break;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default: {
+            int r = ds_cli_engine_flag(c, optarg, "generate", &o.ep);
+            if (r == 1) break;
+            if (r == 0) usage(stderr);
+            return 2;
         }
+        }
+    }
+    if (o.batch_file) {
+        if (optind < argc || o.ids || o.prompt || o.chat || o.system) {
+            fprintf(stderr, "dsinfer generate: --batch-file takes the prompts from the file\n");
+            usage(stderr);
+            return 2;
+        }
+        return ds_cli_generate_batch(o.model_dir, o.batch_file, o.text_out != 0, &o.mp, &o.ep);
     }
     int sources = !!o.ids + !!o.prompt + !!o.chat;
     if (optind < argc || sources != 1 || (o.system && !o.chat)) {
         if (sources != 1)
-            fprintf(stderr, "dsinfer generate: give exactly one of --prompt-ids, --prompt, --chat\n");
-        else if (o.system) fprintf(stderr, "dsinfer generate: --system needs --chat\n");
+            fprintf(stderr,
+                    "dsinfer generate: give exactly one of --prompt-ids, --prompt, --chat\n");
+        else if (o.system)
+            fprintf(stderr, "dsinfer generate: --system needs --chat\n");
         usage(stderr);
         return 2;
     }

@@ -3,7 +3,10 @@
  *     official reference for every fixture prompt given as text;
  *   - --chat renders + tokenizes exactly like `chat-template` piped into `tokenize --no-bos`;
  *   - the text output is the detokenized id output;
- *   - stdout carries nothing but the result. */
+ *   - stdout carries nothing but the result;
+ *   - --batch-file runs every line through the engine at once: each golden prompt's greedy
+ *     continuation, a chat line equal to --chat, a seeded sampling line that repeats, and bad
+ *     lines that fail alone (with their message) and make the exit status 1. */
 #include "testutil.h"
 #include "io/io.h"
 
@@ -59,7 +62,8 @@ int main(void) {
         json_t *v;
         json_array_foreach(gt, j, v) {
             size_t l = strlen(want);
-            snprintf(want + l, sizeof want - l, "%s%lld", j ? "," : "", (long long)json_integer_value(v));
+            snprintf(want + l, sizeof want - l, "%s%lld", j ? "," : "",
+                     (long long)json_integer_value(v));
         }
         snprintf(cmd, sizeof cmd,
                  "'%s' generate --model '%s' --prompt '%s' --max-tokens %zu --ignore-eos "
@@ -124,6 +128,90 @@ int main(void) {
         free(b);
         free(ids);
     }
+
+    /* --batch-file: the golden prompts plus chat, seeded and bad lines, all at once */
+    char *tmp = ds_test_tmpdir();
+    char bpath[4200];
+    snprintf(bpath, sizeof bpath, "%s/batch.jsonl", tmp ? tmp : "/tmp");
+    FILE *bf = fopen(bpath, "w");
+    CHECK(bf != NULL);
+    json_t *want_lines = json_array(); /* golden token arrays, or null for the extra lines */
+    json_array_foreach(json_object_get(g, "prompts"), i, p) {
+        if (!json_is_true(json_object_get(p, "add_bos"))) continue;
+        json_t *line = json_pack("{s:O,s:i,s:b}", "prompt", json_object_get(p, "text"),
+                                 "max_tokens", 24, "ignore_eos", 1);
+        char *s1 = json_dumps(line, JSON_COMPACT);
+        if (bf && s1) fprintf(bf, "%s\n\n", s1); /* blank lines are skipped */
+        free(s1);
+        json_decref(line);
+        json_array_append(want_lines, json_object_get(json_object_get(p, "greedy"), "tokens"));
+    }
+    const size_t n_golden = json_array_size(want_lines);
+    if (bf) {
+        fprintf(bf, "{\"messages\": [{\"role\": \"system\", \"content\": \"Be brief.\"}, "
+                    "{\"role\": \"user\", \"content\": \"Hello, who are you?\"}], "
+                    "\"max_tokens\": 6, \"ignore_eos\": true}\n");
+        for (int k = 0; k < 2; k++)
+            fprintf(bf,
+                    "{\"prompt_ids\": [0, 671, 4787], \"max_tokens\": 12, \"temperature\": 1.3, "
+                    "\"seed\": -9223372036854775808, \"ignore_eos\": true}\n");
+        fprintf(bf, "{\"prompt\": \"x\", \"top_p\": 0}\nnot json\n");
+        fclose(bf);
+    }
+    snprintf(cmd, sizeof cmd,
+             "'%s' generate --model '%s' --batch-file '%s' --max-num-seqs 3 "
+             "--block-size 4 --max-num-batched-tokens 16 2>/dev/null",
+             DSINFER_BIN, model, bpath);
+    char *bout = run(cmd, &st);
+    CHECK_MSG(st == 1, "a batch with bad lines exits %d, want 1", st);
+    json_t *res = json_array();
+    for (char *l = bout ? strtok(bout, "\n") : NULL; l; l = strtok(NULL, "\n")) {
+        json_error_t err;
+        json_t *o = json_loads(l, 0, &err);
+        CHECK_MSG(o != NULL, "result line is not JSON: %s", l);
+        if (o) json_array_append_new(res, o);
+    }
+    CHECK_MSG(json_array_size(res) == n_golden + 5, "%zu result lines, want %zu",
+              json_array_size(res), n_golden + 5);
+    if (json_array_size(res) == n_golden + 5) {
+        for (size_t k = 0; k < n_golden; k++) {
+            json_t *o = json_array_get(res, k);
+            CHECK(json_integer_value(json_object_get(o, "index")) == (json_int_t)k);
+            CHECK_MSG(json_equal(json_object_get(o, "token_ids"), json_array_get(want_lines, k)),
+                      "batch line %zu differs from the golden greedy tokens", k);
+            CHECK(!strcmp(json_string_value(json_object_get(o, "finish_reason")), "length"));
+        }
+        json_t *chat = json_array_get(res, n_golden), *s1 = json_array_get(res, n_golden + 1),
+               *s2 = json_array_get(res, n_golden + 2);
+        snprintf(cmd, sizeof cmd,
+                 "'%s' generate --model '%s' --chat 'Hello, who are you?' --system 'Be brief.' "
+                 "--max-tokens 6 --ignore-eos --output ids 2>/dev/null",
+                 DSINFER_BIN, model);
+        char *chat_ids = run(cmd, &st);
+        char got[512] = "";
+        size_t k;
+        json_t *v;
+        json_array_foreach(json_object_get(chat, "token_ids"), k, v) {
+            size_t l = strlen(got);
+            snprintf(got + l, sizeof got - l, "%s%lld", k ? "," : "",
+                     (long long)json_integer_value(v));
+        }
+        if (chat_ids) chomp(chat_ids);
+        CHECK_MSG(chat_ids && !strcmp(chat_ids, got), "batch chat %s vs --chat %s", got, chat_ids);
+        free(chat_ids);
+        CHECK(json_array_size(json_object_get(s1, "token_ids")) == 12);
+        CHECK_MSG(json_equal(json_object_get(s1, "token_ids"), json_object_get(s2, "token_ids")),
+                  "the same seed gave different tokens");
+        json_t *bad1 = json_array_get(res, n_golden + 3), *bad2 = json_array_get(res, n_golden + 4);
+        CHECK(!strcmp(json_string_value(json_object_get(bad1, "finish_reason")), "error"));
+        CHECK(strstr(json_string_value(json_object_get(bad1, "error")), "top_p") != NULL);
+        CHECK(strstr(json_string_value(json_object_get(bad2, "error")), "invalid JSON") != NULL);
+    }
+    json_decref(res);
+    json_decref(want_lines);
+    free(bout);
+    if (tmp) ds_test_rmtree(tmp);
+    free(tmp);
 
     /* Usage errors exit 2 and print nothing on stdout. */
     snprintf(cmd, sizeof cmd, "'%s' generate --model '%s' --prompt x --chat y 2>/dev/null",
