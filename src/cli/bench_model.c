@@ -14,7 +14,10 @@
 
 static void usage(FILE *f) {
     fprintf(f, "usage: dsinfer bench-model [DIR] [--prompt-tokens N] [--decode-tokens N]\n"
-               "                           [--threads N] [--bandwidth-mib N]\n"
+               "                           [--threads N] [--bandwidth-mib N] [--batch B,B,...]\n"
+               "  --batch B,...  decode B sequences together (each after --prompt-tokens of\n"
+               "                 context, default 32 here) for --decode-tokens steps, against the\n"
+               "                 memory and compute limits measured in the same run\n"
                "  DIR defaults to the built-in demo model; make a comparable one with\n"
                "  dsinfer make-tiny DIR --preset medium\n");
 }
@@ -34,21 +37,40 @@ int ds_cmd_bench_model(int argc, char **argv) {
                                          {"decode-tokens", required_argument, 0, 'd'},
                                          {"threads", required_argument, 0, 't'},
                                          {"bandwidth-mib", required_argument, 0, 'b'},
+                                         {"batch", required_argument, 0, 'B'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     long n_prompt = 128, n_decode = 32, bw_mib = 1024;
+    int prompt_set = 0;
+    const char *batch = NULL;
     ds_model_params mp = ds_model_default_params();
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         long v = 0;
         switch (c) {
-        case 'p': v = n_prompt = parse_pos("--prompt-tokens", optarg, 1 << 20); break;
-        case 'd': v = n_decode = parse_pos("--decode-tokens", optarg, 1 << 20); break;
-        case 't': v = mp.n_threads = (int)parse_pos("--threads", optarg, 1024); break;
-        case 'b': v = bw_mib = parse_pos("--bandwidth-mib", optarg, 1 << 20); break;
-        case 'h': usage(stdout); return 0;
-        default: usage(stderr); return 2;
+        case 'p':
+            v = n_prompt = parse_pos("--prompt-tokens", optarg, 1 << 20);
+            prompt_set = 1;
+            break;
+        case 'B':
+            batch = optarg;
+            break;
+        case 'd':
+            v = n_decode = parse_pos("--decode-tokens", optarg, 1 << 20);
+            break;
+        case 't':
+            v = mp.n_threads = (int)parse_pos("--threads", optarg, 1024);
+            break;
+        case 'b':
+            v = bw_mib = parse_pos("--bandwidth-mib", optarg, 1 << 20);
+            break;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return 2;
         }
         if (v < 0) return 2;
     }
@@ -72,6 +94,26 @@ int ds_cmd_bench_model(int argc, char **argv) {
     ids = malloc((size_t)n_prompt * sizeof *ids);
     if (!logits || !ids) {
         ds_err_set(DS_ERR_NOMEM, "out of memory");
+        goto out;
+    }
+    if (batch) {
+        int32_t *bs = NULL;
+        int64_t nb = 0;
+        if (ds_cli_parse_ids(batch, &bs, &nb) || nb < 1 || nb > 64) {
+            free(bs);
+            ds_err_set(DS_ERR_ARG, "--batch '%s' must be 1 to 64 batch sizes such as 1,8,32",
+                       batch);
+            goto out;
+        }
+        int ok = 1;
+        for (int64_t i = 0; i < nb; i++) ok &= bs[i] >= 1 && bs[i] <= 4096;
+        if (!ok) ds_err_set(DS_ERR_ARG, "--batch sizes must be 1..4096");
+        if (ok)
+            printf("model            %s (%s, %d threads)\n", dir, ds_kernels_get()->name,
+                   ds_pool_size(pool));
+        if (ok && !ds_cli_bench_batch(m, bs, (int)nb, prompt_set ? n_prompt : 32, n_decode, bw))
+            status = 0;
+        free(bs);
         goto out;
     }
     uint64_t s = 12345; /* fixed prompt: runs stay comparable */

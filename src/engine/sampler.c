@@ -6,21 +6,22 @@
  * - Every filter keeps a prefix of one order. Sort the candidates by (processed logit desc, id
  *   asc): min_p keeps the values >= a threshold, top_k the values >= the k-th largest (ties
  *   kept, as vLLM's masked_fill does), top_p the shortest prefix holding enough mass, and the
- *   draw takes the first token whose running mass exceeds u * total. So min_p and top_k are two
- *   value thresholds (applying both keeps the values above the larger one: the set vLLM gets
- *   applying them one after the other), and top_p and the draw are "the prefix whose running sum
+ *   draw takes, among the kept tokens in id order, the first whose running mass exceeds
+ *   u * total (id order, not probability order: see the draw in run() for why). So min_p and
+ *   top_k are two value thresholds (applying both keeps the values above the larger one: the set
+ *   vLLM gets applying them one after the other), and top_p is "the prefix whose running sum
  *   reaches a target".
  * - The vocabulary is never sorted, and neither is most of the nucleus. One pass computes the
  *   mass of the kept tokens in a histogram over bins of x (width 1/4, so weights within a bin
- *   differ by less than e^0.25; the last bin open-ended). Bins are ranges of x, so in draw order
- *   bin b's tokens come after all of bin b-1's: the running mass at the end of each bin is just
- *   a prefix sum of the histogram. A target (u * total for the draw, top_p * total for the
- *   nucleus) therefore falls in a bin found without sorting anything, and only that one bin is
- *   collected (one pass) and sorted to walk the running sum to the exact token. A draw costs
- *   O(V) plus the sort of one bin, whatever the entropy: a flat distribution spreads its tokens
- *   over many bins (only logits equal to within 1/4 * T crowd one bin: then it sorts them). (The
- * running sums are the same masses added in another order than a sorted walk would; they differ by
- * rounding only.)
+ *   differ by less than e^0.25; the last bin open-ended). Bins are ranges of x, so in (x desc)
+ * order bin b's tokens come after all of bin b-1's: the running mass at the end of each bin is just
+ *   a prefix sum of the histogram. The top_p target (top_p * total) therefore falls in a bin
+ *   found without sorting anything, and only that one bin is collected (one pass) and sorted to
+ *   walk the running sum to the exact token. A call costs O(V) plus the sort of one bin, whatever
+ *   the entropy: a flat distribution spreads its tokens over many bins (only logits equal to
+ *   within 1/4 * T crowd one bin: then it sorts them); the draw itself is two passes in id
+ *   order. (The running sums are the same masses added in another order than a sorted walk
+ *   would; they differ by rounding only.)
  * - top_k's threshold, the k-th largest x, comes from a size-k min-heap filled during the
  *   temperature pass: one predictable compare per token, heap work only for the few that beat
  *   the current k-th (about k (1 + ln(V / k)) of them on logits in no particular order).
@@ -59,7 +60,7 @@ struct ds_sampler {
     uint8_t *in_prompt; /* (vocab) 1 for prompt tokens; all 0 between calls */
     int32_t *touched;   /* (vocab) the distinct ids counted or marked in this call */
     float *heap;        /* (vocab) top_k's min-heap of the k largest x */
-    cand *cand;         /* (vocab) one bin's kept tokens in draw order */
+    cand *cand;         /* (vocab) one bin's kept tokens, x desc then id */
     double *cum;        /* (vocab) running mass at each of them */
     /* per call */
     float thr;                /* a token is kept by min_p and top_k iff x >= thr */
@@ -211,7 +212,7 @@ int32_t ds_sampler_vocab(const ds_sampler *s) {
 
 /* ---- small sorting tools (no allocation; keys are unique, so any correct sort agrees) ------- */
 
-/* The draw order: x descending, then id ascending. */
+/* The nucleus order: x descending, then id ascending. */
 static inline int cand_before(cand a, cand b) {
     return a.x > b.x || (a.x == b.x && a.id < b.id);
 }
@@ -242,7 +243,7 @@ static void cand_heapsort(cand *a, int64_t n) {
     }
 }
 
-/* Introsort in draw order: quicksort (median of three), insertion sort for short ranges,
+/* Introsort in nucleus order: quicksort (median of three), insertion sort for short ranges,
  * heapsort once the recursion gets deeper than 2 log2 n. */
 static void cand_sort_rec(cand *a, int64_t n, int depth) {
     while (n > INSERTION_CUTOFF) {
@@ -416,13 +417,12 @@ static int prepare(ds_sampler *s, const float *logits, const ds_sampling_params 
     return DS_OK;
 }
 
-/* The first j in [lo, hi) with cum[j] >= target (> target when strict), or hi. cum is
- * non-decreasing, so a binary search. */
-static int64_t cum_search(const double *cum, int64_t lo, int64_t hi, double target, int strict) {
+/* The first j in [lo, hi) with cum[j] >= target, or hi. cum is non-decreasing, so a binary
+ * search. */
+static int64_t cum_search(const double *cum, int64_t lo, int64_t hi, double target) {
     while (lo < hi) {
         int64_t mid = lo + (hi - lo) / 2;
-        int ok = strict ? cum[mid] > target : cum[mid] >= target;
-        if (ok)
+        if (cum[mid] >= target)
             hi = mid;
         else
             lo = mid + 1;
@@ -430,7 +430,7 @@ static int64_t cum_search(const double *cum, int64_t lo, int64_t hi, double targ
     return lo;
 }
 
-/* Loads the kept tokens of bin b into cand[0, n) in draw order, with cum[j] = base + the mass
+/* Loads the kept tokens of bin b into cand[0, n) in nucleus order, with cum[j] = base + the mass
  * of cand[0..j]; returns n. One pass over the vocab and a sort of one bin. */
 static int64_t load_bin(ds_sampler *s, int b, double base) {
     const float *x = s->w;
@@ -452,20 +452,20 @@ static int64_t load_bin(ds_sampler *s, int b, double base) {
     return n;
 }
 
-/* The position, in draw order over the kept tokens, of the first token whose running mass
- * reaches target (>= target; > target when strict): its bin is loaded into cand and the index
- * within it returned, the bin in *bin. The bins before it are never sorted: their masses come
- * from the histogram. When rounding leaves every token short of the target, the last one. */
-static int64_t locate(ds_sampler *s, double target, int strict, int *bin) {
+/* The position, in (x desc, id asc) order over the kept tokens, of the first token whose
+ * running mass reaches target: its bin is loaded into cand and the index within it returned,
+ * the bin in *bin. The bins before it are never sorted: their masses come from the histogram.
+ * When rounding leaves every token short of the target, the last one. */
+static int64_t locate(ds_sampler *s, double target, int *bin) {
     int b = 0, last = 0;
     for (; b < NBINS; b++) {
         if (s->bin_mass[b] > 0) last = b;
-        if (strict ? s->prefix[b + 1] > target : s->prefix[b + 1] >= target) break;
+        if (s->prefix[b + 1] >= target) break;
     }
     if (b == NBINS) b = last;
     int64_t n = load_bin(s, b, s->prefix[b]);
     DS_ASSERT(n > 0); /* a bin with mass holds tokens: bin_of and load_bin agree on every float */
-    int64_t j = cum_search(s->cum, 0, n, target, strict);
+    int64_t j = cum_search(s->cum, 0, n, target);
     *bin = b;
     return j < n ? j : n - 1;
 }
@@ -584,7 +584,7 @@ static int run(ds_sampler *s, const float *logits, const ds_sampling_params *p,
     int64_t jp = -1;
     double Zk = Z;
     if (p->top_p < 1.0f) {
-        jp = locate(s, (double)p->top_p * Z, 0, &bp);
+        jp = locate(s, (double)p->top_p * Z, &bp);
         Zk = s->cum[jp];
     }
 
@@ -600,17 +600,32 @@ static int run(ds_sampler *s, const float *logits, const ds_sampling_params *p,
         }
     }
     if (res) {
-        /* inverse CDF in draw order: the first token whose running mass exceeds u * Zk */
-        double target = ds_sampler_uniform(p->seed, (uint64_t)n_output) * Zk;
-        int64_t j;
-        int b;
-        if (bp >= 0 && target >= s->prefix[bp]) { /* in the nucleus' last bin, already loaded */
-            j = cum_search(s->cum, 0, jp + 1, target, 1);
-            if (j > jp) j = jp;
-        } else {
-            j = locate(s, target, 1, &b);
+        /* inverse CDF over the kept tokens in id order: the first whose running mass exceeds
+         * u * (their total). Not in probability order: two nearly equal probabilities swap places
+         * under the round-off of a different batch (another matmul path), and in a flat
+         * distribution that reorders everything after them; in id order such round-off moves
+         * the running sums by about itself, so the same seed draws the same token alone or
+         * batched except when u lands within round-off of a boundary. */
+        const cand last = bp >= 0 ? s->cand[jp] : (cand){0, 0};
+        double *e = s->cum; /* the kept weights by id; cum is free once top_p is settled */
+        double tot = 0;
+        for (int32_t i = 0; i < V; i++) {
+            float x = w[i];
+            int b = bin_of(x);
+            int kept = x >= thr && (bp < 0 || b < bp ||
+                                    (b == bp && (x > last.x || (x == last.x && i <= last.id))));
+            e[i] = kept ? (double)expf(x) : 0.0;
+            tot += e[i];
         }
-        res->token = s->cand[j].id;
+        double target = ds_sampler_uniform(p->seed, (uint64_t)n_output) * tot, run_mass = 0;
+        int32_t tok = am; /* the max token is always kept: the fallback if round-off runs out */
+        for (int32_t i = 0; i < V; i++) {
+            if (e[i] == 0) continue;
+            tok = i;
+            run_mass += e[i];
+            if (run_mass > target) break;
+        }
+        res->token = tok;
         if (p->logprobs >= 0) {
             /* untouched logits at T = 1 with nothing cut: Z already is the raw normalizer */
             double lse = (!modified && T == 1.0f && thr == -FLT_MAX) ? (double)m + log(Z) : NAN;

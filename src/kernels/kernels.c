@@ -98,6 +98,8 @@ static void complete(ds_kernels *dst, const ds_kernels *src) {
     if (!dst->fp8_to_f32) dst->fp8_to_f32 = s->fp8_to_f32;
     if (!dst->i8_to_f32) dst->i8_to_f32 = s->i8_to_f32;
     if (!dst->i4_to_f32) dst->i4_to_f32 = s->i4_to_f32;
+    if (!dst->absmax_f32) dst->absmax_f32 = s->absmax_f32;
+    if (!dst->quantize_i8) dst->quantize_i8 = s->quantize_i8;
     if (!dst->dot_f32) dst->dot_f32 = s->dot_f32;
     if (!dst->dot4_f32) dst->dot4_f32 = s->dot4_f32;
     if (!dst->axpy_f32) dst->axpy_f32 = s->axpy_f32;
@@ -112,6 +114,8 @@ static void complete(ds_kernels *dst, const ds_kernels *src) {
     if (!dst->pack16_i8) dst->pack16_i8 = s->pack16_i8;
     if (!dst->pack16_i4) dst->pack16_i4 = s->pack16_i4;
     if (!dst->gemm16x8_i8) dst->gemm16x8_i8 = s->gemm16x8_i8;
+    if (!dst->pack16_f32) dst->pack16_f32 = s->pack16_f32;
+    if (!dst->gemm16x8_f32) dst->gemm16x8_f32 = s->gemm16x8_f32;
 }
 
 static void detect(void) {

@@ -28,6 +28,11 @@ typedef struct ds_kernels {
      * even column, n logical columns) */
     void (*i8_to_f32)(float *dst, const int8_t *src, size_t n, float scale);
     void (*i4_to_f32)(float *dst, const uint8_t *src, size_t n, float scale);
+    /* max_i |x[i]|, NaNs skipped (0 for n = 0) */
+    float (*absmax_f32)(const float *x, size_t n);
+    /* q[i] = round-half-even(x[i] / s) clamped to [-127, 127], NaN -> 0 (the IEEE division, so
+     * every table gives the same bytes): ds_quantize_row_i8's second pass */
+    void (*quantize_i8)(const float *x, size_t n, float s, int8_t *q);
     /* sum_i a[i] * b[i] */
     float (*dot_f32)(const float *a, const float *b, size_t n);
     /* out[r] = sum_i x[i] * w[r][i] for r in 0..3: one pass over x feeds four rows */
@@ -92,6 +97,14 @@ typedef struct ds_kernels {
      * (sw: [blocks][16] row scales), and out[16 t + r] = acc. Every table gives the same floats. */
     void (*gemm16x8_i8)(const uint8_t *panel, size_t n, size_t block, const int8_t *const x[8],
                         const int32_t *const xoff[8], const float *sw, float out[128]);
+    /* The float GEMM of prefill and batched decode (F32 / BF16 / F16 / FP8 weights, converted
+     * to f32 rows first): pack16_f32 lays 16 rows of n floats out as a panel [n][16] (column i
+     * of row r at panel[16 i + r]); gemm16x8_f32 gives, for eight tokens x[t] (n floats each),
+     *   out[16 t + r] = sum_i panel[16 i + r] * x[t][i]
+     * accumulated in column order from 0 with one fused multiply-add per term (fmaf), so every
+     * table gives the same floats. */
+    void (*pack16_f32)(float *panel, const float *const rows[16], size_t n);
+    void (*gemm16x8_f32)(const float *panel, size_t n, const float *const x[8], float out[128]);
 } ds_kernels;
 
 /* The table for this machine, selected on first call (thread-safe). */

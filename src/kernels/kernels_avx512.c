@@ -596,6 +596,29 @@ static void gemm16x8_i8_avx512(const uint8_t *panel, size_t n, size_t block,
     for (int t = 0; t < 8; t++) _mm512_storeu_ps(out + 16 * t, f[t]);
 }
 
+static float absmax_f32_avx512(const float *x, size_t n) {
+    const __m512 abs = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    __m512 m = _mm512_setzero_ps();
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) /* max_ps(a, m) returns m when a is NaN: NaNs are skipped */
+        m = _mm512_max_ps(_mm512_and_ps(_mm512_loadu_ps(x + i), abs), m);
+    if (i < n)
+        m = _mm512_max_ps(_mm512_and_ps(_mm512_maskz_loadu_ps(tail16(n - i), x + i), abs), m);
+    return _mm512_reduce_max_ps(m);
+}
+
+static void quantize_i8_avx512(const float *x, size_t n, float s, int8_t *q) {
+    const __m512 vs = _mm512_set1_ps(s), hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
+    for (size_t i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : tail16(n - i);
+        __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(m, x + i), vs);
+        v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __mmask16 ok = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q); /* NaN -> 0 */
+        v = _mm512_maskz_mov_ps(ok, _mm512_max_ps(_mm512_min_ps(v, hi), lo));
+        _mm_mask_storeu_epi8(q + i, m, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+    }
+}
+
 static void i8_to_f32_avx512(float *dst, const int8_t *src, size_t n, float scale) {
     const __m512 vs = _mm512_set1_ps(scale);
     size_t i = 0;
@@ -633,11 +656,58 @@ static void i4_to_f32_avx512(float *dst, const uint8_t *src, size_t n, float sca
     for (; i < n; i++) dst[i] = (float)ds_i4_get(src, i) * scale;
 }
 
+/* 16 columns of 16 rows per step through the same dword transpose as the int8 panels; the
+ * tail column by column. */
+static void pack16_f32_avx512(float *panel, const float *const rows[16], size_t n) {
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512i r[16];
+#pragma GCC unroll 16
+        for (int k = 0; k < 16; k++) r[k] = _mm512_castps_si512(_mm512_loadu_ps(rows[k] + i));
+        transpose16_epi32(r);
+#pragma GCC unroll 16
+        for (int k = 0; k < 16; k++) _mm512_storeu_si512(panel + 16 * (i + (size_t)k), r[k]);
+    }
+    for (; i < n; i++)
+        for (size_t k = 0; k < 16; k++) panel[16 * i + k] = rows[k][i];
+}
+
+/* Per column: one panel load (16 rows) and eight FMAs with the tokens' values broadcast from
+ * memory; eight independent accumulators hide the FMA latency. noinline for the same gcc
+ * register-allocation reason as gemm_block8_avx512. */
+static __attribute__((noinline)) void gemm16x8_f32_avx512(const float *panel, size_t n,
+                                                          const float *const x[8], float out[128]) {
+    const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
+    const float *x4 = x[4], *x5 = x[5], *x6 = x[6], *x7 = x[7];
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (size_t i = 0; i < n; i++) {
+        const __m512 p = _mm512_loadu_ps(panel + 16 * i);
+        a0 = _mm512_fmadd_ps(p, _mm512_set1_ps(x0[i]), a0);
+        a1 = _mm512_fmadd_ps(p, _mm512_set1_ps(x1[i]), a1);
+        a2 = _mm512_fmadd_ps(p, _mm512_set1_ps(x2[i]), a2);
+        a3 = _mm512_fmadd_ps(p, _mm512_set1_ps(x3[i]), a3);
+        a4 = _mm512_fmadd_ps(p, _mm512_set1_ps(x4[i]), a4);
+        a5 = _mm512_fmadd_ps(p, _mm512_set1_ps(x5[i]), a5);
+        a6 = _mm512_fmadd_ps(p, _mm512_set1_ps(x6[i]), a6);
+        a7 = _mm512_fmadd_ps(p, _mm512_set1_ps(x7[i]), a7);
+    }
+    _mm512_storeu_ps(out, a0);
+    _mm512_storeu_ps(out + 16, a1);
+    _mm512_storeu_ps(out + 32, a2);
+    _mm512_storeu_ps(out + 48, a3);
+    _mm512_storeu_ps(out + 64, a4);
+    _mm512_storeu_ps(out + 80, a5);
+    _mm512_storeu_ps(out + 96, a6);
+    _mm512_storeu_ps(out + 112, a7);
+}
+
 static const ds_kernels avx512_table = {
     .name = "avx512",
     .bf16_to_f32 = bf16_to_f32_avx512,
     .f16_to_f32 = f16_to_f32_avx512,
     .fp8_to_f32 = fp8_to_f32_avx512,
+    .absmax_f32 = absmax_f32_avx512,
+    .quantize_i8 = quantize_i8_avx512,
     .i8_to_f32 = i8_to_f32_avx512,
     .i4_to_f32 = i4_to_f32_avx512,
     .dot_f32 = dot_f32_avx512,
@@ -654,6 +724,8 @@ static const ds_kernels avx512_table = {
     .pack16_i8 = pack16_i8_avx512,
     .pack16_i4 = pack16_i4_avx512,
     .gemm16x8_i8 = gemm16x8_i8_avx512,
+    .pack16_f32 = pack16_f32_avx512,
+    .gemm16x8_f32 = gemm16x8_f32_avx512,
 };
 
 const ds_kernels *ds_kernels_avx512_table(void) {

@@ -254,6 +254,25 @@ static void gemm16x8_i8_scalar(const uint8_t *panel, size_t n, size_t block,
         }
 }
 
+static float absmax_f32_scalar(const float *x, size_t n) {
+    float amax = 0.0f;
+    for (size_t i = 0; i < n; i++) {
+        float a = fabsf(ld_f32(x, i));
+        if (a > amax) amax = a;
+    }
+    return amax;
+}
+
+static void quantize_i8_scalar(const float *x, size_t n, float s, int8_t *q) {
+    for (size_t i = 0; i < n; i++) {
+        float v = nearbyintf(ld_f32(x, i) / s);
+        if (v > 127.0f) v = 127.0f;
+        if (v < -127.0f) v = -127.0f;
+        if (v != v) v = 0.0f; /* NaN: converting it would be undefined */
+        q[i] = (int8_t)v;
+    }
+}
+
 static void i8_to_f32_scalar(float *dst, const int8_t *src, size_t n, float scale) {
     for (size_t i = 0; i < n; i++) dst[i] = (float)src[i] * scale;
 }
@@ -262,11 +281,28 @@ static void i4_to_f32_scalar(float *dst, const uint8_t *src, size_t n, float sca
     for (size_t i = 0; i < n; i++) dst[i] = (float)ds_i4_get(src, i) * scale;
 }
 
+static void pack16_f32_scalar(float *panel, const float *const rows[16], size_t n) {
+    for (size_t i = 0; i < n; i++)
+        for (size_t r = 0; r < 16; r++) panel[16 * i + r] = ld_f32(rows[r], i);
+}
+
+static void gemm16x8_f32_scalar(const float *panel, size_t n, const float *const x[8],
+                                float out[128]) {
+    for (size_t t = 0; t < 8; t++)
+        for (size_t r = 0; r < 16; r++) {
+            float acc = 0;
+            for (size_t i = 0; i < n; i++) acc = fmaf(panel[16 * i + r], ld_f32(x[t], i), acc);
+            out[16 * t + r] = acc;
+        }
+}
+
 static const ds_kernels scalar_table = {
     .name = "scalar",
     .bf16_to_f32 = bf16_to_f32_scalar,
     .f16_to_f32 = f16_to_f32_scalar,
     .fp8_to_f32 = fp8_to_f32_scalar,
+    .absmax_f32 = absmax_f32_scalar,
+    .quantize_i8 = quantize_i8_scalar,
     .i8_to_f32 = i8_to_f32_scalar,
     .i4_to_f32 = i4_to_f32_scalar,
     .dot_f32 = dot_f32_scalar,
@@ -283,6 +319,8 @@ static const ds_kernels scalar_table = {
     .pack16_i8 = pack16_i8_scalar,
     .pack16_i4 = pack16_i4_scalar,
     .gemm16x8_i8 = gemm16x8_i8_scalar,
+    .pack16_f32 = pack16_f32_scalar,
+    .gemm16x8_f32 = gemm16x8_f32_scalar,
 };
 
 const ds_kernels *ds_kernels_scalar(void) {

@@ -534,6 +534,68 @@ static void matmul_i8_thread(void *arg, int thread, int n_threads) {
     free(part);
 }
 
+/* ---- the float GEMM path (F32 / BF16 / F16 / FP8 weights, more than MM_FUSED_MAX_TOK tokens)
+ *
+ * The tiled path's dot4 keeps one row x token dot per register and reduces it per tile; here, as
+ * in the int8 GEMM below, sixteen rows share a register: each thread takes whole 16-row panels,
+ * converts MM_FGEMM_K columns of them to f32 (row_part, exactly the tiled path's conversion:
+ * fp8 x scale rounded once), transposes them into a panel [column][16 rows], and every eight
+ * tokens pass over it with one FMA per column and token (gemm16x8_f32): 8 FMAs per 64-byte load
+ * instead of dot4's 4 FMAs per 4 loads. Partial sums of the column chunks add into y in order.
+ * Tables without this kernel (AVX2, NEON) keep the tiled path. */
+#define MM_FGEMM_K 1024
+
+static int fgemm_native(const ds_kernels *k) {
+    const ds_kernels *s = ds_kernels_scalar();
+    return strcmp(k->name, s->name) == 0 || k->gemm16x8_f32 != s->gemm16x8_f32;
+}
+
+static void matmul_fgemm_thread(void *arg, int thread, int n_threads) {
+    const matmul_ctx *c = arg;
+    const ds_mat *w = c->w;
+    const ds_kernels *k = c->k;
+    const size_t cols = (size_t)w->cols, rows = (size_t)w->rows, n_tok = (size_t)c->n_tok;
+    size_t p_lo, p_hi;
+    ds_split_range((rows + 15) / 16, thread, n_threads, &p_lo, &p_hi);
+    if (p_lo >= p_hi) return;
+    float *rowbuf = malloc(16 * MM_FGEMM_K * sizeof(float)); /* [16][MM_FGEMM_K] */
+    float *pan = malloc(16 * MM_FGEMM_K * sizeof(float));    /* [MM_FGEMM_K][16] */
+    DS_ASSERT(rowbuf && pan);
+    for (size_t p = p_lo; p < p_hi; p++) {
+        const size_t r0 = 16 * p, nr = rows - r0 < 16 ? rows - r0 : 16;
+        for (size_t k0 = 0; k0 < cols; k0 += MM_FGEMM_K) {
+            const size_t nc = cols - k0 < MM_FGEMM_K ? cols - k0 : MM_FGEMM_K;
+            const float *rp[16];
+            for (size_t j = 0; j < 16; j++) { /* a tail panel repeats row r0; dropped */
+                size_t r = r0 + (j < nr ? j : 0);
+                if (w->dtype == DS_F32) {
+                    rp[j] = (const float *)w->data + r * cols + k0;
+                } else if (j < nr) {
+                    row_part(k, w, (int64_t)r, (int64_t)k0, (int64_t)nc, rowbuf + j * MM_FGEMM_K);
+                    rp[j] = rowbuf + j * MM_FGEMM_K;
+                } else {
+                    rp[j] = rp[0];
+                }
+            }
+            k->pack16_f32(pan, rp, nc);
+            for (size_t t0 = 0; t0 < n_tok; t0 += 8) {
+                const size_t nt = n_tok - t0 < 8 ? n_tok - t0 : 8;
+                const float *xs[8];
+                for (size_t j = 0; j < 8; j++) xs[j] = c->x + (t0 + (j < nt ? j : 0)) * cols + k0;
+                float out[128];
+                k->gemm16x8_f32(pan, nc, xs, out);
+                for (size_t j = 0; j < nt; j++) {
+                    float *yr = c->y + (t0 + j) * rows + r0;
+                    for (size_t r = 0; r < nr; r++)
+                        yr[r] = k0 ? yr[r] + out[16 * j + r] : out[16 * j + r];
+                }
+            }
+        }
+    }
+    free(rowbuf);
+    free(pan);
+}
+
 /* ---- the GEMM path (DS_I8 with MM_GEMM_MIN_TOK tokens or more) ----
  *
  * Prefill and batched decode multiply many tokens by the same weights, so the work is compute
@@ -583,8 +645,8 @@ static void matmul_gemm_thread(void *arg, int thread, int n_threads) {
     ds_split_range((rows + 15) / 16, thread, n_threads, &p_lo, &p_hi);
     if (p_lo >= p_hi) return;
     if (gp > p_hi - p_lo) gp = p_hi - p_lo;
-    uint8_t *pan = ds_alloc(gp * pbytes);               /* [gp][groups][16][4] */
-    float *sw = ds_alloc(gp * nb * 16 * sizeof(float)); /* [gp][nb][16] */
+    uint8_t *pan = malloc(gp * pbytes);               /* [gp][groups][16][4] */
+    float *sw = malloc(gp * nb * 16 * sizeof(float)); /* [gp][nb][16] */
     DS_ASSERT(pan && sw);
     const unsigned char *data = w->data;
     for (size_t p0 = p_lo; p0 < p_hi; p0 += gp) {
@@ -625,8 +687,8 @@ static void matmul_gemm_thread(void *arg, int thread, int n_threads) {
             }
         }
     }
-    ds_free(pan);
-    ds_free(sw);
+    free(pan);
+    free(sw);
 }
 
 /* off * the sum of q over each block of kblock columns in [c0, c0 + len), into dst; returns the
@@ -642,6 +704,42 @@ static size_t block_offsets(const int8_t *q, size_t c0, size_t len, size_t kbloc
     return nb;
 }
 
+enum { PREP_NONE, PREP_GEMM, PREP_I4 };
+
+/* What ds_matmul prepares per token before the DS_I8 matmul proper. */
+typedef struct {
+    matmul_ctx *c;
+    int mode;   /* PREP_*: GEMM block offsets, or dot4_i4's split x and piece offsets */
+    i8_plan pl; /* PREP_I4 */
+    size_t np;  /* offsets per token: GEMM blocks or dot4_i4 pieces */
+} prep_ctx;
+
+/* Quantizes tokens of this slice (zero padding to ldq) and adds what the path needs. */
+static void prep_task(void *arg, int slice, int n_slices) {
+    prep_ctx *pc = arg;
+    matmul_ctx *c = pc->c;
+    const ds_mat *w = c->w;
+    const size_t cols = (size_t)w->cols, ldq = c->ldq;
+    size_t t0, t1;
+    ds_split_range((size_t)c->n_tok, slice, n_slices, &t0, &t1);
+    int8_t *q = (int8_t *)c->q;
+    for (size_t t = t0; t < t1; t++) {
+        int8_t *qt = q + t * ldq;
+        ds_quantize_row_i8(c->x + t * cols, w->cols, qt, (float *)c->sx + t);
+        memset(qt + cols, 0, ldq - cols);
+        int32_t *xo = (int32_t *)c->xoff + t * pc->np;
+        if (pc->mode == PREP_GEMM) {
+            block_offsets(qt, 0, cols, i8_block(w), w->int4 ? 8 : 128, xo);
+        } else if (pc->mode == PREP_I4) {
+            ds_i4_split(qt, cols, pc->pl.bc, (int8_t *)c->xs + t * ldq);
+            for (size_t c0 = 0, nc, i = 0; c0 < cols; c0 += nc) {
+                nc = i8_call_cols(w, &pc->pl, c0);
+                i += block_offsets(qt, c0, nc, pc->pl.kblock, 8, xo + i);
+            }
+        }
+    }
+}
+
 void ds_matmul(ds_pool *pool, float *y, const float *x, int64_t n_tok, const ds_mat *w) {
     check_mat(w);
     DS_ASSERT(n_tok >= 0);
@@ -655,47 +753,38 @@ void ds_matmul(ds_pool *pool, float *y, const float *x, int64_t n_tok, const ds_
     matmul_ctx c = {ds_kernels_get(), w, y, x, n_tok, NULL, 0, NULL, NULL, NULL, 0};
     if (w->dtype == DS_I8) {
         /* the activations of each token quantized once per call (owned here), rows padded with
-         * zeros to whole 4-column groups */
+         * zeros to whole 4-column groups, with what the chosen path needs beside them */
         const size_t cols = (size_t)w->cols, ldq = (cols + 3) / 4 * 4, blk = i8_block(w);
-        int8_t *q = calloc((size_t)n_tok, ldq);
+        prep_ctx pc = {&c, 0, {0}, 0};
+        ds_pool_fn fn = matmul_i8_thread;
+        if (n_tok >= MM_GEMM_MIN_TOK && (blk == cols || blk % 4 == 0) && gemm_native(c.k)) {
+            pc.mode = PREP_GEMM;
+            pc.np = (cols + blk - 1) / blk;
+            fn = matmul_gemm_thread;
+        } else if (w->int4) { /* dot4_i4: split x and the offsets of the kernel's blocks */
+            pc.mode = PREP_I4;
+            pc.pl = i8_plan_for(w, (size_t)n_tok);
+            for (size_t c0 = 0, nc; c0 < cols; c0 += nc) {
+                nc = i8_call_cols(w, &pc.pl, c0);
+                pc.np += (nc + pc.pl.kblock - 1) / pc.pl.kblock;
+            }
+        }
+        int8_t *q = malloc((size_t)n_tok * ldq);
         float *sx = malloc((size_t)n_tok * sizeof(float));
-        DS_ASSERT(q && sx);
-        for (int64_t t = 0; t < n_tok; t++)
-            ds_quantize_row_i8(x + (size_t)t * cols, w->cols, q + (size_t)t * ldq, sx + t);
+        int32_t *xoff = pc.mode ? malloc((size_t)n_tok * pc.np * sizeof(int32_t)) : NULL;
+        int8_t *xs = pc.mode == PREP_I4 ? malloc((size_t)n_tok * ldq) : NULL;
+        DS_ASSERT(q && sx && (!pc.mode || xoff) && (pc.mode != PREP_I4 || xs));
         c.q = q;
         c.ldq = ldq;
         c.sx = sx;
-        ds_pool_fn fn = matmul_i8_thread;
-        int32_t *xoff = NULL;
-        int8_t *xs = NULL;
-        if (n_tok >= MM_GEMM_MIN_TOK && (blk == cols || blk % 4 == 0) && gemm_native(c.k)) {
-            const size_t nb = (cols + blk - 1) / blk;
-            xoff = malloc((size_t)n_tok * nb * sizeof(int32_t));
-            DS_ASSERT(xoff);
-            for (size_t t = 0; t < (size_t)n_tok; t++)
-                block_offsets(q + t * ldq, 0, cols, blk, w->int4 ? 8 : 128, xoff + t * nb);
-            fn = matmul_gemm_thread;
-        } else if (w->int4) { /* dot4_i4: split x and the offsets of the kernel's blocks */
-            const i8_plan pl = i8_plan_for(w, (size_t)n_tok);
-            size_t np = 0;
-            for (size_t c0 = 0, nc; c0 < cols; c0 += nc) {
-                nc = i8_call_cols(w, &pl, c0);
-                np += (nc + pl.kblock - 1) / pl.kblock;
-            }
-            xs = malloc((size_t)n_tok * ldq);
-            xoff = malloc((size_t)n_tok * np * sizeof(int32_t));
-            DS_ASSERT(xs && xoff);
-            for (size_t t = 0; t < (size_t)n_tok; t++) {
-                ds_i4_split(q + t * ldq, cols, pl.bc, xs + t * ldq);
-                for (size_t c0 = 0, nc, i = 0; c0 < cols; c0 += nc) {
-                    nc = i8_call_cols(w, &pl, c0);
-                    i += block_offsets(q + t * ldq, c0, nc, pl.kblock, 8, xoff + t * np + i);
-                }
-            }
-            c.xs = xs;
-            c.n_pieces = np;
-        }
         c.xoff = xoff;
+        c.xs = xs;
+        c.n_pieces = pc.np;
+        /* per-token preparation on the pool when there are tokens enough to share */
+        if (pool && ds_pool_size(pool) > 1 && n_tok >= 2 * ds_pool_size(pool))
+            ds_pool_run(pool, prep_task, &pc);
+        else
+            prep_task(&pc, 0, 1);
         if (pool && ds_pool_size(pool) > 1)
             ds_pool_run(pool, fn, &c);
         else
@@ -710,6 +799,8 @@ void ds_matmul(ds_pool *pool, float *y, const float *x, int64_t n_tok, const ds_
     ds_pool_fn fn = matmul_thread;
     if (w->dtype != DS_F32 && n_tok <= MM_FUSED_MAX_TOK && fused_native(c.k, w->dtype))
         fn = matmul_fused_thread;
+    else if (n_tok > MM_FUSED_MAX_TOK && fgemm_native(c.k))
+        fn = matmul_fgemm_thread;
     if (pool && ds_pool_size(pool) > 1)
         ds_pool_run(pool, fn, &c);
     else

@@ -52,20 +52,11 @@ void ds_swiglu(float *a, const float *b, int64_t n) {
  * element may come out a hair above 127, and the clamp keeps every q in [-127, 127]. */
 void ds_quantize_row_i8(const float *x, int64_t n, int8_t *q, float *scale) {
     DS_ASSERT(n >= 0 && (n == 0 || (x && q)) && scale);
-    float amax = 0.0f;
-    for (int64_t i = 0; i < n; i++) {
-        float a = fabsf(x[i]);
-        if (a > amax) amax = a;
-    }
+    const ds_kernels *k = ds_kernels_get();
+    float amax = k->absmax_f32(x, (size_t)n);
     float s = amax > 0.0f ? amax / 127.0f : 1.0f;
     *scale = s;
-    for (int64_t i = 0; i < n; i++) {
-        float v = nearbyintf(x[i] / s);
-        if (v > 127.0f) v = 127.0f;
-        if (v < -127.0f) v = -127.0f;
-        if (v != v) v = 0.0f; /* NaN: converting it would be undefined */
-        q[i] = (int8_t)v;
-    }
+    k->quantize_i8(x, (size_t)n, s, q);
 }
 
 /* ---- bandwidth probe ----

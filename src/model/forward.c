@@ -123,6 +123,16 @@ static void rmsnorm_rows(float *x, const float *w, int64_t rows, int64_t n, int6
     for (int64_t t = 0; t < rows; t++) ds_rmsnorm(x + t * stride, x + t * stride, w, n, eps);
 }
 
+/* ds_matmul with the step's cost counted: the matrix's bytes (read once per call, whatever
+ * the token count) and its multiply-adds, by weight kind. */
+static void mm(ds_model *m, float *y, const float *x, int64_t n, const ds_mat *w) {
+    ds_matmul(m->pool, y, x, n, w);
+    m->cost.weight_bytes += ds_mat_bytes(w);
+    uint64_t macs = (uint64_t)w->rows * (uint64_t)w->cols * (uint64_t)n;
+    if (w->dtype == DS_I8) m->cost.macs_int += macs;
+    else m->cost.macs_float += macs;
+}
+
 /* ---- MLA ---- */
 
 typedef struct {
@@ -154,13 +164,16 @@ static void absorb_q_task(void *arg, int thread, int n_threads) {
     size_t h0, h1;
     ds_split_range((size_t)H, thread, n_threads, &h0, &h1);
     for (int64_t h = (int64_t)h0; h < (int64_t)h1; h++) {
-        for (int64_t t = 0; t < a->n; t++)
-            memset(a->b->q_abs + (t * H + h) * R, 0, (size_t)R * sizeof(float));
         for (int64_t d = 0; d < dn; d++) {
             ds_mat_row_f32(&a->L->kv_b, h * rows_per_head + d, row);
-            for (int64_t t = 0; t < a->n; t++)
-                k->axpy_f32(a->b->q_abs + (t * H + h) * R, a->b->q[(t * H + h) * qk + d], row,
-                            (size_t)R);
+            for (int64_t t = 0; t < a->n; t++) {
+                float *qa = a->b->q_abs + (t * H + h) * R, qd = a->b->q[(t * H + h) * qk + d];
+                if (d) {
+                    k->axpy_f32(qa, qd, row, (size_t)R);
+                } else { /* the first row writes what axpy would add to zeros */
+                    for (int64_t i = 0; i < R; i++) qa[i] = qd * row[i];
+                }
+            }
         }
     }
 }
@@ -251,13 +264,13 @@ static void attention(ds_model *m, const ds_layer *L, int64_t l, ds_kv_cache *kv
     int64_t H = c->n_heads, R = c->kv_lora_rank, dr = c->qk_rope_head_dim;
     int64_t qk = c->qk_nope_head_dim + dr;
     if (c->q_lora_rank) {
-        ds_matmul(m->pool, b->qa, b->h, n, &L->q_a);
+        mm(m, b->qa, b->h, n, &L->q_a);
         rmsnorm_rows(b->qa, L->q_a_norm, n, c->q_lora_rank, c->q_lora_rank, c->rms_norm_eps);
-        ds_matmul(m->pool, b->q, b->qa, n, &L->q_b);
+        mm(m, b->q, b->qa, n, &L->q_b);
     } else {
-        ds_matmul(m->pool, b->q, b->h, n, &L->q_b);
+        mm(m, b->q, b->h, n, &L->q_b);
     }
-    ds_matmul(m->pool, b->kv, b->h, n, &L->kv_a);
+    mm(m, b->kv, b->h, n, &L->kv_a);
     float cs[DS_MAX_ROPE_DIM], pe[DS_MAX_ROPE_DIM];
     float *lat = b->thread_buf + row_off; /* thread 0's row: free until the tasks run */
     for (int64_t t = 0; t < n; t++) {
@@ -273,20 +286,29 @@ static void attention(ds_model *m, const ds_layer *L, int64_t l, ds_kv_cache *kv
             ds_rope_rotate(b->q + (t * H + h) * qk + c->qk_nope_head_dim, cs, dr);
     }
     attn_ctx a = {m, L, kv, b, bt, i0, n, l, row_off};
+    /* cost: kv_b read once (rows dequantised per call), per token and head the absorptions
+     * (nope + v rows of kv_lora_rank) and, per attended position, scores and weighted sums */
+    m->cost.weight_bytes += ds_mat_bytes(&L->kv_b);
+    for (int64_t t = 0; t < n; t++) {
+        uint64_t S = (uint64_t)bt->positions[i0 + t] + 1;
+        m->cost.kv_bytes += S * (uint64_t)(R + dr) * kv->esz;
+        m->cost.macs_attn += (uint64_t)H * ((uint64_t)(c->qk_nope_head_dim + c->v_head_dim) * (uint64_t)R +
+                                            S * (uint64_t)(2 * R + dr));
+    }
     ds_pool_run(m->pool, absorb_q_task, &a);
     ds_pool_run(m->pool, attend_task, &a);
     ds_pool_run(m->pool, absorb_o_task, &a);
-    ds_matmul(m->pool, b->a, b->o, n, &L->o);
+    mm(m, b->a, b->o, n, &L->o);
 }
 
 /* ---- feed-forward ---- */
 
 /* out[n, hidden] = down(silu(gate(x)) * up(x)), using b->g and b->u as temporaries. */
 static void mlp(ds_model *m, const ds_mlp *p, const float *x, int64_t n, float *out, fwd_bufs *b) {
-    ds_matmul(m->pool, b->g, x, n, &p->gate);
-    ds_matmul(m->pool, b->u, x, n, &p->up);
+    mm(m, b->g, x, n, &p->gate);
+    mm(m, b->u, x, n, &p->up);
     ds_swiglu(b->g, b->u, n * p->gate.rows);
-    ds_matmul(m->pool, out, b->g, n, &p->down);
+    mm(m, out, b->g, n, &p->down);
 }
 
 /* Chooses each token's experts and weights (see the essay at the top). */
@@ -348,7 +370,7 @@ static void route(const ds_config *c, const ds_layer *L, fwd_bufs *b, int64_t n)
 static void moe(ds_model *m, const ds_layer *L, int64_t l, fwd_bufs *b, int64_t n) {
     const ds_config *c = &m->cfg;
     int64_t D = c->hidden_size, E = c->n_routed_experts, K = c->n_experts_per_tok;
-    ds_matmul(m->pool, b->router, b->h, n, &L->router);
+    mm(m, b->router, b->h, n, &L->router);
     route(c, L, b, n);
     if (m->trace) {
         float *ids = b->xs; /* free until the experts run */
@@ -419,7 +441,7 @@ static int forward_chunk(ds_model *m, ds_kv_cache *kv, const ds_batch *bt, int64
         memmove(b.h + nl * D, b.x + t * D, (size_t)D * sizeof(float));
         nl++;
     }
-    if (nl) ds_matmul(m->pool, logits + (size_t)j0 * (size_t)c->vocab_size, b.h, nl, &m->lm_head);
+    if (nl) mm(m, logits + (size_t)j0 * (size_t)c->vocab_size, b.h, nl, &m->lm_head);
     *li = j0 + nl;
     return DS_OK;
 }
@@ -474,6 +496,8 @@ int ds_model_forward_batch(ds_model *m, ds_kv_cache *kv, const ds_batch *bt, flo
     int rc = check_batch(m, kv, bt, &max_ctx);
     if (rc) return rc;
     int32_t li = 0;
+    memset(&m->cost, 0, sizeof m->cost);
+    m->cost.weight_bytes += (uint64_t)bt->n_tokens * (ds_mat_bytes(&m->embed) / (uint64_t)m->cfg.vocab_size);
     for (int64_t done = 0; done < bt->n_tokens;) {
         int64_t len = bt->n_tokens - done < m->max_batch ? bt->n_tokens - done : m->max_batch;
         rc = forward_chunk(m, kv, bt, done, len, max_ctx, logits, &li);
@@ -521,3 +545,5 @@ out:
     free(lidx);
     return rc;
 }
+
+void ds_model_last_cost(const ds_model *m, ds_forward_cost *out) { *out = m->cost; }

@@ -82,6 +82,18 @@ typedef struct {
  * token id, position, block id or index; nothing is written to the cache then. */
 int ds_model_forward_batch(ds_model *m, ds_kv_cache *kv, const ds_batch *b, float *logits);
 
+/* What the last ds_model_forward_batch (or ds_model_forward) did, for benchmarks that set a
+ * step's time against this machine's limits. */
+typedef struct {
+    uint64_t weight_bytes; /* weights read: every matrix once per internal chunk (the distinct
+                              experts the tokens touched, not all of them) + embedding rows */
+    uint64_t kv_bytes;     /* cache bytes attention read */
+    uint64_t macs_int;     /* multiply-adds of int8 matmuls (W8A8, W4A8) */
+    uint64_t macs_float;   /* multiply-adds of float-weight matmuls (F32, BF16, F16, FP8) */
+    uint64_t macs_attn;    /* f32 multiply-adds of attention (absorption, scores, sums) */
+} ds_forward_cost;
+void ds_model_last_cost(const ds_model *m, ds_forward_cost *out);
+
 /* Debug/trace hook: called with named intermediate activations ("layers.1.attn_out", shape
  * [rows, cols]) during forward. NULL disables it (the default). Used by the golden tests. */
 typedef void (*ds_trace_fn)(void *ctx, const char *name, const float *data, int64_t rows,

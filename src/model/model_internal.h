@@ -49,6 +49,7 @@ struct ds_model {
     size_t scratch_floats;
     ds_trace_fn trace;
     void *trace_ctx;
+    ds_forward_cost cost; /* of the last ds_model_forward_batch */
 };
 
 struct ds_kv_cache {

@@ -129,15 +129,18 @@ static void ref_sample(const float *logits, int32_t V, const ds_sampling_params 
      * there, by value here): the order of the kept prefix is then ambiguous */
     for (int64_t j = 0; j + 1 < n && j <= keep; j++)
         if (it[j].x != it[j + 1].x && it[j].x - it[j + 1].x < TOLX(it[j + 1].x)) r->fragile = 1;
+    /* the draw walks the kept tokens in id order */
+    for (int64_t j = 0; j < keep; j++) r->probs[it[j].id] = exp(it[j].x) / Z;
     double target = u * Z, c = 0;
-    r->drawn = it[keep - 1].id;
-    for (int64_t j = 0; j < keep; j++) {
-        double e = exp(it[j].x);
-        r->probs[it[j].id] = e / Z;
+    r->drawn = -1;
+    for (int32_t i = 0; i < V; i++) {
+        double e = r->probs[i] * Z;
+        if (e == 0) continue;
         if (fabs(c - target) < tol_m * Z) r->fragile = 1;
-        if (c <= target && c + e > target) r->drawn = it[j].id;
+        if (c <= target && c + e > target && r->drawn < 0) r->drawn = i;
         c += e;
     }
+    if (r->drawn < 0) r->drawn = it[0].id;
     if (fabs(c - target) < tol_m * Z) r->fragile = 1;
 done:
     free(w);

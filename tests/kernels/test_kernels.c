@@ -788,6 +788,40 @@ static void test_int_dequant(const ds_kernels *k) {
     CHECK_MSG(bad == 0, "%s i8_to_f32 / i4_to_f32 differ from scalar at %d lengths", k->name, bad);
 }
 
+/* absmax_f32 / quantize_i8 against scalar, bit-exact: lengths with tails, ties (x / s exactly
+ * k + 0.5), values past the clamp, NaN and infinities, an unaligned start. */
+static void test_quant_kernels(const ds_kernels *k) {
+    const ds_kernels *s = ds_kernels_scalar();
+    float buf[1001];
+    int8_t qa[1000], qb[1000];
+    int bad = 0;
+    for (size_t n = 0; n <= 1000; n = n < 40 ? n + 1 : n * 5) {
+        float *x = buf + 1;
+        for (size_t i = 0; i < n; i++) {
+            uint64_t r = rnd64();
+            x[i] = (float)((int)(r % 255) - 127) + (r & 256 ? 0.5f : 0.25f);
+            if (r % 97 == 0) x[i] = NAN;
+            if (r % 89 == 0) x[i] = 300.0f;
+        }
+        float ma = k->absmax_f32(x, n), mb = s->absmax_f32(x, n);
+        bad += memcmp(&ma, &mb, sizeof ma) != 0;
+        const float sc[] = {1.0f, mb > 0 ? mb / 127.0f : 1.0f, 0.37f, INFINITY};
+        for (size_t j = 0; j < 4; j++) {
+            memset(qa, 0x55, sizeof qa);
+            memset(qb, 0x55, sizeof qb);
+            k->quantize_i8(x, n, sc[j], qa);
+            s->quantize_i8(x, n, sc[j], qb);
+            bad += memcmp(qa, qb, sizeof qa) != 0; /* bytes past n untouched too */
+        }
+        if (n == 1000) break;
+    }
+    CHECK_MSG(bad == 0, "%s absmax_f32 / quantize_i8: %d cases differ from scalar", k->name, bad);
+    float t[3] = {2.5f, -3.5f, 127.0f};
+    int8_t qt[3];
+    s->quantize_i8(t, 3, 1.0f, qt);
+    CHECK(qt[0] == 2 && qt[1] == -4 && qt[2] == 127); /* ties to even */
+}
+
 /* ds_i4_split against hand-made layouts: one partial step; blocks of 4 with a short last one;
  * and a full 128-column step followed by a partial one inside one block. */
 static void test_i4_split(void) {
@@ -915,6 +949,59 @@ static void test_gemm(const ds_kernels *k) {
             free(p4);
             free(p4s);
         }
+}
+
+/* pack16_f32 / gemm16x8_f32 against scalar bit-exact, and scalar against a chain of fmaf in
+ * column order computed here, on ragged column counts and rows at odd offsets. */
+static void test_fgemm(const ds_kernels *k) {
+    const ds_kernels *s = ds_kernels_scalar();
+    const size_t ns[] = {1, 5, 15, 16, 17, 33, 100, 1000};
+    for (size_t ni = 0; ni < sizeof ns / sizeof ns[0]; ni++) {
+        size_t n = ns[ni];
+        float *rows[16], *xs[8];
+        for (int r = 0; r < 16; r++) {
+            rows[r] = malloc((n + 1) * sizeof(float));
+            fill(rows[r] + 1, n);
+        }
+        for (int t = 0; t < 8; t++) {
+            xs[t] = malloc((n + 1) * sizeof(float));
+            fill(xs[t] + 1, n);
+        }
+        const float *const rc[16] = {rows[0] + 1,  rows[1] + 1,  rows[2] + 1,  rows[3] + 1,
+                                     rows[4] + 1,  rows[5] + 1,  rows[6] + 1,  rows[7] + 1,
+                                     rows[8] + 1,  rows[9] + 1,  rows[10] + 1, rows[11] + 1,
+                                     rows[12] + 1, rows[13] + 1, rows[14] + 1, rows[15] + 1};
+        const float *const xc[8] = {xs[0] + 1, xs[1] + 1, xs[2] + 1, xs[3] + 1,
+                                    xs[4] + 1, xs[5] + 1, xs[6] + 1, xs[7] + 1};
+        float *pk = malloc(16 * n * sizeof(float)), *ps = malloc(16 * n * sizeof(float));
+        k->pack16_f32(pk, rc, n);
+        s->pack16_f32(ps, rc, n);
+        int badref = 0;
+        for (size_t i = 0; i < n; i++)
+            for (size_t r = 0; r < 16; r++) badref += memcmp(&ps[16 * i + r], &rc[r][i], 4) != 0;
+        CHECK_MSG(badref == 0, "scalar pack16_f32 n=%zu: %d values misplaced", n, badref);
+        CHECK_MSG(memcmp(pk, ps, 16 * n * sizeof(float)) == 0, "%s pack16_f32 n=%zu differs",
+                  k->name, n);
+        float ok_[128], os_[128];
+        k->gemm16x8_f32(ps, n, xc, ok_);
+        s->gemm16x8_f32(ps, n, xc, os_);
+        int bad = 0;
+        badref = 0;
+        for (size_t t = 0; t < 8; t++)
+            for (size_t r = 0; r < 16; r++) {
+                float acc = 0;
+                for (size_t i = 0; i < n; i++) acc = fmaf(rc[r][i], xc[t][i], acc);
+                badref += memcmp(&acc, &os_[16 * t + r], 4) != 0;
+                bad += memcmp(&ok_[16 * t + r], &os_[16 * t + r], 4) != 0;
+            }
+        CHECK_MSG(badref == 0, "scalar gemm16x8_f32 n=%zu: %d sums differ from the fmaf chain", n,
+                  badref);
+        CHECK_MSG(bad == 0, "%s gemm16x8_f32 n=%zu: %d sums differ from scalar", k->name, n, bad);
+        for (int r = 0; r < 16; r++) free(rows[r]);
+        for (int t = 0; t < 8; t++) free(xs[t]);
+        free(pk);
+        free(ps);
+    }
 }
 
 /* ds_quantize_row_i8 against the formula, with ties: max |x| = 127 makes scale exactly 1, so
@@ -1097,12 +1184,15 @@ int main(void) {
         test_conversions(k);
         test_dot(k);
         test_fused(k);
-        CHECK(k->dot4_i8 && k->dot4_i4 && k->pack16_i8 && k->pack16_i4 && k->gemm16x8_i8);
+        CHECK(k->dot4_i8 && k->dot4_i4 && k->pack16_i8 && k->pack16_i4 && k->gemm16x8_i8 &&
+              k->pack16_f32 && k->gemm16x8_f32);
         test_int_dots(k);
         test_int_dequant(k);
+        test_quant_kernels(k);
         test_gemm(k);
+        test_fgemm(k);
         printf("table %s: conversions, dot, dot4, axpy, fused dot4 / dot4x2, dot4_i8 / dot4_i4, "
-               "pack16 / gemm16x8 checked\n",
+               "int8 and f32 pack16 / gemm16x8 checked\n",
                k->name);
     }
     CHECK(ds_kernels_for("bogus") == NULL && ds_kernels_for(NULL) == NULL);

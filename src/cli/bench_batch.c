@@ -1,0 +1,185 @@
+/* dsinfer bench-model --batch 1,8,...: aggregate decode speed of B sequences decoding together,
+ * each batch size set against its own limit measured in the same run.
+ *
+ * A decode step of B sequences reads every weight it touches once (attention and dense layers,
+ * the router, lm_head, and only the experts the B tokens were routed to), reads each sequence's
+ * KV cache, and does B tokens' worth of multiply-adds. So its time is at least the larger of
+ *   memory:  (weight bytes + KV bytes the step read) / the read bandwidth measured here
+ *   compute: int8 MACs / the int8 GEMM rate + float-weight MACs / that dtype's GEMM rate
+ *            + attention MACs / the f32 GEMM rate (all three measured here at 256 tokens)
+ * and the figure is limit / actual per step. The byte and MAC counts come from the forward pass
+ * itself (ds_model_last_cost), so they follow the real routing of the real tokens.
+ *
+ * Method: the largest batch's sequences are prefilled once (random prompts of --context tokens,
+ * their own blocks), then for each batch size the first B sequences decode --decode-tokens steps
+ * from position --context on (overwriting the same positions each time), greedy sampling on the
+ * thread pool as the engine does; each step is timed alone and the median is reported. */
+#include "cli/cli.h"
+#include "kernels/kernels.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* multiply-adds per second of ds_matmul at 256 tokens on a 4096 x 4096 matrix of dtype dt
+ * (I8: per-channel W8A8), best of 3 */
+static double gemm_rate(ds_pool *pool, ds_dtype dt) {
+    const int64_t R = 4096, C = 4096, T = 256;
+    size_t esz = dt == DS_I8 ? 1 : ds_dtype_size(dt);
+    unsigned char *w = malloc((size_t)(R * C) * esz);
+    float *scale = malloc((size_t)R * 32 * sizeof(float));
+    float *x = malloc((size_t)(T * C) * sizeof(float)),
+          *y = malloc((size_t)(T * R) * sizeof(float));
+    double best = 0;
+    if (w && scale && x && y) {
+        uint64_t s = 7;
+        for (size_t i = 0; i < (size_t)(R * C) * esz; i++) {
+            s = s * 6364136223846793005ull + 1442695040888963407ull;
+            w[i] = (unsigned char)((s >> 40) & (dt == DS_BF16 || dt == DS_F16 ? 0x3b : 0x77));
+        }
+        for (int64_t i = 0; i < R * 32; i++) scale[i] = 1e-3f;
+        for (int64_t i = 0; i < T * C; i++) x[i] = (float)((i * 7919) % 200 - 100) / 100;
+        ds_mat m = {dt, R, C, w, scale, dt == DS_I8 ? 1 : 128, dt == DS_I8 ? C : 128, 0};
+        for (int it = 0; it < 3; it++) {
+            double t0 = ds_now();
+            ds_matmul(pool, y, x, T, &m);
+            double r = (double)(R * C * T) / (ds_now() - t0);
+            if (r > best) best = r;
+        }
+    }
+    free(w);
+    free(scale);
+    free(x);
+    free(y);
+    return best;
+}
+
+typedef struct {
+    const float *logits;
+    int32_t *next;
+    int64_t n, vocab;
+} argmax_ctx;
+
+static void argmax_task(void *arg, int slice, int n_slices) {
+    argmax_ctx *a = arg;
+    size_t i0, i1;
+    ds_split_range((size_t)a->n, slice, n_slices, &i0, &i1);
+    for (size_t i = i0; i < i1; i++) {
+        const float *l = a->logits + i * (size_t)a->vocab;
+        int64_t b = 0;
+        for (int64_t v = 1; v < a->vocab; v++)
+            if (l[v] > l[b]) b = v;
+        a->next[i] = (int32_t)b;
+    }
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+int ds_cli_bench_batch(ds_model *m, const int32_t *batches, int n_batches, long context, long steps,
+                       double bw) {
+    const ds_config *c = ds_model_config(m);
+    ds_pool *pool = ds_model_pool(m);
+    int32_t B = 1;
+    for (int i = 0; i < n_batches; i++) B = batches[i] > B ? batches[i] : B;
+    const int32_t bs = 16, maxb = (int32_t)((context + steps + bs - 1) / bs);
+    const int64_t V = c->vocab_size;
+    ds_kv_cache *kv = NULL;
+    int32_t *tables = malloc((size_t)B * (size_t)maxb * sizeof(int32_t));
+    int32_t *tok = malloc((size_t)B * (size_t)context * sizeof(int32_t));
+    int32_t *pos = malloc((size_t)B * (size_t)context * sizeof(int32_t));
+    int32_t *seq = malloc((size_t)B * (size_t)context * sizeof(int32_t));
+    int32_t *lidx = malloc((size_t)B * sizeof(int32_t)),
+            *next = malloc((size_t)B * sizeof(int32_t));
+    float *logits = malloc((size_t)B * (size_t)V * sizeof(float));
+    double *times = malloc((size_t)steps * sizeof(double));
+    int rc = DS_ERR_NOMEM;
+    if (!tables || !tok || !pos || !seq || !lidx || !next || !logits || !times) {
+        ds_err_set(DS_ERR_NOMEM, "out of memory for batch %d", B);
+        goto out;
+    }
+    if ((rc = ds_kv_open_paged(c, (int64_t)B * maxb, bs, DS_KV_F32, &kv))) goto out;
+    for (int64_t i = 0; i < (int64_t)B * maxb; i++) tables[i] = (int32_t)i;
+    /* prefill every sequence once: random prompts, one batch (chunked inside) */
+    uint64_t s = 12345;
+    int32_t n = 0;
+    for (int32_t q = 0; q < B; q++) {
+        for (long p = 0; p < context; p++) {
+            s = s * 6364136223846793005ull + 1442695040888963407ull;
+            tok[n] = (int32_t)((s >> 33) % (uint64_t)V);
+            pos[n] = (int32_t)p;
+            seq[n++] = q;
+        }
+        lidx[q] = n - 1;
+    }
+    double t0 = ds_now();
+    ds_batch pre = {n, tok, pos, seq, B, maxb, tables, B, lidx};
+    if ((rc = ds_model_forward_batch(m, kv, &pre, logits))) goto out;
+    ds_info("prefilled %d sequences of %ld tokens in %.1fs", B, context, ds_now() - t0);
+    argmax_ctx am = {logits, next, B, V};
+    ds_pool_run(pool, argmax_task, &am);
+
+    double r_int = gemm_rate(pool, DS_I8), r_f32 = gemm_rate(pool, DS_F32);
+    /* the float weights' dtype: FP8 in the official release, else BF16 (W8A8 / W4A8 keep
+     * lm_head and the router in it) */
+    const ds_dtype fdt = c->quant == DS_QUANT_FP8 ? DS_F8_E4M3 : DS_BF16;
+    double r_float = gemm_rate(pool, fdt);
+    printf("batch decode     context %ld + %ld steps, 16-token blocks, f32 KV, greedy\n", context,
+           steps);
+    printf("rates (measured) read %.1f GB/s; GEMM at 256 tokens: int8 %.0f, %s %.0f, f32 %.0f "
+           "GMAC/s\n",
+           bw / 1e9, r_int / 1e9, ds_dtype_name(fdt), r_float / 1e9, r_f32 / 1e9);
+    printf("%6s %10s %9s %10s %9s %9s %9s %9s %7s\n", "batch", "tok/s", "step ms", "weights", "KV",
+           "GMAC", "mem ms", "comp ms", "limit");
+    for (int bi = 0; bi < n_batches; bi++) {
+        int32_t b = batches[bi];
+        ds_forward_cost cost = {0}, sum = {0};
+        for (long st = 0; st < steps; st++) {
+            for (int32_t q = 0; q < b; q++) {
+                tok[q] = next[q];
+                pos[q] = (int32_t)(context + st);
+                seq[q] = q;
+                lidx[q] = q;
+            }
+            ds_batch dec = {b, tok, pos, seq, B, maxb, tables, b, lidx};
+            double ts = ds_now();
+            if ((rc = ds_model_forward_batch(m, kv, &dec, logits))) goto out;
+            argmax_ctx a = {logits, next, b, V};
+            ds_pool_run(pool, argmax_task, &a);
+            times[st] = ds_now() - ts;
+            ds_model_last_cost(m, &cost);
+            sum.weight_bytes += cost.weight_bytes;
+            sum.kv_bytes += cost.kv_bytes;
+            sum.macs_int += cost.macs_int;
+            sum.macs_float += cost.macs_float;
+            sum.macs_attn += cost.macs_attn;
+        }
+        qsort(times, (size_t)steps, sizeof *times, cmp_double);
+        double med = times[steps / 2], k = 1.0 / (double)steps;
+        double mem = ((double)sum.weight_bytes + (double)sum.kv_bytes) * k / bw;
+        double comp = (double)sum.macs_int * k / r_int + (double)sum.macs_float * k / r_float +
+                      (double)sum.macs_attn * k / r_f32;
+        double limit = mem > comp ? mem : comp;
+        printf("%6d %10.1f %9.2f %8.1fMB %7.1fMB %9.2f %9.2f %9.2f %6.0f%%\n", b, (double)b / med,
+               med * 1e3, (double)sum.weight_bytes * k / 1e6, (double)sum.kv_bytes * k / 1e6,
+               (double)(sum.macs_int + sum.macs_float + sum.macs_attn) * k / 1e9, mem * 1e3,
+               comp * 1e3, 100 * limit / med);
+        fflush(stdout);
+    }
+    printf("KV bytes per token %llu = %lld layers x (%lld + %lld) x 4\n",
+           (unsigned long long)ds_kv_bytes_per_token(c, DS_KV_F32), (long long)c->n_layers,
+           (long long)c->kv_lora_rank, (long long)c->qk_rope_head_dim);
+    rc = DS_OK;
+out:
+    ds_kv_close(kv);
+    free(tables);
+    free(tok);
+    free(pos);
+    free(seq);
+    free(lidx);
+    free(next);
+    free(logits);
+    free(times);
+    return rc;
+}
