@@ -9,7 +9,8 @@
  * Split. Each thread owns a contiguous range of rows (a contiguous slice of the mmap) and walks
  * it four rows at a time, so four FMA chains share each load of x. Two paths, chosen per call:
  *
- * Fused path (BF16 / F16 / FP8, n_tok <= MM_FUSED_MAX_TOK = 8). The dot kernels read the stored
+ * Fused path (BF16 / F16 up to 32 tokens, FP8 up to 16; the float GEMM path further down takes
+ * over beyond, and F32 beyond 8 tokens). The dot kernels read the stored
  * dtype and widen it in registers (dot4_<dtype>, and dot4x2_<dtype> for two tokens against the
  * same rows, so a weight is decoded once per token pair). Nothing is written: the earlier
  * convert-to-scratch-then-dot4 did a store and a reload per weight, and `perf` on the decode of a
@@ -24,7 +25,8 @@
  * weights), BF16 / F16 are memory-bound. Tables without their own fused kernels (NEON today)
  * keep the tiled path rather than run the scalar fallbacks.
  *
- * Tiled path (F32 always; other dtypes for n_tok > 8). The four rows are processed in column
+ * Tiled path (F32 up to 8 tokens; every dtype beyond the fused limits on tables without the
+ * float GEMM kernels: AVX2, NEON). The four rows are processed in column
  * tiles of MM_TILE (512) columns:
  *   1. the 4 x MM_TILE tile is dequantised to f32 into an 8 KiB scratch on the stack, once per
  *      tile whatever n_tok is, while the next tile is software-prefetched;
@@ -238,10 +240,10 @@ static void matmul_thread(void *arg, int thread, int n_threads) {
 
 /* ---- the fused path (few tokens) ---- */
 
-/* Up to this many tokens the fused path runs; above it the tiled one. On the 2-core Zen VM,
- * 16384 x 7168, 2 threads: fused (pairs through dot4x2) beat tiled by ~1.3-1.6x at n_tok = 1..4,
- * by ~1.2x at 6 and 8, and tied at 16 (tiled f32 dot4 has become as fast per token as decoding
- * once per token pair), so the crossover is somewhere past 8. */
+/* Few tokens: the int8 path streams its weights (4-row tiles with prefetch) up to this many,
+ * and F32 weights run the tiled path up to it, the float GEMM beyond. (Before the float GEMM,
+ * the fused kernels were measured against the tiled path: 1.3-1.6x faster at 1..4 tokens, 1.2x
+ * at 6 and 8, even at 16; the fused kernels' own limits are MM_FUSED_MAX_TOK_16 / _FP8.) */
 #define MM_FUSED_MAX_TOK 8
 /* Columns per fused call (rounded to a whole number of FP8 blocks): 4 rows x 1024 BF16 is 8 KiB,
  * so for n_tok > 2 the later token pairs re-read the weights from L1; the tile of each x[t]
@@ -534,7 +536,8 @@ static void matmul_i8_thread(void *arg, int thread, int n_threads) {
     free(part);
 }
 
-/* ---- the float GEMM path (F32 / BF16 / F16 / FP8 weights, more than MM_FUSED_MAX_TOK tokens)
+/* ---- the float GEMM path (F32 weights beyond MM_FUSED_MAX_TOK tokens, BF16 / F16 / FP8 beyond
+ * the fused kernels' limits below)
  *
  * The tiled path's dot4 keeps one row x token dot per register and reduces it per tile; here, as
  * in the int8 GEMM below, sixteen rows share a register: each thread takes whole 16-row panels,
@@ -544,6 +547,13 @@ static void matmul_i8_thread(void *arg, int thread, int n_threads) {
  * instead of dot4's 4 FMAs per 4 loads. Partial sums of the column chunks add into y in order.
  * Tables without this kernel (AVX2, NEON) keep the tiled path. */
 #define MM_FGEMM_K 1024
+/* Up to these token counts the fused kernels beat the float GEMM, whose packing (conversion to
+ * f32 and transposition) costs about as much as 16 tokens of compute. Measured on the 2-vCPU Zen 5
+ * VM, 16384 x 4096, 2 threads, fused vs GEMM ms: BF16 at 16 / 32 / 48 / 64 tokens 13.6 / 23.8 /
+ * 36.3 / 49.1 vs 18.5 / 25.0 / 32.4 / 36.7; FP8 (its fused kernel decodes e4m3 per token pair)
+ * at 16 / 24 / 32 tokens 14.6 / 21.7 / 27.4 vs 14.8 / 18.7 / 23.3. */
+#define MM_FUSED_MAX_TOK_16 32
+#define MM_FUSED_MAX_TOK_FP8 16
 
 static int fgemm_native(const ds_kernels *k) {
     const ds_kernels *s = ds_kernels_scalar();
@@ -578,6 +588,19 @@ static void matmul_fgemm_thread(void *arg, int thread, int n_threads) {
                 }
             }
             k->pack16_f32(pan, rp, nc);
+            /* the next chunk's stored bytes (this panel's next columns, or the next panel's
+             * first) fetched while the tokens run over this one */
+            if (w->dtype != DS_F32) {
+                size_t nk = k0 + MM_FGEMM_K < cols ? k0 + MM_FGEMM_K : 0, np = nk ? p : p + 1;
+                if (np < p_hi) {
+                    const size_t esz = ds_dtype_size(w->dtype);
+                    size_t bytes = (cols - nk < MM_FGEMM_K ? cols - nk : MM_FGEMM_K) * esz;
+                    for (size_t r = 16 * np; r < 16 * np + 16 && r < rows; r++) {
+                        const char *b = (const char *)w->data + (r * cols + nk) * esz;
+                        for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(b + o);
+                    }
+                }
+            }
             for (size_t t0 = 0; t0 < n_tok; t0 += 8) {
                 const size_t nt = n_tok - t0 < 8 ? n_tok - t0 : 8;
                 const float *xs[8];
@@ -797,7 +820,8 @@ void ds_matmul(ds_pool *pool, float *y, const float *x, int64_t n_tok, const ds_
     }
     /* few tokens: stream the stored weights through the fused kernels; more: tiles of f32 */
     ds_pool_fn fn = matmul_thread;
-    if (w->dtype != DS_F32 && n_tok <= MM_FUSED_MAX_TOK && fused_native(c.k, w->dtype))
+    const int64_t fused_max = w->dtype == DS_F8_E4M3 ? MM_FUSED_MAX_TOK_FP8 : MM_FUSED_MAX_TOK_16;
+    if (w->dtype != DS_F32 && n_tok <= fused_max && fused_native(c.k, w->dtype))
         fn = matmul_fused_thread;
     else if (n_tok > MM_FUSED_MAX_TOK && fgemm_native(c.k))
         fn = matmul_fgemm_thread;

@@ -590,8 +590,10 @@ static void check_rows(const test_mat *t, const char *what) {
 
 static void check_matmul(const test_mat *t, ds_pool *p1, ds_pool *p3, const char *what) {
     int64_t rows = t->m.rows, cols = t->m.cols;
-    /* 1..5: the fused path for BF16 / F16 / FP8 (single tokens and pairs), 17: the tiled one */
-    const int64_t toks[] = {1, 2, 3, 4, 5, 17};
+    /* 1..5: the fused path for BF16 / F16 / FP8 (single tokens and pairs) and the tiled one for
+     * F32; 17: fused for BF16 / F16, the float GEMM for F32 / FP8; 33: the float GEMM for all
+     * (the tiled path on tables without it) */
+    const int64_t toks[] = {1, 2, 3, 4, 5, 17, 33};
     for (size_t ti = 0; ti < sizeof toks / sizeof toks[0]; ti++) {
         int64_t nt = toks[ti];
         float *x = malloc((size_t)(nt * cols) * sizeof(float));
