@@ -750,10 +750,11 @@ static void prep_task(void *arg, int slice, int n_slices) {
         int8_t *qt = q + t * ldq;
         ds_quantize_row_i8(c->x + t * cols, w->cols, qt, (float *)c->sx + t);
         memset(qt + cols, 0, ldq - cols);
+        if (pc->mode == PREP_NONE) continue;
         int32_t *xo = (int32_t *)c->xoff + t * pc->np;
         if (pc->mode == PREP_GEMM) {
             block_offsets(qt, 0, cols, i8_block(w), w->int4 ? 8 : 128, xo);
-        } else if (pc->mode == PREP_I4) {
+        } else { /* PREP_I4 */
             ds_i4_split(qt, cols, pc->pl.bc, (int8_t *)c->xs + t * ldq);
             for (size_t c0 = 0, nc, i = 0; c0 < cols; c0 += nc) {
                 nc = i8_call_cols(w, &pc->pl, c0);
