@@ -72,8 +72,8 @@ typedef struct {
 
 /* Random stored weights of the variant's dtype; scales vary per block so a wrong block index
  * changes the answer. */
-static int variant_make(variant *v, const char *name, ds_dtype dt, int64_t R, int64_t C,
-                        int64_t br, int64_t bc, int int4) {
+static int variant_make(variant *v, const char *name, ds_dtype dt, int64_t R, int64_t C, int64_t br,
+                        int64_t bc, int int4) {
     memset(v, 0, sizeof *v);
     v->name = name;
     v->m = (ds_mat){dt, R, C, NULL, NULL, br, bc, int4};
@@ -152,14 +152,30 @@ int ds_cmd_bench_kernels(int argc, char **argv) {
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         int bad = 0;
         switch (c) {
-        case 'r': bad = parse_long("--rows", optarg, 16, 1 << 20, &rows); break;
-        case 'c': bad = parse_long("--cols", optarg, 128, 1 << 17, &cols); break;
-        case 'g': bad = parse_long("--group", optarg, 2, 1 << 17, &group); break;
-        case 't': bad = parse_long("--threads", optarg, 1, 1024, &threads); break;
-        case 'n': bad = parse_long("--rounds", optarg, 1, 1000, &rounds); break;
-        case 'k': tok_list = optarg; break;
-        case 'h': usage(stdout); return 0;
-        default: usage(stderr); return 2;
+        case 'r':
+            bad = parse_long("--rows", optarg, 16, 1 << 20, &rows);
+            break;
+        case 'c':
+            bad = parse_long("--cols", optarg, 128, 1 << 17, &cols);
+            break;
+        case 'g':
+            bad = parse_long("--group", optarg, 2, 1 << 17, &group);
+            break;
+        case 't':
+            bad = parse_long("--threads", optarg, 1, 1024, &threads);
+            break;
+        case 'n':
+            bad = parse_long("--rounds", optarg, 1, 1000, &rounds);
+            break;
+        case 'k':
+            tok_list = optarg;
+            break;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return 2;
         }
         if (bad) return 2;
     }
@@ -193,15 +209,15 @@ int ds_cmd_bench_kernels(int argc, char **argv) {
         if (toks[i] > max_tok) max_tok = toks[i];
     float *x = malloc((size_t)(max_tok * cols) * sizeof(float));
     float *y = malloc((size_t)(max_tok * rows) * sizeof(float));
-    if (!pool || !x || !y ||
-        variant_make(&v[0], "W8A8", DS_I8, rows, cols, 1, cols, 0) ||
+    if (!pool || !x || !y || variant_make(&v[0], "W8A8", DS_I8, rows, cols, 1, cols, 0) ||
         variant_make(&v[1], "W4A8", DS_I8, rows, cols, 1, group, 1) ||
         variant_make(&v[2], "BF16", DS_BF16, rows, cols, 1, 1, 0) ||
         variant_make(&v[3], "FP8", DS_F8_E4M3, rows, cols, 128, 128, 0)) {
         fprintf(stderr, "dsinfer bench-kernels: out of memory for %ld x %ld\n", rows, cols);
         goto done;
     }
-    for (int64_t i = 0; i < max_tok * cols; i++) x[i] = (float)((int)(rnd64() % 2001) - 1000) / 1000;
+    for (int64_t i = 0; i < max_tok * cols; i++)
+        x[i] = (float)((int)(rnd64() % 2001) - 1000) / 1000;
 
     const char *isa = ds_kernels_get()->name;
     printf("bench-kernels: table %s, %ld threads, %ld x %ld, W4A8 group %ld, %ld rounds\n", isa,
@@ -238,8 +254,10 @@ int ds_cmd_bench_kernels(int argc, char **argv) {
 
     /* prefill: int8 GEMM against the ISA's peak */
     double hz = est_clock_hz();
-    double macs = !strcmp(isa, "avx512") ? 128 : !strcmp(isa, "avx2") ? 64
-                  : !strcmp(isa, "neon")  ? 32 : 0;
+    double macs = !strcmp(isa, "avx512") ? 128
+                  : !strcmp(isa, "avx2") ? 64
+                  : !strcmp(isa, "neon") ? 32
+                                         : 0;
     double peak = 2.0 * macs * hz * (double)threads;
     if (peak > 0)
         printf("peak int8: %.0f GOPS (%ld cores x 2 x %.0f MACs/cycle x %.2f GHz, clock from a "

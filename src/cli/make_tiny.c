@@ -316,7 +316,6 @@ static int gen_tensor(const mt_opts *o, const mt_tensor *t, mt_scratch *sc) {
     return DS_OK;
 }
 
-
 static int write_shards(const char *dir, const mt_opts *o, mt_plan *pl, int n_shards) {
     mt_scratch sc = {0};
     ds_progress pb;
@@ -455,11 +454,6 @@ static json_t *make_config(const mt_opts *o) {
     return c;
 }
 
-
-
-
-
-
 /* ---- the command ---------------------------------------------------------------------------- */
 static void usage(FILE *f) {
     fprintf(f,
@@ -479,24 +473,33 @@ static void usage(FILE *f) {
             ds_cli_default_tokenizer_dir());
 }
 
-
 int ds_cmd_make_tiny(int argc, char **argv) {
     const char *out_arg = NULL, *preset = "tiny", *dtype = "bf16", *tok_dir = NULL;
     uint64_t seed = 1, shard_bytes = 512ull << 20;
     int no_tok = 0, force = 0, q_lora = 1;
-    static const struct option opts[] = {
-        {"preset", required_argument, 0, 'p'},      {"seed", required_argument, 0, 's'},
-        {"dtype", required_argument, 0, 'd'},       {"tokenizer", required_argument, 0, 't'},
-        {"shard-bytes", required_argument, 0, 'b'}, {"no-tokenizer", no_argument, 0, 'T'},
-        {"no-q-lora", no_argument, 0, 'q'},         {"force", no_argument, 0, 'f'},
-        {"help", no_argument, 0, 'h'},              {0, 0, 0, 0}};
+    static const struct option opts[] = {{"preset", required_argument, 0, 'p'},
+                                         {"seed", required_argument, 0, 's'},
+                                         {"dtype", required_argument, 0, 'd'},
+                                         {"tokenizer", required_argument, 0, 't'},
+                                         {"shard-bytes", required_argument, 0, 'b'},
+                                         {"no-tokenizer", no_argument, 0, 'T'},
+                                         {"no-q-lora", no_argument, 0, 'q'},
+                                         {"force", no_argument, 0, 'f'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
     int c;
     optind = 0; /* full reset: tests call this repeatedly in one process */
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         switch (c) {
-        case 'p': preset = optarg; break;
-        case 'd': dtype = optarg; break;
-        case 't': tok_dir = optarg; break;
+        case 'p':
+            preset = optarg;
+            break;
+        case 'd':
+            dtype = optarg;
+            break;
+        case 't':
+            tok_dir = optarg;
+            break;
         case 's':
             if (!ds_cli_parse_u64(optarg, &seed, 0)) {
                 fprintf(stderr, "dsinfer make-tiny: --seed '%s' is not a non-negative integer\n",
@@ -513,11 +516,21 @@ int ds_cmd_make_tiny(int argc, char **argv) {
                 return 2;
             }
             break;
-        case 'T': no_tok = 1; break;
-        case 'q': q_lora = 0; break;
-        case 'f': force = 1; break;
-        case 'h': usage(stdout); return 0;
-        default: usage(stderr); return 2;
+        case 'T':
+            no_tok = 1;
+            break;
+        case 'q':
+            q_lora = 0;
+            break;
+        case 'f':
+            force = 1;
+            break;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return 2;
         }
     }
     if (argc - optind > 1) {
@@ -573,7 +586,8 @@ int ds_cmd_make_tiny(int argc, char **argv) {
     if (!rc) rc = write_index(tmp, &pl, n_shards);
     const char *tok_files[] = {"tokenizer.json", "tokenizer_config.json"};
     for (int i = 0; !rc && !no_tok && i < 2; i++) {
-        char *src = ds_cli_path_join(tok_dir, tok_files[i]), *dst = ds_cli_path_join(tmp, tok_files[i]);
+        char *src = ds_cli_path_join(tok_dir, tok_files[i]),
+             *dst = ds_cli_path_join(tmp, tok_files[i]);
         rc = src && dst ? ds_cli_copy_file(src, dst) : ds_err_set(DS_ERR_NOMEM, "out of memory");
         free(src);
         free(dst);

@@ -81,13 +81,6 @@ static void on_signal(int sig) {
     qz_interrupted = 1;
 }
 
-
-
-
-
-
-
-
 /* Drops the resident pages of a tensor's source bytes (file-backed, read-only: they are simply
  * read again if touched), so reading a 700 GB checkpoint does not grow the resident set. */
 static void drop_pages(const ds_st_tensor *t) {
@@ -563,16 +556,21 @@ int ds_cmd_quantize(int argc, char **argv) {
     uint64_t group = 128, shard_bytes = 4ull << 30, threads = 0;
     int force = 0;
     qz_opts o = {QZ_W8A8, 128, 0, {128, 128}};
-    static const struct option opts[] = {
-        {"scheme", required_argument, 0, 's'},      {"group-size", required_argument, 0, 'g'},
-        {"shard-bytes", required_argument, 0, 'b'}, {"threads", required_argument, 0, 't'},
-        {"quantize-lm-head", no_argument, 0, 'l'},  {"force", no_argument, 0, 'f'},
-        {"help", no_argument, 0, 'h'},              {0, 0, 0, 0}};
+    static const struct option opts[] = {{"scheme", required_argument, 0, 's'},
+                                         {"group-size", required_argument, 0, 'g'},
+                                         {"shard-bytes", required_argument, 0, 'b'},
+                                         {"threads", required_argument, 0, 't'},
+                                         {"quantize-lm-head", no_argument, 0, 'l'},
+                                         {"force", no_argument, 0, 'f'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
     int c;
     optind = 0; /* full reset: tests call this repeatedly in one process */
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         switch (c) {
-        case 's': scheme = optarg; break;
+        case 's':
+            scheme = optarg;
+            break;
         case 'g':
             if (!ds_cli_parse_u64(optarg, &group, 0) || group == 0 || group > (1u << 30)) {
                 fprintf(stderr, "dsinfer quantize: --group-size '%s' is not a positive integer\n",
@@ -593,10 +591,18 @@ int ds_cmd_quantize(int argc, char **argv) {
                 return 2;
             }
             break;
-        case 'l': o.lm_head = 1; break;
-        case 'f': force = 1; break;
-        case 'h': usage(stdout); return 0;
-        default: usage(stderr); return 2;
+        case 'l':
+            o.lm_head = 1;
+            break;
+        case 'f':
+            force = 1;
+            break;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return 2;
         }
     }
     if (argc - optind > 2) {

@@ -229,12 +229,10 @@ static int run_detok_batch(const ds_tokenizer *t, int skip) {
 }
 
 int ds_cmd_detokenize(int argc, char **argv) {
-    static const struct option opts[] = {{"model", required_argument, 0, 'm'},
-                                         {"ids", required_argument, 0, 'i'},
-                                         {"skip-special", no_argument, 0, 's'},
-                                         {"batch", no_argument, 0, 'b'},
-                                         {"help", no_argument, 0, 'h'},
-                                         {0, 0, 0, 0}};
+    static const struct option opts[] = {
+        {"model", required_argument, 0, 'm'},  {"ids", required_argument, 0, 'i'},
+        {"skip-special", no_argument, 0, 's'}, {"batch", no_argument, 0, 'b'},
+        {"help", no_argument, 0, 'h'},         {0, 0, 0, 0}};
     const char *model = ds_cli_default_model(), *ids_arg = NULL;
     int skip = 0, batch = 0, c;
     optind = 1;

@@ -49,8 +49,7 @@ int ds_err_wrap(int err, const char *fmt, ...) DS_PRINTF(2, 3);
 const char *ds_err_msg(void);
 
 /* Always-on check for broken invariants (not for bad input: that gets a ds_err). */
-#define DS_ASSERT(c)                                                                               \
-    ((c) ? (void)0 : ds_assert_fail(#c, __FILE__, __LINE__))
+#define DS_ASSERT(c) ((c) ? (void)0 : ds_assert_fail(#c, __FILE__, __LINE__))
 DS_NORETURN void ds_assert_fail(const char *expr, const char *file, int line);
 
 /* ---- logging (stderr only: stdout belongs to the command's result) --------------------------- */

@@ -10,7 +10,8 @@ static _Thread_local char err_msg[1024];
 const char *ds_strerror(int err) {
     switch (err) {
 #define DS_ERR_CASE(name, val, str)                                                                \
-    case val: return str;
+    case val:                                                                                      \
+        return str;
         DS_ERRORS(DS_ERR_CASE)
 #undef DS_ERR_CASE
     }
@@ -34,11 +35,14 @@ int ds_err_wrap(int err, const char *fmt, ...) {
     memcpy(old, err_msg, sizeof old);
     /* Truncation is fine: the start of the message names the context. */
     size_t n = (size_t)snprintf(err_msg, sizeof err_msg, "%.500s: ", prefix);
-    if (n < sizeof err_msg) snprintf(err_msg + n, sizeof err_msg - n, "%.*s", (int)(sizeof err_msg - n - 1), old);
+    if (n < sizeof err_msg)
+        snprintf(err_msg + n, sizeof err_msg - n, "%.*s", (int)(sizeof err_msg - n - 1), old);
     return err;
 }
 
-const char *ds_err_msg(void) { return err_msg; }
+const char *ds_err_msg(void) {
+    return err_msg;
+}
 
 void ds_assert_fail(const char *expr, const char *file, int line) {
     fprintf(stderr, "dsinfer: internal error: assertion '%s' failed at %s:%d\n", expr, file, line);

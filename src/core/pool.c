@@ -45,7 +45,9 @@ struct ds_pool {
     void *ctx;
 };
 
-static uint32_t gen_of(uint64_t t) { return (uint32_t)(t >> 32); }
+static uint32_t gen_of(uint64_t t) {
+    return (uint32_t)(t >> 32);
+}
 
 /* Claims and runs slices of generation `gen` until none are left. */
 static void run_slices(ds_pool *p, uint32_t gen) {
@@ -133,7 +135,9 @@ void ds_pool_close(ds_pool *p) {
     free(p);
 }
 
-int ds_pool_size(const ds_pool *p) { return p ? p->n : 1; }
+int ds_pool_size(const ds_pool *p) {
+    return p ? p->n : 1;
+}
 
 void ds_pool_run(ds_pool *p, ds_pool_fn fn, void *ctx) {
     if (!p || p->n == 1) {
@@ -153,8 +157,10 @@ void ds_pool_run(ds_pool *p, ds_pool_fn fn, void *ctx) {
     run_slices(p, gen);
 
     for (long spins = 0; atomic_load_explicit(&p->done, memory_order_acquire) < p->n; spins++) {
-        if (spins < SPIN_LIMIT) cpu_relax();
-        else sched_yield(); /* a worker was descheduled mid-slice: let it finish */
+        if (spins < SPIN_LIMIT)
+            cpu_relax();
+        else
+            sched_yield(); /* a worker was descheduled mid-slice: let it finish */
     }
 }
 

@@ -8,7 +8,9 @@
 
 static ds_log_level log_level = DS_LOG_INFO;
 
-void ds_log_set_level(ds_log_level lvl) { log_level = lvl; }
+void ds_log_set_level(ds_log_level lvl) {
+    log_level = lvl;
+}
 
 void ds_log(ds_log_level lvl, const char *fmt, ...) {
     static const char *const tag[] = {"debug", "info", "warning", "error"};
@@ -37,7 +39,9 @@ void *ds_alloc(size_t bytes) {
     return p;
 }
 
-void ds_free(void *p) { free(p); }
+void ds_free(void *p) {
+    free(p);
+}
 
 int ds_mul_ok(uint64_t a, uint64_t b, uint64_t *out) {
     if (a != 0 && b > UINT64_MAX / a) return 0;
@@ -54,9 +58,13 @@ static const struct {
 #undef DS_DT_INFO
 };
 
-const char *ds_dtype_name(ds_dtype t) { return (unsigned)t < DS_DTYPE_COUNT ? dtype_info[t].name : "?"; }
+const char *ds_dtype_name(ds_dtype t) {
+    return (unsigned)t < DS_DTYPE_COUNT ? dtype_info[t].name : "?";
+}
 
-size_t ds_dtype_size(ds_dtype t) { return (unsigned)t < DS_DTYPE_COUNT ? dtype_info[t].size : 0; }
+size_t ds_dtype_size(ds_dtype t) {
+    return (unsigned)t < DS_DTYPE_COUNT ? dtype_info[t].size : 0;
+}
 
 int ds_dtype_parse(const char *s) {
     for (int i = 0; i < DS_DTYPE_COUNT; i++)

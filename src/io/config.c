@@ -77,7 +77,8 @@ static int read_rope_scaling(cfg_src *s, ds_config *c) {
     json_t *rs = json_object_get(s->root, "rope_scaling");
     if (!rs || json_is_null(rs)) return DS_OK;
     if (!json_is_object(rs))
-        return ds_err_set(DS_ERR_FORMAT, "%s: \"rope_scaling\" must be an object or null", s->label);
+        return ds_err_set(DS_ERR_FORMAT, "%s: \"rope_scaling\" must be an object or null",
+                          s->label);
     json_t *type = json_object_get(rs, "type");
     if (!type) type = json_object_get(rs, "rope_type");
     if (!json_is_string(type))
@@ -199,9 +200,12 @@ static int read_tokens_and_dtype(cfg_src *s, ds_config *c) {
     json_t *td = json_object_get(s->root, "torch_dtype");
     if (td && !json_is_null(td)) {
         const char *v = json_is_string(td) ? json_string_value(td) : "";
-        if (strcmp(v, "bfloat16") == 0) c->torch_dtype = DS_BF16;
-        else if (strcmp(v, "float16") == 0) c->torch_dtype = DS_F16;
-        else if (strcmp(v, "float32") == 0) c->torch_dtype = DS_F32;
+        if (strcmp(v, "bfloat16") == 0)
+            c->torch_dtype = DS_BF16;
+        else if (strcmp(v, "float16") == 0)
+            c->torch_dtype = DS_F16;
+        else if (strcmp(v, "float32") == 0)
+            c->torch_dtype = DS_F32;
         else
             return ds_err_set(DS_ERR_UNSUPPORTED,
                               "%s: unsupported torch_dtype \"%s\" (bfloat16, float16, float32)",
@@ -216,15 +220,18 @@ static int check_consistency(const char *label, const ds_config *c) {
         return ds_err_set(DS_ERR_RANGE, "%s: qk_rope_head_dim = %lld must be even (RoPE pairs)",
                           label, (long long)c->qk_rope_head_dim);
     if (c->qk_rope_head_dim > DS_MAX_ROPE_DIM)
-        return ds_err_set(DS_ERR_UNSUPPORTED, "%s: qk_rope_head_dim = %lld exceeds dsinfer's limit %d",
-                          label, (long long)c->qk_rope_head_dim, DS_MAX_ROPE_DIM);
+        return ds_err_set(DS_ERR_UNSUPPORTED,
+                          "%s: qk_rope_head_dim = %lld exceeds dsinfer's limit %d", label,
+                          (long long)c->qk_rope_head_dim, DS_MAX_ROPE_DIM);
     if (c->n_routed_experts > DS_MAX_EXPERTS)
-        return ds_err_set(DS_ERR_UNSUPPORTED, "%s: n_routed_experts = %lld exceeds dsinfer's limit %d",
-                          label, (long long)c->n_routed_experts, DS_MAX_EXPERTS);
+        return ds_err_set(DS_ERR_UNSUPPORTED,
+                          "%s: n_routed_experts = %lld exceeds dsinfer's limit %d", label,
+                          (long long)c->n_routed_experts, DS_MAX_EXPERTS);
     if (c->n_routed_experts > 0) {
         if (c->n_routed_experts % c->n_group)
-            return ds_err_set(DS_ERR_RANGE, "%s: n_routed_experts = %lld not divisible by n_group = %lld",
-                              label, (long long)c->n_routed_experts, (long long)c->n_group);
+            return ds_err_set(DS_ERR_RANGE,
+                              "%s: n_routed_experts = %lld not divisible by n_group = %lld", label,
+                              (long long)c->n_routed_experts, (long long)c->n_group);
         if (c->topk_group > c->n_group)
             return ds_err_set(DS_ERR_RANGE, "%s: topk_group = %lld exceeds n_group = %lld", label,
                               (long long)c->topk_group, (long long)c->n_group);
@@ -286,7 +293,8 @@ int ds_config_from_json(const json_t *root, const char *label, ds_config *c) {
         (rc = want_int(&s, "max_position_embeddings", 0, 4096, 1, &c->max_position_embeddings)) ||
         (rc = want_int(&s, "num_nextn_predict_layers", 0, 0, 0, &c->num_nextn_predict_layers)))
         return rc;
-    int any_dense = c->first_k_dense_replace > 0 || c->n_routed_experts == 0 || c->moe_layer_freq > 1;
+    int any_dense =
+        c->first_k_dense_replace > 0 || c->n_routed_experts == 0 || c->moe_layer_freq > 1;
     if ((rc = want_int(&s, "intermediate_size", any_dense, 0, 1, &c->intermediate_size))) return rc;
     if (c->n_routed_experts > 0) {
         if ((rc = want_int(&s, "moe_intermediate_size", 1, 0, 1, &c->moe_intermediate_size)) ||
@@ -296,10 +304,9 @@ int ds_config_from_json(const json_t *root, const char *label, ds_config *c) {
             (rc = want_int(&s, "topk_group", 0, 1, 1, &c->topk_group)))
             return rc;
         if (c->n_experts_per_tok > c->n_routed_experts)
-            return ds_err_set(DS_ERR_RANGE,
-                              "%s: num_experts_per_tok = %lld exceeds n_routed_experts = %lld",
-                              label, (long long)c->n_experts_per_tok,
-                              (long long)c->n_routed_experts);
+            return ds_err_set(
+                DS_ERR_RANGE, "%s: num_experts_per_tok = %lld exceeds n_routed_experts = %lld",
+                label, (long long)c->n_experts_per_tok, (long long)c->n_routed_experts);
     }
     double d;
     if ((rc = want_num(root, label, "rms_norm_eps", 1e-6, &d))) return rc;
@@ -343,20 +350,24 @@ void ds_config_print(const ds_config *c, FILE *f) {
     fprintf(f, "num_hidden_layers        %lld (+%lld MTP, skipped)\n", (long long)c->n_layers,
             (long long)c->num_nextn_predict_layers);
     fprintf(f, "num_attention_heads      %lld\n", (long long)c->n_heads);
-    if (c->q_lora_rank) fprintf(f, "q_lora_rank              %lld\n", (long long)c->q_lora_rank);
-    else fprintf(f, "q_lora_rank              null (q_proj)\n");
+    if (c->q_lora_rank)
+        fprintf(f, "q_lora_rank              %lld\n", (long long)c->q_lora_rank);
+    else
+        fprintf(f, "q_lora_rank              null (q_proj)\n");
     fprintf(f, "kv_lora_rank             %lld\n", (long long)c->kv_lora_rank);
     fprintf(f, "qk_nope / rope / v dims  %lld / %lld / %lld\n", (long long)c->qk_nope_head_dim,
             (long long)c->qk_rope_head_dim, (long long)c->v_head_dim);
     fprintf(f, "intermediate_size        %lld (dense layers: %lld)\n",
             (long long)c->intermediate_size, (long long)c->first_k_dense_replace);
     if (c->n_routed_experts) {
-        fprintf(f, "experts                  %lld routed (top-%lld), %lld shared, "
-                   "moe_intermediate %lld\n",
+        fprintf(f,
+                "experts                  %lld routed (top-%lld), %lld shared, "
+                "moe_intermediate %lld\n",
                 (long long)c->n_routed_experts, (long long)c->n_experts_per_tok,
                 (long long)c->n_shared_experts, (long long)c->moe_intermediate_size);
-        fprintf(f, "routing                  sigmoid, noaux_tc, n_group %lld topk_group %lld, "
-                   "norm_topk_prob %s, scale %g, moe_layer_freq %lld\n",
+        fprintf(f,
+                "routing                  sigmoid, noaux_tc, n_group %lld topk_group %lld, "
+                "norm_topk_prob %s, scale %g, moe_layer_freq %lld\n",
                 (long long)c->n_group, (long long)c->topk_group,
                 c->norm_topk_prob ? "true" : "false", (double)c->routed_scaling_factor,
                 (long long)c->moe_layer_freq);
@@ -364,11 +375,13 @@ void ds_config_print(const ds_config *c, FILE *f) {
     fprintf(f, "rms_norm_eps             %g\n", (double)c->rms_norm_eps);
     fprintf(f, "rope_theta               %g\n", c->rope_theta);
     if (c->rope_yarn)
-        fprintf(f, "rope_scaling             yarn factor %g over %lld, beta %g/%g, mscale %g, "
-                   "mscale_all_dim %g\n",
+        fprintf(f,
+                "rope_scaling             yarn factor %g over %lld, beta %g/%g, mscale %g, "
+                "mscale_all_dim %g\n",
                 c->yarn_factor, (long long)c->yarn_original_max_position_embeddings,
                 c->yarn_beta_fast, c->yarn_beta_slow, c->yarn_mscale, c->yarn_mscale_all_dim);
-    else fprintf(f, "rope_scaling             none\n");
+    else
+        fprintf(f, "rope_scaling             none\n");
     fprintf(f, "max_position_embeddings  %lld\n", (long long)c->max_position_embeddings);
     fprintf(f, "bos / eos                %lld / %lld\n", (long long)c->bos_token_id,
             (long long)c->eos_token_ids[0]);
@@ -382,5 +395,6 @@ void ds_config_print(const ds_config *c, FILE *f) {
     else if (c->quant == DS_QUANT_W4A8)
         fprintf(f, "quantization             w4a8_int4 (int4, groups of %lld, int8 tokens)\n",
                 (long long)c->quant_group);
-    else fprintf(f, "quantization             none\n");
+    else
+        fprintf(f, "quantization             none\n");
 }

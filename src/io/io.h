@@ -21,19 +21,19 @@ typedef struct {
     ds_dtype dtype;
     int ndim;
     int64_t shape[DS_ST_MAX_DIMS];
-    const void *data;    /* inside the mapping */
-    uint64_t nbytes;     /* == numel * dtype size, checked */
-    uint64_t offset;     /* absolute offset of the data in the file (for messages) */
-    const char *file;    /* path of the file holding it */
+    const void *data; /* inside the mapping */
+    uint64_t nbytes;  /* == numel * dtype size, checked */
+    uint64_t offset;  /* absolute offset of the data in the file (for messages) */
+    const char *file; /* path of the file holding it */
 } ds_st_tensor;
 
 /* Parsed header of one safetensors file image. */
 typedef struct {
-    char *path;           /* owned copy of the label/path */
+    char *path;            /* owned copy of the label/path */
     ds_st_tensor *tensors; /* n_tensors entries, sorted by data offset */
     size_t n_tensors;
-    json_t *header;       /* keeps the strings the tensors point to alive */
-    uint64_t data_start;  /* 8 + header length */
+    json_t *header;      /* keeps the strings the tensors point to alive */
+    uint64_t data_start; /* 8 + header length */
 } ds_st_header;
 
 /* Parses and validates the safetensors image buf[0, len). `label` names it in messages.

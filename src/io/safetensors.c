@@ -42,18 +42,18 @@ static int parse_entry(const char *label, const char *name, json_t *v, uint64_t 
     json_t *dt = json_object_get(v, "dtype"), *shape = json_object_get(v, "shape"),
            *offs = json_object_get(v, "data_offsets");
     if (!json_is_string(dt))
-        return ds_err_set(DS_ERR_FORMAT, "%s: tensor '%s': missing or non-string \"dtype\"",
-                          label, name);
+        return ds_err_set(DS_ERR_FORMAT, "%s: tensor '%s': missing or non-string \"dtype\"", label,
+                          name);
     int dtype = ds_dtype_parse(json_string_value(dt));
     if (dtype < 0)
-        return ds_err_set(DS_ERR_UNSUPPORTED, "%s: tensor '%s': unknown dtype \"%s\"", label,
-                          name, json_string_value(dt));
+        return ds_err_set(DS_ERR_UNSUPPORTED, "%s: tensor '%s': unknown dtype \"%s\"", label, name,
+                          json_string_value(dt));
     if (!json_is_array(shape))
         return ds_err_set(DS_ERR_FORMAT, "%s: tensor '%s': missing or non-array \"shape\"", label,
                           name);
     if (json_array_size(shape) > DS_ST_MAX_DIMS)
-        return ds_err_set(DS_ERR_UNSUPPORTED, "%s: tensor '%s': %zu dimensions (at most %d)",
-                          label, name, json_array_size(shape), DS_ST_MAX_DIMS);
+        return ds_err_set(DS_ERR_UNSUPPORTED, "%s: tensor '%s': %zu dimensions (at most %d)", label,
+                          name, json_array_size(shape), DS_ST_MAX_DIMS);
     if (!json_is_array(offs) || json_array_size(offs) != 2)
         return ds_err_set(DS_ERR_FORMAT,
                           "%s: tensor '%s': \"data_offsets\" must be an array [begin, end]", label,
@@ -163,8 +163,9 @@ int ds_st_parse(const uint8_t *buf, uint64_t len, const char *label, ds_st_heade
     for (size_t i = 1; i < out->n_tensors; i++) {
         const ds_st_tensor *a = &out->tensors[i - 1], *b = &out->tensors[i];
         if (b->offset < a->offset + a->nbytes) {
-            int rc = ds_err_set(DS_ERR_FORMAT, "%s: tensors '%s' and '%s' overlap in the data section",
-                                label, a->name, b->name);
+            int rc =
+                ds_err_set(DS_ERR_FORMAT, "%s: tensors '%s' and '%s' overlap in the data section",
+                           label, a->name, b->name);
             ds_st_header_free(out);
             return rc;
         }
@@ -215,8 +216,8 @@ static int map_file(const char *path, st_file *f) {
     f->len = (uint64_t)st.st_size;
     if (f->len < 8) {
         close(fd);
-        return ds_err_set(DS_ERR_FORMAT, "%s: %llu bytes, too short for a safetensors header",
-                          path, (unsigned long long)f->len);
+        return ds_err_set(DS_ERR_FORMAT, "%s: %llu bytes, too short for a safetensors header", path,
+                          (unsigned long long)f->len);
     }
     f->map = mmap(NULL, (size_t)f->len, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
@@ -266,8 +267,12 @@ const ds_st_tensor *ds_st_find(const ds_st_set *s, const char *name) {
     return NULL;
 }
 
-size_t ds_st_count(const ds_st_set *s) { return s->n_all; }
-const ds_st_tensor *ds_st_at(const ds_st_set *s, size_t i) { return i < s->n_all ? s->all[i] : NULL; }
+size_t ds_st_count(const ds_st_set *s) {
+    return s->n_all;
+}
+const ds_st_tensor *ds_st_at(const ds_st_set *s, size_t i) {
+    return i < s->n_all ? s->all[i] : NULL;
+}
 
 void ds_st_close(ds_st_set *s) {
     if (!s) return;
@@ -367,10 +372,11 @@ static int open_index(const char *dir, const char *index_path, ds_st_set **out) 
         rc = ds_err_set(DS_ERR_NOMEM, "out of memory reading %s", index_path);
     for (size_t i = 0; !rc && i < n; i++) {
         paths[i] = join_path(dir, names[i]);
-        if (!paths[i]) rc = ds_err_set(DS_ERR_NOMEM, "out of memory reading %s", index_path);
+        if (!paths[i])
+            rc = ds_err_set(DS_ERR_NOMEM, "out of memory reading %s", index_path);
         else if (access(paths[i], F_OK) != 0)
-            rc = ds_err_set(DS_ERR_MISSING, "%s names shard '%s', which does not exist",
-                            index_path, names[i]);
+            rc = ds_err_set(DS_ERR_MISSING, "%s names shard '%s', which does not exist", index_path,
+                            names[i]);
     }
     ds_st_set *s = NULL;
     if (!rc) rc = open_paths(paths, n, &s);
@@ -401,9 +407,12 @@ int ds_st_open_dir(const char *dir, ds_st_set **out) {
     char *index = join_path(dir, "model.safetensors.index.json");
     char *single = join_path(dir, "model.safetensors");
     int rc;
-    if (!index || !single) rc = ds_err_set(DS_ERR_NOMEM, "out of memory");
-    else if (access(index, F_OK) == 0) rc = open_index(dir, index, out);
-    else if (access(single, F_OK) == 0) rc = ds_st_open_file(single, out);
+    if (!index || !single)
+        rc = ds_err_set(DS_ERR_NOMEM, "out of memory");
+    else if (access(index, F_OK) == 0)
+        rc = open_index(dir, index, out);
+    else if (access(single, F_OK) == 0)
+        rc = ds_st_open_file(single, out);
     else
         rc = ds_err_set(DS_ERR_MISSING,
                         "%s: no model.safetensors.index.json or model.safetensors found", dir);

@@ -17,11 +17,11 @@
  * BF16 model showed 52% of the time in the conversion and ~30% of the read bandwidth reached.
  * The rows are cut into chunks of MM_FUSED_CHUNK (1024) columns, and software prefetches run a
  * fixed 32 KiB ahead through the thread's slice of W (see MM_FUSED_PF_AHEAD), which measured
- * ~5-20% over leaving it to the hardware prefetcher. Measured on a 2-core Zen 5 VM
- * (test_kernels' DS_KERNELS_BENCH, 16384 x 4096, n_tok = 1), before -> after: one thread BF16
- * 13-16 -> 25-27 GB/s and FP8 7-9 -> 21 GB/s (read bandwidth 28-37); two threads BF16 25-26 ->
- * 38-54 and FP8 13 -> 36-42 GB/s (read bandwidth 35-61; the VM is shared and noisy).
- * FP8 stays compute-bound (~26 GB/s in L2 on one core: 3 integer ops + a vcvtph2ps per 16
+ * ~5-20% over leaving it to the hardware prefetcher. Measured on a 2-core Zen 5 VM (the
+ * kernel benchmark of the time, now dsinfer bench-kernels; 16384 x 4096, n_tok = 1), before ->
+ * after: one thread BF16 13-16 -> 25-27 GB/s and FP8 7-9 -> 21 GB/s (read bandwidth 28-37); two
+ * threads BF16 25-26 -> 38-54 and FP8 13 -> 36-42 GB/s (read bandwidth 35-61; the VM is shared and
+ * noisy). FP8 stays compute-bound (~26 GB/s in L2 on one core: 3 integer ops + a vcvtph2ps per 16
  * weights), BF16 / F16 are memory-bound. Tables without their own fused kernels (NEON today)
  * keep the tiled path rather than run the scalar fallbacks.
  *

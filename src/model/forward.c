@@ -129,8 +129,10 @@ static void mm(ds_model *m, float *y, const float *x, int64_t n, const ds_mat *w
     ds_matmul(m->pool, y, x, n, w);
     m->cost.weight_bytes += ds_mat_bytes(w);
     uint64_t macs = (uint64_t)w->rows * (uint64_t)w->cols * (uint64_t)n;
-    if (w->dtype == DS_I8) m->cost.macs_int += macs;
-    else m->cost.macs_float += macs;
+    if (w->dtype == DS_I8)
+        m->cost.macs_int += macs;
+    else
+        m->cost.macs_float += macs;
 }
 
 /* ---- MLA ---- */
@@ -292,8 +294,9 @@ static void attention(ds_model *m, const ds_layer *L, int64_t l, ds_kv_cache *kv
     for (int64_t t = 0; t < n; t++) {
         uint64_t S = (uint64_t)bt->positions[i0 + t] + 1;
         m->cost.kv_bytes += S * (uint64_t)(R + dr) * kv->esz;
-        m->cost.macs_attn += (uint64_t)H * ((uint64_t)(c->qk_nope_head_dim + c->v_head_dim) * (uint64_t)R +
-                                            S * (uint64_t)(2 * R + dr));
+        m->cost.macs_attn +=
+            (uint64_t)H * ((uint64_t)(c->qk_nope_head_dim + c->v_head_dim) * (uint64_t)R +
+                           S * (uint64_t)(2 * R + dr));
     }
     ds_pool_run(m->pool, absorb_q_task, &a);
     ds_pool_run(m->pool, attend_task, &a);
@@ -497,7 +500,8 @@ int ds_model_forward_batch(ds_model *m, ds_kv_cache *kv, const ds_batch *bt, flo
     if (rc) return rc;
     int32_t li = 0;
     memset(&m->cost, 0, sizeof m->cost);
-    m->cost.weight_bytes += (uint64_t)bt->n_tokens * (ds_mat_bytes(&m->embed) / (uint64_t)m->cfg.vocab_size);
+    m->cost.weight_bytes +=
+        (uint64_t)bt->n_tokens * (ds_mat_bytes(&m->embed) / (uint64_t)m->cfg.vocab_size);
     for (int64_t done = 0; done < bt->n_tokens;) {
         int64_t len = bt->n_tokens - done < m->max_batch ? bt->n_tokens - done : m->max_batch;
         rc = forward_chunk(m, kv, bt, done, len, max_ctx, logits, &li);
@@ -546,4 +550,6 @@ out:
     return rc;
 }
 
-void ds_model_last_cost(const ds_model *m, ds_forward_cost *out) { *out = m->cost; }
+void ds_model_last_cost(const ds_model *m, ds_forward_cost *out) {
+    *out = m->cost;
+}

@@ -13,8 +13,8 @@
 typedef struct ds_model ds_model;
 
 typedef struct {
-    int n_threads;       /* <= 0: all online CPUs */
-    int max_batch;       /* tokens per internal forward chunk (bounds scratch memory) */
+    int n_threads; /* <= 0: all online CPUs */
+    int max_batch; /* tokens per internal forward chunk (bounds scratch memory) */
 } ds_model_params;
 
 ds_model_params ds_model_default_params(void);
@@ -48,7 +48,7 @@ int ds_kv_open_paged(const ds_config *c, int64_t n_blocks, int64_t block_size, d
                      ds_kv_cache **out);
 /* One sequence of up to max_len tokens, f32: a single block (ds_model_forward's cache). */
 int ds_kv_open(const ds_config *c, int64_t max_len, ds_kv_cache **out);
-void ds_kv_close(ds_kv_cache *kv); /* accepts NULL */
+void ds_kv_close(ds_kv_cache *kv);             /* accepts NULL */
 int64_t ds_kv_capacity(const ds_kv_cache *kv); /* slots: n_blocks x block_size */
 int64_t ds_kv_block_size(const ds_kv_cache *kv);
 int64_t ds_kv_n_blocks(const ds_kv_cache *kv);
@@ -75,7 +75,7 @@ typedef struct {
     int32_t n_seqs, max_blocks;  /* block_tables is [n_seqs][max_blocks] */
     const int32_t *block_tables; /* block ids; entries past a sequence's length are unused */
     int32_t n_logits;
-    const int32_t *logits_idx;   /* [n_logits] increasing token indices that want logits */
+    const int32_t *logits_idx; /* [n_logits] increasing token indices that want logits */
 } ds_batch;
 
 /* Runs a batch; logits[j][vocab] for token logits_idx[j]. DS_ERR_RANGE names the first bad

@@ -11,16 +11,16 @@ typedef struct {
 
 typedef struct {
     /* attention (MLA) */
-    float *attn_norm;   /* (hidden) */
-    ds_mat q_a;         /* (q_lora_rank, hidden); unused when q_lora_rank == 0 */
-    float *q_a_norm;    /* (q_lora_rank) */
-    ds_mat q_b;         /* (heads * (nope + rope), q_lora_rank), or q_proj (.., hidden) */
-    ds_mat kv_a;        /* (kv_lora_rank + rope, hidden) */
-    float *kv_a_norm;   /* (kv_lora_rank) */
-    ds_mat kv_b;        /* (heads * (nope + v), kv_lora_rank): per head W_UK rows then W_UV rows */
-    ds_mat o;           /* (hidden, heads * v) */
+    float *attn_norm; /* (hidden) */
+    ds_mat q_a;       /* (q_lora_rank, hidden); unused when q_lora_rank == 0 */
+    float *q_a_norm;  /* (q_lora_rank) */
+    ds_mat q_b;       /* (heads * (nope + rope), q_lora_rank), or q_proj (.., hidden) */
+    ds_mat kv_a;      /* (kv_lora_rank + rope, hidden) */
+    float *kv_a_norm; /* (kv_lora_rank) */
+    ds_mat kv_b;      /* (heads * (nope + v), kv_lora_rank): per head W_UK rows then W_UV rows */
+    ds_mat o;         /* (hidden, heads * v) */
     /* feed-forward */
-    float *ffn_norm;    /* (hidden) */
+    float *ffn_norm; /* (hidden) */
     int moe;
     ds_mlp dense;       /* !moe */
     ds_mat router;      /* (n_routed_experts, hidden) */
@@ -34,15 +34,15 @@ struct ds_model {
     ds_st_set *st;
     ds_pool *pool;
     int max_batch;
-    ds_mat embed;     /* (vocab, hidden) */
-    ds_mat lm_head;   /* (vocab, hidden) */
+    ds_mat embed;      /* (vocab, hidden) */
+    ds_mat lm_head;    /* (vocab, hidden) */
     float *final_norm; /* (hidden) */
-    ds_layer *layers; /* (n_layers) */
-    float **owned;    /* f32 copies made at load (norms, misaligned scales), freed at close */
+    ds_layer *layers;  /* (n_layers) */
+    float **owned;     /* f32 copies made at load (norms, misaligned scales), freed at close */
     size_t n_owned, cap_owned;
     /* RoPE */
-    float *inv_freq;     /* (rope / 2) YaRN-corrected inverse frequencies, f32 like the reference */
-    float rope_mscale;   /* cos/sin multiplier (HF/vLLM: mscale / mscale_all_dim ratio, usually 1) */
+    float *inv_freq;   /* (rope / 2) YaRN-corrected inverse frequencies, f32 like the reference */
+    float rope_mscale; /* cos/sin multiplier (HF/vLLM: mscale / mscale_all_dim ratio, usually 1) */
     float softmax_scale; /* (nope + rope)^-0.5 x yarn attention mscale^2 */
     /* scratch, grown on demand by forward.c */
     float *scratch;
@@ -56,9 +56,9 @@ struct ds_kv_cache {
     int64_t cap, n_layers, kv_lora_rank, rope_dim; /* cap = n_blocks * block_size slots */
     int64_t n_blocks, block_size;
     ds_kv_dtype dtype;
-    size_t esz;    /* bytes per element: 4 or 2 */
-    void *latent;  /* (n_layers, cap, kv_lora_rank) normalised c_kv; mmap'd */
-    void *pe;      /* (n_layers, cap, rope_dim) rotated k_pe, shared by all heads; mmap'd */
+    size_t esz;   /* bytes per element: 4 or 2 */
+    void *latent; /* (n_layers, cap, kv_lora_rank) normalised c_kv; mmap'd */
+    void *pe;     /* (n_layers, cap, rope_dim) rotated k_pe, shared by all heads; mmap'd */
     size_t latent_bytes, pe_bytes;
 };
 

@@ -75,8 +75,8 @@ static int bind_scale(ds_model *m, const char *sname, int64_t d0, int64_t d1, co
     int rc = find_shaped(m, sname, d0, d1, 2, &s);
     if (rc) return rc;
     if (s->dtype != DS_F32)
-        return ds_err_set(DS_ERR_UNSUPPORTED, "%s: tensor '%s' has dtype %s, expected F32",
-                          s->file, sname, ds_dtype_name(s->dtype));
+        return ds_err_set(DS_ERR_UNSUPPORTED, "%s: tensor '%s' has dtype %s, expected F32", s->file,
+                          sname, ds_dtype_name(s->dtype));
     *out = s->data;
     if ((uintptr_t)s->data % sizeof(float)) {
         float *copy = ds_alloc((size_t)s->nbytes);
@@ -222,8 +222,10 @@ int ds_model_open(const char *dir, const ds_model_params *params, ds_model **out
     if (!rc) rc = bind_mat(m, "model.embed_tokens", c->vocab_size, c->hidden_size, &m->embed);
     if (!rc) rc = bind_vec(m, "model.norm.weight", c->hidden_size, &m->final_norm);
     if (!rc) {
-        if (c->tie_word_embeddings && !ds_st_find(m->st, "lm_head.weight")) m->lm_head = m->embed;
-        else rc = bind_mat(m, "lm_head", c->vocab_size, c->hidden_size, &m->lm_head);
+        if (c->tie_word_embeddings && !ds_st_find(m->st, "lm_head.weight"))
+            m->lm_head = m->embed;
+        else
+            rc = bind_mat(m, "lm_head", c->vocab_size, c->hidden_size, &m->lm_head);
     }
     ds_progress pb;
     ds_progress_begin(&pb, "binding layers", (uint64_t)c->n_layers);
@@ -253,8 +255,12 @@ void ds_model_close(ds_model *m) {
     free(m);
 }
 
-const ds_config *ds_model_config(const ds_model *m) { return &m->cfg; }
-ds_pool *ds_model_pool(ds_model *m) { return m->pool; }
+const ds_config *ds_model_config(const ds_model *m) {
+    return &m->cfg;
+}
+ds_pool *ds_model_pool(ds_model *m) {
+    return m->pool;
+}
 
 void ds_model_set_trace(ds_model *m, ds_trace_fn fn, void *ctx) {
     m->trace = fn;
@@ -293,5 +299,9 @@ static uint64_t weight_bytes(const ds_model *m, int active) {
     return b;
 }
 
-uint64_t ds_model_bytes_per_token(const ds_model *m) { return weight_bytes(m, 1); }
-uint64_t ds_model_weight_bytes(const ds_model *m) { return weight_bytes(m, 0); }
+uint64_t ds_model_bytes_per_token(const ds_model *m) {
+    return weight_bytes(m, 1);
+}
+uint64_t ds_model_weight_bytes(const ds_model *m) {
+    return weight_bytes(m, 0);
+}

@@ -18,7 +18,8 @@
  *   rewritten (rewrite_regex) so PCRE2 means the same thing: \s is spelled \p{White_Space}
  *   (PCRE2's UCP \s also takes U+180E), and \p{L|M|N|P|S} get the code points Unicode 15.0
  *   added since PCRE2's Unicode 14 (unicode_delta.c), because Hugging Face tokenizers' Oniguruma
- *   6.9.8 uses Unicode 15.0. Escapes whose meaning differs between the engines are refused. Each piece is matched as its own subject, so a lookahead never sees past it.
+ *   6.9.8 uses Unicode 15.0. Escapes whose meaning differs between the engines are refused. Each
+ * piece is matched as its own subject, so a lookahead never sees past it.
  * - Thread-safety: nothing is written after ds_tok_open; encode allocates its own scratch.
  * - Invalid UTF-8 input is repaired first (utf8.c), as a JS string built by TextDecoder is. */
 #include "tokenizer/tok_internal.h"

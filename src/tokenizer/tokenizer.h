@@ -53,8 +53,8 @@ const char *ds_tok_eos_token(const ds_tokenizer *t);
  * maximal invalid subpart by one, as WHATWG TextDecoder / Rust from_utf8_lossy do, which is
  * what a client's string holds before HF tokenizes it). Added tokens in the text are matched.
  * With add_bos the BOS id is prepended. *ids is malloc'd (caller frees), *n may be 0. */
-int ds_tok_encode(const ds_tokenizer *t, const char *text, size_t len, int add_bos,
-                  int32_t **ids, size_t *n);
+int ds_tok_encode(const ds_tokenizer *t, const char *text, size_t len, int add_bos, int32_t **ids,
+                  size_t *n);
 /* Appends the raw bytes of ids (byte-level decoded; added tokens as their content; special
  * tokens left out when skip_special) to out. Not lossy: bytes may be invalid UTF-8.
  * DS_ERR_RANGE names an id outside the vocabulary. */
@@ -104,9 +104,9 @@ int ds_chat_render(ds_chat_format f, const char *bos_token, const json_t *messag
  * </think> everything is reasoning. Streaming: push deltas as they come; markers split across
  * deltas are held back until they can be told apart from ordinary text. */
 typedef struct {
-    int in_content;    /* </think> seen */
-    int at_start;      /* nothing but maybe a <think> seen so far */
-    char held[16];     /* a possible prefix of a marker */
+    int in_content; /* </think> seen */
+    int at_start;   /* nothing but maybe a <think> seen so far */
+    char held[16];  /* a possible prefix of a marker */
     int n_held;
 } ds_reasoning;
 void ds_reasoning_init(ds_reasoning *r);

@@ -454,9 +454,11 @@ static void test_encoders(void) {
     for (uint32_t h = 0; h < 0x7C00; h++) {
         int e = (int)(h >> 10), m = (int)(h & 0x3FF);
         float f = e ? ldexpf(1.0f + (float)m / 1024.0f, e - 15) : ldexpf((float)m, -24);
-        float g = (h + 1 < 0x7C00) ? ((h + 1) >> 10 ? ldexpf(1.0f + (float)((h + 1) & 0x3FF) / 1024.0f, (int)((h + 1) >> 10) - 15)
-                                                    : ldexpf((float)(h + 1), -24))
-                                   : 65536.0f;
+        float g = (h + 1 < 0x7C00)
+                      ? ((h + 1) >> 10 ? ldexpf(1.0f + (float)((h + 1) & 0x3FF) / 1024.0f,
+                                                (int)((h + 1) >> 10) - 15)
+                                       : ldexpf((float)(h + 1), -24))
+                      : 65536.0f;
         float mid = 0.5f * (f + g); /* exact in f32 */
         uint16_t even = (h & 1) ? (uint16_t)(h + 1) : (uint16_t)h;
         if (ds_f32_to_f16(f) != h || ds_f32_to_f16(-f) != (0x8000 | h) ||

@@ -37,7 +37,8 @@ static void run_many(int threads, int loops) {
         for (int i = 0; i < n; i++) wrong += atomic_load(&hits[i]) != 1;
         wrong += atomic_load(&c.sum) != want || atomic_load(&c.bad_n) != 0;
     }
-    CHECK_MSG(wrong == 0, "%d threads: %d loops ran a slice other than exactly once", threads, wrong);
+    CHECK_MSG(wrong == 0, "%d threads: %d loops ran a slice other than exactly once", threads,
+              wrong);
     free(hits);
     ds_pool_close(p);
 }

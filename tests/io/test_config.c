@@ -28,8 +28,10 @@ static const char *v3 =
 static int parse_with(const char *field, const char *value, ds_config *c) {
     json_t *root = json_loads(v3, 0, NULL);
     if (field) {
-        if (value) json_object_set_new(root, field, json_loads(value, JSON_DECODE_ANY, NULL));
-        else json_object_del(root, field);
+        if (value)
+            json_object_set_new(root, field, json_loads(value, JSON_DECODE_ANY, NULL));
+        else
+            json_object_del(root, field);
     }
     int rc = ds_config_from_json(root, "config.json", c);
     json_decref(root);
@@ -89,10 +91,11 @@ static void test_variants(void) {
     CHECK(parse_with("norm_topk_prob", NULL, &c) == DS_OK && c.norm_topk_prob == 0);
     CHECK(parse_with("torch_dtype", "\"float32\"", &c) == DS_OK && c.torch_dtype == DS_F32);
     /* rope_type is the newer spelling of type. */
-    CHECK(parse_with("rope_scaling",
-                     "{\"rope_type\":\"yarn\",\"factor\":4,\"original_max_position_embeddings\":64}",
-                     &c) == DS_OK &&
-          c.rope_yarn && c.yarn_mscale_all_dim == 0 && c.yarn_beta_fast == 32);
+    CHECK(
+        parse_with("rope_scaling",
+                   "{\"rope_type\":\"yarn\",\"factor\":4,\"original_max_position_embeddings\":64}",
+                   &c) == DS_OK &&
+        c.rope_yarn && c.yarn_mscale_all_dim == 0 && c.yarn_beta_fast == 32);
 }
 
 static void test_refusals(void) {

@@ -98,9 +98,10 @@ static void test_corrupt(void) {
                             "{\"w\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[8,0]}}", 16),
                DS_ERR_FORMAT, "end before begin");
     /* dtype x shape does not match the byte range. */
-    open_fails(write_simple("shape.safetensors",
-                            "{\"w\":{\"dtype\":\"BF16\",\"shape\":[4],\"data_offsets\":[0,16]}}", 16),
-               DS_ERR_SHAPE, "tensor 'w': data_offsets [0, 16] hold 16 bytes but BF16 x shape needs 8");
+    open_fails(
+        write_simple("shape.safetensors",
+                     "{\"w\":{\"dtype\":\"BF16\",\"shape\":[4],\"data_offsets\":[0,16]}}", 16),
+        DS_ERR_SHAPE, "tensor 'w': data_offsets [0, 16] hold 16 bytes but BF16 x shape needs 8");
     /* Shape whose element count overflows 64 bits. */
     open_fails(write_simple("ovf.safetensors",
                             "{\"w\":{\"dtype\":\"F32\",\"shape\":[4294967296,4294967296,16],"
@@ -108,11 +109,13 @@ static void test_corrupt(void) {
                             16),
                DS_ERR_FORMAT, "shape overflows");
     open_fails(write_simple("neg.safetensors",
-                            "{\"w\":{\"dtype\":\"F32\",\"shape\":[-4],\"data_offsets\":[0,16]}}", 16),
+                            "{\"w\":{\"dtype\":\"F32\",\"shape\":[-4],\"data_offsets\":[0,16]}}",
+                            16),
                DS_ERR_FORMAT, "shape[0] is not a non-negative integer");
     /* Unknown dtype. */
     open_fails(write_simple("dtype.safetensors",
-                            "{\"w\":{\"dtype\":\"Q4_K\",\"shape\":[4],\"data_offsets\":[0,16]}}", 16),
+                            "{\"w\":{\"dtype\":\"Q4_K\",\"shape\":[4],\"data_offsets\":[0,16]}}",
+                            16),
                DS_ERR_UNSUPPORTED, "tensor 'w': unknown dtype \"Q4_K\"");
     /* Overlapping tensors. */
     open_fails(write_simple("overlap.safetensors",
@@ -130,8 +133,9 @@ static void test_corrupt(void) {
                             "\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}",
                             16),
                DS_ERR_FORMAT, "duplicate");
-    open_fails(write_simple("nodt.safetensors", "{\"w\":{\"shape\":[1],\"data_offsets\":[0,4]}}", 4),
-               DS_ERR_FORMAT, "tensor 'w': missing or non-string \"dtype\"");
+    open_fails(
+        write_simple("nodt.safetensors", "{\"w\":{\"shape\":[1],\"data_offsets\":[0,4]}}", 4),
+        DS_ERR_FORMAT, "tensor 'w': missing or non-string \"dtype\"");
     open_fails(write_simple("nooff.safetensors", "{\"w\":{\"dtype\":\"F32\",\"shape\":[1]}}", 4),
                DS_ERR_FORMAT, "\"data_offsets\" must be an array");
     open_fails(write_simple("meta.safetensors", "{\"__metadata__\":5}", 0), DS_ERR_FORMAT,
@@ -175,14 +179,16 @@ static void test_index(void) {
                "{\"weight_map\":{\"a\":\"model-00001-of-00002.safetensors\","
                "\"z\":\"model-00002-of-00002.safetensors\"}}");
     CHECK(ds_st_open_dir(dir, &s) == DS_ERR_MISSING);
-    CHECK_ERR_CONTAINS("tensor 'z' is in 'model-00002-of-00002.safetensors', but no shard holds it");
+    CHECK_ERR_CONTAINS(
+        "tensor 'z' is in 'model-00002-of-00002.safetensors', but no shard holds it");
     /* A tensor in the wrong shard. */
     write_text("sharded/model.safetensors.index.json",
                "{\"weight_map\":{\"a\":\"model-00001-of-00002.safetensors\","
                "\"b\":\"model-00001-of-00002.safetensors\","
                "\"c\":\"model-00002-of-00002.safetensors\"}}");
     CHECK(ds_st_open_dir(dir, &s) == DS_ERR_MISSING);
-    CHECK_ERR_CONTAINS("tensor 'b' is in 'model-00001-of-00002.safetensors', but it is in another file");
+    CHECK_ERR_CONTAINS(
+        "tensor 'b' is in 'model-00001-of-00002.safetensors', but it is in another file");
     /* A shard path that escapes the model directory. */
     write_text("sharded/model.safetensors.index.json",
                "{\"weight_map\":{\"a\":\"../ok.safetensors\"}}");

@@ -47,8 +47,8 @@ static void check_dist(const char *what, int64_t pos, const float *logits, int64
     double got_lse = logsumexp(logits, vocab);
     CHECK_MSG(fabs(got_lse - lse) <= tol->lse_abs, "%s pos %lld: logsumexp %.6f vs %.6f", what,
               (long long)pos, got_lse, lse);
-    double margin = json_number_value(json_array_get(vals, 0)) -
-                    json_number_value(json_array_get(vals, 1));
+    double margin =
+        json_number_value(json_array_get(vals, 0)) - json_number_value(json_array_get(vals, 1));
     if (margin > tol->top1_margin)
         CHECK_MSG(argmax(logits, vocab) == json_integer_value(json_array_get(ids, 0)),
                   "%s pos %lld: top-1 %lld, golden %lld", what, (long long)pos,
@@ -198,7 +198,8 @@ static void run_prompt(ds_model *m, const char *dir, json_t *p, const tolerances
     }
 
     /* Greedy: step 0 from the prefill, then one token at a time through the KV cache. */
-    json_t *gids = json_object_get(greedy, "top10_ids"), *gvals = json_object_get(greedy, "top10_logits"),
+    json_t *gids = json_object_get(greedy, "top10_ids"),
+           *gvals = json_object_get(greedy, "top10_logits"),
            *glse = json_object_get(greedy, "logsumexp");
     float *cur = logits + (T - 1) * V;
     int matched = 0;
@@ -242,7 +243,8 @@ static void run_model(const char *dir) {
     if (json_is_number(json_object_get(rt, "logsumexp_abs")))
         tol.lse_abs = json_number_value(json_object_get(rt, "logsumexp_abs"));
     if (json_is_number(json_object_get(rt, "top1_must_match_where_golden_margin_gt")))
-        tol.top1_margin = json_number_value(json_object_get(rt, "top1_must_match_where_golden_margin_gt"));
+        tol.top1_margin =
+            json_number_value(json_object_get(rt, "top1_must_match_where_golden_margin_gt"));
     if (json_is_number(json_object_get(rt, "trace_abs")))
         tol.trace_abs = json_number_value(json_object_get(rt, "trace_abs"));
     printf("%s\n", dir);

@@ -14,7 +14,8 @@ static char *tmp;
 static void make(const char *name, const char *dtype) {
     char out[4096];
     snprintf(out, sizeof out, "%.3000s/%.100s", tmp, name);
-    char *argv[] = {"make-tiny", out, "--preset", "tiny", "--dtype", (char *)dtype, "--no-tokenizer", NULL};
+    char *argv[] = {"make-tiny", out,           "--preset",       "tiny",
+                    "--dtype",   (char *)dtype, "--no-tokenizer", NULL};
     CHECK_MSG(ds_cmd_make_tiny(7, argv) == 0, "make-tiny %s failed", name);
 }
 
@@ -25,8 +26,10 @@ static void edit_config(const char *name, const char *field, const char *value) 
     json_t *root = json_load_file(path, 0, NULL);
     CHECK(root != NULL);
     if (!root) return;
-    if (value) json_object_set_new(root, field, json_loads(value, JSON_DECODE_ANY, NULL));
-    else json_object_del(root, field);
+    if (value)
+        json_object_set_new(root, field, json_loads(value, JSON_DECODE_ANY, NULL));
+    else
+        json_object_del(root, field);
     CHECK(json_dump_file(root, path, JSON_INDENT(2)) == 0);
     json_decref(root);
 }
@@ -53,7 +56,8 @@ static void expect_cli_error(const char *name, const char *needle) {
     size_t n = fread(out, 1, sizeof out - 1, p);
     out[n] = 0;
     int st = pclose(p);
-    CHECK_MSG(WIFEXITED(st) && WEXITSTATUS(st) == 1, "%s: exit status %d, output: %s", name, st, out);
+    CHECK_MSG(WIFEXITED(st) && WEXITSTATUS(st) == 1, "%s: exit status %d, output: %s", name, st,
+              out);
     CHECK_MSG(strstr(out, needle) != NULL, "%s: output '%s' lacks '%s'", name, out, needle);
 }
 
@@ -99,7 +103,8 @@ int main(void) {
     /* Missing tensor: one layer more in the config than in the weights. */
     make("missing", "bf16");
     edit_config("missing", "num_hidden_layers", "4");
-    expect_open_error("missing", DS_ERR_MISSING, "missing tensor 'model.layers.3.input_layernorm.weight'");
+    expect_open_error("missing", DS_ERR_MISSING,
+                      "missing tensor 'model.layers.3.input_layernorm.weight'");
     expect_cli_error("missing", "missing tensor 'model.layers.3.");
 
     /* Config with an unsupported field value. */
@@ -111,7 +116,8 @@ int main(void) {
     /* FP8 weights without the quantization_config that gives their meaning. */
     make("fp8", "fp8");
     edit_config("fp8", "quantization_config", NULL);
-    expect_open_error("fp8", DS_ERR_FORMAT, "is F8_E4M3 but config.json has no fp8 quantization_config");
+    expect_open_error("fp8", DS_ERR_FORMAT,
+                      "is F8_E4M3 but config.json has no fp8 quantization_config");
 
     /* Truncated shard. */
     make("trunc", "bf16");
@@ -155,8 +161,9 @@ int main(void) {
         snprintf(path, sizeof path, "%.3000s/mtp", tmp);
         ds_model *m = NULL;
         CHECK_MSG(ds_model_open(path, NULL, &m) == DS_OK, "%s", ds_err_msg());
-        if (m) CHECK(ds_model_config(m)->num_nextn_predict_layers == 1 &&
-                     ds_model_config(m)->n_layers == 3);
+        if (m)
+            CHECK(ds_model_config(m)->num_nextn_predict_layers == 1 &&
+                  ds_model_config(m)->n_layers == 3);
         ds_model_close(m);
     }
 

@@ -34,8 +34,10 @@ static void write_config(const char *src, const char *dir, const char *qc) {
     json_t *cfg = json_load_file(p, 0, NULL);
     CHECK(cfg != NULL);
     if (!cfg) return;
-    if (qc) json_object_set_new(cfg, "quantization_config", json_loads(qc, 0, NULL));
-    else json_object_del(cfg, "quantization_config");
+    if (qc)
+        json_object_set_new(cfg, "quantization_config", json_loads(qc, 0, NULL));
+    else
+        json_object_del(cfg, "quantization_config");
     snprintf(p, sizeof p, "%.4000s/config.json", dir);
     CHECK(json_dump_file(cfg, p, JSON_INDENT(1)) == 0);
     json_decref(cfg);
@@ -59,8 +61,10 @@ static void make_channel_int8(const char *src, const char *q) {
             char sname[300];
             snprintf(sname, sizeof sname, "%s_scale", t->name);
             if (!is_projection(t)) {
-                if (pass == 0) ds_st_writer_add(w, t->name, t->dtype, t->ndim, t->shape);
-                else ds_st_writer_data(w, t->data, t->nbytes);
+                if (pass == 0)
+                    ds_st_writer_add(w, t->name, t->dtype, t->ndim, t->shape);
+                else
+                    ds_st_writer_data(w, t->data, t->nbytes);
                 continue;
             }
             if (pass == 0) {
@@ -115,8 +119,10 @@ static void dequantized_copy(const char *q, const char *r) {
             size_t n = strlen(t->name);
             if (n > 13 && !strcmp(t->name + n - 13, ".weight_scale")) continue;
             if (t->dtype != DS_I8) {
-                if (pass == 0) ds_st_writer_add(w, t->name, t->dtype, t->ndim, t->shape);
-                else ds_st_writer_data(w, t->data, t->nbytes);
+                if (pass == 0)
+                    ds_st_writer_add(w, t->name, t->dtype, t->ndim, t->shape);
+                else
+                    ds_st_writer_data(w, t->data, t->nbytes);
                 continue;
             }
             int w4 = cfg.quant == DS_QUANT_W4A8;

@@ -34,12 +34,14 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define LOGIT_TOL 1e-3     /* engine (f32) vs reference (f64) */
-#define MARGIN_TOL 1e-3    /* argmax must agree where the reference margin exceeds this */
-#define GOLDEN_TOL 5e-4    /* reference vs golden fixtures (fixtures README) */
+#define LOGIT_TOL 1e-3  /* engine (f32) vs reference (f64) */
+#define MARGIN_TOL 1e-3 /* argmax must agree where the reference margin exceeds this */
+#define GOLDEN_TOL 5e-4 /* reference vs golden fixtures (fixtures README) */
 
 static const char *g_break = ""; /* DS_REF_BREAK */
-static int brk(const char *what) { return strcmp(g_break, what) == 0; }
+static int brk(const char *what) {
+    return strcmp(g_break, what) == 0;
+}
 
 static void fatal(const char *fmt, const char *a, const char *b) {
     fprintf(stderr, "test_reference: fatal: ");
@@ -144,7 +146,8 @@ static ds_mat get_mat(const ref_model *m, const char *name, int64_t rows, int64_
     const ds_st_tensor *t = ds_st_find(m->st, name);
     if (!t) fatal("tensor %s missing%s", name, "");
     int64_t r = t->ndim == 2 ? t->shape[0] : 1, cc = t->ndim == 2 ? t->shape[1] : t->shape[0];
-    if (t->ndim < 1 || t->ndim > 2 || r != rows || cc != cols) fatal("tensor %s has an unexpected shape%s", name, "");
+    if (t->ndim < 1 || t->ndim > 2 || r != rows || cc != cols)
+        fatal("tensor %s has an unexpected shape%s", name, "");
     ds_mat w;
     memset(&w, 0, sizeof w);
     w.dtype = t->dtype;
@@ -218,8 +221,12 @@ static void rmsnorm(double *y, const double *x, int64_t T, int64_t n, int64_t xs
     }
 }
 
-static double silu(double x) { return x / (1.0 + exp(-x)); }
-static double sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
+static double silu(double x) {
+    return x / (1.0 + exp(-x));
+}
+static double sigmoid(double x) {
+    return 1.0 / (1.0 + exp(-x));
+}
 
 static double yarn_get_mscale(double scale, double mscale) {
     if (scale <= 1.0) return 1.0;
@@ -231,11 +238,14 @@ static double yarn_get_mscale(double scale, double mscale) {
 static void rope_setup(const rcfg *c, double *inv_freq, double *cs_mscale) {
     const int64_t d = c->rope, half = d / 2;
     *cs_mscale = 1.0;
-    for (int64_t i = 0; i < half; i++) inv_freq[i] = 1.0 / pow(c->theta, (double)(2 * i) / (double)d);
+    for (int64_t i = 0; i < half; i++)
+        inv_freq[i] = 1.0 / pow(c->theta, (double)(2 * i) / (double)d);
     if (!c->yarn || brk("yarn_freq")) return;
     /* yarn_find_correction_dim(num_rot) = d * ln(orig / (num_rot * 2 pi)) / (2 ln base) */
-    double lo_d = (double)d * log((double)c->orig_max / (c->beta_fast * 2.0 * M_PI)) / (2.0 * log(c->theta));
-    double hi_d = (double)d * log((double)c->orig_max / (c->beta_slow * 2.0 * M_PI)) / (2.0 * log(c->theta));
+    double lo_d =
+        (double)d * log((double)c->orig_max / (c->beta_fast * 2.0 * M_PI)) / (2.0 * log(c->theta));
+    double hi_d =
+        (double)d * log((double)c->orig_max / (c->beta_slow * 2.0 * M_PI)) / (2.0 * log(c->theta));
     double lo = floor(lo_d), hi = ceil(hi_d);
     if (lo < 0) lo = 0;
     if (hi > (double)(d - 1)) hi = (double)(d - 1);
@@ -248,7 +258,8 @@ static void rope_setup(const rcfg *c, double *inv_freq, double *cs_mscale) {
         double f = inv_freq[i];
         inv_freq[i] = f / c->factor * (1.0 - smooth) + f * smooth;
     }
-    *cs_mscale = yarn_get_mscale(c->factor, c->mscale) / yarn_get_mscale(c->factor, c->mscale_all_dim);
+    *cs_mscale =
+        yarn_get_mscale(c->factor, c->mscale) / yarn_get_mscale(c->factor, c->mscale_all_dim);
 }
 
 static void rope_apply(double *x, int64_t pos, const double *inv_freq, int64_t d, double cs) {
@@ -333,7 +344,8 @@ static void attention(ref_model *m, int64_t l, const double *x, int64_t T, doubl
     for (int64_t t = 0; t < T; t++) {
         memcpy(kpe + t * c->rope, kva + t * kva_w + c->kv_lora, (size_t)c->rope * sizeof(double));
         rope_apply(kpe + t * c->rope, t, inv_freq, c->rope, cs);
-        for (int64_t h = 0; h < nh; h++) rope_apply(q + t * nh * qk + h * qk + c->nope, t, inv_freq, c->rope, cs);
+        for (int64_t h = 0; h < nh; h++)
+            rope_apply(q + t * nh * qk + h * qk + c->nope, t, inv_freq, c->rope, cs);
     }
     mm(kv, ckv, T, wkvb, nh * kvw, c->kv_lora);
 
@@ -396,7 +408,8 @@ static void route(ref_model *m, const double *logit, const double *bias, int64_t
             if (v > b1) {
                 b2 = b1;
                 b1 = v;
-            } else if (v > b2) b2 = v;
+            } else if (v > b2)
+                b2 = v;
         }
         gs[g] = per >= 2 ? b1 + b2 : b1;
     }
@@ -438,7 +451,8 @@ static void moe(ref_model *m, int64_t l, const double *x, int64_t T, double *out
     mm(logit, x, T, gate, E, H);
     /* per expert: the tokens routed to it and their weights */
     double *wt = xmalloc((size_t)(E * T) * sizeof(double));
-    int64_t *rows = xmalloc((size_t)(E * T) * sizeof(int64_t)), *nr = calloc((size_t)E, sizeof(int64_t));
+    int64_t *rows = xmalloc((size_t)(E * T) * sizeof(int64_t)),
+            *nr = calloc((size_t)E, sizeof(int64_t));
     int64_t sel[DS_MAX_EXPERTS];
     double w[DS_MAX_EXPERTS];
     for (int64_t t = 0; t < T; t++) {
@@ -505,7 +519,9 @@ static int ref_open(const char *dir, ref_model *m) {
     return 0;
 }
 
-static void ref_close(ref_model *m) { ds_st_close(m->st); }
+static void ref_close(ref_model *m) {
+    ds_st_close(m->st);
+}
 
 /* logits[T, V] (double) after each of tokens[0..T). */
 static double *ref_forward(ref_model *m, const int32_t *tok, int64_t T) {
@@ -531,8 +547,10 @@ static double *ref_forward(ref_model *m, const int32_t *tok, int64_t T) {
         for (int64_t i = 0; i < T * H; i++) h[i] += o[i];
         rmsnorm(x, h, T, H, H, n2, c->eps);
         int is_moe = c->n_exp > 0 && l >= c->first_dense && l % c->moe_freq == 0;
-        if (is_moe) moe(m, l, x, T, o);
-        else dense(m, l, x, T, o);
+        if (is_moe)
+            moe(m, l, x, T, o);
+        else
+            dense(m, l, x, T, o);
         for (int64_t i = 0; i < T * H; i++) h[i] += o[i];
         free(n1);
         free(n2);
@@ -604,7 +622,8 @@ static double compare(const char *label, const float *eng, const double *ref, in
             worst = md;
             worst_pos = t;
         }
-        CHECK_MSG(md <= LOGIT_TOL, "%s: position %lld: max |engine - reference| = %.3g > %g "
+        CHECK_MSG(md <= LOGIT_TOL,
+                  "%s: position %lld: max |engine - reference| = %.3g > %g "
                   "(min routing gaps seen by the reference: group %.3g, expert %.3g)",
                   label, (long long)t, md, LOGIT_TOL, m->min_group_gap, m->min_expert_gap);
         int64_t r1, e1 = argmax_f(e, V);
@@ -616,7 +635,8 @@ static double compare(const char *label, const float *eng, const double *ref, in
                   label, (long long)t, (long long)e1, (long long)r1, margin);
     }
     printf("  %-34s positions %lld..%lld: max |diff| %.3g (at %lld)%s\n", label, (long long)pos0,
-           (long long)(pos0 + n - 1), worst, (long long)worst_pos, argmax_ok ? "" : "  ARGMAX MISMATCH");
+           (long long)(pos0 + n - 1), worst, (long long)worst_pos,
+           argmax_ok ? "" : "  ARGMAX MISMATCH");
     return worst;
 }
 
@@ -692,7 +712,8 @@ static void golden_dir(const char *fx, const char *name) {
         if (!pn || (strcmp(pn, "english") != 0 && strcmp(pn, "long_yarn") != 0)) continue;
         const json_t *ids = json_object_get(p, "ids");
         const json_t *pre = json_object_get(p, "prefill");
-        const json_t *tid = json_object_get(pre, "top10_ids"), *tlg = json_object_get(pre, "top10_logits"),
+        const json_t *tid = json_object_get(pre, "top10_ids"),
+                     *tlg = json_object_get(pre, "top10_logits"),
                      *lse = json_object_get(pre, "logsumexp");
         const int64_t T = (int64_t)json_array_size(ids);
         CHECK_MSG(T > 0 && json_array_size(tid) == (size_t)T && json_array_size(tlg) == (size_t)T &&
@@ -702,7 +723,8 @@ static void golden_dir(const char *fx, const char *name) {
             json_array_size(lse) != (size_t)T)
             continue;
         int32_t *tok = xmalloc((size_t)T * sizeof(int32_t));
-        for (int64_t t = 0; t < T; t++) tok[t] = (int32_t)json_integer_value(json_array_get(ids, (size_t)t));
+        for (int64_t t = 0; t < T; t++)
+            tok[t] = (int32_t)json_integer_value(json_array_get(ids, (size_t)t));
         double *ref = ref_forward(&rm, tok, T);
         double worst = 0, worst_lse = 0;
         int64_t bad = 0;
@@ -726,8 +748,10 @@ static void golden_dir(const char *fx, const char *name) {
         printf("  reference vs golden %s/%-10s %lld positions: max |logit diff| at top10 ids %.3g, "
                "max |logsumexp diff| %.3g\n",
                name, pn, (long long)T, worst, worst_lse);
-        CHECK_MSG(bad == 0 && worst <= GOLDEN_TOL, "%s/%s: %lld golden top-10 logits off by more than %g "
-                  "(max %.3g): the reference itself is wrong", name, pn, (long long)bad, GOLDEN_TOL, worst);
+        CHECK_MSG(bad == 0 && worst <= GOLDEN_TOL,
+                  "%s/%s: %lld golden top-10 logits off by more than %g "
+                  "(max %.3g): the reference itself is wrong",
+                  name, pn, (long long)bad, GOLDEN_TOL, worst);
         CHECK_MSG(worst_lse <= GOLDEN_TOL, "%s/%s: logsumexp off by %.3g", name, pn, worst_lse);
         if (!strcmp(pn, "english")) {
             char lab[128];
@@ -813,7 +837,9 @@ int main(void) {
     if (tmp) {
         static const mt_case cases[] = {
             {"tiny-bf16", {"--preset", "tiny", "--seed", "7", NULL}, 12},
-            {"tiny-no-q-lora", {"--preset", "tiny", "--seed", "8", "--no-q-lora", "--shard-bytes", "8M", NULL}, 12},
+            {"tiny-no-q-lora",
+             {"--preset", "tiny", "--seed", "8", "--no-q-lora", "--shard-bytes", "8M", NULL},
+             12},
             {"tiny-fp8", {"--preset", "tiny", "--seed", "9", "--dtype", "fp8", NULL}, 12},
             {"small-bf16", {"--preset", "small", "--seed", "10", NULL}, 12},
             {"small-fp8", {"--preset", "small", "--seed", "11", "--dtype", "fp8", NULL}, 8},

@@ -20,7 +20,7 @@
 /* one tool call as the templates spell it */
 #define CALL(name, args)                                                                           \
     "<｜tool▁call▁begin｜>function<｜tool▁sep｜>" name "\n```json\n" args "\n```<"                 \
-                                                                          "｜tool▁call▁end｜>"
+    "｜tool▁call▁end｜>"
 #define TC_JSON(name, args)                                                                        \
     "{\"type\": \"function\", \"function\": {\"name\": \"" name "\", \"arguments\": " args "}}"
 
@@ -287,7 +287,8 @@ static void test_detect(const char *fixtures) {
     }
     {
         /* The published R1 template, kept as test data beside the JS conformance test. */
-        json_t *r1 = json_load_file(DSINFER_SOURCE_DIR "/tests/js/templates/deepseek-r1.json", 0, NULL);
+        json_t *r1 =
+            json_load_file(DSINFER_SOURCE_DIR "/tests/js/templates/deepseek-r1.json", 0, NULL);
         CHECK(r1 != NULL);
         const char *tpl = json_string_value(json_object_get(r1, "chat_template"));
         CHECK(tpl && ds_chat_detect(tpl, &f) == DS_OK && f == DS_CHAT_R1);
