@@ -320,6 +320,20 @@ static void check_stops_and_text(ds_model *m, const golden *g, const ds_tokenize
 }
 
 static void check_refusals_and_aborts(ds_model *m, const golden *g) {
+    /* an explicit max_model_len the cache cannot hold is refused at startup; bad params too */
+    ds_engine_params small = ds_engine_default_params();
+    small.max_model_len = 200;
+    small.kv_cache_memory = ds_kv_bytes_per_token(ds_model_config(m), DS_KV_F32) * 100;
+    ds_engine *bad = NULL;
+    CHECK(ds_engine_open(m, &small, &bad) == DS_ERR_RANGE && bad == NULL);
+    CHECK_ERR_CONTAINS("max_model_len 200");
+    small = ds_engine_default_params();
+    small.block_size = 0;
+    CHECK(ds_engine_open(m, &small, &bad) == DS_ERR_ARG && bad == NULL);
+    CHECK_ERR_CONTAINS("block_size");
+    small = ds_engine_default_params();
+    small.memory_utilization = 1.5;
+    CHECK(ds_engine_open(m, &small, &bad) == DS_ERR_ARG);
     ds_engine_params p = ds_engine_default_params();
     p.max_num_batched_tokens = 4; /* slow prefill: aborts land mid-prefill */
     p.max_num_seqs = 2;           /* and some requests wait */
