@@ -359,23 +359,36 @@ uint64_t ds_req_id(const ds_req *r) {
 
 /* ---- the engine thread: events ---- */
 
+/* The notify hooks to call after a step. They are copied out of the requests because a request
+ * that got its final event may be released (and freed) by its reader before the hooks run. */
 typedef struct {
-    ds_req **r;
+    void (*fn)(void *ctx);
+    void *ctx;
+} notify_hook;
+
+typedef struct {
+    notify_hook *h;
     size_t n, cap;
 } notify_list;
 
 static void notify_add(notify_list *l, ds_req *r) {
     if (!r->notify) return;
     for (size_t i = 0; i < l->n; i++)
-        if (l->r[i] == r) return;
+        if (l->h[i].fn == r->notify && l->h[i].ctx == r->notify_ctx) return;
     if (l->n == l->cap) {
         size_t cap = l->cap ? 2 * l->cap : 64;
-        ds_req **p = realloc(l->r, cap * sizeof *p);
+        notify_hook *p = realloc(l->h, cap * sizeof *p);
         if (!p) return; /* the reader still wakes on its condition variable */
-        l->r = p;
+        l->h = p;
         l->cap = cap;
     }
-    l->r[l->n++] = r;
+    l->h[l->n].fn = r->notify;
+    l->h[l->n++].ctx = r->notify_ctx;
+}
+
+static void notify_run(notify_list *l) {
+    for (size_t i = 0; i < l->n; i++) l->h[i].fn(l->h[i].ctx);
+    l->n = 0;
 }
 
 /* Queues an event under the lock; on the final one the engine lets go of the request. */
@@ -387,15 +400,17 @@ static void deliver(ds_engine *e, ds_req *r, ds_engine_event *ev, notify_list *n
     ev->t_scheduled = r->t_sched > 0 ? r->t_sched - r->t_submit : -1;
     ev->t_first_token = r->t_first > 0 ? r->t_first - r->t_submit : -1;
     ev->t_now = t - r->t_submit;
+    const ds_finish_reason fin = ev->finish;
     pthread_mutex_lock(&e->mu);
     if (push_event(r, ev) != DS_OK) {
-        /* no memory for the queue: the final event must still arrive, so drop this one unless
-         * it is final, in which case mark done and let next() report closed */
+        /* no memory to queue it: the event is lost; if it was the final one, the reader's next
+         * call reports DS_ERR_CLOSED instead of waiting for it forever */
         ds_engine_event_free(ev);
+        if (fin != DS_FINISH_NONE) r->final_taken = 1;
     }
-    if (ev->finish != DS_FINISH_NONE) {
+    if (fin != DS_FINISH_NONE) {
         r->done = 1;
-        e->stats.requests_finished[ev->finish]++;
+        e->stats.requests_finished[fin]++;
         pthread_cond_signal(&r->cond);
     }
     notify_add(nl, r);
@@ -685,12 +700,11 @@ static void *engine_main(void *arg) {
             fail(e, r, DS_FINISH_ERROR, "the KV cache cannot hold this request", &nl);
         }
         update_stats(e);
-        for (size_t i = 0; i < nl.n; i++) nl.r[i]->notify(nl.r[i]->notify_ctx);
-        nl.n = 0;
+        notify_run(&nl);
     }
     update_stats(e);
-    for (size_t i = 0; i < nl.n; i++) nl.r[i]->notify(nl.r[i]->notify_ctx);
-    free(nl.r);
+    notify_run(&nl);
+    free(nl.h);
     return NULL;
 }
 
@@ -849,8 +863,8 @@ void ds_engine_close(ds_engine *e) {
         (void)req_unref(r); /* not closed yet: the caller's handle remains */
         pthread_mutex_unlock(&e->mu);
     }
-    for (size_t i = 0; i < nl.n; i++) nl.r[i]->notify(nl.r[i]->notify_ctx);
-    free(nl.r);
+    notify_run(&nl);
+    free(nl.h);
     for (int i = 0; e->samplers && i < e->n_samplers; i++) ds_sampler_close(e->samplers[i]);
     free(e->samplers);
     ds_blocks_close(e->blocks);

@@ -164,18 +164,20 @@ int32_t ds_engine_max_model_len(const ds_engine *e);
 typedef struct {
     const int32_t *prompt; /* (n_prompt >= 1) token ids, copied */
     int32_t n_prompt;
-    int32_t max_tokens;    /* >= 1; n_prompt + max_tokens <= max_model_len */
-    ds_sampling_params sampling; /* arrays copied; min_tokens holds back EOS and stop_token_ids */
-    int ignore_eos;              /* do not stop at the model's EOS tokens */
+    int32_t max_tokens;            /* >= 1; n_prompt + max_tokens <= max_model_len */
+    ds_sampling_params sampling;   /* arrays copied; min_tokens holds back EOS and stop_token_ids */
+    int ignore_eos;                /* do not stop at the model's EOS tokens */
     const int32_t *stop_token_ids; /* (n_stop_token_ids) extra tokens that end the output */
     int32_t n_stop_token_ids;
-    const char *const *stop;     /* (n_stop) strings that end the output, found in the text and
-                                    not emitted; needs a tokenizer */
+    const char *const *stop; /* (n_stop) strings that end the output, found in the text and
+                                not emitted; needs a tokenizer */
     int32_t n_stop;
-    int include_stop_str;        /* emit the matched stop string (vLLM include_stop_str_in_output) */
-    int skip_special_tokens;     /* text leaves special tokens out (default in OpenAI servers: 1) */
+    int include_stop_str;    /* emit the matched stop string (vLLM include_stop_str_in_output) */
+    int skip_special_tokens; /* text leaves special tokens out (default in OpenAI servers: 1) */
     /* Called from the engine thread after events were queued for this request (e.g. to resume a
-     * suspended connection). Must not call back into the engine with its lock held. */
+     * suspended connection). Must not call back into the engine with its lock held. It may run
+     * after the reader took the final event, even after ds_req_release: notify_ctx must stay
+     * valid until ds_engine_close returns (e.g. an object of a pool the caller recycles). */
     void (*notify)(void *ctx);
     void *notify_ctx;
 } ds_request;
@@ -195,9 +197,9 @@ typedef struct {
     char *text;              /* (text_len) UTF-8 delta, owned; NULL without a tokenizer */
     size_t text_len;
     ds_finish_reason finish;
-    int32_t stop_token;      /* DS_FINISH_STOP by a token: that token, else -1 */
-    char *stop_str;          /* DS_FINISH_STOP by a string: a copy of it, else NULL */
-    char *error;             /* DS_FINISH_ERROR: the message */
+    int32_t stop_token; /* DS_FINISH_STOP by a token: that token, else -1 */
+    char *stop_str;     /* DS_FINISH_STOP by a string: a copy of it, else NULL */
+    char *error;        /* DS_FINISH_ERROR: the message */
     /* counts and timings, current as of this event (seconds since submit) */
     int32_t n_prompt, n_output, n_cached; /* n_cached: prompt tokens served by the prefix cache */
     double t_scheduled, t_first_token, t_now;
@@ -211,7 +213,8 @@ void ds_engine_event_free(ds_engine_event *ev);
  * DS_ERR_CLOSED when the engine is shutting down. Thread-safe. */
 int ds_engine_submit(ds_engine *e, const ds_request *r, ds_req **out);
 /* Takes the next event, waiting up to timeout_s (< 0: forever). DS_OK with *ev filled;
- * DS_ERR_TIMEOUT when none came; DS_ERR_CLOSED after the final event was taken. Thread-safe,
+ * DS_ERR_TIMEOUT when none came; DS_ERR_CLOSED after the final event was taken (or, only when
+ * the engine ran out of memory queueing it, once the request ended without one). Thread-safe,
  * one reader per request. */
 int ds_req_next(ds_req *r, ds_engine_event *ev, double timeout_s);
 /* Asks the engine to stop the request; its blocks are freed at the next step and a final
@@ -227,11 +230,11 @@ typedef struct {
     int32_t n_running, n_waiting;
     int32_t kv_blocks_total, kv_blocks_free, block_size;
     uint64_t kv_bytes_per_token;
-    uint64_t prefix_queries, prefix_hits; /* in prompt tokens at admission */
+    uint64_t prefix_queries, prefix_hits;      /* in prompt tokens at admission */
     uint64_t prompt_tokens, generation_tokens; /* tokens run through prefill / generated */
     uint64_t steps, preemptions;
-    uint64_t requests_finished[5];      /* by ds_finish_reason */
-    double busy_seconds;                /* in forward + sampling */
+    uint64_t requests_finished[5]; /* by ds_finish_reason */
+    double busy_seconds;           /* in forward + sampling */
 } ds_engine_stats;
 void ds_engine_get_stats(ds_engine *e, ds_engine_stats *out);
 
