@@ -562,7 +562,7 @@ static void on_token(ds_engine *e, ds_req *r, notify_list *nl) {
             return;
         }
         /* drop the emitted prefix of held */
-        memmove(r->held.data, r->held.data + n_emit, r->held.len - n_emit);
+        if (n_emit) memmove(r->held.data, r->held.data + n_emit, r->held.len - n_emit);
         r->held.len -= n_emit;
         if (r->held.data) r->held.data[r->held.len] = 0;
     }
