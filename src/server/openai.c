@@ -136,7 +136,7 @@ static json_t *load_object(const char *body, size_t len, ds_oai_error *err) {
     json_error_t je;
     json_t *o = json_loadb(body, len, 0, &je);
     if (!o) {
-        if (strstr(je.text, "too big integer")) {
+        if (strstr(je.text, "too big")) { /* "too big (negative) integer" */
             char key[64];
             key_before(body, (size_t)je.position, key, sizeof key);
             ds_oai_err(err, 400, "invalid_value", key[0] ? key : NULL,

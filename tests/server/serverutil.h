@@ -25,25 +25,28 @@
 #include <time.h>
 #include <unistd.h>
 
+/* every helper is optional for a test that includes this file */
+#define SRV_FN static __attribute__((unused))
+
 typedef struct {
     pid_t pid;
     int port;
     char log[4096];
 } srv_proc;
 
-static double srv_now(void) {
+SRV_FN double srv_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static void srv_sleep_ms(int ms) {
+SRV_FN void srv_sleep_ms(int ms) {
     struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
     nanosleep(&ts, NULL);
 }
 
 /* Reads a whole file (malloc'd, NUL-terminated); NULL when unreadable. */
-static char *srv_read_file(const char *path) {
+SRV_FN char *srv_read_file(const char *path) {
     FILE *f = fopen(path, "rb");
     if (!f) return NULL;
     size_t cap = 1 << 14, n = 0, got;
@@ -63,7 +66,7 @@ static char *srv_read_file(const char *path) {
 
 /* ---- a minimal HTTP client ---- */
 
-static int srv_connect(int port) {
+SRV_FN int srv_connect(int port) {
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) return -1;
     struct sockaddr_in a;
@@ -80,7 +83,7 @@ static int srv_connect(int port) {
     return fd;
 }
 
-static int srv_send_all(int fd, const char *p, size_t n) {
+SRV_FN int srv_send_all(int fd, const char *p, size_t n) {
     while (n) {
         ssize_t k = send(fd, p, n, MSG_NOSIGNAL);
         if (k <= 0) {
@@ -94,7 +97,7 @@ static int srv_send_all(int fd, const char *p, size_t n) {
 }
 
 /* Reads until EOF (or the receive timeout); malloc'd, NUL-terminated; *n its length. */
-static char *srv_read_all(int fd, size_t *n) {
+SRV_FN char *srv_read_all(int fd, size_t *n) {
     size_t cap = 1 << 14, len = 0;
     char *buf = malloc(cap);
     for (;;) {
@@ -125,14 +128,14 @@ typedef struct {
     size_t body_len;
 } srv_resp;
 
-static void srv_resp_free(srv_resp *r) {
+SRV_FN void srv_resp_free(srv_resp *r) {
     free(r->head);
     free(r->body);
     memset(r, 0, sizeof *r);
 }
 
 /* Case-insensitive header lookup in r->head; the value (copied into out) or NULL. */
-static const char *srv_header(const srv_resp *r, const char *name, char *out, size_t cap) {
+SRV_FN const char *srv_header(const srv_resp *r, const char *name, char *out, size_t cap) {
     if (!r->head) return NULL;
     size_t nl = strlen(name);
     for (const char *p = strstr(r->head, "\r\n"); p && p[2]; p = strstr(p + 2, "\r\n")) {
@@ -153,7 +156,7 @@ static const char *srv_header(const srv_resp *r, const char *name, char *out, si
 }
 
 /* Splits a raw HTTP response (one, read to EOF) into status, headers and (de-chunked) body. */
-static void srv_parse(char *raw, size_t n, srv_resp *r) {
+SRV_FN void srv_parse(char *raw, size_t n, srv_resp *r) {
     memset(r, 0, sizeof *r);
     if (!raw) return;
     char *end = strstr(raw, "\r\n\r\n");
@@ -198,7 +201,7 @@ static void srv_parse(char *raw, size_t n, srv_resp *r) {
 
 /* One request on a fresh connection ("Connection: close"); extra_headers may be NULL or lines
  * each ending in \r\n. */
-static srv_resp srv_http(int port, const char *method, const char *path, const char *extra_headers,
+SRV_FN srv_resp srv_http(int port, const char *method, const char *path, const char *extra_headers,
                          const char *body, size_t body_len) {
     srv_resp r;
     memset(&r, 0, sizeof r);
@@ -217,17 +220,17 @@ static srv_resp srv_http(int port, const char *method, const char *path, const c
     return r;
 }
 
-static srv_resp srv_post(int port, const char *path, const char *json) {
+SRV_FN srv_resp srv_post(int port, const char *path, const char *json) {
     return srv_http(port, "POST", path, NULL, json, strlen(json));
 }
 
-static srv_resp srv_get(int port, const char *path) {
+SRV_FN srv_resp srv_get(int port, const char *path) {
     return srv_http(port, "GET", path, NULL, NULL, 0);
 }
 
 /* The value of a Prometheus series line "name{...} value" (the first whose name matches); -1
  * when absent. */
-static double srv_metric(const char *text, const char *name) {
+SRV_FN double srv_metric(const char *text, const char *name) {
     size_t nl = strlen(name);
     for (const char *p = text; p && *p; p = strchr(p, '\n') ? strchr(p, '\n') + 1 : NULL) {
         if (!strncmp(p, name, nl) && (p[nl] == '{' || p[nl] == ' ')) {
@@ -243,7 +246,7 @@ static double srv_metric(const char *text, const char *name) {
 
 /* Starts `dsinfer serve model --port 0 args...` (args NULL-terminated) with its stderr in a log
  * file, waits for its port and for /health 200 (up to 60 s). 0 on success. */
-static int srv_start(srv_proc *s, const char *model, const char *const *args) {
+SRV_FN int srv_start(srv_proc *s, const char *model, const char *const *args) {
     memset(s, 0, sizeof *s);
     const char *tmp = getenv("TMPDIR");
     snprintf(s->log, sizeof s->log, "%s/dsinfer-serve-XXXXXX", tmp && *tmp ? tmp : "/tmp");
@@ -300,7 +303,7 @@ static int srv_start(srv_proc *s, const char *model, const char *const *args) {
 
 /* SIGTERM (or sig), then waits up to timeout_s; the exit status, -1 when it had to be killed
  * or died of a signal. */
-static int srv_stop_sig(srv_proc *s, int sig, double timeout_s) {
+SRV_FN int srv_stop_sig(srv_proc *s, int sig, double timeout_s) {
     if (s->pid <= 0) return -1;
     kill(s->pid, sig);
     const double t0 = srv_now();
@@ -318,17 +321,17 @@ static int srv_stop_sig(srv_proc *s, int sig, double timeout_s) {
     return -1;
 }
 
-static int srv_stop(srv_proc *s) {
+SRV_FN int srv_stop(srv_proc *s) {
     return srv_stop_sig(s, SIGTERM, 60);
 }
 
 /* The server's log so far (malloc'd). */
-static char *srv_log(const srv_proc *s) {
+SRV_FN char *srv_log(const srv_proc *s) {
     return srv_read_file(s->log);
 }
 
 /* Runs a shell command; its stdout (malloc'd) and exit status. */
-static char *srv_run(const char *cmd, int *status) {
+SRV_FN char *srv_run(const char *cmd, int *status) {
     FILE *p = popen(cmd, "r");
     if (!p) return NULL;
     size_t cap = 1 << 16, n = 0, got;

@@ -35,8 +35,8 @@ static json_t *post_json(int port, const char *path, const char *body, int *stat
 }
 
 static json_t *post_pack(int port, const char *path, json_t *req, int *status) {
-    char *s = json_dumps(req, JSON_COMPACT);
-    json_t *o = post_json(port, path, s, status);
+    char *s = req ? json_dumps(req, JSON_COMPACT) : NULL;
+    json_t *o = post_json(port, path, s ? s : "", status);
     free(s);
     json_decref(req);
     return o;
