@@ -134,7 +134,7 @@ static json_t *load_object(const char *body, size_t len, ds_oai_error *err) {
         return NULL;
     }
     json_error_t je;
-    json_t *o = json_loadb(body, len, 0, &je);
+    json_t *o = json_loadb(body, len, JSON_ALLOW_NUL, &je);
     if (!o) {
         if (strstr(je.text, "too big")) { /* "too big (negative) integer" */
             char key[64];
@@ -526,9 +526,12 @@ static int parse_stop(const ds_oai_ctx *c, const json_t *o, ds_oai_request *r, d
             if (len == 0)
                 return ds_oai_err(e, 400, "invalid_value", "stop", "stop[%zu] is an empty string",
                                   i);
-            if (len > DS_OAI_MAX_STOP_LEN || memchr(json_string_value(s), 0, len))
+            if (len > DS_OAI_MAX_STOP_LEN)
                 return ds_oai_err(e, 400, "invalid_value", "stop",
                                   "stop[%zu] is longer than %d bytes", i, DS_OAI_MAX_STOP_LEN);
+            if (memchr(json_string_value(s), 0, len))
+                return ds_oai_err(e, 400, "invalid_value", "stop",
+                                  "stop[%zu] contains U+0000, which stop strings cannot", i);
             if (!(r->stop[i] = dup_n(json_string_value(s), len)))
                 return ds_oai_err(e, 500, NULL, NULL, "out of memory");
             r->base.n_stop = (int32_t)i + 1;

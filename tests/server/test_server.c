@@ -21,7 +21,7 @@ static char g_model[4096];
 
 static json_t *parse(const srv_resp *r) {
     json_error_t e;
-    return r->body ? json_loads(r->body, 0, &e) : NULL;
+    return r->body ? json_loads(r->body, JSON_ALLOW_NUL, &e) : NULL;
 }
 
 /* POST path json; the parsed body (new reference) and the status. */
@@ -55,7 +55,7 @@ static json_t *sse_events(const char *body, int *done) {
                 *done = 1;
             } else {
                 json_error_t e;
-                json_t *o = json_loadb(p + 6, (size_t)(end - p - 6), 0, &e);
+                json_t *o = json_loadb(p + 6, (size_t)(end - p - 6), JSON_ALLOW_NUL, &e);
                 if (o) json_array_append_new(a, o);
             }
         }
@@ -170,7 +170,7 @@ static void test_curl_as_a_user(int port) {
     char *out = srv_run(cmd, &st);
     CHECK_MSG(st == 0 && out, "curl failed (%d)", st);
     json_error_t je;
-    json_t *o = out ? json_loads(out, 0, &je) : NULL;
+    json_t *o = out ? json_loads(out, JSON_ALLOW_NUL, &je) : NULL;
     CHECK_MSG(o != NULL, "curl's answer is not JSON: %.300s", out ? out : "");
     char *tmp = ds_test_tmpdir(), path[4200];
     snprintf(path, sizeof path, "%s/line.jsonl", tmp);
@@ -182,7 +182,7 @@ static void test_curl_as_a_user(int port) {
     snprintf(cmd, sizeof cmd, "'%s' generate --model '%s' --batch-file '%s' 2>/dev/null",
              DSINFER_BIN, g_model, path);
     char *bout = srv_run(cmd, &st);
-    json_t *b = bout ? json_loads(bout, 0, &je) : NULL;
+    json_t *b = bout ? json_loads(bout, JSON_ALLOW_NUL, &je) : NULL;
     CHECK_MSG(b != NULL && st == 0, "generate --batch-file failed");
     if (o && b) {
         json_t *c = choice(o, 0);
@@ -258,7 +258,7 @@ static void test_chat(int port) {
                        "{\"role\":\"assistant\",\"content\":\"A model.\"},"
                        "{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"More?\"}]}]";
     json_error_t je;
-    json_t *m = json_loads(msgs, 0, &je);
+    json_t *m = json_loads(msgs, JSON_ALLOW_NUL, &je);
     int st;
     json_t *o = post_pack(port, "/v1/chat/completions",
                           json_pack("{s:O,s:i,s:f,s:b,s:b}", "messages", m, "max_tokens", 12,
@@ -608,7 +608,7 @@ static void test_reasoning(const ds_tokenizer *tok) {
                     "\"top_k\": 4, \"ignore_eos\": true}",
                     seed, bias);
                 json_error_t je;
-                json_t *req = json_loads(body, 0, &je);
+                json_t *req = json_loads(body, JSON_ALLOW_NUL, &je);
                 json_t *req2 = json_deep_copy(req);
                 json_t *o = post_pack(s.port, "/v1/chat/completions", req, &st);
                 CHECK(st == 200);

@@ -28,7 +28,7 @@ static void expect(int port, const char *path, const char *body, int want, const
               want, r.body ? r.body : "");
     if (want >= 400 && r.body) {
         json_error_t je;
-        json_t *o = json_loads(r.body, 0, &je), *e = json_object_get(o, "error");
+        json_t *o = json_loads(r.body, JSON_ALLOW_NUL, &je), *e = json_object_get(o, "error");
         CHECK_MSG(json_is_object(e) && json_is_string(json_object_get(e, "message")) &&
                       json_is_string(json_object_get(e, "type")) && json_object_get(e, "param") &&
                       json_object_get(e, "code"),
@@ -50,9 +50,10 @@ static void test_malformed(int port) {
     expect(port, C, "", 400, NULL);
     expect(port, C, "[]", 400, NULL);
     expect(port, C, "\"x\"", 400, NULL);
-    expect(port, C, "{\"prompt\": \"\xff\xfe\"}", 400, NULL);  /* invalid UTF-8 */
-    expect(port, C, "{\"prompt\": \"\\udc80\"}", 400, NULL);   /* lone surrogate */
-    expect(port, C, "{\"prompt\": \"a\\u0000b\"}", 400, NULL); /* NUL */
+    expect(port, C, "{\"prompt\": \"\xff\xfe\"}", 400, NULL); /* invalid UTF-8 */
+    expect(port, C, "{\"prompt\": \"\\udc80\"}", 400, NULL);  /* lone surrogate */
+    expect(port, C, "{\"prompt\": \"a\\u0000b\", \"max_tokens\": 1}", 200, NULL); /* NUL: text */
+    expect(port, C, "{\"prompt\": \"a\", \"stop\": \"\\u0000\"}", 400, "stop");
     /* types */
     expect(port, C, "{\"prompt\": 5}", 400, "prompt");
     expect(port, C, "{\"prompt\": [\"a\", 5]}", 400, "prompt");
