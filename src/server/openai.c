@@ -43,20 +43,41 @@ int ds_oai_err(ds_oai_error *e, int status, const char *code, const char *param,
     return -1;
 }
 
-/* A JSON string of n bytes that may (in theory) not be valid UTF-8: such bytes become U+FFFD. */
+/* The length of the valid UTF-8 sequence at p[0, n) (1..4), 0 when it is not one: no
+ * overlong forms, no surrogates, nothing above U+10FFFF (what jansson accepts). */
+static size_t utf8_seq(const unsigned char *p, size_t n) {
+    const unsigned c = p[0];
+    size_t len;
+    unsigned cp;
+    if (c < 0x80) return 1;
+    if ((c & 0xE0) == 0xC0)
+        len = 2, cp = c & 0x1F;
+    else if ((c & 0xF0) == 0xE0)
+        len = 3, cp = c & 0x0F;
+    else if ((c & 0xF8) == 0xF0)
+        len = 4, cp = c & 0x07;
+    else
+        return 0;
+    if (len > n) return 0;
+    for (size_t k = 1; k < len; k++) {
+        if ((p[k] & 0xC0) != 0x80) return 0;
+        cp = cp << 6 | (p[k] & 0x3F);
+    }
+    static const unsigned min[5] = {0, 0, 0x80, 0x800, 0x10000};
+    if (cp < min[len] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
+    return len;
+}
+
+/* A JSON string of n bytes that may (in theory) not be valid UTF-8: each byte that does not
+ * start a valid sequence becomes U+FFFD. */
 static json_t *jstr(const char *s, size_t n) {
     json_t *j = json_stringn(s ? s : "", s ? n : 0);
     if (j) return j;
     ds_buf b = {0};
     const unsigned char *p = (const unsigned char *)s;
-    size_t i = 0;
-    while (i < n) {
-        unsigned c = p[i];
-        size_t len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
-        int ok = len > 0 && i + len <= n;
-        for (size_t k = 1; ok && k < len; k++) ok = (p[i + k] & 0xC0) == 0x80;
-        if (ok && len > 1) ok = json_stringn((const char *)p + i, len) != NULL; /* overlongs */
-        if (ok) {
+    for (size_t i = 0; i < n;) {
+        size_t len = utf8_seq(p + i, n - i);
+        if (len) {
             ds_buf_append(&b, p + i, len);
             i += len;
         } else {

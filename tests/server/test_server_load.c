@@ -9,6 +9,7 @@
 
 #include <jansson.h>
 #include <pthread.h>
+#include <stdatomic.h>
 
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
 #define SANITIZED 1
@@ -101,12 +102,12 @@ static void *run_job(void *p) {
     return NULL;
 }
 
-static double max_running = 0;
-static volatile int watching = 1;
+static double max_running = 0; /* written by the watcher, read after it is joined */
+static atomic_int watching = 1;
 
 static void *watch(void *p) {
     int port = *(int *)p;
-    while (watching) {
+    while (atomic_load(&watching)) {
         srv_resp r = srv_get(port, "/metrics");
         double v = r.body ? srv_metric(r.body, "vllm:num_requests_running") : -1;
         if (v > max_running) max_running = v;
@@ -138,7 +139,7 @@ int main(void) {
     }
     for (int i = 0; i < N_REQ; i++) pthread_join(th[i], NULL);
     const double dt = srv_now() - t0;
-    watching = 0;
+    atomic_store(&watching, 0);
     pthread_join(wt, NULL);
     int ok = 0;
     double ttft_max = 0, ttft_sum = 0;
