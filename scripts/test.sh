@@ -67,9 +67,12 @@ stage_done "ASan+UBSan build + tests" "$t"
 section "4b/5 ThreadSanitizer build (clang) -> build-tsan/ + the multi-threaded tests"
 t=$SECONDS
 configure build-tsan clang -DCMAKE_BUILD_TYPE=Release -DDSINFER_TSAN=ON -DDSINFER_WERROR=ON
-build build-tsan --target test_pool test_kernels test_forward test_batch test_engine
+# test_server_hostile runs the TSan-built `dsinfer serve` (HTTP threads + engine) under a storm
+build build-tsan --target test_pool test_kernels test_forward test_batch test_engine dsinfer \
+  test_server_hostile
 TSAN_OPTIONS="${TSAN_OPTIONS:-halt_on_error=1}" \
-  ctest --test-dir build-tsan --output-on-failure --no-tests=error -R '^(test_pool|test_kernels|test_forward|test_batch|test_engine)$'
+  ctest --test-dir build-tsan --output-on-failure --no-tests=error \
+  -R '^(test_pool|test_kernels|test_forward|test_batch|test_engine|test_server_hostile)$'
 stage_done "TSan build + threaded tests" "$t"
 
 section "4c/5 aarch64 cross build (gcc) -> build-aarch64/ + test_kernels under qemu-aarch64"
