@@ -374,6 +374,7 @@ int ds_cmd_serve(int argc, char **argv) {
             break;
         }
     }
+    if (log_stats) ds_server_log_stats(srv, 0); /* what happened since the last line */
     if (ds_server_in_flight(srv) > 0)
         ds_info("aborting %lld request(s) still running", (long long)ds_server_in_flight(srv));
     ds_server_detach(srv);

@@ -647,10 +647,138 @@ static void test_reasoning(const ds_tokenizer *tok) {
     unlink(s.log);
 }
 
+/* Keep-alive: two requests on one connection, answered in order. */
+static void test_keep_alive(int port) {
+    int fd = srv_connect(port);
+    const char *body = "{\"prompt\": \"Mindspore is\", \"max_tokens\": 4, \"temperature\": 0}";
+    char req[512];
+    int n = snprintf(req, sizeof req,
+                     "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %zu\r\n\r\n%s",
+                     strlen(body), body);
+    srv_send_all(fd, req, (size_t)n);
+    /* the first answer, by its Content-Length */
+    char buf[8192];
+    size_t len = 0;
+    long clen = -1;
+    char *hend = NULL;
+    while (len < sizeof buf - 1) {
+        ssize_t k = recv(fd, buf + len, sizeof buf - 1 - len, 0);
+        if (k <= 0) break;
+        len += (size_t)k;
+        buf[len] = 0;
+        hend = strstr(buf, "\r\n\r\n");
+        const char *cl = strcasestr(buf, "Content-Length:");
+        if (hend && cl) clen = atol(cl + 15);
+        if (hend && clen >= 0 && len >= (size_t)(hend + 4 - buf) + (size_t)clen) break;
+    }
+    CHECK_MSG(!strncmp(buf, "HTTP/1.1 200", 12) && clen > 0, "keep-alive: first answer '%.80s'",
+              buf);
+    CHECK(strcasestr(buf, "Connection: close") == NULL);
+    /* the second on the same connection */
+    n = snprintf(req, sizeof req,
+                 "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                 "Content-Length: %zu\r\n\r\n%s",
+                 strlen(body), body);
+    CHECK(srv_send_all(fd, req, (size_t)n) == 0);
+    size_t n2;
+    char *raw = srv_read_all(fd, &n2);
+    close(fd);
+    srv_resp r;
+    srv_parse(raw, n2, &r);
+    CHECK_MSG(r.status == 200, "keep-alive: second answer %d", r.status);
+    srv_resp_free(&r);
+}
+
+/* A client that goes away mid-stream has its request aborted at once: nothing runs a moment
+ * later, every KV block is free again. */
+static void test_disconnect_frees(int port) {
+    int fd = srv_connect(port);
+    const char *body = "{\"prompt\": \"Mindspore is\", \"max_tokens\": 240, \"ignore_eos\": true, "
+                       "\"stream\": true, \"n\": 4}";
+    char head[512];
+    int hl = snprintf(head, sizeof head,
+                      "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %zu\r\n\r\n%s",
+                      strlen(body), body);
+    srv_send_all(fd, head, (size_t)hl);
+    char b[2048];
+    size_t got = 0;
+    while (got < 1500) { /* a few chunks in */
+        ssize_t k = recv(fd, b, sizeof b, 0);
+        if (k <= 0) break;
+        got += (size_t)k;
+    }
+    srv_resp m0 = srv_get(port, "/metrics");
+    CHECK_MSG(m0.body && srv_metric(m0.body, "vllm:num_requests_running") == 4,
+              "4 sequences should be running, not %g",
+              m0.body ? srv_metric(m0.body, "vllm:num_requests_running") : -1);
+    srv_resp_free(&m0);
+    close(fd);
+    const double t0 = srv_now();
+    double running = -1, freeb = -1, total = -2;
+    while (srv_now() - t0 < 5) {
+        srv_resp m = srv_get(port, "/metrics");
+        running = m.body ? srv_metric(m.body, "vllm:num_requests_running") : -1;
+        freeb = m.body ? srv_metric(m.body, "dsinfer:kv_cache_blocks_free") : -1;
+        total = m.body ? srv_metric(m.body, "dsinfer:kv_cache_blocks_total") : -2;
+        srv_resp_free(&m);
+        if (running == 0 && freeb == total) break;
+        srv_sleep_ms(10);
+    }
+    const double dt = srv_now() - t0;
+    CHECK_MSG(running == 0 && freeb == total, "after the disconnect: %g running, %g/%g free",
+              running, freeb, total);
+    CHECK_MSG(dt < 1.0, "the aborted request held its KV blocks for %.2fs", dt);
+}
+
+/* The sampling fields reach the engine as generate --batch-file maps them: seeded sampling with
+ * each field, the same tokens one line at a time. */
+static void test_sampling_fields(int port) {
+    const char *lines[] = {
+        "{\"prompt\": \"Once upon a time\", \"max_tokens\": 12, \"temperature\": 0.8, "
+        "\"seed\": 11, \"ignore_eos\": true}",
+        "{\"prompt\": \"Once upon a time\", \"max_tokens\": 12, \"temperature\": 1.0, "
+        "\"top_k\": 20, \"top_p\": 0.9, \"seed\": 12, \"ignore_eos\": true}",
+        "{\"prompt\": \"Once upon a time\", \"max_tokens\": 12, \"temperature\": 1.0, "
+        "\"min_p\": 0.05, \"seed\": -3, \"ignore_eos\": true}",
+        "{\"prompt\": \"Once upon a time\", \"max_tokens\": 12, \"temperature\": 0, "
+        "\"repetition_penalty\": 1.3, \"presence_penalty\": 0.5, \"frequency_penalty\": 0.5, "
+        "\"ignore_eos\": true}",
+        "{\"prompt\": \"Once upon a time\", \"max_tokens\": 12, \"temperature\": 0, "
+        "\"logit_bias\": {\"19923\": 5.5, \"100\": -100}, \"min_tokens\": 3, \"ignore_eos\": true}",
+    };
+    char *tmp = ds_test_tmpdir(), path[4200], cmd[16384];
+    for (size_t i = 0; i < sizeof lines / sizeof *lines; i++) {
+        snprintf(path, sizeof path, "%s/l%zu.jsonl", tmp, i);
+        FILE *f = fopen(path, "w");
+        if (f) {
+            fprintf(f, "%s\n", lines[i]);
+            fclose(f);
+        }
+        snprintf(cmd, sizeof cmd, "'%s' generate --model '%s' --batch-file '%s' 2>/dev/null",
+                 DSINFER_BIN, g_model, path);
+        int st;
+        char *out = srv_run(cmd, &st);
+        json_error_t je;
+        json_t *want = out ? json_loads(out, JSON_ALLOW_NUL, &je) : NULL;
+        json_t *req = json_loads(lines[i], 0, &je);
+        json_object_set_new(req, "return_token_ids", json_true());
+        json_t *got = post_pack(port, "/v1/completions", req, &st);
+        CHECK_MSG(st == 200 && want &&
+                      json_equal(json_object_get(choice(got, 0), "token_ids"),
+                                 json_object_get(want, "token_ids")),
+                  "line %zu: the server's tokens differ from generate --batch-file's", i);
+        json_decref(want);
+        json_decref(got);
+        free(out);
+    }
+    ds_test_rmtree(tmp);
+    free(tmp);
+}
+
 /* SIGTERM while a stream runs: the stream is finished, /health stops answering 200, exit 0. */
 static void test_graceful_shutdown(void) {
     srv_proc s;
-    const char *args[] = {"--max-num-seqs", "4", NULL};
+    const char *args[] = {"--max-num-seqs", "4", "--log-stats-interval", "1", NULL};
     CHECK(srv_start(&s, g_model, args) == 0);
     int fd = srv_connect(s.port);
     const char *body = "{\"prompt\": \"Mindspore is\", \"max_tokens\": 200, \"ignore_eos\": true, "
@@ -678,6 +806,9 @@ static void test_graceful_shutdown(void) {
     CHECK_MSG(code == 0, "exit status %d after SIGTERM", code);
     char *log = srv_read_file(s.log);
     CHECK(log && strstr(log, "shut down cleanly"));
+    CHECK_MSG(log && strstr(log, "Avg prompt throughput: ") &&
+                  strstr(log, " tokens/s, Avg generation throughput: ") && strstr(log, "Running: "),
+              "no throughput line in the log");
     free(log);
     unlink(s.log);
 }
@@ -707,6 +838,9 @@ int main(void) {
     test_seeds_and_n(s.port);
     test_stop_and_logprobs(s.port, tok);
     test_endpoints(s.port);
+    test_keep_alive(s.port);
+    test_disconnect_frees(s.port);
+    test_sampling_fields(s.port);
     fprintf(stderr, "main server checks: %.1fs\n", srv_now() - t0);
     int code = srv_stop(&s);
     CHECK_MSG(code == 0, "exit status %d after SIGTERM", code);
