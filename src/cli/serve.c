@@ -153,15 +153,22 @@ int ds_cmd_serve(int argc, char **argv) {
     long shutdown_s = 30, log_interval = 10, v;
     sp.api_key = getenv("VLLM_API_KEY");
     if (!names) return 1;
-    /* --served-model-name takes one or more words, as vLLM's (nargs="+"): the words after it
-     * that are not flags are names too; they are moved out of getopt's way first */
-    for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--served-model-name")) continue;
-        while (i + 2 < argc && argv[i + 2][0] != '-') {
-            names[n_names++] = argv[i + 2];
-            memmove(&argv[i + 2], &argv[i + 3], (size_t)(argc - i - 3) * sizeof *argv);
-            argc--;
+    /* --served-model-name takes one or more words, as vLLM's (nargs="+"): the flag and the
+     * words after it that are not flags are taken out of getopt's way first (the
+     * --served-model-name=NAME form is left to getopt) */
+    for (int i = 1; i < argc;) {
+        if (strcmp(argv[i], "--served-model-name")) {
+            i++;
+            continue;
         }
+        int k = i + 1;
+        while (k < argc && argv[k][0] != '-') names[n_names++] = argv[k++];
+        if (k == i + 1) {
+            fprintf(stderr, "dsinfer serve: --served-model-name needs at least one name\n");
+            return free(names), 2;
+        }
+        memmove(&argv[i], &argv[k], (size_t)(argc - k) * sizeof *argv);
+        argc -= k - i;
     }
     int c, rc = 0;
     optind = 1;

@@ -17,6 +17,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
@@ -264,6 +265,7 @@ SRV_FN int srv_start(srv_proc *s, const char *model, const char *const *args) {
     s->pid = fork();
     if (s->pid < 0) return -1;
     if (s->pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL); /* a test that dies takes its server with it */
         dup2(lfd, 2);
         int nul = open("/dev/null", O_RDWR);
         if (nul >= 0) {

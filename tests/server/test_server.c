@@ -577,9 +577,27 @@ static void test_reasoning(const ds_tokenizer *tok) {
     }
     strcat(bias, "}");
     srv_proc s;
-    const char *args[] = {"--reasoning-parser", "deepseek_r1", "--disable-log-requests", NULL};
+    const char *args[] = {"--reasoning-parser",
+                          "deepseek_r1",
+                          "--disable-log-requests",
+                          "--served-model-name",
+                          "deepseek-r1",
+                          "r1",
+                          NULL};
     CHECK(srv_start(&s, g_model, args) == 0);
     int st;
+    /* several served names (vLLM's nargs="+"): all listed, the first reported */
+    srv_resp mr = srv_get(s.port, "/v1/models");
+    json_t *ml = parse(&mr);
+    json_t *d = json_object_get(ml, "data");
+    CHECK(json_array_size(d) == 2 && !strcmp(str_of(json_array_get(d, 0), "id"), "deepseek-r1") &&
+          !strcmp(str_of(json_array_get(d, 1), "id"), "r1"));
+    json_decref(ml);
+    srv_resp_free(&mr);
+    json_t *named = post_json(s.port, "/v1/completions",
+                              "{\"model\": \"r1\", \"prompt\": \"x\", \"max_tokens\": 1}", &st);
+    CHECK(st == 200 && !strcmp(str_of(named, "model"), "deepseek-r1"));
+    json_decref(named);
     json_t *tk = post_json(s.port, "/tokenize",
                            "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}", &st);
     char *ids = json_dumps(json_object_get(tk, "tokens"), JSON_COMPACT);
@@ -842,6 +860,21 @@ int main(void) {
     test_disconnect_frees(s.port);
     test_sampling_fields(s.port);
     fprintf(stderr, "main server checks: %.1fs\n", srv_now() - t0);
+    /* usage and start-up errors: no model (2), more ranks (2), the port taken (1) */
+    char cmd[8400];
+    int st;
+    snprintf(cmd, sizeof cmd, "'%s' serve 2>/dev/null", DSINFER_BIN);
+    free(srv_run(cmd, &st));
+    CHECK(st == 2);
+    snprintf(cmd, sizeof cmd, "'%s' serve '%s' --tensor-parallel-size 2 2>&1", DSINFER_BIN,
+             g_model);
+    char *msg = srv_run(cmd, &st);
+    CHECK(st == 2 && msg && strstr(msg, "tensor-parallel-size"));
+    free(msg);
+    snprintf(cmd, sizeof cmd, "'%s' serve '%s' --port %d 2>&1", DSINFER_BIN, g_model, s.port);
+    msg = srv_run(cmd, &st);
+    CHECK_MSG(st == 1 && msg && strstr(msg, "cannot listen"), "a taken port: %d", st);
+    free(msg);
     int code = srv_stop(&s);
     CHECK_MSG(code == 0, "exit status %d after SIGTERM", code);
     char *log = srv_log(&s);
