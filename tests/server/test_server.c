@@ -794,6 +794,62 @@ static void test_sampling_fields(int port) {
 }
 
 /* SIGTERM while a stream runs: the stream is finished, /health stops answering 200, exit 0. */
+/* Sends a request on a fresh connection without reading the answer; the socket. */
+static int send_only(int port, const char *body) {
+    int fd = srv_connect(port);
+    char head[512];
+    int hl = snprintf(head, sizeof head,
+                      "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                      "Content-Length: %zu\r\n\r\n",
+                      strlen(body));
+    srv_send_all(fd, head, (size_t)hl);
+    srv_send_all(fd, body, strlen(body));
+    return fd;
+}
+
+/* SIGTERM with --shutdown-timeout 0: running requests are aborted, and say so: a stream ends with
+ * an error event and [DONE], a whole answer is a 503; exit 0. */
+static void test_shutdown_abort(void) {
+    srv_proc s;
+    const char *args[] = {"--shutdown-timeout", "0", "--disable-log-requests", NULL};
+    CHECK(srv_start(&s, g_model, args) == 0);
+    int a = send_only(s.port, "{\"prompt\": \"x\", \"max_tokens\": 250, \"n\": 16, "
+                              "\"ignore_eos\": true}");
+    int b = send_only(s.port, "{\"prompt\": \"y\", \"max_tokens\": 250, \"n\": 16, "
+                              "\"ignore_eos\": true, \"stream\": true}");
+    char first[64];
+    ssize_t got = recv(b, first, sizeof first, 0); /* the stream runs */
+    CHECK(got > 0);
+    kill(s.pid, SIGTERM);
+    size_t n;
+    srv_resp ra, rb;
+    char *raw = srv_read_all(a, &n);
+    srv_parse(raw, n, &ra);
+    raw = srv_read_all(b, &n);
+    if (raw && got > 0) { /* put back what was read before */
+        char *all = malloc(n + (size_t)got + 1);
+        memcpy(all, first, (size_t)got);
+        memcpy(all + got, raw, n + 1);
+        free(raw);
+        raw = all;
+        n += (size_t)got;
+    }
+    srv_parse(raw, n, &rb);
+    close(a);
+    close(b);
+    CHECK_MSG(ra.status == 503 && ra.body && strstr(ra.body, "shutting down"),
+              "aborted whole answer: %d %.200s", ra.status, ra.body ? ra.body : "");
+    CHECK_MSG(rb.status == 200 && rb.body && strstr(rb.body, "data: {\"error\"") &&
+                  strstr(rb.body, "data: [DONE]"),
+              "aborted stream: %.200s",
+              rb.body ? rb.body + (rb.body_len > 200 ? rb.body_len - 200 : 0) : "");
+    srv_resp_free(&ra);
+    srv_resp_free(&rb);
+    int code = srv_stop_sig(&s, SIGTERM, 60);
+    CHECK_MSG(code == 0, "exit status %d after SIGTERM", code);
+    unlink(s.log);
+}
+
 static void test_graceful_shutdown(void) {
     srv_proc s;
     const char *args[] = {"--max-num-seqs", "4", "--log-stats-interval", "1", NULL};
@@ -887,6 +943,7 @@ int main(void) {
     fprintf(stderr, "reasoning checks: %.1fs\n", srv_now() - t0);
     t0 = srv_now();
     test_graceful_shutdown();
+    test_shutdown_abort();
     fprintf(stderr, "shutdown checks: %.1fs\n", srv_now() - t0);
     ds_tok_close(tok);
     json_decref(golden);
