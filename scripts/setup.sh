@@ -25,6 +25,7 @@ PACKAGES=(
   libjansson-dev
   libpcre2-dev
   libssl-dev
+  libcurl4-openssl-dev
   libmicrohttpd-dev
   curl
   ca-certificates

@@ -22,6 +22,7 @@ int ds_cmd_chat_template(int argc, char **argv);
 int ds_cmd_quantize(int argc, char **argv);
 int ds_cmd_bench_kernels(int argc, char **argv);
 int ds_cmd_serve(int argc, char **argv); /* serve.c: the OpenAI-compatible HTTP server */
+int ds_cmd_bench(int argc, char **argv); /* bench.c: serving benchmark client (src/bench/) */
 
 /* Helpers shared by the subcommands. */
 /* Parses "1,2,3" or "1 2 3" into a malloc'd array; -1 and a message on bad input. */

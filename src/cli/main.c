@@ -15,6 +15,7 @@ static const struct {
     const char *help;
 } commands[] = {
     {"serve", ds_cmd_serve, "OpenAI-compatible HTTP server (completions, chat, metrics)"},
+    {"bench", ds_cmd_bench, "serving benchmark of an OpenAI-compatible endpoint (vLLM figures)"},
     {"generate", ds_cmd_generate, "greedy generation from token ids (ids on stdout)"},
     {"make-tiny", ds_cmd_make_tiny, "write a random DeepSeek-V3 checkpoint in the HF layout"},
     {"info", ds_cmd_info, "print a checkpoint's config, parameter counts and bytes per dtype"},
