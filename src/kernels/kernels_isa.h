@@ -79,4 +79,29 @@ static inline int ds_i4_get(const uint8_t *row, size_t c) {
     return (int)(v ^ 8u) - 8;
 }
 
+/* One 128-column step of dot4_i4 from column i of a block ending at `end`: *xe / *xo point at
+ * its 64 even / 64 odd activations (split layout, ds_i4_split) and wr[r] at row r's 64 packed
+ * bytes. A partial last step (fewer than 128 columns left) is copied into the zero-padded bx and
+ * bw, so kernels that read whole 64-byte steps (AVX2, NEON) see zeros past the end. */
+static inline void ds_i4_step(const int8_t *xs, const uint8_t *const w[4], size_t i, size_t end,
+                              int8_t bx[128], uint8_t bw[4][64], const int8_t **xe,
+                              const int8_t **xo, const uint8_t *wr[4]) {
+    const size_t o = i / 2; /* i is even: block even, or a single block from 0 */
+    *xe = xs + i;
+    *xo = xs + i + 64;
+    for (int r = 0; r < 4; r++) wr[r] = w[r] + o;
+    if (i + 128 <= end) return;
+    size_t len = end - i, ne = (len + 1) / 2;
+    memset(bx, 0, 128);
+    memcpy(bx, xs + i, ne);
+    memcpy(bx + 64, xs + i + ne, len / 2);
+    *xe = bx;
+    *xo = bx + 64;
+    for (int r = 0; r < 4; r++) {
+        memset(bw[r], 0, 64);
+        memcpy(bw[r], wr[r], ne);
+        wr[r] = bw[r];
+    }
+}
+
 #endif

@@ -162,24 +162,11 @@ static void dot4_i4_neon(const int8_t *xs, const int32_t *xoff, const uint8_t *c
         size_t end = n - c0 < block ? n : c0 + block;
         int32x4_t a[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
         for (size_t i = c0; i < end; i += 128) {
-            const size_t o = i / 2; /* i is even: block even, or a single block from 0 */
             int8_t bx[128];
             uint8_t bw[4][64];
-            const int8_t *xe = xs + i, *xo = xs + i + 64;
-            const uint8_t *wr[4] = {w[0] + o, w[1] + o, w[2] + o, w[3] + o};
-            if (i + 128 > end) {
-                size_t len = end - i, ne = (len + 1) / 2;
-                memset(bx, 0, sizeof bx);
-                memcpy(bx, xs + i, ne);
-                memcpy(bx + 64, xs + i + ne, len / 2);
-                xe = bx;
-                xo = bx + 64;
-                for (int r = 0; r < 4; r++) {
-                    memset(bw[r], 0, 64);
-                    memcpy(bw[r], wr[r], ne);
-                    wr[r] = bw[r];
-                }
-            }
+            const int8_t *xe, *xo;
+            const uint8_t *wr[4];
+            ds_i4_step(xs, w, i, end, bx, bw, &xe, &xo, wr);
             for (size_t h = 0; h < 64; h += 16) {
                 int8x16_t e = vld1q_s8(xe + h), od = vld1q_s8(xo + h);
                 for (int r = 0; r < 4; r++) {
