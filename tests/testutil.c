@@ -2,6 +2,7 @@
 
 #include <stdlib.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 int ds_test_failures;
@@ -17,7 +18,8 @@ const char *ds_test_fixtures(void) {
     if (!d || !*d) d = DSINFER_FIXTURES_DEFAULT;
     struct stat st;
     if (stat(d, &st) != 0 || !S_ISDIR(st.st_mode)) {
-        fprintf(stderr, "\n*** golden fixtures not found at '%s' (set DSINFER_FIXTURES) ***\n\n", d);
+        fprintf(stderr, "\n*** golden fixtures not found at '%s' (set DSINFER_FIXTURES) ***\n\n",
+                d);
         return NULL;
     }
     return d;
@@ -52,4 +54,23 @@ void ds_test_rmtree(const char *dir) {
     char cmd[4096];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
     if (system(cmd) != 0) fprintf(stderr, "warning: could not remove %s\n", dir);
+}
+
+char *ds_test_run(const char *cmd, int *status) {
+    FILE *p = popen(cmd, "r");
+    if (!p) return NULL;
+    size_t cap = 1 << 16, n = 0, got;
+    char *out = malloc(cap);
+    while (out && (got = fread(out + n, 1, cap - n - 1, p)) > 0) {
+        n += got;
+        if (n + 1 == cap) {
+            char *bigger = realloc(out, cap *= 2);
+            if (!bigger) break;
+            out = bigger;
+        }
+    }
+    int st = pclose(p);
+    if (status) *status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+    if (out) out[n] = 0;
+    return out;
 }

@@ -30,10 +30,14 @@ extern int ds_test_checks;
         }                                                                                          \
     } while (0)
 
-#define CHECK_NEAR(a, b, tol) CHECK_MSG(fabs((double)(a) - (double)(b)) <= (tol), "%.9g vs %.9g (tol %g)", (double)(a), (double)(b), (double)(tol))
+#define CHECK_NEAR(a, b, tol)                                                                      \
+    CHECK_MSG(fabs((double)(a) - (double)(b)) <= (tol), "%.9g vs %.9g (tol %g)", (double)(a),      \
+              (double)(b), (double)(tol))
 
 /* Asserts that the last ds_err message contains `needle`. */
-#define CHECK_ERR_CONTAINS(needle) CHECK_MSG(strstr(ds_err_msg(), (needle)) != NULL, "message '%s' lacks '%s'", ds_err_msg(), (needle))
+#define CHECK_ERR_CONTAINS(needle)                                                                 \
+    CHECK_MSG(strstr(ds_err_msg(), (needle)) != NULL, "message '%s' lacks '%s'", ds_err_msg(),     \
+              (needle))
 
 /* Prints "N checks, M failed" and returns the exit status. */
 int ds_test_finish(const char *name);
@@ -42,6 +46,10 @@ int ds_test_finish(const char *name);
  * message) when it does not exist; ds_test_skip_or_fail() then gives 77, or 1 when CI=true. */
 const char *ds_test_fixtures(void);
 int ds_test_skip_or_fail(const char *why);
+
+/* Runs a shell command; returns its stdout (malloc'd, NUL-terminated; NULL when it could not be
+ * started) and, when status is not NULL, its exit status (-1 when it did not exit normally). */
+char *ds_test_run(const char *cmd, int *status);
 
 /* A fresh empty temporary directory (mkdtemp under $TMPDIR); removed by ds_test_rmtree. */
 char *ds_test_tmpdir(void);

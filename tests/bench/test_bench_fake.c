@@ -315,25 +315,6 @@ static void fake_stop(void) {
 }
 
 /* ---- running the command -------------------------------------------------------------------- */
-static char *run(const char *cmd, int *status) {
-    FILE *p = popen(cmd, "r");
-    if (!p) return NULL;
-    size_t cap = 1 << 16, n = 0, got;
-    char *out = malloc(cap);
-    while (out && (got = fread(out + n, 1, cap - n - 1, p)) > 0) {
-        n += got;
-        if (n + 1 == cap) {
-            char *bigger = realloc(out, cap *= 2);
-            if (!bigger) break;
-            out = bigger;
-        }
-    }
-    int st = pclose(p);
-    *status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-    if (out) out[n] = 0;
-    return out;
-}
-
 static char tok_dir[4096], tmp_json[4200];
 
 /* Runs dsinfer bench against the fake server with extra args; returns the parsed result JSON
@@ -344,7 +325,7 @@ static json_t *bench(const char *args, char **out, int *status) {
     snprintf(cmd, sizeof cmd,
              "'%s' bench --port %d --model fake-model --tokenizer '%s' --result-json '%s' %s",
              DSINFER_BIN, F.port, tok_dir, tmp_json, args);
-    *out = run(cmd, status);
+    *out = ds_test_run(cmd, status);
     return json_load_file(tmp_json, JSON_ALLOW_NUL, NULL);
 }
 
@@ -728,14 +709,14 @@ int main(void) {
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         char cmd[1024];
         snprintf(cmd, sizeof cmd, "'%s' bench %s 2>/dev/null", DSINFER_BIN, bad[i]);
-        free(run(cmd, &st));
+        free(ds_test_run(cmd, &st));
         CHECK_MSG(st == 2, "'%s': status %d", bad[i], st);
     }
     /* the model name from GET /v1/models fails clearly when nothing listens */
     char cmd[8192];
     snprintf(cmd, sizeof cmd, "'%s' bench --port %d --tokenizer '%s' 2>&1", DSINFER_BIN, dead_port,
              tok_dir);
-    out = run(cmd, &st);
+    out = ds_test_run(cmd, &st);
     CHECK(st == 1 && out && strstr(out, "cannot ask the server for its model name"));
     free(out);
 

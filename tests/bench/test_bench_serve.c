@@ -21,25 +21,6 @@
 #include <time.h>
 #include <unistd.h>
 
-static char *run(const char *cmd, int *status) {
-    FILE *p = popen(cmd, "r");
-    if (!p) return NULL;
-    size_t cap = 1 << 16, n = 0, got;
-    char *out = malloc(cap);
-    while (out && (got = fread(out + n, 1, cap - n - 1, p)) > 0) {
-        n += got;
-        if (n + 1 == cap) {
-            char *bigger = realloc(out, cap *= 2);
-            if (!bigger) break;
-            out = bigger;
-        }
-    }
-    int st = pclose(p);
-    *status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-    if (out) out[n] = 0;
-    return out;
-}
-
 static int free_port(void) {
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
@@ -188,7 +169,7 @@ int main(void) {
     int st;
     char cmd[16384];
     snprintf(cmd, sizeof cmd, "'%s' serve --help >/dev/null 2>&1", DSINFER_BIN);
-    free(run(cmd, &st));
+    free(ds_test_run(cmd, &st));
     if (st != 0) return ds_test_skip_or_fail("this dsinfer has no `serve` command");
     curl_global_init(CURL_GLOBAL_DEFAULT);
     char model[4096], log[4200], json[4200], url[128];
@@ -226,7 +207,7 @@ int main(void) {
                  "--num-prompts 8 --prompt-tokens 40 --output-tokens 12 --seed %d "
                  "--result-json '%s'",
                  DSINFER_BIN, backends[b], port, model, b, json);
-        char *out = run(cmd, &st);
+        char *out = ds_test_run(cmd, &st);
         CHECK_MSG(st == 0, "%s: status %d\n%s", backends[b], st, out ? out : "");
         json_t *j = json_load_file(json, JSON_ALLOW_NUL, NULL);
         CHECK(j != NULL);

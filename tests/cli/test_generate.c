@@ -11,28 +11,6 @@
 #include "io/io.h"
 
 #include <stdlib.h>
-#include <sys/wait.h>
-
-/* Runs a shell command, returns its stdout (malloc'd) and exit status. */
-static char *run(const char *cmd, int *status) {
-    FILE *p = popen(cmd, "r");
-    if (!p) return NULL;
-    size_t cap = 1 << 16, n = 0;
-    char *out = malloc(cap);
-    size_t got;
-    while (out && (got = fread(out + n, 1, cap - n - 1, p)) > 0) {
-        n += got;
-        if (n + 1 == cap) {
-            char *bigger = realloc(out, cap *= 2);
-            if (!bigger) break;
-            out = bigger;
-        }
-    }
-    int st = pclose(p);
-    *status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-    if (out) out[n] = 0;
-    return out;
-}
 
 static void chomp(char *s) {
     size_t n = strlen(s);
@@ -70,7 +48,7 @@ int main(void) {
                  "--output ids 2>/dev/null",
                  DSINFER_BIN, model, text, json_array_size(gt));
         int st;
-        char *out = run(cmd, &st);
+        char *out = ds_test_run(cmd, &st);
         CHECK(out != NULL && st == 0);
         if (out) {
             chomp(out);
@@ -88,7 +66,7 @@ int main(void) {
              "\"content\":\"Hello, who are you?\"}]' | '%s' chat-template --model '%s' "
              "--add-generation-prompt | '%s' tokenize --model '%s' --no-bos",
              DSINFER_BIN, model, DSINFER_BIN, model);
-    char *ids = run(cmd, &st);
+    char *ids = ds_test_run(cmd, &st);
     CHECK(ids != NULL && st == 0);
     if (ids) {
         chomp(ids);
@@ -96,12 +74,12 @@ int main(void) {
         snprintf(cmd, sizeof cmd,
                  "'%s' generate --model '%s' --prompt-ids '%s' --max-tokens 6 --ignore-eos",
                  DSINFER_BIN, model, ids);
-        char *a = run(cmd, &st);
+        char *a = ds_test_run(cmd, &st);
         snprintf(cmd, sizeof cmd,
                  "'%s' generate --model '%s' --chat 'Hello, who are you?' --system 'Be brief.' "
                  "--max-tokens 6 --ignore-eos --output ids 2>/dev/null",
                  DSINFER_BIN, model);
-        char *b = run(cmd, &st);
+        char *b = ds_test_run(cmd, &st);
         CHECK(a && b && st == 0);
         if (a && b) CHECK_MSG(strcmp(a, b) == 0, "--chat ids %s vs piped %s", b, a);
         /* Text output == detokenize of the id output (special tokens skipped). */
@@ -111,10 +89,10 @@ int main(void) {
                      "'%s' generate --model '%s' --chat 'Hello, who are you?' --system "
                      "'Be brief.' --max-tokens 6 --ignore-eos 2>/dev/null",
                      DSINFER_BIN, model);
-            char *text = run(cmd, &st);
+            char *text = ds_test_run(cmd, &st);
             snprintf(cmd, sizeof cmd, "'%s' detokenize --model '%s' --skip-special --ids '%s'",
                      DSINFER_BIN, model, b);
-            char *want = run(cmd, &st);
+            char *want = ds_test_run(cmd, &st);
             CHECK(text && want);
             if (text && want) {
                 chomp(text);
@@ -162,7 +140,7 @@ int main(void) {
              "'%s' generate --model '%s' --batch-file '%s' --max-num-seqs 3 "
              "--block-size 4 --max-num-batched-tokens 16 2>/dev/null",
              DSINFER_BIN, model, bpath);
-    char *bout = run(cmd, &st);
+    char *bout = ds_test_run(cmd, &st);
     CHECK_MSG(st == 1, "a batch with bad lines exits %d, want 1", st);
     json_t *res = json_array();
     for (char *l = bout ? strtok(bout, "\n") : NULL; l; l = strtok(NULL, "\n")) {
@@ -187,7 +165,7 @@ int main(void) {
                  "'%s' generate --model '%s' --chat 'Hello, who are you?' --system 'Be brief.' "
                  "--max-tokens 6 --ignore-eos --output ids 2>/dev/null",
                  DSINFER_BIN, model);
-        char *chat_ids = run(cmd, &st);
+        char *chat_ids = ds_test_run(cmd, &st);
         char got[512] = "";
         size_t k;
         json_t *v;
@@ -216,7 +194,7 @@ int main(void) {
     /* Usage errors exit 2 and print nothing on stdout. */
     snprintf(cmd, sizeof cmd, "'%s' generate --model '%s' --prompt x --chat y 2>/dev/null",
              DSINFER_BIN, model);
-    char *out = run(cmd, &st);
+    char *out = ds_test_run(cmd, &st);
     CHECK(st == 2 && out && out[0] == 0);
     free(out);
     json_decref(g);

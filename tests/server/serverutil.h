@@ -332,24 +332,4 @@ SRV_FN char *srv_log(const srv_proc *s) {
     return srv_read_file(s->log);
 }
 
-/* Runs a shell command; its stdout (malloc'd) and exit status. */
-SRV_FN char *srv_run(const char *cmd, int *status) {
-    FILE *p = popen(cmd, "r");
-    if (!p) return NULL;
-    size_t cap = 1 << 16, n = 0, got;
-    char *out = malloc(cap);
-    while (out && (got = fread(out + n, 1, cap - n - 1, p)) > 0) {
-        n += got;
-        if (n + 1 == cap) {
-            char *b = realloc(out, cap *= 2);
-            if (!b) break;
-            out = b;
-        }
-    }
-    int st = pclose(p);
-    if (status) *status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-    if (out) out[n] = 0;
-    return out;
-}
-
 #endif

@@ -167,7 +167,7 @@ static void test_curl_as_a_user(int port) {
              "\"Mindspore is\", \"max_tokens\": 120, \"temperature\": 0}'",
              port, g_model);
     int st;
-    char *out = srv_run(cmd, &st);
+    char *out = ds_test_run(cmd, &st);
     CHECK_MSG(st == 0 && out, "curl failed (%d)", st);
     json_error_t je;
     json_t *o = out ? json_loads(out, JSON_ALLOW_NUL, &je) : NULL;
@@ -181,7 +181,7 @@ static void test_curl_as_a_user(int port) {
     }
     snprintf(cmd, sizeof cmd, "'%s' generate --model '%s' --batch-file '%s' 2>/dev/null",
              DSINFER_BIN, g_model, path);
-    char *bout = srv_run(cmd, &st);
+    char *bout = ds_test_run(cmd, &st);
     json_t *b = bout ? json_loads(bout, JSON_ALLOW_NUL, &je) : NULL;
     CHECK_MSG(b != NULL && st == 0, "generate --batch-file failed");
     if (o && b) {
@@ -775,7 +775,7 @@ static void test_sampling_fields(int port) {
         snprintf(cmd, sizeof cmd, "'%s' generate --model '%s' --batch-file '%s' 2>/dev/null",
                  DSINFER_BIN, g_model, path);
         int st;
-        char *out = srv_run(cmd, &st);
+        char *out = ds_test_run(cmd, &st);
         json_error_t je;
         json_t *want = out ? json_loads(out, JSON_ALLOW_NUL, &je) : NULL;
         json_t *req = json_loads(lines[i], 0, &je);
@@ -920,15 +920,15 @@ int main(void) {
     char cmd[8400];
     int st;
     snprintf(cmd, sizeof cmd, "'%s' serve 2>/dev/null", DSINFER_BIN);
-    free(srv_run(cmd, &st));
+    free(ds_test_run(cmd, &st));
     CHECK(st == 2);
     snprintf(cmd, sizeof cmd, "'%s' serve '%s' --tensor-parallel-size 2 2>&1", DSINFER_BIN,
              g_model);
-    char *msg = srv_run(cmd, &st);
+    char *msg = ds_test_run(cmd, &st);
     CHECK(st == 2 && msg && strstr(msg, "tensor-parallel-size"));
     free(msg);
     snprintf(cmd, sizeof cmd, "'%s' serve '%s' --port %d 2>&1", DSINFER_BIN, g_model, s.port);
-    msg = srv_run(cmd, &st);
+    msg = ds_test_run(cmd, &st);
     CHECK_MSG(st == 1 && msg && strstr(msg, "cannot listen"), "a taken port: %d", st);
     free(msg);
     int code = srv_stop(&s);
