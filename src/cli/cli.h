@@ -23,6 +23,8 @@ int ds_cmd_quantize(int argc, char **argv);
 int ds_cmd_bench_kernels(int argc, char **argv);
 int ds_cmd_serve(int argc, char **argv); /* serve.c: the OpenAI-compatible HTTP server */
 int ds_cmd_bench(int argc, char **argv); /* bench.c: serving benchmark client (src/bench/) */
+/* check.c: deployment preflight; its own exit codes 3-8 name the kind of problem (usage). */
+int ds_cmd_check(int argc, char **argv);
 
 /* Helpers shared by the subcommands. */
 /* Parses "1,2,3" or "1 2 3" into a malloc'd array; -1 and a message on bad input. */
@@ -32,6 +34,10 @@ const char *ds_cli_default_model(void);
 /* The directory of the real DeepSeek-V3 tokenizer files (DSINFER_TOKENIZER_DIR env, else the
  * path scripts/setup.sh fetched them to). */
 const char *ds_cli_default_tokenizer_dir(void);
+
+/* Ranks > 0 of an mpirun launch call this instead of running their command: open the model's
+ * shard and run rank 0's steps until it stops (ds_model_follow). Returns the exit status. */
+int ds_cli_follow(const char *cmd, const char *model_dir, const ds_model_params *mp);
 
 /* "a/b", malloc'd (caller frees); NULL when out of memory. */
 char *ds_cli_path_join(const char *a, const char *b);

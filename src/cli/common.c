@@ -376,3 +376,12 @@ int ds_cli_engine_flag(int c, const char *arg, const char *cmd, ds_engine_params
         return 0;
     }
 }
+
+int ds_cli_follow(const char *cmd, const char *model_dir, const ds_model_params *mp) {
+    ds_model *m = NULL;
+    int rc = ds_model_open(model_dir, mp, &m);
+    if (!rc) rc = ds_model_follow(m);
+    if (rc) fprintf(stderr, "dsinfer %s: %s\n", cmd, ds_err_msg());
+    ds_model_close(m);
+    return rc ? 1 : 0;
+}

@@ -7,6 +7,7 @@
  * default for --prompt-ids), or the generated text streamed as it is decoded (the default for
  * --prompt / --chat; special tokens skipped, as vLLM's skip_special_tokens does). */
 #include "cli/cli.h"
+#include "dist/dist.h"
 #include "model/model.h"
 #include "tokenizer/tokenizer.h"
 
@@ -116,6 +117,7 @@ static int run(const gen_opts *o) {
     int64_t n_ids = 0;
     ds_detok detok;
     int rc = DS_OK;
+    if (ds_dist_rank() > 0) return ds_cli_follow("generate", o->model_dir, &o->mp);
     if (o->prompt || o->chat || o->text_out) rc = ds_tok_open(o->model_dir, &tok);
     if (!rc) rc = prompt_ids(o, tok, &ids, &n_ids);
     double t0 = ds_now();

@@ -17,6 +17,7 @@
  * string, when one ended it), logprobs (when asked), error (when the line failed). A bad line
  * fails alone, with its error; the exit status is 1 when any line failed. */
 #include "cli/cli.h"
+#include "dist/dist.h"
 #include "tokenizer/tokenizer.h"
 
 #include <stdlib.h>
@@ -278,6 +279,7 @@ static void job_free(line_job *j) {
 
 int ds_cli_generate_batch(const char *model_dir, const char *file, int text_out,
                           const ds_model_params *mp, const ds_engine_params *ep) {
+    if (ds_dist_rank() > 0) return ds_cli_follow("generate", model_dir, mp);
     FILE *f = strcmp(file, "-") ? fopen(file, "r") : stdin;
     if (!f) {
         fprintf(stderr, "dsinfer generate: cannot open --batch-file %s\n", file);

@@ -1,6 +1,7 @@
 /* dsinfer: one program, one subcommand per job. Nothing else lives here. */
 #include "cli/cli.h"
 #include "core/core.h"
+#include "dist/dist.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -25,6 +26,7 @@ static const struct {
     {"detokenize", ds_cmd_detokenize, "token ids to text (lossy UTF-8)"},
     {"chat-template", ds_cmd_chat_template, "render a JSON messages array with the chat template"},
     {"quantize", ds_cmd_quantize, "int8 / int4 weights (w8a8, w4a8) from a BF16 or FP8 checkpoint"},
+    {"check", ds_cmd_check, "deployment preflight: files, shards, config, memory, disk, ranks"},
 };
 
 static void usage(FILE *f) {
@@ -43,8 +45,17 @@ int main(int argc, char **argv) {
         printf("dsinfer %s\n", DSINFER_VERSION);
         return 0;
     }
-    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
-        if (!strcmp(argv[1], commands[i].name)) return commands[i].fn(argc - 1, argv + 1);
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
+        if (strcmp(argv[1], commands[i].name)) continue;
+        /* under mpirun every rank runs the same command line (src/dist) */
+        if (ds_dist_init(&argc, &argv)) {
+            fprintf(stderr, "dsinfer: %s\n", ds_err_msg());
+            return 1;
+        }
+        int rc = commands[i].fn(argc - 1, argv + 1);
+        ds_dist_finalize();
+        return rc;
+    }
     fprintf(stderr, "dsinfer: unknown command '%s'\n", argv[1]);
     usage(stderr);
     return 2;

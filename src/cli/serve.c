@@ -8,6 +8,7 @@
  * second signal cuts that short), then close the engine (what still runs is aborted and its
  * clients get an error event or a 503), close the server, exit 0. */
 #include "cli/cli.h"
+#include "dist/dist.h"
 #include "server/server.h"
 #include "tokenizer/tokenizer.h"
 
@@ -27,7 +28,10 @@ static void usage(FILE *f) {
             "  --served-model-name N...  model name(s) clients use (default: MODEL_DIR as given)\n"
             "  --api-key KEY             require \"Authorization: Bearer KEY\" on /v1/* (also\n"
             "                            from $VLLM_API_KEY)\n"
-            "  --tensor-parallel-size N  ranks (1; more needs the distributed build)\n"
+            "  --tensor-parallel-size N  ranks the model is split over: must equal mpirun's -np\n"
+            "                            (default: the number of ranks; docs/deploy.md)\n"
+            "  --dist-timeout S          with several ranks: seconds rank 0 waits for the others\n"
+            "                            before it fails the requests and exits (default 300)\n"
             "  --trust-remote-code       accepted for vLLM compatibility; no effect\n"
             "  --threads N               model worker threads (default: all CPUs)\n"
             "  --chat-template-format F  v3, r1 or r1-0528 (default: recognised from\n"
@@ -104,6 +108,7 @@ int ds_cmd_serve(int argc, char **argv) {
         O_NAME,
         O_KEY,
         O_TP,
+        O_DIST_TIMEOUT,
         O_TRUST,
         O_THREADS,
         O_CHATFMT,
@@ -126,6 +131,7 @@ int ds_cmd_serve(int argc, char **argv) {
                                          {"served-model-name", required_argument, 0, O_NAME},
                                          {"api-key", required_argument, 0, O_KEY},
                                          {"tensor-parallel-size", required_argument, 0, O_TP},
+                                         {"dist-timeout", required_argument, 0, O_DIST_TIMEOUT},
                                          {"trust-remote-code", no_argument, 0, O_TRUST},
                                          {"threads", required_argument, 0, O_THREADS},
                                          {"chat-template-format", required_argument, 0, O_CHATFMT},
@@ -192,14 +198,19 @@ int ds_cmd_serve(int argc, char **argv) {
             break;
         case O_TP:
             if (parse_int("--tensor-parallel-size", optarg, 1, 4096, &v)) return free(names), 2;
-            if (v != 1) {
+            if (v != ds_dist_size()) {
                 fprintf(stderr,
-                        "dsinfer serve: --tensor-parallel-size %ld: this build serves from one "
-                        "process (tensor parallel size 1); multi-rank serving comes with the "
-                        "distributed (MPI) build\n",
-                        v);
+                        "dsinfer serve: --tensor-parallel-size %ld, but %d rank%s running: "
+                        "start one rank per share with mpirun -np %ld (or dsinfer launch; "
+                        "docs/deploy.md)%s\n",
+                        v, ds_dist_size(), ds_dist_size() == 1 ? " is" : "s are", v,
+                        ds_dist_available() ? "" : "; this build has no MPI");
                 return free(names), 2;
             }
+            break;
+        case O_DIST_TIMEOUT:
+            if (parse_int("--dist-timeout", optarg, 0, 86400, &v)) return free(names), 2;
+            ds_dist_set_timeout((double)v);
             break;
         case O_TRUST:
             break; /* vLLM compatibility; nothing remote is ever run */
@@ -298,6 +309,8 @@ int ds_cmd_serve(int argc, char **argv) {
         return free(names), 2;
     }
 
+    if (ds_dist_rank() > 0) return free(names), ds_cli_follow("serve", model_dir, &mp);
+
     /* signals: blocked in every thread (the server's and engine's inherit the mask) and taken
      * by this thread with sigtimedwait */
     sigset_t sigs;
@@ -363,14 +376,21 @@ int ds_cmd_serve(int argc, char **argv) {
         struct timespec ts = {1, 0};
         sig = sigtimedwait(&sigs, NULL, &ts);
         if (sig == SIGINT || sig == SIGTERM) break;
+        if (ds_dist_broken()) break; /* a rank failed: the engine fails every request now */
         if (log_stats && ds_now() >= next_log) {
             ds_server_log_stats(srv, 0);
             next_log = ds_now() + (double)log_interval;
         }
     }
+    /* Under mpirun a signal usually means the job is ending (mpirun stops every rank when one
+     * fails): the other ranks may be gone, so no step may wait long for them. */
+    if (ds_dist_size() > 1) ds_dist_set_timeout(2);
     ds_info("%s: shutting down: no new connections; waiting up to %lds for %lld running "
             "request(s)",
-            sig == SIGINT ? "SIGINT" : "SIGTERM", shutdown_s, (long long)ds_server_in_flight(srv));
+            ds_dist_broken()     ? "a rank failed"
+            : sig == SIGINT ? "SIGINT"
+                            : "SIGTERM",
+            shutdown_s, (long long)ds_server_in_flight(srv));
     ds_server_drain(srv);
     double deadline = ds_now() + (double)shutdown_s;
     while (ds_server_in_flight(srv) > 0 && ds_now() < deadline) {
@@ -390,6 +410,10 @@ int ds_cmd_serve(int argc, char **argv) {
     ds_tok_close(tok);
     ds_model_close(m);
     free(names);
+    if (ds_dist_broken()) {
+        fprintf(stderr, "dsinfer serve: the ranks lost each other; exiting with status 1\n");
+        return 1;
+    }
     ds_info("shut down cleanly");
     return 0;
 fail:

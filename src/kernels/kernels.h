@@ -131,6 +131,10 @@ typedef struct {
      * of a row holds column 2j in its low nibble and 2j+1 in its high nibble, two's complement
      * in [-8, 7]; a row takes ceil(cols / 2) bytes. 0: one int8 per element. */
     int int4;
+    /* Rows of the scale grid's matrix above row 0: a row slice (one rank's heads, experts or
+     * vocabulary, src/model/shard.c) keeps the whole grid and reads scale rows (row0 + r) /
+     * block_rows, so it may start inside a block. 0 for a whole matrix. */
+    int64_t row0;
 } ds_mat;
 
 /* True when the dtype is one ds_matmul can read. */
@@ -139,6 +143,8 @@ int ds_mat_dtype_ok(ds_dtype t);
 void ds_mat_row_f32(const ds_mat *w, int64_t r, float *dst);
 /* Same for columns [c0, c0 + n) of row r. */
 void ds_mat_row_part_f32(const ds_mat *w, int64_t r, int64_t c0, int64_t n, float *dst);
+/* Narrows w to its rows [r0, r1) in place (data advanced, row0 for the scale grid). */
+void ds_mat_slice_rows(ds_mat *w, int64_t r0, int64_t r1);
 /* Bytes of the stored matrix (scales included). */
 uint64_t ds_mat_bytes(const ds_mat *w);
 

@@ -69,9 +69,11 @@ static size_t row_bytes(const ds_mat *w) {
 }
 
 uint64_t ds_mat_bytes(const ds_mat *w) {
+    if (w->rows <= 0) return 0;
     uint64_t n = (uint64_t)w->rows * (uint64_t)row_bytes(w);
     if ((w->dtype == DS_F8_E4M3 || w->dtype == DS_I8) && w->block_rows > 0 && w->block_cols > 0) {
-        uint64_t rb = (uint64_t)((w->rows + w->block_rows - 1) / w->block_rows);
+        uint64_t rb = (uint64_t)((w->row0 + w->rows - 1) / w->block_rows - w->row0 / w->block_rows +
+                                 1); /* scale rows this (possibly sliced) matrix reads */
         uint64_t cb = (uint64_t)((w->cols + w->block_cols - 1) / w->block_cols);
         n += rb * cb * sizeof(float);
     }
@@ -108,7 +110,7 @@ static void row_part(const ds_kernels *k, const ds_mat *w, int64_t r, int64_t c0
         break;
     case DS_F8_E4M3: {
         int64_t n_col_blocks = (w->cols + w->block_cols - 1) / w->block_cols;
-        const float *srow = w->scale + (r / w->block_rows) * n_col_blocks;
+        const float *srow = w->scale + ((w->row0 + r) / w->block_rows) * n_col_blocks;
         for (int64_t c = c0, end = c0 + n; c < end;) {
             int64_t cb = c / w->block_cols;
             int64_t seg_end = (cb + 1) * w->block_cols;
@@ -122,7 +124,7 @@ static void row_part(const ds_kernels *k, const ds_mat *w, int64_t r, int64_t c0
     }
     case DS_I8: { /* q * scale, rounded once in f32 (q is exact in f32), block by block */
         int64_t n_col_blocks = (w->cols + w->block_cols - 1) / w->block_cols;
-        const float *srow = w->scale + (r / w->block_rows) * n_col_blocks;
+        const float *srow = w->scale + ((w->row0 + r) / w->block_rows) * n_col_blocks;
         const unsigned char *row = base + (size_t)r * row_bytes(w);
         for (int64_t c = c0, end = c0 + n; c < end;) {
             int64_t cb = c / w->block_cols, seg_end = (cb + 1) * w->block_cols;
@@ -153,6 +155,13 @@ void ds_mat_row_part_f32(const ds_mat *w, int64_t r, int64_t c0, int64_t n, floa
     check_mat(w);
     DS_ASSERT(r >= 0 && r < w->rows && c0 >= 0 && n >= 0 && c0 + n <= w->cols);
     row_part(ds_kernels_get(), w, r, c0, n, dst);
+}
+
+void ds_mat_slice_rows(ds_mat *w, int64_t r0, int64_t r1) {
+    DS_ASSERT(r0 >= 0 && r0 <= r1 && r1 <= w->rows);
+    w->data = (const unsigned char *)w->data + (size_t)r0 * row_bytes(w);
+    w->row0 += r0;
+    w->rows = r1 - r0;
 }
 
 void ds_mat_row_f32(const ds_mat *w, int64_t r, float *dst) {
@@ -341,7 +350,7 @@ static void matmul_fused_thread(void *arg, int thread, int n_threads) {
             const float *sp[4] = {NULL, NULL, NULL, NULL};
             for (size_t j = 0; j < 4; j++) {
                 wp[j] = (const unsigned char *)w->data + (rr[j] * cols + c0) * esz;
-                if (bc) sp[j] = w->scale + (rr[j] / (size_t)w->block_rows) * n_col_blocks + c0 / bc;
+                if (bc) sp[j] = w->scale + (((size_t)w->row0 + rr[j]) / (size_t)w->block_rows) * n_col_blocks + c0 / bc;
             }
             /* tokens in pairs (each weight decoded once per pair), an odd one alone */
             for (size_t t = 0; t < n_tok; t += 2) {
@@ -482,7 +491,7 @@ static void matmul_i8_thread(void *arg, int thread, int n_threads) {
                     for (size_t j = 0; j < 4; j++) { /* a tail group repeats row r0; dropped */
                         size_t r = r0 + (j < nr ? j : 0);
                         wp[j] = data + r * rowb + cb0;
-                        srow[j] = w->scale + (r / br) * ncb + cbase;
+                        srow[j] = w->scale + (((size_t)w->row0 + r) / br) * ncb + cbase;
                     }
                     if (w->int4) {
                         const uint8_t *const w4[4] = {wp[0], wp[1], wp[2], wp[3]};
@@ -683,7 +692,7 @@ static void matmul_gemm_thread(void *arg, int thread, int n_threads) {
                 w4[j] = data + r * rowb;
                 w8[j] = (const int8_t *)w4[j];
                 for (size_t b = 0; b < nb; b++)
-                    memcpy(sw + (pi * nb + b) * 16 + j, w->scale + (r / br) * nb + b,
+                    memcpy(sw + (pi * nb + b) * 16 + j, w->scale + (((size_t)w->row0 + r) / br) * nb + b,
                            sizeof(float));
             }
             if (w->int4)

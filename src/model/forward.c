@@ -18,7 +18,11 @@
  * best groups stay eligible; the top-k experts by biased score are weighted by their unbiased
  * scores (normalised when norm_topk_prob) times routed_scaling_factor. Tokens are gathered per
  * expert so each expert runs one matmul over all its tokens; experts are accumulated in index
- * order and the shared experts added last, the reference's summation order. */
+ * order and the shared experts added last, the reference's summation order.
+ *
+ * Across ranks (shard.c) each rank runs its heads, experts, vocabulary and MLP rows; the
+ * collectives in between put together exactly the numbers one rank would have computed. */
+#include "dist/dist.h"
 #include "model/model_internal.h"
 
 #include <math.h>
@@ -49,7 +53,8 @@ static int64_t imax(int64_t a, int64_t b) {
 /* B tokens per chunk, attention over at most max_ctx positions per token. */
 static int setup_bufs(ds_model *m, int64_t max_ctx, int64_t B, fwd_bufs *b) {
     const ds_config *c = &m->cfg;
-    int64_t D = c->hidden_size, H = c->n_heads, qk = c->qk_nope_head_dim + c->qk_rope_head_dim;
+    int64_t D = c->hidden_size, qk = c->qk_nope_head_dim + c->qk_rope_head_dim;
+    int64_t H = m->shard.heads.hi - m->shard.heads.lo, H_all = c->n_heads;
     int64_t inter =
         imax(c->intermediate_size, c->moe_intermediate_size * imax(1, c->n_shared_experts));
     int64_t k = imax(1, c->n_experts_per_tok), E = imax(1, c->n_routed_experts);
@@ -64,7 +69,7 @@ static int setup_bufs(ds_model *m, int64_t max_ctx, int64_t B, fwd_bufs *b) {
                       (size_t)(B * (c->kv_lora_rank + c->qk_rope_head_dim)),
                       (size_t)(B * H * c->kv_lora_rank),
                       (size_t)(B * H * c->kv_lora_rank),
-                      (size_t)(B * H * c->v_head_dim),
+                      (size_t)(B * H_all * c->v_head_dim),
                       (size_t)(B * E),
                       (size_t)(B * D),
                       (size_t)(B * inter),
@@ -123,6 +128,11 @@ static void rmsnorm_rows(float *x, const float *w, int64_t rows, int64_t n, int6
     for (int64_t t = 0; t < rows; t++) ds_rmsnorm(x + t * stride, x + t * stride, w, n, eps);
 }
 
+/* This rank's attention heads. */
+static int64_t local_heads(const ds_model *m) {
+    return m->shard.heads.hi - m->shard.heads.lo;
+}
+
 /* ds_matmul with the step's cost counted: the matrix's bytes (read once per call, whatever
  * the token count) and its multiply-adds, by weight kind. */
 static void mm(ds_model *m, float *y, const float *x, int64_t n, const ds_mat *w) {
@@ -135,6 +145,20 @@ static void mm(ds_model *m, float *y, const float *x, int64_t n, const ds_mat *w
         m->cost.macs_float += macs;
 }
 
+/* y[n, units] = x W^T for a W whose rows are split across ranks (units rows in all): each
+ * rank computes its rows, the pieces are gathered. */
+static int mm_split(ds_model *m, float *y, const float *x, int64_t n, const ds_mat *w,
+                    int64_t units) {
+    if (m->shard.size == 1) {
+        mm(m, y, x, n, w);
+        return DS_OK;
+    }
+    float *part = ds_shard_buf(&m->part, &m->part_floats, (size_t)(n * w->rows));
+    if (!part) return DS_ERR_NOMEM;
+    mm(m, part, x, n, w);
+    return ds_shard_gather_cols(m, part, n, units, 1, y);
+}
+
 /* ---- MLA ---- */
 
 typedef struct {
@@ -145,6 +169,7 @@ typedef struct {
     const ds_batch *bt; /* the step; this chunk is its tokens [i0, i0 + n) */
     int64_t i0, n, layer;
     int64_t row_off; /* per-thread buffer: offset of the dequantised row after the scores */
+    float *o;        /* (n, this rank's heads x v): absorb_o_task's output */
 } attn_ctx;
 
 /* The cache slot of position pos of the sequence of batch token i. */
@@ -160,7 +185,7 @@ static void absorb_q_task(void *arg, int thread, int n_threads) {
     attn_ctx *a = arg;
     const ds_config *c = &a->m->cfg;
     const ds_kernels *k = ds_kernels_get();
-    int64_t H = c->n_heads, R = c->kv_lora_rank, dn = c->qk_nope_head_dim;
+    int64_t H = local_heads(a->m), R = c->kv_lora_rank, dn = c->qk_nope_head_dim;
     int64_t qk = dn + c->qk_rope_head_dim, rows_per_head = dn + c->v_head_dim;
     float *row = a->b->thread_buf + (size_t)thread * a->b->thread_floats + a->row_off;
     size_t h0, h1;
@@ -203,7 +228,7 @@ static void attend_task(void *arg, int thread, int n_threads) {
     const ds_config *c = &a->m->cfg;
     const ds_kernels *k = ds_kernels_get();
     const ds_kv_cache *kv = a->kv;
-    int64_t H = c->n_heads, R = c->kv_lora_rank, dr = c->qk_rope_head_dim;
+    int64_t H = local_heads(a->m), R = c->kv_lora_rank, dr = c->qk_rope_head_dim;
     int64_t qk = c->qk_nope_head_dim + dr;
     float *scores = a->b->thread_buf + (size_t)thread * a->b->thread_floats;
     float *row = scores + a->row_off; /* a latent row in f32 when the cache is narrower */
@@ -246,7 +271,8 @@ static void absorb_o_task(void *arg, int thread, int n_threads) {
     attn_ctx *a = arg;
     const ds_config *c = &a->m->cfg;
     const ds_kernels *k = ds_kernels_get();
-    int64_t H = c->n_heads, R = c->kv_lora_rank, dn = c->qk_nope_head_dim, dv = c->v_head_dim;
+    int64_t H = local_heads(a->m), R = c->kv_lora_rank, dn = c->qk_nope_head_dim;
+    int64_t dv = c->v_head_dim;
     float *row = a->b->thread_buf + (size_t)thread * a->b->thread_floats + a->row_off;
     size_t h0, h1;
     ds_split_range((size_t)H, thread, n_threads, &h0, &h1);
@@ -254,16 +280,16 @@ static void absorb_o_task(void *arg, int thread, int n_threads) {
         for (int64_t v = 0; v < dv; v++) {
             ds_mat_row_f32(&a->L->kv_b, h * (dn + dv) + dn + v, row);
             for (int64_t t = 0; t < a->n; t++)
-                a->b->o[(t * H + h) * dv + v] =
+                a->o[(t * H + h) * dv + v] =
                     k->dot_f32(a->b->o_lat + (t * H + h) * R, row, (size_t)R);
         }
 }
 
 /* b->a = MLA(b->h) for the chunk's tokens; writes their latents to their cache slots first. */
-static void attention(ds_model *m, const ds_layer *L, int64_t l, ds_kv_cache *kv, fwd_bufs *b,
-                      const ds_batch *bt, int64_t i0, int64_t n, int64_t row_off) {
+static int attention(ds_model *m, const ds_layer *L, int64_t l, ds_kv_cache *kv, fwd_bufs *b,
+                     const ds_batch *bt, int64_t i0, int64_t n, int64_t row_off) {
     const ds_config *c = &m->cfg;
-    int64_t H = c->n_heads, R = c->kv_lora_rank, dr = c->qk_rope_head_dim;
+    int64_t H = local_heads(m), R = c->kv_lora_rank, dr = c->qk_rope_head_dim;
     int64_t qk = c->qk_nope_head_dim + dr;
     if (c->q_lora_rank) {
         mm(m, b->qa, b->h, n, &L->q_a);
@@ -287,7 +313,11 @@ static void attention(ds_model *m, const ds_layer *L, int64_t l, ds_kv_cache *kv
         for (int64_t h = 0; h < H; h++)
             ds_rope_rotate(b->q + (t * H + h) * qk + c->qk_nope_head_dim, cs, dr);
     }
-    attn_ctx a = {m, L, kv, b, bt, i0, n, l, row_off};
+    int split = m->shard.size > 1;
+    float *o = split ? ds_shard_buf(&m->part, &m->part_floats, (size_t)(n * H * c->v_head_dim))
+                     : b->o;
+    if (!o) return DS_ERR_NOMEM;
+    attn_ctx a = {m, L, kv, b, bt, i0, n, l, row_off, o};
     /* cost: kv_b read once (rows dequantised per call), per token and head the absorptions
      * (nope + v rows of kv_lora_rank) and, per attended position, scores and weighted sums */
     m->cost.weight_bytes += ds_mat_bytes(&L->kv_b);
@@ -301,17 +331,28 @@ static void attention(ds_model *m, const ds_layer *L, int64_t l, ds_kv_cache *kv
     ds_pool_run(m->pool, absorb_q_task, &a);
     ds_pool_run(m->pool, attend_task, &a);
     ds_pool_run(m->pool, absorb_o_task, &a);
-    mm(m, b->a, b->o, n, &L->o);
+    if (split) {
+        int rc = ds_shard_gather_cols(m, o, n, c->n_heads, c->v_head_dim, b->o);
+        if (rc) return rc;
+    }
+    return mm_split(m, b->a, b->o, n, &L->o, c->hidden_size);
 }
 
 /* ---- feed-forward ---- */
 
-/* out[n, hidden] = down(silu(gate(x)) * up(x)), using b->g and b->u as temporaries. */
-static void mlp(ds_model *m, const ds_mlp *p, const float *x, int64_t n, float *out, fwd_bufs *b) {
+/* out[n, hidden] = down(silu(gate(x)) * up(x)), using b->g and b->u as temporaries. `width`
+ * > 0: the MLP is split across ranks (shard.c) and is that wide in all; 0: whole (an expert). */
+static int mlp(ds_model *m, const ds_mlp *p, const float *x, int64_t n, float *out, fwd_bufs *b,
+               int64_t width) {
     mm(m, b->g, x, n, &p->gate);
     mm(m, b->u, x, n, &p->up);
     ds_swiglu(b->g, b->u, n * p->gate.rows);
-    mm(m, out, b->g, n, &p->down);
+    if (!width || m->shard.size == 1) {
+        mm(m, out, b->g, n, &p->down);
+        return DS_OK;
+    }
+    int rc = ds_shard_gather_cols(m, b->g, n, width, 1, b->u);
+    return rc ? rc : mm_split(m, out, b->u, n, &p->down, m->cfg.hidden_size);
 }
 
 /* Chooses each token's experts and weights (see the essay at the top). */
@@ -369,10 +410,33 @@ static void route(const ds_config *c, const ds_layer *L, fwd_bufs *b, int64_t n)
     }
 }
 
+/* Ranks > 0 (shard.c): the routed sum so far arrives from the rank before, which holds the
+ * lower-numbered experts; this rank's stored weighted outputs are added to it in expert order,
+ * as one rank would have, and it goes on to the next rank. The last rank hands the sum to all. */
+static int moe_chain(ds_model *m, fwd_bufs *b, int64_t n, size_t used) {
+    const ds_shard *sh = &m->shard;
+    int64_t D = m->cfg.hidden_size, K = m->cfg.n_experts_per_tok;
+    size_t floats = (size_t)(n * D);
+    int rc = DS_OK;
+    if (sh->rank > 0) {
+        rc = ds_dist_recv_f32(b->a, floats, sh->rank - 1);
+        for (size_t s = 0; !rc && s < used; s++) {
+            int32_t i = m->moe_slot[s];
+            ds_kernels_get()->axpy_f32(b->a + (i / K) * D, b->topw[i], m->moe_out + s * D,
+                                       (size_t)D);
+        }
+    }
+    if (!rc && sh->rank < sh->size - 1) rc = ds_dist_send_f32(b->a, floats, sh->rank + 1);
+    return rc ? rc : ds_dist_bcast(b->a, floats * sizeof(float), sh->size - 1, 0);
+}
+
 /* b->a = MoE(b->h): routed experts over their gathered tokens, then the shared experts. */
-static void moe(ds_model *m, const ds_layer *L, int64_t l, fwd_bufs *b, int64_t n) {
+static int moe(ds_model *m, const ds_layer *L, int64_t l, fwd_bufs *b, int64_t n) {
     const ds_config *c = &m->cfg;
-    int64_t D = c->hidden_size, E = c->n_routed_experts, K = c->n_experts_per_tok;
+    const ds_shard *sh = &m->shard;
+    int64_t D = c->hidden_size, K = c->n_experts_per_tok;
+    int stash = sh->rank > 0; /* outputs wait for the earlier ranks' sum (moe_chain) */
+    int rc;
     mm(m, b->router, b->h, n, &L->router);
     route(c, L, b, n);
     if (m->trace) {
@@ -381,25 +445,47 @@ static void moe(ds_model *m, const ds_layer *L, int64_t l, fwd_bufs *b, int64_t 
         trace(m, "layers.%lld.moe.gate_weights", l, b->topw, n, K);
         trace(m, "layers.%lld.moe.gate_experts", l, ids, n, K);
     }
-    memset(b->a, 0, (size_t)(n * D) * sizeof(float));
-    for (int64_t e = 0; e < E; e++) {
+    size_t used = 0;
+    if (stash) {
+        size_t mine = 0;
+        for (int64_t i = 0; i < n * K; i++)
+            mine += b->tope[i] >= sh->experts.lo && b->tope[i] < sh->experts.hi;
+        if (mine > m->moe_slots) {
+            free(m->moe_slot);
+            m->moe_slot = malloc(mine * sizeof(int32_t));
+            m->moe_slots = m->moe_slot ? mine : 0;
+        }
+        if (!m->moe_slot || !ds_shard_buf(&m->moe_out, &m->moe_floats, mine * (size_t)D))
+            return ds_err_set(DS_ERR_NOMEM, "out of memory (expert outputs)");
+    } else {
+        memset(b->a, 0, (size_t)(n * D) * sizeof(float));
+    }
+    for (int64_t e = sh->experts.lo; e < sh->experts.hi; e++) {
         int64_t cnt = 0;
         for (int64_t i = 0; i < n * K; i++)
             if (b->tope[i] == e) b->by_expert[cnt++] = (int32_t)i;
         if (!cnt) continue;
         for (int64_t j = 0; j < cnt; j++)
             memcpy(b->xs + j * D, b->h + (b->by_expert[j] / K) * D, (size_t)D * sizeof(float));
-        mlp(m, &L->experts[e], b->xs, cnt, b->d, b);
+        float *d = stash ? m->moe_out + used * (size_t)D : b->d;
+        if ((rc = mlp(m, &L->experts[e], b->xs, cnt, d, b, 0))) return rc;
         for (int64_t j = 0; j < cnt; j++) {
             int64_t i = b->by_expert[j];
-            ds_kernels_get()->axpy_f32(b->a + (i / K) * D, b->topw[i], b->d + j * D, (size_t)D);
+            if (stash)
+                m->moe_slot[used++] = (int32_t)i;
+            else
+                ds_kernels_get()->axpy_f32(b->a + (i / K) * D, b->topw[i], b->d + j * D,
+                                           (size_t)D);
         }
     }
+    if (sh->size > 1 && (rc = moe_chain(m, b, n, used))) return rc;
     if (L->shared.gate.rows) {
-        mlp(m, &L->shared, b->h, n, b->d, b);
+        int64_t width = c->moe_intermediate_size * c->n_shared_experts;
+        if ((rc = mlp(m, &L->shared, b->h, n, b->d, b, width))) return rc;
         trace(m, "layers.%lld.moe.shared_out", l, b->d, n, D);
         for (int64_t i = 0; i < n * D; i++) b->a[i] += b->d[i];
     }
+    return DS_OK;
 }
 
 /* ---- the network ---- */
@@ -414,23 +500,30 @@ static int forward_chunk(ds_model *m, ds_kv_cache *kv, const ds_batch *bt, int64
     int rc = setup_bufs(m, max_ctx, n, &b);
     if (rc) return rc;
     const int64_t row_off = (max_ctx + 15) & ~(int64_t)15;
-    for (int64_t t = 0; t < n; t++) ds_mat_row_f32(&m->embed, bt->tokens[i0 + t], b.x + t * D);
+    const ds_span vs = m->shard.vocab; /* the embedding rows this rank holds; others add zeros */
+    for (int64_t t = 0; t < n; t++) {
+        int32_t tok = bt->tokens[i0 + t];
+        if (tok >= vs.lo && tok < vs.hi)
+            ds_mat_row_f32(&m->embed, tok - vs.lo, b.x + t * D);
+        else
+            memset(b.x + t * D, 0, (size_t)D * sizeof(float));
+    }
+    if (m->shard.size > 1 && (rc = ds_dist_allreduce_sum_f32(b.x, (size_t)(n * D)))) return rc;
     trace(m, "embed", 0, b.x, n, D);
     for (int64_t l = 0; l < c->n_layers; l++) {
         const ds_layer *L = &m->layers[l];
         memcpy(b.h, b.x, (size_t)(n * D) * sizeof(float));
         rmsnorm_rows(b.h, L->attn_norm, n, D, D, c->rms_norm_eps);
         trace(m, "layers.%lld.attn_norm_out", l, b.h, n, D);
-        attention(m, L, l, kv, &b, bt, i0, n, row_off);
+        if ((rc = attention(m, L, l, kv, &b, bt, i0, n, row_off))) return rc;
         trace(m, "layers.%lld.attn_out", l, b.a, n, D);
         for (int64_t i = 0; i < n * D; i++) b.x[i] += b.a[i];
         memcpy(b.h, b.x, (size_t)(n * D) * sizeof(float));
         rmsnorm_rows(b.h, L->ffn_norm, n, D, D, c->rms_norm_eps);
         trace(m, "layers.%lld.ffn_norm_out", l, b.h, n, D);
-        if (L->moe)
-            moe(m, L, l, &b, n);
-        else
-            mlp(m, &L->dense, b.h, n, b.a, &b);
+        rc = L->moe ? moe(m, L, l, &b, n)
+                    : mlp(m, &L->dense, b.h, n, b.a, &b, c->intermediate_size);
+        if (rc) return rc;
         trace(m, "layers.%lld.ffn_out", l, b.a, n, D);
         for (int64_t i = 0; i < n * D; i++) b.x[i] += b.a[i];
         trace(m, "layers.%lld.out", l, b.x, n, D);
@@ -444,7 +537,16 @@ static int forward_chunk(ds_model *m, ds_kv_cache *kv, const ds_batch *bt, int64
         memmove(b.h + nl * D, b.x + t * D, (size_t)D * sizeof(float));
         nl++;
     }
-    if (nl) mm(m, logits + (size_t)j0 * (size_t)c->vocab_size, b.h, nl, &m->lm_head);
+    /* logits is NULL on ranks > 0: their vocabulary rows go to rank 0 */
+    float *out = logits ? logits + (size_t)j0 * (size_t)c->vocab_size : NULL;
+    if (nl && m->shard.size == 1) {
+        mm(m, out, b.h, nl, &m->lm_head);
+    } else if (nl) {
+        float *part = ds_shard_buf(&m->part, &m->part_floats, (size_t)nl * (size_t)m->lm_head.rows);
+        if (!part) return DS_ERR_NOMEM;
+        mm(m, part, b.h, nl, &m->lm_head);
+        if ((rc = ds_shard_gather_cols_root(m, part, nl, c->vocab_size, out))) return rc;
+    }
     *li = j0 + nl;
     return DS_OK;
 }
@@ -501,7 +603,10 @@ int ds_model_forward_batch(ds_model *m, ds_kv_cache *kv, const ds_batch *bt, flo
     int32_t li = 0;
     memset(&m->cost, 0, sizeof m->cost);
     m->cost.weight_bytes +=
-        (uint64_t)bt->n_tokens * (ds_mat_bytes(&m->embed) / (uint64_t)m->cfg.vocab_size);
+        (uint64_t)bt->n_tokens * (ds_mat_bytes(&m->embed) / (uint64_t)m->embed.rows);
+    /* rank 0 leads: the other ranks run the same step on their shards (shard.c) */
+    if (m->shard.size > 1 && m->shard.rank == 0 && (rc = ds_shard_send_step(kv, bt)))
+        return rc;
     for (int64_t done = 0; done < bt->n_tokens;) {
         int64_t len = bt->n_tokens - done < m->max_batch ? bt->n_tokens - done : m->max_batch;
         rc = forward_chunk(m, kv, bt, done, len, max_ctx, logits, &li);

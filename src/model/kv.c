@@ -5,9 +5,12 @@
 #include "kernels/kernels.h"
 #include "model/model_internal.h"
 
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+
+static _Atomic uint64_t next_id = 1;
 
 int ds_kv_dtype_parse(const char *s, ds_kv_dtype *out) {
     static const struct {
@@ -51,6 +54,7 @@ int ds_kv_open_paged(const ds_config *c, int64_t n_blocks, int64_t block_size, d
                           (long long)n_blocks, (long long)block_size);
     ds_kv_cache *kv = calloc(1, sizeof *kv);
     if (!kv) return ds_err_set(DS_ERR_NOMEM, "out of memory (KV cache)");
+    kv->id = atomic_fetch_add(&next_id, 1);
     kv->n_blocks = n_blocks;
     kv->block_size = block_size;
     kv->cap = n_blocks * block_size;

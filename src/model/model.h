@@ -79,8 +79,15 @@ typedef struct {
 } ds_batch;
 
 /* Runs a batch; logits[j][vocab] for token logits_idx[j]. DS_ERR_RANGE names the first bad
- * token id, position, block id or index; nothing is written to the cache then. */
+ * token id, position, block id or index; nothing is written to the cache then.
+ * Several ranks (src/dist): rank 0 calls this as usual and the step goes to the other ranks,
+ * which run it from ds_model_follow (logits NULL there); the logits are rank 0's. */
 int ds_model_forward_batch(ds_model *m, ds_kv_cache *kv, const ds_batch *b, float *logits);
+
+/* Ranks > 0 of a multi-rank run: runs every step rank 0 hands out, on this rank's shard and a
+ * KV cache of the same geometry as rank 0's, until rank 0 closes its model (DS_OK) or the ranks
+ * fail (the error). ds_model_open shards the model by the MPI world (docs/deploy.md). */
+int ds_model_follow(ds_model *m);
 
 /* What the last ds_model_forward_batch (or ds_model_forward) did, for benchmarks that set a
  * step's time against this machine's limits. */

@@ -29,8 +29,23 @@ typedef struct {
     ds_mlp shared;      /* moe_intermediate * n_shared_experts wide; rows == 0 when none */
 } ds_layer;
 
+/* [lo, hi) of something split across ranks. */
+typedef struct {
+    int64_t lo, hi;
+} ds_span;
+
+/* This rank's share of the model (shard.c; docs/deploy.md). Matrices are split by rows only,
+ * each rank's rows one contiguous range of the file: attention heads (q_b, kv_b), routed experts
+ * (whole), the vocabulary (embedding, lm_head), the intermediate width of the dense and shared
+ * MLPs (gate, up) and the hidden width (o_proj, down_proj outputs). One rank: everything. */
+typedef struct {
+    int rank, size;
+    ds_span heads, experts, vocab, hidden, dense_inter, shared_inter;
+} ds_shard;
+
 struct ds_model {
     ds_config cfg;
+    ds_shard shard;
     ds_st_set *st;
     ds_pool *pool;
     int max_batch;
@@ -50,9 +65,16 @@ struct ds_model {
     ds_trace_fn trace;
     void *trace_ctx;
     ds_forward_cost cost; /* of the last ds_model_forward_batch */
+    /* several ranks: a rank's piece of an activation, the gathered pieces, and (ranks > 0) the
+     * weighted expert outputs waiting for the partial sum of the ranks before (shard.c) */
+    float *part, *gathered, *moe_out;
+    size_t part_floats, gathered_floats, moe_floats;
+    int32_t *moe_slot;
+    size_t moe_slots;
 };
 
 struct ds_kv_cache {
+    uint64_t id; /* increasing per process: followers know when rank 0 switched caches */
     int64_t cap, n_layers, kv_lora_rank, rope_dim; /* cap = n_blocks * block_size slots */
     int64_t n_blocks, block_size;
     ds_kv_dtype dtype;
@@ -67,6 +89,28 @@ void *ds_kv_latent_at(const ds_kv_cache *kv, int64_t l, int64_t slot);
 void *ds_kv_pe_at(const ds_kv_cache *kv, int64_t l, int64_t slot);
 void ds_kv_store(const ds_kv_cache *kv, void *dst, const float *src, int64_t n);
 void ds_kv_load(const ds_kv_cache *kv, float *dst, const void *src, int64_t n);
+
+/* shard.c */
+/* [lo, hi) of rank's share of total, as ds_split_range splits it. */
+ds_span ds_shard_span(int64_t total, int rank, int size);
+/* Fills m->shard for this process's rank; refuses a split that leaves a rank no heads or no
+ * experts, naming the sizes. */
+int ds_shard_init(ds_model *m);
+/* At least n floats in *buf (grown, contents lost); NULL when out of memory (message set). */
+float *ds_shard_buf(float **buf, size_t *cap, size_t n);
+/* The ranks' pieces [rows][their units x width] into full [rows][units x width], every rank. */
+int ds_shard_gather_cols(ds_model *m, const float *mine, int64_t rows, int64_t units,
+                         int64_t width, float *full);
+/* Same, into rank 0's full only (logits). */
+int ds_shard_gather_cols_root(ds_model *m, const float *mine, int64_t rows, int64_t units,
+                              float *full);
+/* Rank 0: hands the step to the other ranks (before running it itself); ds_model_close sends
+ * the stop. */
+int ds_shard_send_step(const ds_kv_cache *kv, const ds_batch *b);
+void ds_shard_send_stop(ds_model *m);
+/* Touches every page of this rank's weights (so the first request does not pay for it) and
+ * logs the shard's bytes and the resident memory measured afterwards. */
+void ds_shard_prefault(ds_model *m);
 
 /* rope.c: fills inv_freq, rope_mscale and softmax_scale from the config. */
 int ds_rope_init(ds_model *m);

@@ -7,11 +7,13 @@
  * small owned f32 arrays. Every tensor the config implies must be present with its exact shape;
  * the error names the tensor, its file, and what was expected. Layers of the multi-token
  * prediction module (model.layers.N for N >= num_hidden_layers) are recognised and ignored. */
+#include "dist/dist.h"
 #include "model/model_internal.h"
 
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 static int own(ds_model *m, float *p) {
     if (m->n_owned == m->cap_owned) {
@@ -132,23 +134,40 @@ static int bind_mat(ds_model *m, const char *prefix, int64_t rows, int64_t cols,
                       (cols + out->block_cols - 1) / out->block_cols, &out->scale);
 }
 
-static int bind_mlp(ds_model *m, const char *prefix, int64_t inter, ds_mlp *mlp) {
+/* bind_mat, then this rank's rows [s.lo, s.hi) of it. */
+static int bind_rows(ds_model *m, const char *prefix, int64_t rows, int64_t cols, ds_span s,
+                     ds_mat *out) {
+    int rc = bind_mat(m, prefix, rows, cols, out);
+    if (!rc) ds_mat_slice_rows(out, s.lo, s.hi);
+    return rc;
+}
+
+/* An MLP; with `inter` a span, split across ranks: gate/up rows by it, down rows by the
+ * hidden span (shard.c). NULL: whole (a routed expert). */
+static int bind_mlp(ds_model *m, const char *prefix, int64_t width, const ds_span *inter,
+                    ds_mlp *mlp) {
     char p[200];
     int64_t hid = m->cfg.hidden_size;
+    ds_span is = inter ? *inter : (ds_span){0, width};
+    ds_span hs = inter ? m->shard.hidden : (ds_span){0, hid};
     int rc;
     snprintf(p, sizeof p, "%s.gate_proj", prefix);
-    if ((rc = bind_mat(m, p, inter, hid, &mlp->gate))) return rc;
+    if ((rc = bind_rows(m, p, width, hid, is, &mlp->gate))) return rc;
     snprintf(p, sizeof p, "%s.up_proj", prefix);
-    if ((rc = bind_mat(m, p, inter, hid, &mlp->up))) return rc;
+    if ((rc = bind_rows(m, p, width, hid, is, &mlp->up))) return rc;
     snprintf(p, sizeof p, "%s.down_proj", prefix);
-    return bind_mat(m, p, hid, inter, &mlp->down);
+    return bind_rows(m, p, hid, width, hs, &mlp->down);
 }
 
 static int bind_layer(ds_model *m, int64_t l, ds_layer *L) {
     const ds_config *c = &m->cfg;
+    const ds_shard *sh = &m->shard;
     char p[200], q[240];
     int64_t hid = c->hidden_size, H = c->n_heads;
     int64_t qk = c->qk_nope_head_dim + c->qk_rope_head_dim;
+    int64_t kvb = c->qk_nope_head_dim + c->v_head_dim; /* kv_b rows per head */
+    ds_span q_rows = {sh->heads.lo * qk, sh->heads.hi * qk};
+    ds_span kv_rows = {sh->heads.lo * kvb, sh->heads.hi * kvb};
     int rc;
 #define NAME(buf, ...) snprintf(buf, sizeof buf, __VA_ARGS__)
     NAME(p, "model.layers.%lld", (long long)l);
@@ -162,25 +181,24 @@ static int bind_layer(ds_model *m, int64_t l, ds_layer *L) {
         NAME(q, "%s.self_attn.q_a_layernorm.weight", p);
         if ((rc = bind_vec(m, q, c->q_lora_rank, &L->q_a_norm))) return rc;
         NAME(q, "%s.self_attn.q_b_proj", p);
-        if ((rc = bind_mat(m, q, H * qk, c->q_lora_rank, &L->q_b))) return rc;
+        if ((rc = bind_rows(m, q, H * qk, c->q_lora_rank, q_rows, &L->q_b))) return rc;
     } else {
         NAME(q, "%s.self_attn.q_proj", p);
-        if ((rc = bind_mat(m, q, H * qk, hid, &L->q_b))) return rc;
+        if ((rc = bind_rows(m, q, H * qk, hid, q_rows, &L->q_b))) return rc;
     }
     NAME(q, "%s.self_attn.kv_a_proj_with_mqa", p);
     if ((rc = bind_mat(m, q, c->kv_lora_rank + c->qk_rope_head_dim, hid, &L->kv_a))) return rc;
     NAME(q, "%s.self_attn.kv_a_layernorm.weight", p);
     if ((rc = bind_vec(m, q, c->kv_lora_rank, &L->kv_a_norm))) return rc;
     NAME(q, "%s.self_attn.kv_b_proj", p);
-    if ((rc = bind_mat(m, q, H * (c->qk_nope_head_dim + c->v_head_dim), c->kv_lora_rank, &L->kv_b)))
-        return rc;
+    if ((rc = bind_rows(m, q, H * kvb, c->kv_lora_rank, kv_rows, &L->kv_b))) return rc;
     NAME(q, "%s.self_attn.o_proj", p);
-    if ((rc = bind_mat(m, q, hid, H * c->v_head_dim, &L->o))) return rc;
+    if ((rc = bind_rows(m, q, hid, H * c->v_head_dim, sh->hidden, &L->o))) return rc;
 
     L->moe = ds_config_layer_is_moe(c, l);
     if (!L->moe) {
         NAME(q, "%s.mlp", p);
-        return bind_mlp(m, q, c->intermediate_size, &L->dense);
+        return bind_mlp(m, q, c->intermediate_size, &sh->dense_inter, &L->dense);
     }
     int64_t E = c->n_routed_experts;
     NAME(q, "%s.mlp.gate", p);
@@ -189,16 +207,30 @@ static int bind_layer(ds_model *m, int64_t l, ds_layer *L) {
     if ((rc = bind_vec(m, q, E, &L->router_bias))) return rc;
     L->experts = calloc((size_t)E, sizeof *L->experts);
     if (!L->experts) return ds_err_set(DS_ERR_NOMEM, "out of memory binding %s experts", p);
-    for (int64_t e = 0; e < E; e++) {
+    for (int64_t e = sh->experts.lo; e < sh->experts.hi; e++) { /* the others stay unbound */
         NAME(q, "%s.mlp.experts.%lld", p, (long long)e);
-        if ((rc = bind_mlp(m, q, c->moe_intermediate_size, &L->experts[e]))) return rc;
+        if ((rc = bind_mlp(m, q, c->moe_intermediate_size, NULL, &L->experts[e]))) return rc;
     }
     if (c->n_shared_experts > 0) {
         NAME(q, "%s.mlp.shared_experts", p);
-        return bind_mlp(m, q, c->moe_intermediate_size * c->n_shared_experts, &L->shared);
+        return bind_mlp(m, q, c->moe_intermediate_size * c->n_shared_experts, &sh->shared_inter,
+                        &L->shared);
     }
     return DS_OK;
 #undef NAME
+}
+
+/* Every rank learns whether all opened their shard: one rank's missing file fails them all,
+ * each naming the lowest failing rank, instead of leaving the others waiting for steps. */
+static int agree(int rc) {
+    int64_t v[2] = {rc ? 1 : 0, rc ? -(int64_t)ds_dist_rank() : INT64_MIN};
+    char mine[512];
+    snprintf(mine, sizeof mine, "%s", ds_err_msg());
+    if (ds_dist_allreduce_max_i64(v, 2)) return DS_ERR_IO;
+    if (!v[0]) return DS_OK;
+    if (rc) return ds_err_set(rc, "rank %d: %s", ds_dist_rank(), mine);
+    return ds_err_set(DS_ERR_IO, "rank %lld could not open its shard (its log says why)",
+                      (long long)-v[1]);
 }
 
 ds_model_params ds_model_default_params(void) {
@@ -212,20 +244,30 @@ int ds_model_open(const char *dir, const ds_model_params *params, ds_model **out
     ds_model *m = calloc(1, sizeof *m);
     if (!m) return ds_err_set(DS_ERR_NOMEM, "out of memory");
     m->max_batch = params->max_batch > 0 ? params->max_batch : dp.max_batch;
+    /* ranks sharing a node share its cores */
+    int threads = params->n_threads;
+    if (threads <= 0 && ds_dist_local_size() > 1) {
+        long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+        threads = cpus / ds_dist_local_size() > 1 ? (int)(cpus / ds_dist_local_size()) : 1;
+    }
     int rc = ds_config_load(dir, &m->cfg);
+    if (!rc) rc = ds_shard_init(m);
     if (!rc) rc = ds_st_open_dir(dir, &m->st);
-    if (!rc && !(m->pool = ds_pool_open(params->n_threads))) rc = DS_ERR_NOMEM;
+    if (!rc && !(m->pool = ds_pool_open(threads))) rc = DS_ERR_NOMEM;
     if (!rc) rc = ds_rope_init(m);
     const ds_config *c = &m->cfg;
     if (!rc && !(m->layers = calloc((size_t)c->n_layers, sizeof *m->layers)))
         rc = ds_err_set(DS_ERR_NOMEM, "out of memory");
-    if (!rc) rc = bind_mat(m, "model.embed_tokens", c->vocab_size, c->hidden_size, &m->embed);
+    if (!rc)
+        rc = bind_rows(m, "model.embed_tokens", c->vocab_size, c->hidden_size, m->shard.vocab,
+                       &m->embed);
     if (!rc) rc = bind_vec(m, "model.norm.weight", c->hidden_size, &m->final_norm);
     if (!rc) {
         if (c->tie_word_embeddings && !ds_st_find(m->st, "lm_head.weight"))
             m->lm_head = m->embed;
         else
-            rc = bind_mat(m, "lm_head", c->vocab_size, c->hidden_size, &m->lm_head);
+            rc = bind_rows(m, "lm_head", c->vocab_size, c->hidden_size, m->shard.vocab,
+                           &m->lm_head);
     }
     ds_progress pb;
     ds_progress_begin(&pb, "binding layers", (uint64_t)c->n_layers);
@@ -234,16 +276,24 @@ int ds_model_open(const char *dir, const ds_model_params *params, ds_model **out
         ds_progress_add(&pb, 1);
     }
     ds_progress_end(&pb);
+    if (ds_dist_size() > 1) rc = agree(rc);
     if (rc) {
+        m->shard.size = 1; /* nothing to stop: the other ranks fail too */
         ds_model_close(m);
         return rc;
     }
+    if (m->shard.size > 1) ds_shard_prefault(m);
     *out = m;
     return DS_OK;
 }
 
 void ds_model_close(ds_model *m) {
     if (!m) return;
+    ds_shard_send_stop(m);
+    ds_free(m->part);
+    ds_free(m->gathered);
+    ds_free(m->moe_out);
+    free(m->moe_slot);
     for (int64_t l = 0; m->layers && l < m->cfg.n_layers; l++) free(m->layers[l].experts);
     free(m->layers);
     for (size_t i = 0; i < m->n_owned; i++) ds_free(m->owned[i]);
@@ -283,7 +333,7 @@ static uint64_t weight_bytes(const ds_model *m, int active) {
     const ds_config *c = &m->cfg;
     uint64_t b = ds_mat_bytes(&m->lm_head);
     /* A decoded token reads one embedding row; the full table is counted once in the total. */
-    b += active ? (uint64_t)(ds_mat_bytes(&m->embed) / (uint64_t)c->vocab_size)
+    b += active ? (uint64_t)(ds_mat_bytes(&m->embed) / (uint64_t)m->embed.rows)
                 : (m->lm_head.data == m->embed.data ? 0 : ds_mat_bytes(&m->embed));
     for (int64_t l = 0; l < c->n_layers; l++) {
         const ds_layer *L = &m->layers[l];
@@ -293,8 +343,10 @@ static uint64_t weight_bytes(const ds_model *m, int active) {
             continue;
         }
         b += ds_mat_bytes(&L->router) + mlp_bytes(&L->shared);
-        b += mlp_bytes(&L->experts[0]) *
-             (uint64_t)(active ? c->n_experts_per_tok : c->n_routed_experts);
+        /* this rank's experts (all of them on one rank); a token visits at most K of them */
+        int64_t mine = m->shard.experts.hi - m->shard.experts.lo;
+        b += mlp_bytes(&L->experts[m->shard.experts.lo]) *
+             (uint64_t)(active && c->n_experts_per_tok < mine ? c->n_experts_per_tok : mine);
     }
     return b;
 }

@@ -30,6 +30,7 @@
  * Shutdown (serve.c): drain (close the listening socket, answer 503 to new requests on open
  * connections), wait for in-flight requests, detach (no more calls into the engine), close the
  * engine (the rest end with abort events), close the server (joins the threads). */
+#include "dist/dist.h"
 #include "server/server.h"
 
 #include <errno.h>
@@ -310,7 +311,10 @@ static int gen_failure(gen *g, ds_oai_error *e) {
     for (int32_t i = 0; i < g->n; i++) {
         if (!g->ch[i].done) continue;
         if (g->ch[i].finish == DS_FINISH_ERROR) {
-            ds_oai_err(e, 500, "engine_error", NULL, "the engine failed the request: %s",
+            /* a multi-rank run whose ranks lost each other will not come back: 503 */
+            int lost = ds_dist_broken();
+            ds_oai_err(e, lost ? 503 : 500, lost ? "service_unavailable" : "engine_error", NULL,
+                       "the engine failed the request: %s",
                        g->ch[i].error ? g->ch[i].error : "unknown error");
             return 1;
         }

@@ -100,6 +100,7 @@ static void check_output(const char *src, const char *out, int64_t group, int lm
                     sinv ? sinv->data : NULL,
                     128,
                     128,
+                    0,
                     0};
         if (!should_quantize(t->name, lm_head) || t->ndim != 2) {
             CHECK_MSG(u->ndim == t->ndim && u->shape[0] == t->shape[0], "%s shape", t->name);
