@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <ftw.h>
 #include <limits.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -378,6 +379,7 @@ int ds_cli_engine_flag(int c, const char *arg, const char *cmd, ds_engine_params
 }
 
 int ds_cli_follow(const char *cmd, const char *model_dir, const ds_model_params *mp) {
+    signal(SIGUSR1, SIG_IGN); /* rank 0's graceful stop (serve); rank 0 then sends the stop */
     ds_model *m = NULL;
     int rc = ds_model_open(model_dir, mp, &m);
     if (!rc) rc = ds_model_follow(m);

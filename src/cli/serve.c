@@ -6,7 +6,11 @@
  * sigtimedwait) and logs the throughput line every --log-stats-interval seconds. On the first
  * signal: stop accepting, let in-flight requests finish for up to --shutdown-timeout seconds (a
  * second signal cuts that short), then close the engine (what still runs is aborted and its
- * clients get an error event or a 503), close the server, exit 0. */
+ * clients get an error event or a 503), close the server, exit 0.
+ * Under mpirun (docs/deploy.md) only rank 0 gets this far; the other ranks follow its steps.
+ * SIGUSR1, which mpirun forwards to every rank, is the graceful stop there, because mpirun
+ * answers SIGINT/SIGTERM by ending every rank at once; a rank that fails makes the engine fail
+ * what runs with 503s and this process exit 1. */
 #include "cli/cli.h"
 #include "dist/dist.h"
 #include "server/server.h"
@@ -317,6 +321,7 @@ int ds_cmd_serve(int argc, char **argv) {
     sigemptyset(&sigs);
     sigaddset(&sigs, SIGINT);
     sigaddset(&sigs, SIGTERM);
+    sigaddset(&sigs, SIGUSR1); /* mpirun forwards it to every rank; the others ignore it */
     pthread_sigmask(SIG_BLOCK, &sigs, NULL);
     signal(SIGPIPE, SIG_IGN);
 
@@ -375,21 +380,23 @@ int ds_cmd_serve(int argc, char **argv) {
     for (;;) {
         struct timespec ts = {1, 0};
         sig = sigtimedwait(&sigs, NULL, &ts);
-        if (sig == SIGINT || sig == SIGTERM) break;
+        if (sig == SIGINT || sig == SIGTERM || sig == SIGUSR1) break;
         if (ds_dist_broken()) break; /* a rank failed: the engine fails every request now */
         if (log_stats && ds_now() >= next_log) {
             ds_server_log_stats(srv, 0);
             next_log = ds_now() + (double)log_interval;
         }
     }
-    /* Under mpirun a signal usually means the job is ending (mpirun stops every rank when one
-     * fails): the other ranks may be gone, so no step may wait long for them. */
-    if (ds_dist_size() > 1) ds_dist_set_timeout(2);
+    /* Under mpirun SIGINT/SIGTERM means the job is ending (mpirun stops every rank when one
+     * fails or it is itself stopped): the other ranks may be gone, so no step may wait long
+     * for them. SIGUSR1 (dsinfer launch's graceful stop) leaves them running to the end. */
+    if (ds_dist_size() > 1 && sig != SIGUSR1) ds_dist_set_timeout(2);
     ds_info("%s: shutting down: no new connections; waiting up to %lds for %lld running "
             "request(s)",
             ds_dist_broken()     ? "a rank failed"
-            : sig == SIGINT ? "SIGINT"
-                            : "SIGTERM",
+            : sig == SIGINT  ? "SIGINT"
+            : sig == SIGUSR1 ? "SIGUSR1"
+                             : "SIGTERM",
             shutdown_s, (long long)ds_server_in_flight(srv));
     ds_server_drain(srv);
     double deadline = ds_now() + (double)shutdown_s;

@@ -96,7 +96,9 @@ int ds_dist_init(int *argc, char ***argv) {
 
 void ds_dist_finalize(void) {
     int done = 0;
-    if (g.mpi && MPI_Finalized(&done) == MPI_SUCCESS && !done) MPI_Finalize();
+    /* After a failure MPI_Finalize would wait on the operations a dead peer never finishes;
+     * mpirun reports a rank that exits without it, and this one exits non-zero anyway. */
+    if (g.mpi && !g.broken && MPI_Finalized(&done) == MPI_SUCCESS && !done) MPI_Finalize();
     g.mpi = 0;
     free(g.peers);
     g.peers = NULL;

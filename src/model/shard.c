@@ -244,9 +244,9 @@ void ds_shard_prefault(ds_model *m) {
     }
     char host[64] = "?";
     gethostname(host, sizeof host - 1);
-    ds_info("rank %d/%d on %s: heads %lld-%lld, experts %lld-%lld, vocabulary %lld-%lld: "
+    ds_info("rank %d/%d on %s (pid %d): heads %lld-%lld, experts %lld-%lld, vocabulary %lld-%lld: "
             "%.3f GiB of weights, resident %.3f GiB",
-            m->shard.rank, m->shard.size, host, (long long)m->shard.heads.lo,
+            m->shard.rank, m->shard.size, host, (int)getpid(), (long long)m->shard.heads.lo,
             (long long)m->shard.heads.hi - 1, (long long)m->shard.experts.lo,
             (long long)m->shard.experts.hi - 1, (long long)m->shard.vocab.lo,
             (long long)m->shard.vocab.hi - 1, (double)mine / (1 << 30),

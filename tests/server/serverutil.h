@@ -247,7 +247,10 @@ SRV_FN double srv_metric(const char *text, const char *name) {
 
 /* Starts `dsinfer serve model --port 0 args...` (args NULL-terminated) with its stderr in a log
  * file, waits for its port and for /health 200 (up to 60 s). 0 on success. */
-SRV_FN int srv_start(srv_proc *s, const char *model, const char *const *args) {
+/* srv_start under a launcher: `prefix` (NULL-terminated, e.g. mpirun -np 2, found in PATH)
+ * runs DSINFER_BIN serve ... */
+SRV_FN int srv_start_with(srv_proc *s, const char *const *prefix, const char *model,
+                          const char *const *args) {
     memset(s, 0, sizeof *s);
     const char *tmp = getenv("TMPDIR");
     snprintf(s->log, sizeof s->log, "%s/dsinfer-serve-XXXXXX", tmp && *tmp ? tmp : "/tmp");
@@ -255,6 +258,7 @@ SRV_FN int srv_start(srv_proc *s, const char *model, const char *const *args) {
     if (lfd < 0) return -1;
     const char *argv[64];
     int k = 0;
+    for (int i = 0; prefix && prefix[i] && k < 40; i++) argv[k++] = prefix[i];
     argv[k++] = DSINFER_BIN;
     argv[k++] = "serve";
     argv[k++] = model;
@@ -272,7 +276,7 @@ SRV_FN int srv_start(srv_proc *s, const char *model, const char *const *args) {
             dup2(nul, 0);
             dup2(nul, 1);
         }
-        execv(DSINFER_BIN, (char *const *)argv);
+        execvp(argv[0], (char *const *)argv);
         _exit(127);
     }
     close(lfd);
@@ -301,6 +305,10 @@ SRV_FN int srv_start(srv_proc *s, const char *model, const char *const *args) {
         srv_sleep_ms(50);
     }
     return -1;
+}
+
+SRV_FN int srv_start(srv_proc *s, const char *model, const char *const *args) {
+    return srv_start_with(s, NULL, model, args);
 }
 
 /* SIGTERM (or sig), then waits up to timeout_s; the exit status, -1 when it had to be killed
