@@ -23,6 +23,8 @@ int ds_cmd_quantize(int argc, char **argv);
 int ds_cmd_bench_kernels(int argc, char **argv);
 int ds_cmd_serve(int argc, char **argv); /* serve.c: the OpenAI-compatible HTTP server */
 int ds_cmd_bench(int argc, char **argv); /* bench.c: serving benchmark client (src/bench/) */
+/* launch.c: mpirun over --hosts running dsinfer serve (docs/deploy.md). */
+int ds_cmd_launch(int argc, char **argv);
 /* check.c: deployment preflight; its own exit codes 3-8 name the kind of problem (usage). */
 int ds_cmd_check(int argc, char **argv);
 

@@ -26,6 +26,7 @@ static const struct {
     {"detokenize", ds_cmd_detokenize, "token ids to text (lossy UTF-8)"},
     {"chat-template", ds_cmd_chat_template, "render a JSON messages array with the chat template"},
     {"quantize", ds_cmd_quantize, "int8 / int4 weights (w8a8, w4a8) from a BF16 or FP8 checkpoint"},
+    {"launch", ds_cmd_launch, "run dsinfer serve over several hosts with mpirun (--dry-run)"},
     {"check", ds_cmd_check, "deployment preflight: files, shards, config, memory, disk, ranks"},
 };
 

@@ -197,7 +197,8 @@ static void check_engine(const char *tmp, const char *model) {
     free(three);
 }
 
-static const char *const MPI2[] = {"mpirun", "--oversubscribe", "-np", "2", NULL};
+static const char *const MPI2[] = {"mpirun", "--oversubscribe", "-np", "2",
+                                   DSINFER_BIN, "serve", NULL};
 
 /* The pid of rank r from the shard line each rank logs ("rank 1/2 ... pid N"). */
 static int rank_pid(const srv_proc *s, int r) {
@@ -297,6 +298,44 @@ static void check_fault(const char *model, int sig, const char *timeout, const c
     unlink(s.log);
 }
 
+/* dsinfer launch: the mpirun line it builds, then a real launch over localhost twice. */
+static void check_launch(const char *model) {
+    char cmd[8192];
+    snprintf(cmd, sizeof cmd,
+             "%s launch --hosts n1,n2,n3 --iface eth1 --dry-run /m --port 8000 "
+             "--served-model-name \"r1 w4a8\"",
+             DSINFER_BIN);
+    int st;
+    char *line = ds_test_run(cmd, &st);
+    CHECK(st == 0 && line);
+    if (line) {
+        CHECK_MSG(strstr(line, "mpirun ") == line, "%s", line);
+        CHECK_MSG(strstr(line, " -np 3 --host n1,n2,n3 "), "%s", line);
+        CHECK_MSG(strstr(line, "btl_tcp_if_include eth1") && strstr(line, "oob_tcp_if_include eth1"),
+                  "%s", line);
+        CHECK_MSG(strstr(line, " serve /m --tensor-parallel-size 3 --port 8000 "
+                               "--served-model-name 'r1 w4a8'"),
+                  "%s", line);
+        CHECK_MSG(!!strstr(line, "--allow-run-as-root") == (geteuid() == 0), "%s", line);
+    }
+    free(line);
+    snprintf(cmd, sizeof cmd, "%s launch --hosts a,b /m --tensor-parallel-size 3 2>&1",
+             DSINFER_BIN);
+    free(ds_test_run(cmd, &st));
+    CHECK_MSG(st == 2, "launch refuses its own --tensor-parallel-size");
+
+    const char *const launch[] = {DSINFER_BIN, "launch", "--hosts", "localhost,localhost", NULL};
+    srv_proc s;
+    CHECK(srv_start_with(&s, launch, model, NULL) == 0);
+    srv_resp r = srv_post(s.port, "/v1/completions", "{\"prompt\":\"Hi\",\"max_tokens\":4}");
+    CHECK_MSG(r.status == 200, "launch: completion %d", r.status);
+    srv_resp_free(&r);
+    char *log = srv_log(&s);
+    CHECK_MSG(log && strstr(log, "rank 1/2"), "launch started two ranks:\n%s", log ? log : "");
+    free(log);
+    CHECK_MSG(srv_stop(&s) == 0, "SIGTERM to launch: a graceful stop of every rank, status 0");
+}
+
 int main(int argc, char **argv) {
     if (argc == 4 && !strcmp(argv[1], "--rank")) return rank_main(argv[2], argv[3]);
     self_path = argv[0];
@@ -327,6 +366,7 @@ int main(int argc, char **argv) {
     }
     check_engine(tmp, model);
     check_serve(model);
+    check_launch(model);
     check_fault(model, SIGKILL, "300", "rank 1 (pid");
     check_fault(model, SIGSTOP, "2", "waited");
     ds_test_rmtree(tmp);

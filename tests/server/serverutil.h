@@ -247,8 +247,8 @@ SRV_FN double srv_metric(const char *text, const char *name) {
 
 /* Starts `dsinfer serve model --port 0 args...` (args NULL-terminated) with its stderr in a log
  * file, waits for its port and for /health 200 (up to 60 s). 0 on success. */
-/* srv_start under a launcher: `prefix` (NULL-terminated, e.g. mpirun -np 2, found in PATH)
- * runs DSINFER_BIN serve ... */
+/* srv_start with another command before MODEL (NULL-terminated, found in PATH), e.g.
+ * mpirun -np 2 DSINFER_BIN serve, or DSINFER_BIN launch --hosts ...; NULL: DSINFER_BIN serve. */
 SRV_FN int srv_start_with(srv_proc *s, const char *const *prefix, const char *model,
                           const char *const *args) {
     memset(s, 0, sizeof *s);
@@ -259,8 +259,10 @@ SRV_FN int srv_start_with(srv_proc *s, const char *const *prefix, const char *mo
     const char *argv[64];
     int k = 0;
     for (int i = 0; prefix && prefix[i] && k < 40; i++) argv[k++] = prefix[i];
-    argv[k++] = DSINFER_BIN;
-    argv[k++] = "serve";
+    if (!prefix) {
+        argv[k++] = DSINFER_BIN;
+        argv[k++] = "serve";
+    }
     argv[k++] = model;
     argv[k++] = "--port";
     argv[k++] = "0";
