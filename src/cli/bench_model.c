@@ -129,11 +129,15 @@ int ds_cmd_bench_model(int argc, char **argv) {
     if (ds_model_forward(m, kv, ids, n_prompt, 0, logits, 0)) goto out;
     double t1 = ds_now();
     int32_t tok = ids[0];
+    double w0, w1;
+    uint64_t ops0, ops1;
+    ds_dist_wait_stats(&w0, &ops0);
     for (long i = 0; i < n_decode; i++) {
         tok = (tok * 7919 + 13) % (int32_t)cfg->vocab_size;
         if (ds_model_forward(m, kv, &tok, 1, n_prompt + i, logits, 0)) goto out;
     }
     double t2 = ds_now();
+    ds_dist_wait_stats(&w1, &ops1);
     double prefill_tps = (double)n_prompt / (t1 - t0), decode_tps = (double)n_decode / (t2 - t1);
     uint64_t bpt = ds_model_bytes_per_token(m);
     double achieved = (double)bpt * decode_tps;
@@ -147,6 +151,11 @@ int ds_cmd_bench_model(int argc, char **argv) {
            1e3 / decode_tps);
     printf("decode weight bandwidth %.2f GB/s = %.1f%% of the measured read bandwidth\n",
            achieved / 1e9, 100.0 * achieved / bw);
+    if (ds_dist_size() > 1)
+        printf("ranks            %d: rank 0 waited for the others %.3f ms/token in %.0f "
+               "operations = %.1f%% of decode time (weights and bandwidth above: rank 0's)\n",
+               ds_dist_size(), 1e3 * (w1 - w0) / (double)n_decode,
+               (double)(ops1 - ops0) / (double)n_decode, 100.0 * (w1 - w0) / (t2 - t1));
     status = 0;
 out:
     if (status) fprintf(stderr, "dsinfer bench-model: %s\n", ds_err_msg());

@@ -28,6 +28,8 @@ static struct {
     int init, mpi, rank, size, local_size, broken;
     _Atomic long timeout_ms; /* read by the waiting thread, set from any */
     peer *peers;             /* [size] */
+    double wait_s;           /* ds_dist_wait_stats */
+    uint64_t wait_ops;
 } g = {.size = 1, .local_size = 1, .timeout_ms = 300000};
 
 static int launched_by_mpirun(void) {
@@ -48,6 +50,10 @@ void ds_dist_set_timeout(double seconds) {
 }
 int ds_dist_broken(void) {
     return g.broken;
+}
+void ds_dist_wait_stats(double *seconds, uint64_t *ops) {
+    *seconds = g.wait_s;
+    *ops = g.wait_ops;
 }
 
 #ifdef DS_HAVE_MPI
@@ -136,7 +142,10 @@ static int wait_req(MPI_Request *req, const char *what, int forever) {
             g.broken = 1;
             return ds_err_set(DS_ERR_IO, "%s failed on rank %d: %s", what, g.rank, msg);
         }
-        if (done) return DS_OK;
+        if (done) {
+            if (!forever) g.wait_s += ds_now() - t0, g.wait_ops++;
+            return DS_OK;
+        }
         if (spins < 20000) continue;
         double now = ds_now();
         if (now >= next_check) {

@@ -42,6 +42,10 @@ void ds_dist_set_timeout(double seconds);
 /* 1 after an operation failed or timed out: the ranks can no longer agree on anything. */
 int ds_dist_broken(void);
 
+/* Seconds this rank has spent waiting in operations (not counting a follower's wait for the
+ * next step) and how many there were: the communication share of a step, for benchmarks. */
+void ds_dist_wait_stats(double *seconds, uint64_t *ops);
+
 /* Elementwise sum over all ranks, in place, every rank gets the result. */
 int ds_dist_allreduce_sum_f32(float *buf, size_t n);
 /* Elementwise max over all ranks of int64 values, in place (agreeing on error codes). */

@@ -450,6 +450,7 @@ static int moe(ds_model *m, const ds_layer *L, int64_t l, fwd_bufs *b, int64_t n
         size_t mine = 0;
         for (int64_t i = 0; i < n * K; i++)
             mine += b->tope[i] >= sh->experts.lo && b->tope[i] < sh->experts.hi;
+        mine += !mine; /* no token may choose this rank's experts: still a valid buffer */
         if (mine > m->moe_slots) {
             free(m->moe_slot);
             m->moe_slot = malloc(mine * sizeof(int32_t));
