@@ -33,7 +33,6 @@
 #include "io/io.h"
 #include "kernels/kernels.h"
 
-#include <dirent.h>
 #include <errno.h>
 #include <getopt.h>
 #include <math.h>
@@ -43,8 +42,6 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
-
-#define QZ_MANIFEST "dsinfer-manifest.sha256"
 
 typedef enum { QZ_W8A8, QZ_W4A8 } qz_scheme;
 
@@ -485,57 +482,6 @@ static int write_index(const char *dir, const qz_item *it, size_t n, int n_shard
     return ds_cli_write_index(dir, map, total);
 }
 
-static int cmp_str(const void *a, const void *b) {
-    return strcmp(*(char *const *)a, *(char *const *)b);
-}
-
-/* dir/dsinfer-manifest.sha256: "<hex>  <name>\n" for every regular file in dir, sorted. */
-static int write_manifest(const char *dir) {
-    DIR *d = opendir(dir);
-    if (!d) return ds_err_set(DS_ERR_IO, "%s: cannot list: %s", dir, strerror(errno));
-    char **names = NULL;
-    size_t n = 0, cap = 0;
-    int rc = DS_OK;
-    struct dirent *e;
-    while (!rc && (e = readdir(d)) != NULL) {
-        if (e->d_name[0] == '.' || strcmp(e->d_name, QZ_MANIFEST) == 0) continue;
-        if (n == cap) {
-            cap = cap ? 2 * cap : 32;
-            char **nn = realloc(names, cap * sizeof *nn);
-            if (!nn) {
-                rc = ds_err_set(DS_ERR_NOMEM, "out of memory");
-                break;
-            }
-            names = nn;
-        }
-        names[n] = strdup(e->d_name);
-        if (!names[n])
-            rc = ds_err_set(DS_ERR_NOMEM, "out of memory");
-        else
-            n++;
-    }
-    closedir(d);
-    if (!rc) qsort(names, n, sizeof *names, cmp_str);
-    char *mpath = ds_cli_path_join(dir, QZ_MANIFEST);
-    FILE *f = rc ? NULL : mpath ? fopen(mpath, "w") : NULL;
-    if (!rc && !f) rc = ds_err_set(DS_ERR_IO, "%s: cannot create", mpath ? mpath : dir);
-    for (size_t i = 0; !rc && i < n; i++) {
-        char *p = ds_cli_path_join(dir, names[i]);
-        uint8_t dg[32];
-        char hex[65];
-        rc = p ? ds_sha256_file(p, dg) : ds_err_set(DS_ERR_NOMEM, "out of memory");
-        free(p);
-        if (rc) break;
-        ds_sha256_hex(dg, hex);
-        fprintf(f, "%s  %s\n", hex, names[i]);
-    }
-    if (f && fclose(f) != 0 && !rc) rc = ds_err_set(DS_ERR_IO, "%s: write failed", mpath);
-    for (size_t i = 0; i < n; i++) free(names[i]);
-    free(names);
-    free(mpath);
-    return rc;
-}
-
 /* ---- the command ---------------------------------------------------------------------------- */
 static void usage(FILE *f) {
     fprintf(f,
@@ -696,7 +642,7 @@ int ds_cmd_quantize(int argc, char **argv) {
         free(dst);
     }
     if (!rc && qz_interrupted) rc = ds_err_set(DS_ERR_IO, "interrupted");
-    if (!rc) rc = write_manifest(tmp);
+    if (!rc) rc = ds_manifest_write(tmp, (int)threads, NULL); /* the last file: io/manifest.c */
     if (rc) {
         fprintf(stderr, "dsinfer quantize: %s\n", ds_err_msg());
         goto done;

@@ -138,7 +138,68 @@ void ds_sha256_close(ds_sha256 *h);
 int ds_sha256_buf(const void *data, size_t n, uint8_t out[32]);
 /* Digest of a whole file, read in 1 MiB pieces; the message names the path on failure. */
 int ds_sha256_file(const char *path, uint8_t out[32]);
+/* Same, calling cb(ctx, bytes) after each piece (progress bars); cb may be NULL. */
+int ds_sha256_file_cb(const char *path, uint8_t out[32], void (*cb)(void *ctx, uint64_t n),
+                      void *ctx);
 /* Lower-case hex of a digest, NUL-terminated. */
 void ds_sha256_hex(const uint8_t d[32], char hex[65]);
+
+/* ---- the SHA-256 manifest (src/io/manifest.c) ----
+ * DIR/dsinfer-manifest.sha256 holds one line "<64 lower-case hex>  <file name>\n" per regular file
+ * of DIR except itself and dot files, sorted by name (byte order): what `sha256sum *` prints, so
+ * `sha256sum -c` verifies it as well. `dsinfer quantize` writes it; `dsinfer check` verifies it,
+ * or writes it for a downloaded model (--write-manifest). Files are hashed in parallel (one file
+ * per thread at a time), streamed in 1 MiB pieces, never loaded whole, with a progress bar on
+ * stderr when it is a terminal. */
+#define DS_MANIFEST_NAME "dsinfer-manifest.sha256"
+
+typedef enum {
+    DS_MANIFEST_OK,         /* listed, present, same digest */
+    DS_MANIFEST_MISMATCH,   /* listed, present, another digest: the file changed */
+    DS_MANIFEST_MISSING,    /* listed, absent */
+    DS_MANIFEST_UNREADABLE, /* listed, present, but reading it failed (see error) */
+    DS_MANIFEST_UNLISTED,   /* present, not listed (a README added later): a warning, no more */
+} ds_manifest_state;
+
+typedef struct {
+    char *name; /* relative to DIR (owned) */
+    ds_manifest_state state;
+    uint64_t size;    /* bytes on disk; 0 when missing */
+    int hashed;       /* got holds the file's digest */
+    uint8_t want[32]; /* the manifest's digest (not for UNLISTED) */
+    uint8_t got[32];
+    char *error; /* UNREADABLE (and an unlisted file that could not be read): the message */
+} ds_manifest_file;
+
+typedef struct {
+    int present;             /* DIR has a manifest */
+    ds_manifest_file *files; /* the listed files in manifest order, then unlisted ones sorted */
+    size_t n_files;
+    size_t n_ok, n_mismatch, n_missing, n_unreadable, n_unlisted;
+    uint64_t bytes_hashed;
+    /* SHA-256 of the manifest text of the files as they are now: a line "<hex of got>  <name>\n"
+     * per listed file in order ("-" for a digest that could not be taken), then one per hashed
+     * unlisted file. It equals the digest of the manifest file itself when every file verifies
+     * (and, with no manifest and hash_unlisted, of the one ds_manifest_write would write), so two
+     * nodes compare their weights by comparing 32 bytes. */
+    uint8_t digest[32];
+} ds_manifest_report;
+
+/* Hashes every regular file of dir (except dot files and the manifest) with n_threads threads
+ * (<= 0: all CPUs) and writes dir/dsinfer-manifest.sha256 through a temporary dot file renamed
+ * into place, replacing an existing manifest. When out is not NULL it receives the report of a
+ * verification that would follow (every file OK, the digest of the text written): the caller
+ * owns it (ds_manifest_report_free). The message names the file on failure. */
+int ds_manifest_write(const char *dir, int n_threads, ds_manifest_report *out);
+/* Verifies dir's manifest against the files: each listed file is hashed and marked OK, MISMATCH,
+ * MISSING or UNREADABLE; files present but not listed are UNLISTED, and hashed only when
+ * hash_unlisted (then they enter the digest too). Without a manifest, out->present is 0 and every
+ * file is UNLISTED. Returns an error (and fills nothing the caller must free) only when the check
+ * itself cannot be made: the manifest unreadable or malformed (the message names the line), the
+ * directory unlistable, out of memory; problems of the files are in the report. Free out with
+ * ds_manifest_report_free. */
+int ds_manifest_verify(const char *dir, int n_threads, int hash_unlisted, ds_manifest_report *out);
+void ds_manifest_report_free(ds_manifest_report *r); /* accepts a zeroed struct */
+const char *ds_manifest_state_name(ds_manifest_state s);
 
 #endif

@@ -56,6 +56,11 @@ int ds_sha256_buf(const void *data, size_t n, uint8_t out[32]) {
 }
 
 int ds_sha256_file(const char *path, uint8_t out[32]) {
+    return ds_sha256_file_cb(path, out, NULL, NULL);
+}
+
+int ds_sha256_file_cb(const char *path, uint8_t out[32], void (*cb)(void *ctx, uint64_t n),
+                      void *ctx) {
     FILE *f = fopen(path, "rb");
     if (!f) return ds_err_set(DS_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
     ds_sha256 *h = NULL;
@@ -64,8 +69,11 @@ int ds_sha256_file(const char *path, uint8_t out[32]) {
     unsigned char *buf = rc ? NULL : malloc(BUF);
     if (!rc && !buf) rc = ds_err_set(DS_ERR_NOMEM, "%s: out of memory", path);
     size_t n;
-    while (!rc && (n = fread(buf, 1, BUF, f)) > 0) rc = ds_sha256_update(h, buf, n);
-    if (!rc && ferror(f)) rc = ds_err_set(DS_ERR_IO, "%s: read failed", path);
+    while (!rc && (n = fread(buf, 1, BUF, f)) > 0) {
+        rc = ds_sha256_update(h, buf, n);
+        if (cb) cb(ctx, n);
+    }
+    if (!rc && ferror(f)) rc = ds_err_set(DS_ERR_IO, "%s: read failed: %s", path, strerror(errno));
     if (!rc) rc = ds_sha256_final(h, out);
     free(buf);
     ds_sha256_close(h);
