@@ -21,17 +21,16 @@
 #include <unistd.h>
 
 static void usage(FILE *f) {
-    fprintf(f,
-            "usage: dsinfer launch --hosts H1,H2[,...] [--iface IF] [--mpirun PATH]\n"
-            "                      [--dry-run] MODEL_DIR [serve flags]\n\n"
-            "Runs `dsinfer serve MODEL_DIR --tensor-parallel-size N` over N hosts with mpirun\n"
-            "(one rank per host; rank 0, on the first host, serves HTTP). docs/deploy.md.\n\n"
-            "  --hosts H1,H2,...  the hosts, rank 0 first (a host named twice runs two ranks)\n"
-            "  --iface IF         network interface (or CIDR) for MPI's traffic and control\n"
-            "                     (btl_tcp_if_include / oob_tcp_if_include)\n"
-            "  --mpirun PATH      the mpirun to run (default: mpirun from PATH)\n"
-            "  --dry-run          print the command and exit\n"
-            "Every other argument is passed to dsinfer serve.\n");
+    fprintf(f, "usage: dsinfer launch --hosts H1,H2[,...] [--iface IF] [--mpirun PATH]\n"
+               "                      [--dry-run] MODEL_DIR [serve flags]\n\n"
+               "Runs `dsinfer serve MODEL_DIR --tensor-parallel-size N` over N hosts with mpirun\n"
+               "(one rank per host; rank 0, on the first host, serves HTTP). docs/deploy.md.\n\n"
+               "  --hosts H1,H2,...  the hosts, rank 0 first (a host named twice runs two ranks)\n"
+               "  --iface IF         network interface (or CIDR) for MPI's traffic and control\n"
+               "                     (btl_tcp_if_include / oob_tcp_if_include)\n"
+               "  --mpirun PATH      the mpirun to run (default: mpirun from PATH)\n"
+               "  --dry-run          print the command and exit\n"
+               "Every other argument is passed to dsinfer serve.\n");
 }
 
 static volatile sig_atomic_t signals_seen;
@@ -46,8 +45,7 @@ static void forward(int sig) {
 static void print_arg(const char *a) {
     int plain = *a != 0;
     for (const char *p = a; *p; p++)
-        if (!strchr("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./=:,@%+",
-                    *p))
+        if (!strchr("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./=:,@%+", *p))
             plain = 0;
     if (plain) {
         fputs(a, stdout);
@@ -87,7 +85,8 @@ int ds_cmd_launch(int argc, char **argv) {
     int n = 1;
     for (const char *p = hosts; *p; p++) n += *p == ',';
     for (int k = i + 1; k < argc; k++)
-        if (!strcmp(argv[k], "--tensor-parallel-size") || !strncmp(argv[k], "--tensor-parallel-size=", 23)) {
+        if (!strcmp(argv[k], "--tensor-parallel-size") ||
+            !strncmp(argv[k], "--tensor-parallel-size=", 23)) {
             fprintf(stderr, "dsinfer launch: --tensor-parallel-size comes from --hosts (%d)\n", n);
             return 2;
         }
@@ -133,8 +132,8 @@ int ds_cmd_launch(int argc, char **argv) {
         signal(SIGINT, SIG_DFL);
         signal(SIGTERM, SIG_DFL);
         execvp(av[0], (char *const *)av);
-        fprintf(stderr, "dsinfer launch: cannot run %s: %s (apt-get install openmpi-bin)\n",
-                av[0], strerror(errno));
+        fprintf(stderr, "dsinfer launch: cannot run %s: %s (apt-get install openmpi-bin)\n", av[0],
+                strerror(errno));
         _exit(127);
     }
     free(av);

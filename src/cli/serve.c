@@ -393,7 +393,7 @@ int ds_cmd_serve(int argc, char **argv) {
     if (ds_dist_size() > 1 && sig != SIGUSR1) ds_dist_set_timeout(2);
     ds_info("%s: shutting down: no new connections; waiting up to %lds for %lld running "
             "request(s)",
-            ds_dist_broken()     ? "a rank failed"
+            ds_dist_broken() ? "a rank failed"
             : sig == SIGINT  ? "SIGINT"
             : sig == SIGUSR1 ? "SIGUSR1"
                              : "SIGTERM",

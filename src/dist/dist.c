@@ -85,8 +85,8 @@ int ds_dist_init(int *argc, char ***argv) {
     if (g.peers) {
         peer me = {.pid = (int)getpid()};
         gethostname(me.host, sizeof me.host - 1);
-        if (MPI_Allgather(&me, sizeof me, MPI_BYTE, g.peers, sizeof me, MPI_BYTE,
-                          MPI_COMM_WORLD) != MPI_SUCCESS) {
+        if (MPI_Allgather(&me, sizeof me, MPI_BYTE, g.peers, sizeof me, MPI_BYTE, MPI_COMM_WORLD) !=
+            MPI_SUCCESS) {
             free(g.peers);
             g.peers = NULL;
         }
@@ -130,8 +130,7 @@ static int dead_local_peer(void) {
  * The timeout is re-read while waiting, so lowering it (serve does on SIGTERM) takes effect. */
 static int wait_req(MPI_Request *req, const char *what, int forever) {
     if (g.broken)
-        return ds_err_set(DS_ERR_CLOSED, "%s: an earlier operation between the ranks failed",
-                          what);
+        return ds_err_set(DS_ERR_CLOSED, "%s: an earlier operation between the ranks failed", what);
     double t0 = ds_now(), next_check = t0 + 0.1;
     for (long spins = 0;; spins++) {
         int done = 0, rc = MPI_Test(req, &done, MPI_STATUS_IGNORE);
@@ -182,7 +181,7 @@ static int check_count(size_t n, const char *what) {
 #define START(call, what)                                                                          \
     do {                                                                                           \
         if (g.broken)                                                                              \
-            return ds_err_set(DS_ERR_CLOSED, "%s: an earlier operation between the ranks failed", \
+            return ds_err_set(DS_ERR_CLOSED, "%s: an earlier operation between the ranks failed",  \
                               what);                                                               \
         if ((call) != MPI_SUCCESS) {                                                               \
             g.broken = 1;                                                                          \

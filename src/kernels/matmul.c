@@ -350,7 +350,10 @@ static void matmul_fused_thread(void *arg, int thread, int n_threads) {
             const float *sp[4] = {NULL, NULL, NULL, NULL};
             for (size_t j = 0; j < 4; j++) {
                 wp[j] = (const unsigned char *)w->data + (rr[j] * cols + c0) * esz;
-                if (bc) sp[j] = w->scale + (((size_t)w->row0 + rr[j]) / (size_t)w->block_rows) * n_col_blocks + c0 / bc;
+                if (bc)
+                    sp[j] = w->scale +
+                            (((size_t)w->row0 + rr[j]) / (size_t)w->block_rows) * n_col_blocks +
+                            c0 / bc;
             }
             /* tokens in pairs (each weight decoded once per pair), an odd one alone */
             for (size_t t = 0; t < n_tok; t += 2) {
@@ -692,8 +695,8 @@ static void matmul_gemm_thread(void *arg, int thread, int n_threads) {
                 w4[j] = data + r * rowb;
                 w8[j] = (const int8_t *)w4[j];
                 for (size_t b = 0; b < nb; b++)
-                    memcpy(sw + (pi * nb + b) * 16 + j, w->scale + (((size_t)w->row0 + r) / br) * nb + b,
-                           sizeof(float));
+                    memcpy(sw + (pi * nb + b) * 16 + j,
+                           w->scale + (((size_t)w->row0 + r) / br) * nb + b, sizeof(float));
             }
             if (w->int4)
                 k->pack16_i4(pan + pi * pbytes, w4, cols);

@@ -314,8 +314,8 @@ static int attention(ds_model *m, const ds_layer *L, int64_t l, ds_kv_cache *kv,
             ds_rope_rotate(b->q + (t * H + h) * qk + c->qk_nope_head_dim, cs, dr);
     }
     int split = m->shard.size > 1;
-    float *o = split ? ds_shard_buf(&m->part, &m->part_floats, (size_t)(n * H * c->v_head_dim))
-                     : b->o;
+    float *o =
+        split ? ds_shard_buf(&m->part, &m->part_floats, (size_t)(n * H * c->v_head_dim)) : b->o;
     if (!o) return DS_ERR_NOMEM;
     attn_ctx a = {m, L, kv, b, bt, i0, n, l, row_off, o};
     /* cost: kv_b read once (rows dequantised per call), per token and head the absorptions
@@ -475,8 +475,7 @@ static int moe(ds_model *m, const ds_layer *L, int64_t l, fwd_bufs *b, int64_t n
             if (stash)
                 m->moe_slot[used++] = (int32_t)i;
             else
-                ds_kernels_get()->axpy_f32(b->a + (i / K) * D, b->topw[i], b->d + j * D,
-                                           (size_t)D);
+                ds_kernels_get()->axpy_f32(b->a + (i / K) * D, b->topw[i], b->d + j * D, (size_t)D);
         }
     }
     if (sh->size > 1 && (rc = moe_chain(m, b, n, used))) return rc;
@@ -522,8 +521,8 @@ static int forward_chunk(ds_model *m, ds_kv_cache *kv, const ds_batch *bt, int64
         memcpy(b.h, b.x, (size_t)(n * D) * sizeof(float));
         rmsnorm_rows(b.h, L->ffn_norm, n, D, D, c->rms_norm_eps);
         trace(m, "layers.%lld.ffn_norm_out", l, b.h, n, D);
-        rc = L->moe ? moe(m, L, l, &b, n)
-                    : mlp(m, &L->dense, b.h, n, b.a, &b, c->intermediate_size);
+        rc =
+            L->moe ? moe(m, L, l, &b, n) : mlp(m, &L->dense, b.h, n, b.a, &b, c->intermediate_size);
         if (rc) return rc;
         trace(m, "layers.%lld.ffn_out", l, b.a, n, D);
         for (int64_t i = 0; i < n * D; i++) b.x[i] += b.a[i];
@@ -606,8 +605,7 @@ int ds_model_forward_batch(ds_model *m, ds_kv_cache *kv, const ds_batch *bt, flo
     m->cost.weight_bytes +=
         (uint64_t)bt->n_tokens * (ds_mat_bytes(&m->embed) / (uint64_t)m->embed.rows);
     /* rank 0 leads: the other ranks run the same step on their shards (shard.c) */
-    if (m->shard.size > 1 && m->shard.rank == 0 && (rc = ds_shard_send_step(kv, bt)))
-        return rc;
+    if (m->shard.size > 1 && m->shard.rank == 0 && (rc = ds_shard_send_step(kv, bt))) return rc;
     for (int64_t done = 0; done < bt->n_tokens;) {
         int64_t len = bt->n_tokens - done < m->max_batch ? bt->n_tokens - done : m->max_batch;
         rc = forward_chunk(m, kv, bt, done, len, max_ctx, logits, &li);

@@ -89,12 +89,12 @@ static void interleave(const ds_model *m, const float *g, int64_t rows, int64_t 
     }
 }
 
-int ds_shard_gather_cols(ds_model *m, const float *mine, int64_t rows, int64_t units,
-                         int64_t width, float *full) {
+int ds_shard_gather_cols(ds_model *m, const float *mine, int64_t rows, int64_t units, int64_t width,
+                         float *full) {
     int *counts = piece_counts(m, rows, units, width);
-    float *g = counts ? ds_shard_buf(&m->gathered, &m->gathered_floats,
-                                     (size_t)(rows * units * width))
-                      : NULL;
+    float *g = counts
+                   ? ds_shard_buf(&m->gathered, &m->gathered_floats, (size_t)(rows * units * width))
+                   : NULL;
     int rc = g ? ds_dist_allgatherv_f32(mine, g, counts) : DS_ERR_NOMEM;
     if (!rc) interleave(m, g, rows, units, width, full);
     free(counts);
@@ -104,12 +104,12 @@ int ds_shard_gather_cols(ds_model *m, const float *mine, int64_t rows, int64_t u
 int ds_shard_gather_cols_root(ds_model *m, const float *mine, int64_t rows, int64_t units,
                               float *full) {
     int *counts = piece_counts(m, rows, units, 1);
-    float *g = !counts                ? NULL
-               : m->shard.rank != 0 ? m->gathered /* unused off the root */
-                                    : ds_shard_buf(&m->gathered, &m->gathered_floats,
-                                                   (size_t)(rows * units));
-    int rc = counts && (g || m->shard.rank) ? ds_dist_gatherv_f32(mine, g, counts, 0)
-                                            : DS_ERR_NOMEM;
+    float *g = !counts ? NULL
+               : m->shard.rank != 0
+                   ? m->gathered /* unused off the root */
+                   : ds_shard_buf(&m->gathered, &m->gathered_floats, (size_t)(rows * units));
+    int rc =
+        counts && (g || m->shard.rank) ? ds_dist_gatherv_f32(mine, g, counts, 0) : DS_ERR_NOMEM;
     if (!rc && m->shard.rank == 0) interleave(m, g, rows, units, 1, full);
     free(counts);
     return rc;
@@ -131,9 +131,8 @@ static size_t payload_ints(const step_header *h) {
 }
 
 int ds_shard_send_step(const ds_kv_cache *kv, const ds_batch *b) {
-    step_header h = {STEP_RUN,     b->n_tokens,  b->n_seqs,     b->max_blocks,
-                     b->n_logits,  kv->dtype,    (int64_t)kv->id, kv->n_blocks,
-                     kv->block_size};
+    step_header h = {STEP_RUN,  b->n_tokens,     b->n_seqs,    b->max_blocks, b->n_logits,
+                     kv->dtype, (int64_t)kv->id, kv->n_blocks, kv->block_size};
     size_t n = payload_ints(&h);
     int32_t *p = malloc(n * sizeof(int32_t));
     if (!p) return ds_err_set(DS_ERR_NOMEM, "out of memory (step of %d tokens)", b->n_tokens);
@@ -194,7 +193,8 @@ int ds_model_follow(ds_model *m) {
             kv_id = h.kv_id;
         }
         size_t nt = (size_t)h.n_tokens;
-        ds_batch b = {h.n_tokens, p,          p + nt,   p + 2 * nt, h.n_seqs, h.max_blocks,
+        ds_batch b = {h.n_tokens, p,          p + nt,
+                      p + 2 * nt, h.n_seqs,   h.max_blocks,
                       p + 3 * nt, h.n_logits, p + 3 * nt + (size_t)h.n_seqs * (size_t)h.max_blocks};
         if ((rc = ds_model_forward_batch(m, kv, &b, NULL))) break;
     }
@@ -209,8 +209,8 @@ int ds_model_follow(ds_model *m) {
 /* Reads one byte per page of w's rows (volatile: the reads are the point); returns its bytes. */
 static uint64_t touch_mat(const ds_mat *w) {
     if (w->rows <= 0) return 0;
-    uint64_t row = w->int4 ? (uint64_t)(w->cols + 1) / 2
-                           : (uint64_t)w->cols * ds_dtype_size(w->dtype);
+    uint64_t row =
+        w->int4 ? (uint64_t)(w->cols + 1) / 2 : (uint64_t)w->cols * ds_dtype_size(w->dtype);
     const volatile unsigned char *c = w->data;
     for (uint64_t i = 0; i < row * (uint64_t)w->rows; i += 4096) (void)c[i];
     return ds_mat_bytes(w);

@@ -266,8 +266,8 @@ int ds_model_open(const char *dir, const ds_model_params *params, ds_model **out
         if (c->tie_word_embeddings && !ds_st_find(m->st, "lm_head.weight"))
             m->lm_head = m->embed;
         else
-            rc = bind_rows(m, "lm_head", c->vocab_size, c->hidden_size, m->shard.vocab,
-                           &m->lm_head);
+            rc =
+                bind_rows(m, "lm_head", c->vocab_size, c->hidden_size, m->shard.vocab, &m->lm_head);
     }
     ds_progress pb;
     ds_progress_begin(&pb, "binding layers", (uint64_t)c->n_layers);

@@ -69,7 +69,8 @@ static int rank_main(const char *model_dir, const char *out) {
         int32_t *tok = malloc((size_t)(n + DECODE) * sizeof *tok);
         float *lg = malloc((size_t)n * V * sizeof *lg);
         ds_kv_cache *kv = NULL;
-        for (int64_t i = 0; i < n; i++) tok[i] = (int32_t)json_integer_value(json_array_get(ids, i));
+        for (int64_t i = 0; i < n; i++)
+            tok[i] = (int32_t)json_integer_value(json_array_get(ids, i));
         rc = ds_kv_open(c, n + DECODE, &kv) || ds_model_forward(m, kv, tok, n, 0, lg, 1) ||
              write_all(f, lg, (size_t)n * V);
         for (int64_t d = 0; !rc && d < DECODE; d++) {
@@ -104,8 +105,8 @@ static int rank_main(const char *model_dir, const char *out) {
         }
         ds_kv_cache *kv = NULL;
         float *lg = malloc(np * V * sizeof *lg);
-        ds_batch b = {(int32_t)total, all_tok, all_pos, all_seq, (int32_t)np, MAXB, tables,
-                      (int32_t)np,    lidx};
+        ds_batch b = {(int32_t)total, all_tok, all_pos,     all_seq, (int32_t)np,
+                      MAXB,           tables,  (int32_t)np, lidx};
         rc = ds_kv_open_paged(c, (int64_t)np * MAXB, BS, DS_KV_BF16, &kv) ||
              ds_model_forward_batch(m, kv, &b, lg) || write_all(f, lg, np * V);
         ds_kv_close(kv);
@@ -170,8 +171,8 @@ static void check_logits(const char *tmp, const char *name, const char *model) {
                 differ += memcmp(&a[i], &b[i], sizeof(float)) != 0;
                 worst = d > worst ? d : worst;
             }
-            CHECK_MSG(differ == 0, "%s: %d ranks: %zu of %zu logits differ (max %.3g)", name,
-                      ranks, differ, n1 / sizeof(float), worst);
+            CHECK_MSG(differ == 0, "%s: %d ranks: %zu of %zu logits differ (max %.3g)", name, ranks,
+                      differ, n1 / sizeof(float), worst);
             printf("%s: %d ranks: %zu logits bit-identical to one process\n", name, ranks,
                    differ ? 0 : n1 / sizeof(float));
         }
@@ -208,8 +209,8 @@ static void check_engine(const char *tmp, const char *model) {
     free(three);
 }
 
-static const char *const MPI2[] = {"mpirun", "--oversubscribe", "-np", "2",
-                                   DSINFER_BIN, "serve", NULL};
+static const char *const MPI2[] = {"mpirun",    "--oversubscribe", "-np", "2",
+                                   DSINFER_BIN, "serve",           NULL};
 
 /* The pid of rank r from the shard line each rank logs ("rank 1/2 ... pid N"). */
 static int rank_pid(const srv_proc *s, int r) {
@@ -235,8 +236,8 @@ static void check_serve(const char *model) {
                           "{\"prompt\":\"The quick brown fox\",\"max_tokens\":12,"
                           "\"temperature\":0}");
     json_t *j = r.body ? json_loads(r.body, 0, NULL) : NULL;
-    const char *text =
-        json_string_value(json_object_get(json_array_get(json_object_get(j, "choices"), 0), "text"));
+    const char *text = json_string_value(
+        json_object_get(json_array_get(json_object_get(j, "choices"), 0), "text"));
     size_t wl = want ? strlen(want) : 0;
     while (wl && want[wl - 1] == '\n') want[--wl] = 0; /* generate ends with a newline */
     CHECK_MSG(r.status == 200 && text && want && !strcmp(text, want),
@@ -322,7 +323,8 @@ static void check_launch(const char *model) {
     if (line) {
         CHECK_MSG(strstr(line, "mpirun ") == line, "%s", line);
         CHECK_MSG(strstr(line, " -np 3 --host n1,n2,n3 "), "%s", line);
-        CHECK_MSG(strstr(line, "btl_tcp_if_include eth1") && strstr(line, "oob_tcp_if_include eth1"),
+        CHECK_MSG(strstr(line, "btl_tcp_if_include eth1") &&
+                      strstr(line, "oob_tcp_if_include eth1"),
                   "%s", line);
         CHECK_MSG(strstr(line, " serve /m --tensor-parallel-size 3 --port 8000 "
                                "--served-model-name 'r1 w4a8'"),
