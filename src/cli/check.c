@@ -142,22 +142,6 @@ typedef struct {
 
 /* ---- reporting ------------------------------------------------------------------------------- */
 
-/* "1.50 GiB" */
-static const char *human_bytes(uint64_t n, char *buf, size_t cap) {
-    const char *unit[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
-    double v = (double)n;
-    int u = 0;
-    while (v >= 1024.0 && u < 5) {
-        v /= 1024.0;
-        u++;
-    }
-    if (u == 0)
-        snprintf(buf, cap, "%" PRIu64 " B", n);
-    else
-        snprintf(buf, cap, "%.2f %s", v, unit[u]);
-    return buf;
-}
-
 /* The prefix of this rank's stderr lines. */
 static void err_prefix(const ck_ctx *c) {
     if (ds_dist_size() > 1)
@@ -353,7 +337,7 @@ static void check_shards(ck_ctx *c) {
     else
         set_state(c, CK_SHARDS, ST_OK, "%" PRIu64 " shard%s complete, %" PRIu64 " tensors, %s",
                   c->n.n_shards, c->n.n_shards == 1 ? "" : "s", c->n.n_tensors,
-                  human_bytes(c->n.weights, b, sizeof b));
+                  ds_cli_human_bytes(c->n.weights, b, sizeof b));
 }
 
 /* ---- config ---------------------------------------------------------------------------------- */
@@ -431,18 +415,6 @@ static void check_config(ck_ctx *c) {
 
 /* ---- memory and disk ------------------------------------------------------------------------- */
 
-/* MemAvailable in bytes; 0 when /proc/meminfo has none. */
-static uint64_t meminfo_available(void) {
-    FILE *f = fopen("/proc/meminfo", "r");
-    if (!f) return 0;
-    char line[256];
-    unsigned long long kb = 0;
-    while (fgets(line, sizeof line, f))
-        if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1) break;
-    fclose(f);
-    return (uint64_t)kb * 1024;
-}
-
 static int read_u64_file(const char *path, uint64_t *out) {
     FILE *f = fopen(path, "r");
     if (!f) return 0;
@@ -486,7 +458,7 @@ static void check_memory(ck_ctx *c) {
         snprintf(n->mem_source, sizeof n->mem_source, "--mem-available");
     } else {
         uint64_t left;
-        n->mem = meminfo_available();
+        n->mem = ds_mem_available();
         snprintf(n->mem_source, sizeof n->mem_source, "MemAvailable");
         if (cgroup_left(&left) && (left < n->mem || !n->mem)) {
             n->mem = left;
@@ -514,10 +486,10 @@ static void check_memory(ck_ctx *c) {
     }
     char ranks[64] = "";
     if (n->local_ranks > 1) snprintf(ranks, sizeof ranks, " x %d ranks here", n->local_ranks);
-    human_bytes(n->need, b1, sizeof b1);
-    human_bytes(n->weights, b2, sizeof b2);
-    human_bytes(n->mem, b3, sizeof b3);
-    human_bytes(n->share, b4, sizeof b4);
+    ds_cli_human_bytes(n->need, b1, sizeof b1);
+    ds_cli_human_bytes(n->weights, b2, sizeof b2);
+    ds_cli_human_bytes(n->mem, b3, sizeof b3);
+    ds_cli_human_bytes(n->share, b4, sizeof b4);
     if (n->mem < n->need) {
         note(c, CK_EXIT_MEMORY,
              "not enough memory: this node needs %s (%s of weights / %d node%s%s = %s, x %.1f) "
@@ -545,8 +517,8 @@ static void check_disk(ck_ctx *c) {
         }
         n->disk = (uint64_t)vs.f_bavail * (uint64_t)vs.f_frsize;
     }
-    human_bytes(n->disk, b1, sizeof b1);
-    human_bytes(CK_MIN_DISK, b2, sizeof b2);
+    ds_cli_human_bytes(n->disk, b1, sizeof b1);
+    ds_cli_human_bytes(CK_MIN_DISK, b2, sizeof b2);
     if (n->disk < CK_MIN_DISK) {
         note(c, CK_EXIT_DISK,
              "not enough disk: %s free on the filesystem of %s, less than %s (logs, core files, "
@@ -579,7 +551,7 @@ static void check_manifest(ck_ctx *c) {
             return;
         }
         set_state(c, CK_MANIFEST, ST_OK, "written: %zu files, %s hashed", r.n_files,
-                  human_bytes(r.bytes_hashed, b, sizeof b));
+                  ds_cli_human_bytes(r.bytes_hashed, b, sizeof b));
     } else {
         /* with no manifest the ranks of a run still compare: they hash everything */
         int has = ds_cli_file_exists(c->dir, DS_MANIFEST_NAME);
@@ -638,7 +610,7 @@ static void check_manifest(ck_ctx *c) {
         else
             set_state(c, CK_MANIFEST, r.n_unlisted ? ST_WARN : ST_OK,
                       "%zu files verified, %s hashed%s", r.n_ok,
-                      human_bytes(r.bytes_hashed, b, sizeof b),
+                      ds_cli_human_bytes(r.bytes_hashed, b, sizeof b),
                       r.n_unlisted ? "; some files not listed" : "");
     }
     n->n_files_verified = r.n_ok;
@@ -656,7 +628,7 @@ static void print_node_table(const ck_node *n) {
         printf("%-9s %-7s %s\n", check_names[k], state_names[n->state[k]], n->detail[k]);
         if (k == CK_MEMORY && n->state[CK_MEMORY] != ST_SKIPPED && n->mem) {
             char b1[32];
-            human_bytes(n->kv_bytes, b1, sizeof b1);
+            ds_cli_human_bytes(n->kv_bytes, b1, sizeof b1);
             if (n->kv_per_tok_bf16)
                 printf("%-9s %-7s %s left after the weights: %" PRIu64
                        " tokens of bf16 KV (%" PRIu64 " B/token), %" PRIu64
@@ -687,8 +659,8 @@ static void print_rank_table(const ck_node *all, int size, const int *differs) {
         printf("%-4d %-16.16s %-8s %-6s %-6s %-6s %-4s %-8s %11s %11s %11" PRIu64 " %12s  %s\n", r,
                n->host, state_names[n->state[CK_MANIFEST]], state_names[n->state[CK_SHARDS]],
                state_names[n->state[CK_CONFIG]], state_names[n->state[CK_MEMORY]],
-               state_names[n->state[CK_DISK]], same, human_bytes(n->mem, b1, sizeof b1),
-               human_bytes(n->need, b2, sizeof b2), n->kv_tok_bf16, dg, status);
+               state_names[n->state[CK_DISK]], same, ds_cli_human_bytes(n->mem, b1, sizeof b1),
+               ds_cli_human_bytes(n->need, b2, sizeof b2), n->kv_tok_bf16, dg, status);
     }
 }
 

@@ -41,6 +41,9 @@ const char *ds_cli_default_tokenizer_dir(void);
  * shard and run rank 0's steps until it stops (ds_model_follow). Returns the exit status. */
 int ds_cli_follow(const char *cmd, const char *model_dir, const ds_model_params *mp);
 
+/* "1.50 GiB" (bytes below 1 KiB as "N B") into buf; returns buf. */
+const char *ds_cli_human_bytes(uint64_t n, char *buf, size_t cap);
+
 /* "a/b", malloc'd (caller frees); NULL when out of memory. */
 char *ds_cli_path_join(const char *a, const char *b);
 /* Copies a file; the message names the file on failure. */

@@ -5,6 +5,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <ftw.h>
+#include <inttypes.h>
 #include <limits.h>
 #include <signal.h>
 #include <stdio.h>
@@ -386,4 +387,19 @@ int ds_cli_follow(const char *cmd, const char *model_dir, const ds_model_params 
     if (rc) fprintf(stderr, "dsinfer %s: %s\n", cmd, ds_err_msg());
     ds_model_close(m);
     return rc ? 1 : 0;
+}
+
+const char *ds_cli_human_bytes(uint64_t n, char *buf, size_t cap) {
+    const char *unit[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
+    double v = (double)n;
+    int u = 0;
+    while (v >= 1024.0 && u < 5) {
+        v /= 1024.0;
+        u++;
+    }
+    if (u == 0)
+        snprintf(buf, cap, "%" PRIu64 " B", n);
+    else
+        snprintf(buf, cap, "%.2f %s", v, unit[u]);
+    return buf;
 }

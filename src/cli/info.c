@@ -30,22 +30,6 @@ static const char *human_count(uint64_t n, char *buf, size_t cap) {
     return buf;
 }
 
-/* "1.50 GiB": for bytes. */
-static const char *human_bytes(uint64_t n, char *buf, size_t cap) {
-    const char *unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-    double v = (double)n;
-    int u = 0;
-    while (v >= 1024.0 && u < 4) {
-        v /= 1024.0;
-        u++;
-    }
-    if (u == 0)
-        snprintf(buf, cap, "%" PRIu64 " B", n);
-    else
-        snprintf(buf, cap, "%.2f %s", v, unit[u]);
-    return buf;
-}
-
 static int ends_with(const char *s, const char *suf) {
     size_t a = strlen(s), b = strlen(suf);
     return a >= b && strcmp(s + a - b, suf) == 0;
@@ -138,12 +122,12 @@ int ds_cmd_info(int argc, char **argv) {
     }
 
     printf("\n== tensors: %zu in %zu file%s, %s\n", n, n_files, n_files == 1 ? "" : "s",
-           human_bytes(all_bytes, b1, sizeof b1));
+           ds_cli_human_bytes(all_bytes, b1, sizeof b1));
     printf("  %-9s %9s %16s %14s\n", "dtype", "tensors", "elements", "bytes");
     for (int d = 0; d < DS_DTYPE_COUNT; d++) {
         if (!by_dtype[d].n) continue;
         printf("  %-9s %9zu %16" PRIu64 " %14s\n", ds_dtype_name((ds_dtype)d), by_dtype[d].n,
-               by_dtype[d].numel, human_bytes(by_dtype[d].bytes, b1, sizeof b1));
+               by_dtype[d].numel, ds_cli_human_bytes(by_dtype[d].bytes, b1, sizeof b1));
     }
     printf("  parameters (main)    %" PRIu64 " (%s)\n", main_numel,
            human_count(main_numel, b1, sizeof b1));

@@ -62,6 +62,8 @@ void ds_log(ds_log_level lvl, const char *fmt, ...) DS_PRINTF(2, 3);
 
 /* Monotonic seconds. */
 double ds_now(void);
+/* MemAvailable of /proc/meminfo in bytes; 0 when unknown. */
+uint64_t ds_mem_available(void);
 
 /* Allocation that is 64-byte aligned (SIMD rows) and zeroed; NULL on failure. Free with ds_free. */
 void *ds_alloc(size_t bytes);

@@ -71,3 +71,14 @@ int ds_dtype_parse(const char *s) {
         if (strcmp(s, dtype_info[i].name) == 0) return i;
     return -1;
 }
+
+uint64_t ds_mem_available(void) {
+    FILE *f = fopen("/proc/meminfo", "r");
+    if (!f) return 0;
+    char line[256];
+    unsigned long long kb = 0;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1) break;
+    fclose(f);
+    return (uint64_t)kb * 1024;
+}

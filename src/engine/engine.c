@@ -710,18 +710,6 @@ static void *engine_main(void *arg) {
 
 /* ---- open / close ---- */
 
-/* MemAvailable from /proc/meminfo in bytes, 0 when unknown. */
-static uint64_t mem_available(void) {
-    FILE *f = fopen("/proc/meminfo", "r");
-    if (!f) return 0;
-    char line[256];
-    unsigned long long kb = 0;
-    while (fgets(line, sizeof line, f))
-        if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1) break;
-    fclose(f);
-    return (uint64_t)kb * 1024;
-}
-
 static int check_params(const ds_engine_params *p) {
     if (p->max_num_seqs < 1 || p->max_num_seqs > 65536)
         return ds_err_set(DS_ERR_ARG, "max_num_seqs = %d: must be 1..65536", p->max_num_seqs);
@@ -752,7 +740,7 @@ int ds_engine_open(ds_model *m, const ds_engine_params *params, ds_engine **out)
     const uint64_t per_block = per_tok * (uint64_t)p.block_size;
     uint64_t bytes = p.kv_cache_memory;
     if (!bytes) {
-        uint64_t avail = mem_available(), w = ds_model_weight_bytes(m);
+        uint64_t avail = ds_mem_available(), w = ds_model_weight_bytes(m);
         double budget = p.memory_utilization * (double)avail - (double)w;
         if (budget < (double)per_block) budget = (double)per_block * 64; /* unknown or tight */
         bytes = (uint64_t)budget;
