@@ -35,6 +35,22 @@ int ds_test_skip_or_fail(const char *why) {
     return 77;
 }
 
+char *ds_test_read_file(const char *path, size_t *n) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long len = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *b = len >= 0 ? malloc((size_t)len + 1) : NULL;
+    if (b && fread(b, 1, (size_t)len, f) != (size_t)len) {
+        free(b);
+        b = NULL;
+    }
+    fclose(f);
+    if (b) b[len] = 0, *n = (size_t)len;
+    return b;
+}
+
 char *ds_test_tmpdir(void) {
     const char *base = getenv("TMPDIR");
     if (!base || !*base) base = "/tmp";

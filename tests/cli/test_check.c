@@ -102,15 +102,20 @@ static void truncate_by(const char *dir, const char *name, uint64_t n) {
     free(p);
 }
 
-static void write_file(const char *dir, const char *name, const char *text) {
+/* mode "w" writes the file anew, "a" appends to it */
+static void put_file(const char *dir, const char *name, const char *text, const char *mode) {
     char *p = path(dir, name);
-    FILE *f = fopen(p, "w");
+    FILE *f = fopen(p, mode);
     CHECK(f != NULL);
     if (f) {
         fputs(text, f);
         fclose(f);
     }
     free(p);
+}
+
+static void write_file(const char *dir, const char *name, const char *text) {
+    put_file(dir, name, text, "w");
 }
 
 static void remove_file(const char *dir, const char *name) {
@@ -332,13 +337,7 @@ int main(void) {
     /* bytes after the last tensor's data: not the file that was written */
     char *c4 = copy_model(q, "appended");
     remove_file(c4, DS_MANIFEST_NAME);
-    {
-        char *p = path(c4, shards[1]);
-        FILE *f = fopen(p, "ab");
-        fputs("garbage", f);
-        fclose(f);
-        free(p);
-    }
+    put_file(c4, shards[1], "garbage", "a");
     snprintf(args, sizeof args, "'%s'", c4);
     CHECK(check(args, &out) == 4);
     HAS(out, "7 stray bytes");
@@ -361,13 +360,7 @@ int main(void) {
 
     /* a malformed manifest: 3 naming the line */
     char *c7 = copy_model(q, "badmanifest");
-    {
-        char *p = path(c7, DS_MANIFEST_NAME);
-        FILE *f = fopen(p, "a");
-        fputs("not a digest  config.json\n", f);
-        fclose(f);
-        free(p);
-    }
+    put_file(c7, DS_MANIFEST_NAME, "not a digest  config.json\n", "a");
     snprintf(args, sizeof args, "'%s'", c7);
     CHECK(check(args, &out) == 3);
     HAS(out, "line 6");

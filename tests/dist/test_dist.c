@@ -125,18 +125,6 @@ static int rank_main(const char *model_dir, const char *out) {
 
 static const char *self_path;
 
-static char *slurp(const char *path, size_t *n) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long len = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *b = malloc((size_t)len + 1);
-    *n = b && fread(b, 1, (size_t)len, f) == (size_t)len ? (size_t)len : 0;
-    fclose(f);
-    return b;
-}
-
 /* "mpirun ... -np N" for N ranks on this machine (oversubscribed: CI has 2 cores). */
 static void mpirun_prefix(char *buf, size_t cap, int n) {
     snprintf(buf, cap, "mpirun --oversubscribe -np %d", n);
@@ -150,7 +138,7 @@ static void check_logits(const char *tmp, const char *name, const char *model) {
     free(ds_test_run(cmd, &st));
     CHECK_MSG(st == 0, "%s: one process failed", name);
     size_t n1 = 0, nn = 0;
-    char *one = slurp(f1, &n1);
+    char *one = ds_test_read_file(f1, &n1);
     CHECK_MSG(one && n1 > 1000, "%s: no logits from one process", name);
     for (int ranks = 2; ranks <= 3; ranks++) {
         snprintf(fn, sizeof fn, "%s/%s-%d.bin", tmp, name, ranks);
@@ -159,7 +147,7 @@ static void check_logits(const char *tmp, const char *name, const char *model) {
         char *log = ds_test_run(cmd, &st);
         CHECK_MSG(st == 0, "%s: %d ranks failed:\n%s", name, ranks, log ? log : "");
         free(log);
-        char *many = slurp(fn, &nn);
+        char *many = ds_test_read_file(fn, &nn);
         CHECK_MSG(many && nn == n1, "%s: %d ranks wrote %zu bytes, one process %zu", name, ranks,
                   nn, n1);
         if (one && many && nn == n1) {

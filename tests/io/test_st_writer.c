@@ -9,22 +9,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-static uint8_t *read_all(const char *path, uint64_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    uint8_t *b = malloc(n > 0 ? (size_t)n : 1);
-    if (b && fread(b, 1, (size_t)n, f) != (size_t)n) {
-        free(b);
-        b = NULL;
-    }
-    fclose(f);
-    *len = (uint64_t)n;
-    return b;
-}
-
 static int exists(const char *path) {
     struct stat st;
     return stat(path, &st) == 0;
@@ -68,8 +52,8 @@ static void test_roundtrip(const char *dir) {
     CHECK_MSG(ds_st_writer_close(w) == DS_OK, "%s", ds_err_msg());
     CHECK(exists(path) && !exists(tmp));
 
-    uint64_t len = 0;
-    uint8_t *buf = read_all(path, &len);
+    size_t len = 0;
+    uint8_t *buf = (uint8_t *)ds_test_read_file(path, &len);
     CHECK(buf != NULL && len > 8);
     if (!buf) return;
     uint64_t hl = header_len(buf);
@@ -139,8 +123,8 @@ static void test_alignment(const char *dir) {
         CHECK(ds_st_writer_begin_data(w) == DS_OK);
         CHECK(ds_st_writer_data(w, data, (uint64_t)k) == DS_OK);
         CHECK(ds_st_writer_close(w) == DS_OK);
-        uint64_t len = 0;
-        uint8_t *buf = read_all(path, &len);
+        size_t len = 0;
+        uint8_t *buf = (uint8_t *)ds_test_read_file(path, &len);
         if (!buf) {
             CHECK(buf != NULL);
             return;
@@ -228,8 +212,8 @@ static void test_errors(const char *dir) {
     /* a file with no tensors is still valid */
     CHECK(ds_st_writer_open(path, &w) == DS_OK);
     CHECK(ds_st_writer_close(w) == DS_OK);
-    uint64_t len = 0;
-    uint8_t *buf = read_all(path, &len);
+    size_t len = 0;
+    uint8_t *buf = (uint8_t *)ds_test_read_file(path, &len);
     CHECK(buf != NULL);
     if (buf) {
         ds_st_header h = {0};
