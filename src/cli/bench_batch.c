@@ -38,7 +38,13 @@ static double gemm_rate(ds_pool *pool, ds_dtype dt) {
         }
         for (int64_t i = 0; i < R * 32; i++) scale[i] = 1e-3f;
         for (int64_t i = 0; i < T * C; i++) x[i] = (float)((i * 7919) % 200 - 100) / 100;
-        ds_mat m = {dt, R, C, w, scale, dt == DS_I8 ? 1 : 128, dt == DS_I8 ? C : 128, 0, 0};
+        ds_mat m = {.dtype = dt,
+                    .rows = R,
+                    .cols = C,
+                    .data = w,
+                    .scale = scale,
+                    .block_rows = dt == DS_I8 ? 1 : 128,
+                    .block_cols = dt == DS_I8 ? C : 128};
         for (int it = 0; it < 3; it++) {
             double t0 = ds_now();
             ds_matmul(pool, y, x, T, &m);

@@ -76,7 +76,8 @@ static int variant_make(variant *v, const char *name, ds_dtype dt, int64_t R, in
                         int64_t bc, int int4) {
     memset(v, 0, sizeof *v);
     v->name = name;
-    v->m = (ds_mat){dt, R, C, NULL, NULL, br, bc, int4, 0};
+    v->m = (ds_mat){
+        .dtype = dt, .rows = R, .cols = C, .block_rows = br, .block_cols = bc, .int4 = int4};
     size_t bytes = (size_t)R * (int4 ? (size_t)(C + 1) / 2 : (size_t)C * ds_dtype_size(dt));
     unsigned char *d = malloc(bytes);
     size_t ns = (size_t)((R + br - 1) / br) * (size_t)((C + bc - 1) / bc);

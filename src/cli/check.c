@@ -259,11 +259,16 @@ static void check_one_shard(ck_ctx *c, const char *name, const char *named_by, i
 }
 
 static void check_shards(ck_ctx *c) {
-    const char *idx_name = "model.safetensors.index.json";
+    char *idx_name = NULL;
     int bad = 0;
-    if (ds_cli_file_exists(c->dir, idx_name)) {
+    if (ds_st_index_name(c->dir, &idx_name) != DS_OK) {
+        note(c, CK_EXIT_INCOMPLETE, "%s", ds_err_msg());
+        set_state(c, CK_SHARDS, ST_FAIL, "ambiguous index");
+        return;
+    }
+    if (idx_name) {
         char *ip = ds_cli_path_join(c->dir, idx_name);
-        json_t *root = NULL;
+        json_t *root = NULL, *wm = NULL;
         if (!ip) {
             note(c, CK_EXIT_TOOL, "out of memory");
             set_state(c, CK_SHARDS, ST_FAIL, "out of memory");
@@ -272,8 +277,7 @@ static void check_shards(ck_ctx *c) {
         if (ds_json_load_file(ip, &root) != DS_OK) {
             note(c, CK_EXIT_INCOMPLETE, "%s", ds_err_msg());
             bad = 1;
-        } else if (!json_is_object(json_object_get(root, "weight_map")) ||
-                   json_object_size(json_object_get(root, "weight_map")) == 0) {
+        } else if (!(wm = ds_st_index_map(root)) || json_object_size(wm) == 0) {
             note(c, CK_EXIT_INCOMPLETE, "%s: no \"weight_map\" object with entries", ip);
             bad = 1;
         } else {
@@ -281,7 +285,7 @@ static void check_shards(ck_ctx *c) {
             json_t *seen = json_object();
             const char *key;
             json_t *v;
-            json_object_foreach(json_object_get(root, "weight_map"), key, v) {
+            json_object_foreach(wm, key, v) {
                 if (!json_is_string(v)) {
                     note(c, CK_EXIT_INCOMPLETE, "%s: tensor '%s' maps to a non-string", ip, key);
                     bad = 1;
@@ -314,6 +318,7 @@ static void check_shards(ck_ctx *c) {
         }
         json_decref(root);
         free(ip);
+        free(idx_name);
     } else if (ds_cli_file_exists(c->dir, "model.safetensors")) {
         check_one_shard(c, "model.safetensors", "the checkpoint layout", &bad);
     } else {
@@ -350,6 +355,10 @@ static const char *quant_name(ds_quant_method q, ds_dtype torch_dtype) {
         return "w8a8_int8";
     case DS_QUANT_W4A8:
         return "w4a8_int4";
+    case DS_QUANT_BLOCK_INT8:
+        return "blockwise_int8";
+    case DS_QUANT_MS_PTQ:
+        return "ptq (MindSpore W8A8)";
     case DS_QUANT_NONE:
         break;
     }

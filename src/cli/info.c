@@ -30,15 +30,10 @@ static const char *human_count(uint64_t n, char *buf, size_t cap) {
     return buf;
 }
 
-static int ends_with(const char *s, const char *suf) {
-    size_t a = strlen(s), b = strlen(suf);
-    return a >= b && strcmp(s + a - b, suf) == 0;
-}
-
 /* Scale tensors of the quantized formats: fp8 `weight_scale_inv`, int8/int4 `weight_scale`. */
 static int is_scale(const char *name) {
-    return ends_with(name, "_scale_inv") || ends_with(name, ".weight_scale") ||
-           ends_with(name, "_scale_2");
+    return ds_str_ends_with(name, "_scale_inv") || ds_str_ends_with(name, ".weight_scale") ||
+           ds_str_ends_with(name, "_scale_2");
 }
 
 /* The layer index of "model.layers.N.…", or -1. */

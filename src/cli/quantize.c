@@ -78,22 +78,7 @@ static void on_signal(int sig) {
     qz_interrupted = 1;
 }
 
-/* Drops the resident pages of a tensor's source bytes (file-backed, read-only: they are simply
- * read again if touched), so reading a 700 GB checkpoint does not grow the resident set. */
-static void drop_pages(const ds_st_tensor *t) {
-    if (!t || !t->nbytes) return;
-    const uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
-    uintptr_t a = (uintptr_t)t->data & ~(pg - 1);
-    uintptr_t b = ((uintptr_t)t->data + t->nbytes + pg - 1) & ~(pg - 1);
-    madvise((void *)a, b - a, MADV_DONTNEED);
-}
-
 /* ---- the plan ------------------------------------------------------------------------------ */
-static int ends_with(const char *s, const char *suf) {
-    size_t n = strlen(s), m = strlen(suf);
-    return n >= m && memcmp(s + n - m, suf, m) == 0;
-}
-
 /* Whether a tensor name is one of the projections this command quantizes. */
 static int is_quantized_name(const char *name, int lm_head) {
     if (lm_head && strcmp(name, "lm_head.weight") == 0) return 1;
@@ -104,7 +89,7 @@ static int is_quantized_name(const char *name, int lm_head) {
     while (*s >= '0' && *s <= '9') s++;
     if (strncmp(s, ".self_attn.", 11) != 0 && strncmp(s, ".mlp.", 5) != 0) return 0;
     if (strcmp(s, ".mlp.gate.weight") == 0) return 0; /* the router */
-    return ends_with(name, ".weight");
+    return ds_str_ends_with(name, ".weight");
 }
 
 static int64_t cdiv(int64_t a, int64_t b) {
@@ -125,7 +110,7 @@ static int build_plan(const ds_st_set *set, const qz_opts *o, qz_item **out, siz
         q->out_ndim = t->ndim;
         memcpy(q->out_shape, t->shape, sizeof q->out_shape);
         q->out_bytes = t->nbytes;
-        if (ends_with(t->name, "_scale_inv")) {
+        if (ds_str_ends_with(t->name, "_scale_inv")) {
             size_t wl = strlen(t->name) - strlen("_scale_inv");
             snprintf(sname, sizeof sname, "%.*s", (int)wl, t->name);
             const ds_st_tensor *w = ds_st_find(set, sname);
@@ -348,8 +333,8 @@ static int write_item(ds_st_writer *w, ds_pool *pool, const qz_opts *o, const qz
         rc = ds_st_writer_data(w, j.q, q->out_bytes);
         if (!rc) rc = ds_st_writer_data(w, j.scale, q->scale_bytes);
     }
-    drop_pages(q->src);
-    drop_pages(q->scale);
+    ds_st_drop_pages(q->src);
+    ds_st_drop_pages(q->scale);
     return rc;
 }
 

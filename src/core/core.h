@@ -70,6 +70,8 @@ void *ds_alloc(size_t bytes);
 void ds_free(void *p);
 /* a * b into *out; 0 on overflow. Used wherever sizes come from untrusted bytes. */
 int ds_mul_ok(uint64_t a, uint64_t b, uint64_t *out);
+/* 1 when s ends with suf. */
+int ds_str_ends_with(const char *s, const char *suf);
 
 /* ---- dtypes (the safetensors set) ----------------------------------------------------------- */
 #define DS_DTYPES(X)                                                                               \

@@ -82,3 +82,8 @@ uint64_t ds_mem_available(void) {
     fclose(f);
     return (uint64_t)kb * 1024;
 }
+
+int ds_str_ends_with(const char *s, const char *suf) {
+    size_t n = strlen(s), m = strlen(suf);
+    return n >= m && memcmp(s + n - m, suf, m) == 0;
+}

@@ -122,6 +122,16 @@ static int read_quant(cfg_src *s, ds_config *c) {
         return ds_err_set(DS_ERR_FORMAT, "%s: quantization_config has no \"quant_method\"",
                           s->label);
     const char *method = json_string_value(m);
+    if (strcmp(method, "ptq") == 0) { /* static attention + dynamic MLP, per tensor (formats.md) */
+        c->quant = DS_QUANT_MS_PTQ;
+        return DS_OK;
+    }
+    if (!strcmp(method, "osl") || !strcmp(method, "smoothquant") || !strcmp(method, "a8w4"))
+        return ds_err_set(DS_ERR_UNSUPPORTED,
+                          "%s: quantization_config.quant_method \"%s\" is MindSpore golden-stick's "
+                          "layout with MindSpore parameter names, which dsinfer does not load yet "
+                          "(it loads \"ptq\", with Hugging Face names; docs/formats.md)",
+                          s->label, method);
     json_t *as = json_object_get(q, "activation_scheme");
     if (as && (!json_is_string(as) || strcmp(json_string_value(as), "dynamic") != 0))
         return ds_err_set(DS_ERR_UNSUPPORTED,
@@ -145,18 +155,20 @@ static int read_quant(cfg_src *s, ds_config *c) {
         if (g) c->quant_group = json_integer_value(g);
         return DS_OK;
     }
-    if (strcmp(method, "fp8") != 0)
+    int block_int8 = strcmp(method, "blockwise_int8") == 0;
+    if (strcmp(method, "fp8") != 0 && !block_int8)
         return ds_err_set(DS_ERR_UNSUPPORTED,
                           "%s: unsupported quantization_config.quant_method \"%s\" (dsinfer "
-                          "supports \"fp8\", \"w8a8_int8\", \"w4a8_int4\")",
+                          "supports \"fp8\", \"w8a8_int8\", \"w4a8_int4\", \"blockwise_int8\", "
+                          "\"ptq\" and msModelSlim's quant_model_description.json)",
                           s->label, method);
     json_t *fmt = json_object_get(q, "fmt");
-    if (fmt && (!json_is_string(fmt) || strcmp(json_string_value(fmt), "e4m3") != 0))
+    if (!block_int8 && fmt && (!json_is_string(fmt) || strcmp(json_string_value(fmt), "e4m3") != 0))
         return ds_err_set(DS_ERR_UNSUPPORTED,
                           "%s: unsupported quantization_config.fmt (dsinfer supports \"e4m3\")",
                           s->label);
     json_t *bs = json_object_get(q, "weight_block_size");
-    c->quant = DS_QUANT_FP8;
+    c->quant = block_int8 ? DS_QUANT_BLOCK_INT8 : DS_QUANT_FP8;
     c->quant_block[0] = c->quant_block[1] = 128;
     if (bs) {
         if (!json_is_array(bs) || json_array_size(bs) != 2 ||
@@ -392,6 +404,12 @@ void ds_config_print(const ds_config *c, FILE *f) {
                 (long long)c->quant_block[0], (long long)c->quant_block[1]);
     else if (c->quant == DS_QUANT_W8A8)
         fprintf(f, "quantization             w8a8_int8 (int8 per output channel, int8 tokens)\n");
+    else if (c->quant == DS_QUANT_BLOCK_INT8)
+        fprintf(f, "quantization             blockwise_int8, %lldx%lld blocks, int8 tokens\n",
+                (long long)c->quant_block[0], (long long)c->quant_block[1]);
+    else if (c->quant == DS_QUANT_MS_PTQ)
+        fprintf(f, "quantization             ptq (MindSpore W8A8: static attention, dynamic "
+                   "MLP)\n");
     else if (c->quant == DS_QUANT_W4A8)
         fprintf(f, "quantization             w4a8_int4 (int4, groups of %lld, int8 tokens)\n",
                 (long long)c->quant_group);

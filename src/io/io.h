@@ -45,9 +45,16 @@ void ds_st_header_free(ds_st_header *h); /* accepts a zeroed struct */
 /* A set of mapped safetensors files (one file or the shards of an index) with name lookup. */
 typedef struct ds_st_set ds_st_set;
 
-/* Opens a checkpoint directory: model.safetensors.index.json when present (every shard it names
- * must exist and hold the tensors it lists), else model.safetensors. */
+/* Opens a checkpoint directory through its index (ds_st_index_name; every shard it names must
+ * exist and hold the tensors it lists), else model.safetensors. */
 int ds_st_open_dir(const char *dir, ds_st_set **out);
+/* The index file of dir (malloc'd name, NULL when there is none): model.safetensors.index.json,
+ * else the one *index.json / *_name_map.json whose name contains "quant", else the only such
+ * file. Several candidates are refused as ambiguous, naming one. */
+int ds_st_index_name(const char *dir, char **out);
+/* The tensor -> file map of a parsed index: its "weight_map", or the bare map a MindSpore
+ * *_name_map.json may be; NULL when neither is an object. */
+json_t *ds_st_index_map(json_t *root);
 /* Opens a single file. */
 int ds_st_open_file(const char *path, ds_st_set **out);
 void ds_st_close(ds_st_set *s); /* accepts NULL */
@@ -55,6 +62,10 @@ void ds_st_close(ds_st_set *s); /* accepts NULL */
 const ds_st_tensor *ds_st_find(const ds_st_set *s, const char *name);
 size_t ds_st_count(const ds_st_set *s);
 const ds_st_tensor *ds_st_at(const ds_st_set *s, size_t i);
+/* Drops the resident pages of a tensor's bytes (file-backed, read-only: they are read again if
+ * touched), so a pass over a 700 GB checkpoint (quantize, a repack at load) does not keep it
+ * resident. */
+void ds_st_drop_pages(const ds_st_tensor *t);
 
 /* Incremental writer of one safetensors file: declare tensors, then write their data in the
  * same order. Used by make-tiny and, later, quantize. */
@@ -77,7 +88,16 @@ int ds_json_load_file(const char *path, json_t **out);
 #define DS_MAX_EXPERTS 1024
 #define DS_MAX_ROPE_DIM 1024
 
-typedef enum { DS_QUANT_NONE, DS_QUANT_FP8, DS_QUANT_W8A8, DS_QUANT_W4A8 } ds_quant_method;
+/* quantization_config.quant_method (docs/formats.md). msModelSlim checkpoints have none: their
+ * quant_model_description.json is read by the loader (src/model/weights.c). */
+typedef enum {
+    DS_QUANT_NONE,
+    DS_QUANT_FP8,        /* "fp8": the official release */
+    DS_QUANT_W8A8,       /* "w8a8_int8": channel-int8 (dsinfer quantize, SGLang) */
+    DS_QUANT_W4A8,       /* "w4a8_int4": dsinfer's int4 */
+    DS_QUANT_BLOCK_INT8, /* "blockwise_int8": SGLang's 128x128 block int8 */
+    DS_QUANT_MS_PTQ,     /* "ptq": MindSpore golden-stick W8A8 with Hugging Face names */
+} ds_quant_method;
 
 typedef struct {
     /* dimensions */
@@ -106,7 +126,7 @@ typedef struct {
     int64_t num_nextn_predict_layers; /* MTP layers after the main ones: recognised, skipped */
     /* quantization_config */
     ds_quant_method quant;
-    int64_t quant_block[2]; /* fp8 weight_block_size */
+    int64_t quant_block[2]; /* fp8 / blockwise_int8 weight_block_size */
     int64_t quant_group;    /* w4a8_int4 group_size (input columns per scale) */
 } ds_config;
 

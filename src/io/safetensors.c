@@ -10,6 +10,8 @@
  * read-only private mapping: weights are never copied. */
 #include "io/io.h"
 
+#include <dirent.h>
+
 #include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
@@ -329,12 +331,19 @@ static int safe_shard_name(const char *f) {
     return 1;
 }
 
+json_t *ds_st_index_map(json_t *root) {
+    json_t *wm = json_object_get(root, "weight_map");
+    /* MindSpore's *_name_map.json may be the bare map (FORMATS-SPEC §2) */
+    if (!wm && !json_object_get(root, "metadata")) wm = root;
+    return json_is_object(wm) ? wm : NULL;
+}
+
 static int open_index(const char *dir, const char *index_path, ds_st_set **out) {
     json_t *root;
     int rc = ds_json_load_file(index_path, &root);
     if (rc) return rc;
-    json_t *wm = json_object_get(root, "weight_map");
-    if (!json_is_object(wm)) {
+    json_t *wm = ds_st_index_map(root);
+    if (!wm) {
         json_decref(root);
         return ds_err_set(DS_ERR_FORMAT, "%s: no \"weight_map\" object", index_path);
     }
@@ -402,20 +411,69 @@ static int open_index(const char *dir, const char *index_path, ds_st_set **out) 
     return DS_OK;
 }
 
+int ds_st_index_name(const char *dir, char **out) {
+    *out = NULL;
+    char *std = join_path(dir, "model.safetensors.index.json");
+    if (!std) return ds_err_set(DS_ERR_NOMEM, "out of memory");
+    int have_std = access(std, F_OK) == 0;
+    free(std);
+    if (have_std) {
+        *out = strdup("model.safetensors.index.json");
+        return *out ? DS_OK : ds_err_set(DS_ERR_NOMEM, "out of memory");
+    }
+    /* Other toolchains name their index freely (FORMATS-SPEC §1, §2): msModelSlim
+     * quant_model_weight*.safetensors.index.json, MindSpore any *index.json with "quant" in the
+     * name (one without names the float MTP weights) or *_name_map.json. */
+    DIR *d = opendir(dir);
+    if (!d) return DS_OK; /* open_dir reports the missing weights */
+    char *any = NULL, *quant = NULL;
+    int n_any = 0, n_quant = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        const char *f = e->d_name;
+        if (f[0] == '.' ||
+            !(ds_str_ends_with(f, "index.json") || ds_str_ends_with(f, "_name_map.json")))
+            continue;
+        char **slot = strstr(f, "quant") ? &quant : &any;
+        int *cnt = strstr(f, "quant") ? &n_quant : &n_any;
+        if (++*cnt == 1 || strcmp(f, *slot) < 0) { /* the first by name, for the message */
+            free(*slot);
+            *slot = strdup(f);
+        }
+    }
+    closedir(d);
+    int rc = DS_OK;
+    if (n_quant > 1 || (!n_quant && n_any > 1))
+        rc = ds_err_set(DS_ERR_FORMAT,
+                        "%s: %d index files (e.g. '%s') and no model.safetensors.index.json: "
+                        "which one describes the weights is ambiguous",
+                        dir, n_quant > 1 ? n_quant : n_any, n_quant > 1 ? quant : any);
+    else if (n_quant)
+        *out = quant, quant = NULL;
+    else
+        *out = any, any = NULL;
+    free(any);
+    free(quant);
+    return rc;
+}
+
 int ds_st_open_dir(const char *dir, ds_st_set **out) {
     *out = NULL;
-    char *index = join_path(dir, "model.safetensors.index.json");
+    char *name, *index = NULL;
+    int rc = ds_st_index_name(dir, &name);
+    if (rc) return rc;
     char *single = join_path(dir, "model.safetensors");
-    int rc;
-    if (!index || !single)
+    if (name) index = join_path(dir, name);
+    if (!single || (name && !index))
         rc = ds_err_set(DS_ERR_NOMEM, "out of memory");
-    else if (access(index, F_OK) == 0)
+    else if (index)
         rc = open_index(dir, index, out);
     else if (access(single, F_OK) == 0)
         rc = ds_st_open_file(single, out);
     else
         rc = ds_err_set(DS_ERR_MISSING,
                         "%s: no model.safetensors.index.json or model.safetensors found", dir);
+    free(name);
     free(index);
     free(single);
     return rc;
@@ -429,4 +487,12 @@ int ds_json_load_file(const char *path, json_t **out) {
         return ds_err_set(DS_ERR_MISSING, "%s: cannot open: %s", path, strerror(errno));
     return ds_err_set(DS_ERR_FORMAT, "%s: invalid JSON: %s (line %d, column %d)", path, jerr.text,
                       jerr.line, jerr.column);
+}
+
+void ds_st_drop_pages(const ds_st_tensor *t) {
+    if (!t || !t->nbytes) return;
+    const uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t a = (uintptr_t)t->data & ~(pg - 1);
+    uintptr_t b = ((uintptr_t)t->data + t->nbytes + pg - 1) & ~(pg - 1);
+    madvise((void *)a, b - a, MADV_DONTNEED);
 }

@@ -69,6 +69,9 @@ typedef struct ds_kernels {
      * block * 127 * 128 < 2^31 (block <= 131072). */
     void (*dot4_i8)(const int8_t *x, const int8_t *const w[4], size_t n, size_t block,
                     int32_t *out);
+    /* 1 when this table's dot4_i8 needs x > -128 (AVX2's sign trick): a call whose static
+     * activations (ds_mat.act_n) reach -128 then takes the scalar kernel. */
+    int dot4_i8_no_min;
     /* The same with int4 weights packed two per byte (ds_mat.int4): w[r] points at the byte of
      * an even column, byte j holding logical column 2j in its low nibble and 2j + 1 in its high
      * one, two's complement in [-8, 7]; n logical columns (ceil(n / 2) bytes are read; when n is
@@ -88,13 +91,13 @@ typedef struct ds_kernels {
     void (*pack16_i8)(uint8_t *panel, const int8_t *const w[16], size_t n);
     void (*pack16_i4)(uint8_t *panel, const uint8_t *const w[16], size_t n);
     /* Eight tokens against one panel. x[t] are quantized activations (|x| <= 127) readable for
-     * 4 * ceil(n / 4) bytes, zero past n. The columns are cut into blocks of `block` (a multiple
-     * of 4, or >= n: one block); for each block b the exact sum is
-     *   isum[t][r] = sum_{i in b} x[t][i] * panel(r, i) - xoff[t][b]
-     * where the caller passes xoff[t][b] = off * sum_{i in b} x[t][i] (int32 arithmetic wraps:
-     * the raw sums may exceed 2^31 for long blocks, the difference, a true int8 dot, does not).
-     * Then, blocks in order from acc = 0: acc[t][r] = fma((float)isum[t][r], sw[16 b + r], acc)
-     * (sw: [blocks][16] row scales), and out[16 t + r] = acc. Every table gives the same floats. */
+     * 4 * ceil(n / 4) bytes, zero past n (-128 allowed: static activations reach it). The columns
+     * are cut into blocks of `block` (a multiple of 4, or >= n: one block); for each block b the
+     * exact sum is isum[t][r] = sum_{i in b} x[t][i] * panel(r, i) - xoff[t][b] where the caller
+     * passes xoff[t][b] = off * sum_{i in b} x[t][i] (int32 arithmetic wraps: the raw sums may
+     * exceed 2^31 for long blocks, the difference, a true int8 dot, does not). Then, blocks in
+     * order from acc = 0: acc[t][r] = fma((float)isum[t][r], sw[16 b + r], acc) (sw: [blocks][16]
+     * row scales), and out[16 t + r] = acc. Every table gives the same floats. */
     void (*gemm16x8_i8)(const uint8_t *panel, size_t n, size_t block, const int8_t *const x[8],
                         const int32_t *const xoff[8], const float *sw, float out[128]);
     /* The float GEMM of prefill and batched decode (F32 / BF16 / F16 / FP8 weights, converted
@@ -133,8 +136,18 @@ typedef struct {
     int int4;
     /* Rows of the scale grid's matrix above row 0: a row slice (one rank's heads, experts or
      * vocabulary, src/model/shard.c) keeps the whole grid and reads scale rows (row0 + r) /
-     * block_rows, so it may start inside a block. 0 for a whole matrix. */
+     * block_rows, so it may start inside a block (and bias[row0 + r]). 0 for a whole matrix. */
     int64_t row0;
+    /* DS_I8 (not int4) with STATIC activation quantization (the Ascend / MindSpore W8A8
+     * "static" scheme, docs/formats.md): act_n is 1 (per tensor) or cols (per input channel)
+     * and the activations are quantized with the stored step and zero point, not per token:
+     *   q_x[c] = clamp(rint(x[c] / act_scale[c'] + act_zp[c']), -128, 127), c' = c or 0,
+     * so y[t, r] = scale(r) * sum_c q_x[c] q_w[r, c] + bias[row0 + r]: `scale` is the file's
+     * deq_scale (one block per row) and bias its int32 quant_bias times deq_scale, in f32. The
+     * real weight is q_w * scale(r) / act_scale[c'] (ds_mat_row_f32). act_n 0: dynamic. */
+    int64_t act_n;
+    const float *act_scale, *act_zp;
+    const float *bias; /* NULL or one f32 per row, added to y (any dtype) */
 } ds_mat;
 
 /* True when the dtype is one ds_matmul can read. */
@@ -165,6 +178,11 @@ void ds_i4_split(const int8_t *x, size_t n, size_t block, int8_t *xs);
  * scale = max|x| / 127 (1 when x is all zeros), q[i] = round-half-even(x[i] / scale), which
  * stays within [-127, 127]. */
 void ds_quantize_row_i8(const float *x, int64_t n, int8_t *q, float *scale);
+
+/* Static activation quantization (ds_mat.act_n): q[c] = clamp(rint(x[c] / scale[c'] +
+ * zp[c']), -128, 127) with c' = c when per_channel, else 0; NaN gives the zero point. */
+void ds_quantize_row_static(const float *x, int64_t n, const float *scale, const float *zp,
+                            int per_channel, int8_t *q);
 
 /* ---- row ops (single-threaded; small next to the matmuls) ---- */
 /* out = x / sqrt(mean(x^2) + eps) * w (out may alias x) */

@@ -478,6 +478,7 @@ static const ds_kernels avx2_table = {
     .dot4x2_f16 = dot4x2_f16_avx2,
     .dot4x2_fp8 = dot4x2_fp8_avx2,
     .dot4_i8 = dot4_i8_avx2,
+    .dot4_i8_no_min = 1, /* _mm256_sign_epi8 cannot negate -128 */
     .dot4_i4 = dot4_i4_avx2,
 };
 

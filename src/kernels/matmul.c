@@ -91,6 +91,9 @@ static void check_mat(const ds_mat *w) {
         /* int4 blocks start on a byte: an even group size, or one block per row */
         if (w->int4) DS_ASSERT(w->block_cols % 2 == 0 || w->block_cols >= w->cols);
     }
+    if (w->act_n) /* static activations: int8 per output channel, a step per tensor or column */
+        DS_ASSERT(w->dtype == DS_I8 && !w->int4 && w->block_cols >= w->cols && w->act_scale &&
+                  w->act_zp && (w->act_n == 1 || w->act_n == w->cols));
 }
 
 /* Columns [c0, c0 + n) of row r to f32 with table k. Assumes check_mat(w) passed. */
@@ -134,6 +137,8 @@ static void row_part(const ds_kernels *k, const ds_mat *w, int64_t r, int64_t c0
             float *d = dst + (c - c0);
             if (!w->int4) {
                 k->i8_to_f32(d, (const int8_t *)row + c, (size_t)(seg_end - c), s);
+                for (int64_t i = 0; w->act_n && i < seg_end - c; i++)
+                    d[i] /= w->act_scale[w->act_n == 1 ? 0 : c + i];
             } else {
                 int64_t i = c;
                 if (i % 2) { /* the kernel starts on a byte: an odd first column alone */
@@ -175,12 +180,13 @@ typedef struct {
     float *y;       /* [n_tok, rows] */
     const float *x; /* [n_tok, cols] */
     int64_t n_tok;
-    const int8_t *q;     /* DS_I8: [n_tok, ldq] the quantized activations, zero past cols */
-    size_t ldq;          /* DS_I8: cols rounded up to 4 (the GEMM reads whole 4-column groups) */
-    const float *sx;     /* DS_I8: [n_tok] their scales */
-    const int32_t *xoff; /* GEMM: [n_tok, blocks]; dot4 int4: [n_tok, n_pieces] (see below) */
-    const int8_t *xs;    /* dot4 int4: [n_tok, ldq] q in the split layout (ds_i4_split) */
-    size_t n_pieces;     /* dot4 int4: kernel blocks per row (i8_plan), each with its xoff */
+    const int8_t *q;      /* DS_I8: [n_tok, ldq] the quantized activations, zero past cols */
+    size_t ldq;           /* DS_I8: cols rounded up to 4 (the GEMM reads whole 4-column groups) */
+    const float *sx;      /* DS_I8: [n_tok] their scales */
+    const int32_t *xoff;  /* GEMM: [n_tok, blocks]; dot4 int4: [n_tok, n_pieces] (see below) */
+    const int8_t *xs;     /* dot4 int4: [n_tok, ldq] q in the split layout (ds_i4_split) */
+    size_t n_pieces;      /* dot4 int4: kernel blocks per row (i8_plan), each with its xoff */
+    const ds_kernels *k8; /* DS_I8: the table whose dot4_i8 runs (k, or scalar for a -128) */
 } matmul_ctx;
 
 /* Columns per tile. 4 x MM_TILE f32 is 8 KiB of scratch, well inside L1D with the tile of x. A
@@ -503,7 +509,7 @@ static void matmul_i8_thread(void *arg, int thread, int n_threads) {
                     } else {
                         const int8_t *const w8[4] = {(const int8_t *)wp[0], (const int8_t *)wp[1],
                                                      (const int8_t *)wp[2], (const int8_t *)wp[3]};
-                        k->dot4_i8(xq, w8, nc, kblock, isum);
+                        c->k8->dot4_i8(xq, w8, nc, kblock, isum);
                     }
                     float *yr = yt + r0;
                     if (big) {
@@ -760,7 +766,13 @@ static void prep_task(void *arg, int slice, int n_slices) {
     int8_t *q = (int8_t *)c->q;
     for (size_t t = t0; t < t1; t++) {
         int8_t *qt = q + t * ldq;
-        ds_quantize_row_i8(c->x + t * cols, w->cols, qt, (float *)c->sx + t);
+        if (w->act_n) {
+            ds_quantize_row_static(c->x + t * cols, w->cols, w->act_scale, w->act_zp, w->act_n > 1,
+                                   qt);
+            ((float *)c->sx)[t] = 1.0f;
+        } else {
+            ds_quantize_row_i8(c->x + t * cols, w->cols, qt, (float *)c->sx + t);
+        }
         memset(qt + cols, 0, ldq - cols);
         if (pc->mode == PREP_NONE) continue;
         int32_t *xo = (int32_t *)c->xoff + t * pc->np;
@@ -786,7 +798,7 @@ void ds_matmul(ds_pool *pool, float *y, const float *x, int64_t n_tok, const ds_
         return;
     }
     /* a NULL pool or a pool of one runs inline on the caller's thread */
-    matmul_ctx c = {ds_kernels_get(), w, y, x, n_tok, NULL, 0, NULL, NULL, NULL, 0};
+    matmul_ctx c = {ds_kernels_get(), w, y, x, n_tok, NULL, 0, NULL, NULL, NULL, 0, NULL};
     if (w->dtype == DS_I8) {
         /* the activations of each token quantized once per call (owned here), rows padded with
          * zeros to whole 4-column groups, with what the chosen path needs beside them */
@@ -821,6 +833,9 @@ void ds_matmul(ds_pool *pool, float *y, const float *x, int64_t n_tok, const ds_
             ds_pool_run(pool, prep_task, &pc);
         else
             prep_task(&pc, 0, 1);
+        c.k8 = c.k;
+        if (w->act_n && c.k->dot4_i8_no_min && memchr(q, 0x80, (size_t)n_tok * ldq))
+            c.k8 = ds_kernels_scalar();
         if (pool && ds_pool_size(pool) > 1)
             ds_pool_run(pool, fn, &c);
         else
@@ -829,17 +844,20 @@ void ds_matmul(ds_pool *pool, float *y, const float *x, int64_t n_tok, const ds_
         free(sx);
         free(xoff);
         free(xs);
-        return;
+    } else {
+        /* few tokens: stream the stored weights through the fused kernels; more: tiles of f32 */
+        ds_pool_fn fn = matmul_thread;
+        const int64_t fused_max =
+            w->dtype == DS_F8_E4M3 ? MM_FUSED_MAX_TOK_FP8 : MM_FUSED_MAX_TOK_16;
+        if (w->dtype != DS_F32 && n_tok <= fused_max && fused_native(c.k, w->dtype))
+            fn = matmul_fused_thread;
+        else if (n_tok > MM_FUSED_MAX_TOK && fgemm_native(c.k))
+            fn = matmul_fgemm_thread;
+        if (pool && ds_pool_size(pool) > 1)
+            ds_pool_run(pool, fn, &c);
+        else
+            fn(&c, 0, 1);
     }
-    /* few tokens: stream the stored weights through the fused kernels; more: tiles of f32 */
-    ds_pool_fn fn = matmul_thread;
-    const int64_t fused_max = w->dtype == DS_F8_E4M3 ? MM_FUSED_MAX_TOK_FP8 : MM_FUSED_MAX_TOK_16;
-    if (w->dtype != DS_F32 && n_tok <= fused_max && fused_native(c.k, w->dtype))
-        fn = matmul_fused_thread;
-    else if (n_tok > MM_FUSED_MAX_TOK && fgemm_native(c.k))
-        fn = matmul_fgemm_thread;
-    if (pool && ds_pool_size(pool) > 1)
-        ds_pool_run(pool, fn, &c);
-    else
-        fn(&c, 0, 1);
+    for (int64_t t = 0; w->bias && t < n_tok; t++)
+        for (int64_t r = 0; r < w->rows; r++) y[t * w->rows + r] += w->bias[w->row0 + r];
 }

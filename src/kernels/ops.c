@@ -59,6 +59,19 @@ void ds_quantize_row_i8(const float *x, int64_t n, int8_t *q, float *scale) {
     k->quantize_i8(x, (size_t)n, s, q);
 }
 
+/* The Ascend quantize of the static W8A8 scheme (FORMATS-SPEC §0): x / scale + zp, rounded
+ * half to even, clamped to the full int8 range (-128 included, unlike the symmetric dynamic
+ * scheme). MindSpore's kernel divides; vllm-ascend multiplies by the reciprocal: they differ
+ * only where x / scale lands within an ulp of a rounding boundary. */
+void ds_quantize_row_static(const float *x, int64_t n, const float *scale, const float *zp,
+                            int per_channel, int8_t *q) {
+    for (int64_t i = 0; i < n; i++) {
+        int64_t c = per_channel ? i : 0;
+        float v = x[i] == x[i] ? nearbyintf(x[i] / scale[c] + zp[c]) : nearbyintf(zp[c]);
+        q[i] = (int8_t)(v > 127.0f ? 127 : v < -128.0f ? -128 : (int)v);
+    }
+}
+
 /* ---- bandwidth probe ----
  * The probe reads with the selected table's dot_f32(a, a): one memory stream through the same
  * wide loads the matmul uses. A plain C loop is bounded by load issue width instead (about 19

@@ -123,9 +123,14 @@ static void trace(ds_model *m, const char *fmt, int64_t l, const float *data, in
     m->trace(m->trace_ctx, name, data, rows, cols);
 }
 
-static void rmsnorm_rows(float *x, const float *w, int64_t rows, int64_t n, int64_t stride,
-                         float eps) {
-    for (int64_t t = 0; t < rows; t++) ds_rmsnorm(x + t * stride, x + t * stride, w, n, eps);
+/* RMSNorm of rows of x in place, then the norm's anti-outlier bias when it has one. */
+static void rmsnorm_rows(float *x, const float *w, const float *bias, int64_t rows, int64_t n,
+                         int64_t stride, float eps) {
+    for (int64_t t = 0; t < rows; t++) {
+        float *r = x + t * stride;
+        ds_rmsnorm(r, r, w, n, eps);
+        for (int64_t i = 0; bias && i < n; i++) r[i] += bias[i];
+    }
 }
 
 /* This rank's attention heads. */
@@ -293,7 +298,9 @@ static int attention(ds_model *m, const ds_layer *L, int64_t l, ds_kv_cache *kv,
     int64_t qk = c->qk_nope_head_dim + dr;
     if (c->q_lora_rank) {
         mm(m, b->qa, b->h, n, &L->q_a);
-        rmsnorm_rows(b->qa, L->q_a_norm, n, c->q_lora_rank, c->q_lora_rank, c->rms_norm_eps);
+        rmsnorm_rows(b->qa, L->q_a_norm, L->q_a_norm_bias, n, c->q_lora_rank, c->q_lora_rank,
+                     c->rms_norm_eps);
+        trace(m, "layers.%lld.q_a_norm_out", l, b->qa, n, c->q_lora_rank);
         mm(m, b->q, b->qa, n, &L->q_b);
     } else {
         mm(m, b->q, b->h, n, &L->q_b);
@@ -305,7 +312,8 @@ static int attention(ds_model *m, const ds_layer *L, int64_t l, ds_kv_cache *kv,
         int64_t pos = bt->positions[i0 + t], slot = slot_of(kv, bt, i0 + t, pos);
         float *kvt = b->kv + t * (R + dr);
         ds_rope_table(m, pos, cs);
-        ds_rmsnorm(lat, kvt, L->kv_a_norm, R, c->rms_norm_eps);
+        memcpy(lat, kvt, (size_t)R * sizeof(float));
+        rmsnorm_rows(lat, L->kv_a_norm, L->kv_a_norm_bias, 1, R, R, c->rms_norm_eps);
         ds_kv_store(kv, ds_kv_latent_at(kv, l, slot), lat, R);
         memcpy(pe, kvt + R, (size_t)dr * sizeof(float));
         ds_rope_rotate(pe, cs, dr);
@@ -335,6 +343,7 @@ static int attention(ds_model *m, const ds_layer *L, int64_t l, ds_kv_cache *kv,
         int rc = ds_shard_gather_cols(m, o, n, c->n_heads, c->v_head_dim, b->o);
         if (rc) return rc;
     }
+    trace(m, "layers.%lld.o_proj_in", l, b->o, n, c->n_heads * c->v_head_dim);
     return mm_split(m, b->a, b->o, n, &L->o, c->hidden_size);
 }
 
@@ -513,13 +522,13 @@ static int forward_chunk(ds_model *m, ds_kv_cache *kv, const ds_batch *bt, int64
     for (int64_t l = 0; l < c->n_layers; l++) {
         const ds_layer *L = &m->layers[l];
         memcpy(b.h, b.x, (size_t)(n * D) * sizeof(float));
-        rmsnorm_rows(b.h, L->attn_norm, n, D, D, c->rms_norm_eps);
+        rmsnorm_rows(b.h, L->attn_norm, L->attn_norm_bias, n, D, D, c->rms_norm_eps);
         trace(m, "layers.%lld.attn_norm_out", l, b.h, n, D);
         if ((rc = attention(m, L, l, kv, &b, bt, i0, n, row_off))) return rc;
         trace(m, "layers.%lld.attn_out", l, b.a, n, D);
         for (int64_t i = 0; i < n * D; i++) b.x[i] += b.a[i];
         memcpy(b.h, b.x, (size_t)(n * D) * sizeof(float));
-        rmsnorm_rows(b.h, L->ffn_norm, n, D, D, c->rms_norm_eps);
+        rmsnorm_rows(b.h, L->ffn_norm, L->ffn_norm_bias, n, D, D, c->rms_norm_eps);
         trace(m, "layers.%lld.ffn_norm_out", l, b.h, n, D);
         rc =
             L->moe ? moe(m, L, l, &b, n) : mlp(m, &L->dense, b.h, n, b.a, &b, c->intermediate_size);
@@ -528,7 +537,7 @@ static int forward_chunk(ds_model *m, ds_kv_cache *kv, const ds_batch *bt, int64
         for (int64_t i = 0; i < n * D; i++) b.x[i] += b.a[i];
         trace(m, "layers.%lld.out", l, b.x, n, D);
     }
-    rmsnorm_rows(b.x, m->final_norm, n, D, D, c->rms_norm_eps);
+    rmsnorm_rows(b.x, m->final_norm, m->final_norm_bias, n, D, D, c->rms_norm_eps);
     trace(m, "final_norm_out", 0, b.x, n, D);
     /* the rows that want logits, packed in order (b.h is free now), through lm_head at once */
     int32_t j0 = *li, nl = 0;

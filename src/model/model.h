@@ -9,8 +9,32 @@
 
 #include "core/core.h"
 #include "io/io.h"
+#include "kernels/kernels.h"
 
 typedef struct ds_model ds_model;
+
+/* ---- checkpoint formats (src/model/format.c; docs/formats.md) ----
+ * How a checkpoint stores its projections, detected from config.json's quantization_config, an
+ * msModelSlim quant_model_description.json, or (channel-int8 without a config) the tensors, and
+ * each projection bound as a ds_mat the kernels run directly. */
+typedef struct ds_format ds_format;
+/* Detects the format of dir (its config c and tensors st, both outliving the format). */
+int ds_format_open(const char *dir, const ds_config *c, const ds_st_set *st, ds_format **out);
+void ds_format_close(ds_format *f); /* accepts NULL; frees what bindings allocated */
+/* "msModelSlim (ascend) quant_model_description.json", "blockwise_int8", ... */
+const char *ds_format_name(const ds_format *f);
+/* Binds projection `prefix` (prefix.weight and the tensors its scheme adds) as a [rows, cols]
+ * ds_mat: a tensor whose dtype or shape does not fit the detected scheme, or a field this loader
+ * does not understand, is refused naming the tensor and the field. *scheme (may be NULL) gets a
+ * short name of the stored form ("w8a8-static", "w4a8-channel (repacked)", "bf16", ...). */
+int ds_format_bind(ds_format *f, const char *prefix, int64_t rows, int64_t cols, ds_mat *out,
+                   const char **scheme);
+/* The stored form of projection `prefix` as ds_format_bind names it, without checking shapes
+ * (dsinfer info); NULL with the error set when it cannot be told. */
+const char *ds_format_scheme(ds_format *f, const char *prefix);
+/* 1 when tensor `name` is consumed by the binding of another (a scale, zero point, bias of a
+ * quantized projection) rather than a weight of its own. */
+int ds_format_is_companion(const ds_format *f, const char *name);
 
 typedef struct {
     int n_threads; /* <= 0: all online CPUs */

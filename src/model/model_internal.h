@@ -12,6 +12,9 @@ typedef struct {
 typedef struct {
     /* attention (MLA) */
     float *attn_norm; /* (hidden) */
+    /* anti-outlier biases added after these norms (FORMATS-SPEC §0); NULL when the checkpoint
+     * has none */
+    float *attn_norm_bias, *q_a_norm_bias, *kv_a_norm_bias, *ffn_norm_bias;
     ds_mat q_a;       /* (q_lora_rank, hidden); unused when q_lora_rank == 0 */
     float *q_a_norm;  /* (q_lora_rank) */
     ds_mat q_b;       /* (heads * (nope + rope), q_lora_rank), or q_proj (.., hidden) */
@@ -28,6 +31,11 @@ typedef struct {
     ds_mlp *experts;    /* (n_routed_experts) */
     ds_mlp shared;      /* moe_intermediate * n_shared_experts wide; rows == 0 when none */
 } ds_layer;
+
+/* format.c: `name` with exactly the shape [d0] (ndim 1) or [d0, d1] (ndim 2), else an error
+ * naming file, tensor and both shapes. */
+int ds_find_shaped(const ds_st_set *st, const char *name, int64_t d0, int64_t d1, int ndim,
+                   const ds_st_tensor **out);
 
 /* [lo, hi) of something split across ranks. */
 typedef struct {
@@ -47,13 +55,14 @@ struct ds_model {
     ds_config cfg;
     ds_shard shard;
     ds_st_set *st;
+    ds_format *fmt; /* how st stores the projections; owns repacked / converted pieces */
     ds_pool *pool;
     int max_batch;
-    ds_mat embed;      /* (vocab, hidden) */
-    ds_mat lm_head;    /* (vocab, hidden) */
-    float *final_norm; /* (hidden) */
-    ds_layer *layers;  /* (n_layers) */
-    float **owned;     /* f32 copies made at load (norms, misaligned scales), freed at close */
+    ds_mat embed;                        /* (vocab, hidden) */
+    ds_mat lm_head;                      /* (vocab, hidden) */
+    float *final_norm, *final_norm_bias; /* (hidden); the bias NULL unless the file has one */
+    ds_layer *layers;                    /* (n_layers) */
+    float **owned; /* f32 copies made at load (norms, misaligned scales), freed at close */
     size_t n_owned, cap_owned;
     /* RoPE */
     float *inv_freq;   /* (rope / 2) YaRN-corrected inverse frequencies, f32 like the reference */
@@ -99,8 +108,8 @@ int ds_shard_init(ds_model *m);
 /* At least n floats in *buf (grown, contents lost); NULL when out of memory (message set). */
 float *ds_shard_buf(float **buf, size_t *cap, size_t n);
 /* The ranks' pieces [rows][their units x width] into full [rows][units x width], every rank. */
-int ds_shard_gather_cols(ds_model *m, const float *mine, int64_t rows, int64_t units,
-                         int64_t width, float *full);
+int ds_shard_gather_cols(ds_model *m, const float *mine, int64_t rows, int64_t units, int64_t width,
+                         float *full);
 /* Same, into rank 0's full only (logits). */
 int ds_shard_gather_cols_root(ds_model *m, const float *mine, int64_t rows, int64_t units,
                               float *full);

@@ -27,35 +27,10 @@ static int own(ds_model *m, float *p) {
     return 1;
 }
 
-static const char *dims_str(const ds_st_tensor *t, char *buf, size_t n) {
-    size_t k = (size_t)snprintf(buf, n, "[");
-    for (int d = 0; d < t->ndim && k < n; d++)
-        k += (size_t)snprintf(buf + k, n - k, "%s%lld", d ? ", " : "", (long long)t->shape[d]);
-    if (k < n) snprintf(buf + k, n - k, "]");
-    return buf;
-}
-
-static int find_shaped(ds_model *m, const char *name, int64_t d0, int64_t d1, int ndim,
-                       const ds_st_tensor **out) {
-    const ds_st_tensor *t = ds_st_find(m->st, name);
-    if (!t) return ds_err_set(DS_ERR_MISSING, "missing tensor '%s'", name);
-    if (t->ndim != ndim || t->shape[0] != d0 || (ndim == 2 && t->shape[1] != d1)) {
-        char got[128];
-        if (ndim == 2)
-            return ds_err_set(DS_ERR_SHAPE, "%s: tensor '%s' has shape %s, expected [%lld, %lld]",
-                              t->file, name, dims_str(t, got, sizeof got), (long long)d0,
-                              (long long)d1);
-        return ds_err_set(DS_ERR_SHAPE, "%s: tensor '%s' has shape %s, expected [%lld]", t->file,
-                          name, dims_str(t, got, sizeof got), (long long)d0);
-    }
-    *out = t;
-    return DS_OK;
-}
-
 /* An f32 copy of a 1-D float tensor of n elements. */
 static int bind_vec(ds_model *m, const char *name, int64_t n, float **out) {
     const ds_st_tensor *t;
-    int rc = find_shaped(m, name, n, 0, 1, &t);
+    int rc = ds_find_shaped(m->st, name, n, 0, 1, &t);
     if (rc) return rc;
     if (t->dtype != DS_F32 && t->dtype != DS_BF16 && t->dtype != DS_F16)
         return ds_err_set(DS_ERR_UNSUPPORTED, "%s: tensor '%s' has dtype %s, expected a float type",
@@ -71,67 +46,21 @@ static int bind_vec(ds_model *m, const char *name, int64_t n, float **out) {
     return DS_OK;
 }
 
-/* The F32 scale grid `sname` of shape [d0, d1]; copied when misaligned in the file (tiny). */
-static int bind_scale(ds_model *m, const char *sname, int64_t d0, int64_t d1, const float **out) {
-    const ds_st_tensor *s;
-    int rc = find_shaped(m, sname, d0, d1, 2, &s);
-    if (rc) return rc;
-    if (s->dtype != DS_F32)
-        return ds_err_set(DS_ERR_UNSUPPORTED, "%s: tensor '%s' has dtype %s, expected F32", s->file,
-                          sname, ds_dtype_name(s->dtype));
-    *out = s->data;
-    if ((uintptr_t)s->data % sizeof(float)) {
-        float *copy = ds_alloc((size_t)s->nbytes);
-        if (!copy || !own(m, copy)) {
-            ds_free(copy);
-            return ds_err_set(DS_ERR_NOMEM, "out of memory binding '%s'", sname);
-        }
-        memcpy(copy, s->data, (size_t)s->nbytes);
-        *out = copy;
-    }
-    return DS_OK;
+/* An RMSNorm `prefix`.weight and its optional anti-outlier `prefix`.bias (msModelSlim m4,
+ * golden-stick OSP: the shift whose correction the static linears it feeds carry in their
+ * quant_bias; FORMATS-SPEC §0). */
+static int bind_norm(ds_model *m, const char *prefix, int64_t n, float **w, float **b) {
+    char name[240];
+    snprintf(name, sizeof name, "%s.weight", prefix);
+    int rc = bind_vec(m, name, n, w);
+    snprintf(name, sizeof name, "%s.bias", prefix);
+    *b = NULL;
+    return rc || !ds_st_find(m->st, name) ? rc : bind_vec(m, name, n, b);
 }
 
-/* A [rows, cols] projection `prefix.weight` in its stored form: a float dtype, the official FP8
- * (+ weight_scale_inv blocks), W8A8 int8 (+ weight_scale [rows, 1]) or W4A8 packed int4
- * (stored [rows, ceil(cols/2)] + weight_scale [rows, ceil(cols/group)]); see docs/formats.md. */
+/* A [rows, cols] projection `prefix` in its stored form (src/model/format.c). */
 static int bind_mat(ds_model *m, const char *prefix, int64_t rows, int64_t cols, ds_mat *out) {
-    const ds_config *c = &m->cfg;
-    char name[256], sname[280];
-    snprintf(name, sizeof name, "%s.weight", prefix);
-    const ds_st_tensor *t = ds_st_find(m->st, name);
-    int w4 = t && t->dtype == DS_I8 && c->quant == DS_QUANT_W4A8;
-    const ds_st_tensor *found;
-    int rc = find_shaped(m, name, rows, w4 ? (cols + 1) / 2 : cols, 2, &found);
-    if (rc) return rc;
-    *out = (ds_mat){.dtype = t->dtype, .rows = rows, .cols = cols, .data = t->data, .int4 = w4};
-    if (t->dtype == DS_F8_E4M3) {
-        if (c->quant != DS_QUANT_FP8)
-            return ds_err_set(DS_ERR_FORMAT,
-                              "%s: tensor '%s' is F8_E4M3 but config.json has no fp8 "
-                              "quantization_config",
-                              t->file, name);
-        out->block_rows = c->quant_block[0];
-        out->block_cols = c->quant_block[1];
-        snprintf(sname, sizeof sname, "%s.weight_scale_inv", prefix);
-    } else if (t->dtype == DS_I8) {
-        if (c->quant != DS_QUANT_W8A8 && c->quant != DS_QUANT_W4A8)
-            return ds_err_set(DS_ERR_FORMAT,
-                              "%s: tensor '%s' is I8 but config.json's quantization_config is "
-                              "not w8a8_int8 or w4a8_int4",
-                              t->file, name);
-        out->block_rows = 1;
-        out->block_cols = w4 ? c->quant_group : cols;
-        snprintf(sname, sizeof sname, "%s.weight_scale", prefix);
-    } else if (!ds_mat_dtype_ok(t->dtype)) {
-        return ds_err_set(DS_ERR_UNSUPPORTED,
-                          "%s: tensor '%s' has dtype %s (supported: F32, F16, BF16, F8_E4M3, I8)",
-                          t->file, name, ds_dtype_name(t->dtype));
-    } else {
-        return DS_OK;
-    }
-    return bind_scale(m, sname, (rows + out->block_rows - 1) / out->block_rows,
-                      (cols + out->block_cols - 1) / out->block_cols, &out->scale);
+    return ds_format_bind(m->fmt, prefix, rows, cols, out, NULL);
 }
 
 /* bind_mat, then this rank's rows [s.lo, s.hi) of it. */
@@ -171,15 +100,15 @@ static int bind_layer(ds_model *m, int64_t l, ds_layer *L) {
     int rc;
 #define NAME(buf, ...) snprintf(buf, sizeof buf, __VA_ARGS__)
     NAME(p, "model.layers.%lld", (long long)l);
-    NAME(q, "%s.input_layernorm.weight", p);
-    if ((rc = bind_vec(m, q, hid, &L->attn_norm))) return rc;
-    NAME(q, "%s.post_attention_layernorm.weight", p);
-    if ((rc = bind_vec(m, q, hid, &L->ffn_norm))) return rc;
+    NAME(q, "%s.input_layernorm", p);
+    if ((rc = bind_norm(m, q, hid, &L->attn_norm, &L->attn_norm_bias))) return rc;
+    NAME(q, "%s.post_attention_layernorm", p);
+    if ((rc = bind_norm(m, q, hid, &L->ffn_norm, &L->ffn_norm_bias))) return rc;
     if (c->q_lora_rank) {
         NAME(q, "%s.self_attn.q_a_proj", p);
         if ((rc = bind_mat(m, q, c->q_lora_rank, hid, &L->q_a))) return rc;
-        NAME(q, "%s.self_attn.q_a_layernorm.weight", p);
-        if ((rc = bind_vec(m, q, c->q_lora_rank, &L->q_a_norm))) return rc;
+        NAME(q, "%s.self_attn.q_a_layernorm", p);
+        if ((rc = bind_norm(m, q, c->q_lora_rank, &L->q_a_norm, &L->q_a_norm_bias))) return rc;
         NAME(q, "%s.self_attn.q_b_proj", p);
         if ((rc = bind_rows(m, q, H * qk, c->q_lora_rank, q_rows, &L->q_b))) return rc;
     } else {
@@ -188,8 +117,8 @@ static int bind_layer(ds_model *m, int64_t l, ds_layer *L) {
     }
     NAME(q, "%s.self_attn.kv_a_proj_with_mqa", p);
     if ((rc = bind_mat(m, q, c->kv_lora_rank + c->qk_rope_head_dim, hid, &L->kv_a))) return rc;
-    NAME(q, "%s.self_attn.kv_a_layernorm.weight", p);
-    if ((rc = bind_vec(m, q, c->kv_lora_rank, &L->kv_a_norm))) return rc;
+    NAME(q, "%s.self_attn.kv_a_layernorm", p);
+    if ((rc = bind_norm(m, q, c->kv_lora_rank, &L->kv_a_norm, &L->kv_a_norm_bias))) return rc;
     NAME(q, "%s.self_attn.kv_b_proj", p);
     if ((rc = bind_rows(m, q, H * kvb, c->kv_lora_rank, kv_rows, &L->kv_b))) return rc;
     NAME(q, "%s.self_attn.o_proj", p);
@@ -253,6 +182,7 @@ int ds_model_open(const char *dir, const ds_model_params *params, ds_model **out
     int rc = ds_config_load(dir, &m->cfg);
     if (!rc) rc = ds_shard_init(m);
     if (!rc) rc = ds_st_open_dir(dir, &m->st);
+    if (!rc) rc = ds_format_open(dir, &m->cfg, m->st, &m->fmt);
     if (!rc && !(m->pool = ds_pool_open(threads))) rc = DS_ERR_NOMEM;
     if (!rc) rc = ds_rope_init(m);
     const ds_config *c = &m->cfg;
@@ -261,7 +191,7 @@ int ds_model_open(const char *dir, const ds_model_params *params, ds_model **out
     if (!rc)
         rc = bind_rows(m, "model.embed_tokens", c->vocab_size, c->hidden_size, m->shard.vocab,
                        &m->embed);
-    if (!rc) rc = bind_vec(m, "model.norm.weight", c->hidden_size, &m->final_norm);
+    if (!rc) rc = bind_norm(m, "model.norm", c->hidden_size, &m->final_norm, &m->final_norm_bias);
     if (!rc) {
         if (c->tie_word_embeddings && !ds_st_find(m->st, "lm_head.weight"))
             m->lm_head = m->embed;
@@ -301,6 +231,7 @@ void ds_model_close(ds_model *m) {
     free(m->inv_freq);
     ds_free(m->scratch);
     ds_pool_close(m->pool);
+    ds_format_close(m->fmt);
     ds_st_close(m->st);
     free(m);
 }

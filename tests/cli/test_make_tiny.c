@@ -295,7 +295,13 @@ static void check_fp8_vs_bf16(const char *fp8_dir, const char *bf16_dir, const c
         for (int64_t k = 0; k < br * bc; k++)
             CHECK_MSG(scale[k] == bmax[k] / 448.0f, "%s block %lld: scale %g, max/448 %g", *names,
                       (long long)k, scale[k], bmax[k] / 448.0f);
-        ds_mat m = {DS_F8_E4M3, R, C, q->data, scale, 128, 128, 0, 0};
+        ds_mat m = {.dtype = DS_F8_E4M3,
+                    .rows = R,
+                    .cols = C,
+                    .data = q->data,
+                    .scale = scale,
+                    .block_rows = 128,
+                    .block_cols = 128};
         float *row = malloc((size_t)C * sizeof *row);
         int bad = 0, exact_max = 0;
         for (int64_t r = 0; r < R; r++) {

@@ -93,15 +93,13 @@ static void check_output(const char *src, const char *out, int64_t group, int lm
         expect_n++;
         snprintf(sname, sizeof sname, "%s_scale_inv", t->name);
         const ds_st_tensor *sinv = ds_st_find(s, sname);
-        ds_mat m = {t->dtype,
-                    t->shape[0],
-                    t->ndim == 2 ? t->shape[1] : 1,
-                    t->data,
-                    sinv ? sinv->data : NULL,
-                    128,
-                    128,
-                    0,
-                    0};
+        ds_mat m = {.dtype = t->dtype,
+                    .rows = t->shape[0],
+                    .cols = t->ndim == 2 ? t->shape[1] : 1,
+                    .data = t->data,
+                    .scale = sinv ? sinv->data : NULL,
+                    .block_rows = 128,
+                    .block_cols = 128};
         if (!should_quantize(t->name, lm_head) || t->ndim != 2) {
             CHECK_MSG(u->ndim == t->ndim && u->shape[0] == t->shape[0], "%s shape", t->name);
             if (t->dtype == DS_F8_E4M3) {

@@ -471,7 +471,13 @@ static void make_mat(test_mat *t, ds_dtype dt, shape sh) {
         }
         t->deq[i] = v;
     }
-    t->m = (ds_mat){dt, sh.rows, sh.cols, p, t->scale, sh.block_rows, sh.block_cols, 0, 0};
+    t->m = (ds_mat){.dtype = dt,
+                    .rows = sh.rows,
+                    .cols = sh.cols,
+                    .data = p,
+                    .scale = t->scale,
+                    .block_rows = sh.block_rows,
+                    .block_cols = sh.block_cols};
 }
 
 static void free_mat(test_mat *t) {
@@ -506,7 +512,14 @@ static void make_mat_i8(test_mat *t, shape sh, int int4) {
             float sc = t->scale[(int64_t)r / sh.block_rows * ncb + (int64_t)c / sh.block_cols];
             t->deq[r * cols + c] = (float)v * sc;
         }
-    t->m = (ds_mat){DS_I8, sh.rows, sh.cols, p, t->scale, sh.block_rows, sh.block_cols, int4, 0};
+    t->m = (ds_mat){.dtype = DS_I8,
+                    .rows = sh.rows,
+                    .cols = sh.cols,
+                    .data = p,
+                    .scale = t->scale,
+                    .block_rows = sh.block_rows,
+                    .block_cols = sh.block_cols,
+                    .int4 = int4};
 }
 
 /* ds_matmul on DS_I8 against a double product computed from the same quantized activations
@@ -1051,14 +1064,20 @@ static void test_mat_misc(void) {
     CHECK(ds_mat_dtype_ok(DS_F32) && ds_mat_dtype_ok(DS_BF16) && ds_mat_dtype_ok(DS_F16));
     CHECK(ds_mat_dtype_ok(DS_F8_E4M3));
     CHECK(!ds_mat_dtype_ok(DS_F8_E5M2) && !ds_mat_dtype_ok(DS_I32) && !ds_mat_dtype_ok(DS_F64));
-    ds_mat m = {DS_F8_E4M3, 300, 200, "", NULL, 128, 128, 0, 0};
+    ds_mat m = {.dtype = DS_F8_E4M3,
+                .rows = 300,
+                .cols = 200,
+                .data = "",
+                .block_rows = 128,
+                .block_cols = 128};
     CHECK(ds_mat_bytes(&m) == 300 * 200 + 3 * 2 * 4);
     m.dtype = DS_BF16;
     CHECK(ds_mat_bytes(&m) == 300 * 200 * 2);
     m.dtype = DS_F32;
     CHECK(ds_mat_bytes(&m) == 300 * 200 * 4);
     CHECK(ds_mat_dtype_ok(DS_I8));
-    ds_mat i8 = {DS_I8, 300, 201, "", NULL, 1, 201, 0, 0};
+    ds_mat i8 = {
+        .dtype = DS_I8, .rows = 300, .cols = 201, .data = "", .block_rows = 1, .block_cols = 201};
     CHECK(ds_mat_bytes(&i8) == 300 * 201 + 300 * 4);
     i8.int4 = 1;
     i8.block_cols = 64;

@@ -137,7 +137,14 @@ static void dequantized_copy(const char *q, const char *r) {
             const ds_st_tensor *st = ds_st_find(s, sname);
             CHECK(st != NULL);
             if (!st) continue;
-            ds_mat m = {DS_I8, R, C, t->data, st->data, 1, w4 ? cfg.quant_group : C, w4, 0};
+            ds_mat m = {.dtype = DS_I8,
+                        .rows = R,
+                        .cols = C,
+                        .data = t->data,
+                        .scale = st->data,
+                        .block_rows = 1,
+                        .block_cols = w4 ? cfg.quant_group : C,
+                        .int4 = w4};
             float *deq = malloc((size_t)(R * C) * sizeof *deq);
             for (int64_t a = 0; a < R; a++) ds_mat_row_f32(&m, a, deq + a * C);
             ds_st_writer_data(w, deq, (uint64_t)(R * C) * sizeof(float));
