@@ -424,6 +424,7 @@ typedef struct {
     float *scale;       /* owns m.scale */
     float *deq;         /* [rows, cols] the reference dequantisation */
     int8_t *qv;         /* DS_I8: [rows, cols] the stored integers (int4 unpacked) */
+    float *act;         /* static DS_I8: owns m.act_scale, m.act_zp and m.bias */
 } test_mat;
 
 static uint16_t rnd_f16_bits(void) { /* finite: no inf / NaN */
@@ -485,6 +486,29 @@ static void free_mat(test_mat *t) {
     free(t->scale);
     free(t->deq);
     free(t->qv);
+    free(t->act);
+}
+
+/* Makes an int8 per-channel matrix static (ds_mat.act_n): a step and zero point per tensor or
+ * per column, chosen so that x in [-1, 1] overflows both ends of int8 (the clamp and -128,
+ * which AVX2's dot4_i8 cannot take, occur), and a per-row bias. */
+static void make_static(test_mat *t, int per_channel) {
+    int64_t cols = t->m.cols, rows = t->m.rows, n = per_channel ? cols : 1;
+    t->act = malloc((size_t)(2 * n + rows) * sizeof(float));
+    float *sc = t->act, *zp = sc + n, *bias = zp + n;
+    for (int64_t i = 0; i < n; i++) {
+        sc[i] = (1.0f + (float)(i % 5)) / 600.0f;
+        zp[i] = (float)((i * 37) % 41) - 20.0f;
+    }
+    for (int64_t r = 0; r < rows; r++) bias[r] = rnd_uniform(-2, 2);
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < cols; c++)
+            t->deq[r * cols + c] =
+                (float)t->qv[r * cols + c] * t->scale[r] / sc[per_channel ? c : 0];
+    t->m.act_n = n;
+    t->m.act_scale = sc;
+    t->m.act_zp = zp;
+    t->m.bias = bias;
 }
 
 /* DS_I8 weights: int8 over the whole range (-128 included) or int4 packed (int4 = 1), a
@@ -523,8 +547,8 @@ static void make_mat_i8(test_mat *t, shape sh, int int4) {
 }
 
 /* ds_matmul on DS_I8 against a double product computed from the same quantized activations
- * (ds_quantize_row_i8 is checked on its own) and the stored integers: exact integer sums per
- * block, so only the f32 conversion and accumulation differ, ~1e-7 relative. */
+ * (ds_quantize_row_i8 / _static are checked on their own) and the stored integers: exact integer
+ * sums per block, so only the f32 conversion and accumulation differ, ~1e-7 relative. */
 static void check_matmul_i8(const test_mat *t, ds_pool *p1, ds_pool *p3, const char *what) {
     int64_t rows = t->m.rows, cols = t->m.cols, bc = t->m.block_cols, br = t->m.block_rows;
     int64_t ncb = (cols + bc - 1) / bc;
@@ -542,10 +566,14 @@ static void check_matmul_i8(const test_mat *t, ds_pool *p1, ds_pool *p3, const c
         int bad = 0;
         double worst = 0;
         for (int64_t tk = 0; tk < nt; tk++) {
-            float sx;
-            ds_quantize_row_i8(x + tk * cols, cols, q, &sx);
+            float sx = 1;
+            if (t->m.act_n)
+                ds_quantize_row_static(x + tk * cols, cols, t->m.act_scale, t->m.act_zp,
+                                       t->m.act_n > 1, q);
+            else
+                ds_quantize_row_i8(x + tk * cols, cols, q, &sx);
             for (int64_t r = 0; r < rows; r++) {
-                double ref = 0, sabs = 0;
+                double ref = t->m.bias ? t->m.bias[r] : 0, sabs = fabs(ref);
                 for (int64_t b = 0; b < ncb; b++) {
                     int64_t is = 0;
                     for (int64_t cc = b * bc; cc < cols && cc < (b + 1) * bc; cc++)
@@ -691,6 +719,21 @@ static void matmul_suite(void) {
         check_matmul_i8(&t, p1, p3, what);
         free_mat(&t);
     }
+    /* static activations (Ascend W8A8): per tensor and per channel, one kernel chunk and a row
+     * wider than a chunk (the int32 partials summed over chunks before the bias) */
+    const shape sts[] = {{37, 200, 1, 200}, {33, 4097, 1, 4097}, {20, 300, 1, 300}};
+    for (size_t i = 0; i < sizeof sts / sizeof sts[0]; i++)
+        for (int pc = 0; pc < 2; pc++) {
+            test_mat t;
+            make_mat_i8(&t, sts[i], 0);
+            make_static(&t, pc);
+            char what[96];
+            snprintf(what, sizeof what, "%s static I8 %lldx%lld per %s", ds_kernels_get()->name,
+                     (long long)sts[i].rows, (long long)sts[i].cols, pc ? "channel" : "tensor");
+            check_rows(&t, what);
+            check_matmul_i8(&t, p1, p3, what);
+            free_mat(&t);
+        }
     ds_pool_close(p1);
     ds_pool_close(p3);
 }
@@ -1021,6 +1064,22 @@ static void test_fgemm(const ds_kernels *k) {
 
 /* ds_quantize_row_i8 against the formula, with ties: max |x| = 127 makes scale exactly 1, so
  * x = k + 0.5 lands on a tie that must round to even. */
+/* The static quantize against its formula: ties to even, both clamps (-128 included), a NaN
+ * to the zero point, per tensor and per channel. */
+static void test_quantize_static(void) {
+    const float x[8] = {0.25f, 0.75f, -0.25f, 10.0f, -10.0f, NAN, 0.0f, 0.1f};
+    const float s1 = 0.5f, z1 = -3.0f;
+    int8_t q[9];
+    q[8] = 55;
+    ds_quantize_row_static(x, 8, &s1, &z1, 0, q);
+    /* x / 0.5 - 3: -2.5 -> -2, -1.5 -> -2, -3.5 -> -4, 17, -23, NaN -> -3, -3, -2.8 -> -3 */
+    const int8_t want1[8] = {-2, -2, -4, 17, -23, -3, -3, -3};
+    CHECK(memcmp(q, want1, 8) == 0 && q[8] == 55);
+    const float big[3] = {1e9f, -1e9f, -64.0f}, sc[3] = {1, 1, 0.25f}, zp[3] = {0, 0, 127};
+    ds_quantize_row_static(big, 3, sc, zp, 1, q);
+    CHECK(q[0] == 127 && q[1] == -128 && q[2] == -128); /* -256 + 127 = -129 clamps */
+}
+
 static void test_quantize_i8(void) {
     float x[16] = {127.0f, 2.5f,    3.5f, -2.5f,   -3.5f,      0.5f,   -0.5f,   1.5f,
                    126.5f, -126.5f, 0.0f, -127.0f, 4.4999995f, 100.5f, -101.5f, 7.0f};
@@ -1224,6 +1283,7 @@ int main(void) {
               ds_kernels_get()->name, want);
     test_mat_misc();
     test_quantize_i8();
+    test_quantize_static();
     test_i4_split();
     test_row_ops();
 
