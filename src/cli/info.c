@@ -1,14 +1,17 @@
 /* `dsinfer info DIR`: what a checkpoint is, from its config and from its tensors.
  *
  * Prints the parsed config, the parameter counts the config implies (total and active per
- * token, ds_config_param_counts), and then counts what the safetensors actually hold: elements
- * of the main model's tensors, of fp8/int scale tensors ("scales", kept apart because they are
- * not parameters), of MTP layers (model.layers.N with N >= num_hidden_layers), and bytes per
+ * token, ds_config_param_counts), the detected format with the stored form of every group of
+ * projections (src/model/format.c), and then counts what the safetensors actually hold:
+ * elements of the main model's tensors, of quantization data (scales, zero points, biases of
+ * quantized projections, anti-outlier norm biases: kept apart because they are not
+ * parameters), of MTP layers (model.layers.N with N >= num_hidden_layers), and bytes per
  * dtype. The two counts of the main model must agree; a difference is reported with a warning
  * (exit status stays 0: info describes, `dsinfer check` judges). */
 #include "cli/cli.h"
 #include "core/core.h"
 #include "io/io.h"
+#include "model/model.h"
 
 #include <inttypes.h>
 #include <stdlib.h>
@@ -30,12 +33,6 @@ static const char *human_count(uint64_t n, char *buf, size_t cap) {
     return buf;
 }
 
-/* Scale tensors of the quantized formats: fp8 `weight_scale_inv`, int8/int4 `weight_scale`. */
-static int is_scale(const char *name) {
-    return ds_str_ends_with(name, "_scale_inv") || ds_str_ends_with(name, ".weight_scale") ||
-           ds_str_ends_with(name, "_scale_2");
-}
-
 /* The layer index of "model.layers.N.…", or -1. */
 static int64_t layer_of(const char *name) {
     static const char pre[] = "model.layers.";
@@ -43,6 +40,69 @@ static int64_t layer_of(const char *name) {
     char *e = NULL;
     long long l = strtoll(name + sizeof pre - 1, &e, 10);
     return e && *e == '.' ? (int64_t)l : -1;
+}
+
+/* A projection's group: its name with the layer and expert numbers starred
+ * ("model.layers.*.mlp.experts.*.down_proj"), into buf; NULL for what is not a projection. */
+static const char *group_of(const ds_st_tensor *t, char *buf, size_t cap) {
+    if (t->ndim != 2 || !ds_str_ends_with(t->name, ".weight")) return NULL;
+    size_t k = 0;
+    for (const char *p = t->name; *p && k + 2 < cap;) {
+        int after_dot = p > t->name && p[-1] == '.';
+        if (after_dot && *p >= '0' && *p <= '9') {
+            while (*p >= '0' && *p <= '9') p++;
+            buf[k++] = '*';
+        } else {
+            buf[k++] = *p++;
+        }
+    }
+    buf[k > 7 ? k - 7 : k] = 0; /* without ".weight" */
+    return buf;
+}
+
+typedef struct {
+    char group[200];
+    const char *scheme;
+    size_t n;
+} info_group;
+
+/* The stored form of every group of projections; groups with mixed forms are listed once per
+ * form. Returns 1 when some tensor's form cannot be told (the message is printed). */
+static int print_format(ds_format *f, const ds_st_set *set) {
+    printf("\n== format: %s\n", ds_format_name(f));
+    size_t n = 0, cap = 64;
+    info_group *g = calloc(cap, sizeof *g);
+    int bad = !g;
+    for (size_t i = 0; g && i < ds_st_count(set); i++) {
+        const ds_st_tensor *t = ds_st_at(set, i);
+        char key[200], prefix[512];
+        if (!group_of(t, key, sizeof key)) continue;
+        snprintf(prefix, sizeof prefix, "%.*s", (int)(strlen(t->name) - 7), t->name);
+        const char *sc = ds_format_scheme(f, prefix);
+        if (!sc) {
+            fprintf(stderr, "dsinfer info: %s\n", ds_err_msg());
+            bad = 1;
+            continue;
+        }
+        size_t j = 0;
+        while (j < n && (strcmp(g[j].group, key) || g[j].scheme != sc)) j++;
+        if (j == n) {
+            if (n == cap) {
+                info_group *ng = realloc(g, 2 * cap * sizeof *g);
+                if (!ng) break;
+                g = ng;
+                cap *= 2;
+            }
+            snprintf(g[n].group, sizeof g[n].group, "%s", key);
+            g[n].scheme = sc;
+            g[n++].n = 0;
+        }
+        g[j].n++;
+    }
+    printf("  %-52s %7s  %s\n", "projections", "tensors", "stored as");
+    for (size_t j = 0; j < n; j++) printf("  %-52s %7zu  %s\n", g[j].group, g[j].n, g[j].scheme);
+    free(g);
+    return bad;
 }
 
 int ds_cmd_info(int argc, char **argv) {
@@ -77,6 +137,13 @@ int ds_cmd_info(int argc, char **argv) {
         fprintf(stderr, "dsinfer info: %s\n", ds_err_msg());
         return 1;
     }
+    ds_format *fmt = NULL;
+    if (ds_format_open(dir, &c, set, &fmt) != DS_OK || print_format(fmt, set)) {
+        if (!fmt) fprintf(stderr, "dsinfer info: %s\n", ds_err_msg());
+        ds_format_close(fmt);
+        ds_st_close(set);
+        return 1;
+    }
     struct {
         size_t n;
         uint64_t numel, bytes;
@@ -87,6 +154,7 @@ int ds_cmd_info(int argc, char **argv) {
     const size_t n = ds_st_count(set);
     files = calloc(n ? n : 1, sizeof *files);
     if (!files) {
+        ds_format_close(fmt);
         ds_st_close(set);
         fprintf(stderr, "dsinfer info: out of memory\n");
         return 1;
@@ -95,14 +163,18 @@ int ds_cmd_info(int argc, char **argv) {
         const ds_st_tensor *t = ds_st_at(set, i);
         uint64_t numel = 1;
         for (int d = 0; d < t->ndim; d++) numel *= (uint64_t)t->shape[d];
-        /* W4A8 stores two int4 parameters per I8 byte (docs/formats.md). */
-        if (c.quant == DS_QUANT_W4A8 && t->dtype == DS_I8 && t->ndim == 2) numel *= 2;
+        /* int4 formats store two parameters per I8 byte (docs/formats.md) */
+        char prefix[512];
+        snprintf(prefix, sizeof prefix, "%.*s",
+                 (int)(strlen(t->name) - (ds_str_ends_with(t->name, ".weight") ? 7 : 0)), t->name);
+        const char *sc = t->dtype == DS_I8 && t->ndim == 2 ? ds_format_scheme(fmt, prefix) : NULL;
+        if (sc && !strncmp(sc, "w4a8", 4)) numel *= 2;
         by_dtype[t->dtype].n++;
         by_dtype[t->dtype].numel += numel;
         by_dtype[t->dtype].bytes += t->nbytes;
         all_bytes += t->nbytes;
         int64_t l = layer_of(t->name);
-        if (is_scale(t->name)) {
+        if (ds_format_is_companion(fmt, t->name)) {
             scale_numel += numel;
             n_scale++;
         } else if (l >= c.n_layers) {
@@ -127,8 +199,9 @@ int ds_cmd_info(int argc, char **argv) {
     printf("  parameters (main)    %" PRIu64 " (%s)\n", main_numel,
            human_count(main_numel, b1, sizeof b1));
     if (n_scale)
-        printf("  scales               %" PRIu64 " in %zu tensors (not parameters)\n", scale_numel,
-               n_scale);
+        printf("  quantization data    %" PRIu64 " in %zu tensors (scales, zero points, biases: "
+               "not parameters)\n",
+               scale_numel, n_scale);
     if (n_mtp)
         printf("  MTP layers           %" PRIu64 " (%s) in %zu tensors (not counted above)\n",
                mtp_numel, human_count(mtp_numel, b2, sizeof b2), n_mtp);
@@ -145,6 +218,7 @@ int ds_cmd_info(int argc, char **argv) {
                 dir, diff);
     }
     free(files);
+    ds_format_close(fmt);
     ds_st_close(set);
     return 0;
 }

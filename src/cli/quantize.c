@@ -1,12 +1,16 @@
-/* `dsinfer quantize IN_DIR OUT_DIR --scheme w8a8|w4a8`: a BF16 / F16 / F32 or official FP8
- * DeepSeek-V3 checkpoint -> the int8 formats the CPU kernels run (docs/formats.md).
+/* `dsinfer quantize IN_DIR OUT_DIR --scheme w8a8|w4a8`: a DeepSeek-V3 checkpoint in any format
+ * dsinfer loads (BF16 / F16 / F32, the official FP8, and the int8 / int4 formats of
+ * src/model/format.c) -> the int8 formats the CPU kernels run (docs/formats.md).
  *
  * Which tensors. Every 2-D `*.weight` under `model.layers.N.self_attn.` and `model.layers.N.mlp.`
  * (MTP layers N >= num_hidden_layers included), except the router `mlp.gate.weight`; with
  * --quantize-lm-head also `lm_head.weight`. Everything else (embeddings, norms, router and its
  * e_score_correction_bias, lm_head by default, MTP's eh_proj / shared_head) is copied: BF16 byte
- * for byte, an FP8 one dequantised to BF16, any other dtype unchanged. The source's
- * `*_scale_inv` tensors are consumed by their FP8 weights, never copied.
+ * for byte, an FP8 or int8 one dequantised to BF16, any other dtype unchanged. The source's
+ * quantization data (scales, zero points, quant_bias, anti-outlier norm biases) is consumed by
+ * the weights it belongs to, never copied: a static W8A8 linear is read as its real weight
+ * q x deq_scale / input_scale, and its folded bias is dropped together with the norm bias it
+ * compensates (docs/formats.md).
  *
  * Layouts (src/kernels/kernels.h, ds_mat, is the authority):
  *   W8A8  <p>.weight I8 [out, in], <p>.weight_scale F32 [out, 1]; per row s = max|w| / 127
@@ -32,6 +36,7 @@
 #include "core/core.h"
 #include "io/io.h"
 #include "kernels/kernels.h"
+#include "model/model.h"
 
 #include <errno.h>
 #include <getopt.h>
@@ -54,8 +59,8 @@ typedef enum {
 } qz_action;
 
 typedef struct {
-    const ds_st_tensor *src;   /* the source tensor (view into the set) */
-    const ds_st_tensor *scale; /* FP8 source: its weight_scale_inv, else NULL */
+    const ds_st_tensor *src; /* the source tensor (view into the set) */
+    int64_t rows, cols;      /* QZ_QUANT, QZ_TO_BF16: the logical matrix (ds_format_shape) */
     qz_action action;
     ds_dtype out_dtype;
     int64_t out_shape[DS_ST_MAX_DIMS]; /* the weight (or copied tensor) */
@@ -69,7 +74,6 @@ typedef struct {
     qz_scheme scheme;
     int64_t group; /* W4A8 group size along the input */
     int lm_head;
-    int64_t fp8_block[2]; /* source weight_block_size */
 } qz_opts;
 
 static volatile sig_atomic_t qz_interrupted;
@@ -96,12 +100,16 @@ static int64_t cdiv(int64_t a, int64_t b) {
     return (a + b - 1) / b;
 }
 
-static int build_plan(const ds_st_set *set, const qz_opts *o, qz_item **out, size_t *n_out) {
+/* The source's quantization data (scales, zero points, biases of its quantized projections,
+ * anti-outlier norm biases) is consumed; its projections are requantized, its other stored
+ * matrices (an FP8 or int8 tensor outside the set) dequantised to BF16, the rest copied. The
+ * format decides how each is read (src/model/format.c). */
+static int build_plan(const ds_st_set *set, ds_format *fmt, const qz_opts *o, qz_item **out,
+                      size_t *n_out) {
     size_t n = ds_st_count(set);
     qz_item *it = calloc(n ? n : 1, sizeof *it);
     if (!it) return ds_err_set(DS_ERR_NOMEM, "out of memory");
     int rc = DS_OK;
-    char sname[512];
     for (size_t i = 0; !rc && i < n; i++) {
         const ds_st_tensor *t = ds_st_at(set, i);
         qz_item *q = &it[i];
@@ -110,68 +118,41 @@ static int build_plan(const ds_st_set *set, const qz_opts *o, qz_item **out, siz
         q->out_ndim = t->ndim;
         memcpy(q->out_shape, t->shape, sizeof q->out_shape);
         q->out_bytes = t->nbytes;
-        if (ds_str_ends_with(t->name, "_scale_inv")) {
-            size_t wl = strlen(t->name) - strlen("_scale_inv");
-            snprintf(sname, sizeof sname, "%.*s", (int)wl, t->name);
-            const ds_st_tensor *w = ds_st_find(set, sname);
-            if (!w || w->dtype != DS_F8_E4M3) {
-                rc = ds_err_set(DS_ERR_FORMAT, "%s: tensor '%s' has no F8_E4M3 weight '%s'",
-                                t->file, t->name, sname);
-                break;
-            }
+        if (ds_format_is_companion(fmt, t->name)) {
             q->action = QZ_CONSUMED;
             q->out_bytes = 0;
             continue;
         }
-        if (t->dtype == DS_F8_E4M3) {
-            snprintf(sname, sizeof sname, "%s_scale_inv", t->name);
-            const ds_st_tensor *s = ds_st_find(set, sname);
-            const int64_t br = o->fp8_block[0], bc = o->fp8_block[1];
-            if (t->ndim != 2) {
-                rc = ds_err_set(DS_ERR_SHAPE, "%s: F8_E4M3 tensor '%s' is not 2-D", t->file,
-                                t->name);
-                break;
-            }
-            if (!s || s->dtype != DS_F32 || s->ndim != 2 || s->shape[0] != cdiv(t->shape[0], br) ||
-                s->shape[1] != cdiv(t->shape[1], bc)) {
-                rc = ds_err_set(DS_ERR_FORMAT,
-                                "%s: F8_E4M3 tensor '%s' needs '%s' F32 [%lld, %lld] "
-                                "(weight_block_size [%lld, %lld])",
-                                t->file, t->name, sname, (long long)cdiv(t->shape[0], br),
-                                (long long)cdiv(t->shape[1], bc), (long long)br, (long long)bc);
-                break;
-            }
-            q->scale = s;
+        int proj = is_quantized_name(t->name, o->lm_head) && t->ndim == 2;
+        int stored = t->ndim == 2 && ds_str_ends_with(t->name, ".weight") &&
+                     (t->dtype == DS_F8_E4M3 || t->dtype == DS_I8);
+        if (!proj && !stored) {
+            q->action = QZ_COPY;
+            continue;
         }
-        if (is_quantized_name(t->name, o->lm_head) && t->ndim == 2) {
-            if (!ds_mat_dtype_ok(t->dtype) || t->dtype == DS_I8) {
-                rc = ds_err_set(DS_ERR_UNSUPPORTED,
-                                "%s: tensor '%s' is %s; quantize reads BF16, F16, F32 or "
-                                "F8_E4M3 (an already quantized checkpoint cannot be requantized)",
-                                t->file, t->name, ds_dtype_name(t->dtype));
-                break;
-            }
-            const int64_t rows = t->shape[0], cols = t->shape[1];
-            q->action = QZ_QUANT;
-            q->out_dtype = DS_I8;
-            q->out_shape[0] = rows;
-            if (o->scheme == QZ_W8A8) {
-                q->out_shape[1] = cols;
-                q->scale_shape[1] = 1;
-            } else {
-                q->out_shape[1] = cdiv(cols, 2);
-                q->scale_shape[1] = cdiv(cols, o->group);
-            }
-            q->scale_shape[0] = rows;
-            q->out_bytes = (uint64_t)rows * (uint64_t)q->out_shape[1];
-            q->scale_bytes = (uint64_t)rows * (uint64_t)q->scale_shape[1] * sizeof(float);
-        } else if (t->dtype == DS_F8_E4M3) {
+        char prefix[512];
+        snprintf(prefix, sizeof prefix, "%.*s", (int)(strlen(t->name) - 7), t->name);
+        if ((rc = ds_format_shape(fmt, prefix, &q->rows, &q->cols))) break;
+        q->out_shape[0] = q->rows;
+        if (!proj) {
             q->action = QZ_TO_BF16;
             q->out_dtype = DS_BF16;
-            q->out_bytes = t->nbytes * 2;
-        } else {
-            q->action = QZ_COPY;
+            q->out_shape[1] = q->cols;
+            q->out_bytes = (uint64_t)q->rows * (uint64_t)q->cols * 2;
+            continue;
         }
+        q->action = QZ_QUANT;
+        q->out_dtype = DS_I8;
+        if (o->scheme == QZ_W8A8) {
+            q->out_shape[1] = q->cols;
+            q->scale_shape[1] = 1;
+        } else {
+            q->out_shape[1] = cdiv(q->cols, 2);
+            q->scale_shape[1] = cdiv(q->cols, o->group);
+        }
+        q->scale_shape[0] = q->rows;
+        q->out_bytes = (uint64_t)q->rows * (uint64_t)q->out_shape[1];
+        q->scale_bytes = (uint64_t)q->rows * (uint64_t)q->scale_shape[1] * sizeof(float);
     }
     if (rc) {
         free(it);
@@ -253,21 +234,6 @@ static void quant_rows(void *arg, int slice, int n_slices) {
     }
 }
 
-static ds_mat source_mat(const qz_item *q, const qz_opts *o) {
-    ds_mat m;
-    memset(&m, 0, sizeof m);
-    m.dtype = q->src->dtype;
-    m.rows = q->src->shape[0];
-    m.cols = q->src->shape[1];
-    m.data = q->src->data;
-    if (q->scale) {
-        m.scale = q->scale->data;
-        m.block_rows = o->fp8_block[0];
-        m.block_cols = o->fp8_block[1];
-    }
-    return m;
-}
-
 typedef struct {
     void *buf;
     size_t cap;
@@ -300,13 +266,18 @@ static int ensure_rows(qz_scratch *sc, int64_t cols) {
 }
 
 /* Writes the data of item q (one or two ds_st_writer_data calls). */
-static int write_item(ds_st_writer *w, ds_pool *pool, const qz_opts *o, const qz_item *q,
-                      qz_scratch *sc) {
+static int write_item(ds_st_writer *w, ds_pool *pool, ds_format *fmt, const qz_opts *o,
+                      const qz_item *q, qz_scratch *sc) {
     int rc = DS_OK;
+    ds_mat m;
+    if (q->action != QZ_COPY) { /* bound as the source's format stores it */
+        char prefix[512];
+        snprintf(prefix, sizeof prefix, "%.*s", (int)(strlen(q->src->name) - 7), q->src->name);
+        if ((rc = ds_format_bind(fmt, prefix, q->rows, q->cols, &m, NULL))) return rc;
+    }
     if (q->action == QZ_COPY) {
         rc = ds_st_writer_data(w, q->src->data, q->src->nbytes);
     } else if (q->action == QZ_TO_BF16) {
-        ds_mat m = source_mat(q, o);
         if (!grow(&sc->buf, &sc->cap, (size_t)q->out_bytes + 1) || !ensure_rows(sc, m.cols))
             return ds_err_set(DS_ERR_NOMEM, "out of memory converting '%s'", q->src->name);
         uint16_t *d = sc->buf;
@@ -316,7 +287,6 @@ static int write_item(ds_st_writer *w, ds_pool *pool, const qz_opts *o, const qz
         }
         rc = ds_st_writer_data(w, sc->buf, q->out_bytes);
     } else {
-        ds_mat m = source_mat(q, o);
         if (!grow(&sc->buf, &sc->cap, (size_t)(q->out_bytes + q->scale_bytes) + 1) ||
             !ensure_rows(sc, m.cols))
             return ds_err_set(DS_ERR_NOMEM, "out of memory quantizing '%s' (%llu bytes)",
@@ -334,7 +304,7 @@ static int write_item(ds_st_writer *w, ds_pool *pool, const qz_opts *o, const qz
         if (!rc) rc = ds_st_writer_data(w, j.scale, q->scale_bytes);
     }
     ds_st_drop_pages(q->src);
-    ds_st_drop_pages(q->scale);
+    ds_format_release(fmt); /* a repacked source tensor */
     return rc;
 }
 
@@ -343,8 +313,8 @@ typedef struct {
     uint64_t bytes_in, bytes_out;
 } qz_stats;
 
-static int write_shards(const char *dir, ds_pool *pool, const qz_opts *o, const qz_item *it,
-                        size_t n, int n_shards, qz_stats *st) {
+static int write_shards(const char *dir, ds_pool *pool, ds_format *fmt, const qz_opts *o,
+                        const qz_item *it, size_t n, int n_shards, qz_stats *st) {
     qz_scratch sc = {0};
     sc.n_slices = ds_pool_size(pool);
     sc.rowf = calloc((size_t)sc.n_slices, sizeof *sc.rowf);
@@ -380,7 +350,7 @@ static int write_shards(const char *dir, ds_pool *pool, const qz_opts *o, const 
         for (size_t k = i; !rc && k < j; k++) {
             const qz_item *q = &it[k];
             if (qz_interrupted) rc = ds_err_set(DS_ERR_IO, "interrupted");
-            if (!rc && q->action != QZ_CONSUMED) rc = write_item(w, pool, o, q, &sc);
+            if (!rc && q->action != QZ_CONSUMED) rc = write_item(w, pool, fmt, o, q, &sc);
             if (!rc && q->action != QZ_CONSUMED) {
                 if (q->action == QZ_QUANT)
                     st->n_quant++;
@@ -486,7 +456,7 @@ int ds_cmd_quantize(int argc, char **argv) {
     const char *in_dir = NULL, *out_arg = NULL, *scheme = NULL;
     uint64_t group = 128, shard_bytes = 4ull << 30, threads = 0;
     int force = 0;
-    qz_opts o = {QZ_W8A8, 128, 0, {128, 128}};
+    qz_opts o = {QZ_W8A8, 128, 0};
     static const struct option opts[] = {{"scheme", required_argument, 0, 's'},
                                          {"group-size", required_argument, 0, 'g'},
                                          {"shard-bytes", required_argument, 0, 'b'},
@@ -562,6 +532,8 @@ int ds_cmd_quantize(int argc, char **argv) {
     int status = 1, rc = DS_OK;
     ds_cli_outdir od = {0};
     ds_st_set *set = NULL;
+    ds_format *fmt = NULL;
+    ds_config src_cfg;
     ds_pool *pool = NULL;
     json_t *cfg = NULL;
     qz_item *it = NULL;
@@ -581,38 +553,23 @@ int ds_cmd_quantize(int argc, char **argv) {
     const char *tmp = od.tmp, *out = od.out;
     char *cfg_path = ds_cli_path_join(in_dir, "config.json");
     rc = cfg_path ? ds_json_load_file(cfg_path, &cfg) : ds_err_set(DS_ERR_NOMEM, "out of memory");
-    if (!rc && !json_is_object(cfg))
-        rc = ds_err_set(DS_ERR_FORMAT, "%s: not a JSON object", cfg_path);
     free(cfg_path);
-    if (!rc) {
-        /* the source's fp8 block size (the official release: [128, 128]) */
-        json_t *qc = json_object_get(cfg, "quantization_config");
-        json_t *bs = qc ? json_object_get(qc, "weight_block_size") : NULL;
-        if (bs) {
-            json_t *b0 = json_array_get(bs, 0), *b1 = json_array_get(bs, 1);
-            if (json_array_size(bs) != 2 || !json_is_integer(b0) || !json_is_integer(b1) ||
-                json_integer_value(b0) <= 0 || json_integer_value(b1) <= 0)
-                rc = ds_err_set(DS_ERR_FORMAT,
-                                "%s/config.json: quantization_config.weight_block_size is not "
-                                "two positive integers",
-                                in_dir);
-            else {
-                o.fp8_block[0] = json_integer_value(b0);
-                o.fp8_block[1] = json_integer_value(b1);
-            }
-        }
-    }
+    if (!rc) rc = ds_config_quant_from_json(cfg, in_dir, &src_cfg);
     if (!rc) rc = ds_st_open_dir(in_dir, &set);
-    if (!rc) rc = build_plan(set, &o, &it, &n_items);
+    if (!rc) rc = ds_format_open(in_dir, &src_cfg, set, &fmt);
+    if (!rc) rc = build_plan(set, fmt, &o, &it, &n_items);
     if (!rc && !(pool = ds_pool_open((int)threads))) rc = DS_ERR_NOMEM;
     if (rc) {
         fprintf(stderr, "dsinfer quantize: %s\n", ds_err_msg());
         goto done;
     }
     int n_shards = assign_shards(it, n_items, shard_bytes);
-    rc = write_shards(tmp, pool, &o, it, n_items, n_shards, &st);
+    rc = write_shards(tmp, pool, fmt, &o, it, n_items, n_shards, &st);
     if (!rc) rc = write_index(tmp, it, n_items, n_shards);
     if (!rc) {
+        /* other toolchains' informational keys describe the source, not this output */
+        const char *stale[] = {"quantize", "mla_quantize", "moe_quantize"};
+        for (size_t i = 0; i < sizeof stale / sizeof *stale; i++) json_object_del(cfg, stale[i]);
         json_t *qc = quant_config(&o);
         rc = qc && !json_object_set_new(cfg, "quantization_config", qc)
                  ? dump_json(cfg, tmp, "config.json")
@@ -646,6 +603,7 @@ done:
     sigaction(SIGTERM, &old_term, NULL);
     free(it);
     ds_pool_close(pool);
+    ds_format_close(fmt);
     ds_st_close(set);
     json_decref(cfg);
     return status;

@@ -270,6 +270,13 @@ static int check_consistency(const char *label, const ds_config *c) {
     return DS_OK;
 }
 
+int ds_config_quant_from_json(const json_t *root, const char *label, ds_config *c) {
+    memset(c, 0, sizeof *c);
+    if (!json_is_object(root)) return ds_err_set(DS_ERR_FORMAT, "%s: not a JSON object", label);
+    cfg_src s = {root, label};
+    return read_quant(&s, c);
+}
+
 int ds_config_from_json(const json_t *root, const char *label, ds_config *c) {
     memset(c, 0, sizeof *c);
     if (!json_is_object(root)) return ds_err_set(DS_ERR_FORMAT, "%s: not a JSON object", label);

@@ -134,6 +134,9 @@ typedef struct {
 int ds_config_load(const char *path, ds_config *out);
 /* Same from a parsed object; `label` names the source in messages. */
 int ds_config_from_json(const json_t *root, const char *label, ds_config *out);
+/* Only the quantization fields (quant, quant_block, quant_group), the rest zero: what reading
+ * the stored weights needs (dsinfer quantize), whatever else the config holds. */
+int ds_config_quant_from_json(const json_t *root, const char *label, ds_config *out);
 /* Whether layer l uses MoE (else the dense MLP). */
 int ds_config_layer_is_moe(const ds_config *c, int64_t l);
 /* Writes a human-readable summary of every field. */

@@ -34,6 +34,11 @@ typedef enum {
 
 typedef enum { S_FLOAT, S_FP8, S_DYNAMIC, S_STATIC, S_W4_IN, S_W4_OUT, S_BLOCK } scheme;
 
+/* A float projection is named by its dtype. */
+static const char *float_name(ds_dtype t) {
+    return t == DS_BF16 ? "bf16" : t == DS_F16 ? "f16" : "f32";
+}
+
 static const char *const scheme_names[] = {
     [S_FLOAT] = "float",          [S_FP8] = "fp8-block",
     [S_DYNAMIC] = "w8a8-dynamic", [S_STATIC] = "w8a8-static",
@@ -148,7 +153,7 @@ int ds_format_open(const char *dir, const ds_config *c, const ds_st_set *st, ds_
 
 void ds_format_close(ds_format *f) {
     if (!f) return;
-    for (size_t i = 0; i < f->n_owned; i++) ds_free(f->owned[i]);
+    ds_format_release(f);
     free(f->owned);
     json_decref(f->desc);
     free(f->desc_path);
@@ -178,6 +183,7 @@ const char *ds_format_name(const ds_format *f) {
 }
 
 int ds_format_is_companion(const ds_format *f, const char *name) {
+    if (ds_str_ends_with(name, "norm.bias")) return 1;
     for (size_t i = 0; i < sizeof companions / sizeof *companions; i++) {
         if (!ds_str_ends_with(name, companions[i])) continue;
         char w[512];
@@ -524,7 +530,27 @@ const char *ds_format_scheme(ds_format *f, const char *prefix) {
         ds_err_set(DS_ERR_MISSING, "missing tensor '%s'", name);
         return NULL;
     }
-    return scheme_of(f, t, prefix, &s) ? NULL : scheme_names[s];
+    return scheme_of(f, t, prefix, &s) ? NULL
+           : s == S_FLOAT              ? float_name(t->dtype)
+                                       : scheme_names[s];
+}
+
+int ds_format_shape(ds_format *f, const char *prefix, int64_t *rows, int64_t *cols) {
+    char name[512];
+    snprintf(name, sizeof name, "%s.weight", prefix);
+    const ds_st_tensor *t = ds_st_find(f->st, name);
+    scheme s;
+    if (!t) return ds_err_set(DS_ERR_MISSING, "missing tensor '%s'", name);
+    if (t->ndim != 2) return ds_err_set(DS_ERR_SHAPE, "%s: tensor '%s' is not 2-D", t->file, name);
+    int rc = scheme_of(f, t, prefix, &s);
+    *rows = t->shape[0] * (s == S_W4_OUT ? 2 : 1);
+    *cols = t->shape[1] * (s == S_W4_IN ? 2 : 1);
+    return rc;
+}
+
+void ds_format_release(ds_format *f) {
+    for (size_t i = 0; i < f->n_owned; i++) ds_free(f->owned[i]);
+    f->n_owned = 0;
 }
 
 int ds_format_bind(ds_format *f, const char *prefix, int64_t rows, int64_t cols, ds_mat *out,
@@ -536,7 +562,7 @@ int ds_format_bind(ds_format *f, const char *prefix, int64_t rows, int64_t cols,
     scheme s;
     int rc = scheme_of(f, t, prefix, &s);
     if (rc) return rc;
-    if (scheme_name) *scheme_name = scheme_names[s];
+    if (scheme_name) *scheme_name = s == S_FLOAT ? float_name(t->dtype) : scheme_names[s];
     *out = (ds_mat){.dtype = t->dtype, .rows = rows, .cols = cols, .data = t->data};
     const ds_st_tensor *chk;
     const ds_config *c = f->cfg;

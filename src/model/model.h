@@ -29,11 +29,18 @@ const char *ds_format_name(const ds_format *f);
  * short name of the stored form ("w8a8-static", "w4a8-channel (repacked)", "bf16", ...). */
 int ds_format_bind(ds_format *f, const char *prefix, int64_t rows, int64_t cols, ds_mat *out,
                    const char **scheme);
+/* The [rows, cols] of projection `prefix` as stored (int4 packs two per byte: along the input
+ * in dsinfer's w4a8_int4, where an odd width cannot be told from an even one, along the output
+ * in msModelSlim's W4A8_DYNAMIC). */
+int ds_format_shape(ds_format *f, const char *prefix, int64_t *rows, int64_t *cols);
+/* Frees what the bindings so far allocated (their ds_mats become invalid): a pass over the
+ * tensors (quantize) holds one repacked tensor at a time. */
+void ds_format_release(ds_format *f);
 /* The stored form of projection `prefix` as ds_format_bind names it, without checking shapes
  * (dsinfer info); NULL with the error set when it cannot be told. */
 const char *ds_format_scheme(ds_format *f, const char *prefix);
-/* 1 when tensor `name` is consumed by the binding of another (a scale, zero point, bias of a
- * quantized projection) rather than a weight of its own. */
+/* 1 when tensor `name` is quantization data rather than a parameter of DeepSeek-V3: a scale,
+ * zero point or bias of a quantized projection, or an anti-outlier norm bias. */
 int ds_format_is_companion(const ds_format *f, const char *name);
 
 typedef struct {
