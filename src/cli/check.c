@@ -359,6 +359,10 @@ static const char *quant_name(ds_quant_method q, ds_dtype torch_dtype) {
         return "blockwise_int8";
     case DS_QUANT_MS_PTQ:
         return "ptq (MindSpore W8A8)";
+    case DS_QUANT_MS_W8A8:
+        return "osl / smoothquant (MindSpore W8A8)";
+    case DS_QUANT_MS_A8W4:
+        return "a8w4 (MindSpore)";
     case DS_QUANT_NONE:
         break;
     }

@@ -126,12 +126,10 @@ static int read_quant(cfg_src *s, ds_config *c) {
         c->quant = DS_QUANT_MS_PTQ;
         return DS_OK;
     }
-    if (!strcmp(method, "osl") || !strcmp(method, "smoothquant") || !strcmp(method, "a8w4"))
-        return ds_err_set(DS_ERR_UNSUPPORTED,
-                          "%s: quantization_config.quant_method \"%s\" is MindSpore golden-stick's "
-                          "layout with MindSpore parameter names, which dsinfer does not load yet "
-                          "(it loads \"ptq\", with Hugging Face names; docs/formats.md)",
-                          s->label, method);
+    if (!strcmp(method, "osl") || !strcmp(method, "smoothquant") || !strcmp(method, "a8w4")) {
+        c->quant = method[0] == 'a' ? DS_QUANT_MS_A8W4 : DS_QUANT_MS_W8A8;
+        return DS_OK;
+    }
     json_t *as = json_object_get(q, "activation_scheme");
     if (as && (!json_is_string(as) || strcmp(json_string_value(as), "dynamic") != 0))
         return ds_err_set(DS_ERR_UNSUPPORTED,
@@ -160,7 +158,8 @@ static int read_quant(cfg_src *s, ds_config *c) {
         return ds_err_set(DS_ERR_UNSUPPORTED,
                           "%s: unsupported quantization_config.quant_method \"%s\" (dsinfer "
                           "supports \"fp8\", \"w8a8_int8\", \"w4a8_int4\", \"blockwise_int8\", "
-                          "\"ptq\" and msModelSlim's quant_model_description.json)",
+                          "\"ptq\", \"osl\", \"smoothquant\", \"a8w4\" and msModelSlim's "
+                          "quant_model_description.json)",
                           s->label, method);
     json_t *fmt = json_object_get(q, "fmt");
     if (!block_int8 && fmt && (!json_is_string(fmt) || strcmp(json_string_value(fmt), "e4m3") != 0))
@@ -414,6 +413,11 @@ void ds_config_print(const ds_config *c, FILE *f) {
     else if (c->quant == DS_QUANT_BLOCK_INT8)
         fprintf(f, "quantization             blockwise_int8, %lldx%lld blocks, int8 tokens\n",
                 (long long)c->quant_block[0], (long long)c->quant_block[1]);
+    else if (c->quant == DS_QUANT_MS_W8A8)
+        fprintf(f,
+                "quantization             osl / smoothquant (MindSpore W8A8, MindSpore names)\n");
+    else if (c->quant == DS_QUANT_MS_A8W4)
+        fprintf(f, "quantization             a8w4 (MindSpore: int4 routed experts, W8A8 rest)\n");
     else if (c->quant == DS_QUANT_MS_PTQ)
         fprintf(f, "quantization             ptq (MindSpore W8A8: static attention, dynamic "
                    "MLP)\n");

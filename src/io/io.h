@@ -66,6 +66,8 @@ const ds_st_tensor *ds_st_at(const ds_st_set *s, size_t i);
  * touched), so a pass over a 700 GB checkpoint (quantize, a repack at load) does not keep it
  * resident. */
 void ds_st_drop_pages(const ds_st_tensor *t);
+/* The same for bytes [p, p + n) of a mapping (one expert of a stacked tensor). */
+void ds_st_drop_range(const void *p, uint64_t n);
 
 /* Incremental writer of one safetensors file: declare tensors, then write their data in the
  * same order. Used by make-tiny and, later, quantize. */
@@ -97,6 +99,8 @@ typedef enum {
     DS_QUANT_W4A8,       /* "w4a8_int4": dsinfer's int4 */
     DS_QUANT_BLOCK_INT8, /* "blockwise_int8": SGLang's 128x128 block int8 */
     DS_QUANT_MS_PTQ,     /* "ptq": MindSpore golden-stick W8A8 with Hugging Face names */
+    DS_QUANT_MS_W8A8,    /* "osl", "smoothquant": the same with MindSpore parameter names */
+    DS_QUANT_MS_A8W4,    /* "a8w4": MindSpore names, int4 routed experts */
 } ds_quant_method;
 
 typedef struct {

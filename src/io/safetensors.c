@@ -489,10 +489,14 @@ int ds_json_load_file(const char *path, json_t **out) {
                       jerr.line, jerr.column);
 }
 
-void ds_st_drop_pages(const ds_st_tensor *t) {
-    if (!t || !t->nbytes) return;
+void ds_st_drop_range(const void *p, uint64_t n) {
+    if (!p || !n) return;
     const uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
-    uintptr_t a = (uintptr_t)t->data & ~(pg - 1);
-    uintptr_t b = ((uintptr_t)t->data + t->nbytes + pg - 1) & ~(pg - 1);
+    uintptr_t a = (uintptr_t)p & ~(pg - 1);
+    uintptr_t b = ((uintptr_t)p + n + pg - 1) & ~(pg - 1);
     madvise((void *)a, b - a, MADV_DONTNEED);
+}
+
+void ds_st_drop_pages(const ds_st_tensor *t) {
+    if (t) ds_st_drop_range(t->data, t->nbytes);
 }

@@ -30,9 +30,23 @@ typedef enum {
     FMT_BLOCK_INT8, /* SGLang blockwise_int8 */
     FMT_MODELSLIM,  /* msModelSlim "ascend": quant_model_description.json */
     FMT_MS_PTQ,     /* MindSpore golden-stick "ptq" */
+    FMT_MS_W8A8,    /* golden-stick "osl" / "smoothquant": MindSpore parameter names */
+    FMT_MS_A8W4,    /* golden-stick "a8w4": the same, routed experts int4 */
 } fmt_kind;
 
-typedef enum { S_FLOAT, S_FP8, S_DYNAMIC, S_STATIC, S_W4_IN, S_W4_OUT, S_BLOCK } scheme;
+/* S_MS_EXPERT: one expert of MindSpore's stacked [E, in, out(/2)] tensors; S_MS_KVB: kv_b,
+ * stored as two tensors (k_nope, v) by MindSpore. */
+typedef enum {
+    S_FLOAT,
+    S_FP8,
+    S_DYNAMIC,
+    S_STATIC,
+    S_W4_IN,
+    S_W4_OUT,
+    S_BLOCK,
+    S_MS_EXPERT,
+    S_MS_KVB
+} scheme;
 
 /* A float projection is named by its dtype. */
 static const char *float_name(ds_dtype t) {
@@ -40,10 +54,15 @@ static const char *float_name(ds_dtype t) {
 }
 
 static const char *const scheme_names[] = {
-    [S_FLOAT] = "float",          [S_FP8] = "fp8-block",
-    [S_DYNAMIC] = "w8a8-dynamic", [S_STATIC] = "w8a8-static",
-    [S_W4_IN] = "w4a8-group",     [S_W4_OUT] = "w4a8-channel (output-packed, repacked at load)",
+    [S_FLOAT] = "float",
+    [S_FP8] = "fp8-block",
+    [S_DYNAMIC] = "w8a8-dynamic",
+    [S_STATIC] = "w8a8-static",
+    [S_W4_IN] = "w4a8-group",
+    [S_W4_OUT] = "w4a8-channel (output-packed, repacked at load)",
     [S_BLOCK] = "int8-block",
+    [S_MS_EXPERT] = "stacked experts (transposed at load)",
+    [S_MS_KVB] = "bf16 (k_nope + v, interleaved at load)",
 };
 
 struct ds_format {
@@ -138,6 +157,12 @@ int ds_format_open(const char *dir, const ds_config *c, const ds_st_set *st, ds_
         case DS_QUANT_MS_PTQ:
             f->kind = FMT_MS_PTQ;
             break;
+        case DS_QUANT_MS_W8A8:
+            f->kind = FMT_MS_W8A8;
+            break;
+        case DS_QUANT_MS_A8W4:
+            f->kind = FMT_MS_A8W4;
+            break;
         case DS_QUANT_NONE:
             f->kind = has_channel_int8(st) ? FMT_W8A8 : FMT_FLOAT;
             break;
@@ -178,6 +203,10 @@ const char *ds_format_name(const ds_format *f) {
         return "msModelSlim ascend (quant_model_description.json)";
     case FMT_MS_PTQ:
         return "MindSpore golden-stick ptq (W8A8, Hugging Face names)";
+    case FMT_MS_W8A8:
+        return "MindSpore golden-stick osl / smoothquant (W8A8, MindSpore names)";
+    case FMT_MS_A8W4:
+        return "MindSpore golden-stick a8w4 (int4 routed experts, MindSpore names)";
     }
     return "?";
 }
@@ -188,9 +217,85 @@ int ds_format_is_companion(const ds_format *f, const char *name) {
         if (!ds_str_ends_with(name, companions[i])) continue;
         char w[512];
         snprintf(w, sizeof w, "%.*s.weight", (int)(strlen(name) - strlen(companions[i])), name);
-        if (ds_st_find(f->st, w)) return 1;
+        if (ds_format_find(f, w)) return 1;
     }
     return 0;
+}
+
+/* ---- MindSpore parameter names (FORMATS-SPEC §3; vllm-mindspore f4d94008
+ * mf_models/deepseekv3_weight_processor.py, infer_smooth_quant_get_value,
+ * smooth_quant_process_*, process_route_ffn_weight_a8w4) ---- */
+
+static int ms_names(const ds_format *f) {
+    return f->kind == FMT_MS_W8A8 || f->kind == FMT_MS_A8W4;
+}
+
+/* Hugging Face name -> MindSpore name, whole names first, then a linear's prefix and suffix. */
+static const char *const ms_whole[][2] = {
+    {"model.embed_tokens.weight", "model.tok_embeddings.embedding_weight"},
+    {"model.norm.weight", "model.norm_out.weight"},
+    {"input_layernorm.weight", "attention_norm.weight"},
+    {"post_attention_layernorm.weight", "ffn_norm.weight"},
+    {"self_attn.q_a_layernorm.weight", "attention.lq_norm.weight"},
+    {"self_attn.kv_a_layernorm.weight", "attention.lkv_norm.weight"},
+    {"mlp.gate.weight", "feed_forward.routed_experts.router.dense.weight"},
+    {"mlp.gate.e_score_correction_bias",
+     "feed_forward.routed_experts.router.e_score_correction_bias"},
+};
+static const char *const ms_linear[][2] = {
+    {"self_attn.q_a_proj", "attention.q2l_proj"},
+    {"self_attn.q_b_proj", "attention.l2q_proj"},
+    {"self_attn.kv_a_proj_with_mqa", "attention.kv2l"},
+    {"self_attn.o_proj", "attention.wo"},
+    {"mlp.shared_experts.gate_proj", "feed_forward.shared_experts.w1"},
+    {"mlp.shared_experts.up_proj", "feed_forward.shared_experts.w3"},
+    {"mlp.shared_experts.down_proj", "feed_forward.shared_experts.w2"},
+    {"mlp.gate_proj", "feed_forward.w1"},
+    {"mlp.up_proj", "feed_forward.w3"},
+    {"mlp.down_proj", "feed_forward.w2"},
+};
+static const char *const ms_suffix[][2] = {
+    {".weight", "._layer.weight"},
+    {".input_scale", ".quant_op.input_scale"},
+    {".input_offset", ".quant_op.input_zp"},
+    {".quant_bias", "._layer.matmul.quant_bias"},
+    {".deq_scale", "._layer.matmul.dequant_scale"},
+    {".weight_scale", "._layer.matmul.weight_scale"},
+};
+
+/* The MindSpore name of a Hugging Face name into buf; the name itself when it has none. */
+static const char *ms_translate(const char *hf, char *buf, size_t cap) {
+    long long l;
+    int pre = 0;
+    const char *rest = hf;
+    if (sscanf(hf, "model.layers.%lld.%n", &l, &pre) == 1 && pre > 0) rest = hf + pre;
+    for (size_t i = 0; i < sizeof ms_whole / sizeof *ms_whole; i++)
+        if (!strcmp(rest, ms_whole[i][0])) {
+            snprintf(buf, cap, "%.*s%s", pre, hf, ms_whole[i][1]);
+            return buf;
+        }
+    for (size_t i = 0; i < sizeof ms_linear / sizeof *ms_linear; i++) {
+        size_t n = strlen(ms_linear[i][0]);
+        if (pre == 0 || strncmp(rest, ms_linear[i][0], n) != 0) continue;
+        for (size_t j = 0; j < sizeof ms_suffix / sizeof *ms_suffix; j++)
+            if (!strcmp(rest + n, ms_suffix[j][0])) {
+                snprintf(buf, cap, "%.*s%s%s", pre, hf, ms_linear[i][1], ms_suffix[j][1]);
+                return buf;
+            }
+    }
+    return hf;
+}
+
+const ds_st_tensor *ds_format_find(const ds_format *f, const char *name) {
+    char buf[512];
+    return ds_st_find(f->st, ms_names(f) ? ms_translate(name, buf, sizeof buf) : name);
+}
+
+/* A missing tensor, named as the format stores it. */
+static int missing(const ds_format *f, const char *name) {
+    char buf[512];
+    const char *disk = ms_names(f) ? ms_translate(name, buf, sizeof buf) : name;
+    return ds_err_set(DS_ERR_MISSING, "missing tensor '%s'", disk);
 }
 
 /* ---- small tensors ---- */
@@ -222,10 +327,11 @@ static const char *dims_str(const ds_st_tensor *t, char *buf, size_t n) {
     return buf;
 }
 
-int ds_find_shaped(const ds_st_set *st, const char *name, int64_t d0, int64_t d1, int ndim,
+int ds_find_shaped(const ds_format *f, const char *name, int64_t d0, int64_t d1, int ndim,
                    const ds_st_tensor **out) {
-    const ds_st_tensor *t = ds_st_find(st, name);
-    if (!t) return ds_err_set(DS_ERR_MISSING, "missing tensor '%s'", name);
+    const ds_st_tensor *t = ds_format_find(f, name);
+    if (!t) return missing(f, name);
+    name = t->name;
     if (t->ndim != ndim || t->shape[0] != d0 || (ndim == 2 && t->shape[1] != d1)) {
         char got[128];
         if (ndim == 2)
@@ -245,8 +351,8 @@ static int find_count(const ds_format *f, const char *prefix, const char *suffix
                       int64_t alt, const ds_st_tensor **out) {
     char name[512], got[128];
     snprintf(name, sizeof name, "%s%s", prefix, suffix);
-    const ds_st_tensor *t = ds_st_find(f->st, name);
-    if (!t) return ds_err_set(DS_ERR_MISSING, "missing tensor '%s'", name);
+    const ds_st_tensor *t = ds_format_find(f, name);
+    if (!t) return missing(f, name);
     int64_t k = numel(t);
     if (t->ndim > 2 || (k != n && k != alt))
         return ds_err_set(DS_ERR_SHAPE, "%s: tensor '%s' has shape %s, expected %lld elements%s",
@@ -346,7 +452,7 @@ static int row_scales(ds_format *f, const char *prefix, int64_t rows, const floa
 static int zero_offsets(const ds_format *f, const char *prefix, int64_t rows) {
     char name[512];
     snprintf(name, sizeof name, "%s.weight_offset", prefix);
-    if (!ds_st_find(f->st, name)) return DS_OK;
+    if (!ds_format_find(f, name)) return DS_OK;
     const ds_st_tensor *o;
     int rc = find_count(f, prefix, ".weight_offset", rows, 0, &o);
     for (int64_t i = 0; !rc && i < rows; i++)
@@ -364,7 +470,7 @@ static int scale_grid(ds_format *f, const char *prefix, const char *suffix, int6
     char name[512];
     snprintf(name, sizeof name, "%s%s", prefix, suffix);
     const ds_st_tensor *s;
-    int rc = ds_find_shaped(f->st, name, d0, d1, 2, &s);
+    int rc = ds_find_shaped(f, name, d0, d1, 2, &s);
     if (rc) return rc;
     if (s->dtype != DS_F32) return bad_dtype(s, "F32");
     *out = s->data;
@@ -438,7 +544,7 @@ static int bind_w4_out(ds_format *f, const ds_st_tensor *t, const char *prefix, 
                           "%s: '%s' is W4A8_DYNAMIC (two rows per byte) but has an odd %lld rows",
                           t->file, t->name, (long long)rows);
     const ds_st_tensor *chk;
-    int rc = ds_find_shaped(f->st, t->name, rows / 2, cols, 2, &chk);
+    int rc = ds_find_shaped(f, t->name, rows / 2, cols, 2, &chk);
     if (!rc) rc = row_scales(f, prefix, rows, &out->scale);
     if (!rc) rc = zero_offsets(f, prefix, rows);
     if (rc) return rc;
@@ -509,8 +615,10 @@ static int scheme_of(const ds_format *f, const ds_st_tensor *t, const char *pref
         *out = S_BLOCK;
         return DS_OK;
     case FMT_MS_PTQ:
+    case FMT_MS_W8A8:
+    case FMT_MS_A8W4:
         snprintf(name, sizeof name, "%s.input_scale", prefix);
-        *out = ds_st_find(f->st, name) ? S_STATIC : S_DYNAMIC;
+        *out = ds_format_find(f, name) ? S_STATIC : S_DYNAMIC;
         return DS_OK;
     default:
         return ds_err_set(DS_ERR_FORMAT,
@@ -521,31 +629,205 @@ static int scheme_of(const ds_format *f, const ds_st_tensor *t, const char *pref
     }
 }
 
-const char *ds_format_scheme(ds_format *f, const char *prefix) {
+/* ---- MindSpore's stacked experts and split kv_b ---- */
+
+/* One routed expert of MindSpore's stacked tensors: w [E, in, X] (X = out: int8, osl /
+ * smoothquant; X = out / 2: int4 packed along the output, a8w4) and its weight_scale ([E, out]
+ * per channel, or [E, groups, out] as U64 / I64 holding fp32 bits for int4). */
+typedef struct {
+    const ds_st_tensor *w, *s;
+    int64_t e, rows, cols, groups; /* groups 0: per channel int8 */
+} ms_expert;
+
+static int ms_expert_find(const ds_format *f, const char *prefix, ms_expert *x) {
+    static const char *const proj[][2] = {
+        {"gate_proj", "w1"}, {"up_proj", "w3"}, {"down_proj", "w2"}};
+    long long l, e;
+    char which[16] = "", name[512], got[128];
+    if (sscanf(prefix, "model.layers.%lld.mlp.experts.%lld.%15s", &l, &e, which) != 3)
+        return ds_err_set(DS_ERR_FORMAT, "'%s' is not a routed expert's projection", prefix);
+    const char *w = NULL;
+    for (int i = 0; i < 3; i++)
+        if (!strcmp(which, proj[i][0])) w = proj[i][1];
+    if (!w) return ds_err_set(DS_ERR_FORMAT, "'%s' is not a routed expert's projection", prefix);
+    snprintf(name, sizeof name,
+             "model.layers.%lld.feed_forward.routed_experts.ffn.%s._layer.weight", l, w);
+    if (!(x->w = ds_st_find(f->st, name)))
+        return ds_err_set(DS_ERR_MISSING, "missing tensor '%s'", name);
+    snprintf(name, sizeof name,
+             "model.layers.%lld.feed_forward.routed_experts.ffn.%s._layer.matmul.weight_scale", l,
+             w);
+    if (!(x->s = ds_st_find(f->st, name)))
+        return ds_err_set(DS_ERR_MISSING, "missing tensor '%s'", name);
+    const ds_st_tensor *t = x->w, *sc = x->s;
+    x->e = e;
+    if (t->ndim != 3 || t->dtype != DS_I8 || e < 0 || e >= t->shape[0])
+        return ds_err_set(
+            DS_ERR_SHAPE, "%s: tensor '%s' is %s %s, expected I8 [experts > %lld, in, out]",
+            t->file, t->name, ds_dtype_name(t->dtype), dims_str(t, got, sizeof got), e);
+    x->cols = t->shape[1];
+    x->groups = sc->ndim == 3 ? sc->shape[1] : 0;
+    x->rows = sc->shape[sc->ndim - 1];
+    int ok = sc->shape[0] == t->shape[0] &&
+             (x->groups ? x->rows == 2 * t->shape[2] && x->cols % x->groups == 0 &&
+                              (x->cols / x->groups) % 2 == 0 &&
+                              DTYPES_OK(sc->dtype, DS_U64, DS_I64, DS_F32)
+                        : sc->ndim == 2 && x->rows == t->shape[2] &&
+                              DTYPES_OK(sc->dtype, DS_F32, DS_BF16, DS_F16));
+    if (!ok)
+        return ds_err_set(DS_ERR_SHAPE,
+                          "%s: tensor '%s' is %s %s, which fits neither int8 experts ([E, out] "
+                          "float scales for '%s' %s) nor int4 ([E, groups, out = 2 x %lld] U64 "
+                          "scales, even groups)",
+                          sc->file, sc->name, ds_dtype_name(sc->dtype),
+                          dims_str(sc, got, sizeof got), t->name, dims_str(t, name, sizeof name),
+                          (long long)t->shape[2]);
+    return DS_OK;
+}
+
+/* Transposes expert e into ds_mat's [out, in] rows (int4: two input columns per byte, groups of
+ * in / groups input columns), then drops its pages: held once, in the kernels' layout. */
+static int bind_ms_expert(ds_format *f, const char *prefix, int64_t rows, int64_t cols,
+                          ds_mat *out) {
+    ms_expert x;
+    int rc = ms_expert_find(f, prefix, &x);
+    if (rc) return rc;
+    if (x.rows != rows || x.cols != cols)
+        return ds_err_set(
+            DS_ERR_SHAPE,
+            "%s: expert %lld of '%s' is [%lld, %lld] (out, in), expected [%lld, %lld]", x.w->file,
+            (long long)x.e, x.w->name, (long long)x.rows, (long long)x.cols, (long long)rows,
+            (long long)cols);
+    const int64_t X = x.w->shape[2], G = x.groups ? x.groups : 1;
+    const uint8_t *src = (const uint8_t *)x.w->data + (size_t)(x.e * cols * X);
+    size_t rb = x.groups ? (size_t)(cols + 1) / 2 : (size_t)cols;
+    uint8_t *d = own(f, (size_t)rows * rb);
+    float *sc = own(f, (size_t)(rows * G) * sizeof(float));
+    if (!d || !sc) return ds_err_set(DS_ERR_NOMEM, "out of memory repacking '%s'", x.w->name);
+    for (int64_t k0 = 0; k0 < cols; k0 += 64) /* 64 x 64 tiles: both sides stay in cache */
+        for (int64_t n0 = 0; n0 < rows; n0 += 64)
+            for (int64_t k = k0; k < cols && k < k0 + 64; k++)
+                for (int64_t n = n0; n < rows && n < n0 + 64; n++) {
+                    if (!x.groups) {
+                        d[(size_t)n * rb + (size_t)k] = src[k * X + n];
+                        continue;
+                    }
+                    uint8_t nib = (uint8_t)((src[k * X + n / 2] >> (n % 2 ? 4 : 0)) & 0xF);
+                    d[(size_t)n * rb + (size_t)k / 2] |= (uint8_t)(nib << (k % 2 ? 4 : 0));
+                }
+    for (int64_t n = 0; n < rows; n++)
+        for (int64_t g = 0; g < G; g++)
+            sc[n * G + g] = (float)elem(x.s, (x.e * G + g) * rows + n, 1);
+    ds_st_drop_range(src, (uint64_t)(cols * X));
+    *out = (ds_mat){.dtype = DS_I8,
+                    .rows = rows,
+                    .cols = cols,
+                    .data = d,
+                    .scale = sc,
+                    .block_rows = 1,
+                    .block_cols = x.groups ? cols / G : cols,
+                    .int4 = x.groups > 0};
+    return DS_OK;
+}
+
+/* kv_b from MindSpore's lkv2kv_k_nope [heads x nope, R] and lkv2kv_v [heads x v, R]: ds_mat's
+ * rows are per head the nope rows then the v rows, so the two are interleaved into one copy. */
+static int ms_kvb_find(const ds_format *f, const char *prefix, const ds_st_tensor **k,
+                       const ds_st_tensor **v) {
+    char name[512];
+    int pre = (int)(strlen(prefix) - strlen("self_attn.kv_b_proj"));
+    snprintf(name, sizeof name, "%.*sattention.lkv2kv_k_nope.weight", pre, prefix);
+    if (!(*k = ds_st_find(f->st, name)))
+        return ds_err_set(DS_ERR_MISSING, "missing tensor '%s'", name);
+    snprintf(name, sizeof name, "%.*sattention.lkv2kv_v.weight", pre, prefix);
+    if (!(*v = ds_st_find(f->st, name)))
+        return ds_err_set(DS_ERR_MISSING, "missing tensor '%s'", name);
+    return DS_OK;
+}
+
+static int bind_ms_kvb(ds_format *f, const char *prefix, int64_t rows, int64_t cols, ds_mat *out) {
+    const ds_config *c = f->cfg;
+    const ds_st_tensor *k, *v, *chk;
+    int rc = ms_kvb_find(f, prefix, &k, &v);
+    int64_t H = c->n_heads, dn = c->qk_nope_head_dim, dv = c->v_head_dim;
+    if (!rc) rc = ds_find_shaped(f, k->name, H * dn, cols, 2, &chk);
+    if (!rc) rc = ds_find_shaped(f, v->name, H * dv, cols, 2, &chk);
+    if (rc) return rc;
+    if (!DTYPES_OK(k->dtype, DS_F32, DS_F16, DS_BF16) || v->dtype != k->dtype)
+        return bad_dtype(v, "the float dtype of lkv2kv_k_nope");
+    if (rows != H * (dn + dv))
+        return ds_err_set(DS_ERR_SHAPE, "'%s' has %lld rows, expected %lld", prefix,
+                          (long long)rows, (long long)(H * (dn + dv)));
+    size_t rowb = (size_t)cols * ds_dtype_size(k->dtype);
+    unsigned char *d = own(f, (size_t)rows * rowb);
+    if (!d) return ds_err_set(DS_ERR_NOMEM, "out of memory binding '%s'", prefix);
+    for (int64_t h = 0; h < H; h++) {
+        memcpy(d + (size_t)(h * (dn + dv)) * rowb,
+               (const unsigned char *)k->data + (size_t)(h * dn) * rowb, (size_t)dn * rowb);
+        memcpy(d + (size_t)(h * (dn + dv) + dn) * rowb,
+               (const unsigned char *)v->data + (size_t)(h * dv) * rowb, (size_t)dv * rowb);
+    }
+    ds_st_drop_pages(k);
+    ds_st_drop_pages(v);
+    *out = (ds_mat){.dtype = k->dtype, .rows = rows, .cols = cols, .data = d};
+    return DS_OK;
+}
+
+/* prefix's weight tensor (NULL for MindSpore's stacked experts and split kv_b, which have no
+ * tensor of their own) and scheme. */
+static int lookup(const ds_format *f, const char *prefix, const ds_st_tensor **t, scheme *s) {
+    *t = NULL;
+    if (ms_names(f) && strstr(prefix, ".mlp.experts.")) {
+        *s = S_MS_EXPERT;
+        return DS_OK;
+    }
+    if (ms_names(f) && ds_str_ends_with(prefix, ".self_attn.kv_b_proj")) {
+        *s = S_MS_KVB;
+        return DS_OK;
+    }
     char name[512];
     snprintf(name, sizeof name, "%s.weight", prefix);
-    const ds_st_tensor *t = ds_st_find(f->st, name);
+    if (!(*t = ds_format_find(f, name))) return missing(f, name);
+    return scheme_of(f, *t, prefix, s);
+}
+
+static const char *name_of(scheme s, const ds_st_tensor *t) {
+    return s == S_FLOAT ? float_name(t->dtype) : scheme_names[s];
+}
+
+const char *ds_format_scheme(ds_format *f, const char *prefix) {
+    const ds_st_tensor *t;
     scheme s;
-    if (!t) {
-        ds_err_set(DS_ERR_MISSING, "missing tensor '%s'", name);
-        return NULL;
-    }
-    return scheme_of(f, t, prefix, &s) ? NULL
-           : s == S_FLOAT              ? float_name(t->dtype)
-                                       : scheme_names[s];
+    return lookup(f, prefix, &t, &s) ? NULL : name_of(s, t);
 }
 
 int ds_format_shape(ds_format *f, const char *prefix, int64_t *rows, int64_t *cols) {
-    char name[512];
-    snprintf(name, sizeof name, "%s.weight", prefix);
-    const ds_st_tensor *t = ds_st_find(f->st, name);
+    const ds_st_tensor *t, *k, *v;
     scheme s;
-    if (!t) return ds_err_set(DS_ERR_MISSING, "missing tensor '%s'", name);
-    if (t->ndim != 2) return ds_err_set(DS_ERR_SHAPE, "%s: tensor '%s' is not 2-D", t->file, name);
-    int rc = scheme_of(f, t, prefix, &s);
+    ms_expert x;
+    int rc = lookup(f, prefix, &t, &s);
+    if (rc) return rc;
+    if (s == S_MS_EXPERT) {
+        rc = ms_expert_find(f, prefix, &x);
+        *rows = x.rows;
+        *cols = x.cols;
+        return rc;
+    }
+    if (s == S_MS_KVB) {
+        if ((rc = ms_kvb_find(f, prefix, &k, &v))) return rc;
+        *rows = k->shape[0] + v->shape[0];
+        *cols = k->shape[k->ndim - 1];
+        return DS_OK;
+    }
+    if (t->ndim != 2)
+        return ds_err_set(DS_ERR_SHAPE, "%s: tensor '%s' is not 2-D", t->file, t->name);
     *rows = t->shape[0] * (s == S_W4_OUT ? 2 : 1);
     *cols = t->shape[1] * (s == S_W4_IN ? 2 : 1);
-    return rc;
+    return DS_OK;
+}
+
+int ds_format_rope_split(const ds_format *f) {
+    return ms_names(f);
 }
 
 void ds_format_release(ds_format *f) {
@@ -557,12 +839,16 @@ int ds_format_bind(ds_format *f, const char *prefix, int64_t rows, int64_t cols,
                    const char **scheme_name) {
     char name[512];
     snprintf(name, sizeof name, "%s.weight", prefix);
-    const ds_st_tensor *t = ds_st_find(f->st, name);
-    if (!t) return ds_err_set(DS_ERR_MISSING, "missing tensor '%s'", name);
+    const ds_st_tensor *t;
     scheme s;
-    int rc = scheme_of(f, t, prefix, &s);
+    int rc = lookup(f, prefix, &t, &s);
     if (rc) return rc;
-    if (scheme_name) *scheme_name = s == S_FLOAT ? float_name(t->dtype) : scheme_names[s];
+    if (s == S_MS_EXPERT || s == S_MS_KVB) {
+        if (scheme_name) *scheme_name = scheme_names[s];
+        return s == S_MS_EXPERT ? bind_ms_expert(f, prefix, rows, cols, out)
+                                : bind_ms_kvb(f, prefix, rows, cols, out);
+    }
+    if (scheme_name) *scheme_name = name_of(s, t);
     *out = (ds_mat){.dtype = t->dtype, .rows = rows, .cols = cols, .data = t->data};
     const ds_st_tensor *chk;
     const ds_config *c = f->cfg;
@@ -571,7 +857,7 @@ int ds_format_bind(ds_format *f, const char *prefix, int64_t rows, int64_t cols,
             return bad_dtype(t, f->kind == FMT_MODELSLIM ? "a float dtype (FLOAT in "
                                                            "quant_model_description.json)"
                                                          : "F32, F16, BF16, F8_E4M3 or I8");
-        return ds_find_shaped(f->st, name, rows, cols, 2, &chk);
+        return ds_find_shaped(f, name, rows, cols, 2, &chk);
     }
     if (s != S_FP8 && t->dtype != DS_I8)
         return bad_dtype(t, s == S_W4_OUT ? "I8 (int4 pairs) for W4A8_DYNAMIC" : "I8");
@@ -580,11 +866,11 @@ int ds_format_bind(ds_format *f, const char *prefix, int64_t rows, int64_t cols,
         out->int4 = 1;
         out->block_rows = 1;
         out->block_cols = c->quant_group;
-        if ((rc = ds_find_shaped(f->st, name, rows, (cols + 1) / 2, 2, &chk))) return rc;
+        if ((rc = ds_find_shaped(f, name, rows, (cols + 1) / 2, 2, &chk))) return rc;
         return scale_grid(f, prefix, ".weight_scale", rows,
                           (cols + c->quant_group - 1) / c->quant_group, &out->scale);
     }
-    if ((rc = ds_find_shaped(f->st, name, rows, cols, 2, &chk))) return rc;
+    if ((rc = ds_find_shaped(f, name, rows, cols, 2, &chk))) return rc;
     switch (s) {
     case S_FP8:
     case S_BLOCK: /* weight_scale_inv per block, FP8 and int8 alike */

@@ -290,6 +290,17 @@ static void absorb_o_task(void *arg, int thread, int n_threads) {
         }
 }
 
+/* MindSpore checkpoints store the rope rows of q_b and kv_a per head as the even dimensions
+ * then the odd ones (ds_format_rope_split): x[0, dr) back to interleaved pairs. */
+static void rope_unsplit(float *x, int64_t dr) {
+    float t[DS_MAX_ROPE_DIM];
+    memcpy(t, x, (size_t)dr * sizeof(float));
+    for (int64_t i = 0; i < dr / 2; i++) {
+        x[2 * i] = t[i];
+        x[2 * i + 1] = t[dr / 2 + i];
+    }
+}
+
 /* b->a = MLA(b->h) for the chunk's tokens; writes their latents to their cache slots first. */
 static int attention(ds_model *m, const ds_layer *L, int64_t l, ds_kv_cache *kv, fwd_bufs *b,
                      const ds_batch *bt, int64_t i0, int64_t n, int64_t row_off) {
@@ -306,6 +317,11 @@ static int attention(ds_model *m, const ds_layer *L, int64_t l, ds_kv_cache *kv,
         mm(m, b->q, b->h, n, &L->q_b);
     }
     mm(m, b->kv, b->h, n, &L->kv_a);
+    for (int64_t t = 0; m->rope_split && t < n; t++) {
+        rope_unsplit(b->kv + t * (R + dr) + R, dr);
+        for (int64_t h = 0; h < H; h++)
+            rope_unsplit(b->q + (t * H + h) * qk + c->qk_nope_head_dim, dr);
+    }
     float cs[DS_MAX_ROPE_DIM], pe[DS_MAX_ROPE_DIM];
     float *lat = b->thread_buf + row_off; /* thread 0's row: free until the tasks run */
     for (int64_t t = 0; t < n; t++) {

@@ -39,6 +39,12 @@ void ds_format_release(ds_format *f);
 /* The stored form of projection `prefix` as ds_format_bind names it, without checking shapes
  * (dsinfer info); NULL with the error set when it cannot be told. */
 const char *ds_format_scheme(ds_format *f, const char *prefix);
+/* The tensor a Hugging Face name (e.g. "model.layers.3.input_layernorm.weight") is stored as
+ * (MindSpore checkpoints use their own parameter names); NULL when absent. */
+const ds_st_tensor *ds_format_find(const ds_format *f, const char *name);
+/* 1 when the checkpoint stores the RoPE rows of q_b and kv_a de-interleaved (MindSpore names:
+ * per head the even then the odd dimensions), so the forward pass re-interleaves their outputs. */
+int ds_format_rope_split(const ds_format *f);
 /* 1 when tensor `name` is quantization data rather than a parameter of DeepSeek-V3: a scale,
  * zero point or bias of a quantized projection, or an anti-outlier norm bias. */
 int ds_format_is_companion(const ds_format *f, const char *name);

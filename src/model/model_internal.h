@@ -32,9 +32,9 @@ typedef struct {
     ds_mlp shared;      /* moe_intermediate * n_shared_experts wide; rows == 0 when none */
 } ds_layer;
 
-/* format.c: `name` with exactly the shape [d0] (ndim 1) or [d0, d1] (ndim 2), else an error
- * naming file, tensor and both shapes. */
-int ds_find_shaped(const ds_st_set *st, const char *name, int64_t d0, int64_t d1, int ndim,
+/* format.c: `name` (a Hugging Face name, found as the format stores it) with exactly the shape [d0]
+ * (ndim 1) or [d0, d1] (ndim 2), else an error naming file, tensor and both shapes. */
+int ds_find_shaped(const ds_format *f, const char *name, int64_t d0, int64_t d1, int ndim,
                    const ds_st_tensor **out);
 
 /* [lo, hi) of something split across ranks. */
@@ -56,6 +56,7 @@ struct ds_model {
     ds_shard shard;
     ds_st_set *st;
     ds_format *fmt; /* how st stores the projections; owns repacked / converted pieces */
+    int rope_split; /* q_b / kv_a rope outputs come de-interleaved (ds_format_rope_split) */
     ds_pool *pool;
     int max_batch;
     ds_mat embed;                        /* (vocab, hidden) */

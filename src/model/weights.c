@@ -30,7 +30,7 @@ static int own(ds_model *m, float *p) {
 /* An f32 copy of a 1-D float tensor of n elements. */
 static int bind_vec(ds_model *m, const char *name, int64_t n, float **out) {
     const ds_st_tensor *t;
-    int rc = ds_find_shaped(m->st, name, n, 0, 1, &t);
+    int rc = ds_find_shaped(m->fmt, name, n, 0, 1, &t);
     if (rc) return rc;
     if (t->dtype != DS_F32 && t->dtype != DS_BF16 && t->dtype != DS_F16)
         return ds_err_set(DS_ERR_UNSUPPORTED, "%s: tensor '%s' has dtype %s, expected a float type",
@@ -55,7 +55,7 @@ static int bind_norm(ds_model *m, const char *prefix, int64_t n, float **w, floa
     int rc = bind_vec(m, name, n, w);
     snprintf(name, sizeof name, "%s.bias", prefix);
     *b = NULL;
-    return rc || !ds_st_find(m->st, name) ? rc : bind_vec(m, name, n, b);
+    return rc || !ds_format_find(m->fmt, name) ? rc : bind_vec(m, name, n, b);
 }
 
 /* A [rows, cols] projection `prefix` in its stored form (src/model/format.c). */
@@ -183,6 +183,7 @@ int ds_model_open(const char *dir, const ds_model_params *params, ds_model **out
     if (!rc) rc = ds_shard_init(m);
     if (!rc) rc = ds_st_open_dir(dir, &m->st);
     if (!rc) rc = ds_format_open(dir, &m->cfg, m->st, &m->fmt);
+    if (!rc) m->rope_split = ds_format_rope_split(m->fmt);
     if (!rc && !(m->pool = ds_pool_open(threads))) rc = DS_ERR_NOMEM;
     if (!rc) rc = ds_rope_init(m);
     const ds_config *c = &m->cfg;
@@ -193,7 +194,7 @@ int ds_model_open(const char *dir, const ds_model_params *params, ds_model **out
                        &m->embed);
     if (!rc) rc = bind_norm(m, "model.norm", c->hidden_size, &m->final_norm, &m->final_norm_bias);
     if (!rc) {
-        if (c->tie_word_embeddings && !ds_st_find(m->st, "lm_head.weight"))
+        if (c->tie_word_embeddings && !ds_format_find(m->fmt, "lm_head.weight"))
             m->lm_head = m->embed;
         else
             rc =
