@@ -42,13 +42,13 @@ static int64_t layer_of(const char *name) {
     return e && *e == '.' ? (int64_t)l : -1;
 }
 
-/* A projection's group: its name with the layer and expert numbers starred
+/* A projection's group: its (Hugging Face) name with the layer and expert numbers starred
  * ("model.layers.*.mlp.experts.*.down_proj"), into buf; NULL for what is not a projection. */
-static const char *group_of(const ds_st_tensor *t, char *buf, size_t cap) {
-    if (t->ndim != 2 || !ds_str_ends_with(t->name, ".weight")) return NULL;
+static const char *group_of(const char *name, char *buf, size_t cap) {
+    if (!ds_str_ends_with(name, ".weight")) return NULL;
     size_t k = 0;
-    for (const char *p = t->name; *p && k + 2 < cap;) {
-        int after_dot = p > t->name && p[-1] == '.';
+    for (const char *p = name; *p && k + 2 < cap;) {
+        int after_dot = p > name && p[-1] == '.';
         if (after_dot && *p >= '0' && *p <= '9') {
             while (*p >= '0' && *p <= '9') p++;
             buf[k++] = '*';
@@ -68,36 +68,43 @@ typedef struct {
 
 /* The stored form of every group of projections; groups with mixed forms are listed once per
  * form. Returns 1 when some tensor's form cannot be told (the message is printed). */
+/* Counts one projection of group key stored as sc; 0 when out of memory. */
+static int add_group(info_group **g, size_t *n, size_t *cap, const char *key, const char *sc) {
+    size_t j = 0;
+    while (j < *n && (strcmp((*g)[j].group, key) || strcmp((*g)[j].scheme, sc))) j++;
+    if (j == *n) {
+        if (*n == *cap) {
+            info_group *ng = realloc(*g, 2 * *cap * sizeof *ng);
+            if (!ng) return 0;
+            *g = ng;
+            *cap *= 2;
+        }
+        snprintf((*g)[j].group, sizeof(*g)[j].group, "%s", key);
+        (*g)[j].scheme = sc;
+        (*g)[j].n = 0;
+        (*n)++;
+    }
+    (*g)[j].n++;
+    return 1;
+}
+
 static int print_format(ds_format *f, const ds_st_set *set) {
     printf("\n== format: %s\n", ds_format_name(f));
     size_t n = 0, cap = 64;
     info_group *g = calloc(cap, sizeof *g);
     int bad = !g;
-    for (size_t i = 0; g && i < ds_st_count(set); i++) {
+    for (size_t i = 0; !bad && i < ds_st_count(set); i++) {
         const ds_st_tensor *t = ds_st_at(set, i);
-        char key[200], prefix[512];
-        if (!group_of(t, key, sizeof key)) continue;
-        snprintf(prefix, sizeof prefix, "%.*s", (int)(strlen(t->name) - 7), t->name);
-        const char *sc = ds_format_scheme(f, prefix);
-        if (!sc) {
-            fprintf(stderr, "dsinfer info: %s\n", ds_err_msg());
-            bad = 1;
-            continue;
+        int64_t parts = t->ndim < 2 ? 0 : ds_format_logical(f, t->name, 0, NULL, 0);
+        for (int64_t part = 0; !bad && part < parts; part++) {
+            char name[256], key[200], prefix[512];
+            ds_format_logical(f, t->name, part, name, sizeof name);
+            if (!group_of(name, key, sizeof key)) continue;
+            snprintf(prefix, sizeof prefix, "%.*s", (int)(strlen(name) - 7), name);
+            const char *sc = ds_format_scheme(f, prefix);
+            if (!sc) fprintf(stderr, "dsinfer info: %s\n", ds_err_msg());
+            bad = !sc || !add_group(&g, &n, &cap, key, sc);
         }
-        size_t j = 0;
-        while (j < n && (strcmp(g[j].group, key) || g[j].scheme != sc)) j++;
-        if (j == n) {
-            if (n == cap) {
-                info_group *ng = realloc(g, 2 * cap * sizeof *g);
-                if (!ng) break;
-                g = ng;
-                cap *= 2;
-            }
-            snprintf(g[n].group, sizeof g[n].group, "%s", key);
-            g[n].scheme = sc;
-            g[n++].n = 0;
-        }
-        g[j].n++;
     }
     printf("  %-52s %7s  %s\n", "projections", "tensors", "stored as");
     for (size_t j = 0; j < n; j++) printf("  %-52s %7zu  %s\n", g[j].group, g[j].n, g[j].scheme);
@@ -164,17 +171,19 @@ int ds_cmd_info(int argc, char **argv) {
         uint64_t numel = 1;
         for (int d = 0; d < t->ndim; d++) numel *= (uint64_t)t->shape[d];
         /* int4 formats store two parameters per I8 byte (docs/formats.md) */
-        char prefix[512];
+        char name[256], prefix[512];
+        int64_t parts = ds_format_logical(fmt, t->name, 0, name, sizeof name);
         snprintf(prefix, sizeof prefix, "%.*s",
-                 (int)(strlen(t->name) - (ds_str_ends_with(t->name, ".weight") ? 7 : 0)), t->name);
-        const char *sc = t->dtype == DS_I8 && t->ndim == 2 ? ds_format_scheme(fmt, prefix) : NULL;
+                 (int)(strlen(name) - (ds_str_ends_with(name, ".weight") ? 7 : 0)), name);
+        const char *sc =
+            parts && t->dtype == DS_I8 && t->ndim >= 2 ? ds_format_scheme(fmt, prefix) : NULL;
         if (sc && !strncmp(sc, "w4a8", 4)) numel *= 2;
         by_dtype[t->dtype].n++;
         by_dtype[t->dtype].numel += numel;
         by_dtype[t->dtype].bytes += t->nbytes;
         all_bytes += t->nbytes;
         int64_t l = layer_of(t->name);
-        if (ds_format_is_companion(fmt, t->name)) {
+        if (!parts) {
             scale_numel += numel;
             n_scale++;
         } else if (l >= c.n_layers) {

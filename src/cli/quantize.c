@@ -52,14 +52,15 @@ typedef enum { QZ_W8A8, QZ_W4A8 } qz_scheme;
 
 /* What happens to one source tensor. */
 typedef enum {
-    QZ_COPY,     /* bytes unchanged */
-    QZ_TO_BF16,  /* an FP8 tensor outside the quantized set: dequantised to BF16 */
-    QZ_QUANT,    /* quantized: two output tensors (weight, weight_scale) */
-    QZ_CONSUMED, /* an FP8 weight_scale_inv: read with its weight, not written */
+    QZ_COPY,    /* bytes unchanged */
+    QZ_TO_BF16, /* an FP8 tensor outside the quantized set: dequantised to BF16 */
+    QZ_QUANT,   /* quantized: two output tensors (weight, weight_scale) */
 } qz_action;
 
 typedef struct {
-    const ds_st_tensor *src; /* the source tensor (view into the set) */
+    char name[256];          /* the logical tensor (ds_format_logical): written under this name */
+    const ds_st_tensor *src; /* the source tensor holding it (view into the set) */
+    uint64_t in_bytes;       /* its share of src (MindSpore stacks the experts of a layer) */
     int64_t rows, cols;      /* QZ_QUANT, QZ_TO_BF16: the logical matrix (ds_format_shape) */
     qz_action action;
     ds_dtype out_dtype;
@@ -100,59 +101,72 @@ static int64_t cdiv(int64_t a, int64_t b) {
     return (a + b - 1) / b;
 }
 
+/* One logical tensor of source tensor t (one of `parts`). */
+static int plan_item(ds_format *fmt, const qz_opts *o, const ds_st_tensor *t, int64_t parts,
+                     qz_item *q) {
+    q->src = t;
+    q->in_bytes = t->nbytes / (uint64_t)parts;
+    q->out_dtype = t->dtype;
+    q->out_ndim = t->ndim;
+    memcpy(q->out_shape, t->shape, sizeof q->out_shape);
+    q->out_bytes = t->nbytes;
+    char prefix[256];
+    int matrix = t->ndim >= 2; /* MindSpore stacks experts in 3-D */
+    int proj = matrix && is_quantized_name(q->name, o->lm_head);
+    int stored = matrix && ds_str_ends_with(q->name, ".weight") &&
+                 (parts > 1 || t->dtype == DS_F8_E4M3 || t->dtype == DS_I8);
+    if (!proj && !stored) {
+        q->action = QZ_COPY;
+        return DS_OK;
+    }
+    snprintf(prefix, sizeof prefix, "%.*s", (int)(strlen(q->name) - 7), q->name);
+    int rc = ds_format_shape(fmt, prefix, &q->rows, &q->cols);
+    if (rc) return rc;
+    q->out_ndim = 2;
+    q->out_shape[0] = q->rows;
+    if (!proj) {
+        q->action = QZ_TO_BF16;
+        q->out_dtype = DS_BF16;
+        q->out_shape[1] = q->cols;
+        q->out_bytes = (uint64_t)q->rows * (uint64_t)q->cols * 2;
+        return DS_OK;
+    }
+    q->action = QZ_QUANT;
+    q->out_dtype = DS_I8;
+    if (o->scheme == QZ_W8A8) {
+        q->out_shape[1] = q->cols;
+        q->scale_shape[1] = 1;
+    } else {
+        q->out_shape[1] = cdiv(q->cols, 2);
+        q->scale_shape[1] = cdiv(q->cols, o->group);
+    }
+    q->scale_shape[0] = q->rows;
+    q->out_bytes = (uint64_t)q->rows * (uint64_t)q->out_shape[1];
+    q->scale_bytes = (uint64_t)q->rows * (uint64_t)q->scale_shape[1] * sizeof(float);
+    return DS_OK;
+}
+
 /* The source's quantization data (scales, zero points, biases of its quantized projections,
  * anti-outlier norm biases) is consumed; its projections are requantized, its other stored
  * matrices (an FP8 or int8 tensor outside the set) dequantised to BF16, the rest copied. The
  * format decides how each is read (src/model/format.c). */
 static int build_plan(const ds_st_set *set, ds_format *fmt, const qz_opts *o, qz_item **out,
                       size_t *n_out) {
-    size_t n = ds_st_count(set);
+    size_t n = 0;
+    for (size_t i = 0; i < ds_st_count(set); i++)
+        n += (size_t)ds_format_logical(fmt, ds_st_at(set, i)->name, 0, NULL, 0);
     qz_item *it = calloc(n ? n : 1, sizeof *it);
     if (!it) return ds_err_set(DS_ERR_NOMEM, "out of memory");
     int rc = DS_OK;
-    for (size_t i = 0; !rc && i < n; i++) {
+    size_t k = 0;
+    for (size_t i = 0; !rc && i < ds_st_count(set); i++) {
         const ds_st_tensor *t = ds_st_at(set, i);
-        qz_item *q = &it[i];
-        q->src = t;
-        q->out_dtype = t->dtype;
-        q->out_ndim = t->ndim;
-        memcpy(q->out_shape, t->shape, sizeof q->out_shape);
-        q->out_bytes = t->nbytes;
-        if (ds_format_is_companion(fmt, t->name)) {
-            q->action = QZ_CONSUMED;
-            q->out_bytes = 0;
-            continue;
+        int64_t parts = ds_format_logical(fmt, t->name, 0, NULL, 0);
+        for (int64_t part = 0; !rc && part < parts; part++) {
+            qz_item *q = &it[k++];
+            ds_format_logical(fmt, t->name, part, q->name, sizeof q->name);
+            rc = plan_item(fmt, o, t, parts, q);
         }
-        int proj = is_quantized_name(t->name, o->lm_head) && t->ndim == 2;
-        int stored = t->ndim == 2 && ds_str_ends_with(t->name, ".weight") &&
-                     (t->dtype == DS_F8_E4M3 || t->dtype == DS_I8);
-        if (!proj && !stored) {
-            q->action = QZ_COPY;
-            continue;
-        }
-        char prefix[512];
-        snprintf(prefix, sizeof prefix, "%.*s", (int)(strlen(t->name) - 7), t->name);
-        if ((rc = ds_format_shape(fmt, prefix, &q->rows, &q->cols))) break;
-        q->out_shape[0] = q->rows;
-        if (!proj) {
-            q->action = QZ_TO_BF16;
-            q->out_dtype = DS_BF16;
-            q->out_shape[1] = q->cols;
-            q->out_bytes = (uint64_t)q->rows * (uint64_t)q->cols * 2;
-            continue;
-        }
-        q->action = QZ_QUANT;
-        q->out_dtype = DS_I8;
-        if (o->scheme == QZ_W8A8) {
-            q->out_shape[1] = q->cols;
-            q->scale_shape[1] = 1;
-        } else {
-            q->out_shape[1] = cdiv(q->cols, 2);
-            q->scale_shape[1] = cdiv(q->cols, o->group);
-        }
-        q->scale_shape[0] = q->rows;
-        q->out_bytes = (uint64_t)q->rows * (uint64_t)q->out_shape[1];
-        q->scale_bytes = (uint64_t)q->rows * (uint64_t)q->scale_shape[1] * sizeof(float);
     }
     if (rc) {
         free(it);
@@ -168,7 +182,6 @@ static int assign_shards(qz_item *it, size_t n, uint64_t shard_bytes) {
     int shard = 0;
     uint64_t cur = 0;
     for (size_t i = 0; i < n; i++) {
-        if (it[i].action == QZ_CONSUMED) continue;
         uint64_t b = it[i].out_bytes + it[i].scale_bytes;
         if (cur > 0 && cur + b > shard_bytes) {
             shard++;
@@ -272,14 +285,14 @@ static int write_item(ds_st_writer *w, ds_pool *pool, ds_format *fmt, const qz_o
     ds_mat m;
     if (q->action != QZ_COPY) { /* bound as the source's format stores it */
         char prefix[512];
-        snprintf(prefix, sizeof prefix, "%.*s", (int)(strlen(q->src->name) - 7), q->src->name);
+        snprintf(prefix, sizeof prefix, "%.*s", (int)(strlen(q->name) - 7), q->name);
         if ((rc = ds_format_bind(fmt, prefix, q->rows, q->cols, &m, NULL))) return rc;
     }
     if (q->action == QZ_COPY) {
         rc = ds_st_writer_data(w, q->src->data, q->src->nbytes);
     } else if (q->action == QZ_TO_BF16) {
         if (!grow(&sc->buf, &sc->cap, (size_t)q->out_bytes + 1) || !ensure_rows(sc, m.cols))
-            return ds_err_set(DS_ERR_NOMEM, "out of memory converting '%s'", q->src->name);
+            return ds_err_set(DS_ERR_NOMEM, "out of memory converting '%s'", q->name);
         uint16_t *d = sc->buf;
         for (int64_t r = 0; r < m.rows; r++) {
             ds_mat_row_f32(&m, r, sc->rowf[0]);
@@ -289,8 +302,8 @@ static int write_item(ds_st_writer *w, ds_pool *pool, ds_format *fmt, const qz_o
     } else {
         if (!grow(&sc->buf, &sc->cap, (size_t)(q->out_bytes + q->scale_bytes) + 1) ||
             !ensure_rows(sc, m.cols))
-            return ds_err_set(DS_ERR_NOMEM, "out of memory quantizing '%s' (%llu bytes)",
-                              q->src->name, (unsigned long long)(q->out_bytes + q->scale_bytes));
+            return ds_err_set(DS_ERR_NOMEM, "out of memory quantizing '%s' (%llu bytes)", q->name,
+                              (unsigned long long)(q->out_bytes + q->scale_bytes));
         /* the scales first (4-byte aligned at the buffer start), then the int8 data */
         qz_job j = {&m,
                     o,
@@ -321,7 +334,7 @@ static int write_shards(const char *dir, ds_pool *pool, ds_format *fmt, const qz
     if (!sc.rowf) return ds_err_set(DS_ERR_NOMEM, "out of memory");
     ds_progress pb;
     uint64_t total = 0;
-    for (size_t i = 0; i < n; i++) total += it[i].src->nbytes;
+    for (size_t i = 0; i < n; i++) total += it[i].in_bytes;
     ds_progress_begin(&pb, "quantize", total);
     int rc = DS_OK;
     size_t i = 0;
@@ -337,12 +350,11 @@ static int write_shards(const char *dir, ds_pool *pool, ds_format *fmt, const qz
         ds_st_writer *w = NULL;
         rc = ds_st_writer_open(path, &w);
         size_t j = i;
-        for (; !rc && j < n && (it[j].action == QZ_CONSUMED || it[j].shard == s); j++) {
+        for (; !rc && j < n && it[j].shard == s; j++) {
             const qz_item *q = &it[j];
-            if (q->action == QZ_CONSUMED) continue;
-            rc = ds_st_writer_add(w, q->src->name, q->out_dtype, q->out_ndim, q->out_shape);
+            rc = ds_st_writer_add(w, q->name, q->out_dtype, q->out_ndim, q->out_shape);
             if (!rc && q->action == QZ_QUANT) {
-                scale_name(sname, sizeof sname, q->src->name);
+                scale_name(sname, sizeof sname, q->name);
                 rc = ds_st_writer_add(w, sname, DS_F32, 2, q->scale_shape);
             }
         }
@@ -350,16 +362,16 @@ static int write_shards(const char *dir, ds_pool *pool, ds_format *fmt, const qz
         for (size_t k = i; !rc && k < j; k++) {
             const qz_item *q = &it[k];
             if (qz_interrupted) rc = ds_err_set(DS_ERR_IO, "interrupted");
-            if (!rc && q->action != QZ_CONSUMED) rc = write_item(w, pool, fmt, o, q, &sc);
-            if (!rc && q->action != QZ_CONSUMED) {
+            if (!rc) rc = write_item(w, pool, fmt, o, q, &sc);
+            if (!rc) {
                 if (q->action == QZ_QUANT)
                     st->n_quant++;
                 else
                     st->n_copy++;
                 st->bytes_out += q->out_bytes + q->scale_bytes;
             }
-            st->bytes_in += q->src->nbytes;
-            ds_progress_add(&pb, q->src->nbytes);
+            st->bytes_in += q->in_bytes;
+            ds_progress_add(&pb, q->in_bytes);
         }
         if (w) {
             int rc2 = ds_st_writer_close(w);
@@ -420,12 +432,11 @@ static int write_index(const char *dir, const qz_item *it, size_t n, int n_shard
     uint64_t total = 0;
     char sname[512];
     for (size_t i = 0; map && i < n; i++) {
-        if (it[i].action == QZ_CONSUMED) continue;
         char fname[64];
         ds_cli_shard_name(fname, sizeof fname, it[i].shard, n_shards);
-        int bad = json_object_set_new(map, it[i].src->name, json_string(fname));
+        int bad = json_object_set_new(map, it[i].name, json_string(fname));
         if (it[i].action == QZ_QUANT) {
-            scale_name(sname, sizeof sname, it[i].src->name);
+            scale_name(sname, sizeof sname, it[i].name);
             bad |= json_object_set_new(map, sname, json_string(fname));
         }
         if (bad) {

@@ -19,6 +19,7 @@
 #include "model/model_internal.h"
 
 #include <math.h>
+#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -61,7 +62,7 @@ static const char *const scheme_names[] = {
     [S_W4_IN] = "w4a8-group",
     [S_W4_OUT] = "w4a8-channel (output-packed, repacked at load)",
     [S_BLOCK] = "int8-block",
-    [S_MS_EXPERT] = "stacked experts (transposed at load)",
+    [S_MS_EXPERT] = "w8a8-dynamic (MindSpore stacked experts, transposed at load)",
     [S_MS_KVB] = "bf16 (k_nope + v, interleaved at load)",
 };
 
@@ -211,17 +212,6 @@ const char *ds_format_name(const ds_format *f) {
     return "?";
 }
 
-int ds_format_is_companion(const ds_format *f, const char *name) {
-    if (ds_str_ends_with(name, "norm.bias")) return 1;
-    for (size_t i = 0; i < sizeof companions / sizeof *companions; i++) {
-        if (!ds_str_ends_with(name, companions[i])) continue;
-        char w[512];
-        snprintf(w, sizeof w, "%.*s.weight", (int)(strlen(name) - strlen(companions[i])), name);
-        if (ds_format_find(f, w)) return 1;
-    }
-    return 0;
-}
-
 /* ---- MindSpore parameter names (FORMATS-SPEC §3; vllm-mindspore f4d94008
  * mf_models/deepseekv3_weight_processor.py, infer_smooth_quant_get_value,
  * smooth_quant_process_*, process_route_ffn_weight_a8w4) ---- */
@@ -289,6 +279,59 @@ static const char *ms_translate(const char *hf, char *buf, size_t cap) {
 const ds_st_tensor *ds_format_find(const ds_format *f, const char *name) {
     char buf[512];
     return ds_st_find(f->st, ms_names(f) ? ms_translate(name, buf, sizeof buf) : name);
+}
+
+/* Writes the Hugging Face name of logical tensor i of disk tensor `disk` (buf may be NULL). */
+static int64_t logical_name(char *buf, size_t cap, int64_t n, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static int64_t logical_name(char *buf, size_t cap, int64_t n, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    if (buf) vsnprintf(buf, cap, fmt, ap);
+    va_end(ap);
+    return n;
+}
+
+int64_t ds_format_logical(const ds_format *f, const char *disk, int64_t i, char *buf, size_t cap) {
+    if (ds_str_ends_with(disk, "norm.bias")) return 0;
+    if (!ms_names(f)) {
+        for (size_t j = 0; j < sizeof companions / sizeof *companions; j++) {
+            if (!ds_str_ends_with(disk, companions[j])) continue;
+            char w[512];
+            snprintf(w, sizeof w, "%.*s.weight", (int)(strlen(disk) - strlen(companions[j])), disk);
+            if (ds_st_find(f->st, w)) return 0;
+        }
+        return logical_name(buf, cap, 1, "%s", disk);
+    }
+    long long l = 0;
+    int pre = 0;
+    if (sscanf(disk, "model.layers.%lld.%n", &l, &pre) != 1) pre = 0;
+    const char *rest = disk + pre;
+    static const char ffn[] = "feed_forward.routed_experts.ffn.w";
+    if (pre && !strncmp(rest, ffn, sizeof ffn - 1)) { /* stacked: one tensor per expert */
+        const char *proj = rest[sizeof ffn - 1] == '1'   ? "gate_proj"
+                           : rest[sizeof ffn - 1] == '3' ? "up_proj"
+                                                         : "down_proj";
+        const ds_st_tensor *t = ds_st_find(f->st, disk);
+        if (!t || !ds_str_ends_with(disk, "._layer.weight") || t->ndim != 3) return 0;
+        return logical_name(buf, cap, t->shape[0], "model.layers.%lld.mlp.experts.%lld.%s.weight",
+                            l, (long long)i, proj);
+    }
+    if (pre && !strcmp(rest, "attention.lkv2kv_k_nope.weight"))
+        return logical_name(buf, cap, 1, "model.layers.%lld.self_attn.kv_b_proj.weight", l);
+    if (pre && !strcmp(rest, "attention.lkv2kv_v.weight")) return 0;
+    for (size_t j = 0; j < sizeof ms_whole / sizeof *ms_whole; j++)
+        if (!strcmp(rest, ms_whole[j][1]))
+            return logical_name(buf, cap, 1, "%.*s%s", pre, disk, ms_whole[j][0]);
+    for (size_t j = 0; pre && j < sizeof ms_linear / sizeof *ms_linear; j++) {
+        size_t n = strlen(ms_linear[j][1]);
+        if (strncmp(rest, ms_linear[j][1], n) != 0) continue;
+        for (size_t k = 0; k < sizeof ms_suffix / sizeof *ms_suffix; k++)
+            if (!strcmp(rest + n, ms_suffix[k][1]))
+                return k ? 0
+                         : logical_name(buf, cap, 1, "%.*s%s.weight", pre, disk, ms_linear[j][0]);
+    }
+    return logical_name(buf, cap, 1, "%s", disk);
 }
 
 /* A missing tensor, named as the format stores it. */
@@ -795,10 +838,19 @@ static const char *name_of(scheme s, const ds_st_tensor *t) {
     return s == S_FLOAT ? float_name(t->dtype) : scheme_names[s];
 }
 
+/* int4 stacked experts are named apart from int8 ones */
+static const char *ms_expert_name(const ds_format *f, const char *prefix) {
+    ms_expert x;
+    if (ms_expert_find(f, prefix, &x)) return NULL;
+    return x.groups ? "w4a8-group (MindSpore stacked experts, transposed at load)"
+                    : scheme_names[S_MS_EXPERT];
+}
+
 const char *ds_format_scheme(ds_format *f, const char *prefix) {
     const ds_st_tensor *t;
     scheme s;
-    return lookup(f, prefix, &t, &s) ? NULL : name_of(s, t);
+    if (lookup(f, prefix, &t, &s)) return NULL;
+    return s == S_MS_EXPERT ? ms_expert_name(f, prefix) : name_of(s, t);
 }
 
 int ds_format_shape(ds_format *f, const char *prefix, int64_t *rows, int64_t *cols) {
@@ -844,7 +896,7 @@ int ds_format_bind(ds_format *f, const char *prefix, int64_t rows, int64_t cols,
     int rc = lookup(f, prefix, &t, &s);
     if (rc) return rc;
     if (s == S_MS_EXPERT || s == S_MS_KVB) {
-        if (scheme_name) *scheme_name = scheme_names[s];
+        if (scheme_name) *scheme_name = s == S_MS_KVB ? scheme_names[s] : ms_expert_name(f, prefix);
         return s == S_MS_EXPERT ? bind_ms_expert(f, prefix, rows, cols, out)
                                 : bind_ms_kvb(f, prefix, rows, cols, out);
     }

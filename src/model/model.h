@@ -45,9 +45,12 @@ const ds_st_tensor *ds_format_find(const ds_format *f, const char *name);
 /* 1 when the checkpoint stores the RoPE rows of q_b and kv_a de-interleaved (MindSpore names:
  * per head the even then the odd dimensions), so the forward pass re-interleaves their outputs. */
 int ds_format_rope_split(const ds_format *f);
-/* 1 when tensor `name` is quantization data rather than a parameter of DeepSeek-V3: a scale,
- * zero point or bias of a quantized projection, or an anti-outlier norm bias. */
-int ds_format_is_companion(const ds_format *f, const char *name);
+/* The logical tensors (Hugging Face names, as ds_model binds them) stored in disk tensor
+ * `disk`: 0 for quantization data (a scale, zero point or bias of a quantized projection, an
+ * anti-outlier norm bias, the second half of MindSpore's split kv_b), E for MindSpore's stacked
+ * experts, else 1; the name of the i-th goes to buf (may be NULL). dsinfer info and quantize
+ * walk a checkpoint by it. */
+int64_t ds_format_logical(const ds_format *f, const char *disk, int64_t i, char *buf, size_t cap);
 
 typedef struct {
     int n_threads; /* <= 0: all online CPUs */
