@@ -15,6 +15,7 @@
 #include "dist/dist.h"
 #include "model/model.h"
 #include "server/serverutil.h"
+#include "formats/fmtgen.h"
 #include "testutil.h"
 
 #include <jansson.h>
@@ -370,6 +371,21 @@ int main(int argc, char **argv) {
         free(ds_test_run(cmd, &st));
         CHECK_MSG(st == 0, "quantize %s", schemes[i]);
         check_logits(tmp, schemes[i], q);
+    }
+    /* the foreign layouts whose binding slices by rank differently: static W8A8 (per-row bias
+     * and deq_scale read at row0 + r, anti-outlier norm biases), msModelSlim's int4 repacked
+     * along the other axis, MindSpore's stacked experts and split kv_b (tests/formats) */
+    const fmtgen_kind kinds[] = {FMTGEN_MODELSLIM_W8A8, FMTGEN_MODELSLIM_W4A8};
+    int32_t ids[12];
+    for (int i = 0; i < 12; i++) ids[i] = (int32_t)(i * 7919 % 128000);
+    const int32_t *pr[1] = {ids};
+    const int64_t len[1] = {12};
+    for (size_t i = 0; i < sizeof kinds / sizeof *kinds; i++) {
+        char ref[4200];
+        snprintf(q, sizeof q, "%s/%s", tmp, fmtgen_kind_name(kinds[i]));
+        snprintf(ref, sizeof ref, "%s-ref", q);
+        CHECK_MSG(fmtgen_write(kinds[i], model, q, ref, pr, len, 1) == 0, "%s", q);
+        check_logits(tmp, fmtgen_kind_name(kinds[i]), q);
     }
     check_engine(tmp, model);
     check_serve(model);
