@@ -4,11 +4,14 @@
  * scales, int8 with per-channel or block scales and per-token activations, int8 with STATIC
  * activations (a stored step and zero point, an int32 bias), and int4 packed two per byte along
  * the input. Every format users download is one of these tensor by tensor, read in place from
- * the mapping, with one exception: msModelSlim's W4A8_DYNAMIC packs its int4 along the OUTPUT
- * axis (two rows per byte, for the NPU's tiles), which the CPU kernels cannot stream row by row;
- * those are repacked once at load into this process's memory, and the source pages dropped, so
- * the model is still held once. Only small vectors are converted (scales stored as BF16 or as
- * fp32 bits in I64, zero points, quant_bias x deq_scale).
+ * the mapping, except where a layout orders its bytes for an NPU's tiles: msModelSlim's
+ * W4A8_DYNAMIC packs int4 along the OUTPUT axis (two rows per byte), MindSpore stacks a layer's
+ * routed experts as [E, in, out] and splits kv_b into k_nope and v. The CPU kernels stream whole
+ * rows, so those tensors are rearranged once at load into this process's memory and their source
+ * pages dropped: the model is still held once. MindSpore's rope rows, stored de-interleaved, are
+ * not touched: the forward pass re-interleaves 64 outputs per head instead
+ * (ds_format_rope_split). Small vectors are converted (scales stored as BF16 or as fp32 bits in
+ * I64 / U64, zero points, quant_bias x deq_scale).
  *
  * The facts about each layout, with the public loader each was checked against:
  * /work/shared/FORMATS-SPEC.md, summarised in docs/formats.md. The scheme of a projection comes
@@ -55,7 +58,7 @@ static const char *float_name(ds_dtype t) {
 }
 
 static const char *const scheme_names[] = {
-    [S_FLOAT] = "float",
+    /* S_FLOAT is named by its dtype */
     [S_FP8] = "fp8-block",
     [S_DYNAMIC] = "w8a8-dynamic",
     [S_STATIC] = "w8a8-static",
