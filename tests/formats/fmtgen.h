@@ -10,15 +10,20 @@
  *  - Projections are the 2-D model.layers.L.self_attn.*.weight and model.layers.L.mlp.*.weight
  *    of the decoder layers (L < num_hidden_layers), except the router mlp.gate.weight. Every
  *    other tensor (embedding, norms, router, e_score_correction_bias, lm_head, final norm, MTP
- *    layers) is copied unchanged; tokenizer.json and tokenizer_config.json too.
+ *    layers) is copied unchanged (renamed, and MTP layers dropped, in the MindSpore-named
+ *    layouts); tokenizer.json and tokenizer_config.json too.
  *  - Weights are quantized symmetrically: per output channel s[n] = max_k |w[n,k]| / qmax (1 for
  *    an all-zero row), q = clamp(rint(w / s), qmin, qmax), rint rounding ties to even; int8 per
  *    channel [-128, 127] / 127, int4 [-8, 7] / 7, block int8 [-127, 127] / 127 per 128 x 128.
+ *    A scale stored as BF16 is rounded to BF16 first and the weights quantized with the rounded
+ *    value, so that q * the stored scale is the weight meant.
  *  - REF is a plain checkpoint (model.safetensors, config.json without quantization_config and
- *    the informational msModelSlim keys): each quantized projection becomes the F32 weight it
- *    stands for (dynamic: q * s rounded once; static: q * deq_scale / input_scale computed in
- *    double and rounded once), FLOAT projections stay as they are, and no norm bias is written:
- *    the static layers' norm bias and float bias cancel exactly, so REF drops both. */
+ *    the informational msModelSlim keys, Hugging Face names and order): each quantized
+ *    projection becomes the F32 weight it stands for (dynamic: q * s rounded once; static:
+ *    q * deq_scale / input_scale computed in double and rounded once, input_scale of the input
+ *    channel when there is one per channel), FLOAT projections stay as they are, and no norm
+ *    bias is written: the static layers' norm bias and float bias cancel exactly, so REF drops
+ *    both. */
 #ifndef FMTGEN_H
 #define FMTGEN_H
 
@@ -41,10 +46,24 @@ typedef enum {
     /* SGLang blockwise_int8 (§5): every projection, kv_b included, I8 with weight_scale_inv per
      * 128 x 128 block (edge blocks partial); one model.safetensors. */
     FMTGEN_BLOCK_INT8,
+    /* MindSpore golden-stick "smoothquant" with MindSpore parameter names (§3): attention static
+     * W8A8 with input_scale / input_zp per input channel (the smoothing folded into them),
+     * kv_b split into lkv2kv_k_nope / lkv2kv_v, dense and shared MLP per-token int8 with BF16
+     * weight_scale [out], routed experts stacked int8 [E, in, out] with BF16 [E, out]; rope rows
+     * of l2q_proj / kv2l rotate-half ordered; quant_model-00001-of-00001.safetensors with
+     * quant_model.safetensors.index.json and a decoy model-mtp.index.json; MTP not written.
+     * A source without q_lora is refused: MindSpore's name for q_proj is unconfirmed (§3). */
+    FMTGEN_MS_SMOOTHQUANT,
+    /* MindSpore golden-stick "a8w4" (§3): as smoothquant but per-tensor static attention, and
+     * routed experts int4 [E, in, out/2] packed along the output axis with U64 (fp32 bits)
+     * scales [E, ceil(in / G), out] per group of G input rows; one a8w4-00001-of-00001.safetensors
+     * with the flat map a8w4_name_map.json. G is 256 as in the release when in >= 512, else
+     * in / 4 (a test-only choice, so that the small test models have several groups). */
+    FMTGEN_MS_A8W4,
 } fmtgen_kind;
-#define FMTGEN_N_KINDS 4
+#define FMTGEN_N_KINDS 6
 
-/* "modelslim-w8a8", "modelslim-w4a8", "ms-ptq", "block-int8". */
+/* "modelslim-w8a8", "modelslim-w4a8", "ms-ptq", "block-int8", "ms-smoothquant", "ms-a8w4". */
 const char *fmtgen_kind_name(fmtgen_kind kind);
 
 /* Writes SRC (a BF16 Hugging Face DeepSeek-V3 checkpoint directory) in layout `kind` into the
