@@ -375,7 +375,7 @@ int main(int argc, char **argv) {
     /* the foreign layouts whose binding slices by rank differently: static W8A8 (per-row bias
      * and deq_scale read at row0 + r, anti-outlier norm biases), msModelSlim's int4 repacked
      * along the other axis, MindSpore's stacked experts and split kv_b (tests/formats) */
-    const fmtgen_kind kinds[] = {FMTGEN_MODELSLIM_W8A8, FMTGEN_MODELSLIM_W4A8};
+    const fmtgen_kind kinds[] = {FMTGEN_MODELSLIM_W8A8, FMTGEN_MODELSLIM_W4A8, FMTGEN_MS_A8W4};
     int32_t ids[12];
     for (int i = 0; i < 12; i++) ids[i] = (int32_t)(i * 7919 % 128000);
     const int32_t *pr[1] = {ids};
