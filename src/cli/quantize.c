@@ -205,6 +205,7 @@ typedef struct {
     float *scale; /* [rows, n_groups] */
     float **rowf; /* per pool slice: cols floats */
     int64_t row_bytes, n_groups;
+    const int64_t *stored; /* output row r is source row stored[r] (ds_format_stored_rows) */
 } qz_job;
 
 /* q = clamp(rint(w / s), lo, hi) for w[0, n) with s = max|w| / hi (1 when all zero). */
@@ -228,7 +229,7 @@ static void quant_rows(void *arg, int slice, int n_slices) {
     float *w = j->rowf[slice];
     int8_t *tmp = (int8_t *)(w + cols); /* cols int8 after the floats (W4A8 staging) */
     for (size_t r = lo; r < hi; r++) {
-        ds_mat_row_f32(j->src, (int64_t)r, w);
+        ds_mat_row_f32(j->src, j->stored[r], w);
         int8_t *qr = j->q + r * (size_t)j->row_bytes;
         float *sr = j->scale + r * (size_t)j->n_groups;
         if (j->o->scheme == QZ_W8A8) {
@@ -283,9 +284,9 @@ static int write_item(ds_st_writer *w, ds_pool *pool, ds_format *fmt, const qz_o
                       const qz_item *q, qz_scratch *sc) {
     int rc = DS_OK;
     ds_mat m;
+    char prefix[512];
+    snprintf(prefix, sizeof prefix, "%.*s", (int)(strlen(q->name) - 7), q->name);
     if (q->action != QZ_COPY) { /* bound as the source's format stores it */
-        char prefix[512];
-        snprintf(prefix, sizeof prefix, "%.*s", (int)(strlen(q->name) - 7), q->name);
         if ((rc = ds_format_bind(fmt, prefix, q->rows, q->cols, &m, NULL))) return rc;
     }
     if (q->action == QZ_COPY) {
@@ -305,14 +306,19 @@ static int write_item(ds_st_writer *w, ds_pool *pool, ds_format *fmt, const qz_o
             return ds_err_set(DS_ERR_NOMEM, "out of memory quantizing '%s' (%llu bytes)", q->name,
                               (unsigned long long)(q->out_bytes + q->scale_bytes));
         /* the scales first (4-byte aligned at the buffer start), then the int8 data */
+        int64_t *stored = malloc((size_t)q->rows * sizeof *stored);
+        if (!stored) return ds_err_set(DS_ERR_NOMEM, "out of memory quantizing '%s'", q->name);
+        ds_format_stored_rows(fmt, prefix, q->rows, stored);
         qz_job j = {&m,
                     o,
                     (int8_t *)sc->buf + q->scale_bytes,
                     sc->buf,
                     sc->rowf,
                     q->out_shape[1],
-                    q->scale_shape[1]};
+                    q->scale_shape[1],
+                    stored};
         ds_pool_run(pool, quant_rows, &j);
+        free(stored);
         rc = ds_st_writer_data(w, j.q, q->out_bytes);
         if (!rc) rc = ds_st_writer_data(w, j.scale, q->scale_bytes);
     }
@@ -373,9 +379,12 @@ static int write_shards(const char *dir, ds_pool *pool, ds_format *fmt, const qz
             st->bytes_in += q->in_bytes;
             ds_progress_add(&pb, q->in_bytes);
         }
-        if (w) {
+        if (w) { /* after a failure, closing reports the unwritten tensors: keep the cause */
+            char why[512];
+            snprintf(why, sizeof why, "%s", ds_err_msg());
             int rc2 = ds_st_writer_close(w);
-            if (!rc) rc = rc2;
+            if (rc) ds_err_set(rc, "%s", why);
+            rc = rc ? rc : rc2;
         }
         free(path);
         i = j;
@@ -565,7 +574,10 @@ int ds_cmd_quantize(int argc, char **argv) {
     char *cfg_path = ds_cli_path_join(in_dir, "config.json");
     rc = cfg_path ? ds_json_load_file(cfg_path, &cfg) : ds_err_set(DS_ERR_NOMEM, "out of memory");
     free(cfg_path);
-    if (!rc) rc = ds_config_quant_from_json(cfg, in_dir, &src_cfg);
+    /* the quantization fields are what reading the weights needs (MindSpore's split kv_b also
+     * the head counts): a config the model could not run is still a source */
+    if (!rc && ds_config_load(in_dir, &src_cfg) != DS_OK)
+        rc = ds_config_quant_from_json(cfg, in_dir, &src_cfg);
     if (!rc) rc = ds_st_open_dir(in_dir, &set);
     if (!rc) rc = ds_format_open(in_dir, &src_cfg, set, &fmt);
     if (!rc) rc = build_plan(set, fmt, &o, &it, &n_items);

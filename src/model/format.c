@@ -796,6 +796,9 @@ static int bind_ms_kvb(ds_format *f, const char *prefix, int64_t rows, int64_t c
     const ds_st_tensor *k, *v, *chk;
     int rc = ms_kvb_find(f, prefix, &k, &v);
     int64_t H = c->n_heads, dn = c->qk_nope_head_dim, dv = c->v_head_dim;
+    if (!rc && H <= 0)
+        rc = ds_err_set(DS_ERR_FORMAT,
+                        "%s: splitting kv_b by heads needs config.json's head counts", k->name);
     if (!rc) rc = ds_find_shaped(f, k->name, H * dn, cols, 2, &chk);
     if (!rc) rc = ds_find_shaped(f, v->name, H * dv, cols, 2, &chk);
     if (rc) return rc;
@@ -883,6 +886,20 @@ int ds_format_shape(ds_format *f, const char *prefix, int64_t *rows, int64_t *co
 
 int ds_format_rope_split(const ds_format *f) {
     return ms_names(f);
+}
+
+void ds_format_stored_rows(const ds_format *f, const char *prefix, int64_t rows, int64_t *map) {
+    const ds_config *c = f->cfg;
+    const int64_t dr = c->qk_rope_head_dim, qk = c->qk_nope_head_dim + dr;
+    for (int64_t r = 0; r < rows; r++) map[r] = r;
+    int q = ds_str_ends_with(prefix, ".q_b_proj") || ds_str_ends_with(prefix, ".q_proj");
+    int kv = ds_str_ends_with(prefix, ".kv_a_proj_with_mqa");
+    if (!ds_format_rope_split(f) || (!q && !kv) || dr <= 0) return;
+    /* the rope block of each head (q), or the one after the latent (kv_a): Hugging Face's pair
+     * (2j, 2j + 1) is stored at j and dr / 2 + j */
+    for (int64_t b0 = q ? c->qk_nope_head_dim : c->kv_lora_rank; b0 + dr <= rows;
+         b0 += q ? qk : rows)
+        for (int64_t i = 0; i < dr; i++) map[b0 + i] = b0 + (i % 2 ? dr / 2 : 0) + i / 2;
 }
 
 void ds_format_release(ds_format *f) {

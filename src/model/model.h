@@ -45,6 +45,9 @@ const ds_st_tensor *ds_format_find(const ds_format *f, const char *name);
 /* 1 when the checkpoint stores the RoPE rows of q_b and kv_a de-interleaved (MindSpore names:
  * per head the even then the odd dimensions), so the forward pass re-interleaves their outputs. */
 int ds_format_rope_split(const ds_format *f);
+/* map[r] = the stored row of logical (Hugging Face order) row r of projection prefix's
+ * [rows, cols]: the identity but for the rope rows ds_format_rope_split describes. */
+void ds_format_stored_rows(const ds_format *f, const char *prefix, int64_t rows, int64_t *map);
 /* The logical tensors (Hugging Face names, as ds_model binds them) stored in disk tensor
  * `disk`: 0 for quantization data (a scale, zero point or bias of a quantized projection, an
  * anti-outlier norm bias, the second half of MindSpore's split kv_b), E for MindSpore's stacked

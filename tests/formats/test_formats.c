@@ -925,6 +925,7 @@ typedef struct {
      * also measured against the engine on the BF16 source itself, whose logits are run once
      * per prompt and kept */
     int golden;
+    int convert; /* also check `dsinfer quantize` of every layout */
     float *src_logits[MAX_PROMPTS];
 } source;
 
@@ -1009,6 +1010,37 @@ static void compare_engine(source *s, fmtgen_kind kind, const char *out, const c
     if (fid.positions) check_fidelity(kind, &fid);
 }
 
+/* `dsinfer quantize OUT CONV --scheme w8a8` reads the layout as the loader binds it: CONV holds
+ * Hugging Face names only, no foreign quantization data, and runs within the source's bounds
+ * of REF like OUT itself (its weights are REF's, requantized per channel). */
+static void check_convert(source *s, fmtgen_kind kind, const char *out, const char *ref,
+                          const prompts *pr) {
+    char conv[4300], cmd[9000];
+    snprintf(conv, sizeof conv, "%.4200s-w8a8", out);
+    snprintf(cmd, sizeof cmd, "'%s' quantize '%s' '%s' --scheme w8a8 2>&1", DSINFER_BIN, out, conv);
+    int st;
+    char *o = ds_test_run(cmd, &st);
+    CHECK_MSG(st == 0, "%s: %s", cmd, o ? o : "");
+    free(o);
+    ds_st_set *set = NULL;
+    if (st || ds_st_open_dir(conv, &set) != DS_OK) return;
+    int foreign = 0;
+    for (size_t i = 0; i < ds_st_count(set); i++) {
+        const char *n = ds_st_at(set, i)->name;
+        int bad = strstr(n, "._layer.") || strstr(n, ".input_scale") ||
+                  strstr(n, ".input_offset") || strstr(n, "norm.bias") || strstr(n, "quant_bias") ||
+                  strstr(n, "tok_embeddings");
+        if (bad) printf("  foreign tensor in %s: %s\n", conv, n);
+        foreign += bad;
+    }
+    CHECK_MSG(foreign == 0 && ds_st_find(set, "model.embed_tokens.weight") &&
+                  ds_st_find(set, "model.layers.1.mlp.experts.0.down_proj.weight_scale"),
+              "%s: %d foreign tensors, or Hugging Face ones missing", conv, foreign);
+    ds_st_close(set);
+    printf("  %-16s converted by dsinfer quantize --scheme w8a8:\n", fmtgen_kind_name(kind));
+    compare_engine(s, kind, conv, ref, pr);
+}
+
 static void run_source(source *s, const char *tmp, const prompts *pr) {
     printf("== %s (%s)\n", s->name, s->dir);
     capture cap = {0};
@@ -1030,6 +1062,7 @@ static void run_source(source *s, const char *tmp, const prompts *pr) {
         validate(k, s->dir, out, ref, &cap);
         check_info(k, out);
         compare_engine(s, k, out, ref, pr);
+        if (s->convert) check_convert(s, k, out, ref, pr);
     }
     capture_free(&cap);
     for (int i = 0; i < MAX_PROMPTS; i++) free(s->src_logits[i]);
@@ -1079,7 +1112,8 @@ int main(void) {
      * of order 1 and top-1 near 0. */
     source tiny = {
         .name = "tiny-a", .max_kl = 0.15, .min_top1 = 0.7, .max_tie = INFINITY, .golden = 1};
-    source small = {.name = "small", .max_kl = 0.03, .min_top1 = 0.65, .max_tie = 0.6};
+    source small = {
+        .name = "small", .max_kl = 0.03, .min_top1 = 0.65, .max_tie = 0.6, .convert = 1};
     source no_q_lora = {.name = "no-q-lora", .max_kl = 0.05, .min_top1 = 0.75, .max_tie = INFINITY};
     if (fx) {
         snprintf(tiny.dir, sizeof tiny.dir, "%.4000s/tiny-a", fx);
