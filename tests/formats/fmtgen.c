@@ -1236,7 +1236,7 @@ int fmtgen_write(fmtgen_kind kind, const char *src, const char *out, const char 
 
 /* ---- running and comparing checkpoints ---- */
 
-static int64_t argmax(const float *x, int64_t n) {
+int64_t fmtgen_argmax(const float *x, int64_t n) {
     int64_t b = 0;
     for (int64_t i = 1; i < n; i++)
         if (x[i] > x[b]) b = i;
@@ -1248,7 +1248,7 @@ static int greedy(ds_model *m, ds_kv_cache *kv, float *all, int64_t n, int steps
     int64_t V = ds_model_config(m)->vocab_size;
     int rc = DS_OK;
     for (int s = 0; !rc && s < steps; s++) {
-        cont[s] = (int32_t)argmax(all + (n - 1 + s) * V, V);
+        cont[s] = (int32_t)fmtgen_argmax(all + (n - 1 + s) * V, V);
         rc = ds_model_forward(m, kv, &cont[s], 1, n + s, all + (n + s) * V, 0);
     }
     return rc;
@@ -1277,7 +1277,7 @@ int fmtgen_run(const char *dir, const int32_t *ids, int64_t n, int steps, float 
 }
 
 double fmtgen_margin(const float *logits, int64_t vocab) {
-    int64_t top = argmax(logits, vocab);
+    int64_t top = fmtgen_argmax(logits, vocab);
     float second = -INFINITY;
     for (int64_t i = 0; i < vocab; i++)
         if (i != top && logits[i] > second) second = logits[i];
@@ -1288,7 +1288,7 @@ double fmtgen_margin(const float *logits, int64_t vocab) {
  * exp(p_i - max p), log softmax(p)_i - log softmax(q)_i = p_i - q_i + c for one constant c, so
  * KL = sum_i e_i (p_i - q_i) / sum_i e_i + c. */
 static double kl(const float *p, const float *q, int64_t n) {
-    double mp = p[argmax(p, n)], mq = q[argmax(q, n)], zp = 0, zq = 0, ed = 0;
+    double mp = p[fmtgen_argmax(p, n)], mq = q[fmtgen_argmax(q, n)], zp = 0, zq = 0, ed = 0;
     for (int64_t i = 0; i < n; i++) {
         double e = exp(p[i] - mp);
         zp += e;
@@ -1302,7 +1302,7 @@ void fmtgen_compare(fmtgen_agreement *a, const float *ref, const float *got, int
                     int64_t vocab) {
     for (int64_t t = 0; t < n; t++) {
         const float *r = ref + t * vocab, *g = got + t * vocab;
-        int same = argmax(g, vocab) == argmax(r, vocab);
+        int same = fmtgen_argmax(g, vocab) == fmtgen_argmax(r, vocab);
         double d = kl(r, g, vocab);
         a->positions++;
         a->top1_same += same;

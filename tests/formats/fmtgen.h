@@ -93,6 +93,8 @@ typedef struct {
 
 void fmtgen_compare(fmtgen_agreement *a, const float *ref, const float *got, int64_t n,
                     int64_t vocab);
+/* Index of the largest logit (the first of equals). */
+int64_t fmtgen_argmax(const float *logits, int64_t vocab);
 /* Top-1 logit minus the runner-up's. */
 double fmtgen_margin(const float *logits, int64_t vocab);
 /* One line: positions, top-1 agreement (all and clear), mean and max KL. */

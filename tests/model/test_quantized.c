@@ -12,6 +12,7 @@
  * 3. make-tiny --dtype fp8 -> `dsinfer quantize` -> `dsinfer generate`, end to end. */
 #include "cli/cli.h"
 #include "kernels/kernels.h"
+#include "formats/fmtgen.h"
 #include "model/model.h"
 #include "testutil.h"
 
@@ -172,52 +173,6 @@ static float *all_logits(const char *dir, const int32_t *ids, int64_t n) {
     return out;
 }
 
-static int64_t argmax(const float *x, int64_t n) {
-    int64_t b = 0;
-    for (int64_t i = 1; i < n; i++)
-        if (x[i] > x[b]) b = i;
-    return b;
-}
-
-/* KL(p || q) of the softmaxes of logits p and q. */
-static double kl(const float *p, const float *q, int64_t n) {
-    double mp = p[argmax(p, n)], mq = q[argmax(q, n)], zp = 0, zq = 0, k = 0;
-    for (int64_t i = 0; i < n; i++) zp += exp(p[i] - mp), zq += exp(q[i] - mq);
-    for (int64_t i = 0; i < n; i++) {
-        double lp = p[i] - mp - log(zp), lq = q[i] - mq - log(zq);
-        k += exp(lp) * (lp - lq);
-    }
-    return k;
-}
-
-typedef struct {
-    int positions, top1_same, top1_clear, top1_clear_same;
-    double kl_sum, kl_max;
-} agreement;
-
-static void compare(agreement *a, const float *ref, const float *got, int64_t n, int64_t V) {
-    for (int64_t t = 0; t < n; t++) {
-        const float *r = ref + t * V, *g = got + t * V;
-        int64_t top = argmax(r, V);
-        float second = -INFINITY;
-        for (int64_t i = 0; i < V; i++)
-            if (i != top && r[i] > second) second = r[i];
-        int same = argmax(g, V) == top;
-        double d = kl(r, g, V);
-        a->positions++;
-        a->top1_same += same;
-        if (r[top] - second > 0.5f) a->top1_clear++, a->top1_clear_same += same;
-        a->kl_sum += d;
-        a->kl_max = d > a->kl_max ? d : a->kl_max;
-    }
-}
-
-static void report(const char *what, const agreement *a) {
-    printf("%-28s %3d positions: top-1 %5.1f%% (margin > 0.5: %d/%d), KL mean %.2e max %.2e\n",
-           what, a->positions, 100.0 * a->top1_same / a->positions, a->top1_clear_same,
-           a->top1_clear, a->kl_sum / a->positions, a->kl_max);
-}
-
 /* ---- 1. the channel-int8 layout ---- */
 static void test_channel_int8(const char *tmp) {
     char src[4096], q[4096], r[4096];
@@ -233,9 +188,9 @@ static void test_channel_int8(const char *tmp) {
     for (int i = 0; i < N; i++) ids[i] = (int32_t)((i * 9973 + 5) % 128000);
     float *ref = all_logits(r, ids, N), *got = all_logits(q, ids, N);
     if (ref && got) {
-        agreement a = {0};
-        compare(&a, ref, got, N, 129280);
-        report("channel-int8 vs dequantized", &a);
+        fmtgen_agreement a = {0};
+        fmtgen_compare(&a, ref, got, N, 129280);
+        fmtgen_report("channel-int8 vs dequantized", &a);
         CHECK_MSG(a.top1_clear_same == a.top1_clear, "top-1 differs where the margin is clear");
         CHECK_MSG(a.kl_sum / a.positions < 2e-3, "mean KL %.3g", a.kl_sum / a.positions);
     }
@@ -273,7 +228,7 @@ static void test_fixture(const char *tmp, const char *fx, const char *name) {
         char *argv[] = {"quantize", dir, out, "--scheme", (char *)schemes[k].scheme, NULL};
         CHECK_MSG(ds_cmd_quantize(5, argv) == 0, "quantize %s %s", name, schemes[k].scheme);
         dequantized_copy(out, deq);
-        agreement vs_bf16 = {0}, vs_deq = {0};
+        fmtgen_agreement vs_bf16 = {0}, vs_deq = {0};
         int golden_same = 0, golden_n = 0;
         size_t i;
         json_t *p;
@@ -285,12 +240,12 @@ static void test_fixture(const char *tmp, const char *fx, const char *name) {
                 ids[t] = (int32_t)json_integer_value(json_array_get(ids_j, t));
             float *ref = all_logits(dir, ids, n), *got = all_logits(out, ids, n),
                   *d = all_logits(deq, ids, n);
-            if (ref && got) compare(&vs_bf16, ref, got, n, 129280);
-            if (d && got) compare(&vs_deq, d, got, n, 129280);
+            if (ref && got) fmtgen_compare(&vs_bf16, ref, got, n, 129280);
+            if (d && got) fmtgen_compare(&vs_deq, d, got, n, 129280);
             json_t *top = json_object_get(json_object_get(p, "prefill"), "top10_ids");
             for (int64_t t = 0; got && t < n; t++, golden_n++)
                 golden_same +=
-                    argmax(got + t * 129280, 129280) ==
+                    fmtgen_argmax(got + t * 129280, 129280) ==
                     json_integer_value(json_array_get(json_array_get(top, (size_t)t), 0));
             free(ref);
             free(got);
@@ -299,10 +254,10 @@ static void test_fixture(const char *tmp, const char *fx, const char *name) {
         }
         char what[128];
         snprintf(what, sizeof what, "%s %s vs BF16", name, schemes[k].scheme);
-        report(what, &vs_bf16);
+        fmtgen_report(what, &vs_bf16);
         printf("%-28s top-1 = golden top-1 at %d/%d positions\n", "", golden_same, golden_n);
         snprintf(what, sizeof what, "%s %s vs dequantized", name, schemes[k].scheme);
-        report(what, &vs_deq);
+        fmtgen_report(what, &vs_deq);
         CHECK_MSG(vs_bf16.kl_sum / vs_bf16.positions <= schemes[k].max_kl_golden,
                   "%s: mean KL %.3g", what, vs_bf16.kl_sum / vs_bf16.positions);
         CHECK_MSG((double)golden_same / golden_n >= schemes[k].min_top1_golden,
