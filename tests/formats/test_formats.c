@@ -926,6 +926,10 @@ typedef struct {
      * per prompt and kept */
     int golden;
     int convert; /* also check `dsinfer quantize` of every layout */
+    /* only the static layouts with Hugging Face names (what a model without q_lora adds:
+     * q_proj fed by the biased input norm; the MindSpore names refuse it, int4 and blocks are
+     * covered by the other sources) */
+    int only_hf_static;
     float *src_logits[MAX_PROMPTS];
 } source;
 
@@ -1037,8 +1041,11 @@ static void check_convert(source *s, fmtgen_kind kind, const char *out, const ch
                   ds_st_find(set, "model.layers.1.mlp.experts.0.down_proj.weight_scale"),
               "%s: %d foreign tensors, or Hugging Face ones missing", conv, foreign);
     ds_st_close(set);
-    printf("  %-16s converted by dsinfer quantize --scheme w8a8:\n", fmtgen_kind_name(kind));
-    compare_engine(s, kind, conv, ref, pr);
+    printf("  %-16s converted by dsinfer quantize --scheme w8a8 (3 prompts):\n",
+           fmtgen_kind_name(kind));
+    prompts few = *pr; /* the layouts themselves were compared on all of them */
+    few.n = pr->n < 3 ? pr->n : 3;
+    compare_engine(s, kind, conv, ref, &few);
 }
 
 static void run_source(source *s, const char *tmp, const prompts *pr) {
@@ -1048,6 +1055,7 @@ static void run_source(source *s, const char *tmp, const prompts *pr) {
     ds_config cfg = {0};
     CHECK_MSG(ds_config_load(s->dir, &cfg) == DS_OK, "%s", ds_err_msg());
     for (int k = 0; k < FMTGEN_N_KINDS; k++) {
+        if (s->only_hf_static && k != FMTGEN_MODELSLIM_W8A8 && k != FMTGEN_MS_PTQ) continue;
         char out[4096], ref[4200];
         snprintf(out, sizeof out, "%.3000s/%s-%s", tmp, s->name, fmtgen_kind_name(k));
         snprintf(ref, sizeof ref, "%s-ref", out);
@@ -1114,7 +1122,11 @@ int main(void) {
         .name = "tiny-a", .max_kl = 0.15, .min_top1 = 0.7, .max_tie = INFINITY, .golden = 1};
     source small = {
         .name = "small", .max_kl = 0.03, .min_top1 = 0.65, .max_tie = 0.6, .convert = 1};
-    source no_q_lora = {.name = "no-q-lora", .max_kl = 0.05, .min_top1 = 0.75, .max_tie = INFINITY};
+    source no_q_lora = {.name = "no-q-lora",
+                        .max_kl = 0.05,
+                        .min_top1 = 0.75,
+                        .max_tie = INFINITY,
+                        .only_hf_static = 1};
     if (fx) {
         snprintf(tiny.dir, sizeof tiny.dir, "%.4000s/tiny-a", fx);
         run_source(&tiny, tmp, &pr);
