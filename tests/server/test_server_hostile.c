@@ -88,6 +88,9 @@ static void test_malformed(int port) {
     expect(port, C, "{\"prompt\": \"x\", \"seed\": true}", 400, "seed");
     /* unknown model */
     expect(port, C, "{\"prompt\": \"x\", \"model\": \"gpt-4\"}", 404, "model");
+    /* a path is a name like any other: compared with the served names, never opened */
+    expect(port, C, "{\"prompt\": \"x\", \"model\": \"/etc/passwd\"}", 404, "model");
+    expect(port, C, "{\"prompt\": \"x\", \"model\": \"../../../../etc/shadow\"}", 404, "model");
     expect(port, H, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"model\": \"m\"}",
            404, "model");
     /* ranges */
@@ -204,6 +207,10 @@ static void test_http_level(int port) {
     CHECK(r.status == 401);
     srv_resp_free(&r);
     r = srv_http(port, "POST", "/v1/completions", "Authorization: Bearer sekrit-ke\r\n", body,
+                 strlen(body));
+    CHECK(r.status == 401);
+    srv_resp_free(&r);
+    r = srv_http(port, "POST", "/v1/completions", "Authorization: Bearer sekrit-keyy\r\n", body,
                  strlen(body));
     CHECK(r.status == 401);
     srv_resp_free(&r);
