@@ -47,7 +47,8 @@ char *ds_test_read_file(const char *path, size_t *n) {
         b = NULL;
     }
     fclose(f);
-    if (b) b[len] = 0, *n = (size_t)len;
+    if (b) b[len] = 0;
+    if (b && n) *n = (size_t)len;
     return b;
 }
 

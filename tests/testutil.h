@@ -51,7 +51,8 @@ int ds_test_skip_or_fail(const char *why);
  * started) and, when status is not NULL, its exit status (-1 when it did not exit normally). */
 char *ds_test_run(const char *cmd, int *status);
 
-/* A whole file (malloc'd, one NUL byte appended) and its length in *n; NULL when unreadable. */
+/* A whole file (malloc'd, one NUL byte appended) and its length in *n (n may be NULL); NULL when
+ * unreadable. */
 char *ds_test_read_file(const char *path, size_t *n);
 
 /* A fresh empty temporary directory (mkdtemp under $TMPDIR); removed by ds_test_rmtree. */

@@ -7,7 +7,9 @@
  *  - copied tensors are byte-identical to the source (BF16 case);
  *  - config.json = the source with only quantization_config replaced; the index maps exactly
  *    the output tensors; the manifest verifies with `sha256sum -c` and lists every file;
- *  - refusals (existing OUT_DIR, bad flags), --force, and a SIGKILLed run leaves no OUT_DIR. */
+ *  - refusals (existing OUT_DIR, bad flags), --force, and a SIGKILLed run leaves no OUT_DIR;
+ *  - faults: killed at several points then rerun, the output verifies with `dsinfer check`;
+ *    the disk full mid-run (tmpfs, else RLIMIT_FSIZE): a clear error, nothing left behind. */
 #include "cli/cli.h"
 #include "io/io.h"
 #include "kernels/kernels.h"
@@ -19,6 +21,7 @@
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -259,6 +262,93 @@ static int count_tmp_siblings(const char *dir, const char *base) {
     return n;
 }
 
+/* Starts `dsinfer quantize SRC OUT --scheme w4a8` in a child (stdout and stderr to err_log),
+ * with at most fsize bytes per written file when fsize > 0 (SIGXFSZ ignored: writes fail with
+ * EFBIG instead, a disk that is full for this process). */
+static pid_t start_quantize(const char *src, const char *out, const char *err_log, long fsize) {
+    pid_t pid = fork();
+    if (pid == 0) {
+        freopen("/dev/null", "w", stdout);
+        if (err_log) freopen(err_log, "w", stderr);
+        if (fsize > 0) {
+            signal(SIGXFSZ, SIG_IGN);
+            struct rlimit rl = {(rlim_t)fsize, (rlim_t)fsize};
+            setrlimit(RLIMIT_FSIZE, &rl);
+        }
+        execl(DSINFER_BIN, DSINFER_BIN, "quantize", src, out, "--scheme", "w4a8", "--threads", "1",
+              (char *)NULL);
+        _exit(127);
+    }
+    return pid;
+}
+
+/* `dsinfer check DIR`'s exit status. */
+static int check_status(const char *dir) {
+    char cmd[8300];
+    snprintf(cmd, sizeof cmd, "'%s' check '%s' >/dev/null 2>&1", DSINFER_BIN, dir);
+    int st;
+    free(ds_test_run(cmd, &st));
+    return st;
+}
+
+/* Killed at three points of its run (at once, early, late), quantize leaves no OUT_DIR; run
+ * again to the end, it leaves one that `dsinfer check` verifies (manifest, shards, config). */
+static void kill_and_rerun(const char *tmp, const char *src) {
+    const long delays_ms[] = {0, 40, 120};
+    char *out = join(tmp, "rerun");
+    for (size_t i = 0; i < sizeof delays_ms / sizeof *delays_ms; i++) {
+        pid_t pid = start_quantize(src, out, NULL, 0);
+        CHECK(pid > 0);
+        struct timespec ts = {delays_ms[i] / 1000, (delays_ms[i] % 1000) * 1000000};
+        nanosleep(&ts, NULL);
+        kill(pid, SIGKILL);
+        int wst = 0;
+        waitpid(pid, &wst, 0);
+        if (WIFEXITED(wst)) { /* finished before the kill (a fast machine): start over */
+            ds_test_rmtree(out);
+            continue;
+        }
+        CHECK_MSG(!exists(out), "killed after %ld ms: OUT_DIR exists", delays_ms[i]);
+    }
+    pid_t pid = start_quantize(src, out, NULL, 0);
+    int wst = 0;
+    waitpid(pid, &wst, 0);
+    CHECK_MSG(WIFEXITED(wst) && WEXITSTATUS(wst) == 0, "the rerun failed");
+    CHECK_MSG(check_status(out) == 0, "dsinfer check refuses the rerun's output");
+    free(out);
+}
+
+/* Disk full while quantizing: a 16 MiB tmpfs when this process may mount one (root), else a
+ * 16 MiB limit per written file (RLIMIT_FSIZE). The run fails naming the cause, exits 1 and
+ * leaves nothing that looks complete: no OUT_DIR and no temporary directory. */
+static void disk_full(const char *tmp, const char *src) {
+    char *mnt = join(tmp, "full"), *out = join(mnt, "out"), *log = join(tmp, "full.log");
+    char cmd[8300];
+    snprintf(cmd, sizeof cmd, "mkdir -p '%s' && mount -t tmpfs -o size=16m tmpfs '%s' 2>/dev/null",
+             mnt, mnt);
+    int st;
+    free(ds_test_run(cmd, &st));
+    const int tmpfs = st == 0;
+    pid_t pid = start_quantize(src, out, log, tmpfs ? 0 : 16L << 20);
+    int wst = 0;
+    waitpid(pid, &wst, 0);
+    char *err = ds_test_read_file(log, NULL);
+    printf("disk full (%s): %s", tmpfs ? "16 MiB tmpfs" : "RLIMIT_FSIZE 16 MiB", err ? err : "");
+    CHECK_MSG(WIFEXITED(wst) && WEXITSTATUS(wst) == 1, "disk full: status %d", wst);
+    CHECK_MSG(err && (strstr(err, tmpfs ? "No space left" : "File too large")),
+              "disk full: the message does not name the cause: %s", err ? err : "");
+    CHECK(!exists(out) && count_tmp_siblings(mnt, "out") == 0);
+    free(err);
+    if (tmpfs) {
+        snprintf(cmd, sizeof cmd, "umount '%s'", mnt);
+        free(ds_test_run(cmd, &st));
+        CHECK(st == 0);
+    }
+    free(mnt);
+    free(out);
+    free(log);
+}
+
 int main(void) {
     char *tmp = ds_test_tmpdir();
     CHECK(tmp != NULL);
@@ -376,6 +466,8 @@ int main(void) {
         if (d) closedir(d);
         CHECK(seen && refused);
     }
+    kill_and_rerun(tmp, sm);
+    disk_full(tmp, sm);
 
     free(sm);
     free(ok);
