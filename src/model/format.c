@@ -346,7 +346,7 @@ static int missing(const ds_format *f, const char *name) {
 
 /* ---- small tensors ---- */
 
-static void *own(ds_format *f, size_t bytes) {
+void *ds_format_alloc(ds_format *f, size_t bytes) {
     if (f->n_owned == f->cap_owned) {
         size_t cap = f->cap_owned ? 2 * f->cap_owned : 64;
         void **n = realloc(f->owned, cap * sizeof *n);
@@ -470,7 +470,7 @@ static int bad_dtype(const ds_st_tensor *t, const char *want) {
 /* An owned f32 copy of n elements of t (element 0 repeated when t has one: a per-tensor value
  * broadcast), or NULL with the error set. */
 static float *f32_copy(ds_format *f, const ds_st_tensor *t, int64_t n, int fp32_bits) {
-    float *v = own(f, (size_t)n * sizeof *v);
+    float *v = ds_format_alloc(f, (size_t)n * sizeof *v);
     if (!v) {
         ds_err_set(DS_ERR_NOMEM, "out of memory binding '%s'", t->name);
         return NULL;
@@ -521,7 +521,7 @@ static int scale_grid(ds_format *f, const char *prefix, const char *suffix, int6
     if (s->dtype != DS_F32) return bad_dtype(s, "F32");
     *out = s->data;
     if ((uintptr_t)s->data % sizeof(float)) {
-        float *copy = own(f, (size_t)s->nbytes);
+        float *copy = ds_format_alloc(f, (size_t)s->nbytes);
         if (!copy) return ds_err_set(DS_ERR_NOMEM, "out of memory binding '%s'", name);
         memcpy(copy, s->data, (size_t)s->nbytes);
         *out = copy;
@@ -550,7 +550,7 @@ static int bind_static(ds_format *f, const char *prefix, int64_t rows, int64_t c
         return bad_dtype(dq, "F32, BF16, F16, or I64 holding fp32 bits");
     int64_t n = numel(is) > 1 || numel(io) > 1 ? cols : 1;
     float *scale = f32_copy(f, is, n, 0), *zp = f32_copy(f, io, n, 0);
-    float *deq = f32_copy(f, dq, rows, 1), *bias = own(f, (size_t)rows * sizeof(float));
+    float *deq = f32_copy(f, dq, rows, 1), *bias = ds_format_alloc(f, (size_t)rows * sizeof(float));
     if (!scale || !zp || !deq || !bias)
         return ds_err_set(DS_ERR_NOMEM, "out of memory binding '%s'", prefix);
     for (int64_t i = 0; i < n; i++) {
@@ -595,7 +595,7 @@ static int bind_w4_out(ds_format *f, const ds_st_tensor *t, const char *prefix, 
     if (!rc) rc = zero_offsets(f, prefix, rows);
     if (rc) return rc;
     size_t rb = (size_t)(cols + 1) / 2;
-    uint8_t *d = own(f, (size_t)rows * rb);
+    uint8_t *d = ds_format_alloc(f, (size_t)rows * rb);
     if (!d) return ds_err_set(DS_ERR_NOMEM, "out of memory repacking '%s'", t->name);
     const uint8_t *s = t->data;
     for (int64_t r = 0; r < rows; r++) {
@@ -747,8 +747,8 @@ static int bind_ms_expert(ds_format *f, const char *prefix, int64_t rows, int64_
     const int64_t X = x.w->shape[2], G = x.groups ? x.groups : 1;
     const uint8_t *src = (const uint8_t *)x.w->data + (size_t)(x.e * cols * X);
     size_t rb = x.groups ? (size_t)(cols + 1) / 2 : (size_t)cols;
-    uint8_t *d = own(f, (size_t)rows * rb);
-    float *sc = own(f, (size_t)(rows * G) * sizeof(float));
+    uint8_t *d = ds_format_alloc(f, (size_t)rows * rb);
+    float *sc = ds_format_alloc(f, (size_t)(rows * G) * sizeof(float));
     if (!d || !sc) return ds_err_set(DS_ERR_NOMEM, "out of memory repacking '%s'", x.w->name);
     for (int64_t k0 = 0; k0 < cols; k0 += 64) /* 64 x 64 tiles: both sides stay in cache */
         for (int64_t n0 = 0; n0 < rows; n0 += 64)
@@ -808,7 +808,7 @@ static int bind_ms_kvb(ds_format *f, const char *prefix, int64_t rows, int64_t c
         return ds_err_set(DS_ERR_SHAPE, "'%s' has %lld rows, expected %lld", prefix,
                           (long long)rows, (long long)(H * (dn + dv)));
     size_t rowb = (size_t)cols * ds_dtype_size(k->dtype);
-    unsigned char *d = own(f, (size_t)rows * rowb);
+    unsigned char *d = ds_format_alloc(f, (size_t)rows * rowb);
     if (!d) return ds_err_set(DS_ERR_NOMEM, "out of memory binding '%s'", prefix);
     for (int64_t h = 0; h < H; h++) {
         memcpy(d + (size_t)(h * (dn + dv)) * rowb,

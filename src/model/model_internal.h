@@ -37,6 +37,10 @@ typedef struct {
 int ds_find_shaped(const ds_format *f, const char *name, int64_t d0, int64_t d1, int ndim,
                    const ds_st_tensor **out);
 
+/* format.c: zeroed memory freed with the format (ds_format_close): the pieces bindings make at
+ * load (norm vectors in f32, repacked or converted tensors). NULL when out of memory. */
+void *ds_format_alloc(ds_format *f, size_t bytes);
+
 /* [lo, hi) of something split across ranks. */
 typedef struct {
     int64_t lo, hi;
@@ -63,8 +67,6 @@ struct ds_model {
     ds_mat lm_head;                      /* (vocab, hidden) */
     float *final_norm, *final_norm_bias; /* (hidden); the bias NULL unless the file has one */
     ds_layer *layers;                    /* (n_layers) */
-    float **owned; /* f32 copies made at load (norms, misaligned scales), freed at close */
-    size_t n_owned, cap_owned;
     /* RoPE */
     float *inv_freq;   /* (rope / 2) YaRN-corrected inverse frequencies, f32 like the reference */
     float rope_mscale; /* cos/sin multiplier (HF/vLLM: mscale / mscale_all_dim ratio, usually 1) */

@@ -4,9 +4,10 @@
  * with its 128x128 weight_scale_inv grid): the matmul kernels read those directly, so a
  * checkpoint is never copied. Only vectors the forward pass reads element-wise (norm weights,
  * the router bias) and scale grids whose mapping is misaligned for f32 access are copied into
- * small owned f32 arrays. Every tensor the config implies must be present with its exact shape;
- * the error names the tensor, its file, and what was expected. Layers of the multi-token
- * prediction module (model.layers.N for N >= num_hidden_layers) are recognised and ignored. */
+ * small f32 arrays owned by the format (ds_format_alloc). Every tensor the config implies must be
+ * present with its exact shape; the error names the tensor, its file, and what was expected. Layers
+ * of the multi-token prediction module (model.layers.N for N >= num_hidden_layers) are recognised
+ * and ignored. */
 #include "dist/dist.h"
 #include "model/model_internal.h"
 
@@ -14,18 +15,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-
-static int own(ds_model *m, float *p) {
-    if (m->n_owned == m->cap_owned) {
-        size_t cap = m->cap_owned ? 2 * m->cap_owned : 64;
-        float **n = realloc(m->owned, cap * sizeof *n);
-        if (!n) return 0;
-        m->owned = n;
-        m->cap_owned = cap;
-    }
-    m->owned[m->n_owned++] = p;
-    return 1;
-}
 
 /* An f32 copy of a 1-D float tensor of n elements. */
 static int bind_vec(ds_model *m, const char *name, int64_t n, float **out) {
@@ -35,11 +24,8 @@ static int bind_vec(ds_model *m, const char *name, int64_t n, float **out) {
     if (t->dtype != DS_F32 && t->dtype != DS_BF16 && t->dtype != DS_F16)
         return ds_err_set(DS_ERR_UNSUPPORTED, "%s: tensor '%s' has dtype %s, expected a float type",
                           t->file, name, ds_dtype_name(t->dtype));
-    float *v = ds_alloc((size_t)n * sizeof(float));
-    if (!v || !own(m, v)) {
-        ds_free(v);
-        return ds_err_set(DS_ERR_NOMEM, "out of memory binding '%s'", name);
-    }
+    float *v = ds_format_alloc(m->fmt, (size_t)n * sizeof(float));
+    if (!v) return ds_err_set(DS_ERR_NOMEM, "out of memory binding '%s'", name);
     ds_mat view = {.dtype = t->dtype, .rows = 1, .cols = n, .data = t->data};
     ds_mat_row_f32(&view, 0, v);
     *out = v;
@@ -227,8 +213,6 @@ void ds_model_close(ds_model *m) {
     free(m->moe_slot);
     for (int64_t l = 0; m->layers && l < m->cfg.n_layers; l++) free(m->layers[l].experts);
     free(m->layers);
-    for (size_t i = 0; i < m->n_owned; i++) ds_free(m->owned[i]);
-    free(m->owned);
     free(m->inv_freq);
     ds_free(m->scratch);
     ds_pool_close(m->pool);
