@@ -14,7 +14,6 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
 #include <time.h>
 
 static void usage(FILE *f) {
@@ -148,17 +147,6 @@ out:
     free(url);
     ds_buf_free(&k.b);
     return id;
-}
-
-/* Many streams need many descriptors: lift the soft limit to the hard one. */
-static void raise_fd_limit(long want) {
-    struct rlimit rl;
-    if (getrlimit(RLIMIT_NOFILE, &rl)) return;
-    if (rl.rlim_cur != RLIM_INFINITY && (rlim_t)want + 64 > rl.rlim_cur &&
-        rl.rlim_cur < rl.rlim_max) {
-        rl.rlim_cur = rl.rlim_max;
-        setrlimit(RLIMIT_NOFILE, &rl);
-    }
 }
 
 int ds_cmd_bench(int argc, char **argv) {
@@ -371,7 +359,7 @@ int ds_cmd_bench(int argc, char **argv) {
         ds_err_set(DS_ERR_NOMEM, "out of memory");
         goto out;
     }
-    raise_fd_limit(par > 0 ? par : num);
+    ds_cli_raise_fd_limit(par > 0 ? par : num);
     fprintf(stderr, "bench: %ld requests to %s (model %s), ", num, url, model);
     if (random)
         fprintf(stderr, "%ld prompt tokens, ", pt);

@@ -43,6 +43,9 @@ int ds_cli_follow(const char *cmd, const char *model_dir, const ds_model_params 
 
 /* "1.50 GiB" (bytes below 1 KiB as "N B") into buf; returns buf. */
 const char *ds_cli_human_bytes(uint64_t n, char *buf, size_t cap);
+/* Lifts the soft descriptor limit to the hard one when `want` descriptors (connections, streams)
+ * would not fit under it. */
+void ds_cli_raise_fd_limit(long want);
 
 /* "a/b", malloc'd (caller frees); NULL when out of memory. */
 char *ds_cli_path_join(const char *a, const char *b);

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -387,6 +388,16 @@ int ds_cli_follow(const char *cmd, const char *model_dir, const ds_model_params 
     if (rc) fprintf(stderr, "dsinfer %s: %s\n", cmd, ds_err_msg());
     ds_model_close(m);
     return rc ? 1 : 0;
+}
+
+void ds_cli_raise_fd_limit(long want) {
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl)) return;
+    if (rl.rlim_cur != RLIM_INFINITY && (rlim_t)want + 64 > rl.rlim_cur &&
+        rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
 }
 
 const char *ds_cli_human_bytes(uint64_t n, char *buf, size_t cap) {

@@ -313,7 +313,10 @@ int ds_cmd_serve(int argc, char **argv) {
         return free(names), 2;
     }
 
+    /* a weight file truncated under the server: failed requests, not a SIGBUS */
+    if (ds_mapguard_install()) ds_warn("%s", ds_err_msg());
     if (ds_dist_rank() > 0) return free(names), ds_cli_follow("serve", model_dir, &mp);
+    ds_cli_raise_fd_limit(sp.max_connections * 2L);
 
     /* signals: blocked in every thread (the server's and engine's inherit the mask) and taken
      * by this thread with sigtimedwait */
@@ -376,12 +379,19 @@ int ds_cmd_serve(int argc, char **argv) {
 
     /* serve until a signal */
     double next_log = ds_now() + (double)log_interval;
-    int sig = 0;
+    int sig = 0, weights_changed = 0;
     for (;;) {
         struct timespec ts = {1, 0};
         sig = sigtimedwait(&sigs, NULL, &ts);
         if (sig == SIGINT || sig == SIGTERM || sig == SIGUSR1) break;
         if (ds_dist_broken()) break; /* a rank failed: the engine fails every request now */
+        /* so does the engine, at its next step, when a weight file changed (each running
+         * request gets that message, none "shutting down"); an idle server finds out here */
+        if ((weights_changed = ds_model_check_files(m) != DS_OK)) {
+            ds_log(DS_LOG_ERROR, "%s: exiting; restart the server to load the new weights",
+                   ds_err_msg());
+            break;
+        }
         if (log_stats && ds_now() >= next_log) {
             ds_server_log_stats(srv, 0);
             next_log = ds_now() + (double)log_interval;
@@ -393,10 +403,11 @@ int ds_cmd_serve(int argc, char **argv) {
     if (ds_dist_size() > 1 && sig != SIGUSR1) ds_dist_set_timeout(2);
     ds_info("%s: shutting down: no new connections; waiting up to %lds for %lld running "
             "request(s)",
-            ds_dist_broken() ? "a rank failed"
-            : sig == SIGINT  ? "SIGINT"
-            : sig == SIGUSR1 ? "SIGUSR1"
-                             : "SIGTERM",
+            ds_dist_broken()  ? "a rank failed"
+            : weights_changed ? "the weights changed"
+            : sig == SIGINT   ? "SIGINT"
+            : sig == SIGUSR1  ? "SIGUSR1"
+                              : "SIGTERM",
             shutdown_s, (long long)ds_server_in_flight(srv));
     ds_server_drain(srv);
     double deadline = ds_now() + (double)shutdown_s;
@@ -412,7 +423,14 @@ int ds_cmd_serve(int argc, char **argv) {
     if (ds_server_in_flight(srv) > 0)
         ds_info("aborting %lld request(s) still running", (long long)ds_server_in_flight(srv));
     ds_server_detach(srv);
-    ds_engine_close(e);
+    ds_engine_close(e); /* aborts what still runs */
+    /* the aborted requests' 503s and stream error events are written by their connection
+     * threads: give them a moment before the daemon's stop cuts every socket, but not a client
+     * that does not read */
+    for (double until = ds_now() + 5; ds_server_in_flight(srv) > 0 && ds_now() < until;) {
+        struct timespec ts = {0, 20 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
     ds_server_close(srv);
     ds_tok_close(tok);
     ds_model_close(m);
@@ -421,6 +439,7 @@ int ds_cmd_serve(int argc, char **argv) {
         fprintf(stderr, "dsinfer serve: the ranks lost each other; exiting with status 1\n");
         return 1;
     }
+    if (weights_changed) return 1;
     ds_info("shut down cleanly");
     return 0;
 fail:

@@ -630,9 +630,14 @@ static int step(ds_engine *e, notify_list *nl) {
     ds_batch b = {n_tok, e->tokens, e->positions, e->seqidx,    n_seq,
                   maxb,  e->tables, n_logits,     e->logits_idx};
     int rc = ds_model_forward_batch(e->m, e->kv, &b, e->logits);
-    if (rc) { /* a broken invariant of the batch: fail what was in it, keep serving */
-        char msg[512];
-        snprintf(msg, sizeof msg, "forward pass failed: %s", ds_err_msg());
+    /* a weight file written to during the step may have fed it: none of its tokens go out (every
+     * later step fails the same way until the server is restarted) */
+    const char *what = "forward pass failed";
+    if (!rc && (rc = ds_model_check_files(e->m)))
+        what = "the weights are no longer the ones loaded (restart to load the new ones)";
+    if (rc) { /* a broken invariant of the batch, or the weights: fail what was in it */
+        char msg[1024];
+        snprintf(msg, sizeof msg, "%s: %s", what, ds_err_msg());
         ds_warn("%s", msg);
         for (int32_t s = 0; s < n_seq; s++) fail(e, e->plan[s]->owner, DS_FINISH_ERROR, msg, nl);
         return 1;

@@ -68,6 +68,18 @@ const ds_st_tensor *ds_st_at(const ds_st_set *s, size_t i);
 void ds_st_drop_pages(const ds_st_tensor *t);
 /* The same for bytes [p, p + n) of a mapping (one expert of a stacked tensor). */
 void ds_st_drop_range(const void *p, uint64_t n);
+/* DS_OK while every file of the set is as it was mapped; DS_ERR_IO naming the first one written
+ * to or truncated since (its size or modification time changed): the tensors read from it may
+ * no longer be the ones loaded. A file replaced by rename, or deleted, is no change: the mapping
+ * keeps the file that was opened. One fstat per file. */
+int ds_st_check_unchanged(const ds_st_set *s);
+
+/* The SIGBUS guard (mapguard.c): with it installed, a read past the end of a checkpoint file
+ * truncated while mapped gives zeros instead of killing the process (ds_st_check_unchanged then
+ * reports the file). ds_st_* registers and removes its mappings. */
+int ds_mapguard_install(void);
+void ds_mapguard_add(const void *p, uint64_t len);
+void ds_mapguard_remove(const void *p);
 
 /* Incremental writer of one safetensors file: declare tensors, then write their data in the
  * same order. Used by make-tiny and, later, quantize. */

@@ -188,6 +188,8 @@ void ds_st_header_free(ds_st_header *h) {
 typedef struct {
     void *map;
     uint64_t len;
+    int fd;                /* open while mapped: ds_st_check_unchanged fstat()s it */
+    struct timespec mtime; /* when it was mapped */
     ds_st_header h;
 } st_file;
 
@@ -206,6 +208,14 @@ static uint64_t hash_str(const char *s) {
     return h;
 }
 
+static void unmap_file(st_file *f) {
+    if (!f->map) return;
+    ds_mapguard_remove(f->map);
+    munmap(f->map, (size_t)f->len);
+    close(f->fd);
+    f->map = NULL;
+}
+
 static int map_file(const char *path, st_file *f) {
     memset(f, 0, sizeof *f);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -222,17 +232,38 @@ static int map_file(const char *path, st_file *f) {
                           (unsigned long long)f->len);
     }
     f->map = mmap(NULL, (size_t)f->len, PROT_READ, MAP_PRIVATE, fd, 0);
-    close(fd);
     if (f->map == MAP_FAILED) {
         f->map = NULL;
+        close(fd);
         return ds_err_set(DS_ERR_IO, "%s: mmap failed: %s", path, strerror(errno));
     }
+    f->fd = fd;
+    f->mtime = st.st_mtim;
     int rc = ds_st_parse(f->map, f->len, path, &f->h);
     if (rc) {
-        munmap(f->map, (size_t)f->len);
-        f->map = NULL;
+        unmap_file(f);
+        return rc;
     }
+    ds_mapguard_add(f->map, f->len);
     return rc;
+}
+
+int ds_st_check_unchanged(const ds_st_set *s) {
+    for (size_t i = 0; s && i < s->n_files; i++) {
+        const st_file *f = &s->files[i];
+        struct stat st;
+        if (fstat(f->fd, &st) != 0)
+            return ds_err_set(DS_ERR_IO, "%s: cannot stat: %s", f->h.path, strerror(errno));
+        if ((uint64_t)st.st_size != f->len)
+            return ds_err_set(
+                DS_ERR_IO, "%s changed on disk while in use: %llu bytes, %llu when loaded",
+                f->h.path, (unsigned long long)st.st_size, (unsigned long long)f->len);
+        if (st.st_mtim.tv_sec != f->mtime.tv_sec || st.st_mtim.tv_nsec != f->mtime.tv_nsec)
+            return ds_err_set(DS_ERR_IO,
+                              "%s changed on disk while in use: modified since it was loaded",
+                              f->h.path);
+    }
+    return DS_OK;
 }
 
 static int set_build_index(ds_st_set *s) {
@@ -280,7 +311,7 @@ void ds_st_close(ds_st_set *s) {
     if (!s) return;
     for (size_t i = 0; i < s->n_files; i++) {
         ds_st_header_free(&s->files[i].h);
-        if (s->files[i].map) munmap(s->files[i].map, (size_t)s->files[i].len);
+        unmap_file(&s->files[i]);
     }
     free(s->files);
     free(s->all);

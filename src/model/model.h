@@ -67,6 +67,9 @@ int ds_model_open(const char *dir, const ds_model_params *params, ds_model **out
 void ds_model_close(ds_model *m); /* accepts NULL */
 const ds_config *ds_model_config(const ds_model *m);
 ds_pool *ds_model_pool(ds_model *m);
+/* DS_OK while the checkpoint's files are as they were loaded (ds_st_check_unchanged): the engine
+ * asks after every step, before it hands out the step's tokens. */
+int ds_model_check_files(const ds_model *m);
 /* Bytes of weights read to decode one token (all dense weights + the active experts + lm_head
  * row block), from the stored dtypes; and the total bytes of all bound weights. */
 uint64_t ds_model_bytes_per_token(const ds_model *m);

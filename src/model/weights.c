@@ -227,6 +227,9 @@ const ds_config *ds_model_config(const ds_model *m) {
 ds_pool *ds_model_pool(ds_model *m) {
     return m->pool;
 }
+int ds_model_check_files(const ds_model *m) {
+    return ds_st_check_unchanged(m->st);
+}
 
 void ds_model_set_trace(ds_model *m, ds_trace_fn fn, void *ctx) {
     m->trace = fn;

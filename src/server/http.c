@@ -81,7 +81,6 @@ struct ds_server {
     conn_rec conns;    /* list head */
     pthread_t watchdog;
     int watchdog_started, stopping;
-    MHD_socket listen_fd; /* returned by MHD_quiesce_daemon: closed after MHD_stop_daemon */
     pthread_cond_t wd_cond;
     double last_log;
     uint64_t last_prompt, last_gen;
@@ -903,7 +902,6 @@ int ds_server_open(const ds_server_params *params, ds_server **out) {
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->wd_cond, NULL);
     s->last_log = now_s();
-    s->listen_fd = MHD_INVALID_SOCKET;
     int rc = ds_metrics_open(&s->metrics);
     if (rc) goto fail;
     unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD |
@@ -948,7 +946,10 @@ void ds_server_attach(ds_server *s, ds_engine *e, const ds_oai_ctx *c) {
 
 void ds_server_drain(ds_server *s) {
     if (atomic_exchange(&s->draining, 1)) return;
-    s->listen_fd = MHD_quiesce_daemon(s->d); /* closed by ds_server_close, after the stop */
+    /* closed now, not at exit: a client connecting during the drain is refused at once (and one
+     * still in the backlog is reset) instead of waiting, unanswered, for the server to end */
+    MHD_socket lfd = MHD_quiesce_daemon(s->d);
+    if (lfd != MHD_INVALID_SOCKET) close(lfd);
 }
 
 int64_t ds_server_in_flight(ds_server *s) {
@@ -974,7 +975,7 @@ void ds_server_close(ds_server *s) {
         pthread_join(s->watchdog, NULL);
     }
     if (s->d) {
-        MHD_socket lfd = atomic_load(&s->draining) ? s->listen_fd : MHD_quiesce_daemon(s->d);
+        MHD_socket lfd = atomic_load(&s->draining) ? MHD_INVALID_SOCKET : MHD_quiesce_daemon(s->d);
         MHD_stop_daemon(s->d);
         if (lfd != MHD_INVALID_SOCKET) close(lfd);
     }

@@ -9,8 +9,8 @@
  *   - n > 1 with a seed: choice i equals choice 0 of seed + i, and repeats;
  *   - stop strings, stop token ids, logprobs (completions and chat), echo, a token that is not
  *     UTF-8 on its own (U+FFFD, never an error), R1 reasoning_content streamed and whole;
- *   - /v1/models, /version, /health, /tokenize, /detokenize, /metrics (vLLM names);
- *   - SIGTERM with a stream in flight: the stream completes, exit status 0. */
+ *   - /v1/models, /version, /health, /tokenize, /detokenize, /metrics (vLLM names).
+ * Shutdown is test_server_shutdown's. */
 #include "serverutil.h"
 #include "io/io.h"
 #include "tokenizer/tokenizer.h"
@@ -793,100 +793,6 @@ static void test_sampling_fields(int port) {
     free(tmp);
 }
 
-/* SIGTERM while a stream runs: the stream is finished, /health stops answering 200, exit 0. */
-/* Sends a request on a fresh connection without reading the answer; the socket. */
-static int send_only(int port, const char *body) {
-    int fd = srv_connect(port);
-    char head[512];
-    int hl = snprintf(head, sizeof head,
-                      "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                      "Content-Length: %zu\r\n\r\n",
-                      strlen(body));
-    srv_send_all(fd, head, (size_t)hl);
-    srv_send_all(fd, body, strlen(body));
-    return fd;
-}
-
-/* SIGTERM with --shutdown-timeout 0: running requests are aborted, and say so: a stream ends with
- * an error event and [DONE], a whole answer is a 503; exit 0. */
-static void test_shutdown_abort(void) {
-    srv_proc s;
-    const char *args[] = {"--shutdown-timeout", "0", "--disable-log-requests", NULL};
-    CHECK(srv_start(&s, g_model, args) == 0);
-    int a = send_only(s.port, "{\"prompt\": \"x\", \"max_tokens\": 250, \"n\": 16, "
-                              "\"ignore_eos\": true}");
-    int b = send_only(s.port, "{\"prompt\": \"y\", \"max_tokens\": 250, \"n\": 16, "
-                              "\"ignore_eos\": true, \"stream\": true}");
-    char first[64];
-    ssize_t got = recv(b, first, sizeof first, 0); /* the stream runs */
-    CHECK(got > 0);
-    kill(s.pid, SIGTERM);
-    size_t n;
-    srv_resp ra, rb;
-    char *raw = srv_read_all(a, &n);
-    srv_parse(raw, n, &ra);
-    raw = srv_read_all(b, &n);
-    if (raw && got > 0) { /* put back what was read before */
-        char *all = malloc(n + (size_t)got + 1);
-        memcpy(all, first, (size_t)got);
-        memcpy(all + got, raw, n + 1);
-        free(raw);
-        raw = all;
-        n += (size_t)got;
-    }
-    srv_parse(raw, n, &rb);
-    close(a);
-    close(b);
-    CHECK_MSG(ra.status == 503 && ra.body && strstr(ra.body, "shutting down"),
-              "aborted whole answer: %d %.200s", ra.status, ra.body ? ra.body : "");
-    CHECK_MSG(rb.status == 200 && rb.body && strstr(rb.body, "data: {\"error\"") &&
-                  strstr(rb.body, "data: [DONE]"),
-              "aborted stream: %.200s",
-              rb.body ? rb.body + (rb.body_len > 200 ? rb.body_len - 200 : 0) : "");
-    srv_resp_free(&ra);
-    srv_resp_free(&rb);
-    int code = srv_stop_sig(&s, SIGTERM, 60);
-    CHECK_MSG(code == 0, "exit status %d after SIGTERM", code);
-    unlink(s.log);
-}
-
-static void test_graceful_shutdown(void) {
-    srv_proc s;
-    const char *args[] = {"--max-num-seqs", "4", "--log-stats-interval", "1", NULL};
-    CHECK(srv_start(&s, g_model, args) == 0);
-    int fd = srv_connect(s.port);
-    const char *body = "{\"prompt\": \"Mindspore is\", \"max_tokens\": 200, \"ignore_eos\": true, "
-                       "\"stream\": true, \"stream_options\": {\"include_usage\": true}}";
-    char head[512];
-    int hl = snprintf(head, sizeof head,
-                      "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                      "Content-Length: %zu\r\n\r\n%s",
-                      strlen(body), body);
-    srv_send_all(fd, head, (size_t)hl);
-    char first[256];
-    ssize_t got = recv(fd, first, sizeof first, 0); /* the stream has begun */
-    CHECK(got > 0);
-    kill(s.pid, SIGTERM);
-    size_t n;
-    char *rest = srv_read_all(fd, &n);
-    close(fd);
-    CHECK_MSG(rest && strstr(rest, "\"completion_tokens\":200") && strstr(rest, "[DONE]"),
-              "the stream in flight did not finish");
-    free(rest);
-    srv_resp r = srv_get(s.port, "/health");
-    CHECK(r.status != 200);
-    srv_resp_free(&r);
-    int code = srv_stop_sig(&s, SIGTERM, 60);
-    CHECK_MSG(code == 0, "exit status %d after SIGTERM", code);
-    char *log = srv_read_file(s.log);
-    CHECK(log && strstr(log, "shut down cleanly"));
-    CHECK_MSG(log && strstr(log, "Avg prompt throughput: ") &&
-                  strstr(log, " tokens/s, Avg generation throughput: ") && strstr(log, "Running: "),
-              "no throughput line in the log");
-    free(log);
-    unlink(s.log);
-}
-
 int main(void) {
     const char *fx = ds_test_fixtures();
     if (!fx) return ds_test_skip_or_fail("golden fixtures missing");
@@ -941,10 +847,6 @@ int main(void) {
     t0 = srv_now();
     test_reasoning(tok);
     fprintf(stderr, "reasoning checks: %.1fs\n", srv_now() - t0);
-    t0 = srv_now();
-    test_graceful_shutdown();
-    test_shutdown_abort();
-    fprintf(stderr, "shutdown checks: %.1fs\n", srv_now() - t0);
     ds_tok_close(tok);
     json_decref(golden);
     return ds_test_finish("test_server");
