@@ -124,7 +124,7 @@ static int outcome(int i, const srv_resp *r, int stream, int want_tokens) {
             return 0;
     } else {
         json_error_t e;
-        json_t *o = r->status == 200 ? json_loads(b, 0, &e) : NULL;
+        json_t *o = r->status == 200 ? json_loads(b, JSON_ALLOW_NUL, &e) : NULL;
         json_t *ch = json_array_get(json_object_get(o, "choices"), 0);
         const int whole =
             json_integer_value(json_object_get(json_object_get(o, "usage"), "completion_tokens")) ==
