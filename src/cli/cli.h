@@ -27,6 +27,8 @@ int ds_cmd_bench(int argc, char **argv); /* bench.c: serving benchmark client (s
 int ds_cmd_launch(int argc, char **argv);
 /* check.c: deployment preflight; its own exit codes 3-8 name the kind of problem (usage). */
 int ds_cmd_check(int argc, char **argv);
+/* plan.c: the bytes per rank of an N-node deployment, from config.json alone */
+int ds_cmd_plan(int argc, char **argv);
 
 /* Helpers shared by the subcommands. */
 /* Parses "1,2,3" or "1 2 3" into a malloc'd array; -1 and a message on bad input. */
@@ -76,7 +78,7 @@ void ds_cli_shard_name(char *buf, size_t cap, int i, int n);
 /* Writes DIR/model.safetensors.index.json: {"metadata": {"total_size": total}, "weight_map":
  * map} with sorted keys. Takes ownership of map (may be NULL after a failed allocation). */
 int ds_cli_write_index(const char *dir, json_t *map, uint64_t total);
-/* Parses a non-negative integer (with allow_suffix: K, M, G binary multipliers, optional "B" or
+/* Parses a non-negative integer (with allow_suffix: K, M, G, T binary multipliers, optional "B" or
  * "iB"); 0 when malformed or overflowing. */
 int ds_cli_parse_u64(const char *s, uint64_t *out, int allow_suffix);
 

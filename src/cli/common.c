@@ -192,6 +192,10 @@ int ds_cli_parse_u64(const char *s, uint64_t *out, int allow_suffix) {
         case 'G':
             mul = 1ull << 30;
             break;
+        case 't':
+        case 'T':
+            mul = 1ull << 40;
+            break;
         default:
             return 0;
         }

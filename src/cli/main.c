@@ -28,6 +28,7 @@ static const struct {
     {"quantize", ds_cmd_quantize, "int8 / int4 weights (w8a8, w4a8) from a BF16 or FP8 checkpoint"},
     {"launch", ds_cmd_launch, "run dsinfer serve over several hosts with mpirun (--dry-run)"},
     {"check", ds_cmd_check, "deployment preflight: files, shards, config, memory, disk, ranks"},
+    {"plan", ds_cmd_plan, "bytes per node of an N-node deployment, from config.json alone"},
 };
 
 static void usage(FILE *f) {

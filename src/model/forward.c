@@ -50,38 +50,58 @@ static int64_t imax(int64_t a, int64_t b) {
     return a > b ? a : b;
 }
 
-/* B tokens per chunk, attention over at most max_ctx positions per token. */
-static int setup_bufs(ds_model *m, int64_t max_ctx, int64_t B, fwd_bufs *b) {
-    const ds_config *c = &m->cfg;
+enum { N_BUFS = 18 };
+
+/* The parts of fwd_bufs in floats, in its order, for B tokens per chunk attending over at most
+ * max_ctx positions, `heads` of them this rank's, `threads` workers; *thread_floats is one
+ * worker's part. Their sum (64-byte aligned) is the scratch's size. */
+static size_t buf_sizes(const ds_config *c, int64_t heads, int64_t max_ctx, int64_t B, int threads,
+                        size_t sizes[N_BUFS], size_t *thread_floats) {
     int64_t D = c->hidden_size, qk = c->qk_nope_head_dim + c->qk_rope_head_dim;
-    int64_t H = m->shard.heads.hi - m->shard.heads.lo, H_all = c->n_heads;
+    int64_t H = heads, H_all = c->n_heads;
     int64_t inter =
         imax(c->intermediate_size, c->moe_intermediate_size * imax(1, c->n_shared_experts));
     int64_t k = imax(1, c->n_experts_per_tok), E = imax(1, c->n_routed_experts);
     int64_t row = imax(imax(c->kv_lora_rank, c->v_head_dim), c->qk_nope_head_dim);
     /* scores, then a row at the 16-float boundary after them (forward_chunk's row_off) */
-    b->thread_floats = (size_t)(((max_ctx + 15) & ~(int64_t)15) + ((row + 15) & ~(int64_t)15));
-    size_t sizes[] = {(size_t)(B * D),
-                      (size_t)(B * D),
-                      (size_t)(B * D),
-                      (size_t)(B * c->q_lora_rank),
-                      (size_t)(B * H * qk),
-                      (size_t)(B * (c->kv_lora_rank + c->qk_rope_head_dim)),
-                      (size_t)(B * H * c->kv_lora_rank),
-                      (size_t)(B * H * c->kv_lora_rank),
-                      (size_t)(B * H_all * c->v_head_dim),
-                      (size_t)(B * E),
-                      (size_t)(B * D),
-                      (size_t)(B * inter),
-                      (size_t)(B * inter),
-                      (size_t)(B * D),
-                      (size_t)(B * k),
-                      (size_t)(B * k),
-                      (size_t)(B * k),
-                      b->thread_floats * (size_t)ds_pool_size(m->pool)};
-    enum { N = sizeof sizes / sizeof sizes[0] };
+    *thread_floats = (size_t)(((max_ctx + 15) & ~(int64_t)15) + ((row + 15) & ~(int64_t)15));
+    const size_t v[N_BUFS] = {(size_t)(B * D),
+                              (size_t)(B * D),
+                              (size_t)(B * D),
+                              (size_t)(B * c->q_lora_rank),
+                              (size_t)(B * H * qk),
+                              (size_t)(B * (c->kv_lora_rank + c->qk_rope_head_dim)),
+                              (size_t)(B * H * c->kv_lora_rank),
+                              (size_t)(B * H * c->kv_lora_rank),
+                              (size_t)(B * H_all * c->v_head_dim),
+                              (size_t)(B * E),
+                              (size_t)(B * D),
+                              (size_t)(B * inter),
+                              (size_t)(B * inter),
+                              (size_t)(B * D),
+                              (size_t)(B * k),
+                              (size_t)(B * k),
+                              (size_t)(B * k),
+                              *thread_floats * (size_t)threads};
     size_t total = 0;
-    for (int i = 0; i < N; i++) total += (sizes[i] + 15) & ~(size_t)15; /* 64-byte aligned parts */
+    for (int i = 0; i < N_BUFS; i++) {
+        sizes[i] = v[i];
+        total += (v[i] + 15) & ~(size_t)15; /* 64-byte aligned parts */
+    }
+    return total;
+}
+
+uint64_t ds_model_scratch_bytes(const ds_config *c, int64_t heads, int64_t max_ctx, int64_t B,
+                                int threads) {
+    size_t sizes[N_BUFS], tf;
+    return (uint64_t)buf_sizes(c, heads, max_ctx, B, threads, sizes, &tf) * sizeof(float);
+}
+
+/* B tokens per chunk, attention over at most max_ctx positions per token. */
+static int setup_bufs(ds_model *m, int64_t max_ctx, int64_t B, fwd_bufs *b) {
+    size_t sizes[N_BUFS];
+    const size_t total = buf_sizes(&m->cfg, m->shard.heads.hi - m->shard.heads.lo, max_ctx, B,
+                                   ds_pool_size(m->pool), sizes, &b->thread_floats);
     if (total > m->scratch_floats) {
         ds_free(m->scratch);
         m->scratch = ds_alloc(total * sizeof(float));
@@ -108,7 +128,7 @@ static int setup_bufs(ds_model *m, int64_t max_ctx, int64_t B, fwd_bufs *b) {
                                       (float **)&b->tope,
                                       (float **)&b->by_expert,
                                       &b->thread_buf};
-    for (int i = 0; i < N; i++) {
+    for (int i = 0; i < N_BUFS; i++) {
         *dst[i] = p;
         p += (sizes[i] + 15) & ~(size_t)15;
     }

@@ -99,6 +99,61 @@ int64_t ds_kv_capacity(const ds_kv_cache *kv); /* slots: n_blocks x block_size *
 int64_t ds_kv_block_size(const ds_kv_cache *kv);
 int64_t ds_kv_n_blocks(const ds_kv_cache *kv);
 
+/* ---- the deployment plan (plan.c; docs/deploy.md) ----
+ * What each rank of an N-node run (one rank per node) holds for a checkpoint of the given scheme,
+ * from the config alone: its weights as ds_model_open would bind them (replicated and split),
+ * the KV cache the engine would size, the runtime buffers (estimated), and whether it fits. */
+typedef enum { DS_PLAN_BF16, DS_PLAN_FP8, DS_PLAN_W8A8, DS_PLAN_W4A8 } ds_plan_scheme;
+int ds_plan_scheme_parse(const char *s, ds_plan_scheme *out);
+const char *ds_plan_scheme_name(ds_plan_scheme s);
+
+typedef struct {
+    ds_plan_scheme scheme;
+    int64_t group;        /* W4A8: input columns per scale (128) */
+    int64_t fp8_block[2]; /* FP8: the scale grid's block (128 x 128) */
+    int quantize_lm_head; /* W8A8 / W4A8: lm_head quantized too (dsinfer quantize's flag) */
+    int nodes;
+    uint64_t mem_per_node;
+    int64_t max_model_len; /* 0: the config's max_position_embeddings */
+    int64_t max_num_seqs, block_size;
+    int64_t chunk_tokens; /* tokens per forward chunk (ds_model_params.max_batch) */
+    int threads;          /* worker threads per node (each has a scratch row) */
+    double memory_utilization;
+    ds_kv_dtype kv_dtype;
+    uint64_t fixed_bytes; /* allowance for the tokenizer, thread stacks, the HTTP server */
+} ds_plan_params;
+/* The defaults for a checkpoint of config c: the scheme its quantization_config names
+ * (channel- or block-int8: w8a8; none: bf16), its W4A8 group and FP8 block, one node, 256
+ * sequences, blocks of 16, 512-token chunks, 64 threads, 90% of memory, an f32 KV cache. */
+ds_plan_params ds_plan_params_of(const ds_config *c);
+
+typedef struct {
+    uint64_t weights, weights_whole; /* the rank's weight bytes; those every rank holds */
+    uint64_t runtime;                /* estimated buffers */
+    uint64_t total;                  /* weights + KV cache + runtime */
+} ds_plan_rank;
+
+typedef struct {
+    ds_plan_params p;
+    int64_t max_model_len;
+    uint64_t kv_per_token; /* bytes, every layer */
+    int64_t kv_blocks_fit; /* blocks rank 0's budget holds */
+    int64_t kv_blocks;     /* those allocated: at most max_num_seqs sequences of max_model_len */
+    uint64_t kv_bytes;     /* on every rank */
+    int64_t seqs_at_len;   /* sequences of max_model_len the budget holds at once */
+    uint64_t weights_all;  /* the model's weights, counted once */
+    ds_plan_rank rank0, worst;
+    int worst_rank;
+    int fits; /* every rank fits, with room for one sequence of max_model_len */
+    int full; /* ... and for max_num_seqs of them at once */
+} ds_plan;
+
+/* p->nodes ranks; DS_ERR_ARG when a rank would get no head or no routed expert. */
+int ds_plan_run(const ds_config *c, const ds_plan_params *p, ds_plan *out);
+/* The smallest node count that fits (full: with max_num_seqs sequences of max_model_len);
+ * 0 when none does. */
+int ds_plan_min_nodes(const ds_config *c, const ds_plan_params *p, int full);
+
 /* Runs tokens[0, n) of one sequence at positions start_pos .. start_pos + n - 1, the cache's
  * slots taken in order (slot = position; the cache must already hold positions < start_pos).
  * Writes next-token logits: for every one of the n tokens into logits[n][vocab] when

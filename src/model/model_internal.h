@@ -102,6 +102,11 @@ void *ds_kv_pe_at(const ds_kv_cache *kv, int64_t l, int64_t slot);
 void ds_kv_store(const ds_kv_cache *kv, void *dst, const float *src, int64_t n);
 void ds_kv_load(const ds_kv_cache *kv, float *dst, const void *src, int64_t n);
 
+/* forward.c: bytes of the forward pass's scratch for chunks of B tokens attending over at most
+ * max_ctx positions, with `heads` of the attention heads and `threads` workers */
+uint64_t ds_model_scratch_bytes(const ds_config *c, int64_t heads, int64_t max_ctx, int64_t B,
+                                int threads);
+
 /* shard.c */
 /* [lo, hi) of rank's share of total, as ds_split_range splits it. */
 ds_span ds_shard_span(int64_t total, int rank, int size);

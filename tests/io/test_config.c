@@ -5,24 +5,8 @@
 
 #include <stdlib.h>
 
-/* DeepSeek-V3's own config.json (671B), as released. */
-static const char *v3 =
-    "{\"architectures\":[\"DeepseekV3ForCausalLM\"],\"attention_bias\":false,"
-    "\"bos_token_id\":0,\"eos_token_id\":1,\"ep_size\":1,\"first_k_dense_replace\":3,"
-    "\"hidden_act\":\"silu\",\"hidden_size\":7168,\"intermediate_size\":18432,"
-    "\"kv_lora_rank\":512,\"max_position_embeddings\":163840,\"model_type\":\"deepseek_v3\","
-    "\"moe_intermediate_size\":2048,\"moe_layer_freq\":1,\"n_group\":8,\"n_routed_experts\":256,"
-    "\"n_shared_experts\":1,\"norm_topk_prob\":true,\"num_attention_heads\":128,"
-    "\"num_experts_per_tok\":8,\"num_hidden_layers\":61,\"num_key_value_heads\":128,"
-    "\"num_nextn_predict_layers\":1,\"q_lora_rank\":1536,\"qk_nope_head_dim\":128,"
-    "\"qk_rope_head_dim\":64,\"quantization_config\":{\"activation_scheme\":\"dynamic\","
-    "\"fmt\":\"e4m3\",\"quant_method\":\"fp8\",\"weight_block_size\":[128,128]},"
-    "\"rms_norm_eps\":1e-06,\"rope_scaling\":{\"beta_fast\":32,\"beta_slow\":1,\"factor\":40,"
-    "\"mscale\":1.0,\"mscale_all_dim\":1.0,\"original_max_position_embeddings\":4096,"
-    "\"type\":\"yarn\"},\"rope_theta\":10000,\"routed_scaling_factor\":2.5,"
-    "\"scoring_func\":\"sigmoid\",\"tie_word_embeddings\":false,\"topk_group\":4,"
-    "\"topk_method\":\"noaux_tc\",\"torch_dtype\":\"bfloat16\",\"v_head_dim\":128,"
-    "\"vocab_size\":129280}";
+/* DeepSeek-V3's own config.json (671B), as released: tests/data/deepseek-v3/config.json. */
+static char *v3;
 
 /* Parses v3 with one field replaced by `value` (JSON text; NULL deletes the field). */
 static int parse_with(const char *field, const char *value, ds_config *c) {
@@ -167,9 +151,13 @@ static void test_load_file(void) {
 }
 
 int main(void) {
+    v3 = ds_test_read_file(DSINFER_SOURCE_DIR "/tests/data/deepseek-v3/config.json", NULL);
+    CHECK(v3 != NULL);
+    if (!v3) return ds_test_finish("test_config");
     test_v3();
     test_variants();
     test_refusals();
     test_load_file();
+    free(v3);
     return ds_test_finish("test_config");
 }
