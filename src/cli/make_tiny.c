@@ -17,7 +17,10 @@
  * Every value is rounded to BF16 first (round-to-nearest-even). With --dtype fp8 the projections
  * inside the layers, except the router mlp.gate, are then quantised the way DeepSeek's
  * release is: per 128 x 128 block scale_inv = max|w| / 448 (F32), fp8 = e4m3fn(w / scale_inv)
- * rounded to nearest even and saturated; the real weight is fp8 x scale_inv.
+ * rounded to nearest even and saturated; the real weight is fp8 x scale_inv. With --dtype
+ * w8a8 / w4a8 the same projections are written in dsinfer quantize's layouts, their integers
+ * drawn directly (uniform bytes; int8 -128 mapped to -127) with the scale that gives the real
+ * weight the BF16 path's amplitude: full-width slices for bench-layer without a BF16 detour.
  *
  * Memory. Tensors are generated and written one at a time, so the peak is the largest tensor
  * (embed_tokens / lm_head: vocab x hidden BF16, 265 MB for the medium preset) plus stdio buffers.
@@ -48,13 +51,15 @@ static const mt_preset presets[] = {
     {"tiny", 64, 3, 4, 32, 32, 8, 16, 16, 8, 2, 2, 1, 32, 128},
     {"small", 256, 4, 8, 192, 128, 32, 64, 64, 16, 4, 1, 1, 256, 1024},
     {"medium", 1024, 8, 16, 384, 256, 64, 128, 128, 32, 4, 4, 2, 512, 2048},
+    /* DeepSeek-R1 / V3 at full width (61 layers: take a slice with --layers, bench-layer) */
+    {"r1", 7168, 61, 128, 1536, 512, 64, 128, 128, 256, 8, 8, 4, 2048, 18432},
 };
 
 /* Fixed for every preset: DeepSeek-V3's own values. */
 #define MT_VOCAB 129280
 #define MT_N_SHARED 1
 #define MT_FIRST_DENSE 1
-#define MT_BLOCK 128 /* fp8 weight_block_size */
+#define MT_BLOCK 128 /* fp8 weight_block_size; the W4A8 group */
 
 /* ---- the deterministic generator ---------------------------------------------------------- */
 static uint64_t splitmix64(uint64_t *s) {
@@ -110,7 +115,7 @@ typedef struct {
     int ndim;
     int64_t shape[2];
     mt_kind kind;
-    int role; /* 0 plain, 1 fp8 weight (the next entry is its scale), 2 that scale */
+    int role; /* 0 plain, 1 quantized weight (the next entry is its scale), 2 that scale */
     uint64_t nbytes;
     int shard; /* 0-based */
 } mt_tensor;
@@ -120,10 +125,15 @@ typedef struct {
     size_t n, cap;
 } mt_plan;
 
+typedef enum { MT_BF16, MT_FP8, MT_W8A8, MT_W4A8 } mt_dtype;
+static const char *const mt_dtype_names[] = {"bf16", "fp8", "w8a8", "w4a8"};
+
 typedef struct {
     const mt_preset *p;
     uint64_t seed;
-    int fp8, q_lora;
+    mt_dtype dtype;
+    int q_lora;
+    int64_t layers;
 } mt_opts;
 
 static int plan_push(mt_plan *pl, const char *name, ds_dtype dt, int ndim, int64_t d0, int64_t d1,
@@ -148,15 +158,30 @@ static int plan_push(mt_plan *pl, const char *name, ds_dtype dt, int ndim, int64
     return DS_OK;
 }
 
-/* A projection [out, in] inside a layer: BF16, or FP8 + its scale grid when quantising. */
+/* A projection [out, in] inside a layer: BF16, or the stored form + its scales when quantising
+ * (FP8: weight_scale_inv per 128 x 128 block; W8A8 / W4A8: dsinfer quantize's layouts,
+ * weight_scale per row / per 128 inputs of a row, two int4 a byte). */
 static int plan_proj(mt_plan *pl, const mt_opts *o, const char *name, int64_t out, int64_t in) {
-    if (!o->fp8) return plan_push(pl, name, DS_BF16, 2, out, in, MT_LINEAR, 0);
-    int rc = plan_push(pl, name, DS_F8_E4M3, 2, out, in, MT_LINEAR, 1);
-    if (rc) return rc;
+    const int64_t groups = (in + MT_BLOCK - 1) / MT_BLOCK;
     char sname[200];
-    snprintf(sname, sizeof sname, "%s_scale_inv", name);
-    return plan_push(pl, sname, DS_F32, 2, (out + MT_BLOCK - 1) / MT_BLOCK,
-                     (in + MT_BLOCK - 1) / MT_BLOCK, MT_LINEAR, 2);
+    int rc;
+    switch (o->dtype) {
+    case MT_BF16:
+        return plan_push(pl, name, DS_BF16, 2, out, in, MT_LINEAR, 0);
+    case MT_FP8:
+        rc = plan_push(pl, name, DS_F8_E4M3, 2, out, in, MT_LINEAR, 1);
+        snprintf(sname, sizeof sname, "%s_scale_inv", name);
+        return rc ? rc
+                  : plan_push(pl, sname, DS_F32, 2, (out + MT_BLOCK - 1) / MT_BLOCK, groups,
+                              MT_LINEAR, 2);
+    default:
+        rc = plan_push(pl, name, DS_I8, 2, out, o->dtype == MT_W8A8 ? in : (in + 1) / 2, MT_LINEAR,
+                       1);
+        snprintf(sname, sizeof sname, "%s_scale", name);
+        return rc ? rc
+                  : plan_push(pl, sname, DS_F32, 2, out, o->dtype == MT_W8A8 ? 1 : groups,
+                              MT_LINEAR, 2);
+    }
 }
 
 /* Every tensor in Hugging Face's order: embedding, layers 0..L-1, final norm, lm_head. */
@@ -165,7 +190,7 @@ static int build_plan(const mt_opts *o, mt_plan *pl) {
     const int64_t H = p->hidden, nh = p->heads, qk = p->nope + p->rope;
     char n[160];
     int rc = plan_push(pl, "model.embed_tokens.weight", DS_BF16, 2, MT_VOCAB, H, MT_EMBED, 0);
-    for (int64_t l = 0; !rc && l < p->layers; l++) {
+    for (int64_t l = 0; !rc && l < o->layers; l++) {
 #define NAME(...) (snprintf(n, sizeof n, __VA_ARGS__), n)
 #define L_(suffix) NAME("model.layers.%lld." suffix, (long long)l)
         rc = rc ? rc : plan_push(pl, L_("input_layernorm.weight"), DS_BF16, 1, H, 0, MT_NORM, 0);
@@ -288,6 +313,25 @@ static int gen_tensor(const mt_opts *o, const mt_tensor *t, mt_scratch *sc) {
     if (t->dtype == DS_F32) {
         float *d = sc->buf;
         for (uint64_t i = 0; i < numel; i++) d[i] = base + amp * next_u(&st);
+        return DS_OK;
+    }
+    if (t->dtype == DS_I8) {
+        /* drawn as integers, 8 bytes per generator output: uniform over the int8 / int4 range,
+         * the scale giving the real weight the BF16 path's amplitude */
+        const int w4 = o->dtype == MT_W4A8;
+        const int64_t in = w4 ? (int64_t)t->shape[1] * 2 : cols; /* even for every preset */
+        const int64_t ns = w4 ? (in + MT_BLOCK - 1) / MT_BLOCK : 1;
+        float a;
+        kind_params(t->kind, in, &base, &a);
+        if (!grow((void **)&sc->scale, &sc->scale_cap, (size_t)(rows * ns) * sizeof(float)))
+            return ds_err_set(DS_ERR_NOMEM, "out of memory generating '%s'", t->name);
+        for (int64_t i = 0; i < rows * ns; i++) sc->scale[i] = a / (w4 ? 8.0f : 127.0f);
+        uint8_t *q = sc->buf;
+        for (uint64_t i = 0; i < numel; i += 8) {
+            uint64_t r = splitmix64(&st);
+            for (uint64_t k = 0; k < 8 && i + k < numel; k++, r >>= 8)
+                q[i + k] = w4 || (uint8_t)r != 0x80 ? (uint8_t)r : 0x81; /* int8: -127..127 */
+        }
         return DS_OK;
     }
     DS_ASSERT(t->dtype == DS_F8_E4M3 && t->role == 1 && t->ndim == 2);
@@ -418,17 +462,23 @@ static json_t *make_config(const mt_opts *o) {
     SET("norm_topk_prob", json_true());
     SET("num_attention_heads", INT(p->heads));
     SET("num_experts_per_tok", INT(p->topk));
-    SET("num_hidden_layers", INT(p->layers));
+    SET("num_hidden_layers", INT(o->layers));
     SET("num_key_value_heads", INT(p->heads));
     SET("num_nextn_predict_layers", INT(0));
     SET("pretraining_tp", INT(1));
     SET("q_lora_rank", o->q_lora ? INT(p->q_lora) : json_null());
     SET("qk_nope_head_dim", INT(p->nope));
     SET("qk_rope_head_dim", INT(p->rope));
-    if (o->fp8)
+    if (o->dtype == MT_FP8)
         SET("quantization_config",
             json_pack("{s:s, s:s, s:s, s:[i,i]}", "activation_scheme", "dynamic", "fmt", "e4m3",
                       "quant_method", "fp8", "weight_block_size", MT_BLOCK, MT_BLOCK));
+    if (o->dtype == MT_W8A8)
+        SET("quantization_config",
+            json_pack("{s:s, s:s}", "activation_scheme", "dynamic", "quant_method", "w8a8_int8"));
+    if (o->dtype == MT_W4A8)
+        SET("quantization_config", json_pack("{s:s, s:i, s:s}", "activation_scheme", "dynamic",
+                                             "group_size", MT_BLOCK, "quant_method", "w4a8_int4"));
     SET("rms_norm_eps", json_real(1e-6));
     SET("rope_scaling", json_pack("{s:i, s:i, s:i, s:f, s:f, s:i, s:s}", "beta_fast", 32,
                                   "beta_slow", 1, "factor", 40, "mscale", 1.0, "mscale_all_dim",
@@ -456,30 +506,35 @@ static json_t *make_config(const mt_opts *o) {
 
 /* ---- the command ---------------------------------------------------------------------------- */
 static void usage(FILE *f) {
-    fprintf(f,
-            "usage: dsinfer make-tiny OUT_DIR [options]\n"
-            "Writes a random DeepSeek-V3-architecture checkpoint in the Hugging Face layout.\n"
-            "  --preset tiny|small|medium  dimensions (default tiny: hidden 64, 3 layers, 8 "
-            "experts)\n"
-            "  --seed S                    values are a function of (seed, tensor name) "
-            "(default 1)\n"
-            "  --dtype bf16|fp8            fp8 = official block-scaled F8_E4M3 + weight_scale_inv\n"
-            "  --tokenizer DIR             tokenizer.json + tokenizer_config.json to copy\n"
-            "                              (default %s)\n"
-            "  --no-tokenizer              write no tokenizer files\n"
-            "  --shard-bytes N[K|M|G]      bytes per safetensors shard (default 512M)\n"
-            "  --no-q-lora                 q_lora_rank null: q_proj instead of q_a/q_b\n"
-            "  --force                     replace a non-empty OUT_DIR\n",
-            ds_cli_default_tokenizer_dir());
+    fprintf(
+        f,
+        "usage: dsinfer make-tiny OUT_DIR [options]\n"
+        "Writes a random DeepSeek-V3-architecture checkpoint in the Hugging Face layout.\n"
+        "  --preset tiny|small|medium|r1  dimensions (default tiny: hidden 64, 3 layers,\n"
+        "                              8 experts; r1: DeepSeek-R1's, 61 layers)\n"
+        "  --layers N                  the first N layers only (layer 0 dense, the rest MoE)\n"
+        "  --seed S                    values are a function of (seed, tensor name) "
+        "(default 1)\n"
+        "  --dtype bf16|fp8|w8a8|w4a8  fp8 = official block-scaled F8_E4M3 + weight_scale_inv;\n"
+        "                              w8a8 / w4a8 = dsinfer quantize's layouts, drawn as\n"
+        "                              integers\n"
+        "  --tokenizer DIR             tokenizer.json + tokenizer_config.json to copy\n"
+        "                              (default %s)\n"
+        "  --no-tokenizer              write no tokenizer files\n"
+        "  --shard-bytes N[K|M|G]      bytes per safetensors shard (default 512M)\n"
+        "  --no-q-lora                 q_lora_rank null: q_proj instead of q_a/q_b\n"
+        "  --force                     replace a non-empty OUT_DIR\n",
+        ds_cli_default_tokenizer_dir());
 }
 
 int ds_cmd_make_tiny(int argc, char **argv) {
     const char *out_arg = NULL, *preset = "tiny", *dtype = "bf16", *tok_dir = NULL;
-    uint64_t seed = 1, shard_bytes = 512ull << 20;
+    uint64_t seed = 1, shard_bytes = 512ull << 20, layers = 0;
     int no_tok = 0, force = 0, q_lora = 1;
     static const struct option opts[] = {{"preset", required_argument, 0, 'p'},
                                          {"seed", required_argument, 0, 's'},
                                          {"dtype", required_argument, 0, 'd'},
+                                         {"layers", required_argument, 0, 'l'},
                                          {"tokenizer", required_argument, 0, 't'},
                                          {"shard-bytes", required_argument, 0, 'b'},
                                          {"no-tokenizer", no_argument, 0, 'T'},
@@ -496,6 +551,12 @@ int ds_cmd_make_tiny(int argc, char **argv) {
             break;
         case 'd':
             dtype = optarg;
+            break;
+        case 'l':
+            if (!ds_cli_parse_u64(optarg, &layers, 0) || layers < 1 || layers > 1024) {
+                fprintf(stderr, "dsinfer make-tiny: --layers '%s' must be 1..1024\n", optarg);
+                return 2;
+            }
             break;
         case 't':
             tok_dir = optarg;
@@ -542,18 +603,21 @@ int ds_cmd_make_tiny(int argc, char **argv) {
         usage(stderr);
         return 2;
     }
-    mt_opts o = {NULL, seed, 0, q_lora};
+    mt_opts o = {NULL, seed, MT_BF16, q_lora, 0};
     for (size_t i = 0; i < sizeof presets / sizeof presets[0]; i++)
         if (!strcmp(preset, presets[i].name)) o.p = &presets[i];
     if (!o.p) {
-        fprintf(stderr, "dsinfer make-tiny: unknown --preset '%s' (tiny, small or medium)\n",
+        fprintf(stderr, "dsinfer make-tiny: unknown --preset '%s' (tiny, small, medium or r1)\n",
                 preset);
         return 2;
     }
-    if (!strcmp(dtype, "fp8"))
-        o.fp8 = 1;
-    else if (strcmp(dtype, "bf16") != 0) {
-        fprintf(stderr, "dsinfer make-tiny: unknown --dtype '%s' (bf16 or fp8)\n", dtype);
+    o.layers = layers ? (int64_t)layers : o.p->layers;
+    int known = 0;
+    for (int i = 0; i < 4; i++)
+        if (!strcmp(dtype, mt_dtype_names[i])) o.dtype = (mt_dtype)i, known = 1;
+    if (!known) {
+        fprintf(stderr, "dsinfer make-tiny: unknown --dtype '%s' (bf16, fp8, w8a8 or w4a8)\n",
+                dtype);
         return 2;
     }
     if (!tok_dir) tok_dir = ds_cli_default_tokenizer_dir();
@@ -603,7 +667,7 @@ int ds_cmd_make_tiny(int argc, char **argv) {
         fprintf(stderr,
                 "dsinfer make-tiny: wrote %s (preset %s, %s, seed %llu): %zu tensors, %.1f MB "
                 "in %d shard%s\n",
-                out, o.p->name, o.fp8 ? "fp8" : "bf16", (unsigned long long)seed, pl.n,
+                out, o.p->name, mt_dtype_names[o.dtype], (unsigned long long)seed, pl.n,
                 (double)bytes / 1e6, n_shards, n_shards == 1 ? "" : "s");
     }
     status = 0;

@@ -5,11 +5,14 @@
  *  - FP8 output dequantises (ds_mat_row_f32 with the scale grid) to the BF16 run's weights within
  *    e4m3 precision, with scale_inv = block max / 448, including multi-block and partial grids;
  *  - values depend on (seed, name) only; a rerun is byte-identical;
+ *  - --dtype w8a8 / w4a8 --layers N: dsinfer quantize's layouts, values of the BF16 path's std,
+ *    a model that loads;
  *  - refusals: existing non-empty OUT_DIR, missing tokenizer, bad flags; no temp dirs left;
  *  - the e4m3 / bf16 encoders: exact round trip of every code, ties to even, saturation. */
 #include "cli/cli.h"
 #include "io/io.h"
 #include "kernels/kernels.h"
+#include "model/model.h"
 #include "testutil.h"
 
 #include <dirent.h>
@@ -381,6 +384,50 @@ static void check_values(const char *dir) {
     ds_st_close(s);
 }
 
+/* --dtype w8a8 / w4a8 --layers 2: dsinfer quantize's layouts (I8 weight, F32 weight_scale per
+ * row / per 128 inputs, two int4 a byte), the config saying so, int8 never -128, the real
+ * weights (q x scale) with the BF16 path's std 1/sqrt(fan_in), and a model that loads. */
+static void check_int_layout(const char *dir, int w4) {
+    ds_config c;
+    CHECK(ds_config_load(dir, &c) == DS_OK && c.n_layers == 2 &&
+          c.quant == (w4 ? DS_QUANT_W4A8 : DS_QUANT_W8A8) && (!w4 || c.quant_group == 128));
+    ds_st_set *s = NULL;
+    CHECK(ds_st_open_dir(dir, &s) == DS_OK);
+    if (!s) return;
+    CHECK(ds_st_find(s, "model.layers.2.input_layernorm.weight") == NULL);
+    const ds_st_tensor *q = ds_st_find(s, "model.layers.1.mlp.experts.5.down_proj.weight"),
+                       *sc = ds_st_find(s, "model.layers.1.mlp.experts.5.down_proj.weight_scale");
+    /* [64, 32]: w8a8 I8 [64, 32] + [64, 1]; w4a8 I8 [64, 16] + [64, 1] */
+    CHECK(q && sc && q->dtype == DS_I8 && sc->dtype == DS_F32 && q->shape[0] == 64 &&
+          q->shape[1] == (w4 ? 16 : 32) && sc->shape[0] == 64 && sc->shape[1] == 1);
+    CHECK(ds_st_find(s, "model.layers.1.mlp.gate.weight")->dtype == DS_BF16);
+    CHECK(ds_st_find(s, "lm_head.weight")->dtype == DS_BF16);
+    q = ds_st_find(s, "model.layers.0.mlp.down_proj.weight"); /* [64, 128] */
+    sc = ds_st_find(s, "model.layers.0.mlp.down_proj.weight_scale");
+    if (q && sc) {
+        double ss = 0;
+        int64_t n = 0, min = 0;
+        const int8_t *b = q->data;
+        for (int64_t r = 0; r < 64; r++)
+            for (int64_t j = 0; j < q->shape[1]; j++) {
+                const int8_t v = b[r * q->shape[1] + j];
+                const int vals[2] = {w4 ? (int8_t)(uint8_t)((uint8_t)v << 4) >> 4 : v, v >> 4};
+                for (int k = 0; k < (w4 ? 2 : 1); k++, n++) {
+                    const double w = vals[k] * (double)((const float *)sc->data)[r];
+                    ss += w * w;
+                    if (vals[k] < min) min = vals[k];
+                }
+            }
+        CHECK(n == 64 * 128 && min == (w4 ? -8 : -127));
+        CHECK_MSG(fabs(sqrt(ss / (double)n) * sqrt(128.0) - 1.0) < 0.1, "std %g",
+                  sqrt(ss / (double)n));
+    }
+    ds_st_close(s);
+    ds_model *m = NULL;
+    CHECK_MSG(ds_model_open(dir, NULL, &m) == DS_OK, "%s", ds_err_msg());
+    ds_model_close(m);
+}
+
 static int count_entries(const char *dir) {
     DIR *d = opendir(dir);
     int n = 0;
@@ -553,7 +600,16 @@ int main(void) {
         "model.layers.3.mlp.experts.15.gate_proj.weight", NULL};
     check_fp8_vs_bf16(sf, sb, small_proj, 1);
 
-    /* 6. refusals */
+    /* 6. the integer layouts, two layers */
+    char i8[4300], i4[4300];
+    snprintf(i8, sizeof i8, "%s/tiny-w8a8", tmp);
+    snprintf(i4, sizeof i4, "%s/tiny-w4a8", tmp);
+    CHECK(run_make_tiny(i8, (const char *const[]){"--dtype", "w8a8", "--layers", "2", NULL}) == 0);
+    CHECK(run_make_tiny(i4, (const char *const[]){"--dtype", "w4a8", "--layers", "2", NULL}) == 0);
+    check_int_layout(i8, 0);
+    check_int_layout(i4, 1);
+
+    /* 7. refusals */
     CHECK(run_make_tiny(a, (const char *const[]){"--seed", "7", NULL}) == 2); /* not empty */
     CHECK(check_layout(a, &TINY, 0, 1) == 1);                                 /* untouched */
     char e[4300];
@@ -578,7 +634,7 @@ int main(void) {
         CHECK(stat(nt, &st) != 0);
     }
     /* nothing but the finished directories: no OUT_DIR.tmp-* or .old-* left behind */
-    CHECK_MSG(count_entries(tmp) == 7, "%d entries in %s", count_entries(tmp), tmp);
+    CHECK_MSG(count_entries(tmp) == 9, "%d entries in %s", count_entries(tmp), tmp);
 
     ds_test_rmtree(tmp);
     free(tmp);
