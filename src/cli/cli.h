@@ -21,6 +21,8 @@ int ds_cmd_detokenize(int argc, char **argv);
 int ds_cmd_chat_template(int argc, char **argv);
 int ds_cmd_quantize(int argc, char **argv);
 int ds_cmd_bench_kernels(int argc, char **argv);
+/* bench_layer.c: DeepSeek-R1 at full width, layer by layer, extrapolated to 61 layers / N nodes */
+int ds_cmd_bench_layer(int argc, char **argv);
 int ds_cmd_serve(int argc, char **argv); /* serve.c: the OpenAI-compatible HTTP server */
 int ds_cmd_bench(int argc, char **argv); /* bench.c: serving benchmark client (src/bench/) */
 /* launch.c: mpirun over --hosts running dsinfer serve (docs/deploy.md). */

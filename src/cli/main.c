@@ -22,6 +22,7 @@ static const struct {
     {"info", ds_cmd_info, "print a checkpoint's config, parameter counts and bytes per dtype"},
     {"bench-model", ds_cmd_bench_model, "prefill/decode tokens/s vs this machine's bandwidth"},
     {"bench-kernels", ds_cmd_bench_kernels, "matmul kernels vs read bandwidth and peak int8 ops"},
+    {"bench-layer", ds_cmd_bench_layer, "DeepSeek-R1 at full width, per layer, extrapolated"},
     {"tokenize", ds_cmd_tokenize, "text to token ids with the model's tokenizer.json"},
     {"detokenize", ds_cmd_detokenize, "token ids to text (lossy UTF-8)"},
     {"chat-template", ds_cmd_chat_template, "render a JSON messages array with the chat template"},

@@ -74,6 +74,9 @@ int ds_model_check_files(const ds_model *m);
  * row block), from the stored dtypes; and the total bytes of all bound weights. */
 uint64_t ds_model_bytes_per_token(const ds_model *m);
 uint64_t ds_model_weight_bytes(const ds_model *m);
+/* The weight bytes a step reads in layer l on this rank: attention, the dense MLP or the
+ * router, shared expert and this rank's routed experts flagged in touched[n_routed_experts]. */
+uint64_t ds_model_layer_bytes(const ds_model *m, int64_t l, const uint8_t *touched);
 
 /* ---- the MLA KV cache ----
  * Per layer and token slot only what the model needs: the normalised latent (kv_lora_rank) and

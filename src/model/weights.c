@@ -270,6 +270,17 @@ static uint64_t weight_bytes(const ds_model *m, int active) {
     return b;
 }
 
+uint64_t ds_model_layer_bytes(const ds_model *m, int64_t l, const uint8_t *touched) {
+    if (l < 0 || l >= m->cfg.n_layers) return 0;
+    const ds_layer *L = &m->layers[l];
+    uint64_t b = layer_attn_bytes(L);
+    if (!L->moe) return b + mlp_bytes(&L->dense);
+    b += ds_mat_bytes(&L->router) + mlp_bytes(&L->shared);
+    for (int64_t e = m->shard.experts.lo; touched && e < m->shard.experts.hi; e++)
+        if (touched[e]) b += mlp_bytes(&L->experts[e]);
+    return b;
+}
+
 uint64_t ds_model_bytes_per_token(const ds_model *m) {
     return weight_bytes(m, 1);
 }
