@@ -7,7 +7,7 @@
 #      then a ThreadSanitizer build               -> build-tsan/,  the multi-threaded tests
 #      then an aarch64 cross build (gcc)          -> build-aarch64/, test_kernels under qemu
 #   5. libFuzzer build with clang                 -> build-fuzz/,  each fuzz_* target for
-#      DSINFER_FUZZ_SECONDS (default 40) seconds from its seed corpus tests/fuzz/corpus/<name>/
+#      DSINFER_FUZZ_SECONDS (default 30) seconds from its seed corpus tests/fuzz/corpus/<name>/
 # Any failure fails the script.
 #
 # Environment:
@@ -20,7 +20,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
-FUZZ_SECONDS="${DSINFER_FUZZ_SECONDS:-40}"
+FUZZ_SECONDS="${DSINFER_FUZZ_SECONDS:-30}"
 ASAN_EXCLUDE="${DSINFER_ASAN_CTEST_EXCLUDE:-}"
 case "$FUZZ_SECONDS" in
   '' | *[!0-9]*)

@@ -230,7 +230,7 @@ int main(void) {
     snprintf(g_model, sizeof g_model, "%.4000s/tiny-a", fx);
     test_graceful_shutdown();
     test_shutdown_abort();
-    test_shutdown_burst("60", 200, 4, 1);
+    test_shutdown_burst("60", 100, 4, 1);
     test_shutdown_burst("1", 240, 4, 0);
     return ds_test_finish("test_server_shutdown");
 }
