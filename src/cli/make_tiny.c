@@ -19,8 +19,8 @@
  * release is: per 128 x 128 block scale_inv = max|w| / 448 (F32), fp8 = e4m3fn(w / scale_inv)
  * rounded to nearest even and saturated; the real weight is fp8 x scale_inv. With --dtype
  * w8a8 / w4a8 the same projections are written in dsinfer quantize's layouts, their integers
- * drawn directly (uniform bytes; int8 -128 mapped to -127) with the scale that gives the real
- * weight the BF16 path's amplitude: full-width slices for bench-layer without a BF16 detour.
+ * drawn directly, uniform and symmetric around 0, with the scale that gives the real weight the
+ * BF16 path's std: full-width slices for bench-layer without a BF16 detour.
  *
  * Memory. Tensors are generated and written one at a time, so the peak is the largest tensor
  * (embed_tokens / lm_head: vocab x hidden BF16, 265 MB for the medium preset) plus stdio buffers.
@@ -316,8 +316,10 @@ static int gen_tensor(const mt_opts *o, const mt_tensor *t, mt_scratch *sc) {
         return DS_OK;
     }
     if (t->dtype == DS_I8) {
-        /* drawn as integers, 8 bytes per generator output: uniform over the int8 / int4 range,
-         * the scale giving the real weight the BF16 path's amplitude */
+        /* drawn as integers, a byte of a generator output each: uniform and symmetric around 0
+         * (int8: -127..127 and one more 0; int4: -7..7), so that no layer adds a common offset
+         * that would send every token to the same experts; the scale gives the real weight the
+         * BF16 path's std (amp / sqrt(3)) */
         const int w4 = o->dtype == MT_W4A8;
         const int64_t in = w4 ? (int64_t)t->shape[1] * 2 : cols; /* even for every preset */
         const int64_t ns = w4 ? (in + MT_BLOCK - 1) / MT_BLOCK : 1;
@@ -325,12 +327,26 @@ static int gen_tensor(const mt_opts *o, const mt_tensor *t, mt_scratch *sc) {
         kind_params(t->kind, in, &base, &a);
         if (!grow((void **)&sc->scale, &sc->scale_cap, (size_t)(rows * ns) * sizeof(float)))
             return ds_err_set(DS_ERR_NOMEM, "out of memory generating '%s'", t->name);
-        for (int64_t i = 0; i < rows * ns; i++) sc->scale[i] = a / (w4 ? 8.0f : 127.0f);
+        /* std of the codes: int8 sqrt(2 x sum k^2, k = 1..127 / 256) = 73.2, int4 sqrt(2 x
+         * sum k^2, k = 1..7 / 15) = 4.32 */
+        const float code_std = w4 ? 4.3205f : 73.194f;
+        for (int64_t i = 0; i < rows * ns; i++) sc->scale[i] = a / sqrtf(3.0f) / code_std;
         uint8_t *q = sc->buf;
-        for (uint64_t i = 0; i < numel; i += 8) {
-            uint64_t r = splitmix64(&st);
-            for (uint64_t k = 0; k < 8 && i + k < numel; k++, r >>= 8)
-                q[i + k] = w4 || (uint8_t)r != 0x80 ? (uint8_t)r : 0x81; /* int8: -127..127 */
+        uint64_t r = 0;
+        for (uint64_t i = 0; i < numel; i++) {
+            if (!w4) {
+                if (i % 8 == 0) r = splitmix64(&st);
+                q[i] = (uint8_t)r == 0x80 ? 0 : (uint8_t)r;
+                r >>= 8;
+                continue;
+            }
+            uint8_t nib[2];
+            for (int h = 0; h < 2; h++) {
+                if ((2 * i + (uint64_t)h) % 8 == 0) r = splitmix64(&st);
+                nib[h] = (uint8_t)((int)((uint8_t)r % 15) - 7) & 0xF;
+                r >>= 8;
+            }
+            q[i] = (uint8_t)(nib[0] | nib[1] << 4);
         }
         return DS_OK;
     }

@@ -385,7 +385,8 @@ static void check_values(const char *dir) {
 }
 
 /* --dtype w8a8 / w4a8 --layers 2: dsinfer quantize's layouts (I8 weight, F32 weight_scale per
- * row / per 128 inputs, two int4 a byte), the config saying so, int8 never -128, the real
+ * row / per 128 inputs, two int4 a byte), the config saying so, codes symmetric (int8 never
+ * -128, int4 never -8; their mean near 0, so no layer adds a common offset), the real
  * weights (q x scale) with the BF16 path's std 1/sqrt(fan_in), and a model that loads. */
 static void check_int_layout(const char *dir, int w4) {
     ds_config c;
@@ -405,7 +406,7 @@ static void check_int_layout(const char *dir, int w4) {
     q = ds_st_find(s, "model.layers.0.mlp.down_proj.weight"); /* [64, 128] */
     sc = ds_st_find(s, "model.layers.0.mlp.down_proj.weight_scale");
     if (q && sc) {
-        double ss = 0;
+        double ss = 0, sum = 0;
         int64_t n = 0, min = 0;
         const int8_t *b = q->data;
         for (int64_t r = 0; r < 64; r++)
@@ -415,10 +416,13 @@ static void check_int_layout(const char *dir, int w4) {
                 for (int k = 0; k < (w4 ? 2 : 1); k++, n++) {
                     const double w = vals[k] * (double)((const float *)sc->data)[r];
                     ss += w * w;
+                    sum += vals[k];
                     if (vals[k] < min) min = vals[k];
                 }
             }
-        CHECK(n == 64 * 128 && min == (w4 ? -8 : -127));
+        CHECK(n == 64 * 128 && min == (w4 ? -7 : -127));
+        /* the mean code: 5 standard errors (int4 -8..7 would give -0.5, 10 of them) */
+        CHECK_MSG(fabs(sum / (double)n) < (w4 ? 0.25 : 4.0), "mean code %g", sum / (double)n);
         CHECK_MSG(fabs(sqrt(ss / (double)n) * sqrt(128.0) - 1.0) < 0.1, "std %g",
                   sqrt(ss / (double)n));
     }
