@@ -458,8 +458,7 @@ static const char *ms_mlp_name(const char *rest, char *buf, size_t cap) {
     return w ? buf : NULL;
 }
 
-/* The MindSpore name of the Hugging Face tensor name or projection prefix `hf`, into buf. */
-static int ms_name(const char *hf, char *buf, size_t cap) {
+int fmtgen_ms_name(const char *hf, char *buf, size_t cap) {
     const char *ms = ms_lookup(fg_ms_top, FG_LEN(fg_ms_top), hf);
     long long l = 0;
     int end = 0;
@@ -550,7 +549,7 @@ static int emit_dyn8(fg_ctx *g, const char *prefix, const float *w, int64_t R, i
     if (rc) return rc;
     float *deq = dequant_blocks(z.q, z.s, R, C, sp);
     char m[512] = "";
-    if (ms) rc = ms_name(prefix, m, sizeof m);
+    if (ms) rc = fmtgen_ms_name(prefix, m, sizeof m);
     g->out.qtype = "W8A8_DYNAMIC";
     rc = fg_add(&g->out, rc, ms ? m : prefix, ms ? "._layer.weight" : ".weight", DS_I8, 2,
                 (int64_t[]){R, C}, z.q, 1);
@@ -736,7 +735,7 @@ static int put_static_hf(fg_ctx *g, const char *prefix, const fg_static *st) {
 static int put_static_ms(fg_ctx *g, const char *prefix, const fg_static *st) {
     char m[512] = "";
     int64_t *src = NULL, R = st->R, na = st->n_act;
-    int rc = ms_name(prefix, m, sizeof m);
+    int rc = fmtgen_ms_name(prefix, m, sizeof m);
     if (!rc) rc = rope_order(g, prefix, R, &src);
     if (!rc && src) rc = permute_rows(st->q, R, (size_t)st->C, src);
     if (!rc && src) rc = permute_rows(st->qb, R, sizeof *st->qb, src);
@@ -899,7 +898,7 @@ static int emit_ms_experts(fg_ctx *g, const ds_st_tensor *t) {
                  proj);
         rc = stack_one(g, &st, x, prefix, &sp);
     }
-    if (!rc) rc = ms_name(prefix, m, sizeof m);
+    if (!rc) rc = fmtgen_ms_name(prefix, m, sizeof m);
     rc = fg_add(&g->out, rc, m, "._layer.weight", DS_I8, 3,
                 (int64_t[]){st.E, st.K, st.int4 ? st.N / 2 : st.N}, st.w, 1);
     if (st.int4)
@@ -939,7 +938,7 @@ static int emit_ms_float(fg_ctx *g, const ds_st_tensor *t) {
     if (layer_of(t->name) >= g->cfg.n_layers) return DS_OK;
     if (ds_str_ends_with(t->name, ".self_attn.kv_b_proj.weight")) return emit_ms_kv_b(g, t);
     char m[512];
-    int rc = ms_name(t->name, m, sizeof m);
+    int rc = fmtgen_ms_name(t->name, m, sizeof m);
     return rc ? rc : fg_add(&g->out, rc, m, "", t->dtype, t->ndim, t->shape, t->data, 0);
 }
 

@@ -28,6 +28,7 @@
 #define FMTGEN_H
 
 #include <stdint.h>
+#include <stddef.h>
 
 typedef enum {
     /* msModelSlim "ascend" R1 W8A8 mix (§0, §1): attention q_a/q_b (or q)/kv_a/o static W8A8
@@ -83,6 +84,10 @@ int fmtgen_write(fmtgen_kind kind, const char *src, const char *out, const char 
  * does not open or a forward fails; *logits is NULL then. */
 int fmtgen_run(const char *dir, const int32_t *ids, int64_t n, int steps, float **logits,
                int64_t *vocab, int32_t *cont);
+
+/* The MindSpore name of the Hugging Face tensor name or projection prefix `hf` (a routed
+ * expert's: the stacked tensor's), into buf; DS_ERR_UNSUPPORTED when none is known. */
+int fmtgen_ms_name(const char *hf, char *buf, size_t cap);
 
 /* Agreement of logits `got` with logits `ref` over positions, accumulated by fmtgen_compare. A
  * position is "clear" when ref's top-1 leads its runner-up by more than 0.5. */

@@ -168,57 +168,15 @@ static const struct {
 static const char *const vscheme_qtype[] = {"FLOAT", "W8A8", "W8A8_DYNAMIC", "W4A8_DYNAMIC", "",
                                             "",      ""};
 
-/* The brief's MindSpore names: of the whole model's tensors, and of a decoder layer's after
- * "model.layers.L." (routed experts with their index dropped: they are stacked). */
-static const char *const ms_top_names[][2] = {
-    {"model.embed_tokens.weight", "model.tok_embeddings.embedding_weight"},
-    {"model.norm.weight", "model.norm_out.weight"},
-    {"lm_head.weight", "lm_head.weight"},
-};
-static const char *const ms_layer_names[][2] = {
-    {"input_layernorm.weight", "attention_norm.weight"},
-    {"post_attention_layernorm.weight", "ffn_norm.weight"},
-    {"self_attn.q_a_layernorm.weight", "attention.lq_norm.weight"},
-    {"self_attn.kv_a_layernorm.weight", "attention.lkv_norm.weight"},
-    {"self_attn.q_a_proj", "attention.q2l_proj"},
-    {"self_attn.q_b_proj", "attention.l2q_proj"},
-    {"self_attn.kv_a_proj_with_mqa", "attention.kv2l"},
-    {"self_attn.o_proj", "attention.wo"},
-    {"mlp.gate.weight", "feed_forward.routed_experts.router.dense.weight"},
-    {"mlp.gate.e_score_correction_bias",
-     "feed_forward.routed_experts.router.e_score_correction_bias"},
-    {"mlp.gate_proj", "feed_forward.w1"},
-    {"mlp.up_proj", "feed_forward.w3"},
-    {"mlp.down_proj", "feed_forward.w2"},
-    {"mlp.shared_experts.gate_proj", "feed_forward.shared_experts.w1"},
-    {"mlp.shared_experts.up_proj", "feed_forward.shared_experts.w3"},
-    {"mlp.shared_experts.down_proj", "feed_forward.shared_experts.w2"},
-    {"mlp.experts.gate_proj", "feed_forward.routed_experts.ffn.w1"},
-    {"mlp.experts.up_proj", "feed_forward.routed_experts.ffn.w3"},
-    {"mlp.experts.down_proj", "feed_forward.routed_experts.ffn.w2"},
-};
-
-/* The MindSpore name of Hugging Face name (or projection prefix) hf into out, and the routed
- * expert it is (*expert, -1 for none); 0 when the table has none. */
+/* The MindSpore name of Hugging Face name (or projection prefix) hf into out (fmtgen's), and
+ * the routed expert it is (*expert, -1 for none); 0 when there is none. */
 static int ms_of(const char *hf, char *out, size_t cap, int64_t *expert) {
-    long long l, e = -1;
-    int end = 0, eend = 0;
-    char rest[256];
+    long long l, e;
+    int end = 0;
     *expert = -1;
-    for (size_t i = 0; i < sizeof ms_top_names / sizeof ms_top_names[0]; i++)
-        if (!strcmp(hf, ms_top_names[i][0]))
-            return snprintf(out, cap, "%s", ms_top_names[i][1]) > 0;
-    if (sscanf(hf, "model.layers.%lld.%n", &l, &end) != 1 || !end) return 0;
-    if (sscanf(hf + end, "mlp.experts.%lld.%n", &e, &eend) == 1 && eend)
-        snprintf(rest, sizeof rest, "mlp.experts.%s", hf + end + eend);
-    else
-        snprintf(rest, sizeof rest, "%s", hf + end);
-    for (size_t i = 0; i < sizeof ms_layer_names / sizeof ms_layer_names[0]; i++)
-        if (!strcmp(rest, ms_layer_names[i][0])) {
-            *expert = e;
-            return snprintf(out, cap, "model.layers.%lld.%s", l, ms_layer_names[i][1]) > 0;
-        }
-    return 0;
+    if (sscanf(hf, "model.layers.%lld.mlp.experts.%lld.%n", &l, &e, &end) == 2 && end)
+        *expert = e;
+    return fmtgen_ms_name(hf, out, cap) == DS_OK;
 }
 
 #define MAX_FILES 4
