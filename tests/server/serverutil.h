@@ -97,6 +97,23 @@ SRV_FN int srv_send_all(int fd, const char *p, size_t n) {
     return 0;
 }
 
+/* POSTs body to /v1/completions on a fresh connection (Connection: close) without reading the
+ * answer: the socket, -1 when the server cannot be reached. */
+SRV_FN int srv_send_completion(int port, const char *body) {
+    int fd = srv_connect(port);
+    if (fd < 0) return -1;
+    char head[256];
+    int hl = snprintf(head, sizeof head,
+                      "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                      "Content-Length: %zu\r\n\r\n",
+                      strlen(body));
+    if (srv_send_all(fd, head, (size_t)hl) || srv_send_all(fd, body, strlen(body))) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
 /* Reads until EOF (or the receive timeout); malloc'd, NUL-terminated; *n its length. */
 SRV_FN char *srv_read_all(int fd, size_t *n) {
     size_t cap = 1 << 14, len = 0;

@@ -48,19 +48,9 @@ static void *run_job(void *p) {
                          "\"return_token_ids\": true}",
                          OUTPUT);
     const double t0 = srv_now();
-    int fd = srv_connect(j->port);
-    if (fd < 0) {
-        free(body);
-        return NULL;
-    }
-    char head[256];
-    int hl = snprintf(head, sizeof head,
-                      "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                      "Content-Length: %zu\r\n\r\n",
-                      k);
-    srv_send_all(fd, head, (size_t)hl);
-    srv_send_all(fd, body, k);
+    int fd = srv_send_completion(j->port, body);
     free(body);
+    if (fd < 0) return NULL;
     /* read the stream; note when the first token arrives */
     size_t cap = 1 << 16, len = 0;
     char *buf = malloc(cap);

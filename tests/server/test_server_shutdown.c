@@ -13,29 +13,16 @@
 
 static char g_model[4096];
 
-/* Sends a request on a fresh connection without reading the answer; the socket. */
-static int send_only(int port, const char *body) {
-    int fd = srv_connect(port);
-    char head[512];
-    int hl = snprintf(head, sizeof head,
-                      "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                      "Content-Length: %zu\r\n\r\n",
-                      strlen(body));
-    srv_send_all(fd, head, (size_t)hl);
-    srv_send_all(fd, body, strlen(body));
-    return fd;
-}
-
 /* SIGTERM with --shutdown-timeout 0: running requests are aborted, and say so: a stream ends with
  * an error event and [DONE], a whole answer is a 503; exit 0. */
 static void test_shutdown_abort(void) {
     srv_proc s;
     const char *args[] = {"--shutdown-timeout", "0", "--disable-log-requests", NULL};
     CHECK(srv_start(&s, g_model, args) == 0);
-    int a = send_only(s.port, "{\"prompt\": \"x\", \"max_tokens\": 250, \"n\": 16, "
-                              "\"ignore_eos\": true}");
-    int b = send_only(s.port, "{\"prompt\": \"y\", \"max_tokens\": 250, \"n\": 16, "
-                              "\"ignore_eos\": true, \"stream\": true}");
+    int a = srv_send_completion(s.port, "{\"prompt\": \"x\", \"max_tokens\": 250, \"n\": 16, "
+                                        "\"ignore_eos\": true}");
+    int b = srv_send_completion(s.port, "{\"prompt\": \"y\", \"max_tokens\": 250, \"n\": 16, "
+                                        "\"ignore_eos\": true, \"stream\": true}");
     char first[64];
     ssize_t got = recv(b, first, sizeof first, 0); /* the stream runs */
     CHECK(got > 0);
@@ -74,15 +61,9 @@ static void test_graceful_shutdown(void) {
     srv_proc s;
     const char *args[] = {"--max-num-seqs", "4", "--log-stats-interval", "1", NULL};
     CHECK(srv_start(&s, g_model, args) == 0);
-    int fd = srv_connect(s.port);
-    const char *body = "{\"prompt\": \"Mindspore is\", \"max_tokens\": 200, \"ignore_eos\": true, "
-                       "\"stream\": true, \"stream_options\": {\"include_usage\": true}}";
-    char head[512];
-    int hl = snprintf(head, sizeof head,
-                      "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                      "Content-Length: %zu\r\n\r\n%s",
-                      strlen(body), body);
-    srv_send_all(fd, head, (size_t)hl);
+    int fd = srv_send_completion(
+        s.port, "{\"prompt\": \"Mindspore is\", \"max_tokens\": 200, \"ignore_eos\": true, "
+                "\"stream\": true, \"stream_options\": {\"include_usage\": true}}");
     char first[256];
     ssize_t got = recv(fd, first, sizeof first, 0); /* the stream has begun */
     CHECK(got > 0);
@@ -168,7 +149,7 @@ static void test_shutdown_burst(const char *grace_s, int max_tokens, int n, int 
             "{\"prompt\": \"burst %d\", \"max_tokens\": %d, \"n\": %d, \"ignore_eos\": true%s}", i,
             max_tokens, n,
             i % 2 == 0 ? ", \"stream\": true, \"stream_options\": {\"include_usage\": true}" : "");
-        fds[i] = send_only(s.port, body);
+        fds[i] = srv_send_completion(s.port, body);
         CHECK(fds[i] >= 0);
     }
     int seen = 0;

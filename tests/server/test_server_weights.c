@@ -40,15 +40,9 @@ static char *greedy_text(int port) {
 
 /* A long stream on a fresh connection, read until its first bytes; the socket. */
 static int stream_started(int port) {
-    const char *body = "{\"prompt\": \"x\", \"max_tokens\": 240, \"n\": 4, \"ignore_eos\": true, "
-                       "\"stream\": true}";
-    char req[512];
-    int n = snprintf(req, sizeof req,
-                     "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                     "Content-Length: %zu\r\n\r\n%s",
-                     strlen(body), body);
-    int fd = srv_connect(port);
-    CHECK(fd >= 0 && srv_send_all(fd, req, (size_t)n) == 0);
+    int fd = srv_send_completion(port, "{\"prompt\": \"x\", \"max_tokens\": 240, \"n\": 4, "
+                                       "\"ignore_eos\": true, \"stream\": true}");
+    CHECK(fd >= 0);
     char first[256];
     CHECK(fd >= 0 && recv(fd, first, sizeof first, 0) > 0);
     return fd;
