@@ -28,7 +28,6 @@
 #include <getopt.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #define R1_LAYERS 61
 #define R1_DENSE 3
