@@ -177,6 +177,11 @@ const ds_kernels *ds_kernels_get(void) {
     return selected;
 }
 
+int ds_kernels_fgemm_native(const ds_kernels *k) {
+    const ds_kernels *s = ds_kernels_scalar();
+    return strcmp(k->name, s->name) == 0 || k->gemm16x8_f32 != s->gemm16x8_f32;
+}
+
 const ds_kernels *ds_kernels_for(const char *isa) {
     if (!isa) return NULL;
     pthread_once(&detect_once, detect);

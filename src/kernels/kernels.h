@@ -116,6 +116,9 @@ const ds_kernels *ds_kernels_get(void);
 const ds_kernels *ds_kernels_for(const char *isa);
 /* The scalar reference table. */
 const ds_kernels *ds_kernels_scalar(void);
+/* True when table k has its own float GEMM kernels (or is the scalar table, their oracle): the
+ * others fill those slots from scalar, slower than their dot / axpy kernels. */
+int ds_kernels_fgemm_native(const ds_kernels *k);
 
 /* A weight matrix W [rows, cols] (PyTorch's Linear layout: y = x W^T) in its stored form. The
  * data is not owned: it usually points into a safetensors mmap. */

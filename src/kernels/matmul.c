@@ -573,11 +573,6 @@ static void matmul_i8_thread(void *arg, int thread, int n_threads) {
 #define MM_FUSED_MAX_TOK_16 32
 #define MM_FUSED_MAX_TOK_FP8 16
 
-static int fgemm_native(const ds_kernels *k) {
-    const ds_kernels *s = ds_kernels_scalar();
-    return strcmp(k->name, s->name) == 0 || k->gemm16x8_f32 != s->gemm16x8_f32;
-}
-
 static void matmul_fgemm_thread(void *arg, int thread, int n_threads) {
     const matmul_ctx *c = arg;
     const ds_mat *w = c->w;
@@ -851,7 +846,7 @@ void ds_matmul(ds_pool *pool, float *y, const float *x, int64_t n_tok, const ds_
             w->dtype == DS_F8_E4M3 ? MM_FUSED_MAX_TOK_FP8 : MM_FUSED_MAX_TOK_16;
         if (w->dtype != DS_F32 && n_tok <= fused_max && fused_native(c.k, w->dtype))
             fn = matmul_fused_thread;
-        else if (n_tok > MM_FUSED_MAX_TOK && fgemm_native(c.k))
+        else if (n_tok > MM_FUSED_MAX_TOK && ds_kernels_fgemm_native(c.k))
             fn = matmul_fgemm_thread;
         if (pool && ds_pool_size(pool) > 1)
             ds_pool_run(pool, fn, &c);

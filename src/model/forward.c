@@ -62,9 +62,11 @@ static size_t buf_sizes(const ds_config *c, int64_t heads, int64_t max_ctx, int6
     int64_t inter =
         imax(c->intermediate_size, c->moe_intermediate_size * imax(1, c->n_shared_experts));
     int64_t k = imax(1, c->n_experts_per_tok), E = imax(1, c->n_routed_experts);
-    int64_t row = imax(imax(c->kv_lora_rank, c->v_head_dim), c->qk_nope_head_dim);
-    /* scores, then a row at the 16-float boundary after them (forward_chunk's row_off) */
-    *thread_floats = (size_t)(((max_ctx + 15) & ~(int64_t)15) + ((row + 15) & ~(int64_t)15));
+    /* scores, then at the 16-float boundary after them (forward_chunk's row_off) a dequantised
+     * latent row or the absorptions' panels (absorb_q_task, absorb_o_task) */
+    int64_t R16 = (c->kv_lora_rank + 15) & ~(int64_t)15;
+    *thread_floats = (size_t)(((max_ctx + 15) & ~(int64_t)15) +
+                              R16 * imax(c->qk_nope_head_dim + 1, 32));
     const size_t v[N_BUFS] = {(size_t)(B * D),
                               (size_t)(B * D),
                               (size_t)(B * D),
@@ -204,8 +206,25 @@ static int64_t slot_of(const ds_kv_cache *kv, const ds_batch *bt, int64_t i, int
            pos % bs;
 }
 
-/* q_abs[t, h] = sum_d q_nope[t, h, d] * W_UK[h][d, :], one dequantised W_UK row at a time so
- * each row is read once for all tokens. Threads split the heads. */
+/* The absorptions are small GEMMs per head (gemm16x8_f32: sixteen outputs a lane, eight tokens
+ * a pass), the head's kv_b rows dequantised once per call. Over this many tokens they beat a row
+ * at a time through axpy / dot (each output re-read from cache per row); below, those stay. */
+#define ABSORB_GEMM_MIN_TOK 8
+
+static int absorb_gemm_ok(const ds_kernels *k, int64_t n) {
+    return n >= ABSORB_GEMM_MIN_TOK && ds_kernels_fgemm_native(k);
+}
+
+/* Sixteen outputs for eight of the chunk's tokens from tokens t0 on (a tail group repeats token
+ * t0, dropped): out[16 j + r] over panel pan of depth k, x of token t at x0 + t * ldx. */
+static void absorb_gemm(const ds_kernels *k, const float *pan, int64_t depth, const float *x0,
+                        int64_t ldx, int64_t t0, int64_t n, float out[128]) {
+    const float *xs[8];
+    for (int64_t j = 0; j < 8; j++) xs[j] = x0 + (t0 + (t0 + j < n ? j : 0)) * ldx;
+    k->gemm16x8_f32(pan, (size_t)depth, xs, out);
+}
+
+/* q_abs[t, h] = sum_d q_nope[t, h, d] * W_UK[h][d, :]. Threads split the heads. */
 static void absorb_q_task(void *arg, int thread, int n_threads) {
     attn_ctx *a = arg;
     const ds_config *c = &a->m->cfg;
@@ -213,11 +232,19 @@ static void absorb_q_task(void *arg, int thread, int n_threads) {
     int64_t H = local_heads(a->m), R = c->kv_lora_rank, dn = c->qk_nope_head_dim;
     int64_t qk = dn + c->qk_rope_head_dim, rows_per_head = dn + c->v_head_dim;
     float *row = a->b->thread_buf + (size_t)thread * a->b->thread_floats + a->row_off;
+    float *pan = row + ((R + 15) & ~(int64_t)15); /* [R / 16][dn][16]: W_UK[h] by 16 columns */
+    int gemm = absorb_gemm_ok(k, a->n);
     size_t h0, h1;
     ds_split_range((size_t)H, thread, n_threads, &h0, &h1);
     for (int64_t h = (int64_t)h0; h < (int64_t)h1; h++) {
         for (int64_t d = 0; d < dn; d++) {
             ds_mat_row_f32(&a->L->kv_b, h * rows_per_head + d, row);
+            if (gemm) {
+                for (int64_t r0 = 0; r0 < R; r0 += 16)
+                    for (int64_t r = 0; r < 16; r++)
+                        pan[(r0 * dn + d * 16) + r] = r0 + r < R ? row[r0 + r] : 0;
+                continue;
+            }
             for (int64_t t = 0; t < a->n; t++) {
                 float *qa = a->b->q_abs + (t * H + h) * R, qd = a->b->q[(t * H + h) * qk + d];
                 if (d) {
@@ -227,6 +254,14 @@ static void absorb_q_task(void *arg, int thread, int n_threads) {
                 }
             }
         }
+        for (int64_t t0 = 0; gemm && t0 < a->n; t0 += 8)
+            for (int64_t r0 = 0; r0 < R; r0 += 16) {
+                float out[128];
+                absorb_gemm(k, pan + r0 * dn, dn, a->b->q + h * qk, H * qk, t0, a->n, out);
+                for (int64_t j = 0; j < 8 && t0 + j < a->n; j++)
+                    for (int64_t r = 0; r < 16 && r0 + r < R; r++)
+                        a->b->q_abs[((t0 + j) * H + h) * R + r0 + r] = out[16 * j + r];
+            }
     }
 }
 
@@ -297,17 +332,37 @@ static void absorb_o_task(void *arg, int thread, int n_threads) {
     const ds_config *c = &a->m->cfg;
     const ds_kernels *k = ds_kernels_get();
     int64_t H = local_heads(a->m), R = c->kv_lora_rank, dn = c->qk_nope_head_dim;
-    int64_t dv = c->v_head_dim;
+    int64_t dv = c->v_head_dim, R16 = (R + 15) & ~(int64_t)15;
     float *row = a->b->thread_buf + (size_t)thread * a->b->thread_floats + a->row_off;
+    float *pan = row + 16 * R16; /* after 16 dequantised rows: [R][16], 16 rows of W_UV[h] */
     size_t h0, h1;
     ds_split_range((size_t)H, thread, n_threads, &h0, &h1);
-    for (int64_t h = (int64_t)h0; h < (int64_t)h1; h++)
-        for (int64_t v = 0; v < dv; v++) {
-            ds_mat_row_f32(&a->L->kv_b, h * (dn + dv) + dn + v, row);
-            for (int64_t t = 0; t < a->n; t++)
-                a->o[(t * H + h) * dv + v] =
-                    k->dot_f32(a->b->o_lat + (t * H + h) * R, row, (size_t)R);
+    for (int64_t h = (int64_t)h0; h < (int64_t)h1; h++) {
+        if (!absorb_gemm_ok(k, a->n)) {
+            for (int64_t v = 0; v < dv; v++) {
+                ds_mat_row_f32(&a->L->kv_b, h * (dn + dv) + dn + v, row);
+                for (int64_t t = 0; t < a->n; t++)
+                    a->o[(t * H + h) * dv + v] =
+                        k->dot_f32(a->b->o_lat + (t * H + h) * R, row, (size_t)R);
+            }
+            continue;
         }
+        for (int64_t v0 = 0; v0 < dv; v0 += 16) {
+            const float *rp[16];
+            for (int64_t j = 0; j < 16; j++) { /* a tail panel repeats row v0; dropped */
+                rp[j] = row + (v0 + j < dv ? j : 0) * R16;
+                if (v0 + j < dv) ds_mat_row_f32(&a->L->kv_b, h * (dn + dv) + dn + v0 + j, row + j * R16);
+            }
+            k->pack16_f32(pan, rp, (size_t)R);
+            for (int64_t t0 = 0; t0 < a->n; t0 += 8) {
+                float out[128];
+                absorb_gemm(k, pan, R, a->b->o_lat + h * R, H * R, t0, a->n, out);
+                for (int64_t j = 0; j < 8 && t0 + j < a->n; j++)
+                    for (int64_t v = 0; v < 16 && v0 + v < dv; v++)
+                        a->o[((t0 + j) * H + h) * dv + v0 + v] = out[16 * j + v];
+            }
+        }
+    }
 }
 
 /* MindSpore checkpoints store the rope rows of q_b and kv_a per head as the even dimensions
