@@ -118,6 +118,9 @@ void ds_pool_close(ds_pool *p); /* accepts NULL */
 int ds_pool_size(const ds_pool *p);
 /* Runs fn(ctx, i, n) for every i in [0, n) and returns when all have finished. */
 void ds_pool_run(ds_pool *p, ds_pool_fn fn, void *ctx);
+/* The same with n = n_slices (>= 1): more slices than threads let a thread that finishes early
+ * (or runs while another is descheduled) take the rest, at the cost of one claim per slice. */
+void ds_pool_run_slices(ds_pool *p, ds_pool_fn fn, void *ctx, int n_slices);
 /* Splits [0, total) into n near-equal contiguous parts; part i is [*lo, *hi). */
 void ds_split_range(size_t total, int i, int n, size_t *lo, size_t *hi);
 

@@ -41,6 +41,9 @@ struct ds_pool {
     _Atomic int done;        /* slices finished in the current generation */
     _Atomic int quit;
     int sleepers; /* workers blocked on `wake`, guarded by mu */
+    /* slices of the current generation; atomic because a late worker may read it while the
+     * next run sets it, then fails its claim on the newer ticket */
+    _Atomic int n_slices;
     ds_pool_fn fn;
     void *ctx;
 };
@@ -54,12 +57,13 @@ static void run_slices(ds_pool *p, uint32_t gen) {
     uint64_t t = atomic_load_explicit(&p->ticket, memory_order_acquire);
     for (;;) {
         uint32_t i = (uint32_t)t;
-        if (gen_of(t) != gen || i >= (uint32_t)p->n) return;
+        int n = atomic_load_explicit(&p->n_slices, memory_order_relaxed);
+        if (gen_of(t) != gen || i >= (uint32_t)n) return;
         if (!atomic_compare_exchange_weak_explicit(&p->ticket, &t, t + 1, memory_order_acq_rel,
                                                    memory_order_acquire))
             continue; /* t now holds the current ticket */
         /* Slice i of `gen` is ours, so `gen` cannot finish before we do: fn/ctx are stable. */
-        p->fn(p->ctx, (int)i, p->n);
+        p->fn(p->ctx, (int)i, n);
         atomic_fetch_add_explicit(&p->done, 1, memory_order_release);
         t = atomic_load_explicit(&p->ticket, memory_order_acquire);
     }
@@ -140,13 +144,19 @@ int ds_pool_size(const ds_pool *p) {
 }
 
 void ds_pool_run(ds_pool *p, ds_pool_fn fn, void *ctx) {
+    ds_pool_run_slices(p, fn, ctx, ds_pool_size(p));
+}
+
+void ds_pool_run_slices(ds_pool *p, ds_pool_fn fn, void *ctx, int n_slices) {
+    DS_ASSERT(n_slices >= 1);
     if (!p || p->n == 1) {
-        fn(ctx, 0, 1);
+        for (int i = 0; i < n_slices; i++) fn(ctx, i, n_slices);
         return;
     }
-    /* The previous generation is complete (done == n), so nothing reads fn/ctx/done now. */
+    /* The previous generation is complete (done == n_slices): nothing reads fn/ctx/done now. */
     p->fn = fn;
     p->ctx = ctx;
+    atomic_store_explicit(&p->n_slices, n_slices, memory_order_relaxed);
     atomic_store_explicit(&p->done, 0, memory_order_relaxed);
     uint32_t gen = gen_of(atomic_load_explicit(&p->ticket, memory_order_relaxed)) + 1;
     atomic_store_explicit(&p->ticket, (uint64_t)gen << 32, memory_order_release);
@@ -156,7 +166,8 @@ void ds_pool_run(ds_pool *p, ds_pool_fn fn, void *ctx) {
 
     run_slices(p, gen);
 
-    for (long spins = 0; atomic_load_explicit(&p->done, memory_order_acquire) < p->n; spins++) {
+    for (long spins = 0; atomic_load_explicit(&p->done, memory_order_acquire) < n_slices;
+         spins++) {
         if (spins < SPIN_LIMIT)
             cpu_relax();
         else

@@ -170,6 +170,15 @@ uint64_t ds_mat_bytes(const ds_mat *w);
  * ds_quantize_row_i8) and the products accumulate exactly in int32 per scale block:
  *   y[t, r] = sum_blocks s_x[t] * scale(r, block) * sum_{c in block} q_x[t, c] * q_w[r, c]. */
 void ds_matmul(ds_pool *pool, float *y, const float *x, int64_t n_tok, const ds_mat *w);
+/* Independent matmuls (no job's y may alias another's x), each y[t, r] = x W^T exactly as
+ * ds_matmul computes it, run together: their slices share the pool's runs. */
+typedef struct {
+    float *y;
+    const float *x;
+    int64_t n_tok;
+    const ds_mat *w;
+} ds_mm_job;
+void ds_matmul_jobs(ds_pool *pool, const ds_mm_job *jobs, int n_jobs);
 
 /* x[0, n) to the split layout dot4_i4 reads: blocks of `block` columns from column 0 (the last
  * partial), each cut into steps of 128 columns from its start (the last partial), and a step of

@@ -783,76 +783,155 @@ static void prep_task(void *arg, int slice, int n_slices) {
     }
 }
 
-void ds_matmul(ds_pool *pool, float *y, const float *x, int64_t n_tok, const ds_mat *w) {
-    check_mat(w);
-    DS_ASSERT(n_tok >= 0);
-    if (n_tok == 0 || w->rows == 0) return;
-    DS_ASSERT(y && x);
-    if (w->cols == 0) { /* empty sums: the tile loop below would never write y */
-        memset(y, 0, (size_t)n_tok * (size_t)w->rows * sizeof(float));
-        return;
-    }
-    /* a NULL pool or a pool of one runs inline on the caller's thread */
-    matmul_ctx c = {ds_kernels_get(), w, y, x, n_tok, NULL, 0, NULL, NULL, NULL, 0, NULL};
-    if (w->dtype == DS_I8) {
-        /* the activations of each token quantized once per call (owned here), rows padded with
-         * zeros to whole 4-column groups, with what the chosen path needs beside them */
-        const size_t cols = (size_t)w->cols, ldq = (cols + 3) / 4 * 4, blk = i8_block(w);
-        prep_ctx pc = {&c, 0, {0}, 0};
-        ds_pool_fn fn = matmul_i8_thread;
-        if (n_tok >= MM_GEMM_MIN_TOK && (blk == cols || blk % 4 == 0) && gemm_native(c.k)) {
-            pc.mode = PREP_GEMM;
-            pc.np = (cols + blk - 1) / blk;
-            fn = matmul_gemm_thread;
-        } else if (w->int4) { /* dot4_i4: split x and the offsets of the kernel's blocks */
-            pc.mode = PREP_I4;
-            pc.pl = i8_plan_for(w, (size_t)n_tok);
-            for (size_t c0 = 0, nc; c0 < cols; c0 += nc) {
-                nc = i8_call_cols(w, &pc.pl, c0);
-                pc.np += (nc + pc.pl.kblock - 1) / pc.pl.kblock;
-            }
-        }
-        int8_t *q = malloc((size_t)n_tok * ldq);
-        float *sx = malloc((size_t)n_tok * sizeof(float));
-        int32_t *xoff = pc.mode ? malloc((size_t)n_tok * pc.np * sizeof(int32_t)) : NULL;
-        int8_t *xs = pc.mode == PREP_I4 ? malloc((size_t)n_tok * ldq) : NULL;
-        DS_ASSERT(q && sx && (!pc.mode || xoff) && (pc.mode != PREP_I4 || xs));
-        c.q = q;
-        c.ldq = ldq;
-        c.sx = sx;
-        c.xoff = xoff;
-        c.xs = xs;
-        c.n_pieces = pc.np;
-        /* per-token preparation on the pool when there are tokens enough to share */
-        if (pool && ds_pool_size(pool) > 1 && n_tok >= 2 * ds_pool_size(pool))
-            ds_pool_run(pool, prep_task, &pc);
-        else
-            prep_task(&pc, 0, 1);
-        c.k8 = c.k;
-        if (w->act_n && c.k->dot4_i8_no_min && memchr(q, 0x80, (size_t)n_tok * ldq))
-            c.k8 = ds_kernels_scalar();
-        if (pool && ds_pool_size(pool) > 1)
-            ds_pool_run(pool, fn, &c);
-        else
-            fn(&c, 0, 1);
-        free(q);
-        free(sx);
-        free(xoff);
-        free(xs);
-    } else {
+/* ---- the driver ----
+ *
+ * ds_matmul_jobs runs independent matmuls (a MoE layer's experts, each over its own tokens) as
+ * if one: every job's per-token preparation shares one pool run, and every job's row slices
+ * another, claimed dynamically across jobs. A matmul per call cost two pool runs (and a wait
+ * for the slowest thread) per expert matrix, most of a MoE layer's time at a few tokens per
+ * expert. Each job is computed exactly as ds_matmul alone would compute it. */
+
+/* Slices of rows per thread and job: a thread that finishes early, or runs while the other is
+ * descheduled (a shared VM), takes the rest. */
+#define MM_SLICES_PER_THREAD 4
+
+/* One pool slice: sub-slice `sub` of `n_sub` of a job's task. */
+typedef struct {
+    ds_pool_fn fn;
+    void *ctx;
+    int sub, n_sub;
+} mm_unit;
+
+static void units_task(void *arg, int slice, int n_slices) {
+    (void)n_slices;
+    const mm_unit *u = (const mm_unit *)arg + slice;
+    u->fn(u->ctx, u->sub, u->n_sub);
+}
+
+/* Runs the n units' slices on the pool (inline without one). */
+static void run_units(ds_pool *pool, mm_unit *u, int n) {
+    if (!n) return;
+    if (!pool || ds_pool_size(pool) == 1 || n == 1)
+        for (int i = 0; i < n; i++) u[i].fn(u[i].ctx, u[i].sub, u[i].n_sub);
+    else
+        ds_pool_run_slices(pool, units_task, u, n);
+}
+
+/* Appends fn(ctx, i, n_sub) for i < n_sub to u at *n. */
+static void add_units(mm_unit *u, int *n, ds_pool_fn fn, void *ctx, int n_sub) {
+    for (int i = 0; i < n_sub; i++) u[(*n)++] = (mm_unit){fn, ctx, i, n_sub};
+}
+
+typedef struct {
+    matmul_ctx c;
+    prep_ctx pc;
+    ds_pool_fn fn;
+    int8_t *q, *xs;
+    float *sx;
+    int32_t *xoff;
+} mm_job_state;
+
+/* Picks job j's path and, for DS_I8, allocates its activations' buffers. */
+static void job_setup(const ds_mm_job *j, mm_job_state *st) {
+    const ds_mat *w = j->w;
+    memset(st, 0, sizeof *st);
+    st->c = (matmul_ctx){ds_kernels_get(), w, j->y, j->x, j->n_tok, NULL, 0, NULL,
+                         NULL,             NULL, 0,   NULL};
+    st->pc.c = &st->c;
+    if (w->dtype != DS_I8) {
         /* few tokens: stream the stored weights through the fused kernels; more: tiles of f32 */
-        ds_pool_fn fn = matmul_thread;
         const int64_t fused_max =
             w->dtype == DS_F8_E4M3 ? MM_FUSED_MAX_TOK_FP8 : MM_FUSED_MAX_TOK_16;
-        if (w->dtype != DS_F32 && n_tok <= fused_max && fused_native(c.k, w->dtype))
-            fn = matmul_fused_thread;
-        else if (n_tok > MM_FUSED_MAX_TOK && ds_kernels_fgemm_native(c.k))
-            fn = matmul_fgemm_thread;
-        if (pool && ds_pool_size(pool) > 1)
-            ds_pool_run(pool, fn, &c);
-        else
-            fn(&c, 0, 1);
+        st->fn = matmul_thread;
+        if (w->dtype != DS_F32 && j->n_tok <= fused_max && fused_native(st->c.k, w->dtype))
+            st->fn = matmul_fused_thread;
+        else if (j->n_tok > MM_FUSED_MAX_TOK && ds_kernels_fgemm_native(st->c.k))
+            st->fn = matmul_fgemm_thread;
+        return;
     }
-    for (int64_t t = 0; w->bias && t < n_tok; t++)
-        for (int64_t r = 0; r < w->rows; r++) y[t * w->rows + r] += w->bias[w->row0 + r];
+    /* the activations of each token quantized once per call (owned here), rows padded with
+     * zeros to whole 4-column groups, with what the chosen path needs beside them */
+    const size_t cols = (size_t)w->cols, ldq = (cols + 3) / 4 * 4, blk = i8_block(w);
+    const size_t n_tok = (size_t)j->n_tok;
+    prep_ctx *pc = &st->pc;
+    st->fn = matmul_i8_thread;
+    if (j->n_tok >= MM_GEMM_MIN_TOK && (blk == cols || blk % 4 == 0) && gemm_native(st->c.k)) {
+        pc->mode = PREP_GEMM;
+        pc->np = (cols + blk - 1) / blk;
+        st->fn = matmul_gemm_thread;
+    } else if (w->int4) { /* dot4_i4: split x and the offsets of the kernel's blocks */
+        pc->mode = PREP_I4;
+        pc->pl = i8_plan_for(w, n_tok);
+        for (size_t c0 = 0, nc; c0 < cols; c0 += nc) {
+            nc = i8_call_cols(w, &pc->pl, c0);
+            pc->np += (nc + pc->pl.kblock - 1) / pc->pl.kblock;
+        }
+    }
+    st->q = malloc(n_tok * ldq);
+    st->sx = malloc(n_tok * sizeof(float));
+    st->xoff = pc->mode ? malloc(n_tok * pc->np * sizeof(int32_t)) : NULL;
+    st->xs = pc->mode == PREP_I4 ? malloc(n_tok * ldq) : NULL;
+    DS_ASSERT(st->q && st->sx && (!pc->mode || st->xoff) && (pc->mode != PREP_I4 || st->xs));
+    st->c.q = st->q;
+    st->c.ldq = ldq;
+    st->c.sx = st->sx;
+    st->c.xoff = st->xoff;
+    st->c.xs = st->xs;
+    st->c.n_pieces = pc->np;
+}
+
+void ds_matmul_jobs(ds_pool *pool, const ds_mm_job *jobs, int n_jobs) {
+    const int threads = ds_pool_size(pool);
+    mm_job_state *st = calloc((size_t)n_jobs, sizeof *st);
+    mm_unit *u = malloc(((size_t)n_jobs * (size_t)threads * MM_SLICES_PER_THREAD + 1) * sizeof *u);
+    DS_ASSERT(st && u);
+    int nu = 0;
+    for (int i = 0; i < n_jobs; i++) {
+        const ds_mm_job *j = &jobs[i];
+        check_mat(j->w);
+        DS_ASSERT(j->n_tok >= 0);
+        st[i].fn = NULL;
+        if (j->n_tok == 0 || j->w->rows == 0) continue;
+        DS_ASSERT(j->y && j->x);
+        if (j->w->cols == 0) { /* empty sums: the tile loop would never write y */
+            memset(j->y, 0, (size_t)j->n_tok * (size_t)j->w->rows * sizeof(float));
+            continue;
+        }
+        job_setup(j, &st[i]);
+        /* per-token preparation split over the threads when there are tokens enough to share */
+        if (j->w->dtype == DS_I8)
+            add_units(u, &nu, prep_task, &st[i].pc, j->n_tok >= 2 * threads ? threads : 1);
+    }
+    run_units(pool, u, nu);
+    nu = 0;
+    for (int i = 0; i < n_jobs; i++) {
+        if (!st[i].fn) continue;
+        const ds_mat *w = jobs[i].w;
+        matmul_ctx *c = &st[i].c;
+        c->k8 = c->k;
+        if (w->act_n && c->k->dot4_i8_no_min &&
+            memchr(c->q, 0x80, (size_t)c->n_tok * c->ldq))
+            c->k8 = ds_kernels_scalar();
+        int64_t n_sub = threads > 1 ? (int64_t)threads * MM_SLICES_PER_THREAD : 1;
+        int64_t panels = (w->rows + 15) / 16; /* none smaller than a panel */
+        add_units(u, &nu, st[i].fn, c, (int)(n_sub < panels ? n_sub : panels));
+    }
+    run_units(pool, u, nu);
+    for (int i = 0; i < n_jobs; i++) {
+        const ds_mm_job *j = &jobs[i];
+        for (int64_t t = 0; st[i].fn && j->w->bias && t < j->n_tok; t++)
+            for (int64_t r = 0; r < j->w->rows; r++)
+                j->y[t * j->w->rows + r] += j->w->bias[j->w->row0 + r];
+        free(st[i].q);
+        free(st[i].sx);
+        free(st[i].xoff);
+        free(st[i].xs);
+    }
+    free(st);
+    free(u);
+}
+
+void ds_matmul(ds_pool *pool, float *y, const float *x, int64_t n_tok, const ds_mat *w) {
+    const ds_mm_job j = {y, x, n_tok, w};
+    ds_matmul_jobs(pool, &j, 1);
 }

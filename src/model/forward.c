@@ -160,16 +160,24 @@ static int64_t local_heads(const ds_model *m) {
     return m->shard.heads.hi - m->shard.heads.lo;
 }
 
-/* ds_matmul with the step's cost counted: the matrix's bytes (read once per call, whatever
+/* ds_matmul(_jobs) with the step's cost counted: the matrix's bytes (read once per call, whatever
  * the token count) and its multiply-adds, by weight kind. */
+static void mm_jobs(ds_model *m, const ds_mm_job *jobs, int n_jobs) {
+    ds_matmul_jobs(m->pool, jobs, n_jobs);
+    for (int i = 0; i < n_jobs; i++) {
+        const ds_mat *w = jobs[i].w;
+        m->cost.weight_bytes += ds_mat_bytes(w);
+        uint64_t macs = (uint64_t)w->rows * (uint64_t)w->cols * (uint64_t)jobs[i].n_tok;
+        if (w->dtype == DS_I8)
+            m->cost.macs_int += macs;
+        else
+            m->cost.macs_float += macs;
+    }
+}
+
 static void mm(ds_model *m, float *y, const float *x, int64_t n, const ds_mat *w) {
-    ds_matmul(m->pool, y, x, n, w);
-    m->cost.weight_bytes += ds_mat_bytes(w);
-    uint64_t macs = (uint64_t)w->rows * (uint64_t)w->cols * (uint64_t)n;
-    if (w->dtype == DS_I8)
-        m->cost.macs_int += macs;
-    else
-        m->cost.macs_float += macs;
+    const ds_mm_job j = {y, x, n, w};
+    mm_jobs(m, &j, 1);
 }
 
 /* y[n, units] = x W^T for a W whose rows are split across ranks (units rows in all): each
@@ -240,9 +248,15 @@ static void absorb_q_task(void *arg, int thread, int n_threads) {
         for (int64_t d = 0; d < dn; d++) {
             ds_mat_row_f32(&a->L->kv_b, h * rows_per_head + d, row);
             if (gemm) {
-                for (int64_t r0 = 0; r0 < R; r0 += 16)
-                    for (int64_t r = 0; r < 16; r++)
-                        pan[(r0 * dn + d * 16) + r] = r0 + r < R ? row[r0 + r] : 0;
+                for (int64_t r0 = 0; r0 < R; r0 += 16) {
+                    float *p = pan + r0 * dn + d * 16;
+                    if (r0 + 16 <= R) {
+                        memcpy(p, row + r0, 16 * sizeof(float));
+                    } else {
+                        memset(p, 0, 16 * sizeof(float));
+                        memcpy(p, row + r0, (size_t)(R - r0) * sizeof(float));
+                    }
+                }
                 continue;
             }
             for (int64_t t = 0; t < a->n; t++) {
@@ -561,23 +575,50 @@ static int moe(ds_model *m, const ds_layer *L, int64_t l, fwd_bufs *b, int64_t n
     } else {
         memset(b->a, 0, (size_t)(n * D) * sizeof(float));
     }
-    for (int64_t e = sh->experts.lo; e < sh->experts.hi; e++) {
-        int64_t cnt = 0;
-        for (int64_t i = 0; i < n * K; i++)
-            if (b->tope[i] == e) b->by_expert[cnt++] = (int32_t)i;
-        if (!cnt) continue;
-        for (int64_t j = 0; j < cnt; j++)
-            memcpy(b->xs + j * D, b->h + (b->by_expert[j] / K) * D, (size_t)D * sizeof(float));
+    /* the (token, choice) pairs i = t * K + j grouped by expert, in pair order within one */
+    int64_t lo = sh->experts.lo, hi = sh->experts.hi;
+    int32_t start[DS_MAX_EXPERTS + 1] = {0}, fill[DS_MAX_EXPERTS];
+    for (int64_t i = 0; i < n * K; i++) start[b->tope[i] + 1]++;
+    for (int64_t e = 0; e < c->n_routed_experts; e++) start[e + 1] += start[e];
+    memcpy(fill, start, (size_t)c->n_routed_experts * sizeof(int32_t));
+    for (int64_t i = 0; i < n * K; i++) b->by_expert[fill[b->tope[i]]++] = (int32_t)i;
+    ds_mm_job *jobs = malloc((size_t)(2 * (hi - lo)) * sizeof *jobs);
+    if (!jobs) return ds_err_set(DS_ERR_NOMEM, "out of memory (expert jobs)");
+    /* experts in groups of at most n pairs (the buffers' rows; one expert has at most n), each
+     * group's matmuls run together: gate and up, then down (ds_matmul_jobs) */
+    const int64_t ie = c->moe_intermediate_size;
+    for (int64_t e0 = lo, e1; e0 < hi; e0 = e1) {
+        const int64_t p0 = start[e0];
+        for (e1 = e0 + 1; e1 < hi && start[e1 + 1] - p0 <= n;) e1++;
+        const int64_t rows = start[e1] - p0;
+        if (!rows) continue;
+        for (int64_t j = 0; j < rows; j++)
+            memcpy(b->xs + j * D, b->h + (b->by_expert[p0 + j] / K) * D, (size_t)D * sizeof(float));
         float *d = stash ? m->moe_out + used * (size_t)D : b->d;
-        if ((rc = mlp(m, &L->experts[e], b->xs, cnt, d, b, 0))) return rc;
-        for (int64_t j = 0; j < cnt; j++) {
-            int64_t i = b->by_expert[j];
+        int nj = 0;
+        for (int64_t e = e0; e < e1; e++) {
+            int64_t o = start[e] - p0, cnt = start[e + 1] - start[e];
+            if (!cnt) continue;
+            jobs[nj++] = (ds_mm_job){b->g + o * ie, b->xs + o * D, cnt, &L->experts[e].gate};
+            jobs[nj++] = (ds_mm_job){b->u + o * ie, b->xs + o * D, cnt, &L->experts[e].up};
+        }
+        mm_jobs(m, jobs, nj);
+        ds_swiglu(b->g, b->u, rows * ie);
+        nj = 0;
+        for (int64_t e = e0; e < e1; e++) {
+            int64_t o = start[e] - p0, cnt = start[e + 1] - start[e];
+            if (cnt) jobs[nj++] = (ds_mm_job){d + o * D, b->g + o * ie, cnt, &L->experts[e].down};
+        }
+        mm_jobs(m, jobs, nj);
+        for (int64_t j = 0; j < rows; j++) {
+            int64_t i = b->by_expert[p0 + j];
             if (stash)
                 m->moe_slot[used++] = (int32_t)i;
             else
-                ds_kernels_get()->axpy_f32(b->a + (i / K) * D, b->topw[i], b->d + j * D, (size_t)D);
+                ds_kernels_get()->axpy_f32(b->a + (i / K) * D, b->topw[i], d + j * D, (size_t)D);
         }
     }
+    free(jobs);
     if (sh->size > 1 && (rc = moe_chain(m, b, n, used))) return rc;
     if (L->shared.gate.rows) {
         int64_t width = c->moe_intermediate_size * c->n_shared_experts;
