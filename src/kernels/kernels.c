@@ -116,6 +116,7 @@ static void complete(ds_kernels *dst, const ds_kernels *src) {
     if (!dst->gemm16x8_i8) dst->gemm16x8_i8 = s->gemm16x8_i8;
     if (!dst->pack16_f32) dst->pack16_f32 = s->pack16_f32;
     if (!dst->gemm16x8_f32) dst->gemm16x8_f32 = s->gemm16x8_f32;
+    if (!dst->gemm16x8_f32_rows) dst->gemm16x8_f32_rows = s->gemm16x8_f32_rows;
 }
 
 static void detect(void) {
@@ -179,7 +180,8 @@ const ds_kernels *ds_kernels_get(void) {
 
 int ds_kernels_fgemm_native(const ds_kernels *k) {
     const ds_kernels *s = ds_kernels_scalar();
-    return strcmp(k->name, s->name) == 0 || k->gemm16x8_f32 != s->gemm16x8_f32;
+    return strcmp(k->name, s->name) == 0 ||
+           (k->gemm16x8_f32 != s->gemm16x8_f32 && k->gemm16x8_f32_rows != s->gemm16x8_f32_rows);
 }
 
 const ds_kernels *ds_kernels_for(const char *isa) {

@@ -108,6 +108,11 @@ typedef struct ds_kernels {
      * table gives the same floats. */
     void (*pack16_f32)(float *panel, const float *const rows[16], size_t n);
     void (*gemm16x8_f32)(const float *panel, size_t n, const float *const x[8], float out[128]);
+    /* The same with the panel's row i read in place at rows[i] + off, its first m (<= 16) lanes
+     * (out is 0 in the others): attention's weighted sum over cached latent rows, unpacked.
+     *   out[16 t + r] = sum_i rows[i][off + r] * x[t][i]   (r < m), same order and fmaf */
+    void (*gemm16x8_f32_rows)(const float *const *rows, size_t off, size_t m, size_t n,
+                              const float *const x[8], float out[128]);
 } ds_kernels;
 
 /* The table for this machine, selected on first call (thread-safe). */
@@ -116,8 +121,9 @@ const ds_kernels *ds_kernels_get(void);
 const ds_kernels *ds_kernels_for(const char *isa);
 /* The scalar reference table. */
 const ds_kernels *ds_kernels_scalar(void);
-/* True when table k has its own float GEMM kernels (or is the scalar table, their oracle): the
- * others fill those slots from scalar, slower than their dot / axpy kernels. */
+/* True when table k has its own float GEMM kernels (gemm16x8_f32 and _rows; or is the scalar
+ * table, their oracle): the others fill those slots from scalar, slower than their dot / axpy
+ * kernels. */
 int ds_kernels_fgemm_native(const ds_kernels *k);
 
 /* A weight matrix W [rows, cols] (PyTorch's Linear layout: y = x W^T) in its stored form. The

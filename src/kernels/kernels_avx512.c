@@ -701,6 +701,35 @@ static __attribute__((noinline)) void gemm16x8_f32_avx512(const float *panel, si
     _mm512_storeu_ps(out + 112, a7);
 }
 
+static __attribute__((noinline)) void gemm16x8_f32_rows_avx512(const float *const *rows,
+                                                               size_t off, size_t m, size_t n,
+                                                               const float *const x[8],
+                                                               float out[128]) {
+    const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
+    const float *x4 = x[4], *x5 = x[5], *x6 = x[6], *x7 = x[7];
+    const __mmask16 k = m >= 16 ? (__mmask16)0xffff : tail16(m);
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (size_t i = 0; i < n; i++) {
+        const __m512 p = _mm512_maskz_loadu_ps(k, rows[i] + off);
+        a0 = _mm512_fmadd_ps(p, _mm512_set1_ps(x0[i]), a0);
+        a1 = _mm512_fmadd_ps(p, _mm512_set1_ps(x1[i]), a1);
+        a2 = _mm512_fmadd_ps(p, _mm512_set1_ps(x2[i]), a2);
+        a3 = _mm512_fmadd_ps(p, _mm512_set1_ps(x3[i]), a3);
+        a4 = _mm512_fmadd_ps(p, _mm512_set1_ps(x4[i]), a4);
+        a5 = _mm512_fmadd_ps(p, _mm512_set1_ps(x5[i]), a5);
+        a6 = _mm512_fmadd_ps(p, _mm512_set1_ps(x6[i]), a6);
+        a7 = _mm512_fmadd_ps(p, _mm512_set1_ps(x7[i]), a7);
+    }
+    _mm512_storeu_ps(out, a0);
+    _mm512_storeu_ps(out + 16, a1);
+    _mm512_storeu_ps(out + 32, a2);
+    _mm512_storeu_ps(out + 48, a3);
+    _mm512_storeu_ps(out + 64, a4);
+    _mm512_storeu_ps(out + 80, a5);
+    _mm512_storeu_ps(out + 96, a6);
+    _mm512_storeu_ps(out + 112, a7);
+}
+
 static const ds_kernels avx512_table = {
     .name = "avx512",
     .bf16_to_f32 = bf16_to_f32_avx512,
@@ -726,6 +755,7 @@ static const ds_kernels avx512_table = {
     .gemm16x8_i8 = gemm16x8_i8_avx512,
     .pack16_f32 = pack16_f32_avx512,
     .gemm16x8_f32 = gemm16x8_f32_avx512,
+    .gemm16x8_f32_rows = gemm16x8_f32_rows_avx512,
 };
 
 const ds_kernels *ds_kernels_avx512_table(void) {

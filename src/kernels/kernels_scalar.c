@@ -296,6 +296,17 @@ static void gemm16x8_f32_scalar(const float *panel, size_t n, const float *const
         }
 }
 
+static void gemm16x8_f32_rows_scalar(const float *const *rows, size_t off, size_t m, size_t n,
+                                     const float *const x[8], float out[128]) {
+    for (size_t t = 0; t < 8; t++)
+        for (size_t r = 0; r < 16; r++) {
+            float acc = 0;
+            for (size_t i = 0; r < m && i < n; i++)
+                acc = fmaf(ld_f32(rows[i], off + r), ld_f32(x[t], i), acc);
+            out[16 * t + r] = acc;
+        }
+}
+
 static const ds_kernels scalar_table = {
     .name = "scalar",
     .bf16_to_f32 = bf16_to_f32_scalar,
@@ -321,6 +332,7 @@ static const ds_kernels scalar_table = {
     .gemm16x8_i8 = gemm16x8_i8_scalar,
     .pack16_f32 = pack16_f32_scalar,
     .gemm16x8_f32 = gemm16x8_f32_scalar,
+    .gemm16x8_f32_rows = gemm16x8_f32_rows_scalar,
 };
 
 const ds_kernels *ds_kernels_scalar(void) {

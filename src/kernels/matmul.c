@@ -56,6 +56,7 @@
  * concurrently. */
 #include "kernels/kernels_isa.h"
 
+#include <math.h>
 #include <stdlib.h>
 
 int ds_mat_dtype_ok(ds_dtype t) {
@@ -822,6 +823,11 @@ static void add_units(mm_unit *u, int *n, ds_pool_fn fn, void *ctx, int n_sub) {
     for (int i = 0; i < n_sub; i++) u[(*n)++] = (mm_unit){fn, ctx, i, n_sub};
 }
 
+/* A job's cost in weight-token units: its weights' stream plus its multiply-adds. */
+static double job_work(const ds_mm_job *j) {
+    return (double)j->w->rows * (double)j->w->cols * (double)(j->n_tok + 8);
+}
+
 typedef struct {
     matmul_ctx c;
     prep_ctx pc;
@@ -904,6 +910,9 @@ void ds_matmul_jobs(ds_pool *pool, const ds_mm_job *jobs, int n_jobs) {
     }
     run_units(pool, u, nu);
     nu = 0;
+    double total = 0;
+    for (int i = 0; i < n_jobs; i++)
+        if (st[i].fn) total += job_work(&jobs[i]);
     for (int i = 0; i < n_jobs; i++) {
         if (!st[i].fn) continue;
         const ds_mat *w = jobs[i].w;
@@ -912,8 +921,11 @@ void ds_matmul_jobs(ds_pool *pool, const ds_mm_job *jobs, int n_jobs) {
         if (w->act_n && c->k->dot4_i8_no_min &&
             memchr(c->q, 0x80, (size_t)c->n_tok * c->ldq))
             c->k8 = ds_kernels_scalar();
-        int64_t n_sub = threads > 1 ? (int64_t)threads * MM_SLICES_PER_THREAD : 1;
-        int64_t panels = (w->rows + 15) / 16; /* none smaller than a panel */
+        /* the call's slices shared by the jobs as their work, at least one, none below a panel */
+        int64_t n_sub = threads > 1 ? (int64_t)ceil((double)threads * MM_SLICES_PER_THREAD *
+                                                    job_work(&jobs[i]) / total)
+                                    : 1;
+        int64_t panels = (w->rows + 15) / 16;
         add_units(u, &nu, st[i].fn, c, (int)(n_sub < panels ? n_sub : panels));
     }
     run_units(pool, u, nu);

@@ -1009,7 +1009,7 @@ static void test_gemm(const ds_kernels *k) {
         }
 }
 
-/* pack16_f32 / gemm16x8_f32 against scalar bit-exact, and scalar against a chain of fmaf in
+/* pack16_f32 / gemm16x8_f32 / gemm16x8_f32_rows against scalar bit-exact, and scalar against a chain of fmaf in
  * column order computed here, on ragged column counts and rows at odd offsets. */
 static void test_fgemm(const ds_kernels *k) {
     const ds_kernels *s = ds_kernels_scalar();
@@ -1055,6 +1055,32 @@ static void test_fgemm(const ds_kernels *k) {
         CHECK_MSG(badref == 0, "scalar gemm16x8_f32 n=%zu: %d sums differ from the fmaf chain", n,
                   badref);
         CHECK_MSG(bad == 0, "%s gemm16x8_f32 n=%zu: %d sums differ from scalar", k->name, n, bad);
+        /* _rows: panel row i read in place as the 16 columns at off of "cached" row i (n rows of
+         * 24 floats, in reverse order), first m lanes only, against the fmaf chain */
+        float *cache = malloc(n * 24 * sizeof(float));
+        const float **rp = malloc(n * sizeof *rp);
+        fill(cache, n * 24);
+        for (size_t i = 0; i < n; i++) rp[i] = cache + (n - 1 - i) * 24; /* any order */
+        const size_t ms[] = {16, 5, 1};
+        for (size_t mi = 0; mi < 3; mi++) {
+            const size_t m = ms[mi], off = 3 + mi;
+            k->gemm16x8_f32_rows(rp, off, m, n, xc, ok_);
+            s->gemm16x8_f32_rows(rp, off, m, n, xc, os_);
+            bad = badref = 0;
+            for (size_t t = 0; t < 8; t++)
+                for (size_t r = 0; r < 16; r++) {
+                    float acc = 0;
+                    for (size_t i = 0; r < m && i < n; i++) acc = fmaf(rp[i][off + r], xc[t][i], acc);
+                    badref += memcmp(&acc, &os_[16 * t + r], 4) != 0;
+                    bad += memcmp(&ok_[16 * t + r], &os_[16 * t + r], 4) != 0;
+                }
+            CHECK_MSG(badref == 0, "scalar gemm16x8_f32_rows n=%zu m=%zu: %d sums differ", n, m,
+                      badref);
+            CHECK_MSG(bad == 0, "%s gemm16x8_f32_rows n=%zu m=%zu: %d sums differ from scalar",
+                      k->name, n, m, bad);
+        }
+        free(cache);
+        free(rp);
         for (int r = 0; r < 16; r++) free(rows[r]);
         for (int t = 0; t < 8; t++) free(xs[t]);
         free(pk);
@@ -1265,7 +1291,7 @@ int main(void) {
         test_dot(k);
         test_fused(k);
         CHECK(k->dot4_i8 && k->dot4_i4 && k->pack16_i8 && k->pack16_i4 && k->gemm16x8_i8 &&
-              k->pack16_f32 && k->gemm16x8_f32);
+              k->pack16_f32 && k->gemm16x8_f32 && k->gemm16x8_f32_rows);
         test_int_dots(k);
         test_int_dequant(k);
         test_quant_kernels(k);
