@@ -75,9 +75,8 @@ static size_t buf_sizes(const ds_config *c, int64_t heads, int64_t max_ctx, int6
      * absorptions' panels (absorb_q_task, absorb_o_task) or attend_task's panel and rows */
     int64_t R16 = (c->kv_lora_rank + 15) & ~(int64_t)15;
     int64_t lat_rope = c->kv_lora_rank + c->qk_rope_head_dim;
-    *thread_floats = (size_t)(scores_floats(max_ctx) +
-                              imax(R16 * imax(c->qk_nope_head_dim + 1, 32),
-                                   (16 + ATTEND_CHUNK) * lat_rope));
+    *thread_floats = (size_t)(scores_floats(max_ctx) + imax(R16 * imax(c->qk_nope_head_dim + 1, 32),
+                                                            (16 + ATTEND_CHUNK) * lat_rope));
     const size_t v[N_BUFS] = {(size_t)(B * D),
                               (size_t)(B * D),
                               (size_t)(B * D),
@@ -156,14 +155,73 @@ static void trace(ds_model *m, const char *fmt, int64_t l, const float *data, in
     m->trace(m->trace_ctx, name, data, rows, cols);
 }
 
-/* RMSNorm of rows of x in place, then the norm's anti-outlier bias when it has one. */
-static void rmsnorm_rows(float *x, const float *w, const float *bias, int64_t rows, int64_t n,
-                         int64_t stride, float eps) {
-    for (int64_t t = 0; t < rows; t++) {
-        float *r = x + t * stride;
-        ds_rmsnorm(r, r, w, n, eps);
-        for (int64_t i = 0; bias && i < n; i++) r[i] += bias[i];
+/* ---- row-wise work ----
+ * The element-wise steps between the matmuls (norms, residual adds, SwiGLU, the experts' gather
+ * and weighted sum) run on the pool once a batch is large enough: on the caller's thread alone
+ * they kept the other workers idle for ~9% of a 192-sequence decode step. Every row (or column
+ * range) is computed as the serial loop would, so results do not depend on the split. */
+typedef struct rows_op rows_op;
+struct rows_op {
+    void (*fn)(const rows_op *op, int64_t r0, int64_t r1); /* rows (or columns) [r0, r1) */
+    float *out;
+    const float *in, *w, *bias, *topw;
+    const int32_t *idx;
+    int64_t width, k, count;
+    float eps;
+};
+
+/* Below this many elements a step stays on the caller's thread (a pool run costs microseconds). */
+#define ROWS_PAR_MIN 32768
+
+static void rows_op_task(void *arg, int slice, int n_slices) {
+    const rows_op *op = arg;
+    size_t r0, r1;
+    ds_split_range((size_t)op->count, slice, n_slices, &r0, &r1);
+    if (r0 < r1) op->fn(op, (int64_t)r0, (int64_t)r1);
+}
+
+/* op->fn over [0, count), each unit op->width elements of work. */
+static void run_rows(ds_model *m, rows_op *op, int64_t count) {
+    op->count = count;
+    if (count * op->width < ROWS_PAR_MIN || ds_pool_size(m->pool) == 1 || count < 2)
+        op->fn(op, 0, count);
+    else
+        ds_pool_run(m->pool, rows_op_task, op);
+}
+
+/* out = RMSNorm(in) * w, plus the norm's anti-outlier bias when it has one (out may be in) */
+static void norm_fn(const rows_op *op, int64_t r0, int64_t r1) {
+    for (int64_t t = r0; t < r1; t++) {
+        float *o = op->out + t * op->width;
+        ds_rmsnorm(o, op->in + t * op->width, op->w, op->width, op->eps);
+        for (int64_t i = 0; op->bias && i < op->width; i++) o[i] += op->bias[i];
     }
+}
+
+static void rmsnorm_rows(ds_model *m, float *out, const float *in, const float *w,
+                         const float *bias, int64_t rows, int64_t n) {
+    rows_op op = {norm_fn, out, in, w, bias, NULL, NULL, n, 0, 0, m->cfg.rms_norm_eps};
+    run_rows(m, &op, rows);
+}
+
+/* out += in */
+static void add_fn(const rows_op *op, int64_t r0, int64_t r1) {
+    for (int64_t i = r0 * op->width; i < r1 * op->width; i++) op->out[i] += op->in[i];
+}
+
+static void add_rows(ds_model *m, float *out, const float *in, int64_t rows, int64_t n) {
+    rows_op op = {add_fn, out, in, NULL, NULL, NULL, NULL, n, 0, 0, 0};
+    run_rows(m, &op, rows);
+}
+
+/* out = silu(out) * in */
+static void swiglu_fn(const rows_op *op, int64_t r0, int64_t r1) {
+    ds_swiglu(op->out + r0 * op->width, op->in + r0 * op->width, (r1 - r0) * op->width);
+}
+
+static void swiglu_rows(ds_model *m, float *g, const float *u, int64_t rows, int64_t n) {
+    rows_op op = {swiglu_fn, g, u, NULL, NULL, NULL, NULL, n, 0, 0, 0};
+    run_rows(m, &op, rows);
 }
 
 /* This rank's attention heads. */
@@ -342,8 +400,8 @@ static void attend_task(void *arg, int thread, int n_threads) {
     int64_t H = local_heads(a->m), R = c->kv_lora_rank, dr = c->qk_rope_head_dim;
     int64_t qk = c->qk_nope_head_dim + dr, G = (H + 7) / 8, ld = a->row_off / 8;
     float *scores = a->b->thread_buf + (size_t)thread * a->b->thread_floats; /* [8][ld] */
-    float *pan = scores + a->row_off;   /* [R + dr][16]: sixteen positions' rows, packed */
-    float *conv = pan + 16 * (R + dr);  /* [ATTEND_CHUNK][R + dr]: converted rows */
+    float *pan = scores + a->row_off;  /* [R + dr][16]: sixteen positions' rows, packed */
+    float *conv = pan + 16 * (R + dr); /* [ATTEND_CHUNK][R + dr]: converted rows */
     const float *lat[ATTEND_CHUNK], *pe[ATTEND_CHUNK];
     float scale = a->m->softmax_scale;
     size_t i0, i1;
@@ -384,7 +442,8 @@ static void attend_task(void *arg, int thread, int n_threads) {
                 k->gemm16x8_f32_rows(lat, (size_t)r0, m, (size_t)cn, xs, out);
                 for (int64_t j = 0; j < nh; j++) {
                     float *ol = a->b->o_lat + (t * H + h0 + j) * R + r0;
-                    for (size_t r = 0; r < m; r++) ol[r] = c0 ? ol[r] + out[16 * j + r] : out[16 * j + r];
+                    for (size_t r = 0; r < m; r++)
+                        ol[r] = c0 ? ol[r] + out[16 * j + r] : out[16 * j + r];
                 }
             }
         }
@@ -462,7 +521,8 @@ static void absorb_o_task(void *arg, int thread, int n_threads) {
             const float *rp[16];
             for (int64_t j = 0; j < 16; j++) { /* a tail panel repeats row v0; dropped */
                 rp[j] = row + (v0 + j < dv ? j : 0) * R16;
-                if (v0 + j < dv) ds_mat_row_f32(&a->L->kv_b, h * (dn + dv) + dn + v0 + j, row + j * R16);
+                if (v0 + j < dv)
+                    ds_mat_row_f32(&a->L->kv_b, h * (dn + dv) + dn + v0 + j, row + j * R16);
             }
             k->pack16_f32(pan, rp, (size_t)R);
             for (int64_t t0 = 0; t0 < a->n; t0 += 8) {
@@ -495,8 +555,7 @@ static int attention(ds_model *m, const ds_layer *L, int64_t l, ds_kv_cache *kv,
     int64_t qk = c->qk_nope_head_dim + dr;
     if (c->q_lora_rank) {
         mm(m, b->qa, b->h, n, &L->q_a);
-        rmsnorm_rows(b->qa, L->q_a_norm, L->q_a_norm_bias, n, c->q_lora_rank, c->q_lora_rank,
-                     c->rms_norm_eps);
+        rmsnorm_rows(m, b->qa, b->qa, L->q_a_norm, L->q_a_norm_bias, n, c->q_lora_rank);
         trace(m, "layers.%lld.q_a_norm_out", l, b->qa, n, c->q_lora_rank);
         mm(m, b->q, b->qa, n, &L->q_b);
     } else {
@@ -515,7 +574,7 @@ static int attention(ds_model *m, const ds_layer *L, int64_t l, ds_kv_cache *kv,
         float *kvt = b->kv + t * (R + dr);
         ds_rope_table(m, pos, cs);
         memcpy(lat, kvt, (size_t)R * sizeof(float));
-        rmsnorm_rows(lat, L->kv_a_norm, L->kv_a_norm_bias, 1, R, R, c->rms_norm_eps);
+        rmsnorm_rows(m, lat, lat, L->kv_a_norm, L->kv_a_norm_bias, 1, R);
         ds_kv_store(kv, ds_kv_latent_at(kv, l, slot), lat, R);
         memcpy(pe, kvt + R, (size_t)dr * sizeof(float));
         ds_rope_rotate(pe, cs, dr);
@@ -558,13 +617,31 @@ static int mlp(ds_model *m, const ds_mlp *p, const float *x, int64_t n, float *o
                int64_t width) {
     mm(m, b->g, x, n, &p->gate);
     mm(m, b->u, x, n, &p->up);
-    ds_swiglu(b->g, b->u, n * p->gate.rows);
+    swiglu_rows(m, b->g, b->u, n, p->gate.rows);
     if (!width || m->shard.size == 1) {
         mm(m, out, b->g, n, &p->down);
         return DS_OK;
     }
     int rc = ds_shard_gather_cols(m, b->g, n, width, 1, b->u);
     return rc ? rc : mm_split(m, out, b->u, n, &p->down, m->cfg.hidden_size);
+}
+
+/* out[j] = in[idx[j] / k]: the rows of the tokens of (token, choice) pairs idx */
+static void gather_fn(const rows_op *op, int64_t r0, int64_t r1) {
+    for (int64_t j = r0; j < r1; j++)
+        memcpy(op->out + j * op->width, op->in + (op->idx[j] / op->k) * op->width,
+               (size_t)op->width * sizeof(float));
+}
+
+/* Columns [c0, c1) of out[idx[j] / k] += topw[idx[j]] * in[j] for the width rows j in order (the
+ * experts' outputs, hidden wide, weighted into their tokens' sums). */
+static void weigh_fn(const rows_op *op, int64_t c0, int64_t c1) {
+    const int64_t D = op->count;
+    for (int64_t j = 0; j < op->width; j++) {
+        int32_t i = op->idx[j];
+        ds_kernels_get()->axpy_f32(op->out + (i / op->k) * D + c0, op->topw[i], op->in + j * D + c0,
+                                   (size_t)(c1 - c0));
+    }
 }
 
 /* Chooses each token's experts and weights (see the essay at the top). */
@@ -690,8 +767,8 @@ static int moe(ds_model *m, const ds_layer *L, int64_t l, fwd_bufs *b, int64_t n
         for (e1 = e0 + 1; e1 < hi && start[e1 + 1] - p0 <= n;) e1++;
         const int64_t rows = start[e1] - p0;
         if (!rows) continue;
-        for (int64_t j = 0; j < rows; j++)
-            memcpy(b->xs + j * D, b->h + (b->by_expert[p0 + j] / K) * D, (size_t)D * sizeof(float));
+        rows_op gather = {gather_fn, b->xs, b->h, NULL, NULL, NULL, b->by_expert + p0, D, K, 0, 0};
+        run_rows(m, &gather, rows);
         float *d = stash ? m->moe_out + used * (size_t)D : b->d;
         int nj = 0;
         for (int64_t e = e0; e < e1; e++) {
@@ -701,19 +778,19 @@ static int moe(ds_model *m, const ds_layer *L, int64_t l, fwd_bufs *b, int64_t n
             jobs[nj++] = (ds_mm_job){b->u + o * ie, b->xs + o * D, cnt, &L->experts[e].up};
         }
         mm_jobs(m, jobs, nj);
-        ds_swiglu(b->g, b->u, rows * ie);
+        swiglu_rows(m, b->g, b->u, rows, ie);
         nj = 0;
         for (int64_t e = e0; e < e1; e++) {
             int64_t o = start[e] - p0, cnt = start[e + 1] - start[e];
             if (cnt) jobs[nj++] = (ds_mm_job){d + o * D, b->g + o * ie, cnt, &L->experts[e].down};
         }
         mm_jobs(m, jobs, nj);
-        for (int64_t j = 0; j < rows; j++) {
-            int64_t i = b->by_expert[p0 + j];
-            if (stash)
-                m->moe_slot[used++] = (int32_t)i;
-            else
-                ds_kernels_get()->axpy_f32(b->a + (i / K) * D, b->topw[i], d + j * D, (size_t)D);
+        if (stash) {
+            for (int64_t j = 0; j < rows; j++) m->moe_slot[used++] = b->by_expert[p0 + j];
+        } else { /* split by columns: each output keeps its experts' order */
+            rows_op acc = {weigh_fn,          b->a, d, NULL, NULL, b->topw,
+                           b->by_expert + p0, rows, K, 0,    0};
+            run_rows(m, &acc, D);
         }
     }
     free(jobs);
@@ -722,7 +799,7 @@ static int moe(ds_model *m, const ds_layer *L, int64_t l, fwd_bufs *b, int64_t n
         int64_t width = c->moe_intermediate_size * c->n_shared_experts;
         if ((rc = mlp(m, &L->shared, b->h, n, b->d, b, width))) return rc;
         trace(m, "layers.%lld.moe.shared_out", l, b->d, n, D);
-        for (int64_t i = 0; i < n * D; i++) b->a[i] += b->d[i];
+        add_rows(m, b->a, b->d, n, D);
     }
     return DS_OK;
 }
@@ -751,23 +828,21 @@ static int forward_chunk(ds_model *m, ds_kv_cache *kv, const ds_batch *bt, int64
     trace(m, "embed", 0, b.x, n, D);
     for (int64_t l = 0; l < c->n_layers; l++) {
         const ds_layer *L = &m->layers[l];
-        memcpy(b.h, b.x, (size_t)(n * D) * sizeof(float));
-        rmsnorm_rows(b.h, L->attn_norm, L->attn_norm_bias, n, D, D, c->rms_norm_eps);
+        rmsnorm_rows(m, b.h, b.x, L->attn_norm, L->attn_norm_bias, n, D);
         trace(m, "layers.%lld.attn_norm_out", l, b.h, n, D);
         if ((rc = attention(m, L, l, kv, &b, bt, i0, n, row_off))) return rc;
         trace(m, "layers.%lld.attn_out", l, b.a, n, D);
-        for (int64_t i = 0; i < n * D; i++) b.x[i] += b.a[i];
-        memcpy(b.h, b.x, (size_t)(n * D) * sizeof(float));
-        rmsnorm_rows(b.h, L->ffn_norm, L->ffn_norm_bias, n, D, D, c->rms_norm_eps);
+        add_rows(m, b.x, b.a, n, D);
+        rmsnorm_rows(m, b.h, b.x, L->ffn_norm, L->ffn_norm_bias, n, D);
         trace(m, "layers.%lld.ffn_norm_out", l, b.h, n, D);
         rc =
             L->moe ? moe(m, L, l, &b, n) : mlp(m, &L->dense, b.h, n, b.a, &b, c->intermediate_size);
         if (rc) return rc;
         trace(m, "layers.%lld.ffn_out", l, b.a, n, D);
-        for (int64_t i = 0; i < n * D; i++) b.x[i] += b.a[i];
+        add_rows(m, b.x, b.a, n, D);
         trace(m, "layers.%lld.out", l, b.x, n, D);
     }
-    rmsnorm_rows(b.x, m->final_norm, m->final_norm_bias, n, D, D, c->rms_norm_eps);
+    rmsnorm_rows(m, b.x, b.x, m->final_norm, m->final_norm_bias, n, D);
     trace(m, "final_norm_out", 0, b.x, n, D);
     /* the rows that want logits, packed in order (b.h is free now), through lm_head at once */
     int32_t j0 = *li, nl = 0;
