@@ -553,15 +553,16 @@ static int attention(ds_model *m, const ds_layer *L, int64_t l, ds_kv_cache *kv,
     const ds_config *c = &m->cfg;
     int64_t H = local_heads(m), R = c->kv_lora_rank, dr = c->qk_rope_head_dim;
     int64_t qk = c->qk_nope_head_dim + dr;
+    /* the projections of the normed input run together (one pool run, not two) */
+    const ds_mm_job in[2] = {c->q_lora_rank ? (ds_mm_job){b->qa, b->h, n, &L->q_a}
+                                            : (ds_mm_job){b->q, b->h, n, &L->q_b},
+                             {b->kv, b->h, n, &L->kv_a}};
+    mm_jobs(m, in, 2);
     if (c->q_lora_rank) {
-        mm(m, b->qa, b->h, n, &L->q_a);
         rmsnorm_rows(m, b->qa, b->qa, L->q_a_norm, L->q_a_norm_bias, n, c->q_lora_rank);
         trace(m, "layers.%lld.q_a_norm_out", l, b->qa, n, c->q_lora_rank);
         mm(m, b->q, b->qa, n, &L->q_b);
-    } else {
-        mm(m, b->q, b->h, n, &L->q_b);
     }
-    mm(m, b->kv, b->h, n, &L->kv_a);
     for (int64_t t = 0; m->rope_split && t < n; t++) {
         rope_unsplit(b->kv + t * (R + dr) + R, dr);
         for (int64_t h = 0; h < H; h++)
@@ -615,8 +616,8 @@ static int attention(ds_model *m, const ds_layer *L, int64_t l, ds_kv_cache *kv,
  * > 0: the MLP is split across ranks (shard.c) and is that wide in all; 0: whole (an expert). */
 static int mlp(ds_model *m, const ds_mlp *p, const float *x, int64_t n, float *out, fwd_bufs *b,
                int64_t width) {
-    mm(m, b->g, x, n, &p->gate);
-    mm(m, b->u, x, n, &p->up);
+    const ds_mm_job gu[2] = {{b->g, x, n, &p->gate}, {b->u, x, n, &p->up}};
+    mm_jobs(m, gu, 2);
     swiglu_rows(m, b->g, b->u, n, p->gate.rows);
     if (!width || m->shard.size == 1) {
         mm(m, out, b->g, n, &p->down);
