@@ -293,7 +293,7 @@ static int absorb_gemm_ok(const ds_kernels *k, int64_t n) {
 }
 
 /* Sixteen outputs for eight of the chunk's tokens from tokens t0 on (a tail group repeats token
- * t0, dropped): out[16 j + r] over panel pan of depth k, x of token t at x0 + t * ldx. */
+ * t0, dropped): out[16 j + r] over panel pan of that depth, token t's x at x0 + t * ldx. */
 static void absorb_gemm(const ds_kernels *k, const float *pan, int64_t depth, const float *x0,
                         int64_t ldx, int64_t t0, int64_t n, float out[128]) {
     const float *xs[8];
