@@ -10,8 +10,9 @@
  *    descheduled worker simply claims nothing and the caller never waits for it to wake up.
  * The ticket packs (generation << 32 | next slice); a claim is a compare-and-swap on it, so a
  * worker that arrives late for a finished loop claims nothing. A claimed slice keeps its
- * generation from completing, and fn/ctx are only rewritten between generations, so reading
- * them after a successful claim is race-free. */
+ * generation from completing, and fn/ctx and the slice count (which ds_pool_run_slices lets a
+ * caller choose per loop) are only rewritten while a closed generation no one can claim from
+ * holds the ticket, so reading them after a successful claim is race-free. */
 #include "core/core.h"
 
 #include <pthread.h>
@@ -41,9 +42,7 @@ struct ds_pool {
     _Atomic int done;        /* slices finished in the current generation */
     _Atomic int quit;
     int sleepers; /* workers blocked on `wake`, guarded by mu */
-    /* slices of the current generation; atomic because a late worker may read it while the
-     * next run sets it, then fails its claim on the newer ticket */
-    _Atomic int n_slices;
+    _Atomic int n_slices; /* of the current generation */
     ds_pool_fn fn;
     void *ctx;
 };
@@ -57,10 +56,11 @@ static void run_slices(ds_pool *p, uint32_t gen) {
     uint64_t t = atomic_load_explicit(&p->ticket, memory_order_acquire);
     for (;;) {
         uint32_t i = (uint32_t)t;
-        int n = atomic_load_explicit(&p->n_slices, memory_order_relaxed);
+        /* sequentially consistent with the caller's close and count (ds_pool_run_slices): a
+         * count read here of a later run than t's means the claim below fails */
+        int n = atomic_load(&p->n_slices);
         if (gen_of(t) != gen || i >= (uint32_t)n) return;
-        if (!atomic_compare_exchange_weak_explicit(&p->ticket, &t, t + 1, memory_order_acq_rel,
-                                                   memory_order_acquire))
+        if (!atomic_compare_exchange_weak(&p->ticket, &t, t + 1))
             continue; /* t now holds the current ticket */
         /* Slice i of `gen` is ours, so `gen` cannot finish before we do: fn/ctx are stable. */
         p->fn(p->ctx, (int)i, n);
@@ -153,12 +153,19 @@ void ds_pool_run_slices(ds_pool *p, ds_pool_fn fn, void *ctx, int n_slices) {
         for (int i = 0; i < n_slices; i++) fn(ctx, i, n_slices);
         return;
     }
-    /* The previous generation is complete (done == n_slices): nothing reads fn/ctx/done now. */
+    /* The previous generation is complete (done == its slices), but a worker may still hold one
+     * of its tickets, read a slice count, and try to claim. Its generation is closed first (a
+     * generation whose next slice is past any count), so that claim fails whatever count it
+     * read; only then do fn, ctx and the count change, and the next generation opens. Without
+     * the close, a worker that read the new, larger count could claim slice "n" of the old
+     * generation and run the new fn with it (test_pool alternates counts to catch that). */
+    uint32_t gen = gen_of(atomic_load_explicit(&p->ticket, memory_order_relaxed)) + 1;
+    atomic_store(&p->ticket, (uint64_t)gen << 32 | UINT32_MAX);
     p->fn = fn;
     p->ctx = ctx;
-    atomic_store_explicit(&p->n_slices, n_slices, memory_order_relaxed);
+    atomic_store(&p->n_slices, n_slices);
     atomic_store_explicit(&p->done, 0, memory_order_relaxed);
-    uint32_t gen = gen_of(atomic_load_explicit(&p->ticket, memory_order_relaxed)) + 1;
+    gen++;
     atomic_store_explicit(&p->ticket, (uint64_t)gen << 32, memory_order_release);
     pthread_mutex_lock(&p->mu);
     if (p->sleepers) pthread_cond_broadcast(&p->wake);

@@ -21,20 +21,27 @@ static void body(void *arg, int i, int n) {
     atomic_fetch_add(&c->sum, i + 1);
 }
 
+/* Loops alternate their slice count (ds_pool_run's one per thread, ds_pool_run_slices' 1 and
+ * 4n + 3), so a late worker meets a loop of another shape than the one it last saw. */
 static void run_many(int threads, int loops) {
     ds_pool *p = ds_pool_open(threads);
     CHECK(p != NULL);
     if (!p) return;
     int n = ds_pool_size(p);
     CHECK(n == threads);
-    _Atomic int *hits = calloc((size_t)n, sizeof *hits);
+    const int max_slices = 4 * n + 3;
+    _Atomic int *hits = calloc((size_t)max_slices, sizeof *hits);
     int wrong = 0;
     for (int l = 0; l < loops; l++) {
-        loop_ctx c = {hits, 0, n, 0};
-        for (int i = 0; i < n; i++) atomic_store(&hits[i], 0);
-        ds_pool_run(p, body, &c);
-        long want = (long)n * (n + 1) / 2;
-        for (int i = 0; i < n; i++) wrong += atomic_load(&hits[i]) != 1;
+        int slices = l % 3 == 0 ? n : l % 3 == 1 ? 1 : max_slices;
+        loop_ctx c = {hits, 0, slices, 0};
+        for (int i = 0; i < max_slices; i++) atomic_store(&hits[i], 0);
+        if (l % 3 == 0)
+            ds_pool_run(p, body, &c);
+        else
+            ds_pool_run_slices(p, body, &c, slices);
+        long want = (long)slices * (slices + 1) / 2;
+        for (int i = 0; i < max_slices; i++) wrong += atomic_load(&hits[i]) != (i < slices);
         wrong += atomic_load(&c.sum) != want || atomic_load(&c.bad_n) != 0;
     }
     CHECK_MSG(wrong == 0, "%d threads: %d loops ran a slice other than exactly once", threads,
