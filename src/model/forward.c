@@ -423,8 +423,8 @@ static void attend_task(void *arg, int thread, int n_threads) {
             k->pack16_f32(pan + 16 * R, pe, (size_t)dr);
             k->gemm16x8_f32(pan, (size_t)R, qa, o1);
             k->gemm16x8_f32(pan + 16 * R, (size_t)dr, qp, o2);
-            for (int64_t j = 0; j < nh; j++)
-                for (int64_t r = 0; r < 16 && s0 + r < S; r++)
+            for (int64_t j = 0; j < nh; j++) /* all 16 (ld is whole 16s): past S unused */
+                for (int64_t r = 0; r < 16; r++)
                     scores[j * ld + s0 + r] = (o1[16 * j + r] + o2[16 * j + r]) * scale;
         }
         for (int64_t j = 0; j < 8; j++) {
@@ -440,10 +440,12 @@ static void attend_task(void *arg, int thread, int n_threads) {
                 float out[128];
                 size_t m = (size_t)(R - r0 < 16 ? R - r0 : 16);
                 k->gemm16x8_f32_rows(lat, (size_t)r0, m, (size_t)cn, xs, out);
-                for (int64_t j = 0; j < nh; j++) {
+                for (int64_t j = 0; j < nh; j++) { /* two plain loops, so both vectorise */
                     float *ol = a->b->o_lat + (t * H + h0 + j) * R + r0;
-                    for (size_t r = 0; r < m; r++)
-                        ol[r] = c0 ? ol[r] + out[16 * j + r] : out[16 * j + r];
+                    if (c0)
+                        for (size_t r = 0; r < m; r++) ol[r] += out[16 * j + r];
+                    else
+                        memcpy(ol, out + 16 * j, m * sizeof(float));
                 }
             }
         }
