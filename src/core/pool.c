@@ -41,7 +41,7 @@ struct ds_pool {
     _Atomic uint64_t ticket; /* generation << 32 | next unclaimed slice */
     _Atomic int done;        /* slices finished in the current generation */
     _Atomic int quit;
-    int sleepers; /* workers blocked on `wake`, guarded by mu */
+    int sleepers;         /* workers blocked on `wake`, guarded by mu */
     _Atomic int n_slices; /* of the current generation */
     ds_pool_fn fn;
     void *ctx;
@@ -173,8 +173,7 @@ void ds_pool_run_slices(ds_pool *p, ds_pool_fn fn, void *ctx, int n_slices) {
 
     run_slices(p, gen);
 
-    for (long spins = 0; atomic_load_explicit(&p->done, memory_order_acquire) < n_slices;
-         spins++) {
+    for (long spins = 0; atomic_load_explicit(&p->done, memory_order_acquire) < n_slices; spins++) {
         if (spins < SPIN_LIMIT)
             cpu_relax();
         else

@@ -672,62 +672,46 @@ static void pack16_f32_avx512(float *panel, const float *const rows[16], size_t 
         for (size_t k = 0; k < 16; k++) panel[16 * i + k] = rows[k][i];
 }
 
-/* Per column: one panel load (16 rows) and eight FMAs with the tokens' values broadcast from
- * memory; eight independent accumulators hide the FMA latency. noinline for the same gcc
- * register-allocation reason as gemm_block8_avx512. */
+/* The float GEMMs, packed panel or rows in place: per column one load of 16 values (LOAD_ROW,
+ * column i) and eight FMAs with the tokens' values broadcast from memory; eight independent
+ * accumulators hide the FMA latency. noinline for the same gcc register-allocation reason as
+ * gemm_block8_avx512. */
+#define GEMM16X8_F32_BODY(LOAD_ROW)                                                                \
+    const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];                                    \
+    const float *x4 = x[4], *x5 = x[5], *x6 = x[6], *x7 = x[7];                                    \
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,         \
+           a7 = a0;                                                                                \
+    for (size_t i = 0; i < n; i++) {                                                               \
+        const __m512 p = LOAD_ROW;                                                                 \
+        a0 = _mm512_fmadd_ps(p, _mm512_set1_ps(x0[i]), a0);                                        \
+        a1 = _mm512_fmadd_ps(p, _mm512_set1_ps(x1[i]), a1);                                        \
+        a2 = _mm512_fmadd_ps(p, _mm512_set1_ps(x2[i]), a2);                                        \
+        a3 = _mm512_fmadd_ps(p, _mm512_set1_ps(x3[i]), a3);                                        \
+        a4 = _mm512_fmadd_ps(p, _mm512_set1_ps(x4[i]), a4);                                        \
+        a5 = _mm512_fmadd_ps(p, _mm512_set1_ps(x5[i]), a5);                                        \
+        a6 = _mm512_fmadd_ps(p, _mm512_set1_ps(x6[i]), a6);                                        \
+        a7 = _mm512_fmadd_ps(p, _mm512_set1_ps(x7[i]), a7);                                        \
+    }                                                                                              \
+    _mm512_storeu_ps(out, a0);                                                                     \
+    _mm512_storeu_ps(out + 16, a1);                                                                \
+    _mm512_storeu_ps(out + 32, a2);                                                                \
+    _mm512_storeu_ps(out + 48, a3);                                                                \
+    _mm512_storeu_ps(out + 64, a4);                                                                \
+    _mm512_storeu_ps(out + 80, a5);                                                                \
+    _mm512_storeu_ps(out + 96, a6);                                                                \
+    _mm512_storeu_ps(out + 112, a7)
+
 static __attribute__((noinline)) void gemm16x8_f32_avx512(const float *panel, size_t n,
                                                           const float *const x[8], float out[128]) {
-    const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
-    const float *x4 = x[4], *x5 = x[5], *x6 = x[6], *x7 = x[7];
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-    for (size_t i = 0; i < n; i++) {
-        const __m512 p = _mm512_loadu_ps(panel + 16 * i);
-        a0 = _mm512_fmadd_ps(p, _mm512_set1_ps(x0[i]), a0);
-        a1 = _mm512_fmadd_ps(p, _mm512_set1_ps(x1[i]), a1);
-        a2 = _mm512_fmadd_ps(p, _mm512_set1_ps(x2[i]), a2);
-        a3 = _mm512_fmadd_ps(p, _mm512_set1_ps(x3[i]), a3);
-        a4 = _mm512_fmadd_ps(p, _mm512_set1_ps(x4[i]), a4);
-        a5 = _mm512_fmadd_ps(p, _mm512_set1_ps(x5[i]), a5);
-        a6 = _mm512_fmadd_ps(p, _mm512_set1_ps(x6[i]), a6);
-        a7 = _mm512_fmadd_ps(p, _mm512_set1_ps(x7[i]), a7);
-    }
-    _mm512_storeu_ps(out, a0);
-    _mm512_storeu_ps(out + 16, a1);
-    _mm512_storeu_ps(out + 32, a2);
-    _mm512_storeu_ps(out + 48, a3);
-    _mm512_storeu_ps(out + 64, a4);
-    _mm512_storeu_ps(out + 80, a5);
-    _mm512_storeu_ps(out + 96, a6);
-    _mm512_storeu_ps(out + 112, a7);
+    GEMM16X8_F32_BODY(_mm512_loadu_ps(panel + 16 * i));
 }
 
-static __attribute__((noinline)) void gemm16x8_f32_rows_avx512(const float *const *rows,
-                                                               size_t off, size_t m, size_t n,
+static __attribute__((noinline)) void gemm16x8_f32_rows_avx512(const float *const *rows, size_t off,
+                                                               size_t m, size_t n,
                                                                const float *const x[8],
                                                                float out[128]) {
-    const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
-    const float *x4 = x[4], *x5 = x[5], *x6 = x[6], *x7 = x[7];
     const __mmask16 k = m >= 16 ? (__mmask16)0xffff : tail16(m);
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-    for (size_t i = 0; i < n; i++) {
-        const __m512 p = _mm512_maskz_loadu_ps(k, rows[i] + off);
-        a0 = _mm512_fmadd_ps(p, _mm512_set1_ps(x0[i]), a0);
-        a1 = _mm512_fmadd_ps(p, _mm512_set1_ps(x1[i]), a1);
-        a2 = _mm512_fmadd_ps(p, _mm512_set1_ps(x2[i]), a2);
-        a3 = _mm512_fmadd_ps(p, _mm512_set1_ps(x3[i]), a3);
-        a4 = _mm512_fmadd_ps(p, _mm512_set1_ps(x4[i]), a4);
-        a5 = _mm512_fmadd_ps(p, _mm512_set1_ps(x5[i]), a5);
-        a6 = _mm512_fmadd_ps(p, _mm512_set1_ps(x6[i]), a6);
-        a7 = _mm512_fmadd_ps(p, _mm512_set1_ps(x7[i]), a7);
-    }
-    _mm512_storeu_ps(out, a0);
-    _mm512_storeu_ps(out + 16, a1);
-    _mm512_storeu_ps(out + 32, a2);
-    _mm512_storeu_ps(out + 48, a3);
-    _mm512_storeu_ps(out + 64, a4);
-    _mm512_storeu_ps(out + 80, a5);
-    _mm512_storeu_ps(out + 96, a6);
-    _mm512_storeu_ps(out + 112, a7);
+    GEMM16X8_F32_BODY(_mm512_maskz_loadu_ps(k, rows[i] + off));
 }
 
 static const ds_kernels avx512_table = {

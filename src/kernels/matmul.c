@@ -855,8 +855,8 @@ typedef struct {
 static void job_setup(const ds_mm_job *j, mm_job_state *st) {
     const ds_mat *w = j->w;
     memset(st, 0, sizeof *st);
-    st->c = (matmul_ctx){ds_kernels_get(), w, j->y, j->x, j->n_tok, NULL, 0, NULL,
-                         NULL,             NULL, 0,   NULL};
+    st->c =
+        (matmul_ctx){ds_kernels_get(), w, j->y, j->x, j->n_tok, NULL, 0, NULL, NULL, NULL, 0, NULL};
     st->pc.c = &st->c;
     if (w->dtype != DS_I8) {
         /* few tokens: stream the stored weights through the fused kernels; more: tiles of f32 */
@@ -932,13 +932,13 @@ void ds_matmul_jobs(ds_pool *pool, const ds_mm_job *jobs, int n_jobs) {
         const ds_mat *w = jobs[i].w;
         matmul_ctx *c = &st[i].c;
         c->k8 = c->k;
-        if (w->act_n && c->k->dot4_i8_no_min &&
-            memchr(c->q, 0x80, (size_t)c->n_tok * c->ldq))
+        if (w->act_n && c->k->dot4_i8_no_min && memchr(c->q, 0x80, (size_t)c->n_tok * c->ldq))
             c->k8 = ds_kernels_scalar();
         /* the call's slices shared by the jobs as their work, at least one, none below a panel */
-        int64_t n_sub = threads > 1 ? (int64_t)ceil((double)threads * MM_SLICES_PER_THREAD *
-                                                    job_work(&jobs[i]) / total)
-                                    : 1;
+        int64_t n_sub =
+            threads > 1
+                ? (int64_t)ceil((double)threads * MM_SLICES_PER_THREAD * job_work(&jobs[i]) / total)
+                : 1;
         int64_t panels = (w->rows + 15) / 16;
         add_units(u, &nu, st[i].fn, c, (int)(n_sub < panels ? n_sub : panels));
     }

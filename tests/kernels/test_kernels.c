@@ -1009,8 +1009,8 @@ static void test_gemm(const ds_kernels *k) {
         }
 }
 
-/* pack16_f32 / gemm16x8_f32 / gemm16x8_f32_rows against scalar bit-exact, and scalar against a chain of fmaf in
- * column order computed here, on ragged column counts and rows at odd offsets. */
+/* pack16_f32 / gemm16x8_f32 / gemm16x8_f32_rows against scalar bit-exact, and scalar against a
+ * chain of fmaf in column order computed here, on ragged column counts and rows at odd offsets. */
 static void test_fgemm(const ds_kernels *k) {
     const ds_kernels *s = ds_kernels_scalar();
     const size_t ns[] = {1, 5, 15, 16, 17, 33, 100, 1000};
@@ -1070,7 +1070,8 @@ static void test_fgemm(const ds_kernels *k) {
             for (size_t t = 0; t < 8; t++)
                 for (size_t r = 0; r < 16; r++) {
                     float acc = 0;
-                    for (size_t i = 0; r < m && i < n; i++) acc = fmaf(rp[i][off + r], xc[t][i], acc);
+                    for (size_t i = 0; r < m && i < n; i++)
+                        acc = fmaf(rp[i][off + r], xc[t][i], acc);
                     badref += memcmp(&acc, &os_[16 * t + r], 4) != 0;
                     bad += memcmp(&ok_[16 * t + r], &os_[16 * t + r], 4) != 0;
                 }
