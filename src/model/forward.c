@@ -760,7 +760,7 @@ static int moe(ds_model *m, const ds_layer *L, int64_t l, fwd_bufs *b, int64_t n
     for (int64_t e = 0; e < c->n_routed_experts; e++) start[e + 1] += start[e];
     memcpy(fill, start, (size_t)c->n_routed_experts * sizeof(int32_t));
     for (int64_t i = 0; i < n * K; i++) b->by_expert[fill[b->tope[i]]++] = (int32_t)i;
-    ds_mm_job *jobs = malloc((size_t)(2 * (hi - lo)) * sizeof *jobs);
+    ds_mm_job *jobs = malloc((size_t)(2 * (hi - lo) + 1) * sizeof *jobs); /* never malloc(0) */
     if (!jobs) return ds_err_set(DS_ERR_NOMEM, "out of memory (expert jobs)");
     /* experts in groups of at most n pairs (the buffers' rows; one expert has at most n), each
      * group's matmuls run together: gate and up, then down (ds_matmul_jobs) */
