@@ -901,6 +901,7 @@ static void job_setup(const ds_mm_job *j, mm_job_state *st) {
 }
 
 void ds_matmul_jobs(ds_pool *pool, const ds_mm_job *jobs, int n_jobs) {
+    if (n_jobs <= 0) return;
     const int threads = ds_pool_size(pool);
     mm_job_state *st = calloc((size_t)n_jobs, sizeof *st);
     mm_unit *u = malloc(((size_t)n_jobs * (size_t)threads * MM_SLICES_PER_THREAD + 1) * sizeof *u);

@@ -546,6 +546,58 @@ static void make_mat_i8(test_mat *t, shape sh, int int4) {
                     .int4 = int4};
 }
 
+/* ds_matmul_jobs: jobs of every dtype and path (fused, float GEMM, int8 dot and GEMM, int4,
+ * static activations), token counts from 0 to 40, one x shared by two jobs as a MoE's gate and
+ * up share theirs, each equal bit for bit to its own ds_matmul, on pools of 1 and 3 threads. */
+static void check_matmul_jobs(ds_pool *p1, ds_pool *p3) {
+    enum { NJ = 8 };
+    test_mat t[NJ];
+    make_mat(&t[0], DS_BF16, (shape){37, 300, 128, 128});
+    make_mat(&t[1], DS_F32, (shape){20, 64, 128, 128});
+    make_mat(&t[2], DS_F8_E4M3, (shape){130, 257, 128, 128});
+    make_mat_i8(&t[3], (shape){45, 300, 1, 300}, 0);
+    make_mat_i8(&t[4], (shape){70, 257, 1, 64}, 1);
+    make_mat_i8(&t[5], (shape){33, 300, 1, 300}, 0);
+    make_static(&t[5], 1);
+    make_mat(&t[6], DS_BF16, (shape){16, 300, 128, 128});
+    make_mat_i8(&t[7], (shape){129, 300, 1, 300}, 0);
+    const int64_t toks[NJ] = {40, 9, 17, 4, 3, 5, 0, 1};
+    float *x[NJ], *want[NJ], *got[NJ];
+    ds_mm_job jobs[NJ];
+    for (int i = 0; i < NJ; i++) {
+        size_t nx = (size_t)(toks[i] * t[i].m.cols), ny = (size_t)(toks[i] * t[i].m.rows);
+        x[i] = malloc((nx ? nx : 1) * sizeof(float));
+        want[i] = malloc((ny + 1) * sizeof(float));
+        got[i] = malloc((ny + 1) * sizeof(float));
+        fill(x[i], nx);
+        ds_matmul(p1, want[i], x[i], toks[i], &t[i].m);
+    }
+    x[7] = x[3]; /* the same tokens through two matrices of one width, like gate and up */
+    ds_matmul(p1, want[7], x[7], toks[7], &t[7].m);
+    for (int pi = 0; pi < 2; pi++) {
+        for (int i = 0; i < NJ; i++) {
+            size_t ny = (size_t)(toks[i] * t[i].m.rows);
+            for (size_t j = 0; j <= ny; j++) got[i][j] = 999.0f;
+            jobs[i] = (ds_mm_job){got[i], x[i], toks[i], &t[i].m};
+        }
+        ds_matmul_jobs(pi ? p3 : p1, jobs, NJ);
+        for (int i = 0; i < NJ; i++) {
+            size_t ny = (size_t)(toks[i] * t[i].m.rows);
+            CHECK_MSG(memcmp(got[i], want[i], ny * sizeof(float)) == 0,
+                      "ds_matmul_jobs (%d threads): job %d differs from its ds_matmul", pi ? 3 : 1,
+                      i);
+            CHECK_MSG(got[i][ny] == 999.0f, "ds_matmul_jobs: job %d wrote past its y", i);
+        }
+    }
+    ds_matmul_jobs(p3, jobs, 0); /* no jobs: nothing to do */
+    for (int i = 0; i < NJ; i++) {
+        if (i != 7) free(x[i]);
+        free(want[i]);
+        free(got[i]);
+        free_mat(&t[i]);
+    }
+}
+
 /* ds_matmul on DS_I8 against a double product computed from the same quantized activations
  * (ds_quantize_row_i8 / _static are checked on their own) and the stored integers: exact integer
  * sums per block, so only the f32 conversion and accumulation differ, ~1e-7 relative. */
@@ -734,6 +786,7 @@ static void matmul_suite(void) {
             check_matmul_i8(&t, p1, p3, what);
             free_mat(&t);
         }
+    check_matmul_jobs(p1, p3);
     ds_pool_close(p1);
     ds_pool_close(p3);
 }
