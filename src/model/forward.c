@@ -507,10 +507,11 @@ static void absorb_o_task(void *arg, int thread, int n_threads) {
     int64_t dv = c->v_head_dim, R16 = (R + 15) & ~(int64_t)15;
     float *row = a->b->thread_buf + (size_t)thread * a->b->thread_floats + a->row_off;
     float *pan = row + 16 * R16; /* after 16 dequantised rows: [R][16], 16 rows of W_UV[h] */
+    const int gemm = absorb_gemm_ok(k, a->n);
     size_t h0, h1;
     ds_split_range((size_t)H, thread, n_threads, &h0, &h1);
     for (int64_t h = (int64_t)h0; h < (int64_t)h1; h++) {
-        if (!absorb_gemm_ok(k, a->n)) {
+        if (!gemm) {
             for (int64_t v = 0; v < dv; v++) {
                 ds_mat_row_f32(&a->L->kv_b, h * (dn + dv) + dn + v, row);
                 for (int64_t t = 0; t < a->n; t++)
