@@ -37,7 +37,7 @@ typedef struct ds_kernels {
     float (*dot_f32)(const float *a, const float *b, size_t n);
     /* out[r] = sum_i x[i] * w[r][i] for r in 0..3: one pass over x feeds four rows */
     void (*dot4_f32)(const float *x, const float *const w[4], size_t n, float out[4]);
-    /* y[i] += a * x[i] */
+    /* y[i] += a * x[i], a fused multiply-add (fmaf) in the scalar, AVX2 and AVX-512 tables */
     void (*axpy_f32)(float *y, float a, const float *x, size_t n);
     /* Fused decode + dot4 for the memory-bound matmuls of decoding (few tokens): the weights are
      * read in their stored dtype and widened in registers, never written to a scratch.

@@ -182,7 +182,7 @@ static void dot4x2_fp8_scalar(const float *x0, const float *x1, const uint8_t *c
 }
 
 static void axpy_f32_scalar(float *y, float a, const float *x, size_t n) {
-    for (size_t i = 0; i < n; i++) st_f32(y, i, ld_f32(y, i) + a * ld_f32(x, i));
+    for (size_t i = 0; i < n; i++) st_f32(y, i, fmaf(a, ld_f32(x, i), ld_f32(y, i)));
 }
 
 /* Integer dots: plain int32 sums per block and row, the oracle of the SIMD reorderings. */

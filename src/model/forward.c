@@ -284,12 +284,20 @@ static int64_t slot_of(const ds_kv_cache *kv, const ds_batch *bt, int64_t i, int
 }
 
 /* The absorptions are small GEMMs per head (gemm16x8_f32: sixteen outputs a lane, eight tokens
- * a pass), the head's kv_b rows dequantised once per call. Over this many tokens they beat a row
- * at a time through axpy / dot (each output re-read from cache per row); below, those stay. */
-#define ABSORB_GEMM_MIN_TOK 8
+ * a pass), the head's kv_b rows dequantised once per call. A token's result must not depend on
+ * how many tokens share its step (a seeded request samples the same tokens under load as
+ * alone), and a GEMM column is the same fmaf chain however many tokens share the pass:
+ *  - q_abs: below ABSORB_Q_GEMM_MIN_TOK tokens, one W_UK row at a time through axpy, the same
+ *    fmaf chain over the rows in the same order (axpy is a fused multiply-add), and cheaper
+ *    there than packing the head's panels;
+ *  - o: always the GEMM. A dot product per row below 8 tokens, as first written, summed W_UV's
+ *    rows in another order, and one seeded request of the soak test then drew another token
+ *    under load than alone. At 1 token this costs ~0.03 ms a layer on the medium model.
+ * Tables without the float GEMM kernels keep axpy / dot at every size. */
+#define ABSORB_Q_GEMM_MIN_TOK 8
 
-static int absorb_gemm_ok(const ds_kernels *k, int64_t n) {
-    return n >= ABSORB_GEMM_MIN_TOK && ds_kernels_fgemm_native(k);
+static int absorb_gemm_ok(const ds_kernels *k) {
+    return ds_kernels_fgemm_native(k);
 }
 
 /* Sixteen outputs for eight of the chunk's tokens from tokens t0 on (a tail group repeats token
@@ -310,7 +318,7 @@ static void absorb_q_task(void *arg, int thread, int n_threads) {
     int64_t qk = dn + c->qk_rope_head_dim, rows_per_head = dn + c->v_head_dim;
     float *row = a->b->thread_buf + (size_t)thread * a->b->thread_floats + a->row_off;
     float *pan = row + ((R + 15) & ~(int64_t)15); /* [R / 16][dn][16]: W_UK[h] by 16 columns */
-    int gemm = absorb_gemm_ok(k, a->n);
+    int gemm = absorb_gemm_ok(k) && a->n >= ABSORB_Q_GEMM_MIN_TOK;
     size_t h0, h1;
     ds_split_range((size_t)H, thread, n_threads, &h0, &h1);
     for (int64_t h = (int64_t)h0; h < (int64_t)h1; h++) {
@@ -507,7 +515,7 @@ static void absorb_o_task(void *arg, int thread, int n_threads) {
     int64_t dv = c->v_head_dim, R16 = (R + 15) & ~(int64_t)15;
     float *row = a->b->thread_buf + (size_t)thread * a->b->thread_floats + a->row_off;
     float *pan = row + 16 * R16; /* after 16 dequantised rows: [R][16], 16 rows of W_UV[h] */
-    const int gemm = absorb_gemm_ok(k, a->n);
+    const int gemm = absorb_gemm_ok(k);
     size_t h0, h1;
     ds_split_range((size_t)H, thread, n_threads, &h0, &h1);
     for (int64_t h = (int64_t)h0; h < (int64_t)h1; h++) {
