@@ -572,6 +572,7 @@ static void check_matmul_jobs(ds_pool *p1, ds_pool *p3) {
         fill(x[i], nx);
         ds_matmul(p1, want[i], x[i], toks[i], &t[i].m);
     }
+    free(x[7]);
     x[7] = x[3]; /* the same tokens through two matrices of one width, like gate and up */
     ds_matmul(p1, want[7], x[7], toks[7], &t[7].m);
     for (int pi = 0; pi < 2; pi++) {
