@@ -70,11 +70,9 @@ static void argmax_task(void *arg, int slice, int n_slices) {
     size_t i0, i1;
     ds_split_range((size_t)a->n, slice, n_slices, &i0, &i1);
     for (size_t i = i0; i < i1; i++) {
-        const float *l = a->logits + i * (size_t)a->vocab;
-        int64_t b = 0;
-        for (int64_t v = 1; v < a->vocab; v++)
-            if (l[v] > l[b]) b = v;
-        a->next[i] = (int32_t)b;
+        int64_t b =
+            ds_kernels_get()->argmax_f32(a->logits + i * (size_t)a->vocab, (size_t)a->vocab);
+        a->next[i] = (int32_t)(b < 0 ? 0 : b);
     }
 }
 

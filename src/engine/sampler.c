@@ -34,6 +34,7 @@
  *   sum in f64. tests/engine/test_sampler.c checks it against a double, full-sort reference.
  * - Nothing is allocated per call; the scratch (~33 bytes per token) belongs to the sampler. */
 #include "engine/engine.h"
+#include "kernels/kernels.h"
 
 #include <float.h>
 #include <math.h>
@@ -515,13 +516,8 @@ static int run(ds_sampler *s, const float *logits, const ds_sampling_params *p,
     float *w = s->w;
 
     /* max and argmax, ties to the lowest id */
-    float m = -INFINITY;
-    int32_t am = -1;
-    for (int32_t i = 0; i < V; i++)
-        if (w[i] > m) {
-            m = w[i];
-            am = i;
-        }
+    const int32_t am = (int32_t)ds_kernels_get()->argmax_f32(w, (size_t)V);
+    const float m = am < 0 ? -INFINITY : w[am];
     if (am < 0) {
         if (n_output < p->min_tokens && p->n_stop_ids > 0)
             return ds_err_set(DS_ERR_RANGE,

@@ -30,6 +30,9 @@ typedef struct ds_kernels {
     void (*i4_to_f32)(float *dst, const uint8_t *src, size_t n, float scale);
     /* max_i |x[i]|, NaNs skipped (0 for n = 0) */
     float (*absmax_f32)(const float *x, size_t n);
+    /* the lowest i with x[i] = max_i x[i] over the values above -inf (NaNs skipped), -1 when
+     * there is none: greedy sampling's pick over the vocabulary */
+    int64_t (*argmax_f32)(const float *x, size_t n);
     /* q[i] = round-half-even(x[i] / s) clamped to [-127, 127], NaN -> 0 (the IEEE division, so
      * every table gives the same bytes): ds_quantize_row_i8's second pass */
     void (*quantize_i8)(const float *x, size_t n, float s, int8_t *q);

@@ -263,6 +263,19 @@ static float absmax_f32_scalar(const float *x, size_t n) {
     return amax;
 }
 
+static int64_t argmax_f32_scalar(const float *x, size_t n) {
+    float m = -INFINITY;
+    int64_t am = -1;
+    for (size_t i = 0; i < n; i++) {
+        float v = ld_f32(x, i);
+        if (v > m) {
+            m = v;
+            am = (int64_t)i;
+        }
+    }
+    return am;
+}
+
 static void quantize_i8_scalar(const float *x, size_t n, float s, int8_t *q) {
     for (size_t i = 0; i < n; i++) {
         float v = nearbyintf(ld_f32(x, i) / s);
@@ -313,6 +326,7 @@ static const ds_kernels scalar_table = {
     .f16_to_f32 = f16_to_f32_scalar,
     .fp8_to_f32 = fp8_to_f32_scalar,
     .absmax_f32 = absmax_f32_scalar,
+    .argmax_f32 = argmax_f32_scalar,
     .quantize_i8 = quantize_i8_scalar,
     .i8_to_f32 = i8_to_f32_scalar,
     .i4_to_f32 = i4_to_f32_scalar,

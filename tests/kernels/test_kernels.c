@@ -934,6 +934,37 @@ static void test_quant_kernels(const ds_kernels *k) {
     CHECK(qt[0] == 2 && qt[1] == -4 && qt[2] == 127); /* ties to even */
 }
 
+/* argmax_f32 against scalar and by hand: lengths with tails, ties (the lowest index wins), NaN
+ * and -inf never picked, nothing to pick (-1), signed zeros equal, an unaligned start. */
+static void test_argmax(const ds_kernels *k) {
+    const ds_kernels *s = ds_kernels_scalar();
+    float buf[1001];
+    int bad = 0;
+    for (size_t n = 0; n <= 1000; n = n < 40 ? n + 1 : n * 5) {
+        float *x = buf + 1;
+        for (int mode = 0; mode < 4; mode++) {
+            for (size_t i = 0; i < n; i++) {
+                uint64_t r = rnd64();
+                x[i] = mode == 3 ? -(float)(r % 5) : (float)((int)(r % 2001) - 1000) * 0.25f;
+                if (r % 37 == 0 || mode == 1) x[i] = NAN;
+                if (r % 41 == 0 || mode == 2) x[i] = -INFINITY;
+                if (mode == 3 && x[i] == 0.0f && r % 2) x[i] = -0.0f;
+            }
+            int64_t a = k->argmax_f32(x, n), b = s->argmax_f32(x, n);
+            bad += a != b;
+            int64_t want = -1; /* the first strict maximum, by a second loop */
+            for (size_t i = 0; i < n; i++)
+                if (x[i] > -INFINITY && (want < 0 || x[i] > x[want])) want = (int64_t)i;
+            bad += b != want;
+        }
+        if (n == 1000) break;
+    }
+    CHECK_MSG(bad == 0, "%s argmax_f32: %d cases wrong", k->name, bad);
+    const float h[] = {NAN, -INFINITY, 3.0f, 5.0f, 1.0f, 5.0f, INFINITY, NAN, INFINITY};
+    CHECK(k->argmax_f32(h, 6) == 3 && k->argmax_f32(h, 9) == 6 && k->argmax_f32(h, 2) == -1);
+    CHECK(k->argmax_f32(h, 0) == -1);
+}
+
 /* ds_i4_split against hand-made layouts: one partial step; blocks of 4 with a short last one;
  * and a full 128-column step followed by a partial one inside one block. */
 static void test_i4_split(void) {
@@ -1345,15 +1376,16 @@ int main(void) {
         test_conversions(k);
         test_dot(k);
         test_fused(k);
-        CHECK(k->dot4_i8 && k->dot4_i4 && k->pack16_i8 && k->pack16_i4 && k->gemm16x8_i8 &&
-              k->pack16_f32 && k->gemm16x8_f32 && k->gemm16x8_f32_rows);
+        CHECK(k->argmax_f32 && k->dot4_i8 && k->dot4_i4 && k->pack16_i8 && k->pack16_i4 &&
+              k->gemm16x8_i8 && k->pack16_f32 && k->gemm16x8_f32 && k->gemm16x8_f32_rows);
         test_int_dots(k);
         test_int_dequant(k);
         test_quant_kernels(k);
+        test_argmax(k);
         test_gemm(k);
         test_fgemm(k);
         printf("table %s: conversions, dot, dot4, axpy, fused dot4 / dot4x2, dot4_i8 / dot4_i4, "
-               "int8 and f32 pack16 / gemm16x8 checked\n",
+               "argmax, int8 and f32 pack16 / gemm16x8 checked\n",
                k->name);
     }
     CHECK(ds_kernels_for("bogus") == NULL && ds_kernels_for(NULL) == NULL);
