@@ -672,8 +672,8 @@ static void matmul_fgemm_thread(void *arg, int thread, int n_threads) {
  * GEMM runs, instead of one whole L2 group packed at memory latency before any arithmetic. The
  * experts of a 192-sequence step (medium model, ~24 tokens each, 2 threads, weights cold): a
  * layer's gate + up job set 23 - 28 -> 19 - 21 ms for 7 layers; at 96 tokens an expert the L2
- * groups stayed ahead (63 vs 73 ms), and 6- or 12-panel groups were twice as slow at 192 (not
- * understood; one panel and the full L2 group were both fine). */
+ * groups stayed ahead (63 vs 73 ms), and 6- or 12-panel groups were twice as slow at 192 tokens an
+ * expert (not understood; one panel and the full L2 group were both fine). */
 #define MM_GEMM_FEW_TOK 64
 /* From this many tokens on the GEMM path runs. Measured on the 2-vCPU Zen 5 VM, 16384 x 7168,
  * 2 threads (W8A8 / W4A8 group 128, ms): 2 tokens dot4 3.6 / 4.4 vs GEMM 4.5 / 5.0; 4 tokens
@@ -728,9 +728,11 @@ static void matmul_gemm_thread(void *arg, int thread, int n_threads) {
                 k->pack16_i8(pan + pi * pbytes, w8, cols);
         }
         /* the next group's stored rows, prefetched a share before each kernel call */
-        const size_t pf0 = 16 * (p0 + pn) * rowb, calls = (n_tok + 7) / 8 * pn;
-        size_t pf = pf0, pf_end = 16 * (p0 + pn + gp < p_hi ? p0 + pn + gp : p_hi) * rowb, call = 0;
-        if (pf_end > rows * rowb) pf_end = rows * rowb > pf0 ? rows * rowb : pf0;
+        const size_t next = p0 + pn, next_end = next + gp < p_hi ? next + gp : p_hi;
+        const size_t pf0 = (16 * next < rows ? 16 * next : rows) * rowb;
+        const size_t pf_end = (16 * next_end < rows ? 16 * next_end : rows) * rowb;
+        const size_t calls = (n_tok + 7) / 8 * pn;
+        size_t pf = pf0, call = 0;
         for (size_t t0 = 0; t0 < n_tok; t0 += 8) {
             size_t nt = n_tok - t0 < 8 ? n_tok - t0 : 8;
             const int8_t *xs[8];
