@@ -748,9 +748,10 @@ static void matmul_gemm_thread(void *arg, int thread, int n_threads) {
                 for (size_t pt = pf0 + (pf_end - pf0) * ++call / calls; pf < pt; pf += 64)
                     __builtin_prefetch(data + pf);
                 k->gemm16x8_i8(pan + pi * pbytes, cols, blk, xs, xo, sw + pi * nb * 16, out);
-                for (size_t j = 0; j < nt; j++)
-                    for (size_t r = 0; r < nr; r++)
-                        c->y[(t0 + j) * rows + r0 + r] = c->sx[t0 + j] * out[16 * j + r];
+                for (size_t j = 0; j < nt; j++) {
+                    float *yr = c->y + (t0 + j) * rows + r0, sx = c->sx[t0 + j];
+                    for (size_t r = 0; r < nr; r++) yr[r] = sx * out[16 * j + r];
+                }
             }
         }
     }
@@ -764,9 +765,10 @@ static size_t block_offsets(const int8_t *q, size_t c0, size_t len, size_t kbloc
                             int32_t *dst) {
     size_t nb = 0;
     for (size_t b0 = c0; b0 < c0 + len; b0 += kblock, nb++) {
-        int64_t sum = 0;
-        for (size_t i = b0; i < c0 + len && i < b0 + kblock; i++) sum += q[i];
-        dst[nb] = (int32_t)(uint32_t)(off * sum);
+        const size_t end = c0 + len < b0 + kblock ? c0 + len : b0 + kblock;
+        uint32_t sum = 0; /* modulo 2^32, like the product it enters: a loop that vectorises */
+        for (size_t i = b0; i < end; i++) sum += (uint32_t)(int32_t)q[i];
+        dst[nb] = (int32_t)(sum * (uint32_t)off);
     }
     return nb;
 }
@@ -867,7 +869,7 @@ typedef struct {
     int32_t *xoff;
 } mm_job_state;
 
-/* Picks job j's path and, for DS_I8, allocates its activations' buffers. */
+/* Picks job j's path and, for DS_I8, what its per-token preparation makes (prep_ctx). */
 static void job_setup(const ds_mm_job *j, mm_job_state *st) {
     const ds_mat *w = j->w;
     memset(st, 0, sizeof *st);
@@ -885,12 +887,12 @@ static void job_setup(const ds_mm_job *j, mm_job_state *st) {
             st->fn = matmul_fgemm_thread;
         return;
     }
-    /* the activations of each token quantized once per call (owned here), rows padded with
-     * zeros to whole 4-column groups, with what the chosen path needs beside them */
-    const size_t cols = (size_t)w->cols, ldq = (cols + 3) / 4 * 4, blk = i8_block(w);
-    const size_t n_tok = (size_t)j->n_tok;
+    /* the activations of each token quantized once per call, rows padded with zeros to whole
+     * 4-column groups, with what the chosen path needs beside them */
+    const size_t cols = (size_t)w->cols, blk = i8_block(w), n_tok = (size_t)j->n_tok;
     prep_ctx *pc = &st->pc;
     st->fn = matmul_i8_thread;
+    st->c.ldq = (cols + 3) / 4 * 4;
     if (j->n_tok >= MM_GEMM_MIN_TOK && (blk == cols || blk % 4 == 0) && gemm_native(st->c.k)) {
         pc->mode = PREP_GEMM;
         pc->np = (cols + blk - 1) / blk;
@@ -903,17 +905,37 @@ static void job_setup(const ds_mm_job *j, mm_job_state *st) {
             pc->np += (nc + pc->pl.kblock - 1) / pc->pl.kblock;
         }
     }
+    st->c.n_pieces = pc->np;
+}
+
+/* True when DS_I8 jobs a and b (set up) prepare identical activations: the same x and tokens,
+ * quantized alike, with the same offsets beside them (a layer's gate and up, q_a and kv_a). */
+static int same_prep(const ds_mm_job *a, const mm_job_state *sa, const ds_mm_job *b,
+                     const mm_job_state *sb) {
+    const ds_mat *wa = a->w, *wb = b->w;
+    const i8_plan *pa = &sa->pc.pl, *pb = &sb->pc.pl;
+    return a->x == b->x && a->n_tok == b->n_tok && wa->cols == wb->cols && wa->act_n == wb->act_n &&
+           wa->act_scale == wb->act_scale && wa->act_zp == wb->act_zp &&
+           sa->pc.mode == sb->pc.mode && sa->pc.np == sb->pc.np &&
+           (sa->pc.mode != PREP_GEMM || (i8_block(wa) == i8_block(wb) && wa->int4 == wb->int4)) &&
+           (sa->pc.mode != PREP_I4 ||
+            (pa->bc == pb->bc && pa->seg == pb->seg && pa->kblock == pb->kblock &&
+             pa->big == pb->big && pa->decode == pb->decode));
+}
+
+/* Allocates a DS_I8 job's activation buffers (owned by st). */
+static void job_alloc(mm_job_state *st) {
+    const size_t n_tok = (size_t)st->c.n_tok, ldq = st->c.ldq;
+    const int mode = st->pc.mode;
     st->q = malloc(n_tok * ldq);
     st->sx = malloc(n_tok * sizeof(float));
-    st->xoff = pc->mode ? malloc(n_tok * pc->np * sizeof(int32_t)) : NULL;
-    st->xs = pc->mode == PREP_I4 ? malloc(n_tok * ldq) : NULL;
-    DS_ASSERT(st->q && st->sx && (!pc->mode || st->xoff) && (pc->mode != PREP_I4 || st->xs));
+    st->xoff = mode ? malloc(n_tok * st->pc.np * sizeof(int32_t)) : NULL;
+    st->xs = mode == PREP_I4 ? malloc(n_tok * ldq) : NULL;
+    DS_ASSERT(st->q && st->sx && (!mode || st->xoff) && (mode != PREP_I4 || st->xs));
     st->c.q = st->q;
-    st->c.ldq = ldq;
     st->c.sx = st->sx;
     st->c.xoff = st->xoff;
     st->c.xs = st->xs;
-    st->c.n_pieces = pc->np;
 }
 
 void ds_matmul_jobs(ds_pool *pool, const ds_mm_job *jobs, int n_jobs) {
@@ -935,9 +957,19 @@ void ds_matmul_jobs(ds_pool *pool, const ds_mm_job *jobs, int n_jobs) {
             continue;
         }
         job_setup(j, &st[i]);
+        if (j->w->dtype != DS_I8) continue;
+        int k = 0; /* an earlier job that prepares the same: its buffers serve this one too */
+        while (k < i && !(st[k].q && same_prep(&jobs[k], &st[k], j, &st[i]))) k++;
+        if (k < i) {
+            st[i].c.q = st[k].q;
+            st[i].c.sx = st[k].sx;
+            st[i].c.xoff = st[k].xoff;
+            st[i].c.xs = st[k].xs;
+            continue;
+        }
+        job_alloc(&st[i]);
         /* per-token preparation split over the threads when there are tokens enough to share */
-        if (j->w->dtype == DS_I8)
-            add_units(u, &nu, prep_task, &st[i].pc, j->n_tok >= 2 * threads ? threads : 1);
+        add_units(u, &nu, prep_task, &st[i].pc, j->n_tok >= 2 * threads ? threads : 1);
     }
     run_units(pool, u, nu);
     nu = 0;

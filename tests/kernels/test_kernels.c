@@ -547,10 +547,12 @@ static void make_mat_i8(test_mat *t, shape sh, int int4) {
 }
 
 /* ds_matmul_jobs: jobs of every dtype and path (fused, float GEMM, int8 dot and GEMM, int4,
- * static activations), token counts from 0 to 40, one x shared by two jobs as a MoE's gate and
- * up share theirs, each equal bit for bit to its own ds_matmul, on pools of 1 and 3 threads. */
+ * static activations), token counts from 0 to 40, and jobs reading another's x as a MoE's gate
+ * and up read theirs: the same quantization shared (jobs 8, 12, 13) or not shareable (other
+ * token count, block width, int4, static scales: jobs 7, 9, 10, 11); each equal bit for bit to
+ * its own ds_matmul, on pools of 1 and 3 threads. */
 static void check_matmul_jobs(ds_pool *p1, ds_pool *p3) {
-    enum { NJ = 8 };
+    enum { NJ = 14 };
     test_mat t[NJ];
     make_mat(&t[0], DS_BF16, (shape){37, 300, 128, 128});
     make_mat(&t[1], DS_F32, (shape){20, 64, 128, 128});
@@ -561,20 +563,29 @@ static void check_matmul_jobs(ds_pool *p1, ds_pool *p3) {
     make_static(&t[5], 1);
     make_mat(&t[6], DS_BF16, (shape){16, 300, 128, 128});
     make_mat_i8(&t[7], (shape){129, 300, 1, 300}, 0);
-    const int64_t toks[NJ] = {40, 9, 17, 4, 3, 5, 0, 1};
+    make_mat_i8(&t[8], (shape){29, 300, 1, 300}, 0);
+    make_mat_i8(&t[9], (shape){21, 300, 1, 100}, 0);
+    make_mat_i8(&t[10], (shape){18, 300, 1, 300}, 1);
+    make_mat_i8(&t[11], (shape){33, 300, 1, 300}, 0);
+    make_static(&t[11], 0);
+    make_mat_i8(&t[12], (shape){15, 300, 1, 300}, 0);
+    make_mat_i8(&t[13], (shape){70, 257, 1, 64}, 1);
+    const int64_t toks[NJ] = {40, 9, 17, 4, 3, 5, 0, 1, 4, 4, 4, 4, 1, 3};
+    const int from[NJ] = {-1, -1, -1, -1, -1, -1, -1, 3, 3, 3, 3, 3, 3, 4}; /* whose x */
     float *x[NJ], *want[NJ], *got[NJ];
     ds_mm_job jobs[NJ];
     for (int i = 0; i < NJ; i++) {
         size_t nx = (size_t)(toks[i] * t[i].m.cols), ny = (size_t)(toks[i] * t[i].m.rows);
-        x[i] = malloc((nx ? nx : 1) * sizeof(float));
+        if (from[i] < 0) {
+            x[i] = malloc((nx ? nx : 1) * sizeof(float));
+            fill(x[i], nx);
+        } else {
+            x[i] = x[from[i]];
+        }
         want[i] = malloc((ny + 1) * sizeof(float));
         got[i] = malloc((ny + 1) * sizeof(float));
-        fill(x[i], nx);
         ds_matmul(p1, want[i], x[i], toks[i], &t[i].m);
     }
-    free(x[7]);
-    x[7] = x[3]; /* the same tokens through two matrices of one width, like gate and up */
-    ds_matmul(p1, want[7], x[7], toks[7], &t[7].m);
     for (int pi = 0; pi < 2; pi++) {
         for (int i = 0; i < NJ; i++) {
             size_t ny = (size_t)(toks[i] * t[i].m.rows);
@@ -592,7 +603,7 @@ static void check_matmul_jobs(ds_pool *p1, ds_pool *p3) {
     }
     ds_matmul_jobs(p3, jobs, 0); /* no jobs: nothing to do */
     for (int i = 0; i < NJ; i++) {
-        if (i != 7) free(x[i]);
+        if (from[i] < 0) free(x[i]);
         free(want[i]);
         free(got[i]);
         free_mat(&t[i]);
