@@ -276,6 +276,13 @@ static int64_t argmax_f32_scalar(const float *x, size_t n) {
     return am;
 }
 
+static void swiglu_f32_scalar(float *a, const float *b, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        float v = a[i];
+        a[i] = v / (1.0f + expf(-v)) * b[i];
+    }
+}
+
 static void quantize_i8_scalar(const float *x, size_t n, float s, int8_t *q) {
     for (size_t i = 0; i < n; i++) {
         float v = nearbyintf(ld_f32(x, i) / s);
@@ -327,6 +334,7 @@ static const ds_kernels scalar_table = {
     .fp8_to_f32 = fp8_to_f32_scalar,
     .absmax_f32 = absmax_f32_scalar,
     .argmax_f32 = argmax_f32_scalar,
+    .swiglu_f32 = swiglu_f32_scalar,
     .quantize_i8 = quantize_i8_scalar,
     .i8_to_f32 = i8_to_f32_scalar,
     .i4_to_f32 = i4_to_f32_scalar,

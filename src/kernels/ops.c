@@ -40,10 +40,7 @@ void ds_softmax(float *x, int64_t n) {
 }
 
 void ds_swiglu(float *a, const float *b, int64_t n) {
-    for (int64_t i = 0; i < n; i++) {
-        float v = a[i];
-        a[i] = v / (1.0f + expf(-v)) * b[i];
-    }
+    if (n > 0) ds_kernels_get()->swiglu_f32(a, b, (size_t)n);
 }
 
 /* SGLang's per_token_quant_int8: scale = max|x| / 127, q = round(x / scale), torch.round being

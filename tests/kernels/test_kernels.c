@@ -976,6 +976,38 @@ static void test_argmax(const ds_kernels *k) {
     CHECK(k->argmax_f32(h, 0) == -1);
 }
 
+/* swiglu_f32 against a double evaluation of the formula: gates over the whole range that matters
+ * (and past it, where exp over- or underflows), lengths with tails, an unaligned start; then the
+ * special values by hand: signed zeros, +-inf, NaN, gates beyond +-100. */
+static void test_swiglu(const ds_kernels *k) {
+    float abuf[301] = {0}, b[300] = {0};
+    float *a = abuf + 1;
+    int bad = 0;
+    for (size_t n = 0; n <= 300; n = n < 40 ? n + 1 : n + 130) {
+        float g[300] = {0};
+        for (size_t i = 0; i < n; i++) {
+            g[i] = i % 7 ? rnd_uniform(-20, 20) : rnd_uniform(-120, 120);
+            b[i] = rnd_uniform(-2, 2);
+            a[i] = g[i];
+        }
+        k->swiglu_f32(a, b, n);
+        for (size_t i = 0; i < n; i++) {
+            double want = (double)g[i] / (1.0 + exp(-(double)g[i])) * b[i];
+            /* past -88.7 exp(-g) overflows f32: the result is -0 where double keeps ~1e-37 */
+            bad += !(fabs(a[i] - want) <= 1e-6 * fabs(want) + 1e-36);
+        }
+    }
+    CHECK_MSG(bad == 0, "%s swiglu_f32: %d elements off", k->name, bad);
+    float v[] = {0.0f,    -0.0f, INFINITY, -INFINITY, NAN,   100.5f,
+                 -100.5f, 1e30f, -1e30f,   89.0f,     -89.0f};
+    const float one[11] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+    k->swiglu_f32(v, one, 11);
+    CHECK(v[0] == 0.0f && !signbit(v[0]) && v[1] == 0.0f && signbit(v[1]));
+    CHECK(v[2] == INFINITY && isnan(v[3]) && isnan(v[4]));
+    CHECK(v[5] == 100.5f && v[6] == 0.0f && signbit(v[6]) && v[7] == 1e30f);
+    CHECK(v[8] == 0.0f && signbit(v[8]) && v[9] == 89.0f && v[10] == 0.0f && signbit(v[10]));
+}
+
 /* ds_i4_split against hand-made layouts: one partial step; blocks of 4 with a short last one;
  * and a full 128-column step followed by a partial one inside one block. */
 static void test_i4_split(void) {
@@ -1387,16 +1419,18 @@ int main(void) {
         test_conversions(k);
         test_dot(k);
         test_fused(k);
-        CHECK(k->argmax_f32 && k->dot4_i8 && k->dot4_i4 && k->pack16_i8 && k->pack16_i4 &&
-              k->gemm16x8_i8 && k->pack16_f32 && k->gemm16x8_f32 && k->gemm16x8_f32_rows);
+        CHECK(k->argmax_f32 && k->swiglu_f32 && k->dot4_i8 && k->dot4_i4 && k->pack16_i8 &&
+              k->pack16_i4 && k->gemm16x8_i8 && k->pack16_f32 && k->gemm16x8_f32 &&
+              k->gemm16x8_f32_rows);
         test_int_dots(k);
         test_int_dequant(k);
         test_quant_kernels(k);
         test_argmax(k);
+        test_swiglu(k);
         test_gemm(k);
         test_fgemm(k);
         printf("table %s: conversions, dot, dot4, axpy, fused dot4 / dot4x2, dot4_i8 / dot4_i4, "
-               "argmax, int8 and f32 pack16 / gemm16x8 checked\n",
+               "argmax, swiglu, int8 and f32 pack16 / gemm16x8 checked\n",
                k->name);
     }
     CHECK(ds_kernels_for("bogus") == NULL && ds_kernels_for(NULL) == NULL);
