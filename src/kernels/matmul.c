@@ -637,8 +637,10 @@ static void matmul_fgemm_thread(void *arg, int thread, int n_threads) {
                 k->gemm16x8_f32(pan, nc, xs, out);
                 for (size_t j = 0; j < nt; j++) {
                     float *yr = c->y + (t0 + j) * rows + r0;
-                    for (size_t r = 0; r < nr; r++)
-                        yr[r] = k0 ? yr[r] + out[16 * j + r] : out[16 * j + r];
+                    if (k0)
+                        for (size_t r = 0; r < nr; r++) yr[r] += out[16 * j + r];
+                    else
+                        memcpy(yr, out + 16 * j, nr * sizeof(float));
                 }
             }
         }
@@ -748,9 +750,10 @@ static void matmul_gemm_thread(void *arg, int thread, int n_threads) {
                 for (size_t pt = pf0 + (pf_end - pf0) * ++call / calls; pf < pt; pf += 64)
                     __builtin_prefetch(data + pf);
                 k->gemm16x8_i8(pan + pi * pbytes, cols, blk, xs, xo, sw + pi * nb * 16, out);
-                for (size_t j = 0; j < nt; j++) {
-                    float *yr = c->y + (t0 + j) * rows + r0, sx = c->sx[t0 + j];
-                    for (size_t r = 0; r < nr; r++) yr[r] = sx * out[16 * j + r];
+                for (size_t j = 0; j < nt; j++) { /* scaled in place, then copied: vectorised */
+                    const float sx = c->sx[t0 + j];
+                    for (size_t r = 0; r < 16; r++) out[16 * j + r] *= sx;
+                    memcpy(c->y + (t0 + j) * rows + r0, out + 16 * j, nr * sizeof(float));
                 }
             }
         }
