@@ -925,7 +925,7 @@ static int same_prep(const ds_mm_job *a, const mm_job_state *sa, const ds_mm_job
     const i8_plan *pa = &sa->pc.pl, *pb = &sb->pc.pl;
     return a->x == b->x && a->n_tok == b->n_tok && wa->cols == wb->cols && wa->act_n == wb->act_n &&
            wa->act_scale == wb->act_scale && wa->act_zp == wb->act_zp &&
-           sa->pc.mode == sb->pc.mode && sa->pc.np == sb->pc.np &&
+           sa->pc.mode == sb->pc.mode &&
            (sa->pc.mode != PREP_GEMM || (i8_block(wa) == i8_block(wb) && wa->int4 == wb->int4)) &&
            (sa->pc.mode != PREP_I4 ||
             (pa->bc == pb->bc && pa->seg == pb->seg && pa->kblock == pb->kblock &&
@@ -967,9 +967,12 @@ void ds_matmul_jobs(ds_pool *pool, const ds_mm_job *jobs, int n_jobs) {
         }
         job_setup(j, &st[i]);
         if (j->w->dtype != DS_I8) continue;
-        int k = 0; /* an earlier job that prepares the same: its buffers serve this one too */
-        while (k < i && !(st[k].q && same_prep(&jobs[k], &st[k], j, &st[i]))) k++;
-        if (k < i) {
+        /* an earlier job of the same x that prepares the same serves this one too; jobs of one
+         * x come together (gate, up), so the search stops at the first other x */
+        int k = i - 1;
+        while (k >= 0 && jobs[k].x == j->x && !(st[k].q && same_prep(&jobs[k], &st[k], j, &st[i])))
+            k--;
+        if (k >= 0 && jobs[k].x == j->x) {
             st[i].c.q = st[k].q;
             st[i].c.sx = st[k].sx;
             st[i].c.xoff = st[k].xoff;

@@ -547,38 +547,46 @@ static void make_mat_i8(test_mat *t, shape sh, int int4) {
 }
 
 /* ds_matmul_jobs: jobs of every dtype and path (fused, float GEMM, int8 dot and GEMM, int4,
- * static activations), token counts from 0 to 40, and jobs reading another's x as a MoE's gate
- * and up read theirs: the same quantization shared (jobs 8, 12, 13) or not shareable (other
- * token count, block width, int4, static scales: jobs 7, 9, 10, 11); each equal bit for bit to
- * its own ds_matmul, on pools of 1 and 3 threads. */
+ * static activations), token counts from 0 to 40, and jobs reading the x of the job before, as a
+ * MoE's gate and up read theirs: the same quantization shared (jobs 4, 12, 14) or not shareable,
+ * each for one reason against the jobs before it (block width; another width of as many blocks;
+ * int4; static scales; another zero point; more tokens; fewer tokens on another path: jobs
+ * 5 - 11); each equal bit for bit to its own ds_matmul, on pools of 1 and 3 threads. */
 static void check_matmul_jobs(ds_pool *p1, ds_pool *p3) {
-    enum { NJ = 14 };
+    enum { NJ = 17 };
     test_mat t[NJ];
     make_mat(&t[0], DS_BF16, (shape){37, 300, 128, 128});
     make_mat(&t[1], DS_F32, (shape){20, 64, 128, 128});
     make_mat(&t[2], DS_F8_E4M3, (shape){130, 257, 128, 128});
     make_mat_i8(&t[3], (shape){45, 300, 1, 300}, 0);
-    make_mat_i8(&t[4], (shape){70, 257, 1, 64}, 1);
-    make_mat_i8(&t[5], (shape){33, 300, 1, 300}, 0);
-    make_static(&t[5], 1);
-    make_mat(&t[6], DS_BF16, (shape){16, 300, 128, 128});
-    make_mat_i8(&t[7], (shape){129, 300, 1, 300}, 0);
-    make_mat_i8(&t[8], (shape){29, 300, 1, 300}, 0);
-    make_mat_i8(&t[9], (shape){21, 300, 1, 100}, 0);
-    make_mat_i8(&t[10], (shape){18, 300, 1, 300}, 1);
-    make_mat_i8(&t[11], (shape){33, 300, 1, 300}, 0);
-    make_static(&t[11], 0);
+    make_mat_i8(&t[4], (shape){29, 300, 1, 300}, 0);
+    make_mat_i8(&t[5], (shape){21, 300, 1, 100}, 0);
+    make_mat_i8(&t[6], (shape){25, 300, 1, 128}, 0);
+    make_mat_i8(&t[7], (shape){18, 300, 1, 300}, 1);
+    make_mat_i8(&t[8], (shape){33, 300, 1, 300}, 0);
+    make_static(&t[8], 0);
+    make_mat_i8(&t[9], (shape){27, 300, 1, 300}, 0);
+    make_static(&t[9], 0);
+    t[9].m.act_scale = t[8].m.act_scale; /* job 8's scale, its own zero point */
+    t[9].act[1] += 3.0f;
+    make_mat_i8(&t[10], (shape){19, 300, 1, 300}, 0);
+    make_mat_i8(&t[11], (shape){129, 300, 1, 300}, 0);
     make_mat_i8(&t[12], (shape){15, 300, 1, 300}, 0);
     make_mat_i8(&t[13], (shape){70, 257, 1, 64}, 1);
-    const int64_t toks[NJ] = {40, 9, 17, 4, 3, 5, 0, 1, 4, 4, 4, 4, 1, 3};
-    const int from[NJ] = {-1, -1, -1, -1, -1, -1, -1, 3, 3, 3, 3, 3, 3, 4}; /* whose x */
+    make_mat_i8(&t[14], (shape){70, 257, 1, 64}, 1);
+    make_mat_i8(&t[15], (shape){33, 300, 1, 300}, 0);
+    make_static(&t[15], 1);
+    make_mat(&t[16], DS_BF16, (shape){16, 300, 128, 128});
+    const int64_t toks[NJ] = {40, 9, 17, 4, 4, 4, 4, 4, 4, 4, 6, 1, 1, 3, 3, 5, 0};
+    const int from[NJ] = {-1, -1, -1, -1, 3, 3, 3, 3, 3, 3, 3, 3, 3, -1, 13, -1, -1};
     float *x[NJ], *want[NJ], *got[NJ];
     ds_mm_job jobs[NJ];
     for (int i = 0; i < NJ; i++) {
         size_t nx = (size_t)(toks[i] * t[i].m.cols), ny = (size_t)(toks[i] * t[i].m.rows);
-        if (from[i] < 0) {
-            x[i] = malloc((nx ? nx : 1) * sizeof(float));
-            fill(x[i], nx);
+        if (from[i] < 0) { /* room for 8 tokens at least: a reader may take more */
+            size_t room = nx > (size_t)(8 * t[i].m.cols) ? nx : (size_t)(8 * t[i].m.cols);
+            x[i] = malloc((room ? room : 1) * sizeof(float));
+            fill(x[i], room);
         } else {
             x[i] = x[from[i]];
         }
