@@ -564,7 +564,7 @@ static void rope_unsplit(float *x, int64_t dr) {
 /* Per token of the chunk: its latent normed and its rope key rotated into its cache slot, and the
  * rope part of each head's query rotated. Threads split the tokens: on the caller's thread alone,
  * with the rope table made per layer, this took 10 - 11 ms of a ~400 ms W8A8 step at 192
- * sequences (medium), now 2 - 3 ms. Distinct tokens of a step have distinct slots. */
+ * sequences (medium), now 2 - 5 ms. Distinct tokens of a step have distinct slots. */
 static void cache_store_task(void *arg, int thread, int n_threads) {
     attn_ctx *a = arg;
     const ds_config *c = &a->m->cfg;

@@ -43,7 +43,8 @@ static void *map_zero(size_t bytes) {
 #ifdef MADV_HUGEPAGE
     /* committed 2 MiB at a time where the kernel allows it: with 4 KiB pages every decode step
      * faulted in ~480 new pages (192 sequences, medium: a page holds 4 tokens' latents of one
-     * layer), ~4 ms of a step on a VM. Advice only: refused, the cache works the same. */
+     * layer), each a trap through the hypervisor on a VM. Advice only: refused, the cache works
+     * the same. */
     madvise(p, bytes ? bytes : 1, MADV_HUGEPAGE);
 #endif
     return p;
