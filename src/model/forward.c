@@ -451,7 +451,7 @@ static void attend_task(void *arg, int thread, int n_threads) {
                 float out[128];
                 size_t m = (size_t)(R - r0 < 16 ? R - r0 : 16);
                 k->gemm16x8_f32_rows(lat, (size_t)r0, m, (size_t)cn, xs, out);
-                for (int64_t j = 0; j < nh; j++) { /* two plain loops, so both vectorise */
+                for (int64_t j = 0; j < nh; j++) { /* the first chunk copies, later ones add */
                     float *ol = a->b->o_lat + (t * H + h0 + j) * R + r0;
                     if (c0)
                         for (size_t r = 0; r < m; r++) ol[r] += out[16 * j + r];
