@@ -6,8 +6,8 @@
  * not asserted (docs/server.md reports it). Under ASan/TSan the output is cut to 16 tokens per
  * request so that the suite stays quick (the ASan build took 228 s alone at 48 tokens, past its
  * 300 s limit beside the other tests on a slow day; 40 s at 16); the shape of the test is the
- * same. By hand,
- * DSINFER_LOAD_PORT=P runs the same load against a server already listening on port P. */
+ * same. By hand, DSINFER_LOAD_PORT=P runs the same load against a server already listening on
+ * port P. */
 #include "serverutil.h"
 
 #include <jansson.h>
