@@ -579,8 +579,14 @@ static void cache_store_task(void *arg, int thread, int n_threads) {
         int64_t pos = a->bt->positions[a->i0 + t], slot = slot_of(a->kv, a->bt, a->i0 + t, pos);
         const float *kvt = a->b->kv + t * (R + dr), *cs = a->b->rope + t * dr;
         float *q = a->b->q + t * H * qk + c->qk_nope_head_dim;
-        ds_rmsnorm(lat, kvt, L->kv_a_norm, R, c->rms_norm_eps);
-        for (int64_t i = 0; L->kv_a_norm_bias && i < R; i++) lat[i] += L->kv_a_norm_bias[i];
+        const rows_op norm = {.fn = norm_fn,
+                              .out = lat,
+                              .in = kvt,
+                              .w = L->kv_a_norm,
+                              .bias = L->kv_a_norm_bias,
+                              .width = R,
+                              .eps = c->rms_norm_eps};
+        norm_fn(&norm, 0, 1);
         ds_kv_store(a->kv, ds_kv_latent_at(a->kv, a->layer, slot), lat, R);
         memcpy(pe, kvt + R, (size_t)dr * sizeof(float));
         if (a->m->rope_split) rope_unsplit(pe, dr);
