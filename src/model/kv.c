@@ -37,15 +37,15 @@ static size_t kv_esz(ds_kv_dtype dt) {
 }
 
 static void *map_zero(size_t bytes) {
-    void *p =
-        mmap(NULL, bytes ? bytes : 1, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    const size_t len = bytes ? bytes : 1;
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) return NULL;
 #ifdef MADV_HUGEPAGE
     /* committed 2 MiB at a time where the kernel allows it: with 4 KiB pages every decode step
      * faulted in ~480 new pages (192 sequences, medium: a page holds 4 tokens' latents of one
      * layer), each a trap through the hypervisor on a VM. Advice only: refused, the cache works
      * the same. */
-    madvise(p, bytes ? bytes : 1, MADV_HUGEPAGE);
+    madvise(p, len, MADV_HUGEPAGE);
 #endif
     return p;
 }
