@@ -117,6 +117,7 @@ static void complete(ds_kernels *dst, const ds_kernels *src) {
     if (!dst->pack16_i4) dst->pack16_i4 = s->pack16_i4;
     if (!dst->gemm16x8_i8) dst->gemm16x8_i8 = s->gemm16x8_i8;
     if (!dst->pack16_f32) dst->pack16_f32 = s->pack16_f32;
+    if (!dst->pack16_bf16) dst->pack16_bf16 = s->pack16_bf16;
     if (!dst->gemm16x8_f32) dst->gemm16x8_f32 = s->gemm16x8_f32;
     if (!dst->gemm16x8_f32_rows) dst->gemm16x8_f32_rows = s->gemm16x8_f32_rows;
 }

@@ -116,6 +116,9 @@ typedef struct ds_kernels {
      * accumulated in column order from 0 with one fused multiply-add per term (fmaf), so every
      * table gives the same floats. */
     void (*pack16_f32)(float *panel, const float *const rows[16], size_t n);
+    /* The panel pack16_f32 makes of 16 BF16 rows widened to f32 (panel[16 i + r] is row r's
+     * column i), in one pass: BF16 weights need no scratch of f32 rows first. */
+    void (*pack16_bf16)(float *panel, const uint16_t *const rows[16], size_t n);
     void (*gemm16x8_f32)(const float *panel, size_t n, const float *const x[8], float out[128]);
     /* The same with the panel's row i read in place at rows[i] + off, its first m (<= 16) lanes
      * (out is 0 in the others): attention's weighted sum over cached latent rows, unpacked.

@@ -726,6 +726,28 @@ static void pack16_f32_avx512(float *panel, const float *const rows[16], size_t 
         for (size_t k = 0; k < 16; k++) panel[16 * i + k] = rows[k][i];
 }
 
+/* The same from BF16 rows, widened (a 16-bit load zero-extended and shifted into the high half)
+ * before the transpose. */
+static void pack16_bf16_avx512(float *panel, const uint16_t *const rows[16], size_t n) {
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512i r[16];
+#pragma GCC unroll 16
+        for (int k = 0; k < 16; k++)
+            r[k] = _mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(rows[k] + i))), 16);
+        transpose16_epi32(r);
+#pragma GCC unroll 16
+        for (int k = 0; k < 16; k++) _mm512_storeu_si512(panel + 16 * (i + (size_t)k), r[k]);
+    }
+    for (; i < n; i++)
+        for (size_t k = 0; k < 16; k++) {
+            uint16_t h; /* rows in an mmap may sit at odd addresses */
+            memcpy(&h, rows[k] + i, sizeof h);
+            panel[16 * i + k] = ds_bf16_decode(h);
+        }
+}
+
 /* The float GEMMs, packed panel or rows in place: per column one load of 16 values (LOAD_ROW,
  * column i) and eight FMAs with the tokens' values broadcast from memory; eight independent
  * accumulators hide the FMA latency. noinline for the same gcc register-allocation reason as
@@ -794,6 +816,7 @@ static const ds_kernels avx512_table = {
     .pack16_i4 = pack16_i4_avx512,
     .gemm16x8_i8 = gemm16x8_i8_avx512,
     .pack16_f32 = pack16_f32_avx512,
+    .pack16_bf16 = pack16_bf16_avx512,
     .gemm16x8_f32 = gemm16x8_f32_avx512,
     .gemm16x8_f32_rows = gemm16x8_f32_rows_avx512,
 };

@@ -306,6 +306,11 @@ static void pack16_f32_scalar(float *panel, const float *const rows[16], size_t 
         for (size_t r = 0; r < 16; r++) panel[16 * i + r] = ld_f32(rows[r], i);
 }
 
+static void pack16_bf16_scalar(float *panel, const uint16_t *const rows[16], size_t n) {
+    for (size_t i = 0; i < n; i++)
+        for (size_t r = 0; r < 16; r++) panel[16 * i + r] = ds_bf16_decode(ld_u16(rows[r], i));
+}
+
 static void gemm16x8_f32_scalar(const float *panel, size_t n, const float *const x[8],
                                 float out[128]) {
     for (size_t t = 0; t < 8; t++)
@@ -353,6 +358,7 @@ static const ds_kernels scalar_table = {
     .pack16_i4 = pack16_i4_scalar,
     .gemm16x8_i8 = gemm16x8_i8_scalar,
     .pack16_f32 = pack16_f32_scalar,
+    .pack16_bf16 = pack16_bf16_scalar,
     .gemm16x8_f32 = gemm16x8_f32_scalar,
     .gemm16x8_f32_rows = gemm16x8_f32_rows_scalar,
 };

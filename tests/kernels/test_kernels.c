@@ -1145,8 +1145,9 @@ static void test_gemm(const ds_kernels *k) {
         }
 }
 
-/* pack16_f32 / gemm16x8_f32 / gemm16x8_f32_rows against scalar bit-exact, and scalar against a
- * chain of fmaf in column order computed here, on ragged column counts and rows at odd offsets. */
+/* pack16_f32 / pack16_bf16 / gemm16x8_f32 / gemm16x8_f32_rows against scalar bit-exact, and scalar
+ * against a chain of fmaf in column order computed here, on ragged column counts and rows at odd
+ * offsets. */
 static void test_fgemm(const ds_kernels *k) {
     const ds_kernels *s = ds_kernels_scalar();
     const size_t ns[] = {1, 5, 15, 16, 17, 33, 100, 1000};
@@ -1176,6 +1177,31 @@ static void test_fgemm(const ds_kernels *k) {
         CHECK_MSG(badref == 0, "scalar pack16_f32 n=%zu: %d values misplaced", n, badref);
         CHECK_MSG(memcmp(pk, ps, 16 * n * sizeof(float)) == 0, "%s pack16_f32 n=%zu differs",
                   k->name, n);
+        /* pack16_bf16 from every kind of bit pattern (NaN payloads, infinities, subnormals):
+         * each value where pack16_f32 puts it, widened exactly */
+        uint16_t *hb[16];
+        for (int r = 0; r < 16; r++) {
+            hb[r] = malloc(n * sizeof(uint16_t));
+            for (size_t i = 0; i < n; i++) hb[r][i] = (uint16_t)rnd64();
+        }
+        const uint16_t *const hc[16] = {hb[0],  hb[1],  hb[2],  hb[3], hb[4],  hb[5],
+                                        hb[6],  hb[7],  hb[8],  hb[9], hb[10], hb[11],
+                                        hb[12], hb[13], hb[14], hb[15]};
+        float *bk = malloc(16 * n * sizeof(float)), *bs = malloc(16 * n * sizeof(float));
+        k->pack16_bf16(bk, hc, n);
+        s->pack16_bf16(bs, hc, n);
+        badref = 0;
+        for (size_t i = 0; i < n; i++)
+            for (size_t r = 0; r < 16; r++) {
+                uint32_t want = (uint32_t)hc[r][i] << 16;
+                badref += memcmp(&bs[16 * i + r], &want, 4) != 0;
+            }
+        CHECK_MSG(badref == 0, "scalar pack16_bf16 n=%zu: %d values wrong", n, badref);
+        CHECK_MSG(memcmp(bk, bs, 16 * n * sizeof(float)) == 0, "%s pack16_bf16 n=%zu differs",
+                  k->name, n);
+        for (int r = 0; r < 16; r++) free(hb[r]);
+        free(bk);
+        free(bs);
         float ok_[128], os_[128];
         k->gemm16x8_f32(ps, n, xc, ok_);
         s->gemm16x8_f32(ps, n, xc, os_);
@@ -1428,8 +1454,8 @@ int main(void) {
         test_dot(k);
         test_fused(k);
         CHECK(k->argmax_f32 && k->swiglu_f32 && k->dot4_i8 && k->dot4_i4 && k->pack16_i8 &&
-              k->pack16_i4 && k->gemm16x8_i8 && k->pack16_f32 && k->gemm16x8_f32 &&
-              k->gemm16x8_f32_rows);
+              k->pack16_i4 && k->gemm16x8_i8 && k->pack16_f32 && k->pack16_bf16 &&
+              k->gemm16x8_f32 && k->gemm16x8_f32_rows);
         test_int_dots(k);
         test_int_dequant(k);
         test_quant_kernels(k);
