@@ -19,9 +19,9 @@
  *   found without sorting anything, and only that one bin is collected (one pass) and sorted to
  *   walk the running sum to the exact token. A call costs O(V) plus the sort of one bin, whatever
  *   the entropy: a flat distribution spreads its tokens over many bins (only logits equal to
- *   within 1/4 * T crowd one bin: then it sorts them); the draw itself is two passes in id
- *   order. (The running sums are the same masses added in another order than a sorted walk
- *   would; they differ by rounding only.)
+ *   within 1/4 * T crowd one bin: then it sorts them); the draw itself is one walk in id order
+ *   up to the drawn token. (The running sums are the same masses added in another order than a
+ *   sorted walk would; they differ by rounding only.)
  * - top_k's threshold, the k-th largest x, comes from a size-k min-heap filled during the
  *   temperature pass: one predictable compare per token, heap work only for the few that beat
  *   the current k-th (about k (1 + ln(V / k)) of them on logits in no particular order).
@@ -30,9 +30,10 @@
  *   so the cost is O(n_prompt + n_output), never O(vocab) per call.
  * - Randomness is counter-based: u = hash(seed, step). No state is carried per request, and the
  *   token drawn at step i depends on (seed, i, processed distribution) only, never on the batch.
- * - Precision: logits and x in f32 (vLLM samples in float32 too), exponentials by expf, every
- *   sum in f64. tests/engine/test_sampler.c checks it against a double, full-sort reference.
- * - Nothing is allocated per call; the scratch (~33 bytes per token) belongs to the sampler. */
+ * - Precision: logits and x in f32 (vLLM samples in float32 too), each token's e^x computed once
+ *   (exp_f32: expf, or within 2.1e-7 of it on SIMD tables), every sum in f64.
+ *   tests/engine/test_sampler.c checks it against a double, full-sort reference.
+ * - Nothing is allocated per call; the scratch (~37 bytes per token) belongs to the sampler. */
 #include "engine/engine.h"
 #include "kernels/kernels.h"
 
@@ -57,6 +58,7 @@ typedef struct {
 struct ds_sampler {
     int32_t vocab;
     float *w;           /* (vocab) processed logits, then x = (w - max) * (1 / T) in place */
+    float *ex;          /* (vocab) the weights e^x */
     int32_t *count;     /* (vocab) occurrences in the output; all 0 between calls */
     uint8_t *in_prompt; /* (vocab) 1 for prompt tokens; all 0 between calls */
     int32_t *touched;   /* (vocab) the distinct ids counted or marked in this call */
@@ -181,13 +183,15 @@ int ds_sampler_open(int32_t vocab, ds_sampler **out) {
     size_t n = (size_t)vocab;
     s->vocab = vocab;
     s->w = ds_alloc(n * sizeof *s->w);
+    s->ex = ds_alloc(n * sizeof *s->ex);
     s->count = ds_alloc(n * sizeof *s->count); /* ds_alloc zeroes: the between-calls state */
     s->in_prompt = ds_alloc(n * sizeof *s->in_prompt);
     s->touched = ds_alloc(n * sizeof *s->touched);
     s->heap = ds_alloc(n * sizeof *s->heap);
     s->cand = ds_alloc(n * sizeof *s->cand);
     s->cum = ds_alloc(n * sizeof *s->cum);
-    if (!s->w || !s->count || !s->in_prompt || !s->touched || !s->heap || !s->cand || !s->cum) {
+    if (!s->w || !s->ex || !s->count || !s->in_prompt || !s->touched || !s->heap || !s->cand ||
+        !s->cum) {
         ds_sampler_close(s);
         return ds_err_set(DS_ERR_NOMEM, "out of memory for a sampler of %d tokens", (int)vocab);
     }
@@ -198,6 +202,7 @@ int ds_sampler_open(int32_t vocab, ds_sampler **out) {
 void ds_sampler_close(ds_sampler *s) {
     if (!s) return;
     ds_free(s->w);
+    ds_free(s->ex);
     ds_free(s->count);
     ds_free(s->in_prompt);
     ds_free(s->touched);
@@ -447,7 +452,7 @@ static int64_t load_bin(ds_sampler *s, int b, double base) {
     cand_sort(c, n);
     double acc = base;
     for (int64_t j = 0; j < n; j++) {
-        acc += expf(c[j].x);
+        acc += s->ex[c[j].id];
         s->cum[j] = acc;
     }
     return n;
@@ -561,15 +566,16 @@ static int run(ds_sampler *s, const float *logits, const ds_sampling_params *p,
     }
     if (k && heap[0] > thr) thr = heap[0]; /* ties with the k-th are kept */
 
+    /* every token's weight once, for the passes below (a SIMD kernel: scalar expf, three times
+     * per token, was most of a 1.2 ms call over 129,280 logits) */
+    const float *ex = s->ex;
+    ds_kernels_get()->exp_f32(s->ex, w, (size_t)V);
+
     /* mass of the kept tokens per bin; Z as the sum of the bins, so every running sum below is
      * measured on one scale */
     memset(s->bin_mass, 0, sizeof s->bin_mass);
-    for (int32_t i = 0; i < V; i++) {
-        float x = w[i];
-        if (x >= thr) {
-            s->bin_mass[bin_of(x)] += expf(x);
-        }
-    }
+    for (int32_t i = 0; i < V; i++)
+        if (w[i] >= thr) s->bin_mass[bin_of(w[i])] += ex[i];
     s->prefix[0] = 0.0;
     for (int b = 0; b < NBINS; b++) s->prefix[b + 1] = s->prefix[b] + s->bin_mass[b];
     s->thr = thr;
@@ -588,11 +594,10 @@ static int run(ds_sampler *s, const float *logits, const ds_sampling_params *p,
         if (bp >= 0) {
             const float above = -(float)bp / BINS_PER_UNIT; /* x > above: a bin before bp */
             for (int32_t i = 0; i < V; i++)
-                probs[i] = w[i] > above && w[i] >= thr ? (double)expf(w[i]) / Zk : 0.0;
-            for (int64_t j = 0; j <= jp; j++)
-                probs[s->cand[j].id] = (double)expf(s->cand[j].x) / Zk;
+                probs[i] = w[i] > above && w[i] >= thr ? (double)ex[i] / Zk : 0.0;
+            for (int64_t j = 0; j <= jp; j++) probs[s->cand[j].id] = (double)ex[s->cand[j].id] / Zk;
         } else {
-            for (int32_t i = 0; i < V; i++) probs[i] = w[i] >= thr ? (double)expf(w[i]) / Z : 0.0;
+            for (int32_t i = 0; i < V; i++) probs[i] = w[i] >= thr ? (double)ex[i] / Z : 0.0;
         }
     }
     if (res) {
@@ -601,24 +606,20 @@ static int run(ds_sampler *s, const float *logits, const ds_sampling_params *p,
          * under the round-off of a different batch (another matmul path), and in a flat
          * distribution that reorders everything after them; in id order such round-off moves
          * the running sums by about itself, so the same seed draws the same token alone or
-         * batched except when u lands within round-off of a boundary. */
+         * batched except when u lands within round-off of a boundary. Their total is Zk, the
+         * same tokens' mass summed by bin: a pass in id order to sum them again cost more than
+         * the walk, which stops at the drawn token. */
         const cand last = bp >= 0 ? s->cand[jp] : (cand){0, 0};
-        double *e = s->cum; /* the kept weights by id; cum is free once top_p is settled */
-        double tot = 0;
+        double target = ds_sampler_uniform(p->seed, (uint64_t)n_output) * Zk, run_mass = 0;
+        int32_t tok = am; /* the max token is always kept: the fallback if round-off runs out */
         for (int32_t i = 0; i < V; i++) {
             float x = w[i];
             int b = bin_of(x);
             int kept = x >= thr && (bp < 0 || b < bp ||
                                     (b == bp && (x > last.x || (x == last.x && i <= last.id))));
-            e[i] = kept ? (double)expf(x) : 0.0;
-            tot += e[i];
-        }
-        double target = ds_sampler_uniform(p->seed, (uint64_t)n_output) * tot, run_mass = 0;
-        int32_t tok = am; /* the max token is always kept: the fallback if round-off runs out */
-        for (int32_t i = 0; i < V; i++) {
-            if (e[i] == 0) continue;
+            if (!kept || ex[i] == 0) continue;
             tok = i;
-            run_mass += e[i];
+            run_mass += ex[i];
             if (run_mass > target) break;
         }
         res->token = tok;

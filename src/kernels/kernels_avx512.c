@@ -661,6 +661,19 @@ static void swiglu_f32_avx512(float *a, const float *b, size_t n) {
     }
 }
 
+/* Clamped to [-104, 100] for the polynomial (-inf would give NaN there): e^-104 rounds to 0 in
+ * f32, so -inf and everything below give exactly 0, as expf does. */
+static void exp_f32_avx512(float *dst, const float *x, size_t n) {
+    const __m512 lo = _mm512_set1_ps(-104.0f), hi = _mm512_set1_ps(100.0f);
+    for (size_t i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : tail16(n - i);
+        __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+        __m512 c = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+        c = _mm512_mask_mov_ps(c, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), v); /* NaN stays */
+        _mm512_mask_storeu_ps(dst + i, m, exp_ps(c));
+    }
+}
+
 static void quantize_i8_avx512(const float *x, size_t n, float s, int8_t *q) {
     const __m512 vs = _mm512_set1_ps(s), hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
     for (size_t i = 0; i < n; i += 16) {
@@ -798,6 +811,7 @@ static const ds_kernels avx512_table = {
     .absmax_f32 = absmax_f32_avx512,
     .argmax_f32 = argmax_f32_avx512,
     .swiglu_f32 = swiglu_f32_avx512,
+    .exp_f32 = exp_f32_avx512,
     .quantize_i8 = quantize_i8_avx512,
     .i8_to_f32 = i8_to_f32_avx512,
     .i4_to_f32 = i4_to_f32_avx512,

@@ -276,6 +276,10 @@ static int64_t argmax_f32_scalar(const float *x, size_t n) {
     return am;
 }
 
+static void exp_f32_scalar(float *dst, const float *x, size_t n) {
+    for (size_t i = 0; i < n; i++) dst[i] = expf(x[i]);
+}
+
 static void swiglu_f32_scalar(float *a, const float *b, size_t n) {
     for (size_t i = 0; i < n; i++) {
         float v = a[i];
@@ -340,6 +344,7 @@ static const ds_kernels scalar_table = {
     .absmax_f32 = absmax_f32_scalar,
     .argmax_f32 = argmax_f32_scalar,
     .swiglu_f32 = swiglu_f32_scalar,
+    .exp_f32 = exp_f32_scalar,
     .quantize_i8 = quantize_i8_scalar,
     .i8_to_f32 = i8_to_f32_scalar,
     .i4_to_f32 = i4_to_f32_scalar,

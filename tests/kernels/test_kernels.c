@@ -1016,6 +1016,44 @@ static void test_swiglu(const ds_kernels *k) {
     CHECK(v[8] == 0.0f && signbit(v[8]) && v[9] == 89.0f && v[10] == 0.0f && signbit(v[10]));
 }
 
+/* exp_f32 against a double evaluation over the sampler's whole range (its x are <= 0, down to
+ * -inf) and past overflow, with tails, in place; 0 below -104, and the special values. */
+static void test_exp(const ds_kernels *k) {
+    float xbuf[301] = {0}, y[300] = {0};
+    int bad = 0, bad_zero = 0;
+    for (size_t n = 0; n <= 300; n = n < 40 ? n + 1 : n + 130) {
+        float *x = xbuf + 1;
+        for (size_t i = 0; i < n; i++) x[i] = i % 5 ? rnd_uniform(-20, 5) : rnd_uniform(-115, 95);
+        k->exp_f32(y, x, n);
+        for (size_t i = 0; i < n; i++) {
+            double want = exp((double)x[i]);
+            if (x[i] < -104.0f)
+                bad_zero += y[i] != 0.0f;
+            else if (want >= FLT_MIN) /* normal: relative; subnormal: half an ulp of 2^-149 */
+                bad +=
+                    !(fabs(y[i] - want) <= 2.1e-7 * want || (want > FLT_MAX && y[i] == INFINITY));
+            else
+                bad += !(fabs(y[i] - want) <= 1.5e-45);
+        }
+        memcpy(y, x, n * sizeof(float));
+        k->exp_f32(x, x, n);
+        for (size_t i = 0; i < n; i++) {
+            float one;
+            k->exp_f32(&one, &y[i], 1);
+            bad += memcmp(&one, &x[i], sizeof one) != 0; /* in place = out of place, and tails */
+        }
+    }
+    CHECK_MSG(bad == 0, "%s exp_f32: %d elements off", k->name, bad);
+    CHECK_MSG(bad_zero == 0, "%s exp_f32: %d elements below -104 not 0", k->name, bad_zero);
+    const float v[] = {0.0f, -0.0f, -INFINITY, INFINITY, NAN, -104.5f, 89.0f, -1e30f, 1.0f, -87.0f};
+    float e[10];
+    k->exp_f32(e, v, 10);
+    CHECK(e[0] == 1.0f && e[1] == 1.0f && e[2] == 0.0f && !signbit(e[2]) && e[3] == INFINITY);
+    CHECK(isnan(e[4]) && e[5] == 0.0f && e[6] == INFINITY && e[7] == 0.0f);
+    CHECK(fabs(e[8] - exp(1.0)) <= 2.1e-7 * exp(1.0) &&
+          fabs(e[9] - exp(-87.0)) <= 2.1e-7 * exp(-87.0));
+}
+
 /* ds_i4_split against hand-made layouts: one partial step; blocks of 4 with a short last one;
  * and a full 128-column step followed by a partial one inside one block. */
 static void test_i4_split(void) {
@@ -1453,14 +1491,15 @@ int main(void) {
         test_conversions(k);
         test_dot(k);
         test_fused(k);
-        CHECK(k->argmax_f32 && k->swiglu_f32 && k->dot4_i8 && k->dot4_i4 && k->pack16_i8 &&
-              k->pack16_i4 && k->gemm16x8_i8 && k->pack16_f32 && k->pack16_bf16 &&
+        CHECK(k->argmax_f32 && k->swiglu_f32 && k->exp_f32 && k->dot4_i8 && k->dot4_i4 &&
+              k->pack16_i8 && k->pack16_i4 && k->gemm16x8_i8 && k->pack16_f32 && k->pack16_bf16 &&
               k->gemm16x8_f32 && k->gemm16x8_f32_rows);
         test_int_dots(k);
         test_int_dequant(k);
         test_quant_kernels(k);
         test_argmax(k);
         test_swiglu(k);
+        test_exp(k);
         test_gemm(k);
         test_fgemm(k);
         printf("table %s: conversions, dot, dot4, axpy, fused dot4 / dot4x2, dot4_i8 / dot4_i4, "
