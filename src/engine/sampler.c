@@ -340,11 +340,11 @@ static int check_ids(const int32_t *ids, int64_t n, int32_t vocab, const char *w
 }
 
 /* s->w = the raw logits with logit_bias, the min_tokens mask and the penalties applied (vLLM V1:
- * bias and min_tokens, then repetition, frequency, presence). *raw_max: the largest raw logit;
- * *modified: whether any logit changed. On error the scratch is left as it was (all zero). */
+ * bias and min_tokens, then repetition, frequency, presence); *modified: whether any logit
+ * changed. On error the scratch is left as it was (all zero). */
 static int prepare(ds_sampler *s, const float *logits, const ds_sampling_params *p,
                    const int32_t *prompt, int64_t n_prompt, const int32_t *output, int64_t n_output,
-                   float *raw_max, int *modified) {
+                   int *modified) {
     if (!s) return ds_err_set(DS_ERR_ARG, "sampler is NULL");
     int rc = ds_sampling_params_validate(p, s->vocab);
     if (rc) return rc;
@@ -364,22 +364,24 @@ static int prepare(ds_sampler *s, const float *logits, const ds_sampling_params 
     }
     if (rep && (rc = check_ids(prompt, n_prompt, V, "prompt"))) return rc;
 
-    /* copy, refusing NaN / +inf (one flag so the loop stays branch-free) */
-    float *w = s->w, mx = -INFINITY;
+    /* copy, refusing NaN / +inf: flags in sixteen lanes of a fixed count, which gcc -O2
+     * vectorises (its cheap cost model skips loops that need a tail), no branch per token */
+    float *w = s->w;
+    memcpy(w, logits, (size_t)V * sizeof *w);
     int bad = 0;
-    for (int32_t i = 0; i < V; i++) {
-        float v = logits[i];
-        w[i] = v;
-        bad |= !(v < INFINITY);
-        mx = v > mx ? v : mx;
+    int32_t i0 = 0;
+    for (; i0 + 16 <= V; i0 += 16) {
+        int lanes = 0;
+        for (int l = 0; l < 16; l++) lanes |= !(logits[i0 + l] < INFINITY);
+        bad |= lanes;
     }
+    for (; i0 < V; i0++) bad |= !(logits[i0] < INFINITY);
     if (bad) {
         for (int32_t i = 0; i < V; i++)
             if (!(logits[i] < INFINITY))
                 return ds_err_set(DS_ERR_RANGE, "logits[%d] = %g: logits must be finite or -inf",
                                   (int)i, (double)logits[i]);
     }
-    *raw_max = mx;
     *modified = 0;
 
     for (int32_t i = 0; i < p->n_logit_bias; i++)
@@ -478,11 +480,13 @@ static int64_t locate(ds_sampler *s, double target, int *bin) {
 
 /* Raw logprobs (vLLM V1's default): log-softmax of the logits as given. lse may be passed in
  * (NAN: compute it). Fills logprob, rank and the top n_top entries of r. */
-static void raw_logprobs(const ds_sampler *s, const float *logits, float raw_max, double lse,
-                         int n_top, ds_sample_result *r) {
+static void raw_logprobs(const ds_sampler *s, const float *logits, double lse, int n_top,
+                         ds_sample_result *r) {
     const int32_t V = s->vocab;
     const float lt = logits[r->token];
     const int need_sum = isnan(lse);
+    /* a token was drawn, so some raw logit is finite */
+    const float raw_max = need_sum ? logits[ds_kernels_get()->argmax_f32(logits, (size_t)V)] : 0;
     double sum = 0.0;
     int64_t rank = 0;
     int n = 0;
@@ -513,9 +517,8 @@ static void raw_logprobs(const ds_sampler *s, const float *logits, float raw_max
 static int run(ds_sampler *s, const float *logits, const ds_sampling_params *p,
                const int32_t *prompt, int64_t n_prompt, const int32_t *output, int64_t n_output,
                ds_sample_result *res, double *probs) {
-    float raw_max = -INFINITY;
     int modified = 1;
-    int rc = prepare(s, logits, p, prompt, n_prompt, output, n_output, &raw_max, &modified);
+    int rc = prepare(s, logits, p, prompt, n_prompt, output, n_output, &modified);
     if (rc) return rc;
     const int32_t V = s->vocab;
     float *w = s->w;
@@ -539,22 +542,24 @@ static int run(ds_sampler *s, const float *logits, const ds_sampling_params *p,
         }
         if (res) {
             res->token = am;
-            if (p->logprobs >= 0) raw_logprobs(s, logits, raw_max, NAN, p->logprobs, res);
+            if (p->logprobs >= 0) raw_logprobs(s, logits, NAN, p->logprobs, res);
         }
         return DS_OK;
     }
 
     /* temperature: x = (w - max) * (1 / T) in place (a multiply: within 3 roundings of vLLM's
-     * division), so the max token has x = 0 and weight 1; top_k's k-th largest x on the way */
+     * division), so the max token has x = 0 and weight 1; sixteen lanes a step (vectorised, see
+     * prepare), then top_k's k-th largest x */
     const float T = p->temperature, invT = 1.0f / T;
     const int32_t k = p->top_k > 0 && p->top_k < V ? p->top_k : 0;
+    int32_t i0 = 0;
+    for (; i0 + 16 <= V; i0 += 16)
+        for (int l = 0; l < 16; l++) w[i0 + l] = (w[i0 + l] - m) * invT;
+    for (; i0 < V; i0++) w[i0] = (w[i0] - m) * invT;
     float *heap = s->heap;
     for (int32_t j = 0; j < k; j++) heap[j] = -INFINITY;
-    for (int32_t i = 0; i < V; i++) {
-        float x = (w[i] - m) * invT;
-        w[i] = x;
-        if (k && x > heap[0]) heap_replace_top(heap, k, x);
-    }
+    for (int32_t i = 0; k && i < V; i++)
+        if (w[i] > heap[0]) heap_replace_top(heap, k, w[i]);
 
     /* min_p and top_k as one value threshold (finite, so -inf tokens are never kept) */
     float thr = -FLT_MAX;
@@ -626,7 +631,7 @@ static int run(ds_sampler *s, const float *logits, const ds_sampling_params *p,
         if (p->logprobs >= 0) {
             /* untouched logits at T = 1 with nothing cut: Z already is the raw normalizer */
             double lse = (!modified && T == 1.0f && thr == -FLT_MAX) ? (double)m + log(Z) : NAN;
-            raw_logprobs(s, logits, raw_max, lse, p->logprobs, res);
+            raw_logprobs(s, logits, lse, p->logprobs, res);
         }
     }
     return DS_OK;

@@ -813,6 +813,10 @@ static void test_validation(void) {
     bad[31] = INFINITY;
     CHECK(ds_sampler_sample(s, bad, &d, NULL, 0, NULL, 0, &r) == DS_ERR_RANGE);
     CHECK_ERR_CONTAINS("logits[31]");
+    bad[31] = l[31]; /* past the last whole 16 */
+    bad[98] = NAN;
+    CHECK(ds_sampler_sample(s, bad, &d, NULL, 0, NULL, 0, &r) == DS_ERR_RANGE);
+    CHECK_ERR_CONTAINS("logits[98]");
     CHECK(ds_sampler_vocab(s) == V && ds_sampler_vocab(NULL) == 0);
     ds_sampler_close(s);
     ds_sampler_close(NULL);
