@@ -480,20 +480,28 @@ static int64_t locate(ds_sampler *s, double target, int *bin) {
 
 /* Raw logprobs (vLLM V1's default): log-softmax of the logits as given. lse may be passed in
  * (NAN: compute it). Fills logprob, rank and the top n_top entries of r. */
-static void raw_logprobs(const ds_sampler *s, const float *logits, double lse, int n_top,
+static void raw_logprobs(ds_sampler *s, const float *logits, double lse, int n_top,
                          ds_sample_result *r) {
     const int32_t V = s->vocab;
     const float lt = logits[r->token];
     const int need_sum = isnan(lse);
-    /* a token was drawn, so some raw logit is finite */
-    const float raw_max = need_sum ? logits[ds_kernels_get()->argmax_f32(logits, (size_t)V)] : 0;
     double sum = 0.0;
+    if (need_sum) { /* e^(logit - max) into ex, free once the token is drawn */
+        const ds_kernels *k = ds_kernels_get();
+        const float mx = logits[k->argmax_f32(logits, (size_t)V)]; /* finite: a token was drawn */
+        int32_t i0 = 0;
+        for (; i0 + 16 <= V; i0 += 16)
+            for (int l = 0; l < 16; l++) s->ex[i0 + l] = logits[i0 + l] - mx;
+        for (; i0 < V; i0++) s->ex[i0] = logits[i0] - mx;
+        k->exp_f32(s->ex, s->ex, (size_t)V);
+        for (int32_t i = 0; i < V; i++) sum += s->ex[i];
+        lse = (double)mx + log(sum);
+    }
     int64_t rank = 0;
     int n = 0;
     ds_token_logprob *top = r->top; /* holds raw logits until the end */
     for (int32_t i = 0; i < V; i++) {
         float v = logits[i];
-        if (need_sum) sum += expf(v - raw_max);
         rank += v >= lt;
         if (n_top > 0 && (n < n_top || v > top[n_top - 1].logprob)) {
             /* insert after the entries >= v: ids come in increasing order, so ties by id */
@@ -506,7 +514,6 @@ static void raw_logprobs(const ds_sampler *s, const float *logits, double lse, i
             if (n < n_top) n++;
         }
     }
-    if (need_sum) lse = (double)raw_max + log(sum);
     r->logprob = (float)((double)lt - lse);
     r->rank = rank;
     r->n_top = n;
