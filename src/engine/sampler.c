@@ -489,10 +489,7 @@ static void raw_logprobs(ds_sampler *s, const float *logits, double lse, int n_t
     if (need_sum) { /* e^(logit - max) into ex, free once the token is drawn */
         const ds_kernels *k = ds_kernels_get();
         const float mx = logits[k->argmax_f32(logits, (size_t)V)]; /* finite: a token was drawn */
-        int32_t i0 = 0;
-        for (; i0 + 16 <= V; i0 += 16)
-            for (int l = 0; l < 16; l++) s->ex[i0 + l] = logits[i0 + l] - mx;
-        for (; i0 < V; i0++) s->ex[i0] = logits[i0] - mx;
+        for (int32_t i = 0; i < V; i++) s->ex[i] = logits[i] - mx;
         k->exp_f32(s->ex, s->ex, (size_t)V);
         for (int32_t i = 0; i < V; i++) sum += s->ex[i];
         lse = (double)mx + log(sum);
