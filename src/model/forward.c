@@ -57,9 +57,9 @@ enum { N_BUFS = 19 };
  * f32 are converted this many at a time. */
 #define ATTEND_CHUNK 64
 
-/* A worker's scores: 8 heads (one GEMM pass) of max_ctx positions, 16-float aligned. */
+/* A worker's scores: 16 heads (one GEMM panel) of max_ctx positions, 16-float aligned. */
 static int64_t scores_floats(int64_t max_ctx) {
-    return 8 * ((max_ctx + 15) & ~(int64_t)15);
+    return 16 * ((max_ctx + 15) & ~(int64_t)15);
 }
 
 /* The parts of fwd_bufs in floats, in its order, for B tokens per chunk attending over at most
@@ -72,7 +72,7 @@ static size_t buf_sizes(const ds_config *c, int64_t heads, int64_t max_ctx, int6
     int64_t inter =
         imax(c->intermediate_size, c->moe_intermediate_size * imax(1, c->n_shared_experts));
     int64_t k = imax(1, c->n_experts_per_tok), E = imax(1, c->n_routed_experts);
-    /* scores of 8 heads, then (forward_chunk's row_off) a dequantised latent row or the
+    /* scores of 16 heads, then (forward_chunk's row_off) a dequantised latent row or the
      * absorptions' panels (absorb_q_task, absorb_o_task) or attend_task's panel and rows */
     int64_t R16 = (c->kv_lora_rank + 15) & ~(int64_t)15;
     int64_t lat_rope = c->kv_lora_rank + c->qk_rope_head_dim;
@@ -398,65 +398,80 @@ static void cached_rows(const attn_ctx *a, int64_t bi, int64_t s0, int64_t n, in
     }
 }
 
-/* For each token and group of up to 8 of its heads, which read the same cached rows: scores over
- * the sequence's positions 0 .. p, sixteen positions a GEMM pass (pack16_f32 of their latent and
- * rope rows, gemm16x8_f32 against the 8 heads' q_abs and q_pe), softmax, then the weighted latent
- * sum, sixteen latent columns a pass over the rows in place (gemm16x8_f32_rows). One cached row
- * then serves 8 heads per load; a head at a time through dot4 / axpy read it once per head, and
- * this phase took ~5x its multiply-adds' time at the f32 GEMM rate (192 sequences, medium). */
+/* For each token and group of up to 16 of its heads, which read the same cached rows: the
+ * heads' q_abs and q_pe packed once into a panel (pack16_f32, heads as lanes), then scores over
+ * the sequence's positions 0 .. p, eight positions a GEMM pass with their cached rows read in
+ * place as the GEMM's x (gemm16x8_f32), softmax, then the weighted latent sum, sixteen latent
+ * columns a pass over the rows in place (gemm16x8_f32_rows), eight heads at a time. A score is
+ * the same fmaf chain over the latent, then the rope, as a dot per head would be. Packing the
+ * cached rows instead (sixteen positions a panel, once per eight heads) wrote ~180 MB a step at
+ * 192 sequences of 40 positions (medium), more than the arithmetic; the q panel is 20 KiB a
+ * token. One cached row serves 16 heads per load; a head at a time through dot4 / axpy read it
+ * once per head, and this phase took ~5x its multiply-adds' time at the f32 GEMM rate. */
 static void attend_task(void *arg, int thread, int n_threads) {
     attn_ctx *a = arg;
     const ds_config *c = &a->m->cfg;
     const ds_kernels *k = ds_kernels_get();
     int64_t H = local_heads(a->m), R = c->kv_lora_rank, dr = c->qk_rope_head_dim;
-    int64_t qk = c->qk_nope_head_dim + dr, G = (H + 7) / 8, ld = a->row_off / 8;
-    float *scores = a->b->thread_buf + (size_t)thread * a->b->thread_floats; /* [8][ld] */
-    float *pan = scores + a->row_off;  /* [R + dr][16]: sixteen positions' rows, packed */
+    int64_t qk = c->qk_nope_head_dim + dr, G = (H + 15) / 16, ld = a->row_off / 16;
+    float *scores = a->b->thread_buf + (size_t)thread * a->b->thread_floats; /* [16][ld] */
+    float *pan = scores + a->row_off;  /* [R + dr][16]: the heads' q_abs then q_pe, packed */
     float *conv = pan + 16 * (R + dr); /* [ATTEND_CHUNK][R + dr]: converted rows */
     const float *lat[ATTEND_CHUNK], *pe[ATTEND_CHUNK];
     float scale = a->m->softmax_scale;
     size_t i0, i1;
     ds_split_range((size_t)(a->n * G), thread, n_threads, &i0, &i1);
     for (size_t i = i0; i < i1; i++) {
-        int64_t t = (int64_t)i / G, h0 = 8 * ((int64_t)i % G), bi = a->i0 + t;
-        int64_t nh = H - h0 < 8 ? H - h0 : 8;
+        int64_t t = (int64_t)i / G, h0 = 16 * ((int64_t)i % G), bi = a->i0 + t;
+        int64_t nh = H - h0 < 16 ? H - h0 : 16;
         int64_t S = a->bt->positions[bi] + 1; /* causal: positions 0 .. p */
-        const float *qa[8], *qp[8], *pr[8];
-        for (int64_t j = 0; j < 8; j++) { /* past nh: head h0 again, dropped */
+        const float *qa[16], *qp[16];
+        for (int64_t j = 0; j < 16; j++) { /* past nh: head h0 again, dropped */
             int64_t h = h0 + (j < nh ? j : 0);
             qa[j] = a->b->q_abs + (t * H + h) * R;
             qp[j] = a->b->q + (t * H + h) * qk + c->qk_nope_head_dim;
         }
-        for (int64_t s0 = 0; s0 < S; s0 += 16) {
-            float o1[128], o2[128];
-            cached_rows(a, bi, s0, 16, S, conv, lat, pe);
-            k->pack16_f32(pan, lat, (size_t)R);
-            k->pack16_f32(pan + 16 * R, pe, (size_t)dr);
-            k->gemm16x8_f32(pan, (size_t)R, qa, o1);
-            k->gemm16x8_f32(pan + 16 * R, (size_t)dr, qp, o2);
-            for (int64_t j = 0; j < nh; j++) /* all 16 (ld is whole 16s): past S unused */
-                for (int64_t r = 0; r < 16; r++)
-                    scores[j * ld + s0 + r] = (o1[16 * j + r] + o2[16 * j + r]) * scale;
-        }
-        for (int64_t j = 0; j < 8; j++) {
-            pr[j] = scores + (j < nh ? j : 0) * ld;
-            if (j < nh) ds_softmax(scores + j * ld, S);
-        }
+        k->pack16_f32(pan, qa, (size_t)R);
+        k->pack16_f32(pan + 16 * R, qp, (size_t)dr);
         for (int64_t c0 = 0; c0 < S; c0 += ATTEND_CHUNK) {
             int64_t cn = S - c0 < ATTEND_CHUNK ? S - c0 : ATTEND_CHUNK;
-            const float *xs[8];
             cached_rows(a, bi, c0, cn, S, conv, lat, pe);
-            for (int64_t j = 0; j < 8; j++) xs[j] = pr[j] + c0;
-            for (int64_t r0 = 0; r0 < R; r0 += 16) {
-                float out[128];
-                size_t m = (size_t)(R - r0 < 16 ? R - r0 : 16);
-                k->gemm16x8_f32_rows(lat, (size_t)r0, m, (size_t)cn, xs, out);
-                for (int64_t j = 0; j < nh; j++) { /* the first chunk copies, later ones add */
-                    float *ol = a->b->o_lat + (t * H + h0 + j) * R + r0;
-                    if (c0)
-                        for (size_t r = 0; r < m; r++) ol[r] += out[16 * j + r];
-                    else
-                        memcpy(ol, out + 16 * j, m * sizeof(float));
+            for (int64_t s0 = 0; s0 < cn; s0 += 8) {
+                const float *xl[8], *xp[8];
+                for (int64_t j = 0; j < 8; j++) { /* past cn: position s0 again, dropped */
+                    int64_t r = s0 + (s0 + j < cn ? j : 0);
+                    xl[j] = lat[r];
+                    xp[j] = pe[r];
+                }
+                float o1[128], o2[128];
+                k->gemm16x8_f32(pan, (size_t)R, xl, o1);
+                k->gemm16x8_f32(pan + 16 * R, (size_t)dr, xp, o2);
+                for (int64_t j = 0; j < 8 && s0 + j < cn; j++)
+                    for (int64_t h = 0; h < nh; h++)
+                        scores[h * ld + c0 + s0 + j] = (o1[16 * j + h] + o2[16 * j + h]) * scale;
+            }
+        }
+        for (int64_t h = 0; h < nh; h++) ds_softmax(scores + h * ld, S);
+        for (int64_t c0 = 0; c0 < S; c0 += ATTEND_CHUNK) {
+            int64_t cn = S - c0 < ATTEND_CHUNK ? S - c0 : ATTEND_CHUNK;
+            if (c0 || S > ATTEND_CHUNK) /* one chunk: its rows are still in lat / pe */
+                cached_rows(a, bi, c0, cn, S, conv, lat, pe);
+            for (int64_t g0 = 0; g0 < nh; g0 += 8) {
+                int64_t ng = nh - g0 < 8 ? nh - g0 : 8;
+                const float *xs[8];
+                for (int64_t j = 0; j < 8; j++) /* past ng: head g0 again, dropped */
+                    xs[j] = scores + (g0 + (j < ng ? j : 0)) * ld + c0;
+                for (int64_t r0 = 0; r0 < R; r0 += 16) {
+                    float out[128];
+                    size_t m = (size_t)(R - r0 < 16 ? R - r0 : 16);
+                    k->gemm16x8_f32_rows(lat, (size_t)r0, m, (size_t)cn, xs, out);
+                    for (int64_t j = 0; j < ng; j++) { /* the first chunk copies, later ones add */
+                        float *ol = a->b->o_lat + (t * H + h0 + g0 + j) * R + r0;
+                        if (c0)
+                            for (size_t r = 0; r < m; r++) ol[r] += out[16 * j + r];
+                        else
+                            memcpy(ol, out + 16 * j, m * sizeof(float));
+                    }
                 }
             }
         }
