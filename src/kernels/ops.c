@@ -28,11 +28,12 @@ void ds_softmax(float *x, int64_t n) {
     float mx = x[0];
     for (int64_t i = 1; i < n; i++)
         if (x[i] > mx) mx = x[i];
+    /* exp through the table's kernel: scalar expf took most of attention's time at long
+     * contexts (a score per cached position and head) */
+    for (int64_t i = 0; i < n; i++) x[i] -= mx;
+    ds_kernels_get()->exp_f32(x, x, (size_t)n);
     double sum = 0.0;
-    for (int64_t i = 0; i < n; i++) {
-        x[i] = expf(x[i] - mx);
-        sum += x[i];
-    }
+    for (int64_t i = 0; i < n; i++) sum += x[i];
     /* sum >= 1 (the max contributes exp(0)) unless the row holds NaN or is all -inf, in which
      * case the NaNs propagate as they do in torch */
     float inv = (float)(1.0 / sum);
