@@ -39,10 +39,10 @@ typedef struct ds_kernels {
      * tables may differ in the last bits; a -inf gate gives NaN and a +inf one inf * b, as the
      * formula does. */
     void (*swiglu_f32)(float *a, const float *b, size_t n);
-    /* dst[i] = e^x[i] (dst may be x): the sampler's weights. The SIMD tables use swiglu's
-     * polynomial (within 2.1e-7 relative of a double evaluation where the result is a normal
-     * float), the scalar table expf; every table gives exactly 0 below -104 (-inf included, so a
-     * masked token keeps weight 0), inf above 88.8 and NaN for NaN. */
+    /* dst[i] = e^x[i] (dst may be x): softmax and the sampler's weights. The SIMD tables use
+     * swiglu's polynomial (within 2.1e-7 relative of a double evaluation where the result is a
+     * normal float), the scalar table expf; every table gives exactly 0 below -104 (-inf included,
+     * so a masked token keeps weight 0), inf above 88.8 and NaN for NaN. */
     void (*exp_f32)(float *dst, const float *x, size_t n);
     /* q[i] = round-half-even(x[i] / s) clamped to [-127, 127], NaN -> 0 (the IEEE division, so
      * every table gives the same bytes): ds_quantize_row_i8's second pass */
