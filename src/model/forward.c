@@ -404,10 +404,11 @@ static void cached_rows(const attn_ctx *a, int64_t bi, int64_t s0, int64_t n, in
  * place as the GEMM's x (gemm16x8_f32), softmax, then the weighted latent sum, sixteen latent
  * columns a pass over the rows in place (gemm16x8_f32_rows), eight heads at a time. A score is
  * the same fmaf chain over the latent, then the rope, as a dot per head would be. Packing the
- * cached rows instead (sixteen positions a panel, once per eight heads) wrote ~180 MB a step at
- * 192 sequences of 40 positions (medium), more than the arithmetic; the q panel is 20 KiB a
- * token. One cached row serves 16 heads per load; a head at a time through dot4 / axpy read it
- * once per head, and this phase took ~5x its multiply-adds' time at the f32 GEMM rate. */
+ * cached rows instead (sixteen positions a panel, once per eight heads) cost a pack per 16
+ * positions; this costs one per token whatever the context: 16 - 20 -> 14 - 18 ms a step at
+ * 192 sequences of 40 positions (W8A8, medium), no difference measured at 1024 positions. One
+ * cached row serves 16 heads per load; a head at a time through dot4 / axpy read it once per
+ * head, and this phase took ~5x its multiply-adds' time at the f32 GEMM rate. */
 static void attend_task(void *arg, int thread, int n_threads) {
     attn_ctx *a = arg;
     const ds_config *c = &a->m->cfg;
