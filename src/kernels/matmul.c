@@ -598,9 +598,11 @@ static void matmul_fgemm_thread(void *arg, int thread, int n_threads) {
     size_t p_lo, p_hi;
     ds_split_range((rows + 15) / 16, thread, n_threads, &p_lo, &p_hi);
     if (p_lo >= p_hi) return;
-    float *rowbuf = malloc(16 * MM_FGEMM_K * sizeof(float)); /* [16][MM_FGEMM_K] */
-    float *pan = malloc(16 * MM_FGEMM_K * sizeof(float));    /* [MM_FGEMM_K][16] */
-    DS_ASSERT(rowbuf && pan);
+    /* [16][MM_FGEMM_K]: the rows converted to f32 first, for the dtypes not packed in place */
+    const int scratch = w->dtype != DS_F32 && w->dtype != DS_BF16;
+    float *rowbuf = scratch ? malloc(16 * MM_FGEMM_K * sizeof(float)) : NULL;
+    float *pan = malloc(16 * MM_FGEMM_K * sizeof(float)); /* [MM_FGEMM_K][16] */
+    DS_ASSERT((rowbuf || !scratch) && pan);
     for (size_t p = p_lo; p < p_hi; p++) {
         const size_t r0 = 16 * p, nr = rows - r0 < 16 ? rows - r0 : 16;
         for (size_t k0 = 0; k0 < cols; k0 += MM_FGEMM_K) {
