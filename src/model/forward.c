@@ -72,8 +72,8 @@ static size_t buf_sizes(const ds_config *c, int64_t heads, int64_t max_ctx, int6
     int64_t inter =
         imax(c->intermediate_size, c->moe_intermediate_size * imax(1, c->n_shared_experts));
     int64_t k = imax(1, c->n_experts_per_tok), E = imax(1, c->n_routed_experts);
-    /* scores of 16 heads, then (forward_chunk's row_off) a dequantised latent row or the
-     * absorptions' panels (absorb_q_task, absorb_o_task) or attend_task's panel and rows */
+    /* scores of 16 heads, then (forward_chunk's row_off) a dequantised latent row, W_UK[h]'s
+     * rows (absorb_q_task), absorb_o_task's rows and panel, or attend_task's panel and rows */
     int64_t R16 = (c->kv_lora_rank + 15) & ~(int64_t)15;
     int64_t lat_rope = c->kv_lora_rank + c->qk_rope_head_dim;
     *thread_floats = (size_t)(scores_floats(max_ctx) + imax(R16 * imax(c->qk_nope_head_dim + 1, 32),
@@ -286,18 +286,23 @@ static int64_t slot_of(const ds_kv_cache *kv, const ds_batch *bt, int64_t i, int
            pos % bs;
 }
 
-/* The absorptions are small GEMMs per head (gemm16x8_f32: sixteen outputs a lane, eight tokens
- * a pass), the head's kv_b rows dequantised once per call. A token's result must not depend on
- * how many tokens share its step (a seeded request samples the same tokens under load as
- * alone), and a GEMM column is the same fmaf chain however many tokens share the pass:
- *  - q_abs: below ABSORB_Q_GEMM_MIN_TOK tokens, one W_UK row at a time through axpy, the same
- *    fmaf chain over the rows in the same order (axpy is a fused multiply-add), and cheaper
- *    there than packing the head's panels;
- *  - o: always the GEMM. A dot product per row below 8 tokens, as first written, summed W_UV's
- *    rows in another order, and one seeded request of the soak test then drew another token
- *    under load than alone. At 1 token this costs ~0.03 ms a layer on the medium model.
+/* The absorptions are small GEMMs per head (sixteen outputs a lane, eight tokens a pass), the
+ * head's kv_b rows dequantised once per call. A token's result must not depend on how many
+ * tokens share its step (a seeded request samples the same tokens under load as alone), and a
+ * GEMM column is the same fmaf chain however many tokens share the pass:
+ *  - q_abs: W_UK[h]'s rows dequantised into the thread's buffer and read there in place, sixteen
+ *    latent columns a lane (gemm16x8_f32_rows). Below ABSORB_Q_GEMM_MIN_TOK tokens, one row at
+ *    a time through axpy instead: the same fmaf chain over the rows in the same order (axpy is a
+ *    fused multiply-add), and cheaper there. Packing the head's rows into panels first, as this
+ *    was written, scattered each row over sixteen panels 8 KiB apart; without it the phase went
+ *    2.1 -> 0.8 - 1.0 ms a step at 8 sequences and 4.0 - 5.0 -> 2.6 - 3.9 at 64 (medium, BF16
+ *    and W8A8). At 4 tokens axpy and the GEMM measured even; at 1 axpy took 0.5 ms, the GEMM 0.7.
+ *  - o: always the GEMM (gemm16x8_f32 over packed W_UV rows: its lanes are rows). A dot product
+ *    per row below 8 tokens, as first written, summed W_UV's rows in another order, and one
+ *    seeded request of the soak test then drew another token under load than alone. At 1 token
+ *    this costs ~0.03 ms a layer on the medium model.
  * Tables without the float GEMM kernels keep axpy / dot at every size. */
-#define ABSORB_Q_GEMM_MIN_TOK 8
+#define ABSORB_Q_GEMM_MIN_TOK 4
 
 static int absorb_gemm_ok(const ds_kernels *k) {
     return ds_kernels_fgemm_native(k);
@@ -319,24 +324,18 @@ static void absorb_q_task(void *arg, int thread, int n_threads) {
     const ds_kernels *k = ds_kernels_get();
     int64_t H = local_heads(a->m), R = c->kv_lora_rank, dn = c->qk_nope_head_dim;
     int64_t qk = dn + c->qk_rope_head_dim, rows_per_head = dn + c->v_head_dim;
-    float *row = a->b->thread_buf + (size_t)thread * a->b->thread_floats + a->row_off;
-    float *pan = row + ((R + 15) & ~(int64_t)15); /* [R / 16][dn][16]: W_UK[h] by 16 columns */
-    int gemm = absorb_gemm_ok(k) && a->n >= ABSORB_Q_GEMM_MIN_TOK;
+    float *wuk = a->b->thread_buf + (size_t)thread * a->b->thread_floats + a->row_off; /* [dn][R] */
+    const int gemm = absorb_gemm_ok(k) && a->n >= ABSORB_Q_GEMM_MIN_TOK;
+    const float **rows = gemm ? malloc((size_t)dn * sizeof *rows) : NULL;
+    DS_ASSERT(rows || !gemm);
     size_t h0, h1;
     ds_split_range((size_t)H, thread, n_threads, &h0, &h1);
     for (int64_t h = (int64_t)h0; h < (int64_t)h1; h++) {
         for (int64_t d = 0; d < dn; d++) {
+            float *row = wuk + (gemm ? d * R : 0); /* axpy consumes a row at a time */
             ds_mat_row_f32(&a->L->kv_b, h * rows_per_head + d, row);
             if (gemm) {
-                for (int64_t r0 = 0; r0 < R; r0 += 16) {
-                    float *p = pan + r0 * dn + d * 16;
-                    if (r0 + 16 <= R) {
-                        memcpy(p, row + r0, 16 * sizeof(float));
-                    } else {
-                        memset(p, 0, 16 * sizeof(float));
-                        memcpy(p, row + r0, (size_t)(R - r0) * sizeof(float));
-                    }
-                }
+                rows[d] = row;
                 continue;
             }
             for (int64_t t = 0; t < a->n; t++) {
@@ -348,15 +347,21 @@ static void absorb_q_task(void *arg, int thread, int n_threads) {
                 }
             }
         }
-        for (int64_t t0 = 0; gemm && t0 < a->n; t0 += 8)
+        for (int64_t t0 = 0; gemm && t0 < a->n; t0 += 8) {
+            const float *xs[8]; /* a tail group repeats token t0; dropped */
+            for (int64_t j = 0; j < 8; j++)
+                xs[j] = a->b->q + ((t0 + (t0 + j < a->n ? j : 0)) * H + h) * qk;
             for (int64_t r0 = 0; r0 < R; r0 += 16) {
+                const int64_t m = R - r0 < 16 ? R - r0 : 16;
                 float out[128];
-                absorb_gemm(k, pan + r0 * dn, dn, a->b->q + h * qk, H * qk, t0, a->n, out);
+                k->gemm16x8_f32_rows(rows, (size_t)r0, (size_t)m, (size_t)dn, xs, out);
                 for (int64_t j = 0; j < 8 && t0 + j < a->n; j++)
-                    for (int64_t r = 0; r < 16 && r0 + r < R; r++)
-                        a->b->q_abs[((t0 + j) * H + h) * R + r0 + r] = out[16 * j + r];
+                    memcpy(a->b->q_abs + ((t0 + j) * H + h) * R + r0, out + 16 * j,
+                           (size_t)m * sizeof(float));
             }
+        }
     }
+    free(rows);
 }
 
 /* out[j] = x . rows[j] for four cached rows of n elements in the cache's dtype. */
