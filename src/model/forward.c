@@ -295,8 +295,9 @@ static int64_t slot_of(const ds_kv_cache *kv, const ds_batch *bt, int64_t i, int
  *    a time through axpy instead: the same fmaf chain over the rows in the same order (axpy is a
  *    fused multiply-add), and cheaper there. Packing the head's rows into panels first, as this
  *    was written, scattered each row over sixteen panels 8 KiB apart; without it the phase went
- *    2.1 -> 0.8 - 1.0 ms a step at 8 sequences and 4.0 - 5.0 -> 2.6 - 3.9 at 64 (medium, BF16
- *    and W8A8). At 4 tokens axpy and the GEMM measured even; at 1 axpy took 0.5 ms, the GEMM 0.7.
+ *    2.0 -> 0.9 - 1.1 ms a step at 8 sequences, 4.2 - 4.3 -> 3.0 - 3.4 at 64 and 9.3 - 10.4 ->
+ *    8.6 - 8.7 at 192 (medium, BF16 and W8A8, medians). At 4 tokens axpy and the GEMM measured
+ *    even; at 1 token axpy took 0.5 ms, the GEMM 0.7 - 1.0.
  *  - o: always the GEMM (gemm16x8_f32 over packed W_UV rows: its lanes are rows). A dot product
  *    per row below 8 tokens, as first written, summed W_UV's rows in another order, and one
  *    seeded request of the soak test then drew another token under load than alone. At 1 token
