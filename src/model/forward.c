@@ -309,13 +309,10 @@ static int absorb_gemm_ok(const ds_kernels *k) {
     return ds_kernels_fgemm_native(k);
 }
 
-/* Sixteen outputs for eight of the chunk's tokens from tokens t0 on (a tail group repeats token
- * t0, dropped): out[16 j + r] over panel pan of that depth, token t's x at x0 + t * ldx. */
-static void absorb_gemm(const ds_kernels *k, const float *pan, int64_t depth, const float *x0,
-                        int64_t ldx, int64_t t0, int64_t n, float out[128]) {
-    const float *xs[8];
+/* The x of eight of the chunk's n tokens from token t0 on, token t's at x0 + t * ldx (a tail
+ * group repeats token t0; its outputs are dropped). */
+static void token_group(const float *x0, int64_t ldx, int64_t t0, int64_t n, const float *xs[8]) {
     for (int64_t j = 0; j < 8; j++) xs[j] = x0 + (t0 + (t0 + j < n ? j : 0)) * ldx;
-    k->gemm16x8_f32(pan, (size_t)depth, xs, out);
 }
 
 /* q_abs[t, h] = sum_d q_nope[t, h, d] * W_UK[h][d, :]. Threads split the heads. */
@@ -349,9 +346,8 @@ static void absorb_q_task(void *arg, int thread, int n_threads) {
             }
         }
         for (int64_t t0 = 0; gemm && t0 < a->n; t0 += 8) {
-            const float *xs[8]; /* a tail group repeats token t0; dropped */
-            for (int64_t j = 0; j < 8; j++)
-                xs[j] = a->b->q + ((t0 + (t0 + j < a->n ? j : 0)) * H + h) * qk;
+            const float *xs[8];
+            token_group(a->b->q + h * qk, H * qk, t0, a->n, xs);
             for (int64_t r0 = 0; r0 < R; r0 += 16) {
                 const int64_t m = R - r0 < 16 ? R - r0 : 16;
                 float out[128];
@@ -562,8 +558,10 @@ static void absorb_o_task(void *arg, int thread, int n_threads) {
             }
             k->pack16_f32(pan, rp, (size_t)R);
             for (int64_t t0 = 0; t0 < a->n; t0 += 8) {
+                const float *xs[8];
                 float out[128];
-                absorb_gemm(k, pan, R, a->b->o_lat + h * R, H * R, t0, a->n, out);
+                token_group(a->b->o_lat + h * R, H * R, t0, a->n, xs);
+                k->gemm16x8_f32(pan, (size_t)R, xs, out);
                 for (int64_t j = 0; j < 8 && t0 + j < a->n; j++)
                     for (int64_t v = 0; v < 16 && v0 + v < dv; v++)
                         a->o[((t0 + j) * H + h) * dv + v0 + v] = out[16 * j + v];
