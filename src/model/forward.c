@@ -298,10 +298,12 @@ static int64_t slot_of(const ds_kv_cache *kv, const ds_batch *bt, int64_t i, int
  *    2.0 -> 0.9 - 1.1 ms a step at 8 sequences, 4.2 - 4.3 -> 3.0 - 3.4 at 64 and 9.3 - 10.4 ->
  *    8.6 - 8.7 at 192 (medium, BF16 and W8A8, medians). At 4 tokens axpy and the GEMM measured
  *    even; at 1 token axpy took 0.5 ms, the GEMM 0.7 - 1.0.
- *  - o: always the GEMM (gemm16x8_f32 over packed W_UV rows: its lanes are rows). A dot product
- *    per row below 8 tokens, as first written, summed W_UV's rows in another order, and one
- *    seeded request of the soak test then drew another token under load than alone. At 1 token
- *    this costs ~0.03 ms a layer on the medium model.
+ *  - o: always the GEMM (gemm16x8_f32 over packed W_UV rows: its lanes are rows; BF16 rows
+ *    packed straight from the weights by pack16_bf16, not dequantised first: 1.03 -> 0.73 ms a
+ *    step at 1 sequence, 7.6 -> 7.0 at 192, medium BF16, medians). A dot product per row below
+ *    8 tokens, as first written, summed W_UV's rows in another order, and one seeded request of
+ *    the soak test then drew another token under load than alone. At 1 token this costs ~0.03
+ *    ms a layer on the medium model.
  * Tables without the float GEMM kernels keep axpy / dot at every size. */
 #define ABSORB_Q_GEMM_MIN_TOK 4
 
@@ -536,7 +538,7 @@ static void absorb_o_task(void *arg, int thread, int n_threads) {
     int64_t dv = c->v_head_dim, R16 = (R + 15) & ~(int64_t)15;
     float *row = a->b->thread_buf + (size_t)thread * a->b->thread_floats + a->row_off;
     float *pan = row + 16 * R16; /* after 16 dequantised rows: [R][16], 16 rows of W_UV[h] */
-    const int gemm = absorb_gemm_ok(k);
+    const int gemm = absorb_gemm_ok(k), bf16 = a->L->kv_b.dtype == DS_BF16;
     size_t h0, h1;
     ds_split_range((size_t)H, thread, n_threads, &h0, &h1);
     for (int64_t h = (int64_t)h0; h < (int64_t)h1; h++) {
@@ -550,13 +552,20 @@ static void absorb_o_task(void *arg, int thread, int n_threads) {
             continue;
         }
         for (int64_t v0 = 0; v0 < dv; v0 += 16) {
-            const float *rp[16];
-            for (int64_t j = 0; j < 16; j++) { /* a tail panel repeats row v0; dropped */
-                rp[j] = row + (v0 + j < dv ? j : 0) * R16;
-                if (v0 + j < dv)
-                    ds_mat_row_f32(&a->L->kv_b, h * (dn + dv) + dn + v0 + j, row + j * R16);
+            const int64_t r0 = h * (dn + dv) + dn + v0; /* kv_b's row of W_UV[h]'s row v0 */
+            if (bf16) { /* widened and transposed in one pass, as the float GEMM packs BF16 */
+                const uint16_t *bp[16];
+                for (int64_t j = 0; j < 16; j++) /* a tail panel repeats row v0; dropped */
+                    bp[j] = (const uint16_t *)a->L->kv_b.data + (r0 + (v0 + j < dv ? j : 0)) * R;
+                k->pack16_bf16(pan, bp, (size_t)R);
+            } else {
+                const float *rp[16];
+                for (int64_t j = 0; j < 16; j++) { /* a tail panel repeats row v0; dropped */
+                    rp[j] = row + (v0 + j < dv ? j : 0) * R16;
+                    if (v0 + j < dv) ds_mat_row_f32(&a->L->kv_b, r0 + j, row + j * R16);
+                }
+                k->pack16_f32(pan, rp, (size_t)R);
             }
-            k->pack16_f32(pan, rp, (size_t)R);
             for (int64_t t0 = 0; t0 < a->n; t0 += 8) {
                 const float *xs[8];
                 float out[128];
