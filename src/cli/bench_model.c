@@ -16,9 +16,12 @@
 static void usage(FILE *f) {
     fprintf(f, "usage: dsinfer bench-model [DIR] [--prompt-tokens N] [--decode-tokens N]\n"
                "                           [--threads N] [--bandwidth-mib N] [--batch B,B,...]\n"
+               "                           [--mmap]\n"
                "  --batch B,...  decode B sequences together (each after --prompt-tokens of\n"
                "                 context, default 32 here) for --decode-tokens steps, against the\n"
                "                 memory and compute limits measured in the same run\n"
+               "  --mmap         weights mapped from the files (4 KiB pages), not loaded onto\n"
+               "                 2 MiB pages\n"
                "  DIR defaults to the built-in demo model; make a comparable one with\n"
                "  dsinfer make-tiny DIR --preset medium\n");
 }
@@ -39,6 +42,7 @@ int ds_cmd_bench_model(int argc, char **argv) {
                                          {"threads", required_argument, 0, 't'},
                                          {"bandwidth-mib", required_argument, 0, 'b'},
                                          {"batch", required_argument, 0, 'B'},
+                                         {"mmap", no_argument, 0, 'M'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     long n_prompt = 128, n_decode = 32, bw_mib = 1024;
@@ -56,6 +60,9 @@ int ds_cmd_bench_model(int argc, char **argv) {
             break;
         case 'B':
             batch = optarg;
+            break;
+        case 'M':
+            mp.map_weights = 1;
             break;
         case 'd':
             v = n_decode = parse_pos("--decode-tokens", optarg, 1 << 20);

@@ -400,6 +400,7 @@ static void check_config(ck_ctx *c) {
      * until it closes its model, which rank 0 does at once. */
     ds_model_params mp = ds_model_default_params();
     mp.n_threads = 1;
+    mp.map_weights = 1; /* bound, never run: nothing to load */
     ds_model *m = NULL;
     int rc = ds_model_open(c->dir, &mp, &m);
     char msg[CK_MSG_LEN], me[32];

@@ -21,7 +21,7 @@ static void usage(FILE *f) {
         "usage: dsinfer generate [--model DIR] (--prompt-ids IDS | --prompt TEXT | --chat TEXT)\n"
         "                        [--system TEXT] [--chat-template-format v3|r1|r1-0528]\n"
         "                        [--output ids|text] [--max-tokens N] [--threads N] "
-        "[--ignore-eos]\n"
+        "[--ignore-eos] [--mmap]\n"
         "       dsinfer generate [--model DIR] --batch-file FILE [engine flags]\n"
         "  --model DIR        checkpoint directory (default: the built-in demo model)\n"
         "  --prompt-ids IDS   prompt token ids, e.g. 0,671,4787 (used exactly; no BOS added)\n"
@@ -32,6 +32,8 @@ static void usage(FILE *f) {
         "  --output ids|text  what to print (default: ids for --prompt-ids, else text)\n"
         "  --max-tokens N     tokens to generate (default 16)\n"
         "  --threads N        worker threads (default: all CPUs)\n"
+        "  --mmap             weights stay mapped from the files (4 KiB pages, read on\n"
+        "                     first use) instead of loaded onto 2 MiB pages\n"
         "  --ignore-eos       keep generating past the end-of-sequence token\n"
         "  --batch-file FILE  one JSON request per line (prompt | prompt_ids | messages, and\n"
         "                     OpenAI sampling fields) run through the serving engine at once;\n"
@@ -187,6 +189,7 @@ int ds_cmd_generate(int argc, char **argv) {
                                          {"output", required_argument, 0, 'o'},
                                          {"max-tokens", required_argument, 0, 'n'},
                                          {"threads", required_argument, 0, 't'},
+                                         {"mmap", no_argument, 0, 'M'},
                                          {"ignore-eos", no_argument, 0, 'e'},
                                          {"batch-file", required_argument, 0, 'b'},
                                          DS_CLI_ENGINE_OPTIONS,
@@ -240,6 +243,9 @@ int ds_cmd_generate(int argc, char **argv) {
                 fprintf(stderr, "dsinfer generate: --threads '%s' must be 1..1024\n", optarg);
                 return 2;
             }
+            break;
+        case 'M':
+            o.mp.map_weights = 1;
             break;
         case 'e':
             o.ignore_eos = 1;

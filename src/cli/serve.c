@@ -38,6 +38,8 @@ static void usage(FILE *f) {
             "                            before it fails the requests and exits (default 300)\n"
             "  --trust-remote-code       accepted for vLLM compatibility; no effect\n"
             "  --threads N               model worker threads (default: all CPUs)\n"
+            "  --mmap                    weights stay mapped from the files (4 KiB pages, read on\n"
+            "                            first use) instead of loaded onto 2 MiB pages\n"
             "  --chat-template-format F  v3, r1 or r1-0528 (default: recognised from\n"
             "                            tokenizer_config.json)\n"
             "  --reasoning-parser P      deepseek_r1: <think> text goes to reasoning_content;\n"
@@ -115,6 +117,7 @@ int ds_cmd_serve(int argc, char **argv) {
         O_DIST_TIMEOUT,
         O_TRUST,
         O_THREADS,
+        O_MMAP,
         O_CHATFMT,
         O_REASON,
         O_GENCFG,
@@ -138,6 +141,7 @@ int ds_cmd_serve(int argc, char **argv) {
                                          {"dist-timeout", required_argument, 0, O_DIST_TIMEOUT},
                                          {"trust-remote-code", no_argument, 0, O_TRUST},
                                          {"threads", required_argument, 0, O_THREADS},
+                                         {"mmap", no_argument, 0, O_MMAP},
                                          {"chat-template-format", required_argument, 0, O_CHATFMT},
                                          {"reasoning-parser", required_argument, 0, O_REASON},
                                          {"generation-config", required_argument, 0, O_GENCFG},
@@ -221,6 +225,9 @@ int ds_cmd_serve(int argc, char **argv) {
         case O_THREADS:
             if (parse_int("--threads", optarg, 1, 1024, &v)) return free(names), 2;
             mp.n_threads = (int)v;
+            break;
+        case O_MMAP:
+            mp.map_weights = 1;
             break;
         case O_CHATFMT:
             chat_fmt = optarg;

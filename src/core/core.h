@@ -68,6 +68,11 @@ uint64_t ds_mem_available(void);
 /* Allocation that is 64-byte aligned (SIMD rows) and zeroed; NULL on failure. Free with ds_free. */
 void *ds_alloc(size_t bytes);
 void ds_free(void *p);
+/* A private mapping of len bytes at a 2 MiB-aligned address, the only place the kernel maps a
+ * 2 MiB page: of file fd, read-only, or with fd < 0 zeroed anonymous memory, read-write and
+ * advised MADV_HUGEPAGE (advice only: refused, the memory works the same on 4 KiB pages).
+ * NULL on failure (errno set); release with munmap(p, len). */
+void *ds_map_aligned(size_t len, int fd);
 /* a * b into *out; 0 on overflow. Used wherever sizes come from untrusted bytes. */
 int ds_mul_ok(uint64_t a, uint64_t b, uint64_t *out);
 /* 1 when s ends with suf. */

@@ -1,10 +1,14 @@
 /* Logging, clocks, aligned allocation and the dtype table. */
 #include "core/core.h"
 
+#include <errno.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
+#include <unistd.h>
 
 static ds_log_level log_level = DS_LOG_INFO;
 
@@ -28,6 +32,35 @@ double ds_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+void *ds_map_aligned(size_t len, int fd) {
+    const size_t huge = (size_t)2 << 20, pg = (size_t)sysconf(_SC_PAGESIZE);
+    if (!len) len = 1;
+    if (len > SIZE_MAX - 2 * huge) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    const size_t end = (len + pg - 1) / pg * pg, span = end + huge;
+    /* a reservation 2 MiB larger, trimmed around the aligned mapping */
+    unsigned char *r = mmap(NULL, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (r == MAP_FAILED) return NULL;
+    unsigned char *a = (unsigned char *)(((uintptr_t)r + huge - 1) & ~(uintptr_t)(huge - 1));
+    const int anon = fd < 0;
+    void *p = mmap(a, len, anon ? PROT_READ | PROT_WRITE : PROT_READ,
+                   MAP_PRIVATE | MAP_FIXED | (anon ? MAP_ANONYMOUS : 0), anon ? -1 : fd, 0);
+    if (p == MAP_FAILED) {
+        int e = errno;
+        munmap(r, span);
+        errno = e;
+        return NULL;
+    }
+    if (a > r) munmap(r, (size_t)(a - r));
+    if (r + span > a + end) munmap(a + end, (size_t)(r + span - (a + end)));
+#ifdef MADV_HUGEPAGE
+    if (anon) madvise(p, len, MADV_HUGEPAGE);
+#endif
+    return p;
 }
 
 void *ds_alloc(size_t bytes) {

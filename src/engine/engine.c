@@ -745,7 +745,9 @@ int ds_engine_open(ds_model *m, const ds_engine_params *params, ds_engine **out)
     const uint64_t per_block = per_tok * (uint64_t)p.block_size;
     uint64_t bytes = p.kv_cache_memory;
     if (!bytes) {
-        uint64_t avail = ds_mem_available(), w = ds_model_weight_bytes(m);
+        /* loaded weights are already out of what is available; mapped ones are not yet */
+        uint64_t avail = ds_mem_available() + ds_model_loaded_bytes(m),
+                 w = ds_model_weight_bytes(m);
         double budget = p.memory_utilization * (double)avail - (double)w;
         if (budget < (double)per_block) budget = (double)per_block * 64; /* unknown or tight */
         bytes = (uint64_t)budget;

@@ -25,6 +25,8 @@ typedef struct {
     uint64_t nbytes;  /* == numel * dtype size, checked */
     uint64_t offset;  /* absolute offset of the data in the file (for messages) */
     const char *file; /* path of the file holding it */
+    /* what ds_st_load_used copies: tensors looked up by ds_st_find and not dropped since */
+    unsigned char found, dropped;
 } ds_st_tensor;
 
 /* Parsed header of one safetensors file image. */
@@ -64,10 +66,16 @@ size_t ds_st_count(const ds_st_set *s);
 const ds_st_tensor *ds_st_at(const ds_st_set *s, size_t i);
 /* Drops the resident pages of a tensor's bytes (file-backed, read-only: they are read again if
  * touched), so a pass over a 700 GB checkpoint (quantize, a repack at load) does not keep it
- * resident. */
+ * resident; ds_st_load_used then leaves the tensor out. */
 void ds_st_drop_pages(const ds_st_tensor *t);
-/* The same for bytes [p, p + n) of a mapping (one expert of a stacked tensor). */
-void ds_st_drop_range(const void *p, uint64_t n);
+/* The same for bytes [p, p + n) of tensor t (one expert of a stacked tensor). */
+void ds_st_drop_range(const ds_st_tensor *t, const void *p, uint64_t n);
+/* Loads the weights into memory on 2 MiB pages: each file's mapping is replaced, at the same
+ * addresses (every view stays valid), by anonymous memory holding the tensors looked up so far
+ * and not dropped, read from the file; the file's page cache is released as it goes. The other
+ * tensors of a loaded file lose their data (NULL): call once binding is done. Adds the bytes read
+ * to *bytes. On a failure the files not yet loaded stay mapped. */
+int ds_st_load_used(ds_st_set *s, uint64_t *bytes);
 /* DS_OK while every file of the set is as it was mapped; DS_ERR_IO naming the first one written
  * to or truncated since (its size or modification time changed): the tensors read from it may
  * no longer be the ones loaded. A file replaced by rename, or deleted, is no change: the mapping

@@ -7,7 +7,8 @@
  * against overflow, every range must lie inside the data section, byte lengths must equal
  * dtype x shape, and ranges may not overlap (two tensors aliasing the same bytes is never
  * legitimate and would hide a corrupt file). Only then are tensors handed out, as views into a
- * read-only private mapping: weights are never copied. */
+ * read-only private mapping: weights are never copied. A model then loads the tensors it uses
+ * into memory of their own at the same addresses (ds_st_load_used), read once from the file. */
 #include "io/io.h"
 
 #include <dirent.h>
@@ -231,9 +232,8 @@ static int map_file(const char *path, st_file *f) {
         return ds_err_set(DS_ERR_FORMAT, "%s: %llu bytes, too short for a safetensors header", path,
                           (unsigned long long)f->len);
     }
-    f->map = mmap(NULL, (size_t)f->len, PROT_READ, MAP_PRIVATE, fd, 0);
-    if (f->map == MAP_FAILED) {
-        f->map = NULL;
+    f->map = ds_map_aligned((size_t)f->len, fd); /* aligned for ds_st_load_used's 2 MiB pages */
+    if (!f->map) {
         close(fd);
         return ds_err_set(DS_ERR_IO, "%s: mmap failed: %s", path, strerror(errno));
     }
@@ -294,7 +294,10 @@ static int set_build_index(ds_st_set *s) {
 const ds_st_tensor *ds_st_find(const ds_st_set *s, const char *name) {
     size_t k = (size_t)hash_str(name) & (s->cap - 1);
     while (s->slots[k]) {
-        if (strcmp(s->slots[k]->name, name) == 0) return s->slots[k];
+        if (strcmp(s->slots[k]->name, name) == 0) {
+            ((ds_st_tensor *)s->slots[k])->found = 1; /* see ds_st_drop_range */
+            return s->slots[k];
+        }
         k = (k + 1) & (s->cap - 1);
     }
     return NULL;
@@ -520,8 +523,9 @@ int ds_json_load_file(const char *path, json_t **out) {
                       jerr.line, jerr.column);
 }
 
-void ds_st_drop_range(const void *p, uint64_t n) {
-    if (!p || !n) return;
+void ds_st_drop_range(const ds_st_tensor *t, const void *p, uint64_t n) {
+    if (!t || !p || !n) return;
+    ((ds_st_tensor *)t)->dropped = 1; /* the set's own tensor: const for its users only */
     const uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
     uintptr_t a = (uintptr_t)p & ~(pg - 1);
     uintptr_t b = ((uintptr_t)p + n + pg - 1) & ~(pg - 1);
@@ -529,5 +533,67 @@ void ds_st_drop_range(const void *p, uint64_t n) {
 }
 
 void ds_st_drop_pages(const ds_st_tensor *t) {
-    if (t) ds_st_drop_range(t->data, t->nbytes);
+    ds_st_drop_range(t, t ? t->data : NULL, t ? t->nbytes : 0);
+}
+
+/* Reads [off, off + n) of fd into p. */
+static int read_range(int fd, unsigned char *p, uint64_t off, uint64_t n, const char *path) {
+    while (n) {
+        ssize_t r = pread(fd, p, n < ((uint64_t)1 << 30) ? (size_t)n : (size_t)1 << 30, (off_t)off);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0)
+            return ds_err_set(DS_ERR_IO, "%s: cannot read %llu bytes at offset %llu: %s", path,
+                              (unsigned long long)n, (unsigned long long)off,
+                              r < 0 ? strerror(errno) : "unexpected end of file");
+        p += r;
+        off += (uint64_t)r;
+        n -= (uint64_t)r;
+    }
+    return DS_OK;
+}
+
+/* Weights on 2 MiB pages: a decode step reads every page of them once, and on 4 KiB pages each
+ * is a TLB miss (a nested page walk on a VM) and a point where the hardware prefetcher stops.
+ * Loaded, the medium test model decoded 4 - 17% faster in BF16 (by batch size, bench-model
+ * medians of six alternating runs, 2-vCPU Zen 5 VM) and W8A8 4 - 9% (per-phase timer). Mapped file
+ * pages would need the page cache to hold the file in 2 MiB folios, which few kernels and file
+ * systems give (Linux 6.1's ext4 never). The tensors come from the file by pread, not through the
+ * mapping, which would fault the file in 4 KiB pages first; each tensor's page cache is released
+ * once read, so the checkpoint is resident once. The memory replaces the mapping by mremap, which
+ * keeps the addresses and the 2 MiB pages (both aligned: ds_map_aligned). */
+static int load_file(st_file *f, uint64_t *bytes) {
+    uint64_t n = 0;
+    for (size_t i = 0; i < f->h.n_tensors; i++)
+        n += f->h.tensors[i].found && !f->h.tensors[i].dropped;
+    if (!n) return DS_OK; /* nothing of this file is used: it stays mapped, untouched */
+    const size_t len = (size_t)f->len;
+    unsigned char *mem = ds_map_aligned(len, -1);
+    if (!mem)
+        return ds_err_set(DS_ERR_NOMEM, "%s: cannot allocate %zu bytes to load it: %s", f->h.path,
+                          len, strerror(errno));
+    int rc = DS_OK;
+    for (size_t i = 0; i < f->h.n_tensors && !rc; i++) {
+        ds_st_tensor *t = &f->h.tensors[i];
+        if (!t->found || t->dropped) continue;
+        rc = read_range(f->fd, mem + t->offset, t->offset, t->nbytes, f->h.path);
+        posix_fadvise(f->fd, (off_t)t->offset, (off_t)t->nbytes, POSIX_FADV_DONTNEED);
+        if (!rc) *bytes += t->nbytes;
+    }
+    if (!rc && (mprotect(mem, len, PROT_READ) != 0 ||
+                mremap(mem, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, f->map) == MAP_FAILED))
+        rc = ds_err_set(DS_ERR_NOMEM, "%s: cannot put the loaded weights in place: %s", f->h.path,
+                        strerror(errno));
+    if (rc) {
+        munmap(mem, len);
+        return rc;
+    }
+    for (size_t i = 0; i < f->h.n_tensors; i++) /* their bytes are now zeros */
+        if (!f->h.tensors[i].found || f->h.tensors[i].dropped) f->h.tensors[i].data = NULL;
+    return DS_OK;
+}
+
+int ds_st_load_used(ds_st_set *s, uint64_t *bytes) {
+    int rc = DS_OK;
+    for (size_t i = 0; i < s->n_files && !rc; i++) rc = load_file(&s->files[i], bytes);
+    return rc;
 }

@@ -11,6 +11,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 void ds_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps) {
     DS_ASSERT(n > 0);
@@ -104,15 +105,16 @@ double ds_measure_read_bandwidth(ds_pool *pool, size_t bytes) {
     int nt = pool ? ds_pool_size(pool) : 1;
     if (n == 0) return 0.0;
     /* not ds_alloc: it zeroes the buffer on this thread, which would defeat the parallel first
-     * touch; fresh pages of a large allocation are only placed when first written */
-    void *mem = NULL;
-    if (posix_memalign(&mem, 64, n * sizeof(float)) != 0) {
+     * touch (fresh pages are only placed when first written); on 2 MiB pages where the kernel
+     * allows, as the weights whose reads this rate bounds (ds_st_load_used) */
+    void *mem = ds_map_aligned(n * sizeof(float), -1);
+    if (!mem) {
         ds_warn("bandwidth probe: cannot allocate %zu bytes", bytes);
         return 0.0;
     }
     float *sums = calloc((size_t)nt, sizeof *sums);
     if (!sums) {
-        free(mem);
+        munmap(mem, n * sizeof(float));
         ds_warn("bandwidth probe: out of memory");
         return 0.0;
     }
@@ -131,7 +133,7 @@ double ds_measure_read_bandwidth(ds_pool *pool, size_t bytes) {
     }
     (void)sink;
     free(sums);
-    free(mem);
+    munmap(mem, n * sizeof(float));
     return best > 0 ? (double)(n * sizeof(float)) / best : 0.0;
 }
 

@@ -764,7 +764,7 @@ static int bind_ms_expert(ds_format *f, const char *prefix, int64_t rows, int64_
     for (int64_t n = 0; n < rows; n++)
         for (int64_t g = 0; g < G; g++)
             sc[n * G + g] = (float)elem(x.s, (x.e * G + g) * rows + n, 1);
-    ds_st_drop_range(src, (uint64_t)(cols * X));
+    ds_st_drop_range(x.w, src, (uint64_t)(cols * X));
     *out = (ds_mat){.dtype = DS_I8,
                     .rows = rows,
                     .cols = cols,

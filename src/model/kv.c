@@ -36,20 +36,6 @@ static size_t kv_esz(ds_kv_dtype dt) {
     return dt == DS_KV_F32 ? 4 : 2;
 }
 
-static void *map_zero(size_t bytes) {
-    const size_t len = bytes ? bytes : 1;
-    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) return NULL;
-#ifdef MADV_HUGEPAGE
-    /* committed 2 MiB at a time where the kernel allows it: with 4 KiB pages every decode step
-     * faulted in ~480 new pages (192 sequences, medium: a page holds 4 tokens' latents of one
-     * layer), each a trap through the hypervisor on a VM. Advice only: refused, the cache works
-     * the same. */
-    madvise(p, len, MADV_HUGEPAGE);
-#endif
-    return p;
-}
-
 uint64_t ds_kv_bytes_per_token(const ds_config *c, ds_kv_dtype dt) {
     return (uint64_t)c->n_layers * (uint64_t)(c->kv_lora_rank + c->qk_rope_head_dim) * kv_esz(dt);
 }
@@ -76,8 +62,11 @@ int ds_kv_open_paged(const ds_config *c, int64_t n_blocks, int64_t block_size, d
      * a cache sized for the whole memory budget costs nothing until it is used */
     kv->latent_bytes = rows * (size_t)c->kv_lora_rank * kv->esz;
     kv->pe_bytes = rows * (size_t)c->qk_rope_head_dim * kv->esz;
-    kv->latent = map_zero(kv->latent_bytes);
-    kv->pe = map_zero(kv->pe_bytes);
+    /* on 2 MiB pages where the kernel allows it: with 4 KiB pages every decode step faulted in
+     * ~480 new pages (192 sequences, medium: a page holds 4 tokens' latents of one layer), each
+     * a trap through the hypervisor on a VM */
+    kv->latent = ds_map_aligned(kv->latent_bytes, -1);
+    kv->pe = ds_map_aligned(kv->pe_bytes, -1);
     if (!kv->latent || !kv->pe) {
         ds_kv_close(kv);
         return ds_err_set(

@@ -58,6 +58,9 @@ int64_t ds_format_logical(const ds_format *f, const char *disk, int64_t i, char 
 typedef struct {
     int n_threads; /* <= 0: all online CPUs */
     int max_batch; /* tokens per internal forward chunk (bounds scratch memory) */
+    /* 1: the weights stay views of the mapped files (4 KiB pages, read on first use) instead of
+     * being loaded onto 2 MiB pages (ds_st_load_used) */
+    int map_weights;
 } ds_model_params;
 
 ds_model_params ds_model_default_params(void);
@@ -74,6 +77,9 @@ int ds_model_check_files(const ds_model *m);
  * row block), from the stored dtypes; and the total bytes of all bound weights. */
 uint64_t ds_model_bytes_per_token(const ds_model *m);
 uint64_t ds_model_weight_bytes(const ds_model *m);
+/* Bytes of the checkpoint read into memory at open (0 with map_weights): already taken from the
+ * memory the system reports available, unlike mapped weights, which are paged in on use. */
+uint64_t ds_model_loaded_bytes(const ds_model *m);
 /* The weight bytes a step reads in layer l on this rank: attention, the dense MLP or the
  * router, shared expert and this rank's routed experts flagged in touched[n_routed_experts]. */
 uint64_t ds_model_layer_bytes(const ds_model *m, int64_t l, const uint8_t *touched);

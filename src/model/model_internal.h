@@ -59,8 +59,9 @@ struct ds_model {
     ds_config cfg;
     ds_shard shard;
     ds_st_set *st;
-    ds_format *fmt; /* how st stores the projections; owns repacked / converted pieces */
-    int rope_split; /* q_b / kv_a rope outputs come de-interleaved (ds_format_rope_split) */
+    uint64_t loaded_bytes; /* of st's tensors, read into memory (ds_st_load_used) */
+    ds_format *fmt;        /* how st stores the projections; owns repacked / converted pieces */
+    int rope_split;        /* q_b / kv_a rope outputs come de-interleaved (ds_format_rope_split) */
     ds_pool *pool;
     int max_batch;
     ds_mat embed;                        /* (vocab, hidden) */

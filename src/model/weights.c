@@ -193,6 +193,13 @@ int ds_model_open(const char *dir, const ds_model_params *params, ds_model **out
         ds_progress_add(&pb, 1);
     }
     ds_progress_end(&pb);
+    if (!rc && !params->map_weights) {
+        double t0 = ds_now();
+        rc = ds_st_load_used(m->st, &m->loaded_bytes);
+        if (!rc)
+            ds_info("loaded %.2f GiB of weights into memory in %.1f s",
+                    (double)m->loaded_bytes / (1 << 30), ds_now() - t0);
+    }
     if (ds_dist_size() > 1) rc = agree(rc);
     if (rc) {
         m->shard.size = 1; /* nothing to stop: the other ranks fail too */
@@ -286,4 +293,8 @@ uint64_t ds_model_bytes_per_token(const ds_model *m) {
 }
 uint64_t ds_model_weight_bytes(const ds_model *m) {
     return weight_bytes(m, 0);
+}
+
+uint64_t ds_model_loaded_bytes(const ds_model *m) {
+    return m->loaded_bytes;
 }
