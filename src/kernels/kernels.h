@@ -130,6 +130,9 @@ typedef struct ds_kernels {
      *   out[16 t + r] = sum_i rows[i][off + r] * x[t][i]   (r < m), same order and fmaf */
     void (*gemm16x8_f32_rows)(const float *const *rows, size_t off, size_t m, size_t n,
                               const float *const x[8], float out[128]);
+    /* One token against eight panels, the same order and fmaf, so each panel's sums are
+     * gemm16x8_f32's for that token: out[16 j + r] = sum_i panel[j][16 i + r] * x[i]. */
+    void (*gemm128x1_f32)(const float *const panel[8], size_t n, const float *x, float out[128]);
 } ds_kernels;
 
 /* The table for this machine, selected on first call (thread-safe). */
@@ -138,9 +141,9 @@ const ds_kernels *ds_kernels_get(void);
 const ds_kernels *ds_kernels_for(const char *isa);
 /* The scalar reference table. */
 const ds_kernels *ds_kernels_scalar(void);
-/* True when table k has its own float GEMM kernels (gemm16x8_f32 and _rows; or is the scalar
- * table, their oracle): the others fill those slots from scalar, slower than their dot / axpy
- * kernels. */
+/* True when table k has its own float GEMM kernels (gemm16x8_f32, _rows, gemm128x1_f32; or is the
+ * scalar table, their oracle): the others fill those slots from scalar, slower than their dot /
+ * axpy kernels. */
 int ds_kernels_fgemm_native(const ds_kernels *k);
 
 /* A weight matrix W [rows, cols] (PyTorch's Linear layout: y = x W^T) in its stored form. The

@@ -803,6 +803,34 @@ static __attribute__((noinline)) void gemm16x8_f32_rows_avx512(const float *cons
     GEMM16X8_F32_BODY(_mm512_maskz_loadu_ps(k, rows[i] + off));
 }
 
+/* Eight panels' chains side by side, one broadcast of x per column: at one token, gemm16x8_f32
+ * would run seven repeats of it through every panel. */
+static void gemm128x1_f32_avx512(const float *const panel[8], size_t n, const float *x,
+                                 float out[128]) {
+    const float *p0 = panel[0], *p1 = panel[1], *p2 = panel[2], *p3 = panel[3];
+    const float *p4 = panel[4], *p5 = panel[5], *p6 = panel[6], *p7 = panel[7];
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (size_t i = 0; i < n; i++) {
+        const __m512 v = _mm512_set1_ps(x[i]);
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(p0 + 16 * i), v, a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(p1 + 16 * i), v, a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(p2 + 16 * i), v, a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(p3 + 16 * i), v, a3);
+        a4 = _mm512_fmadd_ps(_mm512_loadu_ps(p4 + 16 * i), v, a4);
+        a5 = _mm512_fmadd_ps(_mm512_loadu_ps(p5 + 16 * i), v, a5);
+        a6 = _mm512_fmadd_ps(_mm512_loadu_ps(p6 + 16 * i), v, a6);
+        a7 = _mm512_fmadd_ps(_mm512_loadu_ps(p7 + 16 * i), v, a7);
+    }
+    _mm512_storeu_ps(out, a0);
+    _mm512_storeu_ps(out + 16, a1);
+    _mm512_storeu_ps(out + 32, a2);
+    _mm512_storeu_ps(out + 48, a3);
+    _mm512_storeu_ps(out + 64, a4);
+    _mm512_storeu_ps(out + 80, a5);
+    _mm512_storeu_ps(out + 96, a6);
+    _mm512_storeu_ps(out + 112, a7);
+}
+
 static const ds_kernels avx512_table = {
     .name = "avx512",
     .bf16_to_f32 = bf16_to_f32_avx512,
@@ -833,6 +861,7 @@ static const ds_kernels avx512_table = {
     .pack16_bf16 = pack16_bf16_avx512,
     .gemm16x8_f32 = gemm16x8_f32_avx512,
     .gemm16x8_f32_rows = gemm16x8_f32_rows_avx512,
+    .gemm128x1_f32 = gemm128x1_f32_avx512,
 };
 
 const ds_kernels *ds_kernels_avx512_table(void) {

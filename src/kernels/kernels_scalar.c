@@ -336,6 +336,16 @@ static void gemm16x8_f32_rows_scalar(const float *const *rows, size_t off, size_
         }
 }
 
+static void gemm128x1_f32_scalar(const float *const panel[8], size_t n, const float *x,
+                                 float out[128]) {
+    for (size_t j = 0; j < 8; j++)
+        for (size_t r = 0; r < 16; r++) {
+            float acc = 0;
+            for (size_t i = 0; i < n; i++) acc = fmaf(panel[j][16 * i + r], ld_f32(x, i), acc);
+            out[16 * j + r] = acc;
+        }
+}
+
 static const ds_kernels scalar_table = {
     .name = "scalar",
     .bf16_to_f32 = bf16_to_f32_scalar,
@@ -366,6 +376,7 @@ static const ds_kernels scalar_table = {
     .pack16_bf16 = pack16_bf16_scalar,
     .gemm16x8_f32 = gemm16x8_f32_scalar,
     .gemm16x8_f32_rows = gemm16x8_f32_rows_scalar,
+    .gemm128x1_f32 = gemm128x1_f32_scalar,
 };
 
 const ds_kernels *ds_kernels_scalar(void) {

@@ -73,11 +73,14 @@ static size_t buf_sizes(const ds_config *c, int64_t heads, int64_t max_ctx, int6
         imax(c->intermediate_size, c->moe_intermediate_size * imax(1, c->n_shared_experts));
     int64_t k = imax(1, c->n_experts_per_tok), E = imax(1, c->n_routed_experts);
     /* scores of 16 heads, then (forward_chunk's row_off) a dequantised latent row, W_UK[h]'s
-     * rows (absorb_q_task), absorb_o_task's rows and panel, or attend_task's panel and rows */
+     * rows (absorb_q_task), absorb_o_task's rows and a head's panels, or attend_task's panel and
+     * rows */
     int64_t R16 = (c->kv_lora_rank + 15) & ~(int64_t)15;
     int64_t lat_rope = c->kv_lora_rank + c->qk_rope_head_dim;
-    *thread_floats = (size_t)(scores_floats(max_ctx) + imax(R16 * imax(c->qk_nope_head_dim + 1, 32),
-                                                            (16 + ATTEND_CHUNK) * lat_rope));
+    int64_t wuv = R16 * (16 + ((c->v_head_dim + 15) & ~(int64_t)15));
+    *thread_floats =
+        (size_t)(scores_floats(max_ctx) + imax(imax(R16 * imax(c->qk_nope_head_dim + 1, 32), wuv),
+                                               (16 + ATTEND_CHUNK) * lat_rope));
     const size_t v[N_BUFS] = {(size_t)(B * D),
                               (size_t)(B * D),
                               (size_t)(B * D),
@@ -302,8 +305,9 @@ static int64_t slot_of(const ds_kv_cache *kv, const ds_batch *bt, int64_t i, int
  *    packed straight from the weights by pack16_bf16, not dequantised first: 1.03 -> 0.73 ms a
  *    step at 1 sequence, 7.6 -> 7.0 at 192, medium BF16, medians). A dot product per row below
  *    8 tokens, as first written, summed W_UV's rows in another order, and one seeded request of
- *    the soak test then drew another token under load than alone. At 1 token this costs ~0.03
- *    ms a layer on the medium model.
+ *    the soak test then drew another token under load than alone. At 1 token the head's panels
+ *    are all packed first and gemm128x1_f32 runs the token over eight at once, the same chains
+ *    without gemm16x8_f32's seven repeats of the token.
  * Tables without the float GEMM kernels keep axpy / dot at every size. */
 #define ABSORB_Q_GEMM_MIN_TOK 4
 
@@ -537,8 +541,11 @@ static void absorb_o_task(void *arg, int thread, int n_threads) {
     int64_t H = local_heads(a->m), R = c->kv_lora_rank, dn = c->qk_nope_head_dim;
     int64_t dv = c->v_head_dim, R16 = (R + 15) & ~(int64_t)15;
     float *row = a->b->thread_buf + (size_t)thread * a->b->thread_floats + a->row_off;
-    float *pan = row + 16 * R16; /* after 16 dequantised rows: [R][16], 16 rows of W_UV[h] */
-    const int gemm = absorb_gemm_ok(k), bf16 = a->L->kv_b.dtype == DS_BF16;
+    /* after 16 dequantised rows: panels [R][16] of 16 rows of W_UV[h], one at a time or, for one
+     * token, all P of the head */
+    float *pan = row + 16 * R16;
+    const int gemm = absorb_gemm_ok(k), bf16 = a->L->kv_b.dtype == DS_BF16, one = a->n == 1;
+    const int64_t P = (dv + 15) / 16;
     size_t h0, h1;
     ds_split_range((size_t)H, thread, n_threads, &h0, &h1);
     for (int64_t h = (int64_t)h0; h < (int64_t)h1; h++) {
@@ -553,28 +560,38 @@ static void absorb_o_task(void *arg, int thread, int n_threads) {
         }
         for (int64_t v0 = 0; v0 < dv; v0 += 16) {
             const int64_t r0 = h * (dn + dv) + dn + v0; /* kv_b's row of W_UV[h]'s row v0 */
+            float *pv = pan + (one ? v0 * R16 : 0);
             if (bf16) { /* widened and transposed in one pass, as the float GEMM packs BF16 */
                 const uint16_t *bp[16];
                 for (int64_t j = 0; j < 16; j++) /* a tail panel repeats row v0; dropped */
                     bp[j] = (const uint16_t *)a->L->kv_b.data + (r0 + (v0 + j < dv ? j : 0)) * R;
-                k->pack16_bf16(pan, bp, (size_t)R);
+                k->pack16_bf16(pv, bp, (size_t)R);
             } else {
                 const float *rp[16];
                 for (int64_t j = 0; j < 16; j++) { /* a tail panel repeats row v0; dropped */
                     rp[j] = row + (v0 + j < dv ? j : 0) * R16;
                     if (v0 + j < dv) ds_mat_row_f32(&a->L->kv_b, r0 + j, row + j * R16);
                 }
-                k->pack16_f32(pan, rp, (size_t)R);
+                k->pack16_f32(pv, rp, (size_t)R);
             }
-            for (int64_t t0 = 0; t0 < a->n; t0 += 8) {
+            for (int64_t t0 = 0; !one && t0 < a->n; t0 += 8) {
                 const float *xs[8];
                 float out[128];
                 token_group(a->b->o_lat + h * R, H * R, t0, a->n, xs);
-                k->gemm16x8_f32(pan, (size_t)R, xs, out);
+                k->gemm16x8_f32(pv, (size_t)R, xs, out);
                 for (int64_t j = 0; j < 8 && t0 + j < a->n; j++)
                     for (int64_t v = 0; v < 16 && v0 + v < dv; v++)
                         a->o[((t0 + j) * H + h) * dv + v0 + v] = out[16 * j + v];
             }
+        }
+        for (int64_t p0 = 0; one && p0 < P; p0 += 8) {
+            const float *pj[8];
+            float out[128];
+            for (int64_t j = 0; j < 8; j++) /* past P: panel p0 again, dropped */
+                pj[j] = pan + (p0 + (p0 + j < P ? j : 0)) * 16 * R16;
+            k->gemm128x1_f32(pj, (size_t)R, a->b->o_lat + h * R, out);
+            for (int64_t i = 0; i < 128 && 16 * p0 + i < dv; i++)
+                a->o[h * dv + 16 * p0 + i] = out[i];
         }
     }
 }

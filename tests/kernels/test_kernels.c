@@ -1183,9 +1183,9 @@ static void test_gemm(const ds_kernels *k) {
         }
 }
 
-/* pack16_f32 / pack16_bf16 / gemm16x8_f32 / gemm16x8_f32_rows against scalar bit-exact, and scalar
- * against a chain of fmaf in column order computed here, on ragged column counts and rows at odd
- * offsets. */
+/* pack16_f32 / pack16_bf16 / gemm16x8_f32 / _rows / gemm128x1_f32 against scalar bit-exact, and
+ * scalar against a chain of fmaf in column order computed here, on ragged column counts and rows at
+ * odd offsets. */
 static void test_fgemm(const ds_kernels *k) {
     const ds_kernels *s = ds_kernels_scalar();
     const size_t ns[] = {1, 5, 15, 16, 17, 33, 100, 1000};
@@ -1255,6 +1255,26 @@ static void test_fgemm(const ds_kernels *k) {
         CHECK_MSG(badref == 0, "scalar gemm16x8_f32 n=%zu: %d sums differ from the fmaf chain", n,
                   badref);
         CHECK_MSG(bad == 0, "%s gemm16x8_f32 n=%zu: %d sums differ from scalar", k->name, n, bad);
+        /* gemm128x1_f32: eight panels, one token (xc[3], at an odd offset), each lane the fmaf
+         * chain gemm16x8_f32 makes for that token */
+        float *pans = malloc(8 * 16 * n * sizeof(float));
+        fill(pans, 8 * 16 * n);
+        const float *const pj[8] = {pans,          pans + 16 * n, pans + 32 * n, pans + 48 * n,
+                                    pans + 64 * n, pans + 80 * n, pans + 96 * n, pans + 112 * n};
+        k->gemm128x1_f32(pj, n, xc[3], ok_);
+        s->gemm128x1_f32(pj, n, xc[3], os_);
+        bad = badref = 0;
+        for (size_t j = 0; j < 8; j++)
+            for (size_t r = 0; r < 16; r++) {
+                float acc = 0;
+                for (size_t i = 0; i < n; i++) acc = fmaf(pj[j][16 * i + r], xc[3][i], acc);
+                badref += memcmp(&acc, &os_[16 * j + r], 4) != 0;
+                bad += memcmp(&ok_[16 * j + r], &os_[16 * j + r], 4) != 0;
+            }
+        CHECK_MSG(badref == 0, "scalar gemm128x1_f32 n=%zu: %d sums differ from the fmaf chain", n,
+                  badref);
+        CHECK_MSG(bad == 0, "%s gemm128x1_f32 n=%zu: %d sums differ from scalar", k->name, n, bad);
+        free(pans);
         /* _rows: panel row i read in place as the 16 columns at off of "cached" row i (n rows of
          * 24 floats, in reverse order), first m lanes only, against the fmaf chain */
         float *cache = malloc(n * 24 * sizeof(float));
