@@ -72,10 +72,13 @@ void ds_st_drop_pages(const ds_st_tensor *t);
 void ds_st_drop_range(const ds_st_tensor *t, const void *p, uint64_t n);
 /* Loads the weights into memory on 2 MiB pages: each file's mapping is replaced, at the same
  * addresses (every view stays valid), by anonymous memory holding the tensors looked up so far
- * and not dropped, read from the file; the file's page cache is released as it goes. The other
- * tensors of a loaded file lose their data (NULL): call once binding is done. Adds the bytes read
- * to *bytes. On a failure the files not yet loaded stay mapped. */
-int ds_st_load_used(ds_st_set *s, uint64_t *bytes);
+ * and not dropped, read from the file; with release_cache, the file's page cache is released as
+ * it goes (else a restart finds it there). The other tensors of a loaded file lose their data
+ * (NULL): call once binding is done. Adds the bytes read to *bytes. On a failure the files not
+ * yet loaded stay mapped. */
+int ds_st_load_used(ds_st_set *s, int release_cache, uint64_t *bytes);
+/* The bytes ds_st_load_used would read now. */
+uint64_t ds_st_used_bytes(const ds_st_set *s);
 /* DS_OK while every file of the set is as it was mapped; DS_ERR_IO naming the first one written
  * to or truncated since (its size or modification time changed): the tensors read from it may
  * no longer be the ones loaded. A file replaced by rename, or deleted, is no change: the mapping

@@ -552,20 +552,31 @@ static int read_range(int fd, unsigned char *p, uint64_t off, uint64_t n, const 
     return DS_OK;
 }
 
+static uint64_t file_used_bytes(const st_file *f) {
+    uint64_t n = 0;
+    for (size_t i = 0; i < f->h.n_tensors; i++)
+        if (f->h.tensors[i].found && !f->h.tensors[i].dropped) n += f->h.tensors[i].nbytes;
+    return n;
+}
+
+uint64_t ds_st_used_bytes(const ds_st_set *s) {
+    uint64_t n = 0;
+    for (size_t i = 0; i < s->n_files; i++) n += file_used_bytes(&s->files[i]);
+    return n;
+}
+
 /* Weights on 2 MiB pages: a decode step reads every page of them once, and on 4 KiB pages each
  * is a TLB miss (a nested page walk on a VM) and a point where the hardware prefetcher stops.
  * Loaded, the medium test model decoded 4 - 17% faster in BF16 (by batch size, bench-model
  * medians of six alternating runs, 2-vCPU Zen 5 VM) and W8A8 4 - 9% (per-phase timer). Mapped file
  * pages would need the page cache to hold the file in 2 MiB folios, which few kernels and file
  * systems give (Linux 6.1's ext4 never). The tensors come from the file by pread, not through the
- * mapping, which would fault the file in 4 KiB pages first; each tensor's page cache is released
- * once read, so the checkpoint is resident once. The memory replaces the mapping by mremap, which
- * keeps the addresses and the 2 MiB pages (both aligned: ds_map_aligned). */
-static int load_file(st_file *f, uint64_t *bytes) {
-    uint64_t n = 0;
-    for (size_t i = 0; i < f->h.n_tensors; i++)
-        n += f->h.tensors[i].found && !f->h.tensors[i].dropped;
-    if (!n) return DS_OK; /* nothing of this file is used: it stays mapped, untouched */
+ * mapping, which would fault the file in 4 KiB pages first; with release_cache each tensor's page
+ * cache is released once read, so a checkpoint too large to be held twice is resident once. The
+ * memory replaces the mapping by mremap, which keeps the addresses and the 2 MiB pages (both
+ * aligned: ds_map_aligned). */
+static int load_file(st_file *f, int release_cache, uint64_t *bytes) {
+    if (!file_used_bytes(f)) return DS_OK; /* nothing of this file is used: it stays mapped */
     const size_t len = (size_t)f->len;
     unsigned char *mem = ds_map_aligned(len, -1);
     if (!mem)
@@ -576,7 +587,8 @@ static int load_file(st_file *f, uint64_t *bytes) {
         ds_st_tensor *t = &f->h.tensors[i];
         if (!t->found || t->dropped) continue;
         rc = read_range(f->fd, mem + t->offset, t->offset, t->nbytes, f->h.path);
-        posix_fadvise(f->fd, (off_t)t->offset, (off_t)t->nbytes, POSIX_FADV_DONTNEED);
+        if (release_cache)
+            posix_fadvise(f->fd, (off_t)t->offset, (off_t)t->nbytes, POSIX_FADV_DONTNEED);
         if (!rc) *bytes += t->nbytes;
     }
     if (!rc && (mprotect(mem, len, PROT_READ) != 0 ||
@@ -592,8 +604,9 @@ static int load_file(st_file *f, uint64_t *bytes) {
     return DS_OK;
 }
 
-int ds_st_load_used(ds_st_set *s, uint64_t *bytes) {
+int ds_st_load_used(ds_st_set *s, int release_cache, uint64_t *bytes) {
     int rc = DS_OK;
-    for (size_t i = 0; i < s->n_files && !rc; i++) rc = load_file(&s->files[i], bytes);
+    for (size_t i = 0; i < s->n_files && !rc; i++)
+        rc = load_file(&s->files[i], release_cache, bytes);
     return rc;
 }

@@ -193,9 +193,19 @@ int ds_model_open(const char *dir, const ds_model_params *params, ds_model **out
         ds_progress_add(&pb, 1);
     }
     ds_progress_end(&pb);
-    if (!rc && !params->map_weights) {
+    /* loaded only where they fit: mapped, they can still be paged in and out (slowly) where
+     * memory is short, while loaded ones would get the process killed. The page cache of the
+     * files counts as available; it is released as they are read when they take more than a
+     * quarter of the memory (a 671B checkpoint's share of a node), and otherwise kept for the
+     * next start (tests and small models reload in a fraction of a second). */
+    const uint64_t need = rc ? 0 : ds_st_used_bytes(m->st), avail = ds_mem_available();
+    if (!rc && !params->map_weights && avail && need > avail) {
+        ds_warn("%.2f GiB of weights to load but %.2f GiB of memory available: they stay mapped "
+                "from the files (4 KiB pages, read on use)",
+                (double)need / (1 << 30), (double)avail / (1 << 30));
+    } else if (!rc && !params->map_weights) {
         double t0 = ds_now();
-        rc = ds_st_load_used(m->st, &m->loaded_bytes);
+        rc = ds_st_load_used(m->st, need > avail / 4, &m->loaded_bytes);
         if (!rc)
             ds_info("loaded %.2f GiB of weights into memory in %.1f s",
                     (double)m->loaded_bytes / (1 << 30), ds_now() - t0);

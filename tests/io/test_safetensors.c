@@ -241,7 +241,7 @@ static void test_load_used(void) {
     CHECK(((uintptr_t)a->data - a->offset) % ((uintptr_t)2 << 20) == 0);
     ds_st_drop_pages(c); /* repacked elsewhere, say: not loaded */
     uint64_t bytes = 0;
-    CHECK_MSG(ds_st_load_used(s, &bytes) == DS_OK, "%s", ds_err_msg());
+    CHECK_MSG(ds_st_load_used(s, 1, &bytes) == DS_OK, "%s", ds_err_msg());
     CHECK(bytes == a->nbytes + b->nbytes);
     CHECK(a->data == pa && b->data == pb && c->data == NULL && d->data == NULL);
     size_t bad = 0; /* write_st's pattern: byte i of the data section is i & 0xff */
