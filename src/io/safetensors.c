@@ -7,8 +7,8 @@
  * against overflow, every range must lie inside the data section, byte lengths must equal
  * dtype x shape, and ranges may not overlap (two tensors aliasing the same bytes is never
  * legitimate and would hide a corrupt file). Only then are tensors handed out, as views into a
- * read-only private mapping: weights are never copied. A model then loads the tensors it uses
- * into memory of their own at the same addresses (ds_st_load_used), read once from the file. */
+ * read-only private mapping. A model then loads the tensors it uses into memory of their own at
+ * the same addresses (ds_st_load_used), read once from the file. */
 #include "io/io.h"
 
 #include <dirent.h>
