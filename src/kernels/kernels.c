@@ -109,7 +109,7 @@ static void complete(ds_kernels *dst, const ds_kernels *src) {
     if (!dst->dot4_bf16) dst->dot4_bf16 = s->dot4_bf16;
     if (!dst->dot4_f16) dst->dot4_f16 = s->dot4_f16;
     if (!dst->dot4_fp8) dst->dot4_fp8 = s->dot4_fp8;
-    if (!dst->dot4x2_bf16) dst->dot4x2_bf16 = s->dot4x2_bf16;
+    if (!dst->dot4xn_bf16) dst->dot4xn_bf16 = s->dot4xn_bf16;
     if (!dst->dot4x2_f16) dst->dot4x2_f16 = s->dot4x2_f16;
     if (!dst->dot4x2_fp8) dst->dot4x2_fp8 = s->dot4x2_fp8;
     if (!dst->dot4_i8) dst->dot4_i8 = s->dot4_i8;

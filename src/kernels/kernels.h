@@ -68,12 +68,23 @@ typedef struct ds_kernels {
                      size_t n, size_t block, float out[4]);
     /* The same for two tokens against the same four rows, so each weight is decoded once for
      * both: out[r] is the dot with x0, out[4 + r] the dot with x1. */
-    void (*dot4x2_bf16)(const float *x0, const float *x1, const uint16_t *const w[4], size_t n,
-                        float out[8]);
     void (*dot4x2_f16)(const float *x0, const float *x1, const uint16_t *const w[4], size_t n,
                        float out[8]);
     void (*dot4x2_fp8)(const float *x0, const float *x1, const uint8_t *const w[4],
                        const float *const scale[4], size_t n, size_t block, float out[8]);
+    /* BF16 weights against nx (1, 2 or 4) tokens: out[4 t + r] = sum_i x[t][i] * bf16(w[r][i]),
+     * x[t] in the pair-split layout of ds_bf16_split. A BF16 pair is one 32-bit word: the even
+     * column's f32 is the word shifted left 16, the odd one's the word with its low half cleared,
+     * so the weights need two bit operations per 32 columns and no widening shuffle. Each sum is
+     * kept in 16 lanes: for every whole 32-column step, lane l adds x_even[l] * w[2l], then
+     * x_odd[l] * w[2l + 1] (fmaf); tail columns (fewer than 32) add to lane (i - tail) % 16 in
+     * order, 16 at a time (a missing lane adds fmaf(0, 0, lane)); the lanes then add as
+     * l + (l + 8), that + 4, + 2, + 1. So every table and every nx give the same floats: a
+     * token's result does not depend on the tokens beside it. The kernel also prefetches the
+     * n_pf 64-byte lines from pf on, spread over its steps (the caller's stream ahead: issued at
+     * once they stall on the miss queue while the arithmetic waits). */
+    void (*dot4xn_bf16)(const float *const x[4], int nx, const uint16_t *const w[4], size_t n,
+                        const char *pf, size_t n_pf, float out[16]);
     /* Integer dots of W8A8 / W4A8, exact in int32: the columns are cut into blocks of `block`
      * (> 0) starting at column 0, the last one partial, and for every block b and row r
      *   out[4 * b + r] = sum_{i in block b} x[i] * w[r][i]
@@ -211,6 +222,9 @@ void ds_matmul_jobs(ds_pool *pool, const ds_mm_job *jobs, int n_jobs);
  * L columns starting at i0 stores x[i0], x[i0 + 2], ... (ceil(L / 2) values) then x[i0 + 1],
  * x[i0 + 3], ... (floor(L / 2)) at xs[i0 ..]. A permutation within each step; xs has n bytes. */
 void ds_i4_split(const int8_t *x, size_t n, size_t block, int8_t *xs);
+/* x (n floats) in dot4xn_bf16's layout: within every whole 32-column step the 16 even columns,
+ * then the 16 odd ones; a tail of fewer than 32 in order. */
+void ds_bf16_split(const float *x, size_t n, float *xs);
 
 /* Dynamic per-token activation quantization for W8A8/W4A8 (SGLang's per_token_quant_int8):
  * scale = max|x| / 127 (1 when x is all zeros), q[i] = round-half-even(x[i] / scale), which

@@ -283,14 +283,43 @@ static void dot4_fp8_avx2(const float *x, const uint8_t *const w[4], const float
         }                                                                                          \
     } while (0)
 
-static void dot4x2_bf16_avx2(const float *x0, const float *x1, const uint16_t *const w[4], size_t n,
-                             float out[8]) {
-    __m256 a[4], c[4];
-    for (int r = 0; r < 4; r++) a[r] = c[r] = _mm256_setzero_ps();
-    DOT4X2_BODY(ld_bf16x8, ld_bf16_tail, x0, x1, w, n);
-    for (int r = 0; r < 4; r++) {
-        out[r] = hsum256(a[r]);
-        out[4 + r] = hsum256(c[r]);
+/* The 16 lanes of kernels.h's order as two registers per row, lo (lanes 0..7) and hi (8..15):
+ * their sum is the first step of that order, hsum256 the rest. One token at a time (16 registers
+ * hold no more), the four rows' words re-read from L1 for the next. */
+static void dot4xn_bf16_avx2(const float *const x[4], int nx, const uint16_t *const w[4], size_t n,
+                             const char *pf, size_t n_pf, float out[16]) {
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+    const size_t steps = n / 32, per = steps ? (n_pf + steps - 1) / steps : 0;
+    for (int t = 0; t < nx; t++) {
+        __m256 lo[4], hi[4];
+        for (int r = 0; r < 4; r++) lo[r] = hi[r] = _mm256_setzero_ps();
+        size_t i = 0;
+        for (; i + 32 <= n; i += 32) {
+            for (size_t q = 0; q < per && n_pf; q++, n_pf--, pf += 64) __builtin_prefetch(pf);
+            const __m256 xel = _mm256_loadu_ps(x[t] + i), xeh = _mm256_loadu_ps(x[t] + i + 8),
+                         xol = _mm256_loadu_ps(x[t] + i + 16), xoh = _mm256_loadu_ps(x[t] + i + 24);
+            for (int r = 0; r < 4; r++) {
+                const __m256i v0 = _mm256_loadu_si256((const __m256i *)(w[r] + i)),
+                              v1 = _mm256_loadu_si256((const __m256i *)(w[r] + i + 16));
+                lo[r] = _mm256_fmadd_ps(xel, _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)), lo[r]);
+                lo[r] =
+                    _mm256_fmadd_ps(xol, _mm256_castsi256_ps(_mm256_and_si256(v0, high)), lo[r]);
+                hi[r] = _mm256_fmadd_ps(xeh, _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)), hi[r]);
+                hi[r] =
+                    _mm256_fmadd_ps(xoh, _mm256_castsi256_ps(_mm256_and_si256(v1, high)), hi[r]);
+            }
+        }
+        for (; n_pf; n_pf--, pf += 64) __builtin_prefetch(pf);
+        for (; i < n; i += 16) {
+            const size_t rl = n - i < 8 ? n - i : 8, rh = n - i < 16 ? n - i - rl : 8;
+            const __m256 xl = _mm256_maskload_ps(x[t] + i, tail_mask(rl)),
+                         xh = _mm256_maskload_ps(x[t] + i + 8, tail_mask(rh));
+            for (int r = 0; r < 4; r++) {
+                lo[r] = _mm256_fmadd_ps(xl, ld_bf16_tail(w[r] + i, rl), lo[r]);
+                hi[r] = _mm256_fmadd_ps(xh, ld_bf16_tail(w[r] + i + 8, rh), hi[r]);
+            }
+        }
+        for (int r = 0; r < 4; r++) out[4 * t + r] = hsum256(_mm256_add_ps(lo[r], hi[r]));
     }
 }
 
@@ -474,7 +503,7 @@ static const ds_kernels avx2_table = {
     .dot4_bf16 = dot4_bf16_avx2,
     .dot4_f16 = dot4_f16_avx2,
     .dot4_fp8 = dot4_fp8_avx2,
-    .dot4x2_bf16 = dot4x2_bf16_avx2,
+    .dot4xn_bf16 = dot4xn_bf16_avx2,
     .dot4x2_f16 = dot4x2_f16_avx2,
     .dot4x2_fp8 = dot4x2_fp8_avx2,
     .dot4_i8 = dot4_i8_avx2,

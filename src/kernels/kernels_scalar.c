@@ -158,9 +158,33 @@ static void dot4x2_fp8_block(const float *x0, const float *x1, const uint8_t *co
     DOT4X2_DECODED(LD_E4M3);
 }
 
-static void dot4x2_bf16_scalar(const float *x0, const float *x1, const uint16_t *const w[4],
-                               size_t n, float out[8]) {
-    DOT4X2_DECODED(LD_BF16);
+/* The 16-lane order every table follows (see kernels.h). */
+static float lanes_sum16(const float l[16]) {
+    float s8[8], s4[4];
+    for (int i = 0; i < 8; i++) s8[i] = l[i] + l[i + 8];
+    for (int i = 0; i < 4; i++) s4[i] = s8[i] + s8[i + 4];
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+static void dot4xn_bf16_scalar(const float *const x[4], int nx, const uint16_t *const w[4],
+                               size_t n, const char *pf, size_t n_pf, float out[16]) {
+    (void)pf; /* the scalar table does not prefetch */
+    (void)n_pf;
+    for (int t = 0; t < nx; t++)
+        for (int r = 0; r < 4; r++) {
+            float l[16] = {0};
+            size_t i = 0;
+            for (; i + 32 <= n; i += 32)
+                for (size_t j = 0; j < 16; j++) {
+                    l[j] = fmaf(ld_f32(x[t], i + j), LD_BF16(w[r], i + 2 * j), l[j]);
+                    l[j] = fmaf(ld_f32(x[t], i + 16 + j), LD_BF16(w[r], i + 2 * j + 1), l[j]);
+                }
+            for (; i < n; i += 16)
+                for (size_t j = 0; j < 16; j++)
+                    l[j] = i + j < n ? fmaf(ld_f32(x[t], i + j), LD_BF16(w[r], i + j), l[j])
+                                     : fmaf(0.0f, 0.0f, l[j]);
+            out[4 * t + r] = lanes_sum16(l);
+        }
 }
 
 static void dot4x2_f16_scalar(const float *x0, const float *x1, const uint16_t *const w[4],
@@ -364,7 +388,7 @@ static const ds_kernels scalar_table = {
     .dot4_bf16 = dot4_bf16_scalar,
     .dot4_f16 = dot4_f16_scalar,
     .dot4_fp8 = dot4_fp8_scalar,
-    .dot4x2_bf16 = dot4x2_bf16_scalar,
+    .dot4xn_bf16 = dot4xn_bf16_scalar,
     .dot4x2_f16 = dot4x2_f16_scalar,
     .dot4x2_fp8 = dot4x2_fp8_scalar,
     .dot4_i8 = dot4_i8_scalar,

@@ -188,6 +188,7 @@ typedef struct {
     const int8_t *xs;     /* dot4 int4: [n_tok, ldq] q in the split layout (ds_i4_split) */
     size_t n_pieces;      /* dot4 int4: kernel blocks per row (i8_plan), each with its xoff */
     const ds_kernels *k8; /* DS_I8: the table whose dot4_i8 runs (k, or scalar for a -128) */
+    const float *xb;      /* DS_BF16 fused: x in ds_bf16_split's layout, [n_tok, cols] */
 } matmul_ctx;
 
 /* Columns per tile. 4 x MM_TILE f32 is 8 KiB of scratch, well inside L1D with the tile of x. A
@@ -285,7 +286,7 @@ static int fused_native(const ds_kernels *k, ds_dtype t) {
     if (strcmp(k->name, s->name) == 0) return 1;
     switch (t) {
     case DS_BF16:
-        return k->dot4_bf16 != s->dot4_bf16 && k->dot4x2_bf16 != s->dot4x2_bf16;
+        return k->dot4xn_bf16 != s->dot4xn_bf16;
     case DS_F16:
         return k->dot4_f16 != s->dot4_f16 && k->dot4x2_f16 != s->dot4x2_f16;
     case DS_F8_E4M3:
@@ -295,8 +296,9 @@ static int fused_native(const ds_kernels *k, ds_dtype t) {
     }
 }
 
-/* One fused call: the partial sums of columns [c0, c0 + nc) of the four rows wp (stored bytes,
- * already offset to c0) for tokens t (and t + 1 when pair), into out[0..3] (and out[4..7]). */
+/* One fused call of F16 / FP8: the partial sums of columns [c0, c0 + nc) of the four rows wp
+ * (stored bytes, already offset to c0) for tokens t (and t + 1 when pair), into out[0..3] (and
+ * out[4..7]). */
 static void fused_call(const ds_kernels *k, ds_dtype dt, const float *x0, const float *x1,
                        const unsigned char *const wp[4], const float *const sp[4], size_t nc,
                        size_t bc, float out[8]) {
@@ -307,12 +309,6 @@ static void fused_call(const ds_kernels *k, ds_dtype dt, const float *x0, const 
         w8[j] = wp[j];
     }
     switch (dt) {
-    case DS_BF16:
-        if (x1)
-            k->dot4x2_bf16(x0, x1, w16, nc, out);
-        else
-            k->dot4_bf16(x0, w16, nc, out);
-        break;
     case DS_F16:
         if (x1)
             k->dot4x2_f16(x0, x1, w16, nc, out);
@@ -357,7 +353,7 @@ static void matmul_fused_thread(void *arg, int thread, int n_threads) {
             size_t target = (r0 * cols + 4 * (c0 + nc)) * esz + MM_FUSED_PF_AHEAD;
             if (target > end) target = end;
             if (target < pf) target = pf;
-            const size_t pairs = (n_tok + 1) / 2, pf0 = pf;
+            const size_t pf0 = pf;
             const unsigned char *wp[4];
             const float *sp[4] = {NULL, NULL, NULL, NULL};
             for (size_t j = 0; j < 4; j++) {
@@ -367,15 +363,28 @@ static void matmul_fused_thread(void *arg, int thread, int n_threads) {
                             (((size_t)w->row0 + rr[j]) / (size_t)w->block_rows) * n_col_blocks +
                             c0 / bc;
             }
-            /* tokens in pairs (each weight decoded once per pair), an odd one alone */
-            for (size_t t = 0; t < n_tok; t += 2) {
-                size_t nt = n_tok - t < 2 ? 1 : 2;
-                const float *x0 = c->x + t * cols + c0, *x1 = nt == 2 ? x0 + cols : NULL;
-                float out[8];
-                /* this pair's share of the prefetches: a burst of them stalls on the miss queue */
-                size_t pt = pf0 + (target - pf0) * (t / 2 + 1) / pairs;
-                for (; pf < pt; pf += 64) __builtin_prefetch((const char *)w->data + pf);
-                fused_call(k, w->dtype, x0, x1, wp, sp, nc, bc, out);
+            /* each weight decoded once per group of tokens: BF16 fours (then a pair, a single),
+             * the others pairs; each group issues its tokens' share of the prefetches (a burst
+             * of them all stalls on the miss queue), BF16's kernel spread over its steps */
+            for (size_t t = 0, nt; t < n_tok; t += nt) {
+                const size_t left = n_tok - t;
+                nt = left >= 4 && c->xb ? 4 : left >= 2 ? 2 : 1;
+                const size_t pt = pf0 + (target - pf0) * (t + nt) / n_tok;
+                const size_t n_pf = pt > pf ? (pt - pf + 63) / 64 : 0;
+                const char *pfp = (const char *)w->data + pf;
+                pf += 64 * n_pf;
+                float out[16];
+                if (c->xb) {
+                    const float *xs[4] = {NULL, NULL, NULL, NULL};
+                    const uint16_t *w16[4];
+                    for (size_t u = 0; u < nt; u++) xs[u] = c->xb + (t + u) * cols + c0;
+                    for (size_t j = 0; j < 4; j++) w16[j] = (const uint16_t *)(const void *)wp[j];
+                    k->dot4xn_bf16(xs, (int)nt, w16, nc, pfp, n_pf, out);
+                } else {
+                    for (size_t l = 0; l < n_pf; l++) __builtin_prefetch(pfp + 64 * l);
+                    const float *x0 = c->x + t * cols + c0, *x1 = nt == 2 ? x0 + cols : NULL;
+                    fused_call(k, w->dtype, x0, x1, wp, sp, nc, bc, out);
+                }
                 for (size_t u = 0; u < nt; u++) {
                     float *yt = c->y + (t + u) * rows + r0;
                     for (size_t j = 0; j < nr; j++)
@@ -894,14 +903,15 @@ typedef struct {
     int8_t *q, *xs;
     float *sx;
     int32_t *xoff;
+    float *xb;
 } mm_job_state;
 
 /* Picks job j's path and, for DS_I8, what its per-token preparation makes (prep_ctx). */
 static void job_setup(const ds_mm_job *j, mm_job_state *st) {
     const ds_mat *w = j->w;
     memset(st, 0, sizeof *st);
-    st->c =
-        (matmul_ctx){ds_kernels_get(), w, j->y, j->x, j->n_tok, NULL, 0, NULL, NULL, NULL, 0, NULL};
+    st->c = (matmul_ctx){
+        ds_kernels_get(), w, j->y, j->x, j->n_tok, NULL, 0, NULL, NULL, NULL, 0, NULL, NULL};
     st->pc.c = &st->c;
     if (w->dtype != DS_I8) {
         /* few tokens: stream the stored weights through the fused kernels; more: tiles of f32 */
@@ -984,6 +994,24 @@ void ds_matmul_jobs(ds_pool *pool, const ds_mm_job *jobs, int n_jobs) {
             continue;
         }
         job_setup(j, &st[i]);
+        if (j->w->dtype == DS_BF16 && st[i].fn == matmul_fused_thread) {
+            /* x split once per call, shared with an earlier job of the same x (gate and up) */
+            int k = i - 1;
+            while (k >= 0 && jobs[k].x == j->x &&
+                   !(st[k].c.xb && jobs[k].n_tok == j->n_tok && jobs[k].w->cols == j->w->cols))
+                k--;
+            if (k >= 0 && jobs[k].x == j->x) {
+                st[i].c.xb = st[k].c.xb;
+                continue;
+            }
+            const size_t cols = (size_t)j->w->cols;
+            st[i].xb = malloc((size_t)j->n_tok * cols * sizeof(float));
+            DS_ASSERT(st[i].xb);
+            for (int64_t t = 0; t < j->n_tok; t++)
+                ds_bf16_split(j->x + (size_t)t * cols, cols, st[i].xb + (size_t)t * cols);
+            st[i].c.xb = st[i].xb;
+            continue;
+        }
         if (j->w->dtype != DS_I8) continue;
         /* an earlier job of the same x that prepares the same serves this one too; jobs of one
          * x come together (gate, up), so the search stops at the first other x */
@@ -1031,6 +1059,7 @@ void ds_matmul_jobs(ds_pool *pool, const ds_mm_job *jobs, int n_jobs) {
         free(st[i].sx);
         free(st[i].xoff);
         free(st[i].xs);
+        free(st[i].xb);
     }
     free(st);
     free(u);

@@ -137,6 +137,16 @@ double ds_measure_read_bandwidth(ds_pool *pool, size_t bytes) {
     return best > 0 ? (double)(n * sizeof(float)) / best : 0.0;
 }
 
+void ds_bf16_split(const float *x, size_t n, float *xs) {
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        for (size_t l = 0; l < 16; l++) {
+            xs[i + l] = x[i + 2 * l];
+            xs[i + 16 + l] = x[i + 2 * l + 1];
+        }
+    memcpy(xs + i, x + i, (n - i) * sizeof *x);
+}
+
 void ds_i4_split(const int8_t *x, size_t n, size_t block, int8_t *xs) {
     DS_ASSERT(block > 0);
     for (size_t c0 = 0; c0 < n; c0 += block) {

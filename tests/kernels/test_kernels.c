@@ -283,8 +283,9 @@ static void test_dot(const ds_kernels *k) {
     free(buf);
 }
 
-/* The fused decode + dot kernels (dot4_<dtype>, dot4x2_<dtype>) against a double-precision dot
- * with the decoded weights and against scalar, on odd lengths. Every row and x lives in its own
+/* The fused decode + dot kernels (dot4_<dtype>, dot4x2_<dtype>; BF16 has no dot4x2, see
+ * test_dot4xn_bf16) against a double-precision dot with the decoded weights and against scalar,
+ * on odd lengths. Every row and x lives in its own
  * allocation of exactly the bytes it needs, at an offset off any SIMD boundary, so a read past
  * the end is caught by ASan and an alignment assumption by a fault. FP8 runs several block
  * widths with a different scale per block and row, and rows that sit in different row-blocks. */
@@ -364,20 +365,21 @@ static void test_fused(const ds_kernels *k) {
                     s->dot4_fp8(x[1], w8, sc, n, block, want1 + 4);
                 } else {
                     const uint16_t *const w16[4] = {f.w[0], f.w[1], f.w[2], f.w[3]};
-                    void (*kx2)(const float *, const float *, const uint16_t *const[4], size_t,
-                                float[8]) = kind == 0 ? k->dot4x2_bf16 : k->dot4x2_f16;
-                    void (*sx2)(const float *, const float *, const uint16_t *const[4], size_t,
-                                float[8]) = kind == 0 ? s->dot4x2_bf16 : s->dot4x2_f16;
                     void (*k1)(const float *, const uint16_t *const[4], size_t, float[4]) =
                         kind == 0 ? k->dot4_bf16 : k->dot4_f16;
                     void (*s1)(const float *, const uint16_t *const[4], size_t, float[4]) =
                         kind == 0 ? s->dot4_bf16 : s->dot4_f16;
-                    kx2(x[0], x[1], w16, n, got);
-                    sx2(x[0], x[1], w16, n, want);
                     k1(x[0], w16, n, got1);
                     k1(x[1], w16, n, got1 + 4);
                     s1(x[0], w16, n, want1);
                     s1(x[1], w16, n, want1 + 4);
+                    if (kind == 1) {
+                        k->dot4x2_f16(x[0], x[1], w16, n, got);
+                        s->dot4x2_f16(x[0], x[1], w16, n, want);
+                    } else { /* no pair kernel: the pair checks below see the single one */
+                        memcpy(got, got1, sizeof got);
+                        memcpy(want, want1, sizeof want);
+                    }
                 }
                 int bad = 0;
                 double worst = 0;
@@ -1054,6 +1056,73 @@ static void test_exp(const ds_kernels *k) {
           fabs(e[9] - exp(-87.0)) <= 2.1e-7 * exp(-87.0));
 }
 
+/* dot4xn_bf16 on odd lengths, rows and x in allocations of exactly their bytes at an offset
+ * off any SIMD boundary (ASan catches a read past the end): bit-exact against scalar, every nx
+ * giving each token the same floats as nx = 4, and scalar against a double-precision dot. The
+ * prefetch range (the rows themselves) must change nothing. */
+static void test_dot4xn_bf16(const ds_kernels *k) {
+    const ds_kernels *s = ds_kernels_scalar();
+    for (size_t si = 0; si < N_SIZES; si++) {
+        const size_t n = sizes[si];
+        fused_rows f;
+        fused_rows_make(&f, n, 2, 0);
+        const uint16_t *const w16[4] = {f.w[0], f.w[1], f.w[2], f.w[3]};
+        float *xraw[4], *sraw[4], x[4][4097];
+        const float *xs[4];
+        for (int t = 0; t < 4; t++) {
+            xraw[t] = malloc(n * sizeof(float));
+            sraw[t] = malloc((n + 1) * sizeof(float));
+            fill(xraw[t], n);
+            memcpy(x[t], xraw[t], n * sizeof(float));
+            ds_bf16_split(xraw[t], n, sraw[t] + 1);
+            xs[t] = sraw[t] + 1;
+        }
+        float got[3][16], want[16];
+        s->dot4xn_bf16(xs, 4, w16, n, NULL, 0, want);
+        k->dot4xn_bf16(xs, 4, w16, n, (const char *)f.w[0], (2 * n + 63) / 64, got[0]);
+        k->dot4xn_bf16(xs, 2, w16, n, NULL, 0, got[1]);
+        k->dot4xn_bf16(xs + 2, 2, w16, n, NULL, 0, got[1] + 8);
+        for (int t = 0; t < 4; t++) k->dot4xn_bf16(xs + t, 1, w16, n, NULL, 0, got[2] + 4 * t);
+        int bad = 0;
+        double worst = 0;
+        for (int o = 0; o < 16; o++) {
+            const int t = o / 4, r = o % 4;
+            for (int v = 0; v < 3; v++) bad += fbits(got[v][o]) != fbits(want[o]);
+            double ref = 0, sabs = 0;
+            for (size_t i = 0; i < n; i++) {
+                double pr = (double)x[t][i] * fused_elem(&f, 0, r, i);
+                ref += pr;
+                sabs += fabs(pr);
+            }
+            double e = fabs(want[o] - ref) / (sabs > 0 ? sabs : 1);
+            worst = e > worst ? e : worst;
+            bad += !(e <= DOT_RTOL);
+        }
+        CHECK_MSG(bad == 0, "%s dot4xn_bf16 n=%zu: %d wrong (worst rel err %.3g)", k->name, n, bad,
+                  worst);
+        for (int t = 0; t < 4; t++) {
+            free(xraw[t]);
+            free(sraw[t]);
+        }
+        fused_rows_free(&f);
+    }
+}
+
+/* ds_bf16_split: two whole 32-column steps (even columns, then odd), then a tail in order. */
+static void test_bf16_split(void) {
+    float x[70], xs[70];
+    for (int i = 0; i < 70; i++) x[i] = (float)i;
+    ds_bf16_split(x, 70, xs);
+    int bad = 0;
+    for (int s0 = 0; s0 < 64; s0 += 32)
+        for (int l = 0; l < 16; l++)
+            bad += xs[s0 + l] != (float)(s0 + 2 * l) || xs[s0 + 16 + l] != (float)(s0 + 2 * l + 1);
+    for (int i = 64; i < 70; i++) bad += xs[i] != (float)i;
+    ds_bf16_split(x, 31, xs);
+    for (int i = 0; i < 31; i++) bad += xs[i] != (float)i;
+    CHECK(bad == 0);
+}
+
 /* ds_i4_split against hand-made layouts: one partial step; blocks of 4 with a short last one;
  * and a full 128-column step followed by a partial one inside one block. */
 static void test_i4_split(void) {
@@ -1506,11 +1575,12 @@ int main(void) {
         CHECK(strcmp(k->name, isas[i]) == 0);
         CHECK(k->bf16_to_f32 && k->f16_to_f32 && k->fp8_to_f32 && k->dot_f32 && k->dot4_f32 &&
               k->axpy_f32);
-        CHECK(k->dot4_bf16 && k->dot4_f16 && k->dot4_fp8 && k->dot4x2_bf16 && k->dot4x2_f16 &&
+        CHECK(k->dot4_bf16 && k->dot4_f16 && k->dot4_fp8 && k->dot4xn_bf16 && k->dot4x2_f16 &&
               k->dot4x2_fp8);
         test_conversions(k);
         test_dot(k);
         test_fused(k);
+        test_dot4xn_bf16(k);
         CHECK(k->argmax_f32 && k->swiglu_f32 && k->exp_f32 && k->dot4_i8 && k->dot4_i4 &&
               k->pack16_i8 && k->pack16_i4 && k->gemm16x8_i8 && k->pack16_f32 && k->pack16_bf16 &&
               k->gemm16x8_f32 && k->gemm16x8_f32_rows);
@@ -1522,7 +1592,8 @@ int main(void) {
         test_exp(k);
         test_gemm(k);
         test_fgemm(k);
-        printf("table %s: conversions, dot, dot4, axpy, fused dot4 / dot4x2, dot4_i8 / dot4_i4, "
+        printf("table %s: conversions, dot, dot4, axpy, fused dot4 / dot4x2 / dot4xn, dot4_i8 / "
+               "dot4_i4, "
                "argmax, swiglu, int8 and f32 pack16 / gemm16x8 checked\n",
                k->name);
     }
@@ -1536,6 +1607,7 @@ int main(void) {
     test_quantize_i8();
     test_quantize_static();
     test_i4_split();
+    test_bf16_split();
     test_row_ops();
 
     ds_pool *p2 = ds_pool_open(2);
