@@ -12,7 +12,8 @@
  * Fused path (BF16 / F16 up to 32 tokens, FP8 up to 16; the float GEMM path further down takes
  * over beyond, and F32 beyond 8 tokens). The dot kernels read the stored
  * dtype and widen it in registers (dot4_<dtype>, and dot4x2_<dtype> for two tokens against the
- * same rows, so a weight is decoded once per token pair). Nothing is written: the earlier
+ * same rows, so a weight is decoded once per token pair; BF16 runs dot4xn_bf16, four tokens a
+ * call, see "BF16" below). Nothing is written: the earlier
  * convert-to-scratch-then-dot4 did a store and a reload per weight, and `perf` on the decode of a
  * BF16 model showed 52% of the time in the conversion and ~30% of the read bandwidth reached.
  * The rows are cut into chunks of MM_FUSED_CHUNK (1024) columns, and software prefetches run a
@@ -49,10 +50,23 @@
  * FMA per row per block. Mathematically the same product; the roundings differ by f32 round-off
  * (~1e-7 relative), well inside what the golden tests allow. Chunks hold whole blocks.
  *
+ * BF16. dot4xn_bf16 reads a pair of BF16 columns as one 32-bit word: shifted left 16 it is the
+ * even column's f32, masked to its high half the odd one's, two bit operations per 32 columns
+ * where a widening load costs a shuffle per 16. x is laid out to match once per call
+ * (ds_bf16_split: even columns of each 32-column step, then odd). Four tokens a call share each
+ * decoded weight (16 accumulators), and the call issues its share of the stream's prefetches
+ * between its steps: issued in one burst before the call they stalled the core on the full miss
+ * queue, so the weight stream stopped while the arithmetic ran. Measured on 129280 x 1024 (the
+ * medium model's lm_head), 2 threads, alone, against dot4 / dot4x2 with the burst: 1 token
+ * 8.1 -> 7.4 ms, 4 tokens 10.3 -> 6.5, 8 tokens 14.6 -> 10.2, 32 tokens 30.7 -> 27.6; 18432 x
+ * 7168 at 8 tokens 16.9 -> 13.8 ms. Every token's sums are the same floats whatever the other
+ * tokens of the call (kernels.h), so a BF16 matrix's output for a token does not depend on the
+ * batch up to the fused limit.
+ *
  * Rows are computed identically whatever the thread count (the split is by whole 4-row blocks
  * and the tile / chunk order is fixed), so results do not depend on the pool size; they do
- * depend on n_tok (path, and pairing in the fused path), by round-off. No state outlives a call
- * and the scratch is on each thread's stack, so any number of pools (models) may run matmuls
+ * depend on n_tok (path, and pairing in the F16 / FP8 fused path), by round-off. No state outlives
+ * a call and the scratch is on each thread's stack, so any number of pools (models) may run matmuls
  * concurrently. */
 #include "kernels/kernels_isa.h"
 
@@ -188,7 +202,8 @@ typedef struct {
     const int8_t *xs;     /* dot4 int4: [n_tok, ldq] q in the split layout (ds_i4_split) */
     size_t n_pieces;      /* dot4 int4: kernel blocks per row (i8_plan), each with its xoff */
     const ds_kernels *k8; /* DS_I8: the table whose dot4_i8 runs (k, or scalar for a -128) */
-    const float *xb;      /* DS_BF16 fused: x in ds_bf16_split's layout, [n_tok, cols] */
+    const float *xb;      /* DS_BF16 fused: x in ds_bf16_split's layout, [n_tok, ldb] */
+    size_t ldb;           /* cols rounded up to 16: every row of xb starts on a cache line */
 } matmul_ctx;
 
 /* Columns per tile. 4 x MM_TILE f32 is 8 KiB of scratch, well inside L1D with the tile of x. A
@@ -263,7 +278,7 @@ static void matmul_thread(void *arg, int thread, int n_threads) {
  * at 6 and 8, even at 16; the fused kernels' own limits are MM_FUSED_MAX_TOK_16 / _FP8.) */
 #define MM_FUSED_MAX_TOK 8
 /* Columns per fused call (rounded to a whole number of FP8 blocks): 4 rows x 1024 BF16 is 8 KiB,
- * so for n_tok > 2 the later token pairs re-read the weights from L1; the tile of each x[t]
+ * so the later token groups re-read the weights from L1; the tile of each x[t]
  * (4 KiB) stays in L1 as well. 512 / 2048 / whole rows measured no better at n_tok = 1, and FP8
  * with one call per 128-column block was ~25% slower (per-call and reduction overhead). */
 #define MM_FUSED_CHUNK 1024
@@ -272,10 +287,11 @@ static void matmul_thread(void *arg, int thread, int n_threads) {
  * boundaries. Measured against prefetching "the next chunk" (2 threads): equal on 4096- and
  * 7168-column matrices, ~20% faster on 1024-column ones (129280 x 1024, the medium test model's
  * lm_head), where the next block is only 8 KiB ahead. 16..64 KiB were alike; 8 KiB was worse.
- * With several tokens the prefetches of a chunk are issued a share before each token pair (each
- * token in the integer path), not in one burst: a burst of 128 stalled on the full miss queue,
- * and the weight stream stopped overlapping the arithmetic. BF16 129280 x 1024, 8 tokens, 2
- * threads: 13.6 - 13.9 -> 9.9 - 11.6 ms alone, 14.0 -> 10.0 ms as the medium model's lm_head. */
+ * With several tokens the prefetches of a chunk are issued a share with each token group (BF16:
+ * spread over its kernel's steps; each token in the integer path), not in one burst: a burst of 128
+ * stalled on the full miss queue, and the weight stream stopped overlapping the arithmetic. BF16
+ * 129280 x 1024, 8 tokens, 2 threads: 13.6 - 13.9 -> 9.9 - 11.6 ms alone, 14.0 -> 10.0 ms as the
+ * medium model's lm_head. */
 #define MM_FUSED_PF_AHEAD (32 * 1024)
 
 /* Whether table k has its own fused kernels for this dtype. The scalar fallbacks that complete a
@@ -377,7 +393,7 @@ static void matmul_fused_thread(void *arg, int thread, int n_threads) {
                 if (c->xb) {
                     const float *xs[4] = {NULL, NULL, NULL, NULL};
                     const uint16_t *w16[4];
-                    for (size_t u = 0; u < nt; u++) xs[u] = c->xb + (t + u) * cols + c0;
+                    for (size_t u = 0; u < nt; u++) xs[u] = c->xb + (t + u) * c->ldb + c0;
                     for (size_t j = 0; j < 4; j++) w16[j] = (const uint16_t *)(const void *)wp[j];
                     k->dot4xn_bf16(xs, (int)nt, w16, nc, pfp, n_pf, out);
                 } else {
@@ -911,7 +927,7 @@ static void job_setup(const ds_mm_job *j, mm_job_state *st) {
     const ds_mat *w = j->w;
     memset(st, 0, sizeof *st);
     st->c = (matmul_ctx){
-        ds_kernels_get(), w, j->y, j->x, j->n_tok, NULL, 0, NULL, NULL, NULL, 0, NULL, NULL};
+        ds_kernels_get(), w, j->y, j->x, j->n_tok, NULL, 0, NULL, NULL, NULL, 0, NULL, NULL, 0};
     st->pc.c = &st->c;
     if (w->dtype != DS_I8) {
         /* few tokens: stream the stored weights through the fused kernels; more: tiles of f32 */
@@ -1002,14 +1018,17 @@ void ds_matmul_jobs(ds_pool *pool, const ds_mm_job *jobs, int n_jobs) {
                 k--;
             if (k >= 0 && jobs[k].x == j->x) {
                 st[i].c.xb = st[k].c.xb;
+                st[i].c.ldb = st[k].c.ldb;
                 continue;
             }
-            const size_t cols = (size_t)j->w->cols;
-            st[i].xb = malloc((size_t)j->n_tok * cols * sizeof(float));
+            /* aligned: x vectors split across two cache lines measured 25% slower in L1 */
+            const size_t cols = (size_t)j->w->cols, ldb = (cols + 15) / 16 * 16;
+            st[i].xb = aligned_alloc(64, (size_t)j->n_tok * ldb * sizeof(float));
             DS_ASSERT(st[i].xb);
             for (int64_t t = 0; t < j->n_tok; t++)
-                ds_bf16_split(j->x + (size_t)t * cols, cols, st[i].xb + (size_t)t * cols);
+                ds_bf16_split(j->x + (size_t)t * cols, cols, st[i].xb + (size_t)t * ldb);
             st[i].c.xb = st[i].xb;
+            st[i].c.ldb = ldb;
             continue;
         }
         if (j->w->dtype != DS_I8) continue;
