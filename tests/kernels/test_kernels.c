@@ -705,9 +705,9 @@ static void check_rows(const test_mat *t, const char *what) {
 
 static void check_matmul(const test_mat *t, ds_pool *p1, ds_pool *p3, const char *what) {
     int64_t rows = t->m.rows, cols = t->m.cols;
-    /* 1..5: the fused path for BF16 / F16 / FP8 (single tokens and pairs) and the tiled one for
-     * F32; 17: fused for BF16 / F16, the float GEMM for F32 / FP8; 33: the float GEMM for all
-     * (the tiled path on tables without it) */
+    /* 1..5: the fused path for BF16 / F16 / FP8 (single tokens, pairs, BF16 fours) and the tiled
+     * one for F32; 17: fused for BF16 / F16, the float GEMM for F32 / FP8; 33: the float GEMM for
+     * all (the tiled path on tables without it) */
     const int64_t toks[] = {1, 2, 3, 4, 5, 17, 33};
     for (size_t ti = 0; ti < sizeof toks / sizeof toks[0]; ti++) {
         int64_t nt = toks[ti];
@@ -739,6 +739,16 @@ static void check_matmul(const test_mat *t, ds_pool *p1, ds_pool *p3, const char
                   "%s n_tok=%lld: 1 and 3 threads disagree", what, (long long)nt);
         CHECK_MSG(y1[nt * rows] == 999.0f && y3[nt * rows] == 999.0f, "%s n_tok=%lld: wrote past y",
                   what, (long long)nt);
+        /* BF16 on the fused path (up to 32 tokens): each token's row is the one it gets alone */
+        if (t->m.dtype == DS_BF16 && nt <= 32) {
+            int differ = 0;
+            for (int64_t tk = 0; tk < nt; tk++) {
+                ds_matmul(p3, y3, x + tk * cols, 1, &t->m);
+                differ += memcmp(y3, y1 + tk * rows, (size_t)rows * sizeof(float)) != 0;
+            }
+            CHECK_MSG(differ == 0, "%s n_tok=%lld: %d tokens differ from their one-token rows",
+                      what, (long long)nt, differ);
+        }
         free(x);
         free(y1);
         free(y3);
