@@ -141,9 +141,18 @@ static void row_part(const ds_kernels *k, const ds_mat *w, int64_t r, int64_t c0
         break;
     }
     case DS_I8: { /* q * scale, rounded once in f32 (q is exact in f32), block by block */
+        const unsigned char *row = base + (size_t)r * row_bytes(w);
+        if (w->block_rows == 1 && w->block_cols >= w->cols && !w->int4 && !w->act_n) {
+            /* per output channel (W8A8): one scale, one call, without the general path's three
+             * 64-bit divisions: ds_mat_row_f32 of a 256-column row (the absorptions convert
+             * 32768 a step in the medium model) 32 -> 26 ns, one core in a loop */
+            float s;
+            memcpy(&s, w->scale + w->row0 + r, sizeof s);
+            k->i8_to_f32(dst, (const int8_t *)row + c0, (size_t)n, s);
+            break;
+        }
         int64_t n_col_blocks = (w->cols + w->block_cols - 1) / w->block_cols;
         const float *srow = w->scale + ((w->row0 + r) / w->block_rows) * n_col_blocks;
-        const unsigned char *row = base + (size_t)r * row_bytes(w);
         for (int64_t c = c0, end = c0 + n; c < end;) {
             int64_t cb = c / w->block_cols, seg_end = (cb + 1) * w->block_cols;
             if (seg_end > end) seg_end = end;
