@@ -9,10 +9,10 @@
  * Split. Each thread owns a contiguous range of rows (a contiguous slice of the mmap) and walks
  * it four rows at a time, so four FMA chains share each load of x. Two paths, chosen per call:
  *
- * Fused path (BF16 / F16 up to 32 tokens, FP8 up to 16; the float GEMM path further down takes
- * over beyond, and F32 beyond 8 tokens). The dot kernels read the stored
- * dtype and widen it in registers (dot4_<dtype>, and dot4x2_<dtype> for two tokens against the
- * same rows, so a weight is decoded once per token pair; BF16 runs dot4xn_bf16, four tokens a
+ * Fused path (BF16 / F16 up to 32 tokens, BF16 more on narrow matrices, FP8 up to 16; the float
+ * GEMM path further down takes over beyond, and F32 beyond 8 tokens). The dot kernels read the
+ * stored dtype and widen it in registers (dot4_<dtype>, and dot4x2_<dtype> for two tokens against
+ * the same rows, so a weight is decoded once per token pair; BF16 runs dot4xn_bf16, four tokens a
  * call, see "BF16" below). Nothing is written: the earlier
  * convert-to-scratch-then-dot4 did a store and a reload per weight, and `perf` on the decode of a
  * BF16 model showed 52% of the time in the conversion and ~30% of the read bandwidth reached.
@@ -61,7 +61,7 @@
  * 8.1 -> 7.4 ms, 4 tokens 10.3 -> 6.5, 8 tokens 14.6 -> 10.2, 32 tokens 30.7 -> 27.6; 18432 x
  * 7168 at 8 tokens 16.9 -> 13.8 ms. Every token's sums are the same floats whatever the other
  * tokens of the call (kernels.h), so a BF16 matrix's output for a token does not depend on the
- * batch up to the fused limit.
+ * batch up to the fused limit (MM_FUSED_MAX_TOK_16 tokens, more under MM_FUSED_BF16_X).
  *
  * Rows are computed identically whatever the thread count (the split is by whole 4-row blocks
  * and the tile / chunk order is fixed), so results do not depend on the pool size; they do
@@ -623,6 +623,12 @@ static void matmul_i8_thread(void *arg, int thread, int n_threads) {
  * 16 / 24 / 32 tokens 14.6 / 21.7 / 27.4 vs 14.8 / 18.7 / 23.3. */
 #define MM_FUSED_MAX_TOK_16 32
 #define MM_FUSED_MAX_TOK_FP8 16
+/* BF16 also beyond 32 tokens while every token's x, re-read for each 4-row block, stays in L2:
+ * n_tok x cols floats within 512 KiB. dot4xn_bf16 against the float GEMM, 2 threads, ms:
+ * 129280 x 1024 at 40 / 64 / 128 / 192 tokens 33.4 / 56.3 / 93.4 / 181 vs 42.3 / 63.1 / 102.9 /
+ * 178; 16384 x 2048 at 40 / 64 / 128 tokens 10.7 / 16.9 / 35.5 vs 12.4 / 18.7 / 32.6; 8192 x
+ * 7168 at 40 tokens 20.0 vs 19.3. */
+#define MM_FUSED_BF16_X (128 * 1024)
 
 static void matmul_fgemm_thread(void *arg, int thread, int n_threads) {
     const matmul_ctx *c = arg;
@@ -943,7 +949,9 @@ static void job_setup(const ds_mm_job *j, mm_job_state *st) {
         const int64_t fused_max =
             w->dtype == DS_F8_E4M3 ? MM_FUSED_MAX_TOK_FP8 : MM_FUSED_MAX_TOK_16;
         st->fn = matmul_thread;
-        if (w->dtype != DS_F32 && j->n_tok <= fused_max && fused_native(st->c.k, w->dtype))
+        const int fits =
+            j->n_tok <= fused_max || (w->dtype == DS_BF16 && j->n_tok * w->cols <= MM_FUSED_BF16_X);
+        if (w->dtype != DS_F32 && fits && fused_native(st->c.k, w->dtype))
             st->fn = matmul_fused_thread;
         else if (j->n_tok > MM_FUSED_MAX_TOK && ds_kernels_fgemm_native(st->c.k))
             st->fn = matmul_fgemm_thread;

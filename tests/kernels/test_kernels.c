@@ -707,7 +707,7 @@ static void check_matmul(const test_mat *t, ds_pool *p1, ds_pool *p3, const char
     int64_t rows = t->m.rows, cols = t->m.cols;
     /* 1..5: the fused path for BF16 / F16 / FP8 (single tokens, pairs, BF16 fours) and the tiled
      * one for F32; 17: fused for BF16 / F16, the float GEMM for F32 / FP8; 33: the float GEMM for
-     * all (the tiled path on tables without it) */
+     * all (the tiled path on tables without it) but BF16 of up to 3971 columns, still fused */
     const int64_t toks[] = {1, 2, 3, 4, 5, 17, 33};
     for (size_t ti = 0; ti < sizeof toks / sizeof toks[0]; ti++) {
         int64_t nt = toks[ti];
