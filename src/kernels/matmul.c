@@ -978,19 +978,33 @@ static void job_setup(const ds_mm_job *j, mm_job_state *st) {
     st->c.n_pieces = pc->np;
 }
 
-/* True when DS_I8 jobs a and b (set up) prepare identical activations: the same x and tokens,
- * quantized alike, with the same offsets beside them (a layer's gate and up, q_a and kv_a). */
+/* True when job a, set up and prepared, prepared the activations job b needs: the same x and
+ * tokens, split for dot4xn_bf16 (BF16) or quantized alike with the same offsets beside them
+ * (DS_I8): a layer's gate and up, q_a and kv_a. */
 static int same_prep(const ds_mm_job *a, const mm_job_state *sa, const ds_mm_job *b,
                      const mm_job_state *sb) {
     const ds_mat *wa = a->w, *wb = b->w;
     const i8_plan *pa = &sa->pc.pl, *pb = &sb->pc.pl;
-    return a->x == b->x && a->n_tok == b->n_tok && wa->cols == wb->cols && wa->act_n == wb->act_n &&
-           wa->act_scale == wb->act_scale && wa->act_zp == wb->act_zp &&
-           sa->pc.mode == sb->pc.mode &&
+    if (a->x != b->x || a->n_tok != b->n_tok || wa->cols != wb->cols) return 0;
+    if (sb->fn == matmul_fused_thread && wb->dtype == DS_BF16) return sa->c.xb != NULL;
+    return sa->q && wa->act_n == wb->act_n && wa->act_scale == wb->act_scale &&
+           wa->act_zp == wb->act_zp && sa->pc.mode == sb->pc.mode &&
            (sa->pc.mode != PREP_GEMM || (i8_block(wa) == i8_block(wb) && wa->int4 == wb->int4)) &&
            (sa->pc.mode != PREP_I4 ||
             (pa->bc == pb->bc && pa->seg == pb->seg && pa->kblock == pb->kblock &&
              pa->big == pb->big && pa->decode == pb->decode));
+}
+
+/* Splits a BF16 fused job's x into its own buffer (owned by st), rows on cache lines: x vectors
+ * split across two lines measured 25% slower in L1. */
+static void split_bf16(const ds_mm_job *j, mm_job_state *st) {
+    const size_t cols = (size_t)j->w->cols, ldb = (cols + 15) / 16 * 16;
+    st->xb = aligned_alloc(64, (size_t)j->n_tok * ldb * sizeof(float));
+    DS_ASSERT(st->xb);
+    for (int64_t t = 0; t < j->n_tok; t++)
+        ds_bf16_split(j->x + (size_t)t * cols, cols, st->xb + (size_t)t * ldb);
+    st->c.xb = st->xb;
+    st->c.ldb = ldb;
 }
 
 /* Allocates a DS_I8 job's activation buffers (owned by st). */
@@ -1027,38 +1041,23 @@ void ds_matmul_jobs(ds_pool *pool, const ds_mm_job *jobs, int n_jobs) {
             continue;
         }
         job_setup(j, &st[i]);
-        if (j->w->dtype == DS_BF16 && st[i].fn == matmul_fused_thread) {
-            /* x split once per call, shared with an earlier job of the same x (gate and up) */
-            int k = i - 1;
-            while (k >= 0 && jobs[k].x == j->x &&
-                   !(st[k].c.xb && jobs[k].n_tok == j->n_tok && jobs[k].w->cols == j->w->cols))
-                k--;
-            if (k >= 0 && jobs[k].x == j->x) {
-                st[i].c.xb = st[k].c.xb;
-                st[i].c.ldb = st[k].c.ldb;
-                continue;
-            }
-            /* aligned: x vectors split across two cache lines measured 25% slower in L1 */
-            const size_t cols = (size_t)j->w->cols, ldb = (cols + 15) / 16 * 16;
-            st[i].xb = aligned_alloc(64, (size_t)j->n_tok * ldb * sizeof(float));
-            DS_ASSERT(st[i].xb);
-            for (int64_t t = 0; t < j->n_tok; t++)
-                ds_bf16_split(j->x + (size_t)t * cols, cols, st[i].xb + (size_t)t * ldb);
-            st[i].c.xb = st[i].xb;
-            st[i].c.ldb = ldb;
-            continue;
-        }
-        if (j->w->dtype != DS_I8) continue;
+        const int bf16 = j->w->dtype == DS_BF16 && st[i].fn == matmul_fused_thread;
+        if (!bf16 && j->w->dtype != DS_I8) continue;
         /* an earlier job of the same x that prepares the same serves this one too; jobs of one
          * x come together (gate, up), so the search stops at the first other x */
         int k = i - 1;
-        while (k >= 0 && jobs[k].x == j->x && !(st[k].q && same_prep(&jobs[k], &st[k], j, &st[i])))
-            k--;
+        while (k >= 0 && jobs[k].x == j->x && !same_prep(&jobs[k], &st[k], j, &st[i])) k--;
         if (k >= 0 && jobs[k].x == j->x) {
             st[i].c.q = st[k].q;
             st[i].c.sx = st[k].sx;
             st[i].c.xoff = st[k].xoff;
             st[i].c.xs = st[k].xs;
+            st[i].c.xb = st[k].c.xb;
+            st[i].c.ldb = st[k].c.ldb;
+            continue;
+        }
+        if (bf16) { /* on the calling thread: one copy of x */
+            split_bf16(j, &st[i]);
             continue;
         }
         job_alloc(&st[i]);
