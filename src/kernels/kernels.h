@@ -85,14 +85,20 @@ typedef struct ds_kernels {
      * once they stall on the miss queue while the arithmetic waits). */
     void (*dot4xn_bf16)(const float *const x[4], int nx, const uint16_t *const w[4], size_t n,
                         const char *pf, size_t n_pf, float out[16]);
-    /* Integer dots of W8A8 / W4A8, exact in int32: the columns are cut into blocks of `block`
-     * (> 0) starting at column 0, the last one partial, and for every block b and row r
-     *   out[4 * b + r] = sum_{i in block b} x[i] * w[r][i]
-     * (out holds 4 * ceil(n / block) int32). x is quantized activations: |x[i]| <= 127 (-128
-     * never appears; the AVX2 sign trick relies on it). Weights may be any int8, -128 included.
-     * Every table gives the same integers (the SIMD ones reorder an exact sum); the caller keeps
-     * block * 127 * 128 < 2^31 (block <= 131072). */
-    void (*dot4_i8)(const int8_t *x, const int8_t *const w[4], size_t n, size_t block,
+    /* Integer dots of W8A8, exact in int32, for nx (1 - 4) tokens against the same four rows:
+     * the columns are cut into blocks of `block` (> 0) starting at column 0, the last one
+     * partial, and for every block b, token t and row r
+     *   out[4 * (nx * b + t) + r] = sum_{i in block b} x[t][i] * w[r][i]
+     * (out holds 4 * nx * ceil(n / block) int32; at nx = 1, out[4 * b + r]). x is quantized
+     * activations: |x[i]| <= 127 (-128 never appears; the AVX2 sign trick relies on it).
+     * Weights may be any int8, -128 included. xoff[t][b] = 128 * sum_{i in block b} x[t][i],
+     * made once per token by the caller (the kernels that add w + 128 take it back out; int32
+     * arithmetic wraps). Every table gives the same integers (the SIMD ones reorder an exact
+     * sum); the caller keeps block * 127 * 128 < 2^31 (block <= 131072). Each weight is loaded
+     * once for all nx tokens. The kernel also prefetches the n_pf 64-byte lines from pf on, as
+     * dot4xn_bf16 does. */
+    void (*dot4_i8)(const int8_t *const x[4], const int32_t *const xoff[4], int nx,
+                    const int8_t *const w[4], size_t n, size_t block, const char *pf, size_t n_pf,
                     int32_t *out);
     /* 1 when this table's dot4_i8 needs x > -128 (AVX2's sign trick): a call whose static
      * activations (ds_mat.act_n) reach -128 then takes the scalar kernel. */

@@ -385,8 +385,9 @@ static inline __m256i i8_row(__m256i acc, __m256i xv, __m256i wv, __m256i ones16
     return _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones16));
 }
 
-static void dot4_i8_avx2(const int8_t *x, const int8_t *const w[4], size_t n, size_t block,
-                         int32_t *out) {
+/* One token; its sums of block b go to out[stride * b + r]. */
+static void dot4_i8_one_avx2(const int8_t *x, const int8_t *const w[4], size_t n, size_t block,
+                             int32_t *out, size_t stride) {
     const __m256i ones16 = _mm256_set1_epi16(1);
     for (size_t c0 = 0, b = 0; c0 < n; c0 += block, b++) {
         size_t end = c0 + (n - c0 < block ? n - c0 : block);
@@ -413,8 +414,17 @@ static void dot4_i8_avx2(const int8_t *x, const int8_t *const w[4], size_t n, si
             a2 = i8_row(a2, xv, _mm256_load_si256((const __m256i *)(const void *)bw[2]), ones16);
             a3 = i8_row(a3, xv, _mm256_load_si256((const __m256i *)(const void *)bw[3]), ones16);
         }
-        _mm_storeu_si128((__m128i *)(void *)(out + 4 * b), reduce4_epi32_avx2(a0, a1, a2, a3));
+        _mm_storeu_si128((__m128i *)(void *)(out + stride * b), reduce4_epi32_avx2(a0, a1, a2, a3));
     }
+}
+
+/* A token at a time: the weights come from L1 for the tokens after the first. */
+static void dot4_i8_avx2(const int8_t *const x[4], const int32_t *const xoff[4], int nx,
+                         const int8_t *const w[4], size_t n, size_t block, const char *pf,
+                         size_t n_pf, int32_t *out) {
+    (void)xoff; /* signed products need no offset */
+    for (; n_pf; n_pf--, pf += 64) __builtin_prefetch(pf);
+    for (int t = 0; t < nx; t++) dot4_i8_one_avx2(x[t], w, n, block, out + 4 * t, 4 * (size_t)nx);
 }
 
 /* 64 columns of x split into even and odd ones in the order of the 32 packed bytes holding

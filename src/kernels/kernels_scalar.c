@@ -210,15 +210,20 @@ static void axpy_f32_scalar(float *y, float a, const float *x, size_t n) {
 }
 
 /* Integer dots: plain int32 sums per block and row, the oracle of the SIMD reorderings. */
-static void dot4_i8_scalar(const int8_t *x, const int8_t *const w[4], size_t n, size_t block,
-                           int32_t *out) {
+static void dot4_i8_scalar(const int8_t *const x[4], const int32_t *const xoff[4], int nx,
+                           const int8_t *const w[4], size_t n, size_t block, const char *pf,
+                           size_t n_pf, int32_t *out) {
+    (void)xoff; /* signed products need no offset */
+    (void)pf;   /* the scalar table does not prefetch */
+    (void)n_pf;
     for (size_t c0 = 0, b = 0; c0 < n; c0 += block, b++) {
         size_t len = n - c0 < block ? n - c0 : block;
-        for (int r = 0; r < 4; r++) {
-            int32_t s = 0;
-            for (size_t i = c0; i < c0 + len; i++) s += (int32_t)x[i] * (int32_t)w[r][i];
-            out[4 * b + (size_t)r] = s;
-        }
+        for (int t = 0; t < nx; t++)
+            for (int r = 0; r < 4; r++) {
+                int32_t s = 0;
+                for (size_t i = c0; i < c0 + len; i++) s += (int32_t)x[t][i] * (int32_t)w[r][i];
+                out[4 * (nx * b + (size_t)t) + (size_t)r] = s;
+            }
     }
 }
 

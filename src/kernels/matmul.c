@@ -207,9 +207,9 @@ typedef struct {
     const int8_t *q;      /* DS_I8: [n_tok, ldq] the quantized activations, zero past cols */
     size_t ldq;           /* DS_I8: cols rounded up to 4 (the GEMM reads whole 4-column groups) */
     const float *sx;      /* DS_I8: [n_tok] their scales */
-    const int32_t *xoff;  /* GEMM: [n_tok, blocks]; dot4 int4: [n_tok, n_pieces] (see below) */
+    const int32_t *xoff;  /* GEMM: [n_tok, blocks]; dot4: [n_tok, n_pieces] (see below) */
     const int8_t *xs;     /* dot4 int4: [n_tok, ldq] q in the split layout (ds_i4_split) */
-    size_t n_pieces;      /* dot4 int4: kernel blocks per row (i8_plan), each with its xoff */
+    size_t n_pieces;      /* dot4: kernel blocks per row (i8_plan), each with its xoff */
     const ds_kernels *k8; /* DS_I8: the table whose dot4_i8 runs (k, or scalar for a -128) */
     const float *xb;      /* DS_BF16 fused: x in ds_bf16_split's layout, [n_tok, ldb] */
     size_t ldb;           /* cols rounded up to 16: every row of xb starts on a cache line */
@@ -424,20 +424,22 @@ static void matmul_fused_thread(void *arg, int thread, int n_threads) {
  *
  * ds_matmul quantizes every token's activations once per call (ds_quantize_row_i8, into a heap
  * scratch [n_tok, cols rounded up to 4] owned by the call), then each thread walks its rows four at
- * a time through dot4_i8 / dot4_i4, which return exact int32 sums per scale block. For int4 the
- * call also lays each token's activations out once in the split order the nibbles need
- * (ds_i4_split) with their block sums (the offset of the unsigned nibbles): done per row group
+ * a time through dot4_i8 (four tokens a call, each weight loaded once for them) / dot4_i4 (one
+ * token), which return exact int32 sums per scale block. The call also makes each token's block
+ * sums once (the offset of the unsigned weights, or of int4's unsigned nibbles) and, for int4,
+ * lays its activations out in the split order the nibbles need (ds_i4_split): done per row group
  * inside the kernel, that work cost about as much as the weights' own. The sums become f32 per
  * row as acc += scale(r, block) * (float)isum, blocks in column order, in four named
  * accumulators (an array here lived in memory, and its store-to-load chain per block cost more
- * than the int4 kernel), and s_x[t], common to every block, multiplies y once per row at the end.
+ * than the int4 kernel), and s_x[t], common to every block, multiplies y once per row at the end
+ * (at once when one kernel call covers the row).
  * Kernel calls cover MM_I8_CHUNK columns (whole blocks when blocks are smaller; a block larger
  * than a chunk, e.g. per-channel W8A8 whose one block is the whole row, is summed in int32 over
  * its chunks before the conversion), so the four weight rows of a chunk stay in L1 while every
  * token of the batch passes over them.
  *
- * This path runs below MM_GEMM_MIN_TOK tokens, and for any count on tables without GEMM kernels
- * or with blocks that are not whole 4-column groups (the GEMM path below covers the rest).
+ * This path runs below MM_GEMM_MIN_TOK_I8 / _I4 tokens, and for any count on tables without GEMM
+ * kernels or with blocks that are not whole 4-column groups (the GEMM path below covers the rest).
  * Decode (n_tok <= MM_FUSED_MAX_TOK): a tile is 4 rows; the weights stream once through the
  * thread's contiguous slice with software prefetch MM_FUSED_PF_AHEAD bytes ahead, as in the
  * fused path. Prefill (more tokens): a tile is MM_I8_TILE_ROWS rows x MM_I8_CHUNK columns
@@ -510,9 +512,13 @@ static void matmul_i8_thread(void *arg, int thread, int n_threads) {
     ds_split_range((rows + 3) / 4, thread, n_threads, &g_lo, &g_hi);
     if (g_lo >= g_hi) return;
     const size_t r_lo = 4 * g_lo, r_hi = 4 * g_hi < rows ? 4 * g_hi : rows;
-    for (size_t t = 0; t < n_tok; t++)
+    /* one kernel call per row: y is written once, already times the activation scale (as
+     * 0 + a, then times sx, would round); else the calls add into y, scaled at the end */
+    const int one_call = i8_call_cols(w, &pl, 0) == cols;
+    for (size_t t = 0; t < n_tok && !one_call; t++)
         memset(c->y + t * rows + r_lo, 0, (r_hi - r_lo) * sizeof(float));
-    int32_t *isum = malloc((seg / kblock + 1) * 4 * sizeof(int32_t)); /* [blocks of a call, 4] */
+    const size_t tx = w->int4 ? 1 : 4; /* tokens per kernel call */
+    int32_t *isum = malloc((seg / kblock + 1) * 4 * tx * sizeof(int32_t)); /* [blocks][tx][4] */
     int32_t *part = big ? calloc(n_tok * gpt * 4, sizeof(int32_t)) : NULL; /* [n_tok, tile rows] */
     DS_ASSERT(isum && (!big || part));
     const unsigned char *data = w->data;
@@ -536,59 +542,77 @@ static void matmul_i8_thread(void *arg, int thread, int n_threads) {
                 if (target > end) target = end;
                 if (target < pf0) target = pf0;
             }
-            size_t nb = (nc + kblock - 1) / kblock;
-            for (size_t t = 0; t < n_tok; t++) {
-                for (size_t pt = pf0 + (target - pf0) * (t + 1) / n_tok; pf < pt; pf += 64)
-                    __builtin_prefetch(data + pf);
-                const int8_t *xq = c->q + t * c->ldq + c0;
-                float *yt = c->y + t * rows;
-                for (size_t gi = 0; gi < gn; gi++) {
+            const size_t nb = (nc + kblock - 1) / kblock;
+            for (size_t t0 = 0; t0 < n_tok; t0 += tx) {
+                const size_t nx = n_tok - t0 < tx ? n_tok - t0 : tx;
+                /* this call's share of the prefetches, which the kernel issues */
+                const size_t pt = pf0 + (target - pf0) * (t0 + nx) / n_tok;
+                const char *pfp = (const char *)data + pf;
+                size_t n_pf = pt > pf ? (pt - pf + 63) / 64 : 0;
+                pf += 64 * n_pf;
+                for (size_t gi = 0; gi < gn; gi++, n_pf = 0) {
                     size_t r0 = 4 * (g0 + gi), nr = rows - r0 < 4 ? rows - r0 : 4;
                     const unsigned char *wp[4];
                     const float *srow[4];            /* the scale row of each row, at this chunk */
                     for (size_t j = 0; j < 4; j++) { /* a tail group repeats row r0; dropped */
                         size_t r = r0 + (j < nr ? j : 0);
                         wp[j] = data + r * rowb + cb0;
-                        srow[j] = w->scale + (((size_t)w->row0 + r) / br) * ncb + cbase;
+                        const size_t sr = (size_t)w->row0 + r; /* per-channel: no division */
+                        srow[j] = w->scale + (br == 1 ? sr : sr / br) * ncb + cbase;
                     }
-                    if (w->int4) {
+                    if (w->int4) { /* one token */
                         const uint8_t *const w4[4] = {wp[0], wp[1], wp[2], wp[3]};
-                        k->dot4_i4(c->xs + t * c->ldq + c0, c->xoff + t * c->n_pieces + piece0, w4,
-                                   nc, kblock, isum);
+                        for (; n_pf; n_pf--, pfp += 64) __builtin_prefetch(pfp);
+                        k->dot4_i4(c->xs + t0 * c->ldq + c0, c->xoff + t0 * c->n_pieces + piece0,
+                                   w4, nc, kblock, isum);
                     } else {
                         const int8_t *const w8[4] = {(const int8_t *)wp[0], (const int8_t *)wp[1],
                                                      (const int8_t *)wp[2], (const int8_t *)wp[3]};
-                        c->k8->dot4_i8(xq, w8, nc, kblock, isum);
-                    }
-                    float *yr = yt + r0;
-                    if (big) {
-                        int32_t *pp = part + (t * gpt + gi) * 4;
-                        for (size_t j = 0; j < nr; j++) pp[j] += isum[j];
-                        if (c0 + nc < bend) continue; /* the block goes on */
-                        for (size_t j = 0; j < nr; j++) {
-                            float sw;
-                            memcpy(&sw, srow[j], sizeof sw);
-                            yr[j] += sw * (float)pp[j];
-                            pp[j] = 0;
+                        const int8_t *xq[4];
+                        const int32_t *xo[4];
+                        for (size_t j = 0; j < 4; j++) { /* past nx: token t0 again, unread */
+                            const size_t t = t0 + (j < nx ? j : 0);
+                            xq[j] = c->q + t * c->ldq + c0;
+                            xo[j] = c->xoff + t * c->n_pieces + piece0;
                         }
-                        continue;
+                        c->k8->dot4_i8(xq, xo, (int)nx, w8, nc, kblock, pfp, n_pf, isum);
                     }
-                    /* four named accumulators: an array here lived in memory, and its
-                     * store-to-load chain per block cost more than the int4 kernel itself */
-                    float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-                    for (size_t b = 0; b < nb; b++) { /* scale columns cbase + b, in order */
-                        float s0, s1, s2, s3;
-                        memcpy(&s0, srow[0] + b, sizeof s0);
-                        memcpy(&s1, srow[1] + b, sizeof s1);
-                        memcpy(&s2, srow[2] + b, sizeof s2);
-                        memcpy(&s3, srow[3] + b, sizeof s3);
-                        a0 += s0 * (float)isum[4 * b];
-                        a1 += s1 * (float)isum[4 * b + 1];
-                        a2 += s2 * (float)isum[4 * b + 2];
-                        a3 += s3 * (float)isum[4 * b + 3];
+                    for (size_t j = 0; j < nx; j++) {
+                        const size_t t = t0 + j;
+                        float *yr = c->y + t * rows + r0;
+                        if (big) { /* one kernel block: isum[4 j + r] */
+                            int32_t *pp = part + (t * gpt + gi) * 4;
+                            for (size_t r = 0; r < nr; r++) pp[r] += isum[4 * j + r];
+                            if (c0 + nc < bend) continue; /* the block goes on */
+                            for (size_t r = 0; r < nr; r++) {
+                                float sw;
+                                memcpy(&sw, srow[r], sizeof sw);
+                                yr[r] += sw * (float)pp[r];
+                                pp[r] = 0;
+                            }
+                            continue;
+                        }
+                        /* four named accumulators: an array here lived in memory, and its
+                         * store-to-load chain per block cost more than the int4 kernel itself */
+                        float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+                        for (size_t b = 0; b < nb; b++) { /* scale columns cbase + b, in order */
+                            const int32_t *is = isum + 4 * (nx * b + j);
+                            float s0, s1, s2, s3;
+                            memcpy(&s0, srow[0] + b, sizeof s0);
+                            memcpy(&s1, srow[1] + b, sizeof s1);
+                            memcpy(&s2, srow[2] + b, sizeof s2);
+                            memcpy(&s3, srow[3] + b, sizeof s3);
+                            a0 += s0 * (float)is[0];
+                            a1 += s1 * (float)is[1];
+                            a2 += s2 * (float)is[2];
+                            a3 += s3 * (float)is[3];
+                        }
+                        const float acc[4] = {a0, a1, a2, a3};
+                        if (one_call)
+                            for (size_t r = 0; r < nr; r++) yr[r] = acc[r] * c->sx[t];
+                        else
+                            for (size_t r = 0; r < nr; r++) yr[r] += acc[r];
                     }
-                    const float acc[4] = {a0, a1, a2, a3};
-                    for (size_t j = 0; j < nr; j++) yr[j] += acc[j];
                 }
             }
             c0 += nc;
@@ -596,7 +620,7 @@ static void matmul_i8_thread(void *arg, int thread, int n_threads) {
         }
         /* the activation scale, common to every block of a row, applied once */
         size_t g_r0 = 4 * g0, g_r1 = 4 * (g0 + gn) < rows ? 4 * (g0 + gn) : rows;
-        for (size_t t = 0; t < n_tok; t++)
+        for (size_t t = 0; t < n_tok && !one_call; t++)
             for (size_t r = g_r0; r < g_r1; r++) c->y[t * rows + r] *= c->sx[t];
     }
     free(isum);
@@ -707,7 +731,7 @@ static void matmul_fgemm_thread(void *arg, int thread, int n_threads) {
     free(pan);
 }
 
-/* ---- the GEMM path (DS_I8 with MM_GEMM_MIN_TOK tokens or more) ----
+/* ---- the GEMM path (DS_I8 with MM_GEMM_MIN_TOK_I8 / _I4 tokens or more) ----
  *
  * Prefill and batched decode multiply many tokens by the same weights, so the work is compute
  * bound and the layout of the products matters more than the bytes. The dot4 kernels keep one
@@ -735,11 +759,14 @@ static void matmul_fgemm_thread(void *arg, int thread, int n_threads) {
  * groups stayed ahead (63 vs 73 ms), and 6- or 12-panel groups were twice as slow at 192 tokens an
  * expert (not understood; one panel and the full L2 group were both fine). */
 #define MM_GEMM_FEW_TOK 64
-/* From this many tokens on the GEMM path runs. Measured on the 2-vCPU Zen 5 VM, 16384 x 7168,
- * 2 threads (W8A8 / W4A8 group 128, ms): 2 tokens dot4 3.6 / 4.4 vs GEMM 4.5 / 5.0; 4 tokens
- * 5.7 / 7.7 vs 4.5 / 5.1; 8 tokens 8.7 / 13.6 vs 5.9 / 5.3. Packing costs about one streaming
- * pass over the weights, so below 4 tokens the dot4 kernels, which stream without it, win. */
-#define MM_GEMM_MIN_TOK 4
+/* From this many tokens on the GEMM path runs. Packing costs about one streaming pass over the
+ * weights, so below these counts the dot4 kernels, which stream without it, win. Measured on the
+ * 2-vCPU Zen 5 VM, 2 threads, best of 15 (ms), 16384 x 7168: W4A8 group 128 (one token per
+ * dot4_i4 call), 2 tokens 4.4 vs GEMM 5.0, 4 tokens 7.7 vs 5.1; W8A8 (four tokens per dot4_i8
+ * call), 4 tokens 3.6 vs 3.9, 6 tokens 4.1 vs 4.3, 8 tokens 4.5 vs 4.1. The medium model's
+ * experts (7 layers x 32, gate + up 512 x 1024, weights cold) at 4 tokens each: 7.0 vs 8.6. */
+#define MM_GEMM_MIN_TOK_I8 8
+#define MM_GEMM_MIN_TOK_I4 4
 
 static int gemm_native(const ds_kernels *k) {
     const ds_kernels *s = ds_kernels_scalar();
@@ -840,14 +867,14 @@ static size_t block_offsets(const int8_t *q, size_t c0, size_t len, size_t kbloc
     return nb;
 }
 
-enum { PREP_NONE, PREP_GEMM, PREP_I4 };
+enum { PREP_DOT, PREP_GEMM };
 
 /* What ds_matmul prepares per token before the DS_I8 matmul proper. */
 typedef struct {
     matmul_ctx *c;
-    int mode;   /* PREP_*: GEMM block offsets, or dot4_i4's split x and piece offsets */
-    i8_plan pl; /* PREP_I4 */
-    size_t np;  /* offsets per token: GEMM blocks or dot4_i4 pieces */
+    int mode;   /* PREP_*: the dot4 kernels' piece offsets (and int4's split x), or GEMM blocks' */
+    i8_plan pl; /* PREP_DOT */
+    size_t np;  /* offsets per token: dot4 pieces or GEMM blocks */
 } prep_ctx;
 
 /* Quantizes tokens of this slice (zero padding to ldq) and adds what the path needs. */
@@ -869,16 +896,16 @@ static void prep_task(void *arg, int slice, int n_slices) {
             ds_quantize_row_i8(c->x + t * cols, w->cols, qt, (float *)c->sx + t);
         }
         memset(qt + cols, 0, ldq - cols);
-        if (pc->mode == PREP_NONE) continue;
         int32_t *xo = (int32_t *)c->xoff + t * pc->np;
+        const int64_t off = w->int4 ? 8 : 128;
         if (pc->mode == PREP_GEMM) {
-            block_offsets(qt, 0, cols, i8_block(w), w->int4 ? 8 : 128, xo);
-        } else { /* PREP_I4 */
-            ds_i4_split(qt, cols, pc->pl.bc, (int8_t *)c->xs + t * ldq);
-            for (size_t c0 = 0, nc, i = 0; c0 < cols; c0 += nc) {
-                nc = i8_call_cols(w, &pc->pl, c0);
-                i += block_offsets(qt, c0, nc, pc->pl.kblock, 8, xo + i);
-            }
+            block_offsets(qt, 0, cols, i8_block(w), off, xo);
+            continue;
+        }
+        if (w->int4) ds_i4_split(qt, cols, pc->pl.bc, (int8_t *)c->xs + t * ldq);
+        for (size_t c0 = 0, nc, i = 0; c0 < cols; c0 += nc) {
+            nc = i8_call_cols(w, &pc->pl, c0);
+            i += block_offsets(qt, c0, nc, pc->pl.kblock, off, xo + i);
         }
     }
 }
@@ -963,12 +990,13 @@ static void job_setup(const ds_mm_job *j, mm_job_state *st) {
     prep_ctx *pc = &st->pc;
     st->fn = matmul_i8_thread;
     st->c.ldq = (cols + 3) / 4 * 4;
-    if (j->n_tok >= MM_GEMM_MIN_TOK && (blk == cols || blk % 4 == 0) && gemm_native(st->c.k)) {
+    const int64_t gemm_min = w->int4 ? MM_GEMM_MIN_TOK_I4 : MM_GEMM_MIN_TOK_I8;
+    if (j->n_tok >= gemm_min && (blk == cols || blk % 4 == 0) && gemm_native(st->c.k)) {
         pc->mode = PREP_GEMM;
         pc->np = (cols + blk - 1) / blk;
         st->fn = matmul_gemm_thread;
-    } else if (w->int4) { /* dot4_i4: split x and the offsets of the kernel's blocks */
-        pc->mode = PREP_I4;
+    } else { /* the offsets of the dot4 kernels' blocks (and int4's split x) */
+        pc->mode = PREP_DOT;
         pc->pl = i8_plan_for(w, n_tok);
         for (size_t c0 = 0, nc; c0 < cols; c0 += nc) {
             nc = i8_call_cols(w, &pc->pl, c0);
@@ -988,9 +1016,9 @@ static int same_prep(const ds_mm_job *a, const mm_job_state *sa, const ds_mm_job
     if (a->x != b->x || a->n_tok != b->n_tok || wa->cols != wb->cols) return 0;
     if (sb->fn == matmul_fused_thread && wb->dtype == DS_BF16) return sa->c.xb != NULL;
     return sa->q && wa->act_n == wb->act_n && wa->act_scale == wb->act_scale &&
-           wa->act_zp == wb->act_zp && sa->pc.mode == sb->pc.mode &&
-           (sa->pc.mode != PREP_GEMM || (i8_block(wa) == i8_block(wb) && wa->int4 == wb->int4)) &&
-           (sa->pc.mode != PREP_I4 ||
+           wa->act_zp == wb->act_zp && sa->pc.mode == sb->pc.mode && wa->int4 == wb->int4 &&
+           (sa->pc.mode != PREP_GEMM || i8_block(wa) == i8_block(wb)) &&
+           (sa->pc.mode != PREP_DOT ||
             (pa->bc == pb->bc && pa->seg == pb->seg && pa->kblock == pb->kblock &&
              pa->big == pb->big && pa->decode == pb->decode));
 }
@@ -1010,12 +1038,12 @@ static void split_bf16(const ds_mm_job *j, mm_job_state *st) {
 /* Allocates a DS_I8 job's activation buffers (owned by st). */
 static void job_alloc(mm_job_state *st) {
     const size_t n_tok = (size_t)st->c.n_tok, ldq = st->c.ldq;
-    const int mode = st->pc.mode;
+    const int split = st->pc.mode == PREP_DOT && st->c.w->int4;
     st->q = malloc(n_tok * ldq);
     st->sx = malloc(n_tok * sizeof(float));
-    st->xoff = mode ? malloc(n_tok * st->pc.np * sizeof(int32_t)) : NULL;
-    st->xs = mode == PREP_I4 ? malloc(n_tok * ldq) : NULL;
-    DS_ASSERT(st->q && st->sx && (!mode || st->xoff) && (mode != PREP_I4 || st->xs));
+    st->xoff = malloc(n_tok * st->pc.np * sizeof(int32_t));
+    st->xs = split ? malloc(n_tok * ldq) : NULL;
+    DS_ASSERT(st->q && st->sx && st->xoff && (!split || st->xs));
     st->c.q = st->q;
     st->c.sx = st->sx;
     st->c.xoff = st->xoff;

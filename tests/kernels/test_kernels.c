@@ -625,7 +625,7 @@ static void check_matmul_jobs(ds_pool *p1, ds_pool *p3) {
 static void check_matmul_i8(const test_mat *t, ds_pool *p1, ds_pool *p3, const char *what) {
     int64_t rows = t->m.rows, cols = t->m.cols, bc = t->m.block_cols, br = t->m.block_rows;
     int64_t ncb = (cols + bc - 1) / bc;
-    const int64_t toks[] = {1, 2, 3, 4, 5, 17, 40};
+    const int64_t toks[] = {1, 2, 3, 4, 5, 7, 8, 17, 40};
     for (size_t ti = 0; ti < sizeof toks / sizeof toks[0]; ti++) {
         int64_t nt = toks[ti];
         float *x = malloc((size_t)(nt * cols) * sizeof(float));
@@ -825,18 +825,31 @@ static void matmul_suite(void) {
 /* The integer dots against scalar, bit-exact, and scalar against an int64 sum: odd lengths,
  * several block widths, rows and x in exact-size allocations at odd offsets (ASan catches a
  * read past the end), random data over the whole range and the extremes (x = +-127 against
- * w = -128 everywhere: the largest pair sums the AVX2 int16 step sees). */
+ * w = -128 everywhere: the largest pair sums the AVX2 int16 step sees). dot4_i8 runs 1 - 4
+ * tokens (the others x reversed and negated), each token's sums equal to its one-token call. */
 static void test_int_dots(const ds_kernels *k) {
     const ds_kernels *s = ds_kernels_scalar();
     const size_t blocks[] = {0 /* = n */, 2, 32, 64, 128, 130, 1000};
     for (size_t si = 0; si < N_SIZES; si++) {
         size_t n = sizes[si], nb4 = (n + 1) / 2;
         for (int pat = 0; pat < 3; pat++) {
-            unsigned char *xb = malloc(n + 1), *wb[4], *pb[4];
-            int8_t *x = (int8_t *)xb + 1;
-            for (size_t i = 0; i < n; i++)
+            unsigned char *xb[4], *wb[4], *pb[4];
+            int8_t *xm[4];
+            for (int t = 0; t < 4; t++) {
+                xb[t] = malloc(n + 1);
+                xm[t] = (int8_t *)xb[t] + 1;
+            }
+            int8_t *x = xm[0];
+            for (size_t i = 0; i < n; i++) {
                 x[i] = pat == 0 ? (int8_t)((int)(rnd64() % 255) - 127)
                                 : (int8_t)(pat == 1 ? 127 : (i % 2 ? 127 : -127));
+                xm[2][i] = (int8_t)((int)(rnd64() % 255) - 127);
+            }
+            for (size_t i = 0; i < n; i++) {
+                xm[1][i] = (int8_t)-x[n - 1 - i];
+                xm[3][i] = (int8_t)-x[i];
+            }
+            const int8_t *const xt[4] = {xm[0], xm[1], xm[2], xm[3]};
             for (int r = 0; r < 4; r++) {
                 wb[r] = malloc(n + 3);
                 pb[r] = malloc(nb4 + 3);
@@ -848,19 +861,42 @@ static void test_int_dots(const ds_kernels *k) {
             const uint8_t *const w4[4] = {pb[0], pb[1] + 1, pb[2] + 2, pb[3]};
             for (size_t bi = 0; bi < sizeof blocks / sizeof blocks[0]; bi++) {
                 size_t blk = blocks[bi] ? blocks[bi] : n, nb = (n + blk - 1) / blk;
-                int32_t *o = malloc(nb * 4 * sizeof(int32_t)),
-                        *os = malloc(nb * 4 * sizeof(int32_t));
+                int32_t *o = malloc(nb * 16 * sizeof(int32_t)),
+                        *os = malloc(nb * 16 * sizeof(int32_t)),
+                        *o1 = malloc(nb * 4 * sizeof(int32_t)),
+                        *x8off = malloc(4 * nb * sizeof(int32_t));
                 int bad8 = 0, bad4 = 0, badref = 0;
-                k->dot4_i8(x, w8, n, blk, o);
-                s->dot4_i8(x, w8, n, blk, os);
-                for (size_t b = 0; b < nb; b++)
-                    for (int r = 0; r < 4; r++) {
-                        int64_t ref = 0;
-                        for (size_t i = b * blk; i < n && i < (b + 1) * blk; i++)
-                            ref += (int64_t)x[i] * w8[r][i];
-                        badref += os[4 * b + (size_t)r] != ref;
-                        bad8 += o[4 * b + (size_t)r] != os[4 * b + (size_t)r];
+                for (size_t t = 0; t < 4; t++)
+                    for (size_t b = 0; b < nb; b++) {
+                        int32_t sum = 0;
+                        for (size_t i = b * blk; i < n && i < (b + 1) * blk; i++) sum += xt[t][i];
+                        x8off[t * nb + b] = 128 * sum;
                     }
+                const int32_t *const xo8[4] = {x8off, x8off + nb, x8off + 2 * nb, x8off + 3 * nb};
+                for (int nx = 1; nx <= 4; nx++) {
+                    /* the prefetched lines: the rows themselves, a harmless hint */
+                    k->dot4_i8(xt, xo8, nx, w8, n, blk, (const char *)w8[0], n / 64, o);
+                    s->dot4_i8(xt, xo8, nx, w8, n, blk, NULL, 0, os);
+                    for (size_t b = 0; b < nb; b++)
+                        for (int t = 0; t < nx; t++)
+                            for (int r = 0; r < 4; r++) {
+                                const size_t at = 4 * ((size_t)nx * b + (size_t)t) + (size_t)r;
+                                int64_t ref = 0;
+                                for (size_t i = b * blk; i < n && i < (b + 1) * blk; i++)
+                                    ref += (int64_t)xt[t][i] * w8[r][i];
+                                badref += os[at] != ref;
+                                bad8 += o[at] != os[at];
+                            }
+                    for (int t = 0; nx == 4 && t < 4; t++) { /* alone: the same sums */
+                        k->dot4_i8(xt + t, xo8 + t, 1, w8, n, blk, NULL, 0, o1);
+                        for (size_t b = 0; b < nb; b++)
+                            for (int r = 0; r < 4; r++)
+                                bad8 +=
+                                    o1[4 * b + (size_t)r] != o[4 * (4 * b + (size_t)t) + (size_t)r];
+                    }
+                }
+                free(o1);
+                free(x8off);
                 /* int4: x split per block, the offsets of the unsigned nibbles per block */
                 int8_t *xs = malloc(n);
                 int32_t *xoff = malloc(nb * sizeof(int32_t));
@@ -893,7 +929,7 @@ static void test_int_dots(const ds_kernels *k) {
                 free(o);
                 free(os);
             }
-            free(xb);
+            for (int t = 0; t < 4; t++) free(xb[t]);
             for (int r = 0; r < 4; r++) {
                 free(wb[r]);
                 free(pb[r]);
