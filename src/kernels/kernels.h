@@ -128,9 +128,12 @@ typedef struct ds_kernels {
      * passes xoff[t][b] = off * sum_{i in b} x[t][i] (int32 arithmetic wraps: the raw sums may
      * exceed 2^31 for long blocks, the difference, a true int8 dot, does not). Then, blocks in
      * order from acc = 0: acc[t][r] = fma((float)isum[t][r], sw[16 b + r], acc) (sw: [blocks][16]
-     * row scales), and out[16 t + r] = acc. Every table gives the same floats. */
+     * row scales), and out[16 t + r] = acc. Every table gives the same floats. The kernel also
+     * prefetches the n_pf 64-byte lines from pf on (the next panel's rows), spread over its steps
+     * as dot4xn_bf16 does. */
     void (*gemm16x8_i8)(const uint8_t *panel, size_t n, size_t block, const int8_t *const x[8],
-                        const int32_t *const xoff[8], const float *sw, float out[128]);
+                        const int32_t *const xoff[8], const float *sw, const char *pf, size_t n_pf,
+                        float out[128]);
     /* The float GEMM of prefill and batched decode (F32 / BF16 / F16 / FP8 weights, converted
      * to f32 rows first): pack16_f32 lays 16 rows of n floats out as a panel [n][16] (column i
      * of row r at panel[16 i + r]); gemm16x8_f32 gives, for eight tokens x[t] (n floats each),

@@ -688,12 +688,17 @@ static inline __m512i bcast4(const int8_t *p) {
  * into the block loop below, gcc 12 copied every accumulator between registers twice per step
  * (16 extra moves per 8 dot steps, ~40% slower); on its own it keeps the 8 chains in place. */
 static __attribute__((noinline)) void gemm_block8_avx512(const uint8_t *panel, size_t g0, size_t g1,
-                                                         const int8_t *const x[8], __m512i acc[8]) {
+                                                         const int8_t *const x[8], const char **pfp,
+                                                         size_t *n_pfp, size_t per,
+                                                         __m512i acc[8]) {
+    const char *pf = *pfp;
+    size_t n_pf = *n_pfp;
     const int8_t *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
     const int8_t *x4 = x[4], *x5 = x[5], *x6 = x[6], *x7 = x[7];
     __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
     __m512i a4 = a0, a5 = a0, a6 = a0, a7 = a0;
     for (size_t g = g0; g < g1; g++) {
+        for (size_t q = 0; q < per && n_pf; q++, n_pf--, pf += 64) __builtin_prefetch(pf);
         const __m512i p = _mm512_loadu_si512(panel + 64 * g);
         const size_t o = 4 * g;
         a0 = _mm512_dpbusd_epi32(a0, p, bcast4(x0 + o));
@@ -705,6 +710,8 @@ static __attribute__((noinline)) void gemm_block8_avx512(const uint8_t *panel, s
         a6 = _mm512_dpbusd_epi32(a6, p, bcast4(x6 + o));
         a7 = _mm512_dpbusd_epi32(a7, p, bcast4(x7 + o));
     }
+    *pfp = pf;
+    *n_pfp = n_pf;
     acc[0] = a0;
     acc[1] = a1;
     acc[2] = a2;
@@ -715,15 +722,19 @@ static __attribute__((noinline)) void gemm_block8_avx512(const uint8_t *panel, s
     acc[7] = a7;
 }
 
+/* The prefetches go out a few per 4-column group: issued in one burst before the call, they
+ * stalled on the full miss queue. Experts of the medium model's shapes, weights cold, 2 threads,
+ * alternating in one process (mean GB/s): 8 tokens each 20.0 -> 22.8, 16 tokens 13.6 -> 16.9. */
 static void gemm16x8_i8_avx512(const uint8_t *panel, size_t n, size_t block,
                                const int8_t *const x[8], const int32_t *const xoff[8],
-                               const float *sw, float out[128]) {
+                               const float *sw, const char *pf, size_t n_pf, float out[128]) {
     const size_t ng = (n + 3) / 4, bg = block >= n ? ng : block / 4;
+    const size_t per = ng ? (n_pf + ng - 1) / ng : 0;
     __m512 f[8];
     for (int t = 0; t < 8; t++) f[t] = _mm512_setzero_ps();
     for (size_t g0 = 0, b = 0; g0 < ng; g0 += bg, b++) {
         __m512i a[8];
-        gemm_block8_avx512(panel, g0, g0 + bg < ng ? g0 + bg : ng, x, a);
+        gemm_block8_avx512(panel, g0, g0 + bg < ng ? g0 + bg : ng, x, &pf, &n_pf, per, a);
         const __m512 s = _mm512_loadu_ps(sw + 16 * b);
         for (int t = 0; t < 8; t++) {
             __m512i isum = _mm512_sub_epi32(a[t], _mm512_set1_epi32(xoff[t][b]));
@@ -731,6 +742,7 @@ static void gemm16x8_i8_avx512(const uint8_t *panel, size_t n, size_t block,
         }
     }
     for (int t = 0; t < 8; t++) _mm512_storeu_ps(out + 16 * t, f[t]);
+    for (; n_pf; n_pf--, pf += 64) __builtin_prefetch(pf);
 }
 
 static float absmax_f32_avx512(const float *x, size_t n) {

@@ -814,7 +814,7 @@ static void matmul_gemm_thread(void *arg, int thread, int n_threads) {
             else
                 k->pack16_i8(pan + pi * pbytes, w8, cols);
         }
-        /* the next group's stored rows, prefetched a share before each kernel call */
+        /* the next group's stored rows, a share prefetched by each kernel call */
         const size_t next = p0 + pn, next_end = next + gp < p_hi ? next + gp : p_hi;
         const size_t pf0 = (16 * next < rows ? 16 * next : rows) * rowb;
         const size_t pf_end = (16 * next_end < rows ? 16 * next_end : rows) * rowb;
@@ -832,9 +832,11 @@ static void matmul_gemm_thread(void *arg, int thread, int n_threads) {
             for (size_t pi = 0; pi < pn; pi++) {
                 size_t r0 = 16 * (p0 + pi), nr = rows - r0 < 16 ? rows - r0 : 16;
                 float out[128];
-                for (size_t pt = pf0 + (pf_end - pf0) * ++call / calls; pf < pt; pf += 64)
-                    __builtin_prefetch(data + pf);
-                k->gemm16x8_i8(pan + pi * pbytes, cols, blk, xs, xo, sw + pi * nb * 16, out);
+                const size_t pt = pf0 + (pf_end - pf0) * ++call / calls;
+                const size_t n_pf = pt > pf ? (pt - pf + 63) / 64 : 0;
+                k->gemm16x8_i8(pan + pi * pbytes, cols, blk, xs, xo, sw + pi * nb * 16,
+                               (const char *)data + pf, n_pf, out);
+                pf += 64 * n_pf;
                 for (size_t j = 0; j < nt; j++) { /* scaled in place, then copied: vectorised */
                     const float sx = c->sx[t0 + j];
                     for (size_t r = 0; r < 16; r++) out[16 * j + r] *= sx;
