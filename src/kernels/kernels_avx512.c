@@ -448,7 +448,7 @@ dot4_i8_body(const int8_t *const x[4], const int32_t *const xoff[4], const int n
              const int8_t *const w[4], size_t n, size_t block, const char *pf, size_t n_pf,
              int32_t *out) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
-    const size_t steps = (n + 63) / 64, per = (n_pf + steps - 1) / steps;
+    const size_t steps = (n + 63) / 64, per = steps ? (n_pf + steps - 1) / steps : 0;
     for (size_t c0 = 0, b = 0; c0 < n; c0 += block, b++) {
         const size_t end = c0 + (n - c0 < block ? n - c0 : block);
         __m512i acc[4][4];

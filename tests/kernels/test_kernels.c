@@ -792,8 +792,9 @@ static void matmul_suite(void) {
             check_matmul(&t, p1, p3, what);
             free_mat(&t);
         }
-    /* DS_I8: per-channel W8A8 (one block per row, also wider than a kernel chunk), 128 x 128
-     * blocks, int4 with groups of 128 and 64 on odd column counts, blocks straddling chunks */
+    /* DS_I8: per-channel W8A8 (one block per row, also wider than a kernel chunk; at 40 tokens
+     * 100 x 14000 takes the GEMM's multi-panel groups), 128 x 128 blocks, int4 with groups of 128
+     * and 64 on odd column counts, blocks straddling chunks */
     const struct {
         shape sh;
         int int4;
@@ -802,7 +803,7 @@ static void matmul_suite(void) {
         {{7, 129, 4, 64}, 0},   {{35, 5000, 1, 3000}, 0}, {{45, 301, 1, 128}, 1},
         {{70, 257, 1, 64}, 1},  {{9, 4097, 1, 4097}, 1},  {{13, 131, 1, 131}, 1},
         {{1, 1, 1, 1}, 1},      {{1, 1, 1, 128}, 0},      {{21, 50, 1, 6}, 1},
-        {{19, 45, 1, 10}, 0},   {{40, 1030, 1, 132}, 1},
+        {{19, 45, 1, 10}, 0},   {{40, 1030, 1, 132}, 1},  {{100, 14000, 1, 14000}, 0},
     };
     for (size_t i = 0; i < sizeof i8s / sizeof i8s[0]; i++) {
         test_mat t;
