@@ -94,9 +94,9 @@ typedef struct ds_kernels {
      * Weights may be any int8, -128 included. xoff[t][b] = 128 * sum_{i in block b} x[t][i],
      * made once per token by the caller (the kernels that add w + 128 take it back out; int32
      * arithmetic wraps). Every table gives the same integers (the SIMD ones reorder an exact
-     * sum); the caller keeps block * 127 * 128 < 2^31 (block <= 131072). Each weight is loaded
-     * once for all nx tokens. The kernel also prefetches the n_pf 64-byte lines from pf on, as
-     * dot4xn_bf16 does. */
+     * sum); the caller keeps block * 127 * 128 < 2^31 (block <= 131072). The AVX-512 kernel
+     * loads each weight once for all nx tokens. The kernel also prefetches the n_pf 64-byte lines
+     * from pf on. */
     void (*dot4_i8)(const int8_t *const x[4], const int32_t *const xoff[4], int nx,
                     const int8_t *const w[4], size_t n, size_t block, const char *pf, size_t n_pf,
                     int32_t *out);

@@ -424,12 +424,12 @@ static void matmul_fused_thread(void *arg, int thread, int n_threads) {
  *
  * ds_matmul quantizes every token's activations once per call (ds_quantize_row_i8, into a heap
  * scratch [n_tok, cols rounded up to 4] owned by the call), then each thread walks its rows four at
- * a time through dot4_i8 (four tokens a call, each weight loaded once for them) / dot4_i4 (one
- * token), which return exact int32 sums per scale block. The call also makes each token's block
- * sums once (the offset of the unsigned weights, or of int4's unsigned nibbles) and, for int4,
- * lays its activations out in the split order the nibbles need (ds_i4_split): done per row group
- * inside the kernel, that work cost about as much as the weights' own. The sums become f32 per
- * row as acc += scale(r, block) * (float)isum, blocks in column order, in four named
+ * a time through dot4_i8 (up to four tokens a call; AVX-512 loads each weight once for them) /
+ * dot4_i4 (one token), which return exact int32 sums per scale block. The call also makes each
+ * token's block sums once (the offset of the unsigned weights, or of int4's unsigned nibbles) and,
+ * for int4, lays its activations out in the split order the nibbles need (ds_i4_split): done per
+ * row group inside the kernel, that work cost about as much as the weights' own. The sums become
+ * f32 per row as acc += scale(r, block) * (float)isum, blocks in column order, in four named
  * accumulators (an array here lived in memory, and its store-to-load chain per block cost more
  * than the int4 kernel), and s_x[t], common to every block, multiplies y once per row at the end
  * (at once when one kernel call covers the row).
