@@ -619,6 +619,20 @@ static void check_matmul_jobs(ds_pool *p1, ds_pool *p3) {
     }
 }
 
+/* Each token's rows of y (one call over nt tokens of x) equal the rows it gets alone. */
+static void check_alone(ds_pool *p, const ds_mat *m, const float *x, const float *y, int64_t nt,
+                        const char *what) {
+    float *yt = malloc((size_t)m->rows * sizeof(float));
+    int differ = 0;
+    for (int64_t tk = 0; tk < nt; tk++) {
+        ds_matmul(p, yt, x + tk * m->cols, 1, m);
+        differ += memcmp(yt, y + tk * m->rows, (size_t)m->rows * sizeof(float)) != 0;
+    }
+    CHECK_MSG(differ == 0, "%s n_tok=%lld: %d tokens differ from their one-token rows", what,
+              (long long)nt, differ);
+    free(yt);
+}
+
 /* ds_matmul on DS_I8 against a double product computed from the same quantized activations
  * (ds_quantize_row_i8 / _static are checked on their own) and the stored integers: exact integer
  * sums per block, so only the f32 conversion and accumulation differ, ~1e-7 relative. */
@@ -668,17 +682,7 @@ static void check_matmul_i8(const test_mat *t, ds_pool *p1, ds_pool *p3, const c
                   what, (long long)nt);
         /* per-channel int8: every path rounds s_w * isum, then times s_x, so a token's rows do
          * not depend on the tokens beside it (docs/sampling.md) */
-        if (!t->m.int4 && bc >= cols) {
-            float *yt = malloc((size_t)rows * sizeof(float));
-            int diff = 0;
-            for (int64_t tk = 0; tk < nt; tk++) {
-                ds_matmul(p1, yt, x + tk * cols, 1, &t->m);
-                diff += memcmp(yt, y1 + tk * rows, (size_t)rows * sizeof(float)) != 0;
-            }
-            CHECK_MSG(diff == 0, "%s n_tok=%lld: %d tokens' rows differ from their one-token rows",
-                      what, (long long)nt, diff);
-            free(yt);
-        }
+        if (!t->m.int4 && bc >= cols) check_alone(p1, &t->m, x, y1, nt, what);
         free(x);
         free(y1);
         free(y3);
@@ -752,15 +756,7 @@ static void check_matmul(const test_mat *t, ds_pool *p1, ds_pool *p3, const char
         CHECK_MSG(y1[nt * rows] == 999.0f && y3[nt * rows] == 999.0f, "%s n_tok=%lld: wrote past y",
                   what, (long long)nt);
         /* BF16 on the fused path (up to 32 tokens): each token's row is the one it gets alone */
-        if (t->m.dtype == DS_BF16 && nt <= 32) {
-            int differ = 0;
-            for (int64_t tk = 0; tk < nt; tk++) {
-                ds_matmul(p3, y3, x + tk * cols, 1, &t->m);
-                differ += memcmp(y3, y1 + tk * rows, (size_t)rows * sizeof(float)) != 0;
-            }
-            CHECK_MSG(differ == 0, "%s n_tok=%lld: %d tokens differ from their one-token rows",
-                      what, (long long)nt, differ);
-        }
+        if (t->m.dtype == DS_BF16 && nt <= 32) check_alone(p3, &t->m, x, y1, nt, what);
         free(x);
         free(y1);
         free(y3);
