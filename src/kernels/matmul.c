@@ -751,17 +751,6 @@ static void matmul_fgemm_thread(void *arg, int thread, int n_threads) {
  * depend on the thread count (whole panels per thread, fixed order). Tables without their own
  * GEMM kernels (AVX2, NEON) and blocks that are not whole 4-column groups keep the dot4 path. */
 #define MM_GEMM_L2 (512 * 1024)
-/* While every token's activations fit in MM_GEMM_L2 (n_tok x cols bytes), a group is one panel:
- * packing (which reads the weights from memory) and the GEMM then alternate every 16 rows, and
- * the next panel's rows are prefetched while the GEMM runs, instead of one whole L2 group packed
- * at memory latency before any arithmetic; each panel re-reads the activations from L2. Beyond,
- * the L2 group's panels share each pass over them. Measured on the 2-vCPU Zen 5 VM, 2 threads,
- * weights cold, alternating in one process (mean GB/s of weights, one panel vs L2 groups): the
- * medium model's experts (512 x 1024) at 64 / 96 tokens each 4.8 / 2.9 vs 4.4 / 2.6, o_proj
- * (1024 x 2048) at 64 / 192 tokens 6.5 / 2.4 vs 5.1 / 2.0, q_b (3072 x 384) at 64 tokens 4.4 vs
- * 3.1; 2048 x 7168 at 96 tokens 4.7 vs 4.7, at 256 tokens 1.8 vs 2.0. (Before the GEMM spread its
- * prefetches, the L2 groups won at 96 tokens an expert, and 6- or 12-panel groups were twice as
- * slow at 192, not understood.) */
 /* From this many tokens on the GEMM path runs. Packing costs about one streaming pass over the
  * weights, so below these counts the dot4 kernels, which stream without it, win. Measured on the
  * 2-vCPU Zen 5 VM, 2 threads, best of 15 (ms), 16384 x 7168: W4A8 group 128 (one token per
@@ -788,6 +777,17 @@ static void matmul_gemm_thread(void *arg, int thread, int n_threads) {
     const size_t cols = (size_t)w->cols, rows = (size_t)w->rows, n_tok = (size_t)c->n_tok;
     const size_t rowb = row_bytes(w), br = (size_t)w->block_rows, blk = i8_block(w);
     const size_t nb = (cols + blk - 1) / blk, pbytes = 64 * ((cols + 3) / 4);
+    /* While every token's activations fit in MM_GEMM_L2 (n_tok x cols bytes), a group is one
+     * panel: packing (which reads the weights from memory) and the GEMM then alternate every 16
+     * rows, and the next panel's rows are prefetched while the GEMM runs, instead of one whole
+     * L2 group packed at memory latency before any arithmetic; each panel re-reads the
+     * activations from L2. Beyond, the L2 group's panels share each pass over them. Measured on
+     * the 2-vCPU Zen 5 VM, 2 threads, weights cold, alternating in one process (mean GB/s of
+     * weights, one panel vs L2 groups): the medium model's experts (512 x 1024) at 64 / 96
+     * tokens each 4.8 / 2.9 vs 4.4 / 2.6, o_proj (1024 x 2048) at 64 / 192 tokens 6.5 / 2.4 vs
+     * 5.1 / 2.0, q_b (3072 x 384) at 64 tokens 4.4 vs 3.1; 2048 x 7168 at 96 tokens 4.7 vs 4.7,
+     * at 256 tokens 1.8 vs 2.0. (Before the GEMM spread its prefetches, the L2 groups won at 96
+     * tokens an expert, and 6- or 12-panel groups were twice as slow at 192, not understood.) */
     size_t gp = n_tok * c->ldq <= MM_GEMM_L2 ? 1 : MM_GEMM_L2 / pbytes; /* panels per group */
     if (gp < 1) gp = 1;
     size_t p_lo, p_hi;
