@@ -82,7 +82,10 @@ typedef struct ds_kernels {
      * l + (l + 8), that + 4, + 2, + 1. So every table and every nx give the same floats: a
      * token's result does not depend on the tokens beside it. The kernel also prefetches the
      * n_pf 64-byte lines from pf on, spread over its steps (the caller's stream ahead: issued at
-     * once they stall on the miss queue while the arithmetic waits). */
+     * once they stall on the miss queue while the arithmetic waits). With nx = 1 and pf NULL the
+     * AVX-512 and AVX2 kernels read the four rows one after another rather than side by side (the
+     * same sums), so that a caller streaming rows in order reads memory as one sequential stream.
+     */
     void (*dot4xn_bf16)(const float *const x[4], int nx, const uint16_t *const w[4], size_t n,
                         const char *pf, size_t n_pf, float out[16]);
     /* Integer dots of W8A8, exact in int32, for nx (1 - 4) tokens against the same four rows:

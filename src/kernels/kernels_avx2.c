@@ -283,11 +283,42 @@ static void dot4_fp8_avx2(const float *x, const uint8_t *const w[4], const float
         }                                                                                          \
     } while (0)
 
+/* One row of dot4xn_bf16_avx2 for one token: the same lanes and order (the rows walk of
+ * kernels.h: one token without prefetches). */
+static float bf16_row_avx2(const float *x, const uint16_t *w, size_t n) {
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        const __m256i v0 = _mm256_loadu_si256((const __m256i *)(w + i)),
+                      v1 = _mm256_loadu_si256((const __m256i *)(w + i + 16));
+        lo = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)),
+                             lo);
+        lo = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 16),
+                             _mm256_castsi256_ps(_mm256_and_si256(v0, high)), lo);
+        hi = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8),
+                             _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)), hi);
+        hi = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 24),
+                             _mm256_castsi256_ps(_mm256_and_si256(v1, high)), hi);
+    }
+    for (; i < n; i += 16) {
+        const size_t rl = n - i < 8 ? n - i : 8, rh = n - i < 16 ? n - i - rl : 8;
+        lo = _mm256_fmadd_ps(_mm256_maskload_ps(x + i, tail_mask(rl)), ld_bf16_tail(w + i, rl), lo);
+        hi = _mm256_fmadd_ps(_mm256_maskload_ps(x + i + 8, tail_mask(rh)),
+                             ld_bf16_tail(w + i + 8, rh), hi);
+    }
+    return hsum256(_mm256_add_ps(lo, hi));
+}
+
 /* The 16 lanes of kernels.h's order as two registers per row, lo (lanes 0..7) and hi (8..15):
  * their sum is the first step of that order, hsum256 the rest. One token at a time (16 registers
  * hold no more), the four rows' words re-read from L1 for the next. */
 static void dot4xn_bf16_avx2(const float *const x[4], int nx, const uint16_t *const w[4], size_t n,
                              const char *pf, size_t n_pf, float out[16]) {
+    if (nx == 1 && !pf) { /* one row after another */
+        for (int r = 0; r < 4; r++) out[r] = bf16_row_avx2(x[0], w[r], n);
+        return;
+    }
     const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
     const size_t steps = n / 32, per = steps ? (n_pf + steps - 1) / steps : 0;
     for (int t = 0; t < nx; t++) {

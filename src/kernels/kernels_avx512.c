@@ -354,12 +354,40 @@ dot4xn_bf16_body(const float *const x[4], const int nx, const uint16_t *const w[
         for (int r = 0; r < 4; r++) out[4 * t + r] = sum16(acc[t][r]);
 }
 
+/* One token without prefetches: the rows one after another, each the same chain as in the body
+ * (four rows side by side are four interleaved streams, which the hardware prefetcher followed
+ * worse than one; see MM_BF16_WALK_MIN). */
+static void dot4_bf16_rows(const float *x, const uint16_t *const w[4], size_t n, float out[4]) {
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+    for (int r = 0; r < 4; r++) {
+        const uint16_t *wr = w[r];
+        __m512 acc = _mm512_setzero_ps();
+        size_t i = 0;
+        for (; i + 32 <= n; i += 32) { /* two 32-byte loads, as in the body */
+            const __m512i v = _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(wr + i))),
+                _mm256_loadu_si256((const __m256i *)(wr + i + 16)), 1);
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + i),
+                                  _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), acc);
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16),
+                                  _mm512_castsi512_ps(_mm512_and_si512(v, high)), acc);
+        }
+        for (; i < n; i += 16) {
+            const __mmask16 m = tail16(n - i < 16 ? n - i : 16);
+            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + i), ld_bf16x16_m(wr + i, m), acc);
+        }
+        out[r] = sum16(acc);
+    }
+}
+
 static void dot4xn_bf16_avx512(const float *const x[4], int nx, const uint16_t *const w[4],
                                size_t n, const char *pf, size_t n_pf, float out[16]) {
     if (nx == 4)
         dot4xn_bf16_body(x, 4, w, n, pf, n_pf, out);
     else if (nx == 2)
         dot4xn_bf16_body(x, 2, w, n, pf, n_pf, out);
+    else if (!pf)
+        dot4_bf16_rows(x[0], w, n, out);
     else
         dot4xn_bf16_body(x, 1, w, n, pf, n_pf, out);
 }

@@ -774,6 +774,7 @@ static void matmul_suite(void) {
         {7, 129, 4, 64},      /* blocks that are not square: row and column indices differ */
         {130, 70, 64, 32},    /* grid [3, 3] */
         {1, 1, 128, 128},     {6, 4097, 128, 1000},
+        {37, 1024, 128, 128}, /* BF16 rows of one chunk: a token alone walks them one by one */
     };
     const ds_dtype dts[] = {DS_F32, DS_BF16, DS_F16, DS_F8_E4M3};
     for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++)
@@ -1114,7 +1115,7 @@ static void test_exp(const ds_kernels *k) {
 /* dot4xn_bf16 on odd lengths, rows and x in allocations of exactly their bytes at an offset
  * off any SIMD boundary (ASan catches a read past the end): bit-exact against scalar, every nx
  * giving each token the same floats as nx = 4, and scalar against a double-precision dot. The
- * prefetch range (the rows themselves) must change nothing. */
+ * prefetch range (the rows themselves), or none (one token: another walk), must change nothing. */
 static void test_dot4xn_bf16(const ds_kernels *k) {
     const ds_kernels *s = ds_kernels_scalar();
     for (size_t si = 0; si < N_SIZES; si++) {
@@ -1132,17 +1133,23 @@ static void test_dot4xn_bf16(const ds_kernels *k) {
             ds_bf16_split(xraw[t], n, sraw[t] + 1);
             xs[t] = sraw[t] + 1;
         }
-        float got[3][16], want[16];
+        /* one token both ways: rows side by side with prefetches, one after another without */
+        const char *pf = (const char *)f.w[0];
+        const size_t n_pf = (2 * n + 63) / 64;
+        float got[4][16], want[16];
         s->dot4xn_bf16(xs, 4, w16, n, NULL, 0, want);
-        k->dot4xn_bf16(xs, 4, w16, n, (const char *)f.w[0], (2 * n + 63) / 64, got[0]);
+        k->dot4xn_bf16(xs, 4, w16, n, pf, n_pf, got[0]);
         k->dot4xn_bf16(xs, 2, w16, n, NULL, 0, got[1]);
         k->dot4xn_bf16(xs + 2, 2, w16, n, NULL, 0, got[1] + 8);
-        for (int t = 0; t < 4; t++) k->dot4xn_bf16(xs + t, 1, w16, n, NULL, 0, got[2] + 4 * t);
+        for (int t = 0; t < 4; t++) {
+            k->dot4xn_bf16(xs + t, 1, w16, n, NULL, 0, got[2] + 4 * t);
+            k->dot4xn_bf16(xs + t, 1, w16, n, pf, n_pf, got[3] + 4 * t);
+        }
         int bad = 0;
         double worst = 0;
         for (int o = 0; o < 16; o++) {
             const int t = o / 4, r = o % 4;
-            for (int v = 0; v < 3; v++) bad += fbits(got[v][o]) != fbits(want[o]);
+            for (int v = 0; v < 4; v++) bad += fbits(got[v][o]) != fbits(want[o]);
             double ref = 0, sabs = 0;
             for (size_t i = 0; i < n; i++) {
                 double pr = (double)x[t][i] * fused_elem(&f, 0, r, i);
