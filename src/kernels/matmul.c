@@ -645,6 +645,55 @@ static void matmul_i8_thread(void *arg, int thread, int n_threads) {
     free(part);
 }
 
+/* The decode path's common case, per-channel int8 rows that one kernel call covers: the
+ * arithmetic of matmul_i8_thread, y = (scale_r * isum) * s_x, without its per-group chunk, block
+ * and scale-row bookkeeping (several 64-bit divisions a 4-row group). 3072 x 384 (q_b), one token,
+ * one thread, in cache: 58 -> 35 us a call, against 20 for the kernel calls alone. Medium W8A8,
+ * the two drivers alternating step by step (2-vCPU Zen 5 VM, 48 steps each, medians): q_b
+ * 0.60 -> 0.34 ms a step, experts' down 0.75 -> 0.64, the step 2.6% faster at 1 sequence and 4%
+ * at 4 and 8. */
+static void matmul_i8_rows_thread(void *arg, int thread, int n_threads) {
+    const matmul_ctx *c = arg;
+    const ds_mat *w = c->w;
+    const size_t cols = (size_t)w->cols, rows = (size_t)w->rows, n_tok = (size_t)c->n_tok;
+    const int8_t *data = (const int8_t *)w->data;
+    const float *scale = w->scale + w->row0;
+    size_t g_lo, g_hi; /* in groups of 4 rows */
+    ds_split_range((rows + 3) / 4, thread, n_threads, &g_lo, &g_hi);
+    const size_t end = (4 * g_hi < rows ? 4 * g_hi : rows) * cols;
+    size_t pf = 4 * g_lo * cols; /* prefetch cursor, as in matmul_i8_thread */
+    for (size_t g = g_lo; g < g_hi; g++) {
+        const size_t r0 = 4 * g, nr = rows - r0 < 4 ? rows - r0 : 4;
+        const int8_t *w8[4];
+        for (size_t j = 0; j < 4; j++) w8[j] = data + (r0 + (j < nr ? j : 0)) * cols;
+        size_t target = (r0 + 4) * cols + MM_FUSED_PF_AHEAD;
+        if (target > end) target = end;
+        if (target < pf) target = pf;
+        const size_t pf0 = pf;
+        for (size_t t0 = 0, nx; t0 < n_tok; t0 += nx) {
+            nx = n_tok - t0 < 4 ? n_tok - t0 : 4;
+            const size_t pt = n_tok == 1 ? target : pf0 + (target - pf0) * (t0 + nx) / n_tok;
+            const size_t n_pf = pt > pf ? (pt - pf + 63) / 64 : 0;
+            const char *pfp = (const char *)data + pf;
+            pf += 64 * n_pf;
+            const int8_t *xq[4];
+            const int32_t *xo[4];
+            for (size_t j = 0; j < 4; j++) { /* past nx: token t0 again, unread */
+                const size_t t = t0 + (j < nx ? j : 0);
+                xq[j] = c->q + t * c->ldq;
+                xo[j] = c->xoff + t;
+            }
+            int32_t isum[16];
+            c->k8->dot4_i8(xq, xo, (int)nx, w8, cols, cols, pfp, n_pf, isum);
+            for (size_t j = 0; j < nx; j++) {
+                float *yr = c->y + (t0 + j) * rows + r0;
+                const float sx = c->sx[t0 + j];
+                for (size_t r = 0; r < nr; r++) yr[r] = scale[r0 + r] * (float)isum[4 * j + r] * sx;
+            }
+        }
+    }
+}
+
 /* ---- the float GEMM path (F32 weights beyond MM_FUSED_MAX_TOK tokens, BF16 / F16 / FP8 beyond
  * the fused kernels' limits below)
  *
@@ -1025,6 +1074,9 @@ static void job_setup(const ds_mm_job *j, mm_job_state *st) {
             nc = i8_call_cols(w, &pc->pl, c0);
             pc->np += (nc + pc->pl.kblock - 1) / pc->pl.kblock;
         }
+        /* per-channel rows in one decode call each (np: one block a row) */
+        if (pc->pl.decode && !w->int4 && w->block_rows == 1 && pc->pl.bc == cols && pc->np == 1)
+            st->fn = matmul_i8_rows_thread;
     }
     st->c.n_pieces = pc->np;
 }
