@@ -9,7 +9,7 @@
  * Split. Each thread owns a contiguous range of rows (a contiguous slice of the mmap) and walks
  * it four rows at a time, so four FMA chains share each load of x. Two paths, chosen per call:
  *
- * Fused path (BF16 / F16 up to 32 tokens, BF16 more on narrow matrices, FP8 up to 16; the float
+ * Fused path (BF16 at any token count, F16 up to 32 tokens, FP8 up to 16; the float
  * GEMM path further down takes over beyond, and F32 beyond 8 tokens). The dot kernels read the
  * stored dtype and widen it in registers (dot4_<dtype>, and dot4x2_<dtype> for two tokens against
  * the same rows, so a weight is decoded once per token pair; BF16 runs dot4xn_bf16, four tokens a
@@ -60,12 +60,15 @@
  * medium model's lm_head), 2 threads, alone, against dot4 / dot4x2 with the burst: 1 token
  * 8.1 -> 7.4 ms, 4 tokens 10.3 -> 6.5, 8 tokens 14.6 -> 10.2, 32 tokens 30.7 -> 27.6; 18432 x
  * 7168 at 8 tokens 16.9 -> 13.8 ms. Every token's sums are the same floats whatever the other
- * tokens of the call (kernels.h), so a BF16 matrix's output for a token does not depend on the
- * batch up to the fused limit (MM_FUSED_MAX_TOK_16 tokens, more under MM_FUSED_BF16_X).
+ * tokens of the call (kernels.h), so BF16 runs dot4xn_bf16 at every token count (beyond four
+ * tokens in blocks: matmul_bf16_blocks_thread) and a BF16 matrix's output for a token does not
+ * depend on its batch. F16 and FP8 (up to their fused limits) and F32 switch to the float GEMM
+ * beyond MM_FUSED_MAX_TOK_16 / _FP8 / MM_FUSED_MAX_TOK tokens, whose sums are in another order.
  *
  * Rows are computed identically whatever the thread count (the split is by whole 4-row blocks
- * and the tile / chunk order is fixed), so results do not depend on the pool size; they do
- * depend on n_tok (path, and pairing in the F16 / FP8 fused path), by round-off. No state outlives
+ * and the tile / chunk order is fixed), so results do not depend on the pool size; except for
+ * BF16 and per-channel int8 they do depend on n_tok (path, and pairing in the F16 / FP8 fused
+ * path), by round-off. No state outlives
  * a call and the scratch is on each thread's stack, so any number of pools (models) may run matmuls
  * concurrently. */
 #include "kernels/kernels_isa.h"
@@ -315,6 +318,74 @@ static void matmul_thread(void *arg, int thread, int n_threads) {
  * tokens take, and a token's result must not depend on its batch; so rows wider than a chunk
  * (DeepSeek-V3's) keep the side-by-side walk for now. */
 #define MM_BF16_WALK_MIN 1024
+/* BF16 against more than four tokens (matmul_bf16_blocks_thread): blocks of tokens whose x (n x
+ * cols floats) fits MM_FUSED_BF16_X floats, and within each, blocks of rows of about
+ * MM_FUSED_ROWS_BYTES of weights, both held in L2 while every group of four tokens passes over
+ * the row block. It replaced the float GEMM for BF16 beyond 32 tokens (or beyond this much x),
+ * whose sums are in another order: a prompt prefilled beside others got other floats than alone,
+ * and greedy outputs of the medium W8A8 model batched by four differed from those alone (the
+ * BF16 router and lm_head). Alone, 2 threads, weights cold, ms, against the GEMM: 129280 x 1024
+ * at 192 tokens 207 vs 231; 16384 x 2048 at 128 / 512 tokens 41 / 160 vs 38 / 148; 8192 x 7168
+ * at 128 / 512 tokens 86 / 332 vs 68 / 292 (each token block re-reads the weights: the price on
+ * wide matrices). In the medium BF16 model, alternating with the GEMM step by step, 8 - 192
+ * sequences: steps 0 - 5% slower, the VM's noise in the same test without a change is +-4%. */
+#define MM_FUSED_BF16_X (128 * 1024)
+#define MM_FUSED_ROWS_BYTES (256 * 1024)
+
+/* BF16 at any token count above four: the calls of matmul_fused_thread (four rows x a chunk x a
+ * group of tokens, the chunks of a row in order), so each token's sums are those it gets alone,
+ * in another order of calls: token blocks, row blocks, token groups, rows, chunks. Each weight
+ * comes from memory once per token block and from L2 for the block's other token groups, and a
+ * token group's x from L2. The first token group of a row block streams it with the software
+ * prefetches (as the fused path does); the others read it from L2 without. */
+static void matmul_bf16_blocks_thread(void *arg, int thread, int n_threads) {
+    const matmul_ctx *c = arg;
+    const ds_mat *w = c->w;
+    const ds_kernels *k = c->k;
+    const size_t cols = (size_t)w->cols, rows = (size_t)w->rows, n_tok = (size_t)c->n_tok;
+    const size_t chunk = cols < MM_FUSED_CHUNK ? cols : MM_FUSED_CHUNK;
+    size_t b_lo, b_hi; /* in blocks of 4 rows */
+    ds_split_range((rows + 3) / 4, thread, n_threads, &b_lo, &b_hi);
+    size_t tblk = MM_FUSED_BF16_X / c->ldb / 4 * 4, rblk = MM_FUSED_ROWS_BYTES / (8 * cols);
+    if (tblk < 4) tblk = 4;
+    if (rblk < 1) rblk = 1;
+    const uint16_t *data = w->data;
+    const size_t end = (4 * b_hi < rows ? 4 * b_hi : rows) * cols * 2;
+    for (size_t t_lo = 0; t_lo < n_tok; t_lo += tblk) {
+        const size_t t_hi = n_tok - t_lo < tblk ? n_tok : t_lo + tblk;
+        size_t pf = 4 * b_lo * cols * 2; /* prefetch cursor: byte offset into W */
+        for (size_t b0 = b_lo; b0 < b_hi; b0 += rblk) {
+            const size_t b1 = b_hi - b0 < rblk ? b_hi : b0 + rblk;
+            for (size_t t = t_lo, nt; t < t_hi; t += nt) {
+                const size_t left = t_hi - t;
+                nt = left >= 4 ? 4 : left >= 2 ? 2 : 1;
+                for (size_t b = b0; b < b1; b++) {
+                    const size_t r0 = 4 * b, nr = rows - r0 < 4 ? rows - r0 : 4;
+                    for (size_t c0 = 0; c0 < cols; c0 += chunk) {
+                        const size_t nc = cols - c0 < chunk ? cols - c0 : chunk;
+                        const float *xs[4] = {NULL, NULL, NULL, NULL};
+                        const uint16_t *w16[4];
+                        for (size_t u = 0; u < nt; u++) xs[u] = c->xb + (t + u) * c->ldb + c0;
+                        for (size_t j = 0; j < 4; j++) /* a tail block repeats row r0; dropped */
+                            w16[j] = data + (r0 + (j < nr ? j : 0)) * cols + c0;
+                        size_t target = (r0 * cols + 4 * (c0 + nc)) * 2 + MM_FUSED_PF_AHEAD;
+                        if (target > end || t != t_lo) target = t != t_lo ? pf : end;
+                        const size_t n_pf = target > pf ? (target - pf + 63) / 64 : 0;
+                        const char *pfp = (const char *)data + pf; /* never NULL: no rows walk */
+                        pf += 64 * n_pf;
+                        float out[16];
+                        k->dot4xn_bf16(xs, (int)nt, w16, nc, pfp, n_pf, out);
+                        for (size_t u = 0; u < nt; u++) {
+                            float *yt = c->y + (t + u) * rows + r0;
+                            for (size_t j = 0; j < nr; j++)
+                                yt[j] = c0 == 0 ? out[4 * u + j] : yt[j] + out[4 * u + j];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
 
 /* Whether table k has its own fused kernels for this dtype. The scalar fallbacks that complete a
  * partial SIMD table (NEON today) would be far slower than that table's conversion + dot4 tiles,
@@ -714,12 +785,6 @@ static void matmul_i8_rows_thread(void *arg, int thread, int n_threads) {
  * 16 / 24 / 32 tokens 14.6 / 21.7 / 27.4 vs 14.8 / 18.7 / 23.3. */
 #define MM_FUSED_MAX_TOK_16 32
 #define MM_FUSED_MAX_TOK_FP8 16
-/* BF16 also beyond 32 tokens while every token's x, re-read for each 4-row block, stays in L2:
- * n_tok x cols floats within 512 KiB. dot4xn_bf16 against the float GEMM, 2 threads, ms:
- * 129280 x 1024 at 40 / 64 / 128 / 192 tokens 33.4 / 56.3 / 93.4 / 181 vs 42.3 / 63.1 / 102.9 /
- * 178; 16384 x 2048 at 40 / 64 / 128 tokens 10.7 / 16.9 / 35.5 vs 12.4 / 18.7 / 32.6; 8192 x
- * 7168 at 40 tokens 20.0 vs 19.3. */
-#define MM_FUSED_BF16_X (128 * 1024)
 
 static void matmul_fgemm_thread(void *arg, int thread, int n_threads) {
     const matmul_ctx *c = arg;
@@ -1048,10 +1113,10 @@ static void job_setup(const ds_mm_job *j, mm_job_state *st) {
         const int64_t fused_max =
             w->dtype == DS_F8_E4M3 ? MM_FUSED_MAX_TOK_FP8 : MM_FUSED_MAX_TOK_16;
         st->fn = matmul_thread;
-        const int fits =
-            j->n_tok <= fused_max || (w->dtype == DS_BF16 && j->n_tok * w->cols <= MM_FUSED_BF16_X);
+        const int fits = j->n_tok <= fused_max || w->dtype == DS_BF16;
         if (w->dtype != DS_F32 && fits && fused_native(st->c.k, w->dtype))
-            st->fn = matmul_fused_thread;
+            st->fn = w->dtype == DS_BF16 && j->n_tok > 4 ? matmul_bf16_blocks_thread
+                                                         : matmul_fused_thread;
         else if (j->n_tok > MM_FUSED_MAX_TOK && ds_kernels_fgemm_native(st->c.k))
             st->fn = matmul_fgemm_thread;
         return;
@@ -1081,6 +1146,12 @@ static void job_setup(const ds_mm_job *j, mm_job_state *st) {
     st->c.n_pieces = pc->np;
 }
 
+/* Whether job st runs BF16 through dot4xn_bf16, whose x is split first (split_bf16). */
+static int bf16_split_job(const ds_mm_job *j, const mm_job_state *st) {
+    return j->w->dtype == DS_BF16 &&
+           (st->fn == matmul_fused_thread || st->fn == matmul_bf16_blocks_thread);
+}
+
 /* True when job a, set up and prepared, prepared the activations job b needs: the same x and
  * tokens, split for dot4xn_bf16 (BF16) or quantized alike with the same offsets beside them
  * (DS_I8): a layer's gate and up, q_a and kv_a. */
@@ -1089,7 +1160,7 @@ static int same_prep(const ds_mm_job *a, const mm_job_state *sa, const ds_mm_job
     const ds_mat *wa = a->w, *wb = b->w;
     const i8_plan *pa = &sa->pc.pl, *pb = &sb->pc.pl;
     if (a->x != b->x || a->n_tok != b->n_tok || wa->cols != wb->cols) return 0;
-    if (sb->fn == matmul_fused_thread && wb->dtype == DS_BF16) return sa->c.xb != NULL;
+    if (bf16_split_job(b, sb)) return sa->c.xb != NULL;
     return sa->q && wa->act_n == wb->act_n && wa->act_scale == wb->act_scale &&
            wa->act_zp == wb->act_zp && sa->pc.mode == sb->pc.mode && wa->int4 == wb->int4 &&
            (sa->pc.mode != PREP_GEMM || i8_block(wa) == i8_block(wb)) &&
@@ -1144,7 +1215,7 @@ void ds_matmul_jobs(ds_pool *pool, const ds_mm_job *jobs, int n_jobs) {
             continue;
         }
         job_setup(j, &st[i]);
-        const int bf16 = j->w->dtype == DS_BF16 && st[i].fn == matmul_fused_thread;
+        const int bf16 = bf16_split_job(j, &st[i]);
         if (!bf16 && j->w->dtype != DS_I8) continue;
         /* an earlier job of the same x that prepares the same serves this one too; jobs of one
          * x come together (gate, up), so the search stops at the first other x */

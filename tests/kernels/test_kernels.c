@@ -723,7 +723,8 @@ static void check_matmul(const test_mat *t, ds_pool *p1, ds_pool *p3, const char
     int64_t rows = t->m.rows, cols = t->m.cols;
     /* 1..5: the fused path for BF16 / F16 / FP8 (single tokens, pairs, BF16 fours) and the tiled
      * one for F32; 17: fused for BF16 / F16, the float GEMM for F32 / FP8; 33: the float GEMM for
-     * all (the tiled path on tables without it) but BF16 of up to 3971 columns, still fused */
+     * all (the tiled path on tables without it) but BF16, fused at any count (4097 columns: in
+     * two blocks of tokens) */
     const int64_t toks[] = {1, 2, 3, 4, 5, 17, 33};
     for (size_t ti = 0; ti < sizeof toks / sizeof toks[0]; ti++) {
         int64_t nt = toks[ti];
@@ -755,8 +756,8 @@ static void check_matmul(const test_mat *t, ds_pool *p1, ds_pool *p3, const char
                   "%s n_tok=%lld: 1 and 3 threads disagree", what, (long long)nt);
         CHECK_MSG(y1[nt * rows] == 999.0f && y3[nt * rows] == 999.0f, "%s n_tok=%lld: wrote past y",
                   what, (long long)nt);
-        /* BF16 on the fused path (up to 32 tokens): each token's row is the one it gets alone */
-        if (t->m.dtype == DS_BF16 && nt <= 32) check_alone(p3, &t->m, x, y1, nt, what);
+        /* BF16 (the fused path at every count): each token's row is the one it gets alone */
+        if (t->m.dtype == DS_BF16) check_alone(p3, &t->m, x, y1, nt, what);
         free(x);
         free(y1);
         free(y3);
@@ -773,8 +774,9 @@ static void matmul_suite(void) {
         {301, 203, 128, 128}, /* plus a tail row block of 1 */
         {7, 129, 4, 64},      /* blocks that are not square: row and column indices differ */
         {130, 70, 64, 32},    /* grid [3, 3] */
-        {1, 1, 128, 128},     {6, 4097, 128, 1000},
-        {37, 1024, 128, 128}, /* BF16 rows of one chunk: a token alone walks them one by one */
+        {1, 1, 128, 128},      {6, 4097, 128, 1000},
+        {301, 1024, 128, 128}, /* BF16 rows of one chunk: a token alone walks them one by one;
+                                  more tokens on one thread take several row blocks */
     };
     const ds_dtype dts[] = {DS_F32, DS_BF16, DS_F16, DS_F8_E4M3};
     for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++)
