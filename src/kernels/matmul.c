@@ -765,24 +765,23 @@ static void matmul_i8_rows_thread(void *arg, int thread, int n_threads) {
     }
 }
 
-/* ---- the float GEMM path (F32 weights beyond MM_FUSED_MAX_TOK tokens, BF16 / F16 / FP8 beyond
- * the fused kernels' limits below)
+/* ---- the float GEMM path (F32 weights beyond MM_FUSED_MAX_TOK tokens, F16 / FP8 beyond the fused
+ * kernels' limits below; BF16 stays fused, see matmul_bf16_blocks_thread)
  *
  * The tiled path's dot4 keeps one row x token dot per register and reduces it per tile; here, as
  * in the int8 GEMM below, sixteen rows share a register: each thread takes whole 16-row panels,
  * converts MM_FGEMM_K columns of them to f32 (row_part, exactly the tiled path's conversion:
- * fp8 x scale rounded once), transposes them into a panel [column][16 rows] (BF16 in one pass,
- * pack16_bf16: through a scratch of f32 rows, 129280 x 1024 at 64 tokens took 69 ms, now 62),
- * and every eight tokens pass over it with one FMA per column and token (gemm16x8_f32): 8 FMAs
+ * fp8 x scale rounded once), transposes them into a panel [column][16 rows], and every eight
+ * tokens pass over it with one FMA per column and token (gemm16x8_f32): 8 FMAs
  * per 64-byte load instead of dot4's 4 FMAs per 4 loads. Partial sums of the column chunks add
  * into y in order. Tables without this kernel (AVX2, NEON) keep the tiled path. */
 #define MM_FGEMM_K 1024
 /* Up to these token counts the fused kernels beat the float GEMM, or tie with it, whose packing
  * (conversion to f32 and transposition) is paid per panel. Measured on the 2-vCPU Zen 5 VM,
- * 2 threads, fused vs GEMM ms: BF16 129280 x 1024 (lm_head) at 16 / 24 / 32 tokens 20.7 / 28.9 /
- * 32.1 vs 22.4 / 26.9 / 36.7, and 128 matrices of 512 x 1024 (experts) 11.1 / 15.6 / 22.9 vs
- * 12.4 / 17.8 / 20.6; FP8 (its fused kernel decodes e4m3 per token pair) 16384 x 4096 at
- * 16 / 24 / 32 tokens 14.6 / 21.7 / 27.4 vs 14.8 / 18.7 / 23.3. */
+ * 2 threads, fused vs GEMM ms (F16's limit is the one measured for BF16 when it still took the
+ * GEMM: 129280 x 1024 at 16 / 24 / 32 tokens 20.7 / 28.9 / 32.1 vs 22.4 / 26.9 / 36.7); FP8 (its
+ * fused kernel decodes e4m3 per token pair) 16384 x 4096 at 16 / 24 / 32 tokens 14.6 / 21.7 / 27.4
+ * vs 14.8 / 18.7 / 23.3. */
 #define MM_FUSED_MAX_TOK_16 32
 #define MM_FUSED_MAX_TOK_FP8 16
 
@@ -794,8 +793,8 @@ static void matmul_fgemm_thread(void *arg, int thread, int n_threads) {
     size_t p_lo, p_hi;
     ds_split_range((rows + 15) / 16, thread, n_threads, &p_lo, &p_hi);
     if (p_lo >= p_hi) return;
-    /* [16][MM_FGEMM_K]: the rows converted to f32 first, for the dtypes not packed in place */
-    const int scratch = w->dtype != DS_F32 && w->dtype != DS_BF16;
+    /* [16][MM_FGEMM_K]: the rows converted to f32 first, but F32 packed in place */
+    const int scratch = w->dtype != DS_F32;
     float *rowbuf = scratch ? malloc(16 * MM_FGEMM_K * sizeof(float)) : NULL;
     float *pan = malloc(16 * MM_FGEMM_K * sizeof(float)); /* [MM_FGEMM_K][16] */
     DS_ASSERT((rowbuf || !scratch) && pan);
@@ -803,27 +802,19 @@ static void matmul_fgemm_thread(void *arg, int thread, int n_threads) {
         const size_t r0 = 16 * p, nr = rows - r0 < 16 ? rows - r0 : 16;
         for (size_t k0 = 0; k0 < cols; k0 += MM_FGEMM_K) {
             const size_t nc = cols - k0 < MM_FGEMM_K ? cols - k0 : MM_FGEMM_K;
-            if (w->dtype == DS_BF16) {
-                const uint16_t *bp[16];
-                for (size_t j = 0; j < 16; j++) /* a tail panel repeats row r0; dropped */
-                    bp[j] = (const uint16_t *)w->data + (r0 + (j < nr ? j : 0)) * cols + k0;
-                k->pack16_bf16(pan, bp, nc);
-            } else {
-                const float *rp[16];
-                for (size_t j = 0; j < 16; j++) {
-                    size_t r = r0 + (j < nr ? j : 0);
-                    if (w->dtype == DS_F32) {
-                        rp[j] = (const float *)w->data + r * cols + k0;
-                    } else if (j < nr) {
-                        row_part(k, w, (int64_t)r, (int64_t)k0, (int64_t)nc,
-                                 rowbuf + j * MM_FGEMM_K);
-                        rp[j] = rowbuf + j * MM_FGEMM_K;
-                    } else {
-                        rp[j] = rp[0];
-                    }
+            const float *rp[16];
+            for (size_t j = 0; j < 16; j++) {
+                size_t r = r0 + (j < nr ? j : 0);
+                if (w->dtype == DS_F32) {
+                    rp[j] = (const float *)w->data + r * cols + k0;
+                } else if (j < nr) {
+                    row_part(k, w, (int64_t)r, (int64_t)k0, (int64_t)nc, rowbuf + j * MM_FGEMM_K);
+                    rp[j] = rowbuf + j * MM_FGEMM_K;
+                } else {
+                    rp[j] = rp[0];
                 }
-                k->pack16_f32(pan, rp, nc);
             }
+            k->pack16_f32(pan, rp, nc);
             /* the next chunk's stored bytes (this panel's next columns, or the next panel's
              * first) fetched while the tokens run over this one, a share of its rows before each
              * pass: issued at once they filled the miss queue and stalled (perf, 129280 x 1024
