@@ -68,9 +68,8 @@
  * Rows are computed identically whatever the thread count (the split is by whole 4-row blocks
  * and the tile / chunk order is fixed), so results do not depend on the pool size; except for
  * BF16 and per-channel int8 they do depend on n_tok (path, and pairing in the F16 / FP8 fused
- * path), by round-off. No state outlives
- * a call and the scratch is on each thread's stack, so any number of pools (models) may run matmuls
- * concurrently. */
+ * path), by round-off. No state outlives a call and the scratch is on each thread's stack, so
+ * any number of pools (models) may run matmuls concurrently. */
 #include "kernels/kernels_isa.h"
 
 #include <math.h>
@@ -368,8 +367,11 @@ static void matmul_bf16_blocks_thread(void *arg, int thread, int n_threads) {
                         for (size_t u = 0; u < nt; u++) xs[u] = c->xb + (t + u) * c->ldb + c0;
                         for (size_t j = 0; j < 4; j++) /* a tail block repeats row r0; dropped */
                             w16[j] = data + (r0 + (j < nr ? j : 0)) * cols + c0;
-                        size_t target = (r0 * cols + 4 * (c0 + nc)) * 2 + MM_FUSED_PF_AHEAD;
-                        if (target > end || t != t_lo) target = t != t_lo ? pf : end;
+                        size_t target = pf; /* later token groups: the row block is in L2 */
+                        if (t == t_lo) {
+                            target = (r0 * cols + 4 * (c0 + nc)) * 2 + MM_FUSED_PF_AHEAD;
+                            if (target > end) target = end;
+                        }
                         const size_t n_pf = target > pf ? (target - pf + 63) / 64 : 0;
                         const char *pfp = (const char *)data + pf; /* never NULL: no rows walk */
                         pf += 64 * n_pf;
