@@ -331,6 +331,34 @@ static void matmul_thread(void *arg, int thread, int n_threads) {
 #define MM_FUSED_BF16_X (128 * 1024)
 #define MM_FUSED_ROWS_BYTES (256 * 1024)
 
+/* Tokens [t, t + nt)'s sums of rows [r0, r0 + nr) over the chunk at column c0 (out[4 u + j])
+ * into y: a row's first chunk sets it and the later ones add, so every token sums a row's chunks
+ * in the same order whatever the path or its batch. */
+static void store_chunk(const matmul_ctx *c, size_t t, size_t nt, size_t r0, size_t nr, size_t c0,
+                        const float out[16]) {
+    const size_t rows = (size_t)c->w->rows;
+    for (size_t u = 0; u < nt; u++) {
+        float *yt = c->y + (t + u) * rows + r0;
+        for (size_t j = 0; j < nr; j++) yt[j] = c0 == 0 ? out[4 * u + j] : yt[j] + out[4 * u + j];
+    }
+}
+
+/* One BF16 kernel call, tokens [t, t + nt) x rows [r0, r0 + nr) x columns [c0, c0 + nc), into y.
+ * A tail block repeats row r0 in its missing slots; those sums are dropped. pfp NULL: the kernel
+ * walks the rows one after another, without software prefetches (MM_BF16_WALK_MIN). */
+static void bf16_chunk(const matmul_ctx *c, size_t t, size_t nt, size_t r0, size_t nr, size_t c0,
+                       size_t nc, const char *pfp, size_t n_pf) {
+    const size_t cols = (size_t)c->w->cols;
+    const uint16_t *data = c->w->data;
+    const float *xs[4] = {NULL, NULL, NULL, NULL};
+    const uint16_t *w16[4];
+    for (size_t u = 0; u < nt; u++) xs[u] = c->xb + (t + u) * c->ldb + c0;
+    for (size_t j = 0; j < 4; j++) w16[j] = data + (r0 + (j < nr ? j : 0)) * cols + c0;
+    float out[16];
+    c->k->dot4xn_bf16(xs, (int)nt, w16, nc, pfp, n_pf, out);
+    store_chunk(c, t, nt, r0, nr, c0, out);
+}
+
 /* BF16 at any token count above four: the calls of matmul_fused_thread (four rows x a chunk x a
  * group of tokens, the chunks of a row in order), so each token's sums are those it gets alone,
  * in another order of calls: token blocks, row blocks, token groups, rows, chunks. Each weight
@@ -340,7 +368,6 @@ static void matmul_thread(void *arg, int thread, int n_threads) {
 static void matmul_bf16_blocks_thread(void *arg, int thread, int n_threads) {
     const matmul_ctx *c = arg;
     const ds_mat *w = c->w;
-    const ds_kernels *k = c->k;
     const size_t cols = (size_t)w->cols, rows = (size_t)w->rows, n_tok = (size_t)c->n_tok;
     const size_t chunk = cols < MM_FUSED_CHUNK ? cols : MM_FUSED_CHUNK;
     size_t b_lo, b_hi; /* in blocks of 4 rows */
@@ -362,11 +389,6 @@ static void matmul_bf16_blocks_thread(void *arg, int thread, int n_threads) {
                     const size_t r0 = 4 * b, nr = rows - r0 < 4 ? rows - r0 : 4;
                     for (size_t c0 = 0; c0 < cols; c0 += chunk) {
                         const size_t nc = cols - c0 < chunk ? cols - c0 : chunk;
-                        const float *xs[4] = {NULL, NULL, NULL, NULL};
-                        const uint16_t *w16[4];
-                        for (size_t u = 0; u < nt; u++) xs[u] = c->xb + (t + u) * c->ldb + c0;
-                        for (size_t j = 0; j < 4; j++) /* a tail block repeats row r0; dropped */
-                            w16[j] = data + (r0 + (j < nr ? j : 0)) * cols + c0;
                         size_t target = pf; /* later token groups: the row block is in L2 */
                         if (t == t_lo) {
                             target = (r0 * cols + 4 * (c0 + nc)) * 2 + MM_FUSED_PF_AHEAD;
@@ -375,13 +397,7 @@ static void matmul_bf16_blocks_thread(void *arg, int thread, int n_threads) {
                         const size_t n_pf = target > pf ? (target - pf + 63) / 64 : 0;
                         const char *pfp = (const char *)data + pf; /* never NULL: no rows walk */
                         pf += 64 * n_pf;
-                        float out[16];
-                        k->dot4xn_bf16(xs, (int)nt, w16, nc, pfp, n_pf, out);
-                        for (size_t u = 0; u < nt; u++) {
-                            float *yt = c->y + (t + u) * rows + r0;
-                            for (size_t j = 0; j < nr; j++)
-                                yt[j] = c0 == 0 ? out[4 * u + j] : yt[j] + out[4 * u + j];
-                        }
+                        bf16_chunk(c, t, nt, r0, nr, c0, nc, pfp, n_pf);
                     }
                 }
             }
@@ -486,26 +502,15 @@ static void matmul_fused_thread(void *arg, int thread, int n_threads) {
                 const size_t n_pf = pt > pf ? (pt - pf + 63) / 64 : 0;
                 const char *pfp = (const char *)w->data + pf;
                 pf += 64 * n_pf;
-                float out[16];
                 if (c->xb) {
-                    const float *xs[4] = {NULL, NULL, NULL, NULL};
-                    const uint16_t *w16[4];
-                    for (size_t u = 0; u < nt; u++) xs[u] = c->xb + (t + u) * c->ldb + c0;
-                    for (size_t j = 0; j < 4; j++) w16[j] = (const uint16_t *)(const void *)wp[j];
-                    if (walk)
-                        k->dot4xn_bf16(xs, 1, w16, nc, NULL, 0, out);
-                    else
-                        k->dot4xn_bf16(xs, (int)nt, w16, nc, pfp, n_pf, out);
-                } else {
-                    for (size_t l = 0; l < n_pf; l++) __builtin_prefetch(pfp + 64 * l);
-                    const float *x0 = c->x + t * cols + c0, *x1 = nt == 2 ? x0 + cols : NULL;
-                    fused_call(k, w->dtype, x0, x1, wp, sp, nc, bc, out);
+                    bf16_chunk(c, t, nt, r0, nr, c0, nc, walk ? NULL : pfp, walk ? 0 : n_pf);
+                    continue;
                 }
-                for (size_t u = 0; u < nt; u++) {
-                    float *yt = c->y + (t + u) * rows + r0;
-                    for (size_t j = 0; j < nr; j++)
-                        yt[j] = c0 == 0 ? out[4 * u + j] : yt[j] + out[4 * u + j];
-                }
+                for (size_t l = 0; l < n_pf; l++) __builtin_prefetch(pfp + 64 * l);
+                const float *x0 = c->x + t * cols + c0, *x1 = nt == 2 ? x0 + cols : NULL;
+                float out[16];
+                fused_call(k, w->dtype, x0, x1, wp, sp, nc, bc, out);
+                store_chunk(c, t, nt, r0, nr, c0, out);
             }
         }
     }
