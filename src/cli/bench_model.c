@@ -120,7 +120,8 @@ int ds_cmd_bench_model(int argc, char **argv) {
         if (ok)
             printf("model            %s (%s, %d threads)\n", dir, ds_kernels_get()->name,
                    ds_pool_size(pool));
-        if (ok && !ds_cli_bench_batch(m, bs, (int)nb, prompt_set ? n_prompt : 32, n_decode, bw))
+        if (ok && !ds_cli_bench_batch(m, bs, (int)nb, prompt_set ? n_prompt : 32, n_decode, bw,
+                                      (size_t)bw_mib << 20))
             status = 0;
         free(bs);
         goto out;

@@ -119,9 +119,10 @@ int ds_cli_parse_u64(const char *s, uint64_t *out, int allow_suffix);
 int ds_cli_engine_flag(int c, const char *arg, const char *cmd, ds_engine_params *p);
 
 /* bench-model --batch: decode of B sequences together against this machine's limits
- * (bench_batch.c); batches (n_batches) are the batch sizes, bw the measured read bandwidth. */
+ * (bench_batch.c); batches (n_batches) are the batch sizes, bw a read bandwidth measured on
+ * bw_bytes, which it measures again before each batch size. */
 int ds_cli_bench_batch(ds_model *m, const int32_t *batches, int n_batches, long context, long steps,
-                       double bw);
+                       double bw, size_t bw_bytes);
 
 /* generate --batch-file: every JSON line of file through the engine at once (generate_batch.c). */
 int ds_cli_generate_batch(const char *model_dir, const char *file, int text_out,
