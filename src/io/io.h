@@ -77,6 +77,9 @@ void ds_st_drop_range(const ds_st_tensor *t, const void *p, uint64_t n);
  * (NULL): call once binding is done. Adds the bytes read to *bytes. On a failure the files not
  * yet loaded stay mapped. */
 int ds_st_load_used(ds_st_set *s, int release_cache, uint64_t *bytes);
+/* Makes the memory of the files ds_st_load_used loaded writable (writable = 1), for tensors
+ * rearranged in place (ds_mat_interleave), or read-only again (0), as loading leaves it. */
+int ds_st_loaded_writable(ds_st_set *s, int writable);
 /* The bytes ds_st_load_used would read now. */
 uint64_t ds_st_used_bytes(const ds_st_set *s);
 /* DS_OK while every file of the set is as it was mapped; DS_ERR_IO naming the first one written

@@ -191,6 +191,7 @@ typedef struct {
     uint64_t len;
     int fd;                /* open while mapped: ds_st_check_unchanged fstat()s it */
     struct timespec mtime; /* when it was mapped */
+    int loaded;            /* map holds the used tensors in memory (ds_st_load_used) */
     ds_st_header h;
 } st_file;
 
@@ -601,6 +602,7 @@ static int load_file(st_file *f, int release_cache, uint64_t *bytes) {
     }
     for (size_t i = 0; i < f->h.n_tensors; i++) /* their bytes are now zeros */
         if (!f->h.tensors[i].found || f->h.tensors[i].dropped) f->h.tensors[i].data = NULL;
+    f->loaded = 1;
     return DS_OK;
 }
 
@@ -609,4 +611,14 @@ int ds_st_load_used(ds_st_set *s, int release_cache, uint64_t *bytes) {
     for (size_t i = 0; i < s->n_files && !rc; i++)
         rc = load_file(&s->files[i], release_cache, bytes);
     return rc;
+}
+
+int ds_st_loaded_writable(ds_st_set *s, int writable) {
+    for (size_t i = 0; i < s->n_files; i++) {
+        st_file *f = &s->files[i];
+        if (f->loaded && mprotect(f->map, (size_t)f->len, PROT_READ | (writable ? PROT_WRITE : 0)))
+            return ds_err_set(DS_ERR_IO, "%s: cannot change the loaded weights' protection: %s",
+                              f->h.path, strerror(errno));
+    }
+    return DS_OK;
 }

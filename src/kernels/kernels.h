@@ -85,9 +85,13 @@ typedef struct ds_kernels {
      * once they stall on the miss queue while the arithmetic waits). With nx = 1 and pf NULL the
      * AVX-512 and AVX2 kernels read the four rows one after another rather than side by side (the
      * same sums), so that a caller streaming rows in order reads memory as one sequential stream.
+     * Row r's columns are read in pieces of 32 (the last may be shorter), piece s at w[r] + s *
+     * step: step 32 for a row in one piece of memory, 128 for the rows of a ds_mat interleaved
+     * by fours (ds_mat_interleave), whose four rows are then one stream side by side (the rows
+     * walk needs step 32).
      */
     void (*dot4xn_bf16)(const float *const x[4], int nx, const uint16_t *const w[4], size_t n,
-                        const char *pf, size_t n_pf, float out[16]);
+                        size_t step, const char *pf, size_t n_pf, float out[16]);
     /* Integer dots of W8A8, exact in int32, for nx (1 - 4) tokens against the same four rows:
      * the columns are cut into blocks of `block` (> 0) starting at column 0, the last one
      * partial, and for every block b, token t and row r
@@ -200,6 +204,10 @@ typedef struct {
     int64_t act_n;
     const float *act_scale, *act_zp;
     const float *bias; /* NULL or one f32 per row, added to y (any dtype) */
+    /* 1: BF16 rows interleaved by fours (ds_mat_interleave): the bytes of rows 4b .. 4b + 3
+     * (b < rows / 4) hold, for each 32-column piece s in order, the four rows' piece s one after
+     * another; rows past 4 * (rows / 4) stay row-major after them. 0: row-major. */
+    int ilv;
 } ds_mat;
 
 /* True when the dtype is one ds_matmul can read. */
@@ -208,8 +216,15 @@ int ds_mat_dtype_ok(ds_dtype t);
 void ds_mat_row_f32(const ds_mat *w, int64_t r, float *dst);
 /* Same for columns [c0, c0 + n) of row r. */
 void ds_mat_row_part_f32(const ds_mat *w, int64_t r, int64_t c0, int64_t n, float *dst);
-/* Narrows w to its rows [r0, r1) in place (data advanced, row0 for the scale grid). */
+/* Narrows w to its rows [r0, r1) in place (data advanced, row0 for the scale grid). An
+ * interleaved w is cut at whole blocks of 4 rows only (r1 may be its end). */
 void ds_mat_slice_rows(ds_mat *w, int64_t r0, int64_t r1);
+/* Interleaves w's rows by fours in place (ds_mat.ilv), when w is BF16 of whole 32-column pieces
+ * and at least 4 rows and this machine's kernel table reads BF16 fused (dot4xn_bf16): the four
+ * rows a kernel call reads side by side are then one stream in memory, which the hardware
+ * prefetcher follows (four streams 2 KiB apart it did not). w->data must be writable and seen
+ * through no other ds_mat. Returns 1 when interleaved, 0 when left as it is. */
+int ds_mat_interleave(ds_mat *w);
 /* Bytes of the stored matrix (scales included). */
 uint64_t ds_mat_bytes(const ds_mat *w);
 

@@ -314,8 +314,8 @@ static float bf16_row_avx2(const float *x, const uint16_t *w, size_t n) {
  * their sum is the first step of that order, hsum256 the rest. One token at a time (16 registers
  * hold no more), the four rows' words re-read from L1 for the next. */
 static void dot4xn_bf16_avx2(const float *const x[4], int nx, const uint16_t *const w[4], size_t n,
-                             const char *pf, size_t n_pf, float out[16]) {
-    if (nx == 1 && !pf) { /* one row after another */
+                             size_t step, const char *pf, size_t n_pf, float out[16]) {
+    if (nx == 1 && !pf && step == 32) { /* one row after another */
         for (int r = 0; r < 4; r++) out[r] = bf16_row_avx2(x[0], w[r], n);
         return;
     }
@@ -324,14 +324,14 @@ static void dot4xn_bf16_avx2(const float *const x[4], int nx, const uint16_t *co
     for (int t = 0; t < nx; t++) {
         __m256 lo[4], hi[4];
         for (int r = 0; r < 4; r++) lo[r] = hi[r] = _mm256_setzero_ps();
-        size_t i = 0;
-        for (; i + 32 <= n; i += 32) {
+        size_t i = 0, o = 0; /* o: the piece's offset from w[r] */
+        for (; i + 32 <= n; i += 32, o += step) {
             for (size_t q = 0; q < per && n_pf; q++, n_pf--, pf += 64) __builtin_prefetch(pf);
             const __m256 xel = _mm256_loadu_ps(x[t] + i), xeh = _mm256_loadu_ps(x[t] + i + 8),
                          xol = _mm256_loadu_ps(x[t] + i + 16), xoh = _mm256_loadu_ps(x[t] + i + 24);
             for (int r = 0; r < 4; r++) {
-                const __m256i v0 = _mm256_loadu_si256((const __m256i *)(w[r] + i)),
-                              v1 = _mm256_loadu_si256((const __m256i *)(w[r] + i + 16));
+                const __m256i v0 = _mm256_loadu_si256((const __m256i *)(w[r] + o)),
+                              v1 = _mm256_loadu_si256((const __m256i *)(w[r] + o + 16));
                 lo[r] = _mm256_fmadd_ps(xel, _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)), lo[r]);
                 lo[r] =
                     _mm256_fmadd_ps(xol, _mm256_castsi256_ps(_mm256_and_si256(v0, high)), lo[r]);
@@ -341,13 +341,14 @@ static void dot4xn_bf16_avx2(const float *const x[4], int nx, const uint16_t *co
             }
         }
         for (; n_pf; n_pf--, pf += 64) __builtin_prefetch(pf);
-        for (; i < n; i += 16) {
+        for (const size_t i0 = i; i < n; i += 16) { /* the last piece, at offset o */
             const size_t rl = n - i < 8 ? n - i : 8, rh = n - i < 16 ? n - i - rl : 8;
             const __m256 xl = _mm256_maskload_ps(x[t] + i, tail_mask(rl)),
                          xh = _mm256_maskload_ps(x[t] + i + 8, tail_mask(rh));
             for (int r = 0; r < 4; r++) {
-                lo[r] = _mm256_fmadd_ps(xl, ld_bf16_tail(w[r] + i, rl), lo[r]);
-                hi[r] = _mm256_fmadd_ps(xh, ld_bf16_tail(w[r] + i + 8, rh), hi[r]);
+                const uint16_t *wt = w[r] + o + (i - i0);
+                lo[r] = _mm256_fmadd_ps(xl, ld_bf16_tail(wt, rl), lo[r]);
+                hi[r] = _mm256_fmadd_ps(xh, ld_bf16_tail(wt + 8, rh), hi[r]);
             }
         }
         for (int r = 0; r < 4; r++) out[4 * t + r] = hsum256(_mm256_add_ps(lo[r], hi[r]));

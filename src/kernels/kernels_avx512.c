@@ -298,7 +298,7 @@ static inline float sum16(__m512 a) {
  * 8 decoded weight vectors and the token's two x vectors, within the 32 registers. */
 static inline __attribute__((always_inline)) void
 dot4xn_bf16_body(const float *const x[4], const int nx, const uint16_t *const w[4], size_t n,
-                 const char *pf, size_t n_pf, float out[16]) {
+                 size_t step, const char *pf, size_t n_pf, float out[16]) {
     __m512 acc[4][4];
 #pragma GCC unroll 4
     for (int t = 0; t < nx; t++)
@@ -306,8 +306,8 @@ dot4xn_bf16_body(const float *const x[4], const int nx, const uint16_t *const w[
         for (int r = 0; r < 4; r++) acc[t][r] = _mm512_setzero_ps();
     const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
     const size_t steps = n / 32, per = steps ? (n_pf + steps - 1) / steps : 0;
-    size_t i = 0;
-    for (; i + 32 <= n; i += 32) {
+    size_t i = 0, o = 0; /* o: the piece's offset from w[r] */
+    for (; i + 32 <= n; i += 32, o += step) {
         for (size_t q = 0; q < per && n_pf; q++, n_pf--, pf += 64) __builtin_prefetch(pf);
         __m512 we[4], wo[4];
 #pragma GCC unroll 4
@@ -317,8 +317,8 @@ dot4xn_bf16_body(const float *const x[4], const int nx, const uint16_t *const w[
              * tokens, rows 8 - 40 bytes off a line: 13 - 17 vs 7 - 9 ms aligned); a 32-byte
              * load is split only at odd 32-byte offsets, and then it measured as fast */
             const __m512i v = _mm512_inserti64x4(
-                _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(w[r] + i))),
-                _mm256_loadu_si256((const __m256i *)(w[r] + i + 16)), 1);
+                _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(w[r] + o))),
+                _mm256_loadu_si256((const __m256i *)(w[r] + o + 16)), 1);
             we[r] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
             wo[r] = _mm512_castsi512_ps(_mm512_and_si512(v, high));
         }
@@ -336,11 +336,11 @@ dot4xn_bf16_body(const float *const x[4], const int nx, const uint16_t *const w[
         }
     }
     for (; n_pf; n_pf--, pf += 64) __builtin_prefetch(pf);
-    for (; i < n; i += 16) {
+    for (const size_t i0 = i; i < n; i += 16) { /* the last piece, at offset o */
         const __mmask16 m = tail16(n - i < 16 ? n - i : 16);
         __m512 wv[4];
 #pragma GCC unroll 4
-        for (int r = 0; r < 4; r++) wv[r] = ld_bf16x16_m(w[r] + i, m);
+        for (int r = 0; r < 4; r++) wv[r] = ld_bf16x16_m(w[r] + o + (i - i0), m);
 #pragma GCC unroll 4
         for (int t = 0; t < nx; t++) {
             const __m512 xv = _mm512_maskz_loadu_ps(m, x[t] + i);
@@ -381,15 +381,15 @@ static void dot4_bf16_rows(const float *x, const uint16_t *const w[4], size_t n,
 }
 
 static void dot4xn_bf16_avx512(const float *const x[4], int nx, const uint16_t *const w[4],
-                               size_t n, const char *pf, size_t n_pf, float out[16]) {
+                               size_t n, size_t step, const char *pf, size_t n_pf, float out[16]) {
     if (nx == 4)
-        dot4xn_bf16_body(x, 4, w, n, pf, n_pf, out);
+        dot4xn_bf16_body(x, 4, w, n, step, pf, n_pf, out);
     else if (nx == 2)
-        dot4xn_bf16_body(x, 2, w, n, pf, n_pf, out);
-    else if (!pf)
+        dot4xn_bf16_body(x, 2, w, n, step, pf, n_pf, out);
+    else if (!pf && step == 32)
         dot4_bf16_rows(x[0], w, n, out);
     else
-        dot4xn_bf16_body(x, 1, w, n, pf, n_pf, out);
+        dot4xn_bf16_body(x, 1, w, n, step, pf, n_pf, out);
 }
 
 static void dot4x2_f16_avx512(const float *x0, const float *x1, const uint16_t *const w[4],

@@ -167,21 +167,24 @@ static float lanes_sum16(const float l[16]) {
 }
 
 static void dot4xn_bf16_scalar(const float *const x[4], int nx, const uint16_t *const w[4],
-                               size_t n, const char *pf, size_t n_pf, float out[16]) {
+                               size_t n, size_t step, const char *pf, size_t n_pf, float out[16]) {
     (void)pf; /* the scalar table does not prefetch */
     (void)n_pf;
     for (int t = 0; t < nx; t++)
         for (int r = 0; r < 4; r++) {
             float l[16] = {0};
             size_t i = 0;
-            for (; i + 32 <= n; i += 32)
+            for (; i + 32 <= n; i += 32) {
+                const uint16_t *wp = w[r] + i / 32 * step; /* this piece of 32 columns */
                 for (size_t j = 0; j < 16; j++) {
-                    l[j] = fmaf(ld_f32(x[t], i + j), LD_BF16(w[r], i + 2 * j), l[j]);
-                    l[j] = fmaf(ld_f32(x[t], i + 16 + j), LD_BF16(w[r], i + 2 * j + 1), l[j]);
+                    l[j] = fmaf(ld_f32(x[t], i + j), LD_BF16(wp, 2 * j), l[j]);
+                    l[j] = fmaf(ld_f32(x[t], i + 16 + j), LD_BF16(wp, 2 * j + 1), l[j]);
                 }
+            }
+            const uint16_t *wt = w[r] + i / 32 * step - i; /* the last piece, at column i */
             for (; i < n; i += 16)
                 for (size_t j = 0; j < 16; j++)
-                    l[j] = i + j < n ? fmaf(ld_f32(x[t], i + j), LD_BF16(w[r], i + j), l[j])
+                    l[j] = i + j < n ? fmaf(ld_f32(x[t], i + j), LD_BF16(wt, i + j), l[j])
                                      : fmaf(0.0f, 0.0f, l[j]);
             out[4 * t + r] = lanes_sum16(l);
         }

@@ -123,7 +123,18 @@ static void row_part(const ds_kernels *k, const ds_mat *w, int64_t r, int64_t c0
         memcpy(dst, base + off * 4, (size_t)n * 4);
         break;
     case DS_BF16:
-        k->bf16_to_f32(dst, (const uint16_t *)(const void *)(base + off * 2), (size_t)n);
+        if (!w->ilv || r >= w->rows / 4 * 4) {
+            k->bf16_to_f32(dst, (const uint16_t *)(const void *)(base + off * 2), (size_t)n);
+            break;
+        }
+        for (int64_t c = c0, end = c0 + n; c < end;) { /* piece by piece of 32 columns */
+            const int64_t e = (c / 32 + 1) * 32 < end ? (c / 32 + 1) * 32 : end;
+            const size_t at = (size_t)(r / 4 * 4) * (size_t)w->cols +
+                              (size_t)((c / 32 * 4 + r % 4) * 32 + c % 32);
+            k->bf16_to_f32(dst + (c - c0), (const uint16_t *)(const void *)(base + at * 2),
+                           (size_t)(e - c));
+            c = e;
+        }
         break;
     case DS_F16:
         k->f16_to_f32(dst, (const uint16_t *)(const void *)(base + off * 2), (size_t)n);
@@ -190,6 +201,7 @@ void ds_mat_row_part_f32(const ds_mat *w, int64_t r, int64_t c0, int64_t n, floa
 
 void ds_mat_slice_rows(ds_mat *w, int64_t r0, int64_t r1) {
     DS_ASSERT(r0 >= 0 && r0 <= r1 && r1 <= w->rows);
+    DS_ASSERT(!w->ilv || (r0 % 4 == 0 && (r1 % 4 == 0 || r1 == w->rows)));
     w->data = (const unsigned char *)w->data + (size_t)r0 * row_bytes(w);
     w->row0 += r0;
     w->rows = r1 - r0;
@@ -197,6 +209,29 @@ void ds_mat_slice_rows(ds_mat *w, int64_t r0, int64_t r1) {
 
 void ds_mat_row_f32(const ds_mat *w, int64_t r, float *dst) {
     ds_mat_row_part_f32(w, r, 0, w->cols, dst);
+}
+
+static int fused_native(const ds_kernels *k, ds_dtype t);
+
+int ds_mat_interleave(ds_mat *w) {
+    check_mat(w);
+    if (w->ilv || w->dtype != DS_BF16 || w->cols % 32 || w->rows < 4 ||
+        !fused_native(ds_kernels_get(), DS_BF16))
+        return 0;
+    const size_t cols = (size_t)w->cols, pieces = cols / 32;
+    uint16_t *block = malloc(4 * cols * sizeof *block);
+    DS_ASSERT(block);
+    uint16_t *data = (uint16_t *)(uintptr_t)w->data; /* writable: the caller's promise */
+    for (size_t b = 0; b < (size_t)w->rows / 4; b++) {
+        uint16_t *d = data + 4 * b * cols;
+        memcpy(block, d, 4 * cols * sizeof *block);
+        for (size_t s = 0; s < pieces; s++)
+            for (size_t j = 0; j < 4; j++)
+                memcpy(d + (4 * s + j) * 32, block + j * cols + 32 * s, 32 * sizeof *block);
+    }
+    free(block);
+    w->ilv = 1;
+    return 1;
 }
 
 /* ---- the matmul ---- */
@@ -345,17 +380,22 @@ static void store_chunk(const matmul_ctx *c, size_t t, size_t nt, size_t r0, siz
 
 /* One BF16 kernel call, tokens [t, t + nt) x rows [r0, r0 + nr) x columns [c0, c0 + nc), into y.
  * A tail block repeats row r0 in its missing slots; those sums are dropped. pfp NULL: the kernel
- * walks the rows one after another, without software prefetches (MM_BF16_WALK_MIN). */
+ * walks the rows one after another, without software prefetches (MM_BF16_WALK_MIN). In an
+ * interleaved matrix (ds_mat.ilv) a whole block's rows are read side by side as one stream;
+ * chunks start at multiples of 32 columns, so at a piece. */
 static void bf16_chunk(const matmul_ctx *c, size_t t, size_t nt, size_t r0, size_t nr, size_t c0,
                        size_t nc, const char *pfp, size_t n_pf) {
     const size_t cols = (size_t)c->w->cols;
     const uint16_t *data = c->w->data;
     const float *xs[4] = {NULL, NULL, NULL, NULL};
     const uint16_t *w16[4];
+    const int ilv = c->w->ilv && nr == 4;
     for (size_t u = 0; u < nt; u++) xs[u] = c->xb + (t + u) * c->ldb + c0;
-    for (size_t j = 0; j < 4; j++) w16[j] = data + (r0 + (j < nr ? j : 0)) * cols + c0;
+    for (size_t j = 0; j < 4; j++)
+        w16[j] =
+            ilv ? data + r0 * cols + c0 * 4 + 32 * j : data + (r0 + (j < nr ? j : 0)) * cols + c0;
     float out[16];
-    c->k->dot4xn_bf16(xs, (int)nt, w16, nc, pfp, n_pf, out);
+    c->k->dot4xn_bf16(xs, (int)nt, w16, nc, ilv ? 128 : 32, pfp, n_pf, out);
     store_chunk(c, t, nt, r0, nr, c0, out);
 }
 
@@ -493,7 +533,10 @@ static void matmul_fused_thread(void *arg, int thread, int n_threads) {
         chunk = chunk < bc ? bc : chunk / bc * bc;
     }
     /* BF16, one token, each row one chunk: rows walked one after another (MM_BF16_WALK_MIN) */
-    const int walk = c->xb && n_tok == 1 && cols >= MM_BF16_WALK_MIN && cols <= chunk;
+    const int walk = c->xb && !w->ilv && n_tok == 1 && cols >= MM_BF16_WALK_MIN && cols <= chunk;
+    /* the walk and an interleaved matrix are one stream each, which the hardware prefetcher
+     * follows without software prefetches */
+    const int hw = walk || w->ilv;
     if (chunk > cols) chunk = cols;
     size_t b_lo, b_hi; /* in blocks of 4 rows */
     ds_split_range((rows + 3) / 4, thread, n_threads, &b_lo, &b_hi);
@@ -532,7 +575,7 @@ static void matmul_fused_thread(void *arg, int thread, int n_threads) {
                 const char *pfp = (const char *)w->data + pf;
                 pf += 64 * n_pf;
                 if (c->xb) {
-                    bf16_chunk(c, t, nt, r0, nr, c0, nc, walk ? NULL : pfp, walk ? 0 : n_pf);
+                    bf16_chunk(c, t, nt, r0, nr, c0, nc, walk ? NULL : pfp, hw ? 0 : n_pf);
                     continue;
                 }
                 for (size_t l = 0; l < n_pf; l++) __builtin_prefetch(pfp + 64 * l);

@@ -44,6 +44,36 @@ static int bind_norm(ds_model *m, const char *prefix, int64_t n, float **w, floa
     return rc || !ds_format_find(m->fmt, name) ? rc : bind_vec(m, name, n, b);
 }
 
+/* ds_mat_interleave on a matrix this rank bound (others' experts have no data) */
+static void interleave(ds_mat *w) {
+    if (w->rows && w->data) ds_mat_interleave(w);
+}
+
+static void interleave_mlp(ds_mlp *p) {
+    interleave(&p->gate);
+    interleave(&p->up);
+    interleave(&p->down);
+}
+
+/* Once the weights are loaded: the BF16 projections that only the matmuls read, interleaved by
+ * fours in place (ds_mat_interleave). Not the embedding (rows looked up one at a time, and
+ * lm_head may be the same bytes) nor kv_b (the absorptions read its rows in place). */
+static int interleave_weights(ds_model *m) {
+    int rc = ds_st_loaded_writable(m->st, 1);
+    if (rc) return rc;
+    if (m->lm_head.data != m->embed.data) interleave(&m->lm_head);
+    for (int64_t l = 0; l < m->cfg.n_layers; l++) {
+        ds_layer *L = &m->layers[l];
+        ds_mat *attn[] = {&L->q_a, &L->q_b, &L->kv_a, &L->o, &L->router};
+        for (size_t i = 0; i < sizeof attn / sizeof attn[0]; i++) interleave(attn[i]);
+        interleave_mlp(&L->dense);
+        interleave_mlp(&L->shared);
+        for (int64_t e = 0; L->experts && e < m->cfg.n_routed_experts; e++)
+            interleave_mlp(&L->experts[e]);
+    }
+    return ds_st_loaded_writable(m->st, 0);
+}
+
 /* A [rows, cols] projection `prefix` in its stored form (src/model/format.c). */
 static int bind_mat(ds_model *m, const char *prefix, int64_t rows, int64_t cols, ds_mat *out) {
     return ds_format_bind(m->fmt, prefix, rows, cols, out, NULL);
@@ -206,6 +236,7 @@ int ds_model_open(const char *dir, const ds_model_params *params, ds_model **out
     } else if (!rc && !params->map_weights) {
         double t0 = ds_now();
         rc = ds_st_load_used(m->st, need > avail / 4, &m->loaded_bytes);
+        if (!rc) rc = interleave_weights(m);
         if (!rc)
             ds_info("loaded %.2f GiB of weights into memory in %.1f s",
                     (double)m->loaded_bytes / (1 << 30), ds_now() - t0);

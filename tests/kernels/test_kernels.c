@@ -764,6 +764,51 @@ static void check_matmul(const test_mat *t, ds_pool *p1, ds_pool *p3, const char
     }
 }
 
+/* ds_mat_interleave on a copy of BF16 t: where the table reads BF16 fused and the shape allows
+ * (whole 32-column pieces, 4 rows or more) it interleaves, and then rows, every token count's
+ * matmul (the fused and the blocked paths) and a slice at a block boundary give exactly the
+ * floats of the row-major matrix. */
+static void check_interleaved(const test_mat *t, ds_pool *p1, ds_pool *p3, const char *what) {
+    const int64_t rows = t->m.rows, cols = t->m.cols;
+    test_mat c = *t;
+    c.raw = malloc((size_t)(rows * cols) * 2 + 1); /* off a 4-byte boundary, as make_mat's */
+    memcpy(c.raw + 1, t->m.data, (size_t)(rows * cols) * 2);
+    c.m.data = c.raw + 1;
+    const int ok = ds_mat_interleave(&c.m);
+    const int can = cols % 32 == 0 && rows >= 4 && strcmp(ds_kernels_get()->name, "neon") != 0;
+    CHECK_MSG(ok == can && c.m.ilv == ok, "%s: interleaved %d, expected %d", what, ok, can);
+    if (ok) {
+        CHECK_MSG(memcmp(c.m.data, t->m.data, (size_t)(rows * cols) * 2) != 0 || rows < 4,
+                  "%s: interleaving moved nothing", what);
+        char w2[128];
+        snprintf(w2, sizeof w2, "%s interleaved", what);
+        check_rows(&c, w2);
+        const int64_t toks[] = {1, 2, 3, 4, 5, 8, 33, 130};
+        for (size_t ti = 0; ti < sizeof toks / sizeof toks[0]; ti++) {
+            const int64_t nt = toks[ti];
+            float *x = malloc((size_t)(nt * cols) * sizeof(float));
+            float *y = malloc((size_t)(nt * rows) * sizeof(float));
+            float *yi = malloc((size_t)(nt * rows) * sizeof(float));
+            fill(x, (size_t)(nt * cols));
+            ds_matmul(p1, y, x, nt, &t->m);
+            ds_matmul(p3, yi, x, nt, &c.m);
+            CHECK_MSG(memcmp(y, yi, (size_t)(nt * rows) * sizeof(float)) == 0,
+                      "%s n_tok=%lld: differs from the row-major matrix", w2, (long long)nt);
+            ds_mat a = t->m, b = c.m; /* this rank's rows from the second block on */
+            ds_mat_slice_rows(&a, 4, rows);
+            ds_mat_slice_rows(&b, 4, rows);
+            ds_matmul(p1, y, x, nt, &a);
+            ds_matmul(p3, yi, x, nt, &b);
+            CHECK_MSG(memcmp(y, yi, (size_t)(nt * (rows - 4)) * sizeof(float)) == 0,
+                      "%s n_tok=%lld: a slice differs from the row-major one", w2, (long long)nt);
+            free(x);
+            free(y);
+            free(yi);
+        }
+    }
+    free(c.raw);
+}
+
 /* Rows and matmuls of every dtype and shape with the table ds_kernels_get() chose. */
 static void matmul_suite(void) {
     ds_pool *p1 = ds_pool_open(1), *p3 = ds_pool_open(3);
@@ -777,6 +822,8 @@ static void matmul_suite(void) {
         {1, 1, 128, 128},      {6, 4097, 128, 1000},
         {301, 1024, 128, 128}, /* BF16 rows of one chunk: a token alone walks them one by one;
                                   more tokens on one thread take several row blocks */
+        {37, 96, 128, 128},    /* BF16 interleaved: three pieces a row, a tail row */
+        {12, 4096, 128, 128},  /* BF16 interleaved: rows of four chunks */
     };
     const ds_dtype dts[] = {DS_F32, DS_BF16, DS_F16, DS_F8_E4M3};
     for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++)
@@ -789,6 +836,7 @@ static void matmul_suite(void) {
                      (long long)shapes[si].cols);
             check_rows(&t, what);
             check_matmul(&t, p1, p3, what);
+            if (dts[di] == DS_BF16) check_interleaved(&t, p1, p3, what);
             free_mat(&t);
         }
     /* DS_I8: per-channel W8A8 (one block per row, also wider than a kernel chunk; at 40 tokens
@@ -1138,20 +1186,36 @@ static void test_dot4xn_bf16(const ds_kernels *k) {
         /* one token both ways: rows side by side with prefetches, one after another without */
         const char *pf = (const char *)f.w[0];
         const size_t n_pf = (2 * n + 63) / 64;
-        float got[4][16], want[16];
-        s->dot4xn_bf16(xs, 4, w16, n, NULL, 0, want);
-        k->dot4xn_bf16(xs, 4, w16, n, pf, n_pf, got[0]);
-        k->dot4xn_bf16(xs, 2, w16, n, NULL, 0, got[1]);
-        k->dot4xn_bf16(xs + 2, 2, w16, n, NULL, 0, got[1] + 8);
+        float got[8][16], want[16];
+        s->dot4xn_bf16(xs, 4, w16, n, 32, NULL, 0, want);
+        k->dot4xn_bf16(xs, 4, w16, n, 32, pf, n_pf, got[0]);
+        k->dot4xn_bf16(xs, 2, w16, n, 32, NULL, 0, got[1]);
+        k->dot4xn_bf16(xs + 2, 2, w16, n, 32, NULL, 0, got[1] + 8);
         for (int t = 0; t < 4; t++) {
-            k->dot4xn_bf16(xs + t, 1, w16, n, NULL, 0, got[2] + 4 * t);
-            k->dot4xn_bf16(xs + t, 1, w16, n, pf, n_pf, got[3] + 4 * t);
+            k->dot4xn_bf16(xs + t, 1, w16, n, 32, NULL, 0, got[2] + 4 * t);
+            k->dot4xn_bf16(xs + t, 1, w16, n, 32, pf, n_pf, got[3] + 4 * t);
         }
+        /* the same rows interleaved by fours (ds_mat.ilv): piece s of row j at 128 s + 32 j, the
+         * last (partial) piece too, in an allocation of exactly its bytes */
+        const size_t last = (n - 1) / 32 * 128 + 96 + (n - 1) % 32 + 1; /* row 3's last + 1 */
+        uint16_t *il = malloc(last * sizeof *il);
+        for (size_t j = 0; j < 4; j++)
+            for (size_t i = 0; i < n; i++)
+                memcpy(il + i / 32 * 128 + 32 * j + i % 32, w16[j] + i, 2);
+        const uint16_t *const wi[4] = {il, il + 32, il + 64, il + 96};
+        k->dot4xn_bf16(xs, 4, wi, n, 128, pf, n_pf, got[4]);
+        k->dot4xn_bf16(xs, 2, wi, n, 128, NULL, 0, got[5]);
+        k->dot4xn_bf16(xs + 2, 2, wi, n, 128, NULL, 0, got[5] + 8);
+        for (int t = 0; t < 4; t++) {
+            k->dot4xn_bf16(xs + t, 1, wi, n, 128, NULL, 0, got[6] + 4 * t);
+            s->dot4xn_bf16(xs + t, 1, wi, n, 128, NULL, 0, got[7] + 4 * t);
+        }
+        free(il);
         int bad = 0;
         double worst = 0;
         for (int o = 0; o < 16; o++) {
             const int t = o / 4, r = o % 4;
-            for (int v = 0; v < 4; v++) bad += fbits(got[v][o]) != fbits(want[o]);
+            for (int v = 0; v < 8; v++) bad += fbits(got[v][o]) != fbits(want[o]);
             double ref = 0, sabs = 0;
             for (size_t i = 0; i < n; i++) {
                 double pr = (double)x[t][i] * fused_elem(&f, 0, r, i);

@@ -1,13 +1,16 @@
 /* Forward-pass self-consistency on make-tiny checkpoints (no fixtures needed):
  *   - prefill of a prompt then token-by-token decode through the KV cache gives the logits of
  *     a whole-sequence prefill at the same positions;
- *   - internal chunking (max_batch) and the thread count do not change the result.
+ *   - internal chunking (max_batch) and the thread count do not change the result;
+ *   - weights mapped from the files (row-major) give the logits of loaded ones (BF16 interleaved
+ *     by fours where the kernels read it fused, ds_mat_interleave) to the last bit.
  * Agreement with the official reference itself is test_golden's job. */
 #include "cli/cli.h"
 #include "model/model.h"
 #include "testutil.h"
 
 #include <stdlib.h>
+#include <string.h>
 
 #define T 13
 
@@ -21,10 +24,12 @@ static double max_diff(const float *a, const float *b, size_t n) {
 }
 
 /* All-position logits of `ids` from one prefill with the given params. */
-static float *prefill_all(const char *dir, int threads, int max_batch, const int32_t *ids) {
+static float *prefill_all(const char *dir, int threads, int max_batch, int map,
+                          const int32_t *ids) {
     ds_model_params mp = ds_model_default_params();
     mp.n_threads = threads;
     mp.max_batch = max_batch;
+    mp.map_weights = map;
     ds_model *m;
     if (ds_model_open(dir, &mp, &m) != DS_OK) {
         CHECK_MSG(0, "%s", ds_err_msg());
@@ -47,7 +52,7 @@ static void check_model(const char *dir) {
     CHECK_MSG(ds_model_open(dir, NULL, &m) == DS_OK, "%s", ds_err_msg());
     if (!m) return;
     int64_t V = ds_model_config(m)->vocab_size;
-    float *full = prefill_all(dir, 0, 512, ids);
+    float *full = prefill_all(dir, 0, 512, 0, ids);
     float *step = malloc((size_t)V * sizeof *step);
     ds_kv_cache *kv;
     CHECK(ds_kv_open(ds_model_config(m), T, &kv) == DS_OK);
@@ -64,9 +69,13 @@ static void check_model(const char *dir) {
     printf("%s: prefill-then-decode vs prefill max |diff| %.2e\n", dir, worst);
     CHECK_MSG(worst <= 1e-4, "prefill-then-decode differs by %.3g", worst);
 
-    float *chunked = prefill_all(dir, 0, 3, ids);
-    float *single = prefill_all(dir, 1, 512, ids);
-    float *three = prefill_all(dir, 3, 512, ids);
+    float *chunked = prefill_all(dir, 0, 3, 0, ids);
+    float *single = prefill_all(dir, 1, 512, 0, ids);
+    float *three = prefill_all(dir, 3, 512, 0, ids);
+    float *mapped = prefill_all(dir, 0, 512, 1, ids);
+    if (full && mapped)
+        CHECK_MSG(memcmp(full, mapped, (size_t)(T * V) * sizeof *full) == 0,
+                  "%s: mapped weights give other logits than loaded ones", dir);
     if (full && chunked && single && three) {
         double dc = max_diff(full, chunked, (size_t)(T * V));
         double ds = max_diff(full, single, (size_t)(T * V));
@@ -83,6 +92,7 @@ static void check_model(const char *dir) {
     free(chunked);
     free(single);
     free(three);
+    free(mapped);
     free(step);
     ds_kv_close(kv);
     ds_model_close(m);
