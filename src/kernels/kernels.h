@@ -103,10 +103,12 @@ typedef struct ds_kernels {
      * arithmetic wraps). Every table gives the same integers (the SIMD ones reorder an exact
      * sum); the caller keeps block * 127 * 128 < 2^31 (block <= 131072). The AVX-512 kernel
      * loads each weight once for all nx tokens. The kernel also prefetches the n_pf 64-byte lines
-     * from pf on. */
+     * from pf on. Row r's columns are read in pieces of 64 (the last may be shorter), piece s at
+     * w[r] + s * step: step 64 for a row in one piece of memory, 256 for the rows of a ds_mat
+     * interleaved by fours (ds_mat_interleave; then block is a multiple of 64 or >= n). */
     void (*dot4_i8)(const int8_t *const x[4], const int32_t *const xoff[4], int nx,
-                    const int8_t *const w[4], size_t n, size_t block, const char *pf, size_t n_pf,
-                    int32_t *out);
+                    const int8_t *const w[4], size_t n, size_t block, size_t step, const char *pf,
+                    size_t n_pf, int32_t *out);
     /* 1 when this table's dot4_i8 needs x > -128 (AVX2's sign trick): a call whose static
      * activations (ds_mat.act_n) reach -128 then takes the scalar kernel. */
     int dot4_i8_no_min;
@@ -125,8 +127,9 @@ typedef struct ds_kernels {
      * columns 4g .. 4g + 3 at bytes 4r .. 4r + 3, each stored as the unsigned w + off (off = 128
      * for int8, 8 for int4; bytes past column n are 0), so one 64-byte load gives the 16 rows'
      * 4-column slices and one VNNI/SDOT step per token adds 16 rows' partial dots in 16 lanes.
-     * w[r] as in dot4_i8 / dot4_i4 (int4: pointing at the byte of column 0). */
-    void (*pack16_i8)(uint8_t *panel, const int8_t *const w[16], size_t n);
+     * w[r] as in dot4_i8 / dot4_i4 (int4: pointing at the byte of column 0; int8 read in pieces
+     * of 64 columns at w[r] + s * step, as dot4_i8 reads them). */
+    void (*pack16_i8)(uint8_t *panel, const int8_t *const w[16], size_t n, size_t step);
     void (*pack16_i4)(uint8_t *panel, const uint8_t *const w[16], size_t n);
     /* Eight tokens against one panel. x[t] are quantized activations (|x| <= 127) readable for
      * 4 * ceil(n / 4) bytes, zero past n (-128 allowed: static activations reach it). The columns
@@ -204,9 +207,10 @@ typedef struct {
     int64_t act_n;
     const float *act_scale, *act_zp;
     const float *bias; /* NULL or one f32 per row, added to y (any dtype) */
-    /* 1: BF16 rows interleaved by fours (ds_mat_interleave): the bytes of rows 4b .. 4b + 3
-     * (b < rows / 4) hold, for each 32-column piece s in order, the four rows' piece s one after
-     * another; rows past 4 * (rows / 4) stay row-major after them. 0: row-major. */
+    /* 1: rows interleaved by fours (ds_mat_interleave): the bytes of rows 4b .. 4b + 3
+     * (b < rows / 4) hold, for each 64-byte piece s of a row in order (32 BF16 columns, 64
+     * int8 ones), the four rows' piece s one after another; rows past 4 * (rows / 4) stay
+     * row-major after them. 0: row-major. */
     int ilv;
 } ds_mat;
 
@@ -219,11 +223,12 @@ void ds_mat_row_part_f32(const ds_mat *w, int64_t r, int64_t c0, int64_t n, floa
 /* Narrows w to its rows [r0, r1) in place (data advanced, row0 for the scale grid). An
  * interleaved w is cut at whole blocks of 4 rows only (r1 may be its end). */
 void ds_mat_slice_rows(ds_mat *w, int64_t r0, int64_t r1);
-/* Interleaves w's rows by fours in place (ds_mat.ilv), when w is BF16 of whole 32-column pieces
- * and at least 4 rows and this machine's kernel table reads BF16 fused (dot4xn_bf16): the four
- * rows a kernel call reads side by side are then one stream in memory, which the hardware
- * prefetcher follows (four streams 2 KiB apart it did not). w->data must be writable and seen
- * through no other ds_mat. Returns 1 when interleaved, 0 when left as it is. */
+/* Interleaves w's rows by fours in place (ds_mat.ilv), when its rows are whole 64-byte pieces,
+ * it has at least 4 rows, and it is BF16 read fused by this machine's kernel table
+ * (dot4xn_bf16) or int8 (not int4) whose scale blocks are whole pieces: the four rows a kernel
+ * call reads side by side are then one stream in memory, which the hardware prefetcher follows
+ * (four streams a row apart it did not). w->data must be writable and seen through no other
+ * ds_mat. Returns 1 when interleaved, 0 when left as it is. */
 int ds_mat_interleave(ds_mat *w);
 /* Bytes of the stored matrix (scales included). */
 uint64_t ds_mat_bytes(const ds_mat *w);

@@ -419,7 +419,7 @@ static inline __m256i i8_row(__m256i acc, __m256i xv, __m256i wv, __m256i ones16
 
 /* One token; its sums of block b go to out[stride * b + r]. */
 static void dot4_i8_one_avx2(const int8_t *x, const int8_t *const w[4], size_t n, size_t block,
-                             int32_t *out, size_t stride) {
+                             size_t step, int32_t *out, size_t stride) {
     const __m256i ones16 = _mm256_set1_epi16(1);
     for (size_t c0 = 0, b = 0; c0 < n; c0 += block, b++) {
         size_t end = c0 + (n - c0 < block ? n - c0 : block);
@@ -427,19 +427,27 @@ static void dot4_i8_one_avx2(const int8_t *x, const int8_t *const w[4], size_t n
         size_t i = c0;
         for (; i + 32 <= end; i += 32) {
             __m256i xv = _mm256_loadu_si256((const __m256i *)(const void *)(x + i));
-            a0 = i8_row(a0, xv, _mm256_loadu_si256((const __m256i *)(const void *)(w[0] + i)),
-                        ones16);
-            a1 = i8_row(a1, xv, _mm256_loadu_si256((const __m256i *)(const void *)(w[1] + i)),
-                        ones16);
-            a2 = i8_row(a2, xv, _mm256_loadu_si256((const __m256i *)(const void *)(w[2] + i)),
-                        ones16);
-            a3 = i8_row(a3, xv, _mm256_loadu_si256((const __m256i *)(const void *)(w[3] + i)),
-                        ones16);
+            a0 = i8_row(
+                a0, xv,
+                _mm256_loadu_si256((const __m256i *)(const void *)(w[0] + ds_i8_at(i, step))),
+                ones16);
+            a1 = i8_row(
+                a1, xv,
+                _mm256_loadu_si256((const __m256i *)(const void *)(w[1] + ds_i8_at(i, step))),
+                ones16);
+            a2 = i8_row(
+                a2, xv,
+                _mm256_loadu_si256((const __m256i *)(const void *)(w[2] + ds_i8_at(i, step))),
+                ones16);
+            a3 = i8_row(
+                a3, xv,
+                _mm256_loadu_si256((const __m256i *)(const void *)(w[3] + ds_i8_at(i, step))),
+                ones16);
         }
         if (i < end) {
             _Alignas(32) int8_t bx[32] = {0}, bw[4][32] = {{0}};
             memcpy(bx, x + i, end - i);
-            for (int r = 0; r < 4; r++) memcpy(bw[r], w[r] + i, end - i);
+            for (int r = 0; r < 4; r++) memcpy(bw[r], w[r] + ds_i8_at(i, step), end - i);
             __m256i xv = _mm256_load_si256((const __m256i *)(const void *)bx);
             a0 = i8_row(a0, xv, _mm256_load_si256((const __m256i *)(const void *)bw[0]), ones16);
             a1 = i8_row(a1, xv, _mm256_load_si256((const __m256i *)(const void *)bw[1]), ones16);
@@ -452,11 +460,12 @@ static void dot4_i8_one_avx2(const int8_t *x, const int8_t *const w[4], size_t n
 
 /* A token at a time: the weights come from L1 for the tokens after the first. */
 static void dot4_i8_avx2(const int8_t *const x[4], const int32_t *const xoff[4], int nx,
-                         const int8_t *const w[4], size_t n, size_t block, const char *pf,
-                         size_t n_pf, int32_t *out) {
+                         const int8_t *const w[4], size_t n, size_t block, size_t step,
+                         const char *pf, size_t n_pf, int32_t *out) {
     (void)xoff; /* signed products need no offset */
     for (; n_pf; n_pf--, pf += 64) __builtin_prefetch(pf);
-    for (int t = 0; t < nx; t++) dot4_i8_one_avx2(x[t], w, n, block, out + 4 * t, 4 * (size_t)nx);
+    for (int t = 0; t < nx; t++)
+        dot4_i8_one_avx2(x[t], w, n, block, step, out + 4 * t, 4 * (size_t)nx);
 }
 
 /* 64 columns of x split into even and odd ones in the order of the 32 packed bytes holding

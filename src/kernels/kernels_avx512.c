@@ -473,8 +473,8 @@ static inline void dpbusd_acc(__m512i *acc, __m512i a, __m512i b) {
  * that sum (a serial chain per token) cost a third of the kernel at 1024 columns. */
 static inline __attribute__((always_inline)) void
 dot4_i8_body(const int8_t *const x[4], const int32_t *const xoff[4], const int nx,
-             const int8_t *const w[4], size_t n, size_t block, const char *pf, size_t n_pf,
-             int32_t *out) {
+             const int8_t *const w[4], size_t n, size_t block, size_t step, const char *pf,
+             size_t n_pf, int32_t *out) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     const size_t steps = (n + 63) / 64, per = steps ? (n_pf + steps - 1) / steps : 0;
     for (size_t c0 = 0, b = 0; c0 < n; c0 += block, b++) {
@@ -490,7 +490,7 @@ dot4_i8_body(const int8_t *const x[4], const int32_t *const xoff[4], const int n
             __m512i wv[4];
 #pragma GCC unroll 4
             for (int r = 0; r < 4; r++)
-                wv[r] = _mm512_xor_si512(_mm512_loadu_si512(w[r] + i), flip);
+                wv[r] = _mm512_xor_si512(_mm512_loadu_si512(w[r] + ds_i8_at(i, step)), flip);
 #pragma GCC unroll 4
             for (int t = 0; t < nx; t++) {
                 const __m512i xv = _mm512_loadu_si512(x[t] + i);
@@ -503,7 +503,8 @@ dot4_i8_body(const int8_t *const x[4], const int32_t *const xoff[4], const int n
             __m512i wv[4];
 #pragma GCC unroll 4
             for (int r = 0; r < 4; r++)
-                wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w[r] + i), flip);
+                wv[r] =
+                    _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w[r] + ds_i8_at(i, step)), flip);
 #pragma GCC unroll 4
             for (int t = 0; t < nx; t++) {
                 const __m512i xv = _mm512_maskz_loadu_epi8(m, x[t] + i);
@@ -523,7 +524,7 @@ dot4_i8_body(const int8_t *const x[4], const int32_t *const xoff[4], const int n
 
 /* One token: two chains of 64 columns (one chain waited on the VNNI latency). */
 static void dot4_i8_one(const int8_t *x, const int32_t *xoff, const int8_t *const w[4], size_t n,
-                        size_t block, int32_t *out) {
+                        size_t block, size_t step, int32_t *out) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     for (size_t c0 = 0, b = 0; c0 < n; c0 += block, b++) {
         const size_t end = c0 + (n - c0 < block ? n - c0 : block);
@@ -531,23 +532,25 @@ static void dot4_i8_one(const int8_t *x, const int32_t *xoff, const int8_t *cons
         __m512i e0 = a0, e1 = a0, e2 = a0, e3 = a0;
         size_t i = c0;
         for (; i + 128 <= end; i += 128) {
+            const size_t o = ds_i8_at(i, step), p = ds_i8_at(i + 64, step);
             const __m512i xv = _mm512_loadu_si512(x + i), yv = _mm512_loadu_si512(x + i + 64);
-            dpbusd_acc(&a0, _mm512_xor_si512(_mm512_loadu_si512(w[0] + i), flip), xv);
-            dpbusd_acc(&a1, _mm512_xor_si512(_mm512_loadu_si512(w[1] + i), flip), xv);
-            dpbusd_acc(&a2, _mm512_xor_si512(_mm512_loadu_si512(w[2] + i), flip), xv);
-            dpbusd_acc(&a3, _mm512_xor_si512(_mm512_loadu_si512(w[3] + i), flip), xv);
-            dpbusd_acc(&e0, _mm512_xor_si512(_mm512_loadu_si512(w[0] + i + 64), flip), yv);
-            dpbusd_acc(&e1, _mm512_xor_si512(_mm512_loadu_si512(w[1] + i + 64), flip), yv);
-            dpbusd_acc(&e2, _mm512_xor_si512(_mm512_loadu_si512(w[2] + i + 64), flip), yv);
-            dpbusd_acc(&e3, _mm512_xor_si512(_mm512_loadu_si512(w[3] + i + 64), flip), yv);
+            dpbusd_acc(&a0, _mm512_xor_si512(_mm512_loadu_si512(w[0] + o), flip), xv);
+            dpbusd_acc(&a1, _mm512_xor_si512(_mm512_loadu_si512(w[1] + o), flip), xv);
+            dpbusd_acc(&a2, _mm512_xor_si512(_mm512_loadu_si512(w[2] + o), flip), xv);
+            dpbusd_acc(&a3, _mm512_xor_si512(_mm512_loadu_si512(w[3] + o), flip), xv);
+            dpbusd_acc(&e0, _mm512_xor_si512(_mm512_loadu_si512(w[0] + p), flip), yv);
+            dpbusd_acc(&e1, _mm512_xor_si512(_mm512_loadu_si512(w[1] + p), flip), yv);
+            dpbusd_acc(&e2, _mm512_xor_si512(_mm512_loadu_si512(w[2] + p), flip), yv);
+            dpbusd_acc(&e3, _mm512_xor_si512(_mm512_loadu_si512(w[3] + p), flip), yv);
         }
         for (; i < end; i += 64) { /* masked: x = 0 past the end */
             const __mmask64 m = tail64(end - i);
+            const size_t o = ds_i8_at(i, step);
             const __m512i xv = _mm512_maskz_loadu_epi8(m, x + i);
-            dpbusd_acc(&a0, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w[0] + i), flip), xv);
-            dpbusd_acc(&a1, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w[1] + i), flip), xv);
-            dpbusd_acc(&a2, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w[2] + i), flip), xv);
-            dpbusd_acc(&a3, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w[3] + i), flip), xv);
+            dpbusd_acc(&a0, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w[0] + o), flip), xv);
+            dpbusd_acc(&a1, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w[1] + o), flip), xv);
+            dpbusd_acc(&a2, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w[2] + o), flip), xv);
+            dpbusd_acc(&a3, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w[3] + o), flip), xv);
         }
         const __m128i v = reduce4_epi32(_mm512_add_epi32(a0, e0), _mm512_add_epi32(a1, e1),
                                         _mm512_add_epi32(a2, e2), _mm512_add_epi32(a3, e3));
@@ -557,18 +560,18 @@ static void dot4_i8_one(const int8_t *x, const int32_t *xoff, const int8_t *cons
 }
 
 static void dot4_i8_avx512(const int8_t *const x[4], const int32_t *const xoff[4], int nx,
-                           const int8_t *const w[4], size_t n, size_t block, const char *pf,
-                           size_t n_pf, int32_t *out) {
+                           const int8_t *const w[4], size_t n, size_t block, size_t step,
+                           const char *pf, size_t n_pf, int32_t *out) {
     if (nx == 4)
-        dot4_i8_body(x, xoff, 4, w, n, block, pf, n_pf, out);
+        dot4_i8_body(x, xoff, 4, w, n, block, step, pf, n_pf, out);
     else if (nx == 3)
-        dot4_i8_body(x, xoff, 3, w, n, block, pf, n_pf, out);
+        dot4_i8_body(x, xoff, 3, w, n, block, step, pf, n_pf, out);
     else if (nx == 2)
-        dot4_i8_body(x, xoff, 2, w, n, block, pf, n_pf, out);
+        dot4_i8_body(x, xoff, 2, w, n, block, step, pf, n_pf, out);
     else { /* one token: the share asked for at once, which streamed rows of 7168 columns
             * faster than spread (36 vs 30 GB/s, 2 threads), rows of 1024 a little slower */
         for (; n_pf; n_pf--, pf += 64) __builtin_prefetch(pf);
-        dot4_i8_one(x[0], xoff[0], w, n, block, out);
+        dot4_i8_one(x[0], xoff[0], w, n, block, step, out);
     }
 }
 
@@ -660,13 +663,13 @@ static inline __attribute__((always_inline)) void transpose16_epi32(__m512i r[16
 }
 
 /* 64 columns at a time through the transpose; the tail (n % 64) element by element, as scalar */
-static void pack16_i8_avx512(uint8_t *panel, const int8_t *const w[16], size_t n) {
+static void pack16_i8_avx512(uint8_t *panel, const int8_t *const w[16], size_t n, size_t step) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     size_t c0 = 0;
     for (; c0 + 64 <= n; c0 += 64) {
         __m512i r[16];
 #pragma GCC unroll 16
-        for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512(w[i] + c0);
+        for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512(w[i] + c0 / 64 * step);
         transpose16_epi32(r);
 #pragma GCC unroll 16
         for (int j = 0; j < 16; j++)
@@ -676,7 +679,7 @@ static void pack16_i8_avx512(uint8_t *panel, const int8_t *const w[16], size_t n
         for (size_t i = 0; i < 16; i++)
             for (size_t j = 0; j < 4; j++) {
                 size_t c = 4 * g + j;
-                panel[64 * g + 4 * i + j] = c < n ? (uint8_t)(w[i][c] + 128) : 0;
+                panel[64 * g + 4 * i + j] = c < n ? (uint8_t)(w[i][ds_i8_at(c, step)] + 128) : 0;
             }
 }
 

@@ -41,6 +41,12 @@ static inline uint32_t ds_f32_to_bits(float f) {
     return u;
 }
 
+/* Offset of column i of an int8 row read in pieces of 64 columns, piece s at s * step (64: a
+ * row in one piece of memory; see dot4_i8). */
+static inline size_t ds_i8_at(size_t i, size_t step) {
+    return i / 64 * step + i % 64;
+}
+
 /* BF16 is the top half of an f32: exact, NaN payloads included. */
 static inline float ds_bf16_decode(uint16_t h) {
     return ds_f32_from_bits((uint32_t)h << 16);

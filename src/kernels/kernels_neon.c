@@ -128,14 +128,15 @@ static void axpy_f32_neon(float *y, float a, const float *x, size_t n) {
  * int8 is one SDOT per 16 columns and row; int4 below. Tails go through zero-padded copies.
  * Exact: equals the scalar sums. */
 static void dot4_i8_one_neon(const int8_t *x, const int8_t *const w[4], size_t n, size_t block,
-                             int32_t *out, size_t stride) {
+                             size_t step, int32_t *out, size_t stride) {
     for (size_t c0 = 0, b = 0; c0 < n; c0 += block, b++) {
         size_t end = c0 + (n - c0 < block ? n - c0 : block);
         int32x4_t a[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
         size_t i = c0;
         for (; i + 16 <= end; i += 16) {
             int8x16_t xv = vld1q_s8(x + i);
-            for (int r = 0; r < 4; r++) a[r] = vdotq_s32(a[r], xv, vld1q_s8(w[r] + i));
+            for (int r = 0; r < 4; r++)
+                a[r] = vdotq_s32(a[r], xv, vld1q_s8(w[r] + ds_i8_at(i, step)));
         }
         if (i < end) {
             int8_t bx[16] = {0}, bw[16];
@@ -143,7 +144,7 @@ static void dot4_i8_one_neon(const int8_t *x, const int8_t *const w[4], size_t n
             int8x16_t xv = vld1q_s8(bx);
             for (int r = 0; r < 4; r++) {
                 memset(bw, 0, sizeof bw);
-                memcpy(bw, w[r] + i, end - i);
+                memcpy(bw, w[r] + ds_i8_at(i, step), end - i);
                 a[r] = vdotq_s32(a[r], xv, vld1q_s8(bw));
             }
         }
@@ -153,11 +154,12 @@ static void dot4_i8_one_neon(const int8_t *x, const int8_t *const w[4], size_t n
 
 /* A token at a time: the weights come from L1 for the tokens after the first. */
 static void dot4_i8_neon(const int8_t *const x[4], const int32_t *const xoff[4], int nx,
-                         const int8_t *const w[4], size_t n, size_t block, const char *pf,
-                         size_t n_pf, int32_t *out) {
+                         const int8_t *const w[4], size_t n, size_t block, size_t step,
+                         const char *pf, size_t n_pf, int32_t *out) {
     (void)xoff; /* signed products need no offset */
     for (; n_pf; n_pf--, pf += 64) __builtin_prefetch(pf);
-    for (int t = 0; t < nx; t++) dot4_i8_one_neon(x[t], w, n, block, out + 4 * t, 4 * (size_t)nx);
+    for (int t = 0; t < nx; t++)
+        dot4_i8_one_neon(x[t], w, n, block, step, out + 4 * t, 4 * (size_t)nx);
 }
 
 /* x arrives split (ds_i4_split): a 128-column step is 64 even then 64 odd values, matching the

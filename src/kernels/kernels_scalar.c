@@ -214,8 +214,8 @@ static void axpy_f32_scalar(float *y, float a, const float *x, size_t n) {
 
 /* Integer dots: plain int32 sums per block and row, the oracle of the SIMD reorderings. */
 static void dot4_i8_scalar(const int8_t *const x[4], const int32_t *const xoff[4], int nx,
-                           const int8_t *const w[4], size_t n, size_t block, const char *pf,
-                           size_t n_pf, int32_t *out) {
+                           const int8_t *const w[4], size_t n, size_t block, size_t step,
+                           const char *pf, size_t n_pf, int32_t *out) {
     (void)xoff; /* signed products need no offset */
     (void)pf;   /* the scalar table does not prefetch */
     (void)n_pf;
@@ -224,7 +224,8 @@ static void dot4_i8_scalar(const int8_t *const x[4], const int32_t *const xoff[4
         for (int t = 0; t < nx; t++)
             for (int r = 0; r < 4; r++) {
                 int32_t s = 0;
-                for (size_t i = c0; i < c0 + len; i++) s += (int32_t)x[t][i] * (int32_t)w[r][i];
+                for (size_t i = c0; i < c0 + len; i++)
+                    s += (int32_t)x[t][i] * (int32_t)w[r][ds_i8_at(i, step)];
                 out[4 * (nx * b + (size_t)t) + (size_t)r] = s;
             }
     }
@@ -249,12 +250,12 @@ static void dot4_i4_scalar(const int8_t *xs, const int32_t *xoff, const uint8_t 
 }
 
 /* Panel byte of row r, column c: the unsigned w + off, 0 past n (see ds_kernels.pack16_i8). */
-static void pack16_i8_scalar(uint8_t *panel, const int8_t *const w[16], size_t n) {
+static void pack16_i8_scalar(uint8_t *panel, const int8_t *const w[16], size_t n, size_t step) {
     for (size_t g = 0; g < (n + 3) / 4; g++)
         for (size_t r = 0; r < 16; r++)
             for (size_t j = 0; j < 4; j++) {
                 size_t c = 4 * g + j;
-                panel[64 * g + 4 * r + j] = c < n ? (uint8_t)(w[r][c] + 128) : 0;
+                panel[64 * g + 4 * r + j] = c < n ? (uint8_t)(w[r][ds_i8_at(c, step)] + 128) : 0;
             }
 }
 

@@ -113,31 +113,35 @@ static void check_mat(const ds_mat *w) {
                   w->act_zp && (w->act_n == 1 || w->act_n == w->cols));
 }
 
+/* Row r of interleaved w (ds_mat.ilv, r in a whole block) gathered from its 64-byte pieces into
+ * tmp (row_bytes(w)). */
+static void ilv_gather(const ds_mat *w, int64_t r, unsigned char *tmp) {
+    const size_t rb = row_bytes(w), j = (size_t)r % 4;
+    const unsigned char *blk = (const unsigned char *)w->data + (size_t)(r - r % 4) * rb;
+    for (size_t s = 0; s < rb / 64; s++) memcpy(tmp + 64 * s, blk + (4 * s + j) * 64, 64);
+}
+
 /* Columns [c0, c0 + n) of row r to f32 with table k. Assumes check_mat(w) passed. */
 static void row_part(const ds_kernels *k, const ds_mat *w, int64_t r, int64_t c0, int64_t n,
                      float *dst) {
-    const unsigned char *base = w->data;
-    size_t off = (size_t)r * (size_t)w->cols + (size_t)c0; /* in elements */
+    const unsigned char *row = (const unsigned char *)w->data + (size_t)r * row_bytes(w);
+    unsigned char *tmp = NULL;
+    if (w->ilv && r < w->rows / 4 * 4) { /* the row's pieces, one after another */
+        tmp = malloc(row_bytes(w));
+        DS_ASSERT(tmp);
+        ilv_gather(w, r, tmp);
+        row = tmp;
+    }
+    const size_t off = (size_t)c0; /* in elements, from the row's start */
     switch (w->dtype) {
     case DS_F32:
-        memcpy(dst, base + off * 4, (size_t)n * 4);
+        memcpy(dst, row + off * 4, (size_t)n * 4);
         break;
     case DS_BF16:
-        if (!w->ilv || r >= w->rows / 4 * 4) {
-            k->bf16_to_f32(dst, (const uint16_t *)(const void *)(base + off * 2), (size_t)n);
-            break;
-        }
-        for (int64_t c = c0, end = c0 + n; c < end;) { /* piece by piece of 32 columns */
-            const int64_t e = (c / 32 + 1) * 32 < end ? (c / 32 + 1) * 32 : end;
-            const size_t at = (size_t)(r / 4 * 4) * (size_t)w->cols +
-                              (size_t)((c / 32 * 4 + r % 4) * 32 + c % 32);
-            k->bf16_to_f32(dst + (c - c0), (const uint16_t *)(const void *)(base + at * 2),
-                           (size_t)(e - c));
-            c = e;
-        }
+        k->bf16_to_f32(dst, (const uint16_t *)(const void *)(row + off * 2), (size_t)n);
         break;
     case DS_F16:
-        k->f16_to_f32(dst, (const uint16_t *)(const void *)(base + off * 2), (size_t)n);
+        k->f16_to_f32(dst, (const uint16_t *)(const void *)(row + off * 2), (size_t)n);
         break;
     case DS_F8_E4M3: {
         int64_t n_col_blocks = (w->cols + w->block_cols - 1) / w->block_cols;
@@ -148,13 +152,12 @@ static void row_part(const ds_kernels *k, const ds_mat *w, int64_t r, int64_t c0
             if (seg_end > end) seg_end = end;
             float s;
             memcpy(&s, srow + cb, sizeof s); /* the scale tensor may sit unaligned in an mmap */
-            k->fp8_to_f32(dst + (c - c0), base + off + (size_t)(c - c0), (size_t)(seg_end - c), s);
+            k->fp8_to_f32(dst + (c - c0), row + off + (size_t)(c - c0), (size_t)(seg_end - c), s);
             c = seg_end;
         }
         break;
     }
     case DS_I8: { /* q * scale, rounded once in f32 (q is exact in f32), block by block */
-        const unsigned char *row = base + (size_t)r * row_bytes(w);
         if (w->block_rows == 1 && w->block_cols >= w->cols && !w->int4 && !w->act_n) {
             /* per output channel (W8A8): one scale, one call, without the general path's three
              * 64-bit divisions: ds_mat_row_f32 of a 256-column row (the absorptions convert
@@ -191,6 +194,7 @@ static void row_part(const ds_kernels *k, const ds_mat *w, int64_t r, int64_t c0
     default:
         DS_ASSERT(!"unsupported weight dtype");
     }
+    free(tmp);
 }
 
 void ds_mat_row_part_f32(const ds_mat *w, int64_t r, int64_t c0, int64_t n, float *dst) {
@@ -215,19 +219,22 @@ static int fused_native(const ds_kernels *k, ds_dtype t);
 
 int ds_mat_interleave(ds_mat *w) {
     check_mat(w);
-    if (w->ilv || w->dtype != DS_BF16 || w->cols % 32 || w->rows < 4 ||
-        !fused_native(ds_kernels_get(), DS_BF16))
-        return 0;
-    const size_t cols = (size_t)w->cols, pieces = cols / 32;
-    uint16_t *block = malloc(4 * cols * sizeof *block);
+    const size_t rb = row_bytes(w);
+    const int bf16 = w->dtype == DS_BF16 && fused_native(ds_kernels_get(), DS_BF16);
+    /* int8 (not int4): every table's dot4_i8 and the GEMM's packing read pieces; a scale block
+     * must not end inside one */
+    const int i8 =
+        w->dtype == DS_I8 && !w->int4 && (w->block_cols >= w->cols || w->block_cols % 64 == 0);
+    if (w->ilv || !(bf16 || i8) || rb % 64 || w->rows < 4) return 0;
+    unsigned char *block = malloc(4 * rb);
     DS_ASSERT(block);
-    uint16_t *data = (uint16_t *)(uintptr_t)w->data; /* writable: the caller's promise */
+    unsigned char *data = (unsigned char *)(uintptr_t)w->data; /* writable: the caller's promise */
     for (size_t b = 0; b < (size_t)w->rows / 4; b++) {
-        uint16_t *d = data + 4 * b * cols;
-        memcpy(block, d, 4 * cols * sizeof *block);
-        for (size_t s = 0; s < pieces; s++)
+        unsigned char *d = data + 4 * b * rb;
+        memcpy(block, d, 4 * rb);
+        for (size_t s = 0; s < rb / 64; s++)
             for (size_t j = 0; j < 4; j++)
-                memcpy(d + (4 * s + j) * 32, block + j * cols + 32 * s, 32 * sizeof *block);
+                memcpy(d + (4 * s + j) * 64, block + j * rb + 64 * s, 64);
     }
     free(block);
     w->ilv = 1;
@@ -721,10 +728,11 @@ static void matmul_i8_thread(void *arg, int thread, int n_threads) {
                 for (size_t gi = 0; gi < gn; gi++, n_pf = 0) {
                     size_t r0 = 4 * (g0 + gi), nr = rows - r0 < 4 ? rows - r0 : 4;
                     const unsigned char *wp[4];
-                    const float *srow[4];            /* the scale row of each row, at this chunk */
-                    for (size_t j = 0; j < 4; j++) { /* a tail group repeats row r0; dropped */
+                    const float *srow[4]; /* the scale row of each row, at this chunk */
+                    const int ilv = w->ilv && nr == 4; /* a block of 64-byte pieces */
+                    for (size_t j = 0; j < 4; j++) {   /* a tail group repeats row r0; dropped */
                         size_t r = r0 + (j < nr ? j : 0);
-                        wp[j] = data + r * rowb + cb0;
+                        wp[j] = ilv ? data + r0 * rowb + 4 * cb0 + 64 * j : data + r * rowb + cb0;
                         const size_t sr = (size_t)w->row0 + r; /* per-channel: no division */
                         srow[j] = w->scale + (br == 1 ? sr : sr / br) * ncb + cbase;
                     }
@@ -743,7 +751,8 @@ static void matmul_i8_thread(void *arg, int thread, int n_threads) {
                             xq[j] = c->q + t * c->ldq + c0;
                             xo[j] = c->xoff + t * c->n_pieces + piece0;
                         }
-                        c->k8->dot4_i8(xq, xo, (int)nx, w8, nc, kblock, pfp, n_pf, isum);
+                        c->k8->dot4_i8(xq, xo, (int)nx, w8, nc, kblock, ilv ? 256 : 64, pfp, n_pf,
+                                       isum);
                     }
                     for (size_t j = 0; j < nx; j++) {
                         const size_t t = t0 + j;
@@ -815,7 +824,9 @@ static void matmul_i8_rows_thread(void *arg, int thread, int n_threads) {
     for (size_t g = g_lo; g < g_hi; g++) {
         const size_t r0 = 4 * g, nr = rows - r0 < 4 ? rows - r0 : 4;
         const int8_t *w8[4];
-        for (size_t j = 0; j < 4; j++) w8[j] = data + (r0 + (j < nr ? j : 0)) * cols;
+        const int ilv = w->ilv && nr == 4; /* a block of 64-byte pieces */
+        for (size_t j = 0; j < 4; j++)
+            w8[j] = ilv ? data + r0 * cols + 64 * j : data + (r0 + (j < nr ? j : 0)) * cols;
         size_t target = (r0 + 4) * cols + MM_FUSED_PF_AHEAD;
         if (target > end) target = end;
         if (target < pf) target = pf;
@@ -834,7 +845,7 @@ static void matmul_i8_rows_thread(void *arg, int thread, int n_threads) {
                 xo[j] = c->xoff + t;
             }
             int32_t isum[16];
-            c->k8->dot4_i8(xq, xo, (int)nx, w8, cols, cols, pfp, n_pf, isum);
+            c->k8->dot4_i8(xq, xo, (int)nx, w8, cols, cols, ilv ? 256 : 64, pfp, n_pf, isum);
             for (size_t j = 0; j < nx; j++) {
                 float *yr = c->y + (t0 + j) * rows + r0;
                 const float sx = c->sx[t0 + j];
@@ -1014,10 +1025,29 @@ static void matmul_gemm_thread(void *arg, int thread, int n_threads) {
                     memcpy(sw + (pi * nb + b) * 16 + j,
                            w->scale + (((size_t)w->row0 + r) / br) * nb + b, sizeof(float));
             }
-            if (w->int4)
+            /* interleaved: whole blocks of rows as dot4_i8 reads them; a panel reaching the
+             * row-major tail rows piece by piece (64 columns are 16 whole groups of it) */
+            const int ilv = w->ilv && r0 + 16 <= (size_t)rows / 4 * 4;
+            if (w->int4) {
                 k->pack16_i4(pan + pi * pbytes, w4, cols);
-            else
-                k->pack16_i8(pan + pi * pbytes, w8, cols);
+            } else if (ilv) {
+                for (size_t j = 0; j < 16; j++)
+                    w8[j] = (const int8_t *)data + (r0 + j - j % 4) * cols + 64 * (j % 4);
+                k->pack16_i8(pan + pi * pbytes, w8, cols, 256);
+            } else if (!w->ilv) {
+                k->pack16_i8(pan + pi * pbytes, w8, cols, 64);
+            } else {
+                for (size_t s = 0; s < cols / 64; s++) {
+                    const int8_t *ws[16];
+                    for (size_t j = 0; j < 16; j++) {
+                        const size_t r = r0 + (j < nr ? j : 0), q = r % 4;
+                        ws[j] = r < (size_t)rows / 4 * 4
+                                    ? (const int8_t *)data + (r - q) * cols + 256 * s + 64 * q
+                                    : w8[j] + 64 * s;
+                    }
+                    k->pack16_i8(pan + pi * pbytes + 1024 * s, ws, 64, 64);
+                }
+            }
         }
         /* the next group's stored rows, a share prefetched by each kernel call */
         const size_t next = p0 + pn, next_end = next + gp < p_hi ? next + gp : p_hi;

@@ -764,22 +764,27 @@ static void check_matmul(const test_mat *t, ds_pool *p1, ds_pool *p3, const char
     }
 }
 
-/* ds_mat_interleave on a copy of BF16 t: where the table reads BF16 fused and the shape allows
- * (whole 32-column pieces, 4 rows or more) it interleaves, and then rows, every token count's
- * matmul (the fused and the blocked paths) and a slice at a block boundary give exactly the
- * floats of the row-major matrix. */
+/* ds_mat_interleave on a copy of t (BF16 or int8): where the shape allows (rows of whole 64-byte
+ * pieces, 4 rows or more; BF16 where the table reads it fused, int8 with scale blocks of whole
+ * pieces) it interleaves, and then rows, every token count's matmul (BF16's fused and blocked
+ * paths, int8's dot4 and GEMM ones) and a slice at a block boundary give exactly the floats of
+ * the row-major matrix. */
 static void check_interleaved(const test_mat *t, ds_pool *p1, ds_pool *p3, const char *what) {
-    const int64_t rows = t->m.rows, cols = t->m.cols;
+    const int64_t rows = t->m.rows, cols = t->m.cols, bc = t->m.block_cols;
+    const size_t bytes = (size_t)rows * (t->m.int4 ? (size_t)(cols + 1) / 2
+                                                   : (size_t)cols * ds_dtype_size(t->m.dtype));
     test_mat c = *t;
-    c.raw = malloc((size_t)(rows * cols) * 2 + 1); /* off a 4-byte boundary, as make_mat's */
-    memcpy(c.raw + 1, t->m.data, (size_t)(rows * cols) * 2);
+    c.raw = malloc(bytes + 1); /* off a 4-byte boundary, as make_mat's */
+    memcpy(c.raw + 1, t->m.data, bytes);
     c.m.data = c.raw + 1;
     const int ok = ds_mat_interleave(&c.m);
-    const int can = cols % 32 == 0 && rows >= 4 && strcmp(ds_kernels_get()->name, "neon") != 0;
+    const int can =
+        rows >= 4 &&
+        (t->m.dtype == DS_BF16 ? cols % 32 == 0 && strcmp(ds_kernels_get()->name, "neon")
+                               : !t->m.int4 && cols % 64 == 0 && (bc >= cols || bc % 64 == 0));
     CHECK_MSG(ok == can && c.m.ilv == ok, "%s: interleaved %d, expected %d", what, ok, can);
     if (ok) {
-        CHECK_MSG(memcmp(c.m.data, t->m.data, (size_t)(rows * cols) * 2) != 0 || rows < 4,
-                  "%s: interleaving moved nothing", what);
+        CHECK_MSG(memcmp(c.m.data, t->m.data, bytes) != 0, "%s: interleaving moved nothing", what);
         char w2[128];
         snprintf(w2, sizeof w2, "%s interleaved", what);
         check_rows(&c, w2);
@@ -846,11 +851,27 @@ static void matmul_suite(void) {
         shape sh;
         int int4;
     } i8s[] = {
-        {{37, 200, 1, 200}, 0}, {{33, 4097, 1, 4097}, 0}, {{301, 203, 128, 128}, 0},
-        {{7, 129, 4, 64}, 0},   {{35, 5000, 1, 3000}, 0}, {{45, 301, 1, 128}, 1},
-        {{70, 257, 1, 64}, 1},  {{9, 4097, 1, 4097}, 1},  {{13, 131, 1, 131}, 1},
-        {{1, 1, 1, 1}, 1},      {{1, 1, 1, 128}, 0},      {{21, 50, 1, 6}, 1},
-        {{19, 45, 1, 10}, 0},   {{40, 1030, 1, 132}, 1},  {{100, 14000, 1, 14000}, 0},
+        {{37, 200, 1, 200}, 0},
+        {{33, 4097, 1, 4097}, 0},
+        {{301, 203, 128, 128}, 0},
+        {{7, 129, 4, 64}, 0},
+        {{35, 5000, 1, 3000}, 0},
+        {{45, 301, 1, 128}, 1},
+        {{70, 257, 1, 64}, 1},
+        {{9, 4097, 1, 4097}, 1},
+        {{13, 131, 1, 131}, 1},
+        {{1, 1, 1, 1}, 1},
+        {{1, 1, 1, 128}, 0},
+        {{21, 50, 1, 6}, 1},
+        {{19, 45, 1, 10}, 0},
+        {{40, 1030, 1, 132}, 1},
+        {{100, 14000, 1, 14000}, 0},
+        /* interleaved by fours too (check_interleaved): per channel, 128 x 128 blocks */
+        {{37, 1024, 1, 1024}, 0},
+        {{24, 2048, 128, 128}, 0},
+        {{130, 384, 1, 384}, 0},
+        {{12, 4096, 1, 4096}, 0},
+        {{8, 4352, 128, 128}, 0},
     };
     for (size_t i = 0; i < sizeof i8s / sizeof i8s[0]; i++) {
         test_mat t;
@@ -861,11 +882,13 @@ static void matmul_suite(void) {
                  (long long)i8s[i].sh.block_rows, (long long)i8s[i].sh.block_cols);
         if (i8s[i].sh.cols >= 200) check_rows(&t, what);
         check_matmul_i8(&t, p1, p3, what);
+        check_interleaved(&t, p1, p3, what);
         free_mat(&t);
     }
     /* static activations (Ascend W8A8): per tensor and per channel, one kernel chunk and a row
      * wider than a chunk (the int32 partials summed over chunks before the bias) */
-    const shape sts[] = {{37, 200, 1, 200}, {33, 4097, 1, 4097}, {20, 300, 1, 300}};
+    const shape sts[] = {
+        {37, 200, 1, 200}, {33, 4097, 1, 4097}, {20, 300, 1, 300}, {20, 512, 1, 512}};
     for (size_t i = 0; i < sizeof sts / sizeof sts[0]; i++)
         for (int pc = 0; pc < 2; pc++) {
             test_mat t;
@@ -876,6 +899,7 @@ static void matmul_suite(void) {
                      (long long)sts[i].rows, (long long)sts[i].cols, pc ? "channel" : "tensor");
             check_rows(&t, what);
             check_matmul_i8(&t, p1, p3, what);
+            check_interleaved(&t, p1, p3, what);
             free_mat(&t);
         }
     check_matmul_jobs(p1, p3);
@@ -924,7 +948,7 @@ static void test_int_dots(const ds_kernels *k) {
                 size_t blk = blocks[bi] ? blocks[bi] : n, nb = (n + blk - 1) / blk;
                 int32_t *o = malloc(nb * 16 * sizeof(int32_t)),
                         *os = malloc(nb * 16 * sizeof(int32_t)),
-                        *o1 = malloc(nb * 4 * sizeof(int32_t)),
+                        *o1 = malloc(nb * 16 * sizeof(int32_t)),
                         *x8off = malloc(4 * nb * sizeof(int32_t));
                 int bad8 = 0, bad4 = 0, badref = 0;
                 for (size_t t = 0; t < 4; t++)
@@ -936,8 +960,8 @@ static void test_int_dots(const ds_kernels *k) {
                 const int32_t *const xo8[4] = {x8off, x8off + nb, x8off + 2 * nb, x8off + 3 * nb};
                 for (int nx = 1; nx <= 4; nx++) {
                     /* the prefetched lines: the rows themselves, a harmless hint */
-                    k->dot4_i8(xt, xo8, nx, w8, n, blk, (const char *)w8[0], n / 64, o);
-                    s->dot4_i8(xt, xo8, nx, w8, n, blk, NULL, 0, os);
+                    k->dot4_i8(xt, xo8, nx, w8, n, blk, 64, (const char *)w8[0], n / 64, o);
+                    s->dot4_i8(xt, xo8, nx, w8, n, blk, 64, NULL, 0, os);
                     for (size_t b = 0; b < nb; b++)
                         for (int t = 0; t < nx; t++)
                             for (int r = 0; r < 4; r++) {
@@ -948,8 +972,22 @@ static void test_int_dots(const ds_kernels *k) {
                                 badref += os[at] != ref;
                                 bad8 += o[at] != os[at];
                             }
+                    if (blk % 64 == 0 || blk >= n) { /* the rows interleaved by fours, as a
+                                                      * ds_mat's (ds_mat.ilv): exact size */
+                        const size_t last = (n - 1) / 64 * 256 + 192 + (n - 1) % 64 + 1;
+                        int8_t *il = malloc(last);
+                        for (size_t j = 0; j < 4; j++)
+                            for (size_t i = 0; i < n; i++)
+                                il[i / 64 * 256 + 64 * j + i % 64] = w8[j][i];
+                        const int8_t *const wi[4] = {il, il + 64, il + 128, il + 192};
+                        k->dot4_i8(xt, xo8, nx, wi, n, blk, 256, NULL, 0, o1);
+                        for (size_t i = 0; i < 4 * (size_t)nx * nb; i++) bad8 += o1[i] != os[i];
+                        s->dot4_i8(xt, xo8, nx, wi, n, blk, 256, NULL, 0, o1);
+                        for (size_t i = 0; i < 4 * (size_t)nx * nb; i++) bad8 += o1[i] != os[i];
+                        free(il);
+                    }
                     for (int t = 0; nx == 4 && t < 4; t++) { /* alone: the same sums */
-                        k->dot4_i8(xt + t, xo8 + t, 1, w8, n, blk, NULL, 0, o1);
+                        k->dot4_i8(xt + t, xo8 + t, 1, w8, n, blk, 64, NULL, 0, o1);
                         for (size_t b = 0; b < nb; b++)
                             for (int r = 0; r < 4; r++)
                                 bad8 +=
@@ -1293,8 +1331,26 @@ static void test_gemm(const ds_kernels *k) {
                 w4[r] = w4b[r] + 1;
             }
             uint8_t *pk = malloc(pb), *ps = malloc(pb), *p4 = malloc(pb), *p4s = malloc(pb);
-            k->pack16_i8(pk, w8, n);
-            s->pack16_i8(ps, w8, n);
+            k->pack16_i8(pk, w8, n, 64);
+            s->pack16_i8(ps, w8, n, 64);
+            /* rows read in pieces of 64 columns 256 bytes apart (an interleaved ds_mat's): the
+             * same panel; each row in an allocation of exactly its last piece's end */
+            uint8_t *pi = malloc(pb);
+            unsigned char *wib[16];
+            const int8_t *wi[16];
+            for (int r = 0; r < 16; r++) {
+                wib[r] = malloc((n - 1) / 64 * 256 + (n - 1) % 64 + 1);
+                for (size_t i = 0; i < n; i++) wib[r][i / 64 * 256 + i % 64] = w8b[r][1 + i];
+                wi[r] = (const int8_t *)wib[r];
+            }
+            k->pack16_i8(pi, wi, n, 256);
+            int badi = memcmp(pi, ps, pb) != 0;
+            s->pack16_i8(pi, wi, n, 256);
+            badi += memcmp(pi, ps, pb) != 0;
+            CHECK_MSG(!badi, "%s pack16_i8 n=%zu pattern %d: pieces 256 bytes apart differ",
+                      k->name, n, pat);
+            for (int r = 0; r < 16; r++) free(wib[r]);
+            free(pi);
             k->pack16_i4(p4, w4, n);
             s->pack16_i4(p4s, w4, n);
             int badp = 0, badref = 0;

@@ -107,6 +107,7 @@ int main(void) {
         {"tinyfp8", "--preset", "tiny", "--dtype", "fp8", NULL},
         {"small", "--preset", "small", "--dtype", "bf16", NULL},
         {"noqlora", "--preset", "tiny", "--no-q-lora", NULL, NULL},
+        {"tinyw8a8", "--preset", "tiny", "--dtype", "w8a8", NULL},
     };
     for (size_t v = 0; v < sizeof variants / sizeof variants[0]; v++) {
         char dir[4096];
