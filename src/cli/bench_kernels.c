@@ -97,6 +97,7 @@ static int variant_make(variant *v, const char *name, ds_dtype dt, int64_t R, in
     v->data = d;
     v->m.data = d;
     v->m.scale = v->scale;
+    ds_mat_interleave(&v->m); /* as the model lays out its loaded weights */
     for (int i = 0; i < 4; i++) v->best[i] = 1e30;
     return 0;
 }
