@@ -426,23 +426,16 @@ static void dot4_i8_one_avx2(const int8_t *x, const int8_t *const w[4], size_t n
         __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
         size_t i = c0;
         for (; i + 32 <= end; i += 32) {
+            const size_t o = ds_i8_at(i, step);
             __m256i xv = _mm256_loadu_si256((const __m256i *)(const void *)(x + i));
-            a0 = i8_row(
-                a0, xv,
-                _mm256_loadu_si256((const __m256i *)(const void *)(w[0] + ds_i8_at(i, step))),
-                ones16);
-            a1 = i8_row(
-                a1, xv,
-                _mm256_loadu_si256((const __m256i *)(const void *)(w[1] + ds_i8_at(i, step))),
-                ones16);
-            a2 = i8_row(
-                a2, xv,
-                _mm256_loadu_si256((const __m256i *)(const void *)(w[2] + ds_i8_at(i, step))),
-                ones16);
-            a3 = i8_row(
-                a3, xv,
-                _mm256_loadu_si256((const __m256i *)(const void *)(w[3] + ds_i8_at(i, step))),
-                ones16);
+            a0 = i8_row(a0, xv, _mm256_loadu_si256((const __m256i *)(const void *)(w[0] + o)),
+                        ones16);
+            a1 = i8_row(a1, xv, _mm256_loadu_si256((const __m256i *)(const void *)(w[1] + o)),
+                        ones16);
+            a2 = i8_row(a2, xv, _mm256_loadu_si256((const __m256i *)(const void *)(w[2] + o)),
+                        ones16);
+            a3 = i8_row(a3, xv, _mm256_loadu_si256((const __m256i *)(const void *)(w[3] + o)),
+                        ones16);
         }
         if (i < end) {
             _Alignas(32) int8_t bx[32] = {0}, bw[4][32] = {{0}};
