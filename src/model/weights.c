@@ -55,9 +55,9 @@ static void interleave_mlp(ds_mlp *p) {
     interleave(&p->down);
 }
 
-/* Once the weights are loaded: the BF16 projections that only the matmuls read, interleaved by
- * fours in place (ds_mat_interleave). Not the embedding (rows looked up one at a time, and
- * lm_head may be the same bytes) nor kv_b (the absorptions read its rows in place). */
+/* Once the weights are loaded: the BF16 and int8 projections that only the matmuls read,
+ * interleaved by fours in place (ds_mat_interleave). Not the embedding (rows looked up one at a
+ * time, and lm_head may be the same bytes) nor kv_b (the absorptions read its rows in place). */
 static int interleave_weights(ds_model *m) {
     int rc = ds_st_loaded_writable(m->st, 1);
     if (rc) return rc;
