@@ -39,7 +39,7 @@ typedef struct {
     float *q_abs, *o_lat;  /* (B, heads, kv_lora_rank) */
     float *o;              /* (B, heads * v) */
     float *router;         /* (B, n_routed_experts) */
-    float *xs, *g, *u, *d; /* expert batch: (B, hidden), (B, inter) x2, (B, hidden) */
+    float *xs, *g, *u, *d; /* (G, hidden), (G, moe inter) or (B, inter) x2, (G, hidden) */
     float *topw;           /* (B, k) routing weights */
     int32_t *tope;         /* (B, k) routed experts, by descending biased score */
     int32_t *by_expert;    /* (B * k) token indices grouped by expert */
@@ -52,6 +52,18 @@ static int64_t imax(int64_t a, int64_t b) {
 }
 
 enum { N_BUFS = 19 };
+
+/* Most (token, expert) pairs in one group of experts (moe) for a chunk of B tokens: at least B,
+ * as every token may choose one expert. The pairs of a few tokens make one group, whose gate and
+ * up, then down, matmuls run as one pool run each (ds_matmul_jobs). Groups of B pairs cost pool
+ * runs and waits for the slowest thread: 5 - 21% of the experts' time at 1 - 64 tokens (medium
+ * preset). Capped because the buffers grow with it; 512 pairs keep the threads busy. */
+#define MOE_GROUP_PAIRS 512
+
+static int64_t group_pairs(const ds_config *c, int64_t B) {
+    int64_t pairs = B * imax(1, c->n_experts_per_tok);
+    return imax(B, pairs < MOE_GROUP_PAIRS ? pairs : MOE_GROUP_PAIRS);
+}
 
 /* Positions per pass of attention's weighted sum (attend_task): rows of a cache narrower than
  * f32 are converted this many at a time. */
@@ -72,6 +84,7 @@ static size_t buf_sizes(const ds_config *c, int64_t heads, int64_t max_ctx, int6
     int64_t inter =
         imax(c->intermediate_size, c->moe_intermediate_size * imax(1, c->n_shared_experts));
     int64_t k = imax(1, c->n_experts_per_tok), E = imax(1, c->n_routed_experts);
+    int64_t G = group_pairs(c, B), gu = imax(B * inter, G * c->moe_intermediate_size);
     /* scores of 16 heads, then (forward_chunk's row_off) a dequantised latent row, W_UK[h]'s
      * rows (absorb_q_task), absorb_o_task's rows and a head's panels, or attend_task's panel and
      * rows */
@@ -92,10 +105,10 @@ static size_t buf_sizes(const ds_config *c, int64_t heads, int64_t max_ctx, int6
                               (size_t)(B * H * c->kv_lora_rank),
                               (size_t)(B * H_all * c->v_head_dim),
                               (size_t)(B * E),
-                              (size_t)(B * D),
-                              (size_t)(B * inter),
-                              (size_t)(B * inter),
-                              (size_t)(B * D),
+                              (size_t)(G * D),
+                              (size_t)gu,
+                              (size_t)gu,
+                              (size_t)(G * D),
                               (size_t)(B * k),
                               (size_t)(B * k),
                               (size_t)(B * k),
@@ -841,12 +854,12 @@ static int moe(ds_model *m, const ds_layer *L, int64_t l, fwd_bufs *b, int64_t n
     for (int64_t i = 0; i < n * K; i++) b->by_expert[fill[b->tope[i]]++] = (int32_t)i;
     ds_mm_job *jobs = malloc((size_t)(2 * (hi - lo) + 1) * sizeof *jobs); /* never malloc(0) */
     if (!jobs) return ds_err_set(DS_ERR_NOMEM, "out of memory (expert jobs)");
-    /* experts in groups of at most n pairs (the buffers' rows; one expert has at most n), each
-     * group's matmuls run together: gate and up, then down (ds_matmul_jobs) */
-    const int64_t ie = c->moe_intermediate_size;
+    /* experts in groups of at most G pairs (the buffers' rows; one expert has at most n <= G),
+     * each group's matmuls run together: gate and up, then down (ds_matmul_jobs) */
+    const int64_t ie = c->moe_intermediate_size, G = group_pairs(c, n);
     for (int64_t e0 = lo, e1; e0 < hi; e0 = e1) {
         const int64_t p0 = start[e0];
-        for (e1 = e0 + 1; e1 < hi && start[e1 + 1] - p0 <= n;) e1++;
+        for (e1 = e0 + 1; e1 < hi && start[e1 + 1] - p0 <= G;) e1++;
         const int64_t rows = start[e1] - p0;
         if (!rows) continue;
         rows_op gather = {gather_fn, b->xs, b->h, NULL, NULL, NULL, b->by_expert + p0, D, K, 0, 0};
