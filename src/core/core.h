@@ -68,6 +68,16 @@ uint64_t ds_mem_available(void);
 /* Allocation that is 64-byte aligned (SIMD rows) and zeroed; NULL on failure. Free with ds_free. */
 void *ds_alloc(size_t bytes);
 void ds_free(void *p);
+/* Scratch memory of the calling thread kept from call to call, for the temporaries of hot
+ * paths: at least `bytes`, 64-byte aligned, not zeroed, the same memory again for the next call
+ * of the slot once it is large enough (a larger request replaces it; the contents are lost), freed
+ * when the thread exits; NULL when out of memory. With malloc and free per call, a matmul's speed
+ * hung on the allocator's heuristics: in a process that had not yet freed a large block, glibc
+ * gave the freed top of its heap back after nearly every call, and the next call faulted it in
+ * again (BF16 experts at 8 tokens each, 2 threads: 56 -> 113 GMAC/s without that). DS_SCRATCH_CALL
+ * serves a call's own buffers, DS_SCRATCH_TASK the pool slices the same thread runs meanwhile. */
+enum { DS_SCRATCH_CALL, DS_SCRATCH_TASK, DS_SCRATCH_SLOTS };
+void *ds_thread_scratch(int slot, size_t bytes);
 /* A private mapping of len bytes at a 2 MiB-aligned address, the only place the kernel maps a
  * 2 MiB page: of file fd, read-only, or with fd < 0 zeroed anonymous memory, read-write and
  * advised MADV_HUGEPAGE (advice only: refused, the memory works the same on 4 KiB pages).

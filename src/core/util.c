@@ -2,6 +2,7 @@
 #include "core/core.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -74,6 +75,52 @@ void *ds_alloc(size_t bytes) {
 
 void ds_free(void *p) {
     free(p);
+}
+
+/* The buffers live in static TLS (scanned by leak checkers as long as the thread runs); the key
+ * only runs the destructor at the thread's exit. */
+typedef struct {
+    void *p[DS_SCRATCH_SLOTS];
+    size_t n[DS_SCRATCH_SLOTS];
+} scratch_set;
+
+static _Thread_local scratch_set scratch;
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static int scratch_key_ok;
+
+static void scratch_release(void *arg) {
+    scratch_set *s = arg;
+    for (int i = 0; i < DS_SCRATCH_SLOTS; i++) {
+        free(s->p[i]);
+        s->p[i] = NULL;
+        s->n[i] = 0;
+    }
+}
+
+static void scratch_key_init(void) {
+    scratch_key_ok = pthread_key_create(&scratch_key, scratch_release) == 0;
+}
+
+void *ds_thread_scratch(int slot, size_t bytes) {
+    DS_ASSERT(slot >= 0 && slot < DS_SCRATCH_SLOTS);
+    scratch_set *s = &scratch;
+    if (bytes <= s->n[slot] && s->p[slot]) return s->p[slot];
+    pthread_once(&scratch_once, scratch_key_init);
+    if (!scratch_key_ok || pthread_setspecific(scratch_key, s) != 0) return NULL;
+    free(s->p[slot]);
+    s->p[slot] = NULL;
+    s->n[slot] = 0;
+    /* half again as much: a few growing calls (longer prompts) settle on one buffer */
+    size_t want = bytes > SIZE_MAX / 2 ? bytes : bytes + bytes / 2;
+    if (want > SIZE_MAX - 63) return NULL;
+    want = want ? (want + 63) & ~(size_t)63 : 64;
+    if (posix_memalign(&s->p[slot], 64, want) != 0) {
+        s->p[slot] = NULL;
+        return NULL;
+    }
+    s->n[slot] = want;
+    return s->p[slot];
 }
 
 int ds_mul_ok(uint64_t a, uint64_t b, uint64_t *out) {

@@ -697,9 +697,11 @@ static void matmul_i8_thread(void *arg, int thread, int n_threads) {
     for (size_t t = 0; t < n_tok && !one_call; t++)
         memset(c->y + t * rows + r_lo, 0, (r_hi - r_lo) * sizeof(float));
     const size_t tx = w->int4 ? 1 : 4; /* tokens per kernel call */
-    int32_t *isum = malloc((seg / kblock + 1) * 4 * tx * sizeof(int32_t)); /* [blocks][tx][4] */
-    int32_t *part = big ? calloc(n_tok * gpt * 4, sizeof(int32_t)) : NULL; /* [n_tok, tile rows] */
-    DS_ASSERT(isum && (!big || part));
+    const size_t n_isum = (seg / kblock + 1) * 4 * tx, n_part = big ? n_tok * gpt * 4 : 0;
+    int32_t *isum = ds_thread_scratch(DS_SCRATCH_TASK, (n_isum + n_part) * sizeof(int32_t));
+    DS_ASSERT(isum);
+    int32_t *part = big ? isum + n_isum : NULL; /* [n_tok, tile rows] after isum [blocks][tx][4] */
+    if (big) memset(part, 0, n_part * sizeof(int32_t));
     const unsigned char *data = w->data;
     size_t pf = r_lo * rowb, end = r_hi * rowb; /* prefetch cursor (decode), byte offsets */
 
@@ -804,8 +806,6 @@ static void matmul_i8_thread(void *arg, int thread, int n_threads) {
         for (size_t t = 0; t < n_tok && !one_call; t++)
             for (size_t r = g_r0; r < g_r1; r++) c->y[t * rows + r] *= c->sx[t];
     }
-    free(isum);
-    free(part);
 }
 
 /* The decode path's common case, per-channel int8 rows that one kernel call covers: the
@@ -887,11 +887,12 @@ static void matmul_fgemm_thread(void *arg, int thread, int n_threads) {
     size_t p_lo, p_hi;
     ds_split_range((rows + 15) / 16, thread, n_threads, &p_lo, &p_hi);
     if (p_lo >= p_hi) return;
-    /* [16][MM_FGEMM_K]: the rows converted to f32 first, but F32 packed in place */
+    /* the panel [MM_FGEMM_K][16], then [16][MM_FGEMM_K]: the rows converted to f32 first, but
+     * F32 packed in place */
     const int scratch = w->dtype != DS_F32;
-    float *rowbuf = scratch ? malloc(16 * MM_FGEMM_K * sizeof(float)) : NULL;
-    float *pan = malloc(16 * MM_FGEMM_K * sizeof(float)); /* [MM_FGEMM_K][16] */
-    DS_ASSERT((rowbuf || !scratch) && pan);
+    float *pan = ds_thread_scratch(DS_SCRATCH_TASK, 2 * 16 * MM_FGEMM_K * sizeof(float));
+    DS_ASSERT(pan);
+    float *rowbuf = scratch ? pan + 16 * MM_FGEMM_K : NULL;
     for (size_t p = p_lo; p < p_hi; p++) {
         const size_t r0 = 16 * p, nr = rows - r0 < 16 ? rows - r0 : 16;
         for (size_t k0 = 0; k0 < cols; k0 += MM_FGEMM_K) {
@@ -944,8 +945,6 @@ static void matmul_fgemm_thread(void *arg, int thread, int n_threads) {
             }
         }
     }
-    free(rowbuf);
-    free(pan);
 }
 
 /* ---- the GEMM path (DS_I8 with MM_GEMM_MIN_TOK_I8 / _I4 tokens or more) ----
@@ -1011,9 +1010,10 @@ static void matmul_gemm_thread(void *arg, int thread, int n_threads) {
     ds_split_range((rows + 15) / 16, thread, n_threads, &p_lo, &p_hi);
     if (p_lo >= p_hi) return;
     if (gp > p_hi - p_lo) gp = p_hi - p_lo;
-    uint8_t *pan = malloc(gp * pbytes);               /* [gp][groups][16][4] */
-    float *sw = malloc(gp * nb * 16 * sizeof(float)); /* [gp][nb][16] */
-    DS_ASSERT(pan && sw);
+    /* [gp][groups][16][4], then the scales [gp][nb][16] */
+    uint8_t *pan = ds_thread_scratch(DS_SCRATCH_TASK, gp * pbytes + gp * nb * 16 * sizeof(float));
+    DS_ASSERT(pan);
+    float *sw = (float *)(void *)(pan + gp * pbytes); /* pbytes: whole 64-byte groups */
     const unsigned char *data = w->data;
     for (size_t p0 = p_lo; p0 < p_hi; p0 += gp) {
         size_t pn = p_hi - p0 < gp ? p_hi - p0 : gp;
@@ -1090,8 +1090,6 @@ static void matmul_gemm_thread(void *arg, int thread, int n_threads) {
             }
         }
     }
-    free(pan);
-    free(sw);
 }
 
 /* off * the sum of q over each block of kblock columns in [c0, c0 + len), into dst; returns the
@@ -1205,10 +1203,7 @@ typedef struct {
     matmul_ctx c;
     prep_ctx pc;
     ds_pool_fn fn;
-    int8_t *q, *xs;
-    float *sx;
-    int32_t *xoff;
-    float *xb;
+    int from; /* -1: prepares its activations itself; else the job before it that does */
 } mm_job_state;
 
 /* Picks job j's path and, for DS_I8, what its per-token preparation makes (prep_ctx). */
@@ -1270,40 +1265,54 @@ static int same_prep(const ds_mm_job *a, const mm_job_state *sa, const ds_mm_job
     const ds_mat *wa = a->w, *wb = b->w;
     const i8_plan *pa = &sa->pc.pl, *pb = &sb->pc.pl;
     if (a->x != b->x || a->n_tok != b->n_tok || wa->cols != wb->cols) return 0;
-    if (bf16_split_job(b, sb)) return sa->c.xb != NULL;
-    return sa->q && wa->act_n == wb->act_n && wa->act_scale == wb->act_scale &&
-           wa->act_zp == wb->act_zp && sa->pc.mode == sb->pc.mode && wa->int4 == wb->int4 &&
+    if (bf16_split_job(b, sb)) return bf16_split_job(a, sa);
+    return sa->fn && wa->dtype == DS_I8 && wa->act_n == wb->act_n &&
+           wa->act_scale == wb->act_scale && wa->act_zp == wb->act_zp &&
+           sa->pc.mode == sb->pc.mode && wa->int4 == wb->int4 &&
            (sa->pc.mode != PREP_GEMM || i8_block(wa) == i8_block(wb)) &&
            (sa->pc.mode != PREP_DOT ||
             (pa->bc == pb->bc && pa->seg == pb->seg && pa->kblock == pb->kblock &&
              pa->big == pb->big && pa->decode == pb->decode));
 }
 
-/* Splits a BF16 fused job's x into its own buffer (owned by st), rows on cache lines: x vectors
- * split across two lines measured 25% slower in L1. */
-static void split_bf16(const ds_mm_job *j, mm_job_state *st) {
-    const size_t cols = (size_t)j->w->cols, ldb = (cols + 15) / 16 * 16;
-    st->xb = aligned_alloc(64, (size_t)j->n_tok * ldb * sizeof(float));
-    DS_ASSERT(st->xb);
-    for (int64_t t = 0; t < j->n_tok; t++)
-        ds_bf16_split(j->x + (size_t)t * cols, cols, st->xb + (size_t)t * ldb);
-    st->c.xb = st->xb;
-    st->c.ldb = ldb;
+/* A BF16 fused job's x split for dot4xn_bf16, its tokens [t0, t1) of the slice's share. */
+static void split_task(void *arg, int slice, int n_slices) {
+    const matmul_ctx *c = ((prep_ctx *)arg)->c;
+    const size_t cols = (size_t)c->w->cols;
+    size_t t0, t1;
+    ds_split_range((size_t)c->n_tok, slice, n_slices, &t0, &t1);
+    float *xb = (float *)c->xb; /* the call's own buffer (job_place) */
+    for (size_t t = t0; t < t1; t++) ds_bf16_split(c->x + t * cols, cols, xb + t * c->ldb);
 }
 
-/* Allocates a DS_I8 job's activation buffers (owned by st). */
-static void job_alloc(mm_job_state *st) {
-    const size_t n_tok = (size_t)st->c.n_tok, ldq = st->c.ldq;
-    const int split = st->pc.mode == PREP_DOT && st->c.w->int4;
-    st->q = malloc(n_tok * ldq);
-    st->sx = malloc(n_tok * sizeof(float));
-    st->xoff = malloc(n_tok * st->pc.np * sizeof(int32_t));
-    st->xs = split ? malloc(n_tok * ldq) : NULL;
-    DS_ASSERT(st->q && st->sx && st->xoff && (!split || st->xs));
-    st->c.q = st->q;
-    st->c.sx = st->sx;
-    st->c.xoff = st->xoff;
-    st->c.xs = st->xs;
+static size_t lines(size_t bytes) {
+    return (bytes + 63) & ~(size_t)63;
+}
+
+/* The activation buffers job st prepares, laid out from p on (NULL: nothing is written), each
+ * part on whole cache lines (BF16's split rows too: x vectors split across two lines measured
+ * 25% slower in L1); returns their bytes. */
+static size_t job_place(mm_job_state *st, int bf16, unsigned char *p) {
+    matmul_ctx *c = &st->c;
+    const size_t n_tok = (size_t)c->n_tok, cols = (size_t)c->w->cols;
+    if (bf16) {
+        const size_t ldb = (cols + 15) / 16 * 16;
+        if (p) {
+            c->xb = (float *)(void *)p;
+            c->ldb = ldb;
+        }
+        return lines(n_tok * ldb * sizeof(float));
+    }
+    const size_t q = lines(n_tok * c->ldq), sx = lines(n_tok * sizeof(float));
+    const size_t xo = lines(n_tok * st->pc.np * sizeof(int32_t));
+    const int split = st->pc.mode == PREP_DOT && c->w->int4; /* int4's split x */
+    if (p) {
+        c->q = (int8_t *)p;
+        c->sx = (float *)(void *)(p + q);
+        c->xoff = (int32_t *)(void *)(p + q + sx);
+        c->xs = split ? (int8_t *)(p + q + sx + xo) : NULL;
+    }
+    return q + sx + xo + (split ? q : 0);
 }
 
 void ds_matmul_jobs(ds_pool *pool, const ds_mm_job *jobs, int n_jobs) {
@@ -1312,7 +1321,7 @@ void ds_matmul_jobs(ds_pool *pool, const ds_mm_job *jobs, int n_jobs) {
     mm_job_state *st = calloc((size_t)n_jobs, sizeof *st);
     mm_unit *u = malloc(((size_t)n_jobs * (size_t)threads * MM_SLICES_PER_THREAD + 1) * sizeof *u);
     DS_ASSERT(st && u);
-    int nu = 0;
+    size_t bytes = 0; /* of the activations the jobs prepare */
     for (int i = 0; i < n_jobs; i++) {
         const ds_mm_job *j = &jobs[i];
         check_mat(j->w);
@@ -1331,22 +1340,30 @@ void ds_matmul_jobs(ds_pool *pool, const ds_mm_job *jobs, int n_jobs) {
          * x come together (gate, up), so the search stops at the first other x */
         int k = i - 1;
         while (k >= 0 && jobs[k].x == j->x && !same_prep(&jobs[k], &st[k], j, &st[i])) k--;
-        if (k >= 0 && jobs[k].x == j->x) {
-            st[i].c.q = st[k].q;
-            st[i].c.sx = st[k].sx;
-            st[i].c.xoff = st[k].xoff;
-            st[i].c.xs = st[k].xs;
+        st[i].from = k >= 0 && jobs[k].x == j->x ? k : -1;
+        if (st[i].from < 0) bytes += job_place(&st[i], bf16, NULL);
+    }
+    unsigned char *arena = ds_thread_scratch(DS_SCRATCH_CALL, bytes);
+    DS_ASSERT(arena);
+    int nu = 0;
+    for (int i = 0; i < n_jobs; i++) {
+        const ds_mm_job *j = &jobs[i];
+        if (!st[i].fn) continue;
+        const int bf16 = bf16_split_job(j, &st[i]), k = st[i].from;
+        if (!bf16 && j->w->dtype != DS_I8) continue;
+        if (k >= 0) {
+            st[i].c.q = st[k].c.q;
+            st[i].c.sx = st[k].c.sx;
+            st[i].c.xoff = st[k].c.xoff;
+            st[i].c.xs = st[k].c.xs;
             st[i].c.xb = st[k].c.xb;
             st[i].c.ldb = st[k].c.ldb;
             continue;
         }
-        if (bf16) { /* on the calling thread: one copy of x */
-            split_bf16(j, &st[i]);
-            continue;
-        }
-        job_alloc(&st[i]);
+        arena += job_place(&st[i], bf16, arena);
         /* per-token preparation split over the threads when there are tokens enough to share */
-        add_units(u, &nu, prep_task, &st[i].pc, j->n_tok >= 2 * threads ? threads : 1);
+        add_units(u, &nu, bf16 ? split_task : prep_task, &st[i].pc,
+                  j->n_tok >= 2 * threads ? threads : 1);
     }
     run_units(pool, u, nu);
     nu = 0;
@@ -1374,11 +1391,6 @@ void ds_matmul_jobs(ds_pool *pool, const ds_mm_job *jobs, int n_jobs) {
         for (int64_t t = 0; st[i].fn && j->w->bias && t < j->n_tok; t++)
             for (int64_t r = 0; r < j->w->rows; r++)
                 j->y[t * j->w->rows + r] += j->w->bias[j->w->row0 + r];
-        free(st[i].q);
-        free(st[i].sx);
-        free(st[i].xoff);
-        free(st[i].xs);
-        free(st[i].xb);
     }
     free(st);
     free(u);

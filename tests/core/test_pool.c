@@ -1,11 +1,14 @@
 /* Thread pool: every slice of every parallel loop runs exactly once, across many back-to-back
  * loops (the decode pattern) and with more threads than cores (the oversubscribed pattern that
- * made slices wait on descheduled workers), and the pool shuts down cleanly from any state. */
+ * made slices wait on descheduled workers), and the pool shuts down cleanly from any state.
+ * Per-thread scratch: reused while large enough, one buffer per slot and per thread. */
 #include "core/core.h"
 #include "testutil.h"
 
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 typedef struct {
     _Atomic int *hits; /* per slice */
@@ -63,8 +66,53 @@ static void test_split(void) {
     CHECK(lo == 3 && hi == 3);
 }
 
+/* Each slice fills its thread's scratch with its own index and reads it back after the others
+ * had time to write theirs: two threads sharing a buffer would see another's index. */
+static void scratch_body(void *arg, int i, int n) {
+    (void)n;
+    _Atomic int *bad = arg;
+    const size_t len = 4096 + 64 * (size_t)i; /* growing requests replace the buffer */
+    unsigned char *b = ds_thread_scratch(DS_SCRATCH_TASK, len);
+    if (!b || (uintptr_t)b % 64) {
+        atomic_fetch_add(bad, 1);
+        return;
+    }
+    memset(b, i & 0xff, len);
+    for (volatile int spin = 0; spin < 20000; spin++) {
+    }
+    for (size_t k = 0; k < len; k++)
+        if (b[k] != (i & 0xff)) {
+            atomic_fetch_add(bad, 1);
+            return;
+        }
+}
+
+static void test_scratch(void) {
+    unsigned char *a = ds_thread_scratch(DS_SCRATCH_CALL, 100);
+    CHECK(a != NULL && (uintptr_t)a % 64 == 0);
+    if (!a) return;
+    memset(a, 7, 100);
+    CHECK(ds_thread_scratch(DS_SCRATCH_CALL, 50) == a); /* large enough: the same memory */
+    CHECK(ds_thread_scratch(DS_SCRATCH_CALL, 0) == a);
+    unsigned char *t = ds_thread_scratch(DS_SCRATCH_TASK, 100);
+    CHECK(t != NULL && t != a && a[99] == 7); /* another slot leaves the first alone */
+    unsigned char *big = ds_thread_scratch(DS_SCRATCH_CALL, (size_t)1 << 22);
+    CHECK(big != NULL && (uintptr_t)big % 64 == 0);
+    if (big) memset(big, 1, (size_t)1 << 22); /* all of it usable (ASan checks the bounds) */
+    CHECK(ds_thread_scratch(DS_SCRATCH_CALL, SIZE_MAX) == NULL);
+    ds_pool *p = ds_pool_open(4);
+    CHECK(p != NULL);
+    if (!p) return;
+    _Atomic int bad = 0;
+    for (int l = 0; l < 50; l++) ds_pool_run_slices(p, scratch_body, (void *)&bad, 16);
+    CHECK_MSG(atomic_load(&bad) == 0, "%d slices saw a buffer another thread wrote",
+              atomic_load(&bad));
+    ds_pool_close(p); /* the workers' buffers go with them (LSan: no leak) */
+}
+
 int main(void) {
     test_split();
+    test_scratch();
     run_many(1, 100);
     run_many(2, 20000);
     run_many(8, 3000); /* more threads than this machine's cores */
