@@ -60,8 +60,8 @@
  * medium model's lm_head), 2 threads, alone, against dot4 / dot4x2 with the burst: 1 token
  * 8.1 -> 7.4 ms, 4 tokens 10.3 -> 6.5, 8 tokens 14.6 -> 10.2, 32 tokens 30.7 -> 27.6; 18432 x
  * 7168 at 8 tokens 16.9 -> 13.8 ms. Every token's sums are the same floats whatever the other
- * tokens of the call (kernels.h), so BF16 runs dot4xn_bf16 at every token count (beyond four
- * tokens in blocks: matmul_bf16_blocks_thread) and a BF16 matrix's output for a token does not
+ * tokens of the call (kernels.h), so BF16 runs dot4xn_bf16 at every token count (from a few
+ * tokens on in blocks: matmul_bf16_blocks_thread) and a BF16 matrix's output for a token does not
  * depend on its batch. F16 and FP8 (up to their fused limits) and F32 switch to the float GEMM
  * beyond MM_FUSED_MAX_TOK_16 / _FP8 / MM_FUSED_MAX_TOK tokens, whose sums are in another order.
  *
@@ -363,8 +363,8 @@ static void matmul_thread(void *arg, int thread, int n_threads) {
  * medians of 16 steps): BF16 o_proj 0.88 -> 0.79 ms a step at 1 sequence, experts' down 0.95 ->
  * 0.85, at 8 sequences 4.3 -> 3.8; W8A8 experts' gate + up at 8 sequences 4.3 -> 3.9. */
 #define MM_BF16_WALK_MIN 1024
-/* BF16 against more than four tokens (matmul_bf16_blocks_thread): blocks of tokens whose x (n x
- * cols floats) fits MM_FUSED_BF16_X floats, and within each, blocks of rows of about
+/* BF16 against several tokens (matmul_bf16_blocks_thread, bf16_blocks_min): blocks of tokens whose
+ * x (n x cols floats) fits MM_FUSED_BF16_X floats, and within each, blocks of rows of about
  * MM_FUSED_ROWS_BYTES of weights, both held in L2 while every group of four tokens passes over
  * the row block. It replaced the float GEMM for BF16 beyond 32 tokens (or beyond this much x),
  * whose sums are in another order: a prompt prefilled beside others got other floats than alone,
@@ -376,6 +376,16 @@ static void matmul_thread(void *arg, int thread, int n_threads) {
  * sequences: steps 0 - 5% slower, the VM's noise in the same test without a change is +-4%. */
 #define MM_FUSED_BF16_X (128 * 1024)
 #define MM_FUSED_ROWS_BYTES (256 * 1024)
+
+/* Tokens from which BF16 runs matmul_bf16_blocks_thread: 5 for a row-major matrix, 2 for an
+ * interleaved one, whose fused path streams on the hardware prefetcher alone and fell behind the
+ * arithmetic of 3 - 4 tokens. 2 threads, weights cold, means of 12 (ms), fused vs blocked:
+ * 129280 x 1024 interleaved at 2 / 3 / 4 tokens 6.0 - 6.4 / 10.6 / 11.9 vs 5.6 - 5.7 / 7.0 /
+ * 6.7, row-major at 3 / 4 tokens 7.8 / 7.4 vs 8.5 / 7.4; 7 layers of 32 interleaved experts
+ * (512 x 1024, 1024 x 512) at 3 / 4 tokens each 45 / 59 vs 53 / 72 GMAC/s. */
+static int64_t bf16_blocks_min(const ds_mat *w) {
+    return w->ilv ? 2 : 5;
+}
 
 /* Tokens [t, t + nt)'s sums of rows [r0, r0 + nr) over the chunk at column c0 (out[4 u + j])
  * into y: a row's first chunk sets it and the later ones add, so every token sums a row's chunks
@@ -421,7 +431,7 @@ static size_t rows_end(const ds_mat *w, size_t b) {
     return (4 * b < rows ? 4 * b : rows) * (size_t)w->cols * 2;
 }
 
-/* BF16 at any token count above four: the calls of matmul_fused_thread (four rows x a chunk x a
+/* BF16 from bf16_blocks_min tokens on: the calls of matmul_fused_thread (four rows x a chunk x a
  * group of tokens, the chunks of a row in order), so each token's sums are those it gets alone,
  * in another order of calls: token blocks, row blocks, token groups, rows, chunks. Each weight
  * comes from memory once per token block and from L2 for the block's other token groups, and a
@@ -1220,8 +1230,9 @@ static void job_setup(const ds_mm_job *j, mm_job_state *st) {
         st->fn = matmul_thread;
         const int fits = j->n_tok <= fused_max || w->dtype == DS_BF16;
         if (w->dtype != DS_F32 && fits && fused_native(st->c.k, w->dtype))
-            st->fn = w->dtype == DS_BF16 && j->n_tok > 4 ? matmul_bf16_blocks_thread
-                                                         : matmul_fused_thread;
+            st->fn = w->dtype == DS_BF16 && j->n_tok >= bf16_blocks_min(w)
+                         ? matmul_bf16_blocks_thread
+                         : matmul_fused_thread;
         else if (j->n_tok > MM_FUSED_MAX_TOK && ds_kernels_fgemm_native(st->c.k))
             st->fn = matmul_fgemm_thread;
         return;
