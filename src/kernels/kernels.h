@@ -44,6 +44,8 @@ typedef struct ds_kernels {
      * normal float), the scalar table expf; every table gives exactly 0 below -104 (-inf included,
      * so a masked token keeps weight 0), inf above 88.8 and NaN for NaN. */
     void (*exp_f32)(float *dst, const float *x, size_t n);
+    /* ds_bf16_split (a permutation: every table gives the same floats) */
+    void (*bf16_split)(const float *x, size_t n, float *xs);
     /* q[i] = round-half-even(x[i] / s) clamped to [-127, 127], NaN -> 0 (the IEEE division, so
      * every table gives the same bytes): ds_quantize_row_i8's second pass */
     void (*quantize_i8)(const float *x, size_t n, float s, int8_t *q);

@@ -843,6 +843,21 @@ static void swiglu_f32_avx512(float *a, const float *b, size_t n) {
 
 /* Clamped to [-104, 100] for the polynomial (-inf would give NaN there): e^-104 rounds to 0 in
  * f32, so -inf and everything below give exactly 0, as expf does. */
+/* Two permutes per 32 floats: the scalar loop took ~3% of a BF16 step at 64 sequences (each
+ * expert's x is split per call). */
+static void bf16_split_avx512(const float *x, size_t n, float *xs) {
+    const __m512i even =
+        _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        const __m512 a = _mm512_loadu_ps(x + i), b = _mm512_loadu_ps(x + i + 16);
+        _mm512_storeu_ps(xs + i, _mm512_permutex2var_ps(a, even, b));
+        _mm512_storeu_ps(xs + i + 16, _mm512_permutex2var_ps(a, odd, b));
+    }
+    memcpy(xs + i, x + i, (n - i) * sizeof *x);
+}
+
 static void exp_f32_avx512(float *dst, const float *x, size_t n) {
     const __m512 lo = _mm512_set1_ps(-104.0f), hi = _mm512_set1_ps(100.0f);
     for (size_t i = 0; i < n; i += 16) {
@@ -1020,6 +1035,7 @@ static const ds_kernels avx512_table = {
     .argmax_f32 = argmax_f32_avx512,
     .swiglu_f32 = swiglu_f32_avx512,
     .exp_f32 = exp_f32_avx512,
+    .bf16_split = bf16_split_avx512,
     .quantize_i8 = quantize_i8_avx512,
     .i8_to_f32 = i8_to_f32_avx512,
     .i4_to_f32 = i4_to_f32_avx512,

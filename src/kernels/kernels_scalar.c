@@ -315,6 +315,16 @@ static void exp_f32_scalar(float *dst, const float *x, size_t n) {
     for (size_t i = 0; i < n; i++) dst[i] = expf(x[i]);
 }
 
+static void bf16_split_scalar(const float *x, size_t n, float *xs) {
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        for (size_t l = 0; l < 16; l++) {
+            xs[i + l] = x[i + 2 * l];
+            xs[i + 16 + l] = x[i + 2 * l + 1];
+        }
+    memcpy(xs + i, x + i, (n - i) * sizeof *x);
+}
+
 static void swiglu_f32_scalar(float *a, const float *b, size_t n) {
     for (size_t i = 0; i < n; i++) {
         float v = a[i];
@@ -390,6 +400,7 @@ static const ds_kernels scalar_table = {
     .argmax_f32 = argmax_f32_scalar,
     .swiglu_f32 = swiglu_f32_scalar,
     .exp_f32 = exp_f32_scalar,
+    .bf16_split = bf16_split_scalar,
     .quantize_i8 = quantize_i8_scalar,
     .i8_to_f32 = i8_to_f32_scalar,
     .i4_to_f32 = i4_to_f32_scalar,

@@ -138,13 +138,7 @@ double ds_measure_read_bandwidth(ds_pool *pool, size_t bytes) {
 }
 
 void ds_bf16_split(const float *x, size_t n, float *xs) {
-    size_t i = 0;
-    for (; i + 32 <= n; i += 32)
-        for (size_t l = 0; l < 16; l++) {
-            xs[i + l] = x[i + 2 * l];
-            xs[i + 16 + l] = x[i + 2 * l + 1];
-        }
-    memcpy(xs + i, x + i, (n - i) * sizeof *x);
+    ds_kernels_get()->bf16_split(x, n, xs);
 }
 
 void ds_i4_split(const int8_t *x, size_t n, size_t block, int8_t *xs) {

@@ -1162,6 +1162,25 @@ static void test_swiglu(const ds_kernels *k) {
     CHECK(v[8] == 0.0f && signbit(v[8]) && v[9] == 89.0f && v[10] == 0.0f && signbit(v[10]));
 }
 
+/* bf16_split against its definition: within each whole 32-column step the even columns, then
+ * the odd ones; a tail in order (lengths with and without one). */
+static void test_bf16_split(const ds_kernels *k) {
+    float x[200], xs[200];
+    int bad = 0;
+    for (size_t i = 0; i < 200; i++) x[i] = (float)i + 0.5f;
+    for (size_t n = 0; n <= 200; n += n < 70 ? 1 : 65) {
+        memset(xs, 0, sizeof xs);
+        k->bf16_split(x, n, xs);
+        for (size_t i = 0; i < n; i++) {
+            size_t s0 = i / 32 * 32, l = i - s0;
+            float want = s0 + 32 <= n ? x[s0 + (l < 16 ? 2 * l : 2 * (l - 16) + 1)] : x[i];
+            bad += xs[i] != want;
+        }
+        for (size_t i = n; i < 200; i++) bad += xs[i] != 0.0f; /* nothing past n */
+    }
+    CHECK_MSG(bad == 0, "%s bf16_split: %d elements misplaced", k->name, bad);
+}
+
 /* exp_f32 against a double evaluation over the sampler's whole range (its x are <= 0, down to
  * -inf) and past overflow, with tails, in place; 0 below -104, and the special values. */
 static void test_exp(const ds_kernels *k) {
@@ -1272,21 +1291,6 @@ static void test_dot4xn_bf16(const ds_kernels *k) {
         }
         fused_rows_free(&f);
     }
-}
-
-/* ds_bf16_split: two whole 32-column steps (even columns, then odd), then a tail in order. */
-static void test_bf16_split(void) {
-    float x[70], xs[70];
-    for (int i = 0; i < 70; i++) x[i] = (float)i;
-    ds_bf16_split(x, 70, xs);
-    int bad = 0;
-    for (int s0 = 0; s0 < 64; s0 += 32)
-        for (int l = 0; l < 16; l++)
-            bad += xs[s0 + l] != (float)(s0 + 2 * l) || xs[s0 + 16 + l] != (float)(s0 + 2 * l + 1);
-    for (int i = 64; i < 70; i++) bad += xs[i] != (float)i;
-    ds_bf16_split(x, 31, xs);
-    for (int i = 0; i < 31; i++) bad += xs[i] != (float)i;
-    CHECK(bad == 0);
 }
 
 /* ds_i4_split against hand-made layouts: one partial step; blocks of 4 with a short last one;
@@ -1776,6 +1780,7 @@ int main(void) {
         test_argmax(k);
         test_swiglu(k);
         test_exp(k);
+        test_bf16_split(k);
         test_gemm(k);
         test_fgemm(k);
         printf("table %s: conversions, dot, dot4, axpy, fused dot4 / dot4x2 / dot4xn, dot4_i8 / "
@@ -1793,7 +1798,6 @@ int main(void) {
     test_quantize_i8();
     test_quantize_static();
     test_i4_split();
-    test_bf16_split();
     test_row_ops();
 
     ds_pool *p2 = ds_pool_open(2);
