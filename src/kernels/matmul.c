@@ -389,13 +389,19 @@ static int64_t bf16_blocks_min(const ds_mat *w) {
 
 /* Tokens [t, t + nt)'s sums of rows [r0, r0 + nr) over the chunk at column c0 (out[4 u + j])
  * into y: a row's first chunk sets it and the later ones add, so every token sums a row's chunks
- * in the same order whatever the path or its batch. */
+ * in the same order whatever the path or its batch. The common case, a whole block's first
+ * chunk, is one 16-byte copy per token (the general loop was ~3.5% of a BF16 step at 64
+ * sequences). */
 static void store_chunk(const matmul_ctx *c, size_t t, size_t nt, size_t r0, size_t nr, size_t c0,
                         const float out[16]) {
     const size_t rows = (size_t)c->w->rows;
     for (size_t u = 0; u < nt; u++) {
         float *yt = c->y + (t + u) * rows + r0;
-        for (size_t j = 0; j < nr; j++) yt[j] = c0 == 0 ? out[4 * u + j] : yt[j] + out[4 * u + j];
+        if (c0 == 0 && nr == 4)
+            memcpy(yt, out + 4 * u, 4 * sizeof(float));
+        else
+            for (size_t j = 0; j < nr; j++)
+                yt[j] = c0 == 0 ? out[4 * u + j] : yt[j] + out[4 * u + j];
     }
 }
 
