@@ -68,8 +68,9 @@
  * Rows are computed identically whatever the thread count (the split is by whole 4-row blocks
  * and the tile / chunk order is fixed), so results do not depend on the pool size; except for
  * BF16 and per-channel int8 they do depend on n_tok (path, and pairing in the F16 / FP8 fused
- * path), by round-off. No state outlives a call and the scratch is on each thread's stack, so
- * any number of pools (models) may run matmuls concurrently. */
+ * path), by round-off. No state outlives a call but each thread's own scratch (on its stack, or
+ * ds_thread_scratch's buffers, reused by its next call), so any number of pools (models) may run
+ * matmuls concurrently. */
 #include "kernels/kernels_isa.h"
 
 #include <math.h>
