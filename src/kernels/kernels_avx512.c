@@ -841,8 +841,6 @@ static void swiglu_f32_avx512(float *a, const float *b, size_t n) {
     }
 }
 
-/* Clamped to [-104, 100] for the polynomial (-inf would give NaN there): e^-104 rounds to 0 in
- * f32, so -inf and everything below give exactly 0, as expf does. */
 /* Two permutes per 32 floats: the scalar loop took ~3% of a BF16 step at 64 sequences (each
  * expert's x is split per call). */
 static void bf16_split_avx512(const float *x, size_t n, float *xs) {
@@ -858,6 +856,8 @@ static void bf16_split_avx512(const float *x, size_t n, float *xs) {
     memcpy(xs + i, x + i, (n - i) * sizeof *x);
 }
 
+/* Clamped to [-104, 100] for the polynomial (-inf would give NaN there): e^-104 rounds to 0 in
+ * f32, so -inf and everything below give exactly 0, as expf does. */
 static void exp_f32_avx512(float *dst, const float *x, size_t n) {
     const __m512 lo = _mm512_set1_ps(-104.0f), hi = _mm512_set1_ps(100.0f);
     for (size_t i = 0; i < n; i += 16) {
