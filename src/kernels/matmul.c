@@ -385,14 +385,23 @@ static void matmul_thread(void *arg, int thread, int n_threads) {
 #define MM_FUSED_BF16_X (128 * 1024)
 #define MM_FUSED_ROWS_BYTES (256 * 1024)
 
-/* Tokens from which BF16 runs matmul_bf16_blocks_thread: 5 for a row-major matrix, 2 for an
- * interleaved one, whose fused path streams on the hardware prefetcher alone and fell behind the
- * arithmetic of 3 - 4 tokens. 2 threads, weights cold, means of 12 (ms), fused vs blocked:
- * 129280 x 1024 interleaved at 2 / 3 / 4 tokens 6.0 - 6.4 / 10.6 / 11.9 vs 5.6 - 5.7 / 7.0 /
- * 6.7, row-major at 3 / 4 tokens 7.8 / 7.4 vs 8.5 / 7.4; 7 layers of 32 interleaved experts
- * (512 x 1024, 1024 x 512) at 3 / 4 tokens each 45 / 59 vs 53 / 72 GMAC/s. */
+/* Tokens from which BF16 runs matmul_bf16_blocks_thread: 5, and for an interleaved matrix under
+ * MM_BF16_FUSED_BIG bytes MM_FUSED_MAX_TOK + 1. The fused path keeps the weight stream going with
+ * software prefetches while each group of four rows is still in L1 for every token; the blocked
+ * one streams a row block with the first group of tokens and reads it from L2 for the rest, which
+ * paid at 2 - 4 tokens only while interleaved matrices ran fused on the hardware prefetcher alone
+ * (it fell behind the arithmetic of a few tokens). 2 threads, weights cold, medians of 60 calls
+ * (ms), blocked vs fused: 4096 x 4096 at 6 / 8 tokens 1.25 / 1.43 vs 1.14 / 1.38, 2048 x 7168
+ * 1.05 / 1.24 vs 1.00 / 1.19, 8192 x 1024 at 4 / 8 0.39 / 0.50 vs 0.37 / 0.49. In the medium BF16
+ * model, the two alternating step by step (two runs, medians of 32 steps): at 8 sequences q_a /
+ * kv_a / q_b 1.26 - 1.28 -> 1.12 - 1.14 ms, o_proj 1.43 - 1.44 -> 1.34 - 1.35, the shared expert
+ * 0.91 - 0.94 -> 0.78 - 0.82; at 64 (about 8 tokens an expert) the experts 25.7 - 26.1 -> 25.0.
+ * lm_head (129280 x 1024, 265 MB) at 8 tokens was 5% slower fused (8.7 - 9.0 -> 9.1 - 9.5 ms,
+ * three W8A8 runs) and 2 - 4% faster at 4, hence the size limit. */
+#define MM_BF16_FUSED_BIG ((size_t)64 << 20)
 static int64_t bf16_blocks_min(const ds_mat *w) {
-    return w->ilv ? 2 : 5;
+    const size_t bytes = (size_t)w->rows * (size_t)w->cols * 2;
+    return w->ilv && bytes < MM_BF16_FUSED_BIG ? MM_FUSED_MAX_TOK + 1 : 5;
 }
 
 /* Tokens [t, t + nt)'s sums of rows [r0, r0 + nr) over the chunk at column c0 (out[4 u + j])
@@ -570,8 +579,8 @@ static void matmul_fused_thread(void *arg, int thread, int n_threads) {
     /* BF16, one token, each row one chunk: rows walked one after another (MM_BF16_WALK_MIN) */
     const int walk = c->xb && !w->ilv && n_tok == 1 && cols >= MM_BF16_WALK_MIN && cols <= chunk;
     /* the walk and an interleaved matrix are one stream each, which the hardware prefetcher
-     * follows without software prefetches */
-    const int hw = walk || w->ilv;
+     * follows alone for one token; more tokens' arithmetic let it fall behind (bf16_blocks_min) */
+    const int hw = walk || (w->ilv && n_tok == 1);
     if (chunk > cols) chunk = cols;
     size_t b_lo, b_hi; /* in blocks of 4 rows */
     ds_split_range((rows + 3) / 4, thread, n_threads, &b_lo, &b_hi);
