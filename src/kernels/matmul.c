@@ -844,6 +844,19 @@ static void matmul_i8_thread(void *arg, int thread, int n_threads) {
  * the two drivers alternating step by step (2-vCPU Zen 5 VM, 48 steps each, medians): q_b
  * 0.60 -> 0.34 ms a step, experts' down 0.75 -> 0.64, the step 2.6% faster at 1 sequence and 4%
  * at 4 and 8. */
+/* The prefetch distance of matmul_i8_rows_thread for one token against rows of at most
+ * MM_I8_CHUNK columns, whose kernel issues a call's share of the prefetches at once: 32 KiB
+ * ahead, the first call of each slice (a whole expert matrix, often) asked for ~570 at once and
+ * its own loads queued behind them. Medium W8A8, 4 KiB against 32 KiB alternating step by step
+ * (two runs, medians of 64 steps, ms): at 1 sequence q_a / kv_a / q_b 0.43 - 0.49 -> 0.40 - 0.45,
+ * o_proj 0.40 - 0.47 -> 0.36 - 0.41, the shared expert 0.30 - 0.37 -> 0.27 - 0.32; the step
+ * outside lm_head 3 - 12% faster in four runs, whole steps 0.4 - 6%; at 8 (experts of 1 - 2
+ * tokens) the experts' gate and up 3.41 - 3.65 -> 3.28 - 3.60.
+ * 1, 2 and 8 KiB measured alike, 16 KiB between; no software prefetch at all was 7% slower at 1
+ * sequence. Rows of 7168 columns (a group of four is 28 KiB) streamed 2 - 7% slower with less
+ * than 32 KiB ahead, so wider rows keep it. */
+#define MM_I8_ONE_PF_AHEAD (4 * 1024)
+
 static void matmul_i8_rows_thread(void *arg, int thread, int n_threads) {
     const matmul_ctx *c = arg;
     const ds_mat *w = c->w;
@@ -854,13 +867,14 @@ static void matmul_i8_rows_thread(void *arg, int thread, int n_threads) {
     ds_split_range((rows + 3) / 4, thread, n_threads, &g_lo, &g_hi);
     const size_t end = (4 * g_hi < rows ? 4 * g_hi : rows) * cols;
     size_t pf = 4 * g_lo * cols; /* prefetch cursor, as in matmul_i8_thread */
+    const size_t ahead = n_tok == 1 && cols <= MM_I8_CHUNK ? MM_I8_ONE_PF_AHEAD : MM_FUSED_PF_AHEAD;
     for (size_t g = g_lo; g < g_hi; g++) {
         const size_t r0 = 4 * g, nr = rows - r0 < 4 ? rows - r0 : 4;
         const int8_t *w8[4];
         const int ilv = w->ilv && nr == 4; /* a block of 64-byte pieces */
         for (size_t j = 0; j < 4; j++)
             w8[j] = ilv ? data + r0 * cols + 64 * j : data + (r0 + (j < nr ? j : 0)) * cols;
-        size_t target = (r0 + 4) * cols + MM_FUSED_PF_AHEAD;
+        size_t target = (r0 + 4) * cols + ahead;
         if (target > end) target = end;
         if (target < pf) target = pf;
         const size_t pf0 = pf;
