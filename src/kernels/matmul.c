@@ -354,6 +354,25 @@ static void matmul_thread(void *arg, int thread, int n_threads) {
  * 129280 x 1024, 8 tokens, 2 threads: 13.6 - 13.9 -> 9.9 - 11.6 ms alone, 14.0 -> 10.0 ms as the
  * medium model's lm_head. */
 #define MM_FUSED_PF_AHEAD (32 * 1024)
+/* The prefetch distance for one token against an interleaved BF16 matrix (matmul_fused_thread)
+ * or int8 rows of at most MM_I8_CHUNK columns (matmul_i8_rows_thread, whose kernel issues a
+ * call's share at once). 32 KiB ahead, the first call of each slice (often a whole expert matrix)
+ * asked for ~570 prefetches at once and its own loads queued behind them; BF16 then ran faster on
+ * the hardware prefetcher alone (as it did until this), except lm_head. Medium models, 4 KiB
+ * against the old way alternating step by step (medians of 64 steps, ms):
+ *  - W8A8 (two runs) at 1 sequence: q_a / kv_a / q_b 0.43 - 0.49 -> 0.40 - 0.45, o_proj 0.40 -
+ *    0.47 -> 0.36 - 0.41, the shared expert 0.30 - 0.37 -> 0.27 - 0.32; the step outside
+ *    lm_head 3 - 12% faster in five runs, whole steps 0.4 - 6%; at 8 (experts of 1 - 2 tokens) the
+ * experts' gate and up 3.41 - 3.65 -> 3.28 - 3.60. 1, 2 and 8 KiB measured alike, 16 KiB between;
+ * no software prefetch at all was 7% slower at 1 sequence.
+ *  - BF16 (seven runs) at 1 sequence: q_a / kv_a / q_b 4 - 8% faster, the shared expert 4 - 8%,
+ *    experts' down 1 - 8%, their gate and up from 4% faster to 9% slower, o_proj 2% faster to 3%
+ *    slower, lm_head 0 - 4% faster; steps 1 - 5% faster; at 4 and 8 sequences -3 to +1%. 2 KiB
+ *    was 3% slower than the hardware alone, 8 KiB between.
+ * Rows of 7168 columns (an int8 group of four is 28 KiB) streamed 2 - 7% slower with less than
+ * 32 KiB ahead, so wider int8 rows keep it; BF16 2048 x 7168 and 16384 x 7168 measured alike
+ * either way (alone, weights cold). */
+#define MM_ONE_PF_AHEAD (4 * 1024)
 /* One token against BF16 rows of this many columns up to one chunk: the kernel walks each call's
  * rows one after another (dot4xn_bf16 with pf NULL), so the thread's slice is read as one
  * sequential stream, which the hardware prefetcher follows, instead of four rows side by side
@@ -578,9 +597,8 @@ static void matmul_fused_thread(void *arg, int thread, int n_threads) {
     }
     /* BF16, one token, each row one chunk: rows walked one after another (MM_BF16_WALK_MIN) */
     const int walk = c->xb && !w->ilv && n_tok == 1 && cols >= MM_BF16_WALK_MIN && cols <= chunk;
-    /* the walk and an interleaved matrix are one stream each, which the hardware prefetcher
-     * follows alone for one token; more tokens' arithmetic let it fall behind (bf16_blocks_min) */
-    const int hw = walk || (w->ilv && n_tok == 1);
+    /* the walk is one stream, which the hardware prefetcher follows alone */
+    const size_t ahead = w->ilv && n_tok == 1 ? MM_ONE_PF_AHEAD : MM_FUSED_PF_AHEAD;
     if (chunk > cols) chunk = cols;
     size_t b_lo, b_hi; /* in blocks of 4 rows */
     ds_split_range((rows + 3) / 4, thread, n_threads, &b_lo, &b_hi);
@@ -594,8 +612,8 @@ static void matmul_fused_thread(void *arg, int thread, int n_threads) {
         for (size_t c0 = 0; c0 < cols; c0 += chunk) {
             size_t nc = cols - c0 < chunk ? cols - c0 : chunk;
             /* the thread's rows are one contiguous byte range, walked block by block: keep the
-             * prefetches MM_FUSED_PF_AHEAD bytes ahead of the end of this chunk's share of it */
-            size_t target = (r0 * cols + 4 * (c0 + nc)) * esz + MM_FUSED_PF_AHEAD;
+             * prefetches `ahead` bytes ahead of the end of this chunk's share of it */
+            size_t target = (r0 * cols + 4 * (c0 + nc)) * esz + ahead;
             if (target > end) target = end;
             if (target < pf) target = pf;
             const size_t pf0 = pf;
@@ -616,7 +634,7 @@ static void matmul_fused_thread(void *arg, int thread, int n_threads) {
                 const char *pfp = (const char *)w->data + pf;
                 pf += 64 * n_pf;
                 if (c->xb) {
-                    bf16_chunk(c, t, nt, r0, nr, c0, nc, walk ? NULL : pfp, hw ? 0 : n_pf);
+                    bf16_chunk(c, t, nt, r0, nr, c0, nc, walk ? NULL : pfp, walk ? 0 : n_pf);
                     continue;
                 }
                 for (size_t l = 0; l < n_pf; l++) __builtin_prefetch(pfp + 64 * l);
@@ -844,18 +862,6 @@ static void matmul_i8_thread(void *arg, int thread, int n_threads) {
  * the two drivers alternating step by step (2-vCPU Zen 5 VM, 48 steps each, medians): q_b
  * 0.60 -> 0.34 ms a step, experts' down 0.75 -> 0.64, the step 2.6% faster at 1 sequence and 4%
  * at 4 and 8. */
-/* The prefetch distance of matmul_i8_rows_thread for one token against rows of at most
- * MM_I8_CHUNK columns, whose kernel issues a call's share of the prefetches at once: 32 KiB
- * ahead, the first call of each slice (a whole expert matrix, often) asked for ~570 at once and
- * its own loads queued behind them. Medium W8A8, 4 KiB against 32 KiB alternating step by step
- * (two runs, medians of 64 steps, ms): at 1 sequence q_a / kv_a / q_b 0.43 - 0.49 -> 0.40 - 0.45,
- * o_proj 0.40 - 0.47 -> 0.36 - 0.41, the shared expert 0.30 - 0.37 -> 0.27 - 0.32; the step
- * outside lm_head 3 - 12% faster in four runs, whole steps 0.4 - 6%; at 8 (experts of 1 - 2
- * tokens) the experts' gate and up 3.41 - 3.65 -> 3.28 - 3.60.
- * 1, 2 and 8 KiB measured alike, 16 KiB between; no software prefetch at all was 7% slower at 1
- * sequence. Rows of 7168 columns (a group of four is 28 KiB) streamed 2 - 7% slower with less
- * than 32 KiB ahead, so wider rows keep it. */
-#define MM_I8_ONE_PF_AHEAD (4 * 1024)
 
 static void matmul_i8_rows_thread(void *arg, int thread, int n_threads) {
     const matmul_ctx *c = arg;
@@ -867,7 +873,7 @@ static void matmul_i8_rows_thread(void *arg, int thread, int n_threads) {
     ds_split_range((rows + 3) / 4, thread, n_threads, &g_lo, &g_hi);
     const size_t end = (4 * g_hi < rows ? 4 * g_hi : rows) * cols;
     size_t pf = 4 * g_lo * cols; /* prefetch cursor, as in matmul_i8_thread */
-    const size_t ahead = n_tok == 1 && cols <= MM_I8_CHUNK ? MM_I8_ONE_PF_AHEAD : MM_FUSED_PF_AHEAD;
+    const size_t ahead = n_tok == 1 && cols <= MM_I8_CHUNK ? MM_ONE_PF_AHEAD : MM_FUSED_PF_AHEAD;
     for (size_t g = g_lo; g < g_hi; g++) {
         const size_t r0 = 4 * g, nr = rows - r0 < 4 ? rows - r0 : 4;
         const int8_t *w8[4];
