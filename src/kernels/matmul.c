@@ -362,7 +362,7 @@ static void matmul_thread(void *arg, int thread, int n_threads) {
  * against the old way alternating step by step (medians of 64 steps, ms):
  *  - W8A8 (two runs) at 1 sequence: q_a / kv_a / q_b 0.43 - 0.49 -> 0.40 - 0.45, o_proj 0.40 -
  *    0.47 -> 0.36 - 0.41, the shared expert 0.30 - 0.37 -> 0.27 - 0.32; the step outside
- *    lm_head 3 - 12% faster in five runs, whole steps 0.4 - 6%; at 8 (experts of 1 - 2 tokens) the
+ *    lm_head 1 - 12% faster in five runs, whole steps 0.4 - 6%; at 8 (experts of 1 - 2 tokens) the
  * experts' gate and up 3.41 - 3.65 -> 3.28 - 3.60. 1, 2 and 8 KiB measured alike, 16 KiB between;
  * no software prefetch at all was 7% slower at 1 sequence.
  *  - BF16 (seven runs) at 1 sequence: q_a / kv_a / q_b 4 - 8% faster, the shared expert 4 - 8%,
