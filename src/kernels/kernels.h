@@ -275,6 +275,8 @@ void ds_quantize_row_static(const float *x, int64_t n, const float *scale, const
 void ds_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps);
 /* in place: x = softmax(x) with the max subtracted, in f32 */
 void ds_softmax(float *x, int64_t n);
+/* ds_softmax of each of `rows` rows of n, row r at x + r * ld: the same floats per row */
+void ds_softmax_rows(float *x, int64_t ld, int64_t rows, int64_t n);
 /* a[i] = silu(a[i]) * b[i] */
 void ds_swiglu(float *a, const float *b, int64_t n);
 

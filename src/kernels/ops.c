@@ -24,21 +24,46 @@ void ds_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps
     for (int64_t i = 0; i < n; i++) out[i] = (x[i] * r) * w[i];
 }
 
-void ds_softmax(float *x, int64_t n) {
+/* The rows' serial chains (the max scan, the double sum) run side by side, so each waits on its
+ * own latency only once per column of the group: attention's 16 heads a token took ~2.2 ns a
+ * score one row at a time (a tenth of its time at 40 positions, more at long contexts). Each row
+ * gets the floats ds_softmax gives it alone. */
+#define SOFTMAX_GROUP 16
+
+void ds_softmax_rows(float *x, int64_t ld, int64_t rows, int64_t n) {
     if (n <= 0) return;
-    float mx = x[0];
-    for (int64_t i = 1; i < n; i++)
-        if (x[i] > mx) mx = x[i];
-    /* exp through the table's kernel: scalar expf took most of attention's time at long
-     * contexts (a score per cached position and head) */
-    for (int64_t i = 0; i < n; i++) x[i] -= mx;
-    ds_kernels_get()->exp_f32(x, x, (size_t)n);
-    double sum = 0.0;
-    for (int64_t i = 0; i < n; i++) sum += x[i];
-    /* sum >= 1 (the max contributes exp(0)) unless the row holds NaN or is all -inf, in which
-     * case the NaNs propagate as they do in torch */
-    float inv = (float)(1.0 / sum);
-    for (int64_t i = 0; i < n; i++) x[i] *= inv;
+    const ds_kernels *k = ds_kernels_get();
+    for (int64_t r0 = 0; r0 < rows; r0 += SOFTMAX_GROUP) {
+        const int64_t nr = rows - r0 < SOFTMAX_GROUP ? rows - r0 : SOFTMAX_GROUP;
+        float *row[SOFTMAX_GROUP], mx[SOFTMAX_GROUP];
+        double sum[SOFTMAX_GROUP];
+        for (int64_t r = 0; r < nr; r++) {
+            row[r] = x + (r0 + r) * ld;
+            mx[r] = row[r][0];
+            sum[r] = 0.0;
+        }
+        for (int64_t i = 1; i < n; i++)
+            for (int64_t r = 0; r < nr; r++)
+                if (row[r][i] > mx[r]) mx[r] = row[r][i];
+        /* exp through the table's kernel: scalar expf took most of attention's time at long
+         * contexts (a score per cached position and head) */
+        for (int64_t r = 0; r < nr; r++) {
+            for (int64_t i = 0; i < n; i++) row[r][i] -= mx[r];
+            k->exp_f32(row[r], row[r], (size_t)n);
+        }
+        for (int64_t i = 0; i < n; i++)
+            for (int64_t r = 0; r < nr; r++) sum[r] += row[r][i];
+        for (int64_t r = 0; r < nr; r++) {
+            /* sum >= 1 (the max contributes exp(0)) unless the row holds NaN or is all -inf, in
+             * which case the NaNs propagate as they do in torch */
+            const float inv = (float)(1.0 / sum[r]);
+            for (int64_t i = 0; i < n; i++) row[r][i] *= inv;
+        }
+    }
+}
+
+void ds_softmax(float *x, int64_t n) {
+    ds_softmax_rows(x, n, 1, n);
 }
 
 void ds_swiglu(float *a, const float *b, int64_t n) {

@@ -1736,6 +1736,34 @@ static void test_row_ops(void) {
     free(o2);
 }
 
+/* ds_softmax_rows: each of 19 rows (a group of 16 and a partial one; a NaN row, an all -inf row,
+ * rows of mixed magnitudes) gets exactly the floats ds_softmax gives it alone, and the floats
+ * between the rows (ld > n) are left alone. */
+static void test_softmax_rows(void) {
+    const int64_t rows = 19, ns[] = {1, 7, 40, 133};
+    for (size_t ni = 0; ni < sizeof ns / sizeof ns[0]; ni++) {
+        const int64_t n = ns[ni], ld = n + 5;
+        float *x = malloc((size_t)(rows * ld) * sizeof(float));
+        float *y = malloc((size_t)(rows * ld) * sizeof(float));
+        for (int64_t i = 0; i < rows * ld; i++) x[i] = rnd_uniform(-30, 30) + (i % 3 ? 0 : 200);
+        x[3 * ld + n / 2] = NAN;
+        for (int64_t i = 0; i < n; i++) x[5 * ld + i] = -INFINITY;
+        memcpy(y, x, (size_t)(rows * ld) * sizeof(float));
+        ds_softmax_rows(x, ld, rows, n);
+        int bad = 0;
+        for (int64_t r = 0; r < rows; r++) {
+            ds_softmax(y + r * ld, n);
+            bad += memcmp(x + r * ld, y + r * ld, (size_t)ld * sizeof(float)) != 0;
+        }
+        CHECK_MSG(bad == 0, "softmax_rows n=%lld: %d rows differ from ds_softmax alone",
+                  (long long)n, bad);
+        CHECK_MSG(n < 2 || isnan(x[3 * ld]), "softmax_rows n=%lld: a NaN row came out finite",
+                  (long long)n);
+        free(x);
+        free(y);
+    }
+}
+
 /* One timed configuration: best of `iters` calls, reported against the read bandwidth bw. */
 int main(void) {
     ds_log_set_level(DS_LOG_ERROR); /* the DS_ISA fallbacks below warn on purpose */
@@ -1799,6 +1827,7 @@ int main(void) {
     test_quantize_static();
     test_i4_split();
     test_row_ops();
+    test_softmax_rows();
 
     ds_pool *p2 = ds_pool_open(2);
     double bw = ds_measure_read_bandwidth(p2, (size_t)32 << 20);
