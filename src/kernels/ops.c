@@ -24,35 +24,60 @@ void ds_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps
     for (int64_t i = 0; i < n; i++) out[i] = (x[i] * r) * w[i];
 }
 
-/* The rows' serial chains (the max scan, the double sum) run side by side, so each waits on its
- * own latency only once per column of the group: attention's 16 heads a token took ~2.2 ns a
- * score one row at a time (a tenth of its time at 40 positions, more at long contexts). Each row
- * gets the floats ds_softmax gives it alone. */
-#define SOFTMAX_GROUP 16
+/* max_i x[i] by the first-wins scan `if (x[i] > m) m = x[i]` from m = x[0], in eight chains (i
+ * mod 8) merged in order: the same value (NaN iff x[0] is, later NaNs skipped; only the sign of a
+ * zero maximum may differ, which x - max does not see after exp), without a compare's latency
+ * per element. */
+static float row_max(const float *x, int64_t n) {
+    float m[8];
+    for (int j = 0; j < 8; j++) m[j] = x[0];
+    int64_t i = 1;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++)
+            if (x[i + j] > m[j]) m[j] = x[i + j];
+    for (; i < n; i++)
+        if (x[i] > m[0]) m[0] = x[i];
+    float mx = m[0];
+    for (int j = 1; j < 8; j++)
+        if (m[j] > mx) mx = m[j];
+    return mx;
+}
 
+/* sum[r] = the double sum of row r's n floats in order, four rows side by side so that each
+ * chain waits on its adds' latency once per four; rows past `rows` (< 4) repeat row 0. */
+static void sum4(float *const row[4], int64_t n, double sum[4]) {
+    const float *r0 = row[0], *r1 = row[1], *r2 = row[2], *r3 = row[3];
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        s0 += r0[i];
+        s1 += r1[i];
+        s2 += r2[i];
+        s3 += r3[i];
+    }
+    sum[0] = s0;
+    sum[1] = s1;
+    sum[2] = s2;
+    sum[3] = s3;
+}
+
+/* Attention's 16 heads a token, one row at a time, took ~2.2 ns a score: the max scan and the
+ * double sum are serial chains. Each row gets the floats ds_softmax gives it alone. */
 void ds_softmax_rows(float *x, int64_t ld, int64_t rows, int64_t n) {
     if (n <= 0) return;
     const ds_kernels *k = ds_kernels_get();
-    for (int64_t r0 = 0; r0 < rows; r0 += SOFTMAX_GROUP) {
-        const int64_t nr = rows - r0 < SOFTMAX_GROUP ? rows - r0 : SOFTMAX_GROUP;
-        float *row[SOFTMAX_GROUP], mx[SOFTMAX_GROUP];
-        double sum[SOFTMAX_GROUP];
-        for (int64_t r = 0; r < nr; r++) {
-            row[r] = x + (r0 + r) * ld;
-            mx[r] = row[r][0];
-            sum[r] = 0.0;
-        }
-        for (int64_t i = 1; i < n; i++)
-            for (int64_t r = 0; r < nr; r++)
-                if (row[r][i] > mx[r]) mx[r] = row[r][i];
+    for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+        float *row[4];
+        for (int64_t r = 0; r < 4; r++) row[r] = x + (r0 + (r0 + r < rows ? r : 0)) * ld;
+        const int64_t nr = rows - r0 < 4 ? rows - r0 : 4;
         /* exp through the table's kernel: scalar expf took most of attention's time at long
          * contexts (a score per cached position and head) */
         for (int64_t r = 0; r < nr; r++) {
-            for (int64_t i = 0; i < n; i++) row[r][i] -= mx[r];
+            const float mx = row_max(row[r], n);
+            for (int64_t i = 0; i < n; i++) row[r][i] -= mx;
             k->exp_f32(row[r], row[r], (size_t)n);
         }
-        for (int64_t i = 0; i < n; i++)
-            for (int64_t r = 0; r < nr; r++) sum[r] += row[r][i];
+        double sum[4];
+        sum4(row, n, sum);
         for (int64_t r = 0; r < nr; r++) {
             /* sum >= 1 (the max contributes exp(0)) unless the row holds NaN or is all -inf, in
              * which case the NaNs propagate as they do in torch */
