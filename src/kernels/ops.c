@@ -44,7 +44,7 @@ static float row_max(const float *x, int64_t n) {
 }
 
 /* sum[r] = the double sum of row r's n floats in order, four rows side by side so that each
- * chain waits on its adds' latency once per four; rows past `rows` (< 4) repeat row 0. */
+ * chain waits on its adds' latency once per four. */
 static void sum4(float *const row[4], int64_t n, double sum[4]) {
     const float *r0 = row[0], *r1 = row[1], *r2 = row[2], *r3 = row[3];
     double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
@@ -61,12 +61,13 @@ static void sum4(float *const row[4], int64_t n, double sum[4]) {
 }
 
 /* Attention's 16 heads a token, one row at a time, took ~2.2 ns a score: the max scan and the
- * double sum are serial chains. Each row gets the floats ds_softmax gives it alone. */
+ * double sum are serial chains. Each row gets the floats ds_softmax gives it alone. 16 rows, one
+ * core (us): 1.45 - 1.49 -> 0.93 - 1.01 at 40 positions, 35 - 44 -> 20 - 25 at 1024. */
 void ds_softmax_rows(float *x, int64_t ld, int64_t rows, int64_t n) {
     if (n <= 0) return;
     const ds_kernels *k = ds_kernels_get();
     for (int64_t r0 = 0; r0 < rows; r0 += 4) {
-        float *row[4];
+        float *row[4]; /* a group short of four repeats its first row, summed and dropped */
         for (int64_t r = 0; r < 4; r++) row[r] = x + (r0 + (r0 + r < rows ? r : 0)) * ld;
         const int64_t nr = rows - r0 < 4 ? rows - r0 : 4;
         /* exp through the table's kernel: scalar expf took most of attention's time at long
