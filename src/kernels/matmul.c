@@ -369,9 +369,10 @@ static void matmul_thread(void *arg, int thread, int n_threads) {
  *    experts' down 1 - 8%, their gate and up from 4% faster to 9% slower, o_proj 2% faster to 3%
  *    slower, lm_head 0 - 4% faster; steps 1 - 5% faster; at 4 and 8 sequences -3 to +1%. 2 KiB
  *    was 3% slower than the hardware alone, 8 KiB between.
- * Rows of 7168 columns (an int8 group of four is 28 KiB) streamed 2 - 7% slower with less than
- * 32 KiB ahead, so wider int8 rows keep it; BF16 2048 x 7168 and 16384 x 7168 measured alike
- * either way (alone, weights cold). */
+ * Alone (weights cold, 2 threads), DeepSeek-R1's int8 shapes: experts' down (7168 x 2048) 55 ->
+ * 61 GB/s, q_b (24576 x 1536) 60 -> 66. Rows of 7168 columns (an int8 group of four is 28 KiB)
+ * streamed 2 - 7% slower with less than 32 KiB ahead, so wider int8 rows keep it; BF16 2048 x
+ * 7168 and 16384 x 7168 measured alike either way. */
 #define MM_ONE_PF_AHEAD (4 * 1024)
 /* One token against BF16 rows of this many columns up to one chunk: the kernel walks each call's
  * rows one after another (dot4xn_bf16 with pf NULL), so the thread's slice is read as one

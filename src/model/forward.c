@@ -439,10 +439,12 @@ static void prefetch_row(const float *lat, const float *pe, int64_t n, int64_t d
  * The cached rows come from memory (a step streams the weights between two reads of them) in
  * runs too short for the hardware prefetcher, so each scores pass prefetches the next pass's
  * rows, and the weighted sum takes the rows' columns sixteen at a time for every head group
- * together, prefetching the next sixteen; with the heads' softmax chains side by side
- * (ds_softmax_rows), medium W8A8, old and new alternating step by step (medians of 16 steps):
- * 50.7 -> 36.7 ms a step at 32 sequences of 1024 positions (the step 98 -> 81), 13.7 -> 10.5 at
- * 192 of ~40 positions, 4.5 -> 3.4 at 64; BF16 alike. */
+ * together (before, each group swept them in turn, and at 64 rows a chunk the second sweep
+ * found them gone from L1), prefetching the next sixteen; with the heads' softmax chains side by
+ * side (ds_softmax_rows), medium W8A8, old and new alternating step by step (medians of 16
+ * steps): 50.7 -> 36.7 ms a step at 32 sequences of 1024 positions (the step 98 -> 81), 13.7 ->
+ * 10.5 at 192 of ~40 positions, 4.5 -> 3.4 at 64. Against the shared sweep alone, the
+ * prefetches and the softmax: 38 - 40 -> 36 - 37 at 1024 positions, BF16 and W8A8. */
 static void attend_task(void *arg, int thread, int n_threads) {
     attn_ctx *a = arg;
     const ds_config *c = &a->m->cfg;
