@@ -358,21 +358,20 @@ static void matmul_thread(void *arg, int thread, int n_threads) {
  * or int8 rows of at most MM_I8_CHUNK columns (matmul_i8_rows_thread, whose kernel issues a
  * call's share at once). 32 KiB ahead, the first call of each slice (often a whole expert matrix)
  * asked for ~570 prefetches at once and its own loads queued behind them; BF16 then ran faster on
- * the hardware prefetcher alone (as it did until this), except lm_head. Medium models, 4 KiB
- * against the old way alternating step by step (medians of 64 steps, ms):
- *  - W8A8 (two runs) at 1 sequence: q_a / kv_a / q_b 0.43 - 0.49 -> 0.40 - 0.45, o_proj 0.40 -
- *    0.47 -> 0.36 - 0.41, the shared expert 0.30 - 0.37 -> 0.27 - 0.32; the step outside
- *    lm_head 1 - 12% faster in five runs, whole steps 0.4 - 6%; at 8 (experts of 1 - 2 tokens) the
- * experts' gate and up 3.41 - 3.65 -> 3.28 - 3.60. 1, 2 and 8 KiB measured alike, 16 KiB between;
- * no software prefetch at all was 7% slower at 1 sequence.
- *  - BF16 (seven runs) at 1 sequence: q_a / kv_a / q_b 4 - 8% faster, the shared expert 4 - 8%,
- *    experts' down 1 - 8%, their gate and up from 4% faster to 9% slower, o_proj 2% faster to 3%
- *    slower, lm_head 0 - 4% faster; steps 1 - 5% faster; at 4 and 8 sequences -3 to +1%. 2 KiB
- *    was 3% slower than the hardware alone, 8 KiB between.
- * Alone (weights cold, 2 threads), DeepSeek-R1's int8 shapes: experts' down (7168 x 2048) 55 ->
- * 61 GB/s, q_b (24576 x 1536) 60 -> 66. Rows of 7168 columns (an int8 group of four is 28 KiB)
- * streamed 2 - 7% slower with less than 32 KiB ahead, so wider int8 rows keep it; BF16 2048 x
- * 7168 and 16384 x 7168 measured alike either way. */
+ * the hardware prefetcher alone (as it did until this), except lm_head. Medium models (matrices
+ * interleaved, as loaded), 4 KiB against the old way alternating step by step, medians of 64
+ * steps. W8A8 (two runs) at 1 sequence: q_a / kv_a / q_b 0.43 - 0.49 -> 0.40 - 0.45 ms, o_proj
+ * 0.40 - 0.47 -> 0.36 - 0.41, the shared expert 0.30 - 0.37 -> 0.27 - 0.32; the step outside
+ * lm_head 1 - 12% faster in five runs, whole steps 0.4 - 6%; at 8 sequences (experts of 1 - 2
+ * tokens) the experts' gate and up 3.41 - 3.65 -> 3.28 - 3.60; 1, 2 and 8 KiB measured alike, 16
+ * KiB between, and no software prefetch at all was 7% slower at 1 sequence. BF16 (seven runs) at
+ * 1 sequence: q_a / kv_a / q_b and the shared expert 4 - 8% faster, experts' down 1 - 8%, their
+ * gate and up from 4% faster to 9% slower, o_proj from 2% faster to 3% slower, lm_head 0 - 4%
+ * faster, steps 1 - 5% faster; at 4 and 8 sequences -3 to +1%; 2 KiB was 3% slower than the
+ * hardware alone, 8 KiB between. Alone (weights cold, 2 threads), DeepSeek-R1's int8 shapes:
+ * experts' down (7168 x 2048) 55 -> 61 GB/s, q_b (24576 x 1536) 60 -> 66. Rows of 7168 columns
+ * (an int8 group of four is 28 KiB) streamed 2 - 7% slower with less than 32 KiB ahead, so wider
+ * int8 rows keep it; BF16 2048 x 7168 and 16384 x 7168 measured alike either way. */
 #define MM_ONE_PF_AHEAD (4 * 1024)
 /* One token against BF16 rows of this many columns up to one chunk: the kernel walks each call's
  * rows one after another (dot4xn_bf16 with pf NULL), so the thread's slice is read as one
@@ -598,7 +597,8 @@ static void matmul_fused_thread(void *arg, int thread, int n_threads) {
     }
     /* BF16, one token, each row one chunk: rows walked one after another (MM_BF16_WALK_MIN) */
     const int walk = c->xb && !w->ilv && n_tok == 1 && cols >= MM_BF16_WALK_MIN && cols <= chunk;
-    /* the walk is one stream, which the hardware prefetcher follows alone */
+    /* the walk is one stream, which the hardware prefetcher follows alone; the others prefetch
+     * `ahead` bytes ahead, MM_ONE_PF_AHEAD for one token against an interleaved matrix */
     const size_t ahead = w->ilv && n_tok == 1 ? MM_ONE_PF_AHEAD : MM_FUSED_PF_AHEAD;
     if (chunk > cols) chunk = cols;
     size_t b_lo, b_hi; /* in blocks of 4 rows */
@@ -863,7 +863,6 @@ static void matmul_i8_thread(void *arg, int thread, int n_threads) {
  * the two drivers alternating step by step (2-vCPU Zen 5 VM, 48 steps each, medians): q_b
  * 0.60 -> 0.34 ms a step, experts' down 0.75 -> 0.64, the step 2.6% faster at 1 sequence and 4%
  * at 4 and 8. */
-
 static void matmul_i8_rows_thread(void *arg, int thread, int n_threads) {
     const matmul_ctx *c = arg;
     const ds_mat *w = c->w;
