@@ -107,6 +107,8 @@ static void complete(ds_kernels *dst, const ds_kernels *src) {
     if (!dst->dot_f32) dst->dot_f32 = s->dot_f32;
     if (!dst->dot4_f32) dst->dot4_f32 = s->dot4_f32;
     if (!dst->axpy_f32) dst->axpy_f32 = s->axpy_f32;
+    if (!dst->axpy_i8) dst->axpy_i8 = s->axpy_i8;
+    if (!dst->axpy_bf16) dst->axpy_bf16 = s->axpy_bf16;
     if (!dst->dot4_bf16) dst->dot4_bf16 = s->dot4_bf16;
     if (!dst->dot4_f16) dst->dot4_f16 = s->dot4_f16;
     if (!dst->dot4_fp8) dst->dot4_fp8 = s->dot4_fp8;
@@ -120,6 +122,7 @@ static void complete(ds_kernels *dst, const ds_kernels *src) {
     if (!dst->gemm16x8_i8) dst->gemm16x8_i8 = s->gemm16x8_i8;
     if (!dst->pack16_f32) dst->pack16_f32 = s->pack16_f32;
     if (!dst->pack16_bf16) dst->pack16_bf16 = s->pack16_bf16;
+    if (!dst->pack16_i8_f32) dst->pack16_i8_f32 = s->pack16_i8_f32;
     if (!dst->gemm16x8_f32) dst->gemm16x8_f32 = s->gemm16x8_f32;
     if (!dst->gemm16x8_f32_rows) dst->gemm16x8_f32_rows = s->gemm16x8_f32_rows;
     if (!dst->gemm128x1_f32) dst->gemm128x1_f32 = s->gemm128x1_f32;

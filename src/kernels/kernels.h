@@ -55,6 +55,11 @@ typedef struct ds_kernels {
     void (*dot4_f32)(const float *x, const float *const w[4], size_t n, float out[4]);
     /* y[i] += a * x[i], a fused multiply-add (fmaf) in the scalar, AVX2 and AVX-512 tables */
     void (*axpy_f32)(float *y, float a, const float *x, size_t n);
+    /* axpy over a weight row converted on the fly, never written out: y[i] = fmaf(a, w[i], y[i])
+     * with w[i] = (float)q[i] * scale rounded first (i8_to_f32's value), resp. the BF16 value, so
+     * each y[i] is what axpy_f32 gives over the converted row (the absorptions' one-token path) */
+    void (*axpy_i8)(float *y, float a, const int8_t *q, float scale, size_t n);
+    void (*axpy_bf16)(float *y, float a, const uint16_t *w, size_t n);
     /* Fused decode + dot4 for the memory-bound matmuls of decoding (few tokens): the weights are
      * read in their stored dtype and widened in registers, never written to a scratch.
      * out[r] = sum_i x[i] * bf16(w[r][i]) (resp. f16) for r in 0..3, the decode exact. */
@@ -156,6 +161,9 @@ typedef struct ds_kernels {
     /* The panel pack16_f32 makes of 16 BF16 rows widened to f32 (panel[16 i + r] is row r's
      * column i), in one pass: BF16 weights need no scratch of f32 rows first. */
     void (*pack16_bf16)(float *panel, const uint16_t *const rows[16], size_t n);
+    /* The same from 16 int8 rows, row r converted as i8_to_f32 does with scale[r]. */
+    void (*pack16_i8_f32)(float *panel, const int8_t *const rows[16], const float scale[16],
+                          size_t n);
     void (*gemm16x8_f32)(const float *panel, size_t n, const float *const x[8], float out[128]);
     /* The same with the panel's row i read in place at rows[i] + off, its first m (<= 16) lanes
      * (out is 0 in the others): attention's weighted sum over cached latent rows, unpacked.
@@ -222,6 +230,10 @@ int ds_mat_dtype_ok(ds_dtype t);
 void ds_mat_row_f32(const ds_mat *w, int64_t r, float *dst);
 /* Same for columns [c0, c0 + n) of row r. */
 void ds_mat_row_part_f32(const ds_mat *w, int64_t r, int64_t c0, int64_t n, float *dst);
+/* Row r of w in place when w stores it as int8 times one scale (per output channel, row-major,
+ * not int4, no static activations): its bytes, with *scale set; NULL for any other w. Its f32
+ * row is i8_to_f32(q, cols, *scale), as ds_mat_row_f32 makes it. */
+const int8_t *ds_mat_i8_row(const ds_mat *w, int64_t r, float *scale);
 /* Narrows w to its rows [r0, r1) in place (data advanced, row0 for the scale grid). An
  * interleaved w is cut at whole blocks of 4 rows only (r1 may be its end). */
 void ds_mat_slice_rows(ds_mat *w, int64_t r0, int64_t r1);

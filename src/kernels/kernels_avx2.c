@@ -398,6 +398,35 @@ static void axpy_f32_avx2(float *y, float a, const float *x, size_t n) {
     }
 }
 
+/* The tails one element at a time: fmaf, as the vector steps fuse. */
+static void axpy_i8_avx2(float *y, float a, const int8_t *q, float scale, size_t n) {
+    const __m256 va = _mm256_set1_ps(a), vs = _mm256_set1_ps(scale);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256i v =
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(q + i)));
+        const __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(v), vs);
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, w, _mm256_loadu_ps(y + i)));
+    }
+    for (; i < n; i++) y[i] = fmaf(a, (float)q[i] * scale, y[i]);
+}
+
+static void axpy_bf16_avx2(float *y, float a, const uint16_t *w, size_t n) {
+    const __m256 va = _mm256_set1_ps(a);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256i v =
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(const void *)(w + i)));
+        const __m256 f = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, f, _mm256_loadu_ps(y + i)));
+    }
+    for (; i < n; i++) {
+        uint16_t h; /* rows in an mmap may sit at odd addresses */
+        memcpy(&h, w + i, sizeof h);
+        y[i] = fmaf(a, ds_bf16_decode(h), y[i]);
+    }
+}
+
 /* ---- integer dots ----
  * vpmaddubsw multiplies unsigned by signed bytes and adds pairs into int16, saturating. For
  * int8 the unsigned side is |w| (|-128| = 128 as a byte) and the sign moves onto x
@@ -544,6 +573,8 @@ static const ds_kernels avx2_table = {
     .dot_f32 = dot_f32_avx2,
     .dot4_f32 = dot4_f32_avx2,
     .axpy_f32 = axpy_f32_avx2,
+    .axpy_i8 = axpy_i8_avx2,
+    .axpy_bf16 = axpy_bf16_avx2,
     .dot4_bf16 = dot4_bf16_avx2,
     .dot4_f16 = dot4_f16_avx2,
     .dot4_fp8 = dot4_fp8_avx2,

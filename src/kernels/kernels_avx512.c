@@ -439,6 +439,38 @@ static void axpy_f32_avx512(float *y, float a, const float *x, size_t n) {
     }
 }
 
+/* 16 int8 values converted as i8_to_f32_avx512 converts them (the product rounded once) */
+static inline __m512 ld_i8x16(const int8_t *p, __m512 scale) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)(const void *)p);
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), scale);
+}
+
+static void axpy_i8_avx512(float *y, float a, const int8_t *q, float scale, size_t n) {
+    const __m512 va = _mm512_set1_ps(a), vs = _mm512_set1_ps(scale);
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, ld_i8x16(q + i, vs), _mm512_loadu_ps(y + i)));
+    if (i < n) {
+        const __mmask16 m = tail16(n - i);
+        const __m512 w = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, q + i))), vs);
+        _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(va, w, _mm512_maskz_loadu_ps(m, y + i)));
+    }
+}
+
+static void axpy_bf16_avx512(float *y, float a, const uint16_t *w, size_t n) {
+    const __m512 va = _mm512_set1_ps(a);
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, ld_bf16x16(w + i), _mm512_loadu_ps(y + i)));
+    if (i < n) {
+        const __mmask16 m = tail16(n - i);
+        const __m512 r =
+            _mm512_fmadd_ps(va, ld_bf16x16_m(w + i, m), _mm512_maskz_loadu_ps(m, y + i));
+        _mm512_mask_storeu_ps(y + i, m, r);
+    }
+}
+
 /* ---- integer dots (VNNI) ----
  * vpdpbusd multiplies unsigned by signed bytes, so one side is made unsigned and the offset is
  * taken back out exactly: for int8, u = w + 128 (w ^ 0x80, any int8 w) against s = x, and
@@ -956,6 +988,23 @@ static void pack16_bf16_avx512(float *panel, const uint16_t *const rows[16], siz
         }
 }
 
+/* The same from int8 rows, each converted by its scale (ld_i8x16) before the transpose. */
+static void pack16_i8_f32_avx512(float *panel, const int8_t *const rows[16], const float scale[16],
+                                 size_t n) {
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512i r[16];
+#pragma GCC unroll 16
+        for (int k = 0; k < 16; k++)
+            r[k] = _mm512_castps_si512(ld_i8x16(rows[k] + i, _mm512_set1_ps(scale[k])));
+        transpose16_epi32(r);
+#pragma GCC unroll 16
+        for (int k = 0; k < 16; k++) _mm512_storeu_si512(panel + 16 * (i + (size_t)k), r[k]);
+    }
+    for (; i < n; i++)
+        for (size_t k = 0; k < 16; k++) panel[16 * i + k] = (float)rows[k][i] * scale[k];
+}
+
 /* The float GEMMs, packed panel or rows in place: per column one load of 16 values (LOAD_ROW,
  * column i) and eight FMAs with the tokens' values broadcast from memory; eight independent
  * accumulators hide the FMA latency. noinline for the same gcc register-allocation reason as
@@ -1042,6 +1091,8 @@ static const ds_kernels avx512_table = {
     .dot_f32 = dot_f32_avx512,
     .dot4_f32 = dot4_f32_avx512,
     .axpy_f32 = axpy_f32_avx512,
+    .axpy_i8 = axpy_i8_avx512,
+    .axpy_bf16 = axpy_bf16_avx512,
     .dot4_bf16 = dot4_bf16_avx512,
     .dot4_f16 = dot4_f16_avx512,
     .dot4_fp8 = dot4_fp8_avx512,
@@ -1055,6 +1106,7 @@ static const ds_kernels avx512_table = {
     .gemm16x8_i8 = gemm16x8_i8_avx512,
     .pack16_f32 = pack16_f32_avx512,
     .pack16_bf16 = pack16_bf16_avx512,
+    .pack16_i8_f32 = pack16_i8_f32_avx512,
     .gemm16x8_f32 = gemm16x8_f32_avx512,
     .gemm16x8_f32_rows = gemm16x8_f32_rows_avx512,
     .gemm128x1_f32 = gemm128x1_f32_avx512,

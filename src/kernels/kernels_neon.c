@@ -124,6 +124,32 @@ static void axpy_f32_neon(float *y, float a, const float *x, size_t n) {
     for (; i < n; i++) y[i] += a * x[i];
 }
 
+/* The tails one element at a time: fmaf, as vfmaq fuses. */
+static void axpy_i8_neon(float *y, float a, const int8_t *q, float scale, size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const int16x8_t h = vmovl_s8(vld1_s8(q + i));
+        const float32x4_t w0 = vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(h))), scale);
+        const float32x4_t w1 = vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_high_s16(h))), scale);
+        vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), w0, a));
+        vst1q_f32(y + i + 4, vfmaq_n_f32(vld1q_f32(y + i + 4), w1, a));
+    }
+    for (; i < n; i++) y[i] = fmaf(a, (float)q[i] * scale, y[i]);
+}
+
+static void axpy_bf16_neon(float *y, float a, const uint16_t *w, size_t n) {
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const float32x4_t f = vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(w + i), 16));
+        vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), f, a));
+    }
+    for (; i < n; i++) {
+        uint16_t h; /* rows in an mmap may sit at odd addresses */
+        memcpy(&h, w + i, sizeof h);
+        y[i] = fmaf(a, ds_bf16_decode(h), y[i]);
+    }
+}
+
 /* ---- integer dots (dot-product extension: SDOT, signed x signed bytes into int32) ----
  * int8 is one SDOT per 16 columns and row; int4 below. Tails go through zero-padded copies.
  * Exact: equals the scalar sums. */
@@ -199,6 +225,8 @@ static const ds_kernels neon_table = {
     .dot_f32 = dot_f32_neon,
     .dot4_f32 = dot4_f32_neon,
     .axpy_f32 = axpy_f32_neon,
+    .axpy_i8 = axpy_i8_neon,
+    .axpy_bf16 = axpy_bf16_neon,
     .dot4_i8 = dot4_i8_neon,
     .dot4_i4 = dot4_i4_neon,
 };

@@ -212,6 +212,15 @@ static void axpy_f32_scalar(float *y, float a, const float *x, size_t n) {
     for (size_t i = 0; i < n; i++) st_f32(y, i, fmaf(a, ld_f32(x, i), ld_f32(y, i)));
 }
 
+static void axpy_i8_scalar(float *y, float a, const int8_t *q, float scale, size_t n) {
+    for (size_t i = 0; i < n; i++) st_f32(y, i, fmaf(a, (float)q[i] * scale, ld_f32(y, i)));
+}
+
+static void axpy_bf16_scalar(float *y, float a, const uint16_t *w, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        st_f32(y, i, fmaf(a, ds_bf16_decode(ld_u16(w, i)), ld_f32(y, i)));
+}
+
 /* Integer dots: plain int32 sums per block and row, the oracle of the SIMD reorderings. */
 static void dot4_i8_scalar(const int8_t *const x[4], const int32_t *const xoff[4], int nx,
                            const int8_t *const w[4], size_t n, size_t block, size_t step,
@@ -355,6 +364,12 @@ static void pack16_f32_scalar(float *panel, const float *const rows[16], size_t 
         for (size_t r = 0; r < 16; r++) panel[16 * i + r] = ld_f32(rows[r], i);
 }
 
+static void pack16_i8_f32_scalar(float *panel, const int8_t *const rows[16], const float scale[16],
+                                 size_t n) {
+    for (size_t i = 0; i < n; i++)
+        for (size_t r = 0; r < 16; r++) panel[16 * i + r] = (float)rows[r][i] * scale[r];
+}
+
 static void pack16_bf16_scalar(float *panel, const uint16_t *const rows[16], size_t n) {
     for (size_t i = 0; i < n; i++)
         for (size_t r = 0; r < 16; r++) panel[16 * i + r] = ds_bf16_decode(ld_u16(rows[r], i));
@@ -407,6 +422,8 @@ static const ds_kernels scalar_table = {
     .dot_f32 = dot_f32_scalar,
     .dot4_f32 = dot4_f32_scalar,
     .axpy_f32 = axpy_f32_scalar,
+    .axpy_i8 = axpy_i8_scalar,
+    .axpy_bf16 = axpy_bf16_scalar,
     .dot4_bf16 = dot4_bf16_scalar,
     .dot4_f16 = dot4_f16_scalar,
     .dot4_fp8 = dot4_fp8_scalar,
@@ -420,6 +437,7 @@ static const ds_kernels scalar_table = {
     .gemm16x8_i8 = gemm16x8_i8_scalar,
     .pack16_f32 = pack16_f32_scalar,
     .pack16_bf16 = pack16_bf16_scalar,
+    .pack16_i8_f32 = pack16_i8_f32_scalar,
     .gemm16x8_f32 = gemm16x8_f32_scalar,
     .gemm16x8_f32_rows = gemm16x8_f32_rows_scalar,
     .gemm128x1_f32 = gemm128x1_f32_scalar,

@@ -211,6 +211,15 @@ void ds_mat_row_part_f32(const ds_mat *w, int64_t r, int64_t c0, int64_t n, floa
     row_part(ds_kernels_get(), w, r, c0, n, dst);
 }
 
+const int8_t *ds_mat_i8_row(const ds_mat *w, int64_t r, float *scale) {
+    if (w->dtype != DS_I8 || w->block_rows != 1 || w->block_cols < w->cols || w->int4 || w->act_n ||
+        w->ilv)
+        return NULL;
+    DS_ASSERT(r >= 0 && r < w->rows && w->data && w->scale);
+    memcpy(scale, w->scale + w->row0 + r, sizeof *scale);
+    return (const int8_t *)w->data + (size_t)r * (size_t)w->cols;
+}
+
 void ds_mat_slice_rows(ds_mat *w, int64_t r0, int64_t r1) {
     DS_ASSERT(r0 >= 0 && r0 <= r1 && r1 <= w->rows);
     DS_ASSERT(!w->ilv || (r0 % 4 == 0 && (r1 % 4 == 0 || r1 == w->rows)));

@@ -313,14 +313,18 @@ static int64_t slot_of(const ds_kv_cache *kv, const ds_batch *bt, int64_t i, int
  *    was written, scattered each row over sixteen panels 8 KiB apart; without it the phase went
  *    2.0 -> 0.9 - 1.1 ms a step at 8 sequences, 4.2 - 4.3 -> 3.0 - 3.4 at 64 and 9.3 - 10.4 ->
  *    8.6 - 8.7 at 192 (medium, BF16 and W8A8, medians). At 4 tokens axpy and the GEMM measured
- *    even; at 1 token axpy took 0.5 ms, the GEMM 0.7 - 1.0.
+ *    even; at 1 token axpy took 0.5 ms, the GEMM 0.7 - 1.0. Per-channel int8 and BF16 rows go
+ *    to axpy_i8 / axpy_bf16 as stored, converted in registers (the same floats): at 1 sequence
+ *    0.48 -> 0.28 ms a step (W8A8) and 0.47 -> 0.30 (BF16); at 4 the GEMM still ties with it,
+ *    at 8 it is 1.5x faster (old and new alternating step by step, medians of 16 steps).
  *  - o: always the GEMM (gemm16x8_f32 over packed W_UV rows: its lanes are rows; BF16 rows
  *    packed straight from the weights by pack16_bf16, not dequantised first: 1.03 -> 0.73 ms a
- *    step at 1 sequence, 7.6 -> 7.0 at 192, medium BF16, medians). A dot product per row below
- *    8 tokens, as first written, summed W_UV's rows in another order, and one seeded request of
- *    the soak test then drew another token under load than alone. At 1 token the head's panels
- *    are all packed first and gemm128x1_f32 runs the token over eight at once, the same chains
- *    without gemm16x8_f32's seven repeats of the token.
+ *    step at 1 sequence, 7.6 -> 7.0 at 192, medium BF16, medians; per-channel int8 rows likewise
+ *    by pack16_i8_f32: W8A8 0.74 -> 0.50 ms at 1 sequence, 0.81 -> 0.67 at 8). A dot product
+ *    per row below 8 tokens, as first written, summed W_UV's rows in another order, and one
+ *    seeded request of the soak test then drew another token under load than alone. At 1 token
+ *    the head's panels are all packed first and gemm128x1_f32 runs the token over eight at
+ *    once, the same chains without gemm16x8_f32's seven repeats of the token.
  * Tables without the float GEMM kernels keep axpy / dot at every size. */
 #define ABSORB_Q_GEMM_MIN_TOK 4
 
@@ -342,26 +346,39 @@ static void absorb_q_task(void *arg, int thread, int n_threads) {
     int64_t H = local_heads(a->m), R = c->kv_lora_rank, dn = c->qk_nope_head_dim;
     int64_t qk = dn + c->qk_rope_head_dim, rows_per_head = dn + c->v_head_dim;
     float *wuk = a->b->thread_buf + (size_t)thread * a->b->thread_floats + a->row_off; /* [dn][R] */
+    const ds_mat *wb = &a->L->kv_b;
     const int gemm = absorb_gemm_ok(k) && a->n >= ABSORB_Q_GEMM_MIN_TOK;
+    const int bf16 = wb->dtype == DS_BF16; /* kv_b is never interleaved (weights.c) */
     const float **rows = gemm ? malloc((size_t)dn * sizeof *rows) : NULL;
     DS_ASSERT(rows || !gemm);
     size_t h0, h1;
     ds_split_range((size_t)H, thread, n_threads, &h0, &h1);
     for (int64_t h = (int64_t)h0; h < (int64_t)h1; h++) {
+        /* axpy adds the rows to zeros, as the GEMM's chains start */
+        for (int64_t t = 0; !gemm && t < a->n; t++)
+            memset(a->b->q_abs + (t * H + h) * R, 0, (size_t)R * sizeof(float));
         for (int64_t d = 0; d < dn; d++) {
+            const int64_t r = h * rows_per_head + d;
+            float s;
+            const int8_t *q8 = ds_mat_i8_row(wb, r, &s);
+            const uint16_t *b16 = bf16 ? (const uint16_t *)wb->data + r * R : NULL;
             float *row = wuk + (gemm ? d * R : 0); /* axpy consumes a row at a time */
-            ds_mat_row_f32(&a->L->kv_b, h * rows_per_head + d, row);
+            if (q8 && gemm) /* ds_mat_row_f32's conversion without its checks per row */
+                k->i8_to_f32(row, q8, (size_t)R, s);
+            else if (gemm || (!q8 && !b16))
+                ds_mat_row_f32(wb, r, row);
             if (gemm) {
                 rows[d] = row;
                 continue;
             }
             for (int64_t t = 0; t < a->n; t++) {
                 float *qa = a->b->q_abs + (t * H + h) * R, qd = a->b->q[(t * H + h) * qk + d];
-                if (d) {
+                if (q8)
+                    k->axpy_i8(qa, qd, q8, s, (size_t)R);
+                else if (b16)
+                    k->axpy_bf16(qa, qd, b16, (size_t)R);
+                else
                     k->axpy_f32(qa, qd, row, (size_t)R);
-                } else { /* the first row writes what axpy would add to zeros */
-                    for (int64_t i = 0; i < R; i++) qa[i] = qd * row[i];
-                }
             }
         }
         for (int64_t t0 = 0; gemm && t0 < a->n; t0 += 8) {
@@ -579,14 +596,17 @@ static void absorb_o_task(void *arg, int thread, int n_threads) {
     /* after 16 dequantised rows: panels [R][16] of 16 rows of W_UV[h], one at a time or, for one
      * token, all P of the head */
     float *pan = row + 16 * R16;
-    const int gemm = absorb_gemm_ok(k), bf16 = a->L->kv_b.dtype == DS_BF16, one = a->n == 1;
+    const ds_mat *wb = &a->L->kv_b;
+    float s0;
+    const int gemm = absorb_gemm_ok(k), bf16 = wb->dtype == DS_BF16, one = a->n == 1;
+    const int i8 = ds_mat_i8_row(wb, 0, &s0) != NULL;
     const int64_t P = (dv + 15) / 16;
     size_t h0, h1;
     ds_split_range((size_t)H, thread, n_threads, &h0, &h1);
     for (int64_t h = (int64_t)h0; h < (int64_t)h1; h++) {
         if (!gemm) {
             for (int64_t v = 0; v < dv; v++) {
-                ds_mat_row_f32(&a->L->kv_b, h * (dn + dv) + dn + v, row);
+                ds_mat_row_f32(wb, h * (dn + dv) + dn + v, row);
                 for (int64_t t = 0; t < a->n; t++)
                     a->o[(t * H + h) * dv + v] =
                         k->dot_f32(a->b->o_lat + (t * H + h) * R, row, (size_t)R);
@@ -599,13 +619,19 @@ static void absorb_o_task(void *arg, int thread, int n_threads) {
             if (bf16) { /* widened and transposed in one pass, as the float GEMM packs BF16 */
                 const uint16_t *bp[16];
                 for (int64_t j = 0; j < 16; j++) /* a tail panel repeats row v0; dropped */
-                    bp[j] = (const uint16_t *)a->L->kv_b.data + (r0 + (v0 + j < dv ? j : 0)) * R;
+                    bp[j] = (const uint16_t *)wb->data + (r0 + (v0 + j < dv ? j : 0)) * R;
                 k->pack16_bf16(pv, bp, (size_t)R);
+            } else if (i8) { /* likewise converted by their scales */
+                const int8_t *qp[16];
+                float sc[16];
+                for (int64_t j = 0; j < 16; j++) /* a tail panel repeats row v0; dropped */
+                    qp[j] = ds_mat_i8_row(wb, r0 + (v0 + j < dv ? j : 0), &sc[j]);
+                k->pack16_i8_f32(pv, qp, sc, (size_t)R);
             } else {
                 const float *rp[16];
                 for (int64_t j = 0; j < 16; j++) { /* a tail panel repeats row v0; dropped */
                     rp[j] = row + (v0 + j < dv ? j : 0) * R16;
-                    if (v0 + j < dv) ds_mat_row_f32(&a->L->kv_b, r0 + j, row + j * R16);
+                    if (v0 + j < dv) ds_mat_row_f32(wb, r0 + j, row + j * R16);
                 }
                 k->pack16_f32(pv, rp, (size_t)R);
             }

@@ -1065,6 +1065,58 @@ static void test_int_dequant(const ds_kernels *k) {
     CHECK_MSG(bad == 0, "%s i8_to_f32 / i4_to_f32 differ from scalar at %d lengths", k->name, bad);
 }
 
+/* axpy_i8 / axpy_bf16 against scalar bit-exact, and scalar against fmaf over the row converted
+ * here (the product q * scale rounded first, as i8_to_f32 does): every byte value, finite BF16
+ * patterns of every exponent (subnormals included), lengths with tails, y and the weights at odd
+ * offsets, canaries either side of y. */
+static void test_axpy_rows(const ds_kernels *k) {
+    const ds_kernels *s = ds_kernels_scalar();
+    enum { MAXN = 1000, PAD = 16 };
+    unsigned char qb[MAXN + 1];
+    uint16_t hb[MAXN + 1];
+    for (size_t i = 0; i <= MAXN; i++) {
+        qb[i] = (uint8_t)(i * 37 + 11);
+        do hb[i] = (uint16_t)rnd64();
+        while ((hb[i] & 0x7f80) == 0x7f80); /* no infinity or NaN: payloads may differ */
+    }
+    const int8_t *q = (const int8_t *)qb + 1;
+    const uint16_t *h = hb + 1;
+    float y0[MAXN], yk[MAXN + 2 + PAD], ys[MAXN];
+    const float alpha = -0.8125f, sc = 0.0371f;
+    int bad = 0, badref = 0, oob = 0;
+    for (size_t n = 0; n <= MAXN; n = n < 70 ? n + 1 : MAXN) {
+        for (int kind = 0; kind < 2; kind++) {
+            fill(y0, n);
+            for (size_t i = 0; i < n + 2 + PAD; i++) yk[i] = 777.0f;
+            memcpy(yk + 1, y0, n * sizeof(float));
+            memcpy(ys, y0, n * sizeof(float));
+            if (kind == 0) {
+                k->axpy_i8(yk + 1, alpha, q, sc, n);
+                s->axpy_i8(ys, alpha, q, sc, n);
+            } else {
+                k->axpy_bf16(yk + 1, alpha, h, n);
+                s->axpy_bf16(ys, alpha, h, n);
+            }
+            for (size_t i = 0; i < n; i++) {
+                uint16_t hv;
+                memcpy(&hv, h + i, sizeof hv);
+                const uint32_t bits = (uint32_t)hv << 16;
+                float w = (float)q[i] * sc;
+                if (kind) memcpy(&w, &bits, sizeof w);
+                const float want = fmaf(alpha, w, y0[i]);
+                badref += !same_float(ys[i], want, 0);
+                bad += !same_float(yk[1 + i], ys[i], 0);
+            }
+            oob += yk[0] != 777.0f;
+            for (size_t i = n + 1; i < n + 2 + PAD; i++) oob += yk[i] != 777.0f;
+        }
+        if (n == MAXN) break;
+    }
+    CHECK_MSG(badref == 0, "scalar axpy_i8 / axpy_bf16: %d values differ from fmaf", badref);
+    CHECK_MSG(bad == 0, "%s axpy_i8 / axpy_bf16: %d values differ from scalar", k->name, bad);
+    CHECK_MSG(oob == 0, "%s axpy_i8 / axpy_bf16 wrote out of bounds", k->name);
+}
+
 /* absmax_f32 / quantize_i8 against scalar, bit-exact: lengths with tails, ties (x / s exactly
  * k + 0.5), values past the clamp, NaN and infinities, an unaligned start. */
 static void test_quant_kernels(const ds_kernels *k) {
@@ -1497,6 +1549,31 @@ static void test_fgemm(const ds_kernels *k) {
         CHECK_MSG(memcmp(bk, bs, 16 * n * sizeof(float)) == 0, "%s pack16_bf16 n=%zu differs",
                   k->name, n);
         for (int r = 0; r < 16; r++) free(hb[r]);
+        /* pack16_i8_f32 from every byte value, a different scale per row: each value where
+         * pack16_f32 puts it, converted as i8_to_f32 converts it */
+        int8_t *qr[16];
+        float qs[16];
+        for (int r = 0; r < 16; r++) {
+            qr[r] = malloc(n + 1);
+            for (size_t i = 0; i <= n; i++) qr[r][i] = (int8_t)(uint8_t)rnd64();
+            qs[r] = 0.01f + 0.0037f * (float)r;
+        }
+        const int8_t *const qc[16] = {qr[0] + 1,  qr[1] + 1,  qr[2] + 1,  qr[3] + 1,
+                                      qr[4] + 1,  qr[5] + 1,  qr[6] + 1,  qr[7] + 1,
+                                      qr[8] + 1,  qr[9] + 1,  qr[10] + 1, qr[11] + 1,
+                                      qr[12] + 1, qr[13] + 1, qr[14] + 1, qr[15] + 1};
+        k->pack16_i8_f32(bk, qc, qs, n);
+        s->pack16_i8_f32(bs, qc, qs, n);
+        badref = 0;
+        for (size_t i = 0; i < n; i++)
+            for (size_t r = 0; r < 16; r++) {
+                const float want = (float)qc[r][i] * qs[r];
+                badref += !same_float(bs[16 * i + r], want, 0);
+            }
+        CHECK_MSG(badref == 0, "scalar pack16_i8_f32 n=%zu: %d values wrong", n, badref);
+        CHECK_MSG(memcmp(bk, bs, 16 * n * sizeof(float)) == 0, "%s pack16_i8_f32 n=%zu differs",
+                  k->name, n);
+        for (int r = 0; r < 16; r++) free(qr[r]);
         free(bk);
         free(bs);
         float ok_[128], os_[128];
@@ -1647,6 +1724,44 @@ static void test_mat_misc(void) {
     i8.int4 = 1;
     i8.block_cols = 64;
     CHECK(ds_mat_bytes(&i8) == 300 * 101 + 300 * 4 * 4);
+
+    /* ds_mat_i8_row: per-channel int8 rows in place, their scale found through row0 (a slice),
+     * converting to ds_mat_row_f32's floats; NULL for every other layout */
+    enum { R = 12, C = 70 };
+    int8_t q[R * C];
+    float sc[R], got[C], want[C], s = 0;
+    for (int i = 0; i < R * C; i++) q[i] = (int8_t)(uint8_t)(i * 53 + 7);
+    for (int r = 0; r < R; r++) sc[r] = 0.02f + 0.001f * (float)r;
+    ds_mat pc = {.dtype = DS_I8,
+                 .rows = R,
+                 .cols = C,
+                 .data = q,
+                 .scale = sc,
+                 .block_rows = 1,
+                 .block_cols = C};
+    ds_mat_slice_rows(&pc, 4, R);
+    const int8_t *row = ds_mat_i8_row(&pc, 3, &s);
+    CHECK(row == q + 7 * C && s == sc[7]);
+    if (row) {
+        ds_kernels_scalar()->i8_to_f32(got, row, C, s);
+        ds_mat_row_f32(&pc, 3, want);
+        CHECK(memcmp(got, want, sizeof got) == 0);
+    }
+    ds_mat other = pc;
+    other.block_cols = 64; /* blockwise */
+    CHECK(ds_mat_i8_row(&other, 0, &s) == NULL);
+    other = pc;
+    other.int4 = 1;
+    CHECK(ds_mat_i8_row(&other, 0, &s) == NULL);
+    other = pc;
+    other.act_n = 1; /* static activations: the real weight is divided by their step */
+    CHECK(ds_mat_i8_row(&other, 0, &s) == NULL);
+    other = pc;
+    other.ilv = 1;
+    CHECK(ds_mat_i8_row(&other, 0, &s) == NULL);
+    other = pc;
+    other.dtype = DS_BF16;
+    CHECK(ds_mat_i8_row(&other, 0, &s) == NULL);
 }
 
 /* Runs fn in a child with DS_ISA=isa; the child's exit status is its failure count. */
@@ -1820,9 +1935,11 @@ int main(void) {
         test_dot4xn_bf16(k);
         CHECK(k->argmax_f32 && k->swiglu_f32 && k->exp_f32 && k->dot4_i8 && k->dot4_i4 &&
               k->pack16_i8 && k->pack16_i4 && k->gemm16x8_i8 && k->pack16_f32 && k->pack16_bf16 &&
-              k->gemm16x8_f32 && k->gemm16x8_f32_rows);
+              k->pack16_i8_f32 && k->gemm16x8_f32 && k->gemm16x8_f32_rows && k->axpy_i8 &&
+              k->axpy_bf16);
         test_int_dots(k);
         test_int_dequant(k);
+        test_axpy_rows(k);
         test_quant_kernels(k);
         test_argmax(k);
         test_swiglu(k);
