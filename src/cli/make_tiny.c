@@ -51,6 +51,8 @@ static const mt_preset presets[] = {
     {"tiny", 64, 3, 4, 32, 32, 8, 16, 16, 8, 2, 2, 1, 32, 128},
     {"small", 256, 4, 8, 192, 128, 32, 64, 64, 16, 4, 1, 1, 256, 1024},
     {"medium", 1024, 8, 16, 384, 256, 64, 128, 128, 32, 4, 4, 2, 512, 2048},
+    /* tiny with 40 heads: attention's groups of 16 heads, a partial one included */
+    {"wide", 128, 2, 40, 64, 32, 8, 16, 16, 8, 2, 2, 1, 32, 128},
     /* DeepSeek-R1 / V3 at full width (61 layers: take a slice with --layers, bench-layer) */
     {"r1", 7168, 61, 128, 1536, 512, 64, 128, 128, 256, 8, 8, 4, 2048, 18432},
 };
@@ -526,8 +528,9 @@ static void usage(FILE *f) {
         f,
         "usage: dsinfer make-tiny OUT_DIR [options]\n"
         "Writes a random DeepSeek-V3-architecture checkpoint in the Hugging Face layout.\n"
-        "  --preset tiny|small|medium|r1  dimensions (default tiny: hidden 64, 3 layers,\n"
-        "                              8 experts; r1: DeepSeek-R1's, 61 layers)\n"
+        "  --preset tiny|small|medium|wide|r1  dimensions (default tiny: hidden 64, 3\n"
+        "                              layers, 8 experts; wide: tiny with 40 heads; r1:\n"
+        "                              DeepSeek-R1's, 61 layers)\n"
         "  --layers N                  the first N layers only (layer 0 dense, the rest MoE)\n"
         "  --seed S                    values are a function of (seed, tensor name) "
         "(default 1)\n"
@@ -623,7 +626,8 @@ int ds_cmd_make_tiny(int argc, char **argv) {
     for (size_t i = 0; i < sizeof presets / sizeof presets[0]; i++)
         if (!strcmp(preset, presets[i].name)) o.p = &presets[i];
     if (!o.p) {
-        fprintf(stderr, "dsinfer make-tiny: unknown --preset '%s' (tiny, small, medium or r1)\n",
+        fprintf(stderr,
+                "dsinfer make-tiny: unknown --preset '%s' (tiny, small, medium, wide or r1)\n",
                 preset);
         return 2;
     }

@@ -74,6 +74,16 @@ static int64_t scores_floats(int64_t max_ctx) {
     return 16 * ((max_ctx + 15) & ~(int64_t)15);
 }
 
+/* Groups of 16 heads whose scores a worker keeps at once (attend_task): all of the rank's while
+ * their scores fit ATTEND_SCORES_BYTES at max_ctx, fewer at longer contexts, at least one. */
+#define ATTEND_SCORES_BYTES ((int64_t)4 << 20)
+
+static int64_t attend_groups(int64_t heads, int64_t max_ctx) {
+    const int64_t G = (heads + 15) / 16;
+    const int64_t fit = ATTEND_SCORES_BYTES / (scores_floats(max_ctx) * (int64_t)sizeof(float));
+    return imax(1, G < fit ? G : fit);
+}
+
 /* The parts of fwd_bufs in floats, in its order, for B tokens per chunk attending over at most
  * max_ctx positions, `heads` of them this rank's, `threads` workers; *thread_floats is one
  * worker's part. Their sum (64-byte aligned) is the scratch's size. */
@@ -85,15 +95,16 @@ static size_t buf_sizes(const ds_config *c, int64_t heads, int64_t max_ctx, int6
         imax(c->intermediate_size, c->moe_intermediate_size * imax(1, c->n_shared_experts));
     int64_t k = imax(1, c->n_experts_per_tok), E = imax(1, c->n_routed_experts);
     int64_t G = group_pairs(c, B), gu = imax(B * inter, G * c->moe_intermediate_size);
-    /* scores of 16 heads, then (forward_chunk's row_off) a dequantised latent row, W_UK[h]'s
-     * rows (absorb_q_task), absorb_o_task's rows and a head's panels, or attend_task's panel and
-     * rows */
+    /* scores of attend_groups' heads, then (attention's row_off) a dequantised latent row,
+     * W_UK[h]'s rows (absorb_q_task), absorb_o_task's rows and a head's panels, or attend_task's
+     * panels and rows */
     int64_t R16 = (c->kv_lora_rank + 15) & ~(int64_t)15;
     int64_t lat_rope = c->kv_lora_rank + c->qk_rope_head_dim;
     int64_t wuv = R16 * (16 + ((c->v_head_dim + 15) & ~(int64_t)15));
-    *thread_floats =
-        (size_t)(scores_floats(max_ctx) + imax(imax(R16 * imax(c->qk_nope_head_dim + 1, 32), wuv),
-                                               (16 + ATTEND_CHUNK) * lat_rope));
+    int64_t groups = attend_groups(H, max_ctx);
+    *thread_floats = (size_t)(groups * scores_floats(max_ctx) +
+                              imax(imax(R16 * imax(c->qk_nope_head_dim + 1, 32), wuv),
+                                   (16 * groups + ATTEND_CHUNK) * lat_rope));
     const size_t v[N_BUFS] = {(size_t)(B * D),
                               (size_t)(B * D),
                               (size_t)(B * D),
@@ -291,8 +302,9 @@ typedef struct {
     fwd_bufs *b;
     const ds_batch *bt; /* the step; this chunk is its tokens [i0, i0 + n) */
     int64_t i0, n, layer;
-    int64_t row_off; /* per-thread buffer: offset of the dequantised row after the scores */
-    float *o;        /* (n, this rank's heads x v): absorb_o_task's output */
+    int64_t row_off;    /* per-thread buffer: offset of the dequantised row after the scores */
+    int64_t ld, groups; /* attend_task's scores: positions a head's row holds, groups at once */
+    float *o;           /* (n, this rank's heads x v): absorb_o_task's output */
 } attn_ctx;
 
 /* The cache slot of position pos of the sequence of batch token i. */
@@ -444,6 +456,11 @@ static void prefetch_row(const float *lat, const float *pe, int64_t n, int64_t d
     for (int64_t o = 0; o < dr; o += 16) __builtin_prefetch(pe + o);
 }
 
+/* Heads of group g (16 a group) of H. */
+static int64_t group_heads(int64_t H, int64_t g) {
+    return H - 16 * g < 16 ? H - 16 * g : 16;
+}
+
 /* For each token and group of up to 16 of its heads, which read the same cached rows: the
  * heads' q_abs and q_pe packed once into a panel (pack16_f32, heads as lanes), then scores over
  * the sequence's positions 0 .. p, eight positions a GEMM pass with their cached rows read in
@@ -463,32 +480,51 @@ static void prefetch_row(const float *lat, const float *pe, int64_t n, int64_t d
  * side (ds_softmax_rows), medium W8A8, old and new alternating step by step (medians of 16
  * steps): 50.7 -> 36.7 ms a step at 32 sequences of 1024 positions (the step 98 -> 81), 13.7 ->
  * 10.5 at 192 of ~40 positions, 4.5 -> 3.4 at 64. Against the shared sweep alone, the
- * prefetches and the softmax: 38 - 40 -> 36 - 37 at 1024 positions, BF16 and W8A8. */
+ * prefetches and the softmax: 38 - 40 -> 36 - 37 at 1024 positions, BF16 and W8A8.
+ * A token's groups (DeepSeek-R1's 128 heads on a rank are eight) share each pass over its rows,
+ * up to attend_groups of them: every group's scores for eight positions while those rows are in
+ * L1, then every group's weighted sums over the rows' same sixteen columns. One group at a time
+ * read the rows twice per group. R1's width (bench-layer, 2 layers), old and new alternating
+ * step by step: attention 24.0 -> 21.9 ms a step at 8 sequences of 1024 positions, 49.8 -> 44.5
+ * at 4 of 4096. With fewer tokens than threads, a token's groups are cut into parts so that no
+ * thread idles. Each head's sums are the same chains in the same order either way. */
 static void attend_task(void *arg, int thread, int n_threads) {
     attn_ctx *a = arg;
     const ds_config *c = &a->m->cfg;
     const ds_kernels *k = ds_kernels_get();
     int64_t H = local_heads(a->m), R = c->kv_lora_rank, dr = c->qk_rope_head_dim;
-    int64_t qk = c->qk_nope_head_dim + dr, G = (H + 15) / 16, ld = a->row_off / 16;
-    float *scores = a->b->thread_buf + (size_t)thread * a->b->thread_floats; /* [16][ld] */
-    float *pan = scores + a->row_off;  /* [R + dr][16]: the heads' q_abs then q_pe, packed */
-    float *conv = pan + 16 * (R + dr); /* [ATTEND_CHUNK][R + dr]: converted rows */
+    int64_t qk = c->qk_nope_head_dim + dr, G = (H + 15) / 16, ld = a->ld;
+    float *scores = a->b->thread_buf + (size_t)thread * a->b->thread_floats; /* [groups][16][ld] */
+    float *pan = scores + a->row_off; /* [groups][R + dr][16]: q_abs then q_pe, packed */
+    float *conv = pan + a->groups * 16 * (R + dr); /* [ATTEND_CHUNK][R + dr]: converted rows */
     const float *lat[ATTEND_CHUNK], *pe[ATTEND_CHUNK];
     float scale = a->m->softmax_scale;
+    /* a token's groups in parts of at most a->groups; more parts when there are fewer tokens
+     * than threads */
+    int64_t parts = (G + a->groups - 1) / a->groups;
+    if (a->n * parts < n_threads) {
+        const int64_t want = (n_threads + a->n - 1) / a->n;
+        parts = want < G ? want : G;
+    }
+    const int64_t gp = (G + parts - 1) / parts;
+    parts = (G + gp - 1) / gp;
     size_t i0, i1;
-    ds_split_range((size_t)(a->n * G), thread, n_threads, &i0, &i1);
+    ds_split_range((size_t)(a->n * parts), thread, n_threads, &i0, &i1);
     for (size_t i = i0; i < i1; i++) {
-        int64_t t = (int64_t)i / G, h0 = 16 * ((int64_t)i % G), bi = a->i0 + t;
-        int64_t nh = H - h0 < 16 ? H - h0 : 16;
+        int64_t t = (int64_t)i / parts, g0 = gp * ((int64_t)i % parts), bi = a->i0 + t;
+        int64_t gn = G - g0 < gp ? G - g0 : gp;
         int64_t S = a->bt->positions[bi] + 1; /* causal: positions 0 .. p */
-        const float *qa[16], *qp[16];
-        for (int64_t j = 0; j < 16; j++) { /* past nh: head h0 again, dropped */
-            int64_t h = h0 + (j < nh ? j : 0);
-            qa[j] = a->b->q_abs + (t * H + h) * R;
-            qp[j] = a->b->q + (t * H + h) * qk + c->qk_nope_head_dim;
+        for (int64_t g = 0; g < gn; g++) {
+            const int64_t h0 = 16 * (g0 + g), nh = group_heads(H, g0 + g);
+            const float *qa[16], *qp[16];
+            for (int64_t j = 0; j < 16; j++) { /* past nh: head h0 again, dropped */
+                int64_t h = h0 + (j < nh ? j : 0);
+                qa[j] = a->b->q_abs + (t * H + h) * R;
+                qp[j] = a->b->q + (t * H + h) * qk + c->qk_nope_head_dim;
+            }
+            k->pack16_f32(pan + g * 16 * (R + dr), qa, (size_t)R);
+            k->pack16_f32(pan + g * 16 * (R + dr) + 16 * R, qp, (size_t)dr);
         }
-        k->pack16_f32(pan, qa, (size_t)R);
-        k->pack16_f32(pan + 16 * R, qp, (size_t)dr);
         for (int64_t c0 = 0; c0 < S; c0 += ATTEND_CHUNK) {
             int64_t cn = S - c0 < ATTEND_CHUNK ? S - c0 : ATTEND_CHUNK;
             cached_rows(a, bi, c0, cn, S, conv, lat, pe);
@@ -501,39 +537,47 @@ static void attend_task(void *arg, int thread, int n_threads) {
                     xl[j] = lat[r];
                     xp[j] = pe[r];
                 }
-                float o1[128], o2[128];
-                k->gemm16x8_f32(pan, (size_t)R, xl, o1);
-                k->gemm16x8_f32(pan + 16 * R, (size_t)dr, xp, o2);
-                for (int64_t j = 0; j < 8 && s0 + j < cn; j++)
-                    for (int64_t h = 0; h < nh; h++)
-                        scores[h * ld + c0 + s0 + j] = (o1[16 * j + h] + o2[16 * j + h]) * scale;
+                for (int64_t g = 0; g < gn; g++) { /* every group while the rows are in L1 */
+                    const float *pg = pan + g * 16 * (R + dr);
+                    float o1[128], o2[128], *sg = scores + g * 16 * ld;
+                    k->gemm16x8_f32(pg, (size_t)R, xl, o1);
+                    k->gemm16x8_f32(pg + 16 * R, (size_t)dr, xp, o2);
+                    for (int64_t j = 0; j < 8 && s0 + j < cn; j++)
+                        for (int64_t h = 0; h < group_heads(H, g0 + g); h++)
+                            sg[h * ld + c0 + s0 + j] = (o1[16 * j + h] + o2[16 * j + h]) * scale;
+                }
             }
         }
-        ds_softmax_rows(scores, ld, nh, S);
+        for (int64_t g = 0; g < gn; g++)
+            ds_softmax_rows(scores + g * 16 * ld, ld, group_heads(H, g0 + g), S);
         for (int64_t c0 = 0; c0 < S; c0 += ATTEND_CHUNK) {
             int64_t cn = S - c0 < ATTEND_CHUNK ? S - c0 : ATTEND_CHUNK;
             if (c0 || S > ATTEND_CHUNK) /* one chunk: its rows are still in lat / pe */
                 cached_rows(a, bi, c0, cn, S, conv, lat, pe);
             for (int64_t j = 0; j < cn; j++) __builtin_prefetch(lat[j]);
             for (int64_t r0 = 0; r0 < R; r0 += 16) {
-                /* every head group reads the rows' same 16 columns while they are in L1; the
+                /* every group's heads read the rows' same 16 columns while they are in L1; the
                  * next 16 are prefetched, a line a row */
                 for (int64_t j = 0; r0 + 16 < R && j < cn; j++)
                     __builtin_prefetch(lat[j] + r0 + 16);
-                for (int64_t g0 = 0; g0 < nh; g0 += 8) {
-                    int64_t ng = nh - g0 < 8 ? nh - g0 : 8;
-                    const float *xs[8];
-                    for (int64_t j = 0; j < 8; j++) /* past ng: head g0 again, dropped */
-                        xs[j] = scores + (g0 + (j < ng ? j : 0)) * ld + c0;
-                    float out[128];
-                    size_t m = (size_t)(R - r0 < 16 ? R - r0 : 16);
-                    k->gemm16x8_f32_rows(lat, (size_t)r0, m, (size_t)cn, xs, out);
-                    for (int64_t j = 0; j < ng; j++) { /* the first chunk copies, later ones add */
-                        float *ol = a->b->o_lat + (t * H + h0 + g0 + j) * R + r0;
-                        if (c0)
-                            for (size_t r = 0; r < m; r++) ol[r] += out[16 * j + r];
-                        else
-                            memcpy(ol, out + 16 * j, m * sizeof(float));
+                for (int64_t g = 0; g < gn; g++) {
+                    const int64_t nh = group_heads(H, g0 + g);
+                    for (int64_t e0 = 0; e0 < nh; e0 += 8) { /* eight heads a pass */
+                        int64_t ne = nh - e0 < 8 ? nh - e0 : 8;
+                        const float *xs[8];
+                        for (int64_t j = 0; j < 8; j++) /* past ne: head e0 again, dropped */
+                            xs[j] = scores + (g * 16 + e0 + (j < ne ? j : 0)) * ld + c0;
+                        float out[128];
+                        size_t m = (size_t)(R - r0 < 16 ? R - r0 : 16);
+                        k->gemm16x8_f32_rows(lat, (size_t)r0, m, (size_t)cn, xs, out);
+                        for (int64_t j = 0; j < ne; j++) { /* the first chunk copies, later add */
+                            int64_t h = 16 * (g0 + g) + e0 + j;
+                            float *ol = a->b->o_lat + (t * H + h) * R + r0;
+                            if (c0)
+                                for (size_t r = 0; r < m; r++) ol[r] += out[16 * j + r];
+                            else
+                                memcpy(ol, out + 16 * j, m * sizeof(float));
+                        }
                     }
                 }
             }
@@ -710,7 +754,7 @@ static void cache_store_task(void *arg, int thread, int n_threads) {
 
 /* b->a = MLA(b->h) for the chunk's tokens; writes their latents to their cache slots first. */
 static int attention(ds_model *m, const ds_layer *L, int64_t l, ds_kv_cache *kv, fwd_bufs *b,
-                     const ds_batch *bt, int64_t i0, int64_t n, int64_t row_off) {
+                     const ds_batch *bt, int64_t i0, int64_t n, int64_t max_ctx) {
     const ds_config *c = &m->cfg;
     int64_t H = local_heads(m), R = c->kv_lora_rank, dr = c->qk_rope_head_dim;
     /* the projections of the normed input run together (one pool run, not two) */
@@ -727,7 +771,8 @@ static int attention(ds_model *m, const ds_layer *L, int64_t l, ds_kv_cache *kv,
     float *o =
         split ? ds_shard_buf(&m->part, &m->part_floats, (size_t)(n * H * c->v_head_dim)) : b->o;
     if (!o) return DS_ERR_NOMEM;
-    attn_ctx a = {m, L, kv, b, bt, i0, n, l, row_off, o};
+    const int64_t groups = attend_groups(H, max_ctx), ld = scores_floats(max_ctx) / 16;
+    attn_ctx a = {m, L, kv, b, bt, i0, n, l, groups * 16 * ld, ld, groups, o};
     if (n > 1)
         ds_pool_run(m->pool, cache_store_task, &a);
     else
@@ -992,7 +1037,6 @@ static int forward_chunk(ds_model *m, ds_kv_cache *kv, const ds_batch *bt, int64
     fwd_bufs b;
     int rc = setup_bufs(m, max_ctx, n, &b);
     if (rc) return rc;
-    const int64_t row_off = scores_floats(max_ctx);
     const ds_span vs = m->shard.vocab; /* the embedding rows this rank holds; others add zeros */
     for (int64_t t = 0; t < n; t++)    /* the same for every layer */
         ds_rope_table(m, bt->positions[i0 + t], b.rope + t * c->qk_rope_head_dim);
@@ -1009,7 +1053,7 @@ static int forward_chunk(ds_model *m, ds_kv_cache *kv, const ds_batch *bt, int64
         const ds_layer *L = &m->layers[l];
         rmsnorm_rows(m, b.h, b.x, L->attn_norm, L->attn_norm_bias, n, D);
         trace(m, "layers.%lld.attn_norm_out", l, b.h, n, D);
-        if ((rc = attention(m, L, l, kv, &b, bt, i0, n, row_off))) return rc;
+        if ((rc = attention(m, L, l, kv, &b, bt, i0, n, max_ctx))) return rc;
         trace(m, "layers.%lld.attn_out", l, b.a, n, D);
         add_rows(m, b.x, b.a, n, D);
         rmsnorm_rows(m, b.h, b.x, L->ffn_norm, L->ffn_norm_bias, n, D);

@@ -13,10 +13,10 @@
  *    validates the reference itself. The engine is then compared with it on "english" too
  *    (tiny-a has norm_topk_prob false, which make-tiny never writes).
  * 2. Checkpoints written by make-tiny (tiny bf16, tiny --no-q-lora (sharded), tiny fp8, small,
- *    small fp8 (several and partial 128x128 blocks)): the engine's full logits at every position
- *    (one prefill with all_logits) and again through prefill-half-then-decode-one-by-one, each
- *    within 1e-3 of the reference, and the same argmax wherever the reference's top1-top2 margin
- *    exceeds 1e-3.
+ *    small fp8 (several and partial 128x128 blocks), wide (40 heads, 80 positions)): the
+ *    engine's full logits at every position (one prefill with all_logits) and again through
+ *    prefill-half-then-decode-one-by-one, each within 1e-3 of the reference, and the same argmax
+ *    wherever the reference's top1-top2 margin exceeds 1e-3.
  *
  * DS_REF_BREAK=<name> deliberately breaks the reference (yarn_mscale, yarn_freq, rope_pairs,
  * bias, norm_topk) to show that the checks bite; the test must then fail. */
@@ -796,7 +796,7 @@ static void tiny_case(const char *tmp, const mt_case *cs) {
         return;
     }
     /* BOS, then ids spread over the vocabulary, including rows beyond the tokenizer */
-    int32_t tok[64];
+    int32_t tok[80];
     uint64_t s = 0x243F6A8885A308D3ull;
     tok[0] = 0;
     for (int64_t t = 1; t < cs->T; t++) {
@@ -843,6 +843,9 @@ int main(void) {
             {"tiny-fp8", {"--preset", "tiny", "--seed", "9", "--dtype", "fp8", NULL}, 12},
             {"small-bf16", {"--preset", "small", "--seed", "10", NULL}, 12},
             {"small-fp8", {"--preset", "small", "--seed", "11", "--dtype", "fp8", NULL}, 8},
+            /* 40 heads: attention shares each pass over the cached rows among three groups of
+             * heads (16, 16, 8); 80 positions: two chunks of its weighted sum */
+            {"wide-bf16", {"--preset", "wide", "--seed", "12", NULL}, 80},
         };
         printf("make-tiny checkpoints (%s):\n", tmp);
         for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) tiny_case(tmp, &cases[i]);
