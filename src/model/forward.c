@@ -327,8 +327,9 @@ static int64_t slot_of(const ds_kv_cache *kv, const ds_batch *bt, int64_t i, int
  *    8.6 - 8.7 at 192 (medium, BF16 and W8A8, medians). At 4 tokens axpy and the GEMM measured
  *    even; at 1 token axpy took 0.5 ms, the GEMM 0.7 - 1.0. Per-channel int8 and BF16 rows go
  *    to axpy_i8 / axpy_bf16 as stored, converted in registers (the same floats): at 1 sequence
- *    0.48 -> 0.28 ms a step (W8A8) and 0.47 -> 0.30 (BF16); at 4 the GEMM still ties with it,
- *    at 8 it is 1.5x faster (old and new alternating step by step, medians of 16 steps).
+ *    0.48 -> 0.28 ms a step (W8A8) and 0.47 -> 0.30 (BF16); at 4 tokens it measured even with
+ *    the GEMM for W8A8 and faster for BF16 (0.64 against 0.83 ms), at 8 1.2 - 1.5x slower (old
+ *    and new alternating step by step, medians).
  *  - o: always the GEMM (gemm16x8_f32 over packed W_UV rows: its lanes are rows; BF16 rows
  *    packed straight from the weights by pack16_bf16, not dequantised first: 1.03 -> 0.73 ms a
  *    step at 1 sequence, 7.6 -> 7.0 at 192, medium BF16, medians; per-channel int8 rows likewise
