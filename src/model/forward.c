@@ -539,12 +539,13 @@ static void attend_task(void *arg, int thread, int n_threads) {
                     xp[j] = pe[r];
                 }
                 for (int64_t g = 0; g < gn; g++) { /* every group while the rows are in L1 */
+                    const int64_t nh = group_heads(H, g0 + g);
                     const float *pg = pan + g * 16 * (R + dr);
                     float o1[128], o2[128], *sg = scores + g * 16 * ld;
                     k->gemm16x8_f32(pg, (size_t)R, xl, o1);
                     k->gemm16x8_f32(pg + 16 * R, (size_t)dr, xp, o2);
                     for (int64_t j = 0; j < 8 && s0 + j < cn; j++)
-                        for (int64_t h = 0; h < group_heads(H, g0 + g); h++)
+                        for (int64_t h = 0; h < nh; h++)
                             sg[h * ld + c0 + s0 + j] = (o1[16 * j + h] + o2[16 * j + h]) * scale;
                 }
             }
