@@ -129,6 +129,13 @@ static void ilv_gather(const ds_mat *w, int64_t r, unsigned char *tmp) {
     for (size_t s = 0; s < rb / 64; s++) memcpy(tmp + 64 * s, blk + (4 * s + j) * 64, 64);
 }
 
+/* Int8 with one scale a row (per output channel), not int4, no static activations: a row is
+ * i8_to_f32 of its bytes by its scale. */
+static int i8_rowwise(const ds_mat *w) {
+    return w->dtype == DS_I8 && w->block_rows == 1 && w->block_cols >= w->cols && !w->int4 &&
+           !w->act_n;
+}
+
 /* Columns [c0, c0 + n) of row r to f32 with table k. Assumes check_mat(w) passed. */
 static void row_part(const ds_kernels *k, const ds_mat *w, int64_t r, int64_t c0, int64_t n,
                      float *dst) {
@@ -166,7 +173,7 @@ static void row_part(const ds_kernels *k, const ds_mat *w, int64_t r, int64_t c0
         break;
     }
     case DS_I8: { /* q * scale, rounded once in f32 (q is exact in f32), block by block */
-        if (w->block_rows == 1 && w->block_cols >= w->cols && !w->int4 && !w->act_n) {
+        if (i8_rowwise(w)) {
             /* per output channel (W8A8): one scale, one call, without the general path's three
              * 64-bit divisions: ds_mat_row_f32 of a 256-column row (the absorptions convert
              * 32768 a step in the medium model) 32 -> 26 ns, one core in a loop */
@@ -212,9 +219,7 @@ void ds_mat_row_part_f32(const ds_mat *w, int64_t r, int64_t c0, int64_t n, floa
 }
 
 const int8_t *ds_mat_i8_row(const ds_mat *w, int64_t r, float *scale) {
-    if (w->dtype != DS_I8 || w->block_rows != 1 || w->block_cols < w->cols || w->int4 || w->act_n ||
-        w->ilv)
-        return NULL;
+    if (!i8_rowwise(w) || w->ilv) return NULL;
     DS_ASSERT(r >= 0 && r < w->rows && w->data && w->scale);
     memcpy(scale, w->scale + w->row0 + r, sizeof *scale);
     return (const int8_t *)w->data + (size_t)r * (size_t)w->cols;
