@@ -774,7 +774,7 @@ static int attention(ds_model *m, const ds_layer *L, int64_t l, ds_kv_cache *kv,
         split ? ds_shard_buf(&m->part, &m->part_floats, (size_t)(n * H * c->v_head_dim)) : b->o;
     if (!o) return DS_ERR_NOMEM;
     const int64_t groups = attend_groups(H, max_ctx), ld = scores_floats(max_ctx) / 16;
-    attn_ctx a = {m, L, kv, b, bt, i0, n, l, groups * 16 * ld, ld, groups, o};
+    attn_ctx a = {m, L, kv, b, bt, i0, n, l, groups * scores_floats(max_ctx), ld, groups, o};
     if (n > 1)
         ds_pool_run(m->pool, cache_store_task, &a);
     else
