@@ -29,8 +29,8 @@
 #include <string.h>
 
 /* Multiply-adds per second of ds_matmul on an R x C matrix of dtype dt (I8: per-channel W8A8)
- * at T tokens, best of `reps`: the path that dtype takes there (BF16: the fused kernels, the
- * others a GEMM at these token counts). */
+ * at T tokens, laid out as loaded weights are, best of `reps`: the path that dtype takes there
+ * (BF16: the fused kernels, the others a GEMM at these token counts). */
 static double shape_rate(ds_pool *pool, ds_dtype dt, int64_t R, int64_t C, int64_t T, int reps) {
     size_t esz = dt == DS_I8 ? 1 : ds_dtype_size(dt);
     unsigned char *w = malloc((size_t)(R * C) * esz);
@@ -53,6 +53,7 @@ static double shape_rate(ds_pool *pool, ds_dtype dt, int64_t R, int64_t C, int64
                     .scale = scale,
                     .block_rows = dt == DS_I8 ? 1 : 128,
                     .block_cols = dt == DS_I8 ? C : 128};
+        ds_mat_interleave(&m); /* as the model lays out its loaded weights */
         for (int it = 0; it < reps; it++) {
             double t0 = ds_now();
             ds_matmul(pool, y, x, T, &m);

@@ -138,19 +138,21 @@ typedef struct ds_kernels {
      * of 64 columns at w[r] + s * step, as dot4_i8 reads them). */
     void (*pack16_i8)(uint8_t *panel, const int8_t *const w[16], size_t n, size_t step);
     void (*pack16_i4)(uint8_t *panel, const uint8_t *const w[16], size_t n);
-    /* Eight tokens against one panel. x[t] are quantized activations (|x| <= 127) readable for
-     * 4 * ceil(n / 4) bytes, zero past n (-128 allowed: static activations reach it). The columns
+    /* nt (1 - 8) tokens against one panel. x[t] are quantized activations (|x| <= 127)
+     * readable for 4 * ceil(n / 4) bytes, zero past n (-128 allowed: static activations reach
+     * it); x[t] and xoff[t] are readable for every t < 8, a kernel may read those past nt (callers
+     * repeat a token there). The columns
      * are cut into blocks of `block` (a multiple of 4, or >= n: one block); for each block b the
      * exact sum is isum[t][r] = sum_{i in b} x[t][i] * panel(r, i) - xoff[t][b] where the caller
      * passes xoff[t][b] = off * sum_{i in b} x[t][i] (int32 arithmetic wraps: the raw sums may
      * exceed 2^31 for long blocks, the difference, a true int8 dot, does not). Then, blocks in
      * order from acc = 0: acc[t][r] = fma((float)isum[t][r], sw[16 b + r], acc) (sw: [blocks][16]
-     * row scales), and out[16 t + r] = acc. Every table gives the same floats. The kernel also
-     * prefetches the n_pf 64-byte lines from pf on (the next panel's rows), spread over its steps
-     * as dot4xn_bf16 does. */
-    void (*gemm16x8_i8)(const uint8_t *panel, size_t n, size_t block, const int8_t *const x[8],
-                        const int32_t *const xoff[8], const float *sw, const char *pf, size_t n_pf,
-                        float out[128]);
+     * row scales), and out[16 t + r] = acc for t < nt. Every table gives the same floats. The
+     * kernel also prefetches the n_pf 64-byte lines from pf on (the next panel's rows), spread over
+     * its steps as dot4xn_bf16 does. */
+    void (*gemm16x8_i8)(const uint8_t *panel, size_t n, size_t block, int nt,
+                        const int8_t *const x[8], const int32_t *const xoff[8], const float *sw,
+                        const char *pf, size_t n_pf, float out[128]);
     /* The float GEMM of prefill and batched decode (F32 / BF16 / F16 / FP8 weights, converted
      * to f32 rows first): pack16_f32 lays 16 rows of n floats out as a panel [n][16] (column i
      * of row r at panel[16 i + r]); gemm16x8_f32 gives, for eight tokens x[t] (n floats each),
@@ -217,12 +219,16 @@ typedef struct {
     int64_t act_n;
     const float *act_scale, *act_zp;
     const float *bias; /* NULL or one f32 per row, added to y (any dtype) */
-    /* 1: rows interleaved by fours (ds_mat_interleave): the bytes of rows 4b .. 4b + 3
-     * (b < rows / 4) hold, for each 64-byte piece s of a row in order (32 BF16 columns, 64
-     * int8 ones), the four rows' piece s one after another; rows past 4 * (rows / 4) stay
-     * row-major after them. 0: row-major. */
+    /* The layout of the rows (ds_mat_interleave): DS_ILV_NONE row-major; DS_ILV_FOURS rows
+     * interleaved by fours: the bytes of rows 4b .. 4b + 3 (b < rows / 4) hold, for each 64-byte
+     * piece s of a row in order (32 BF16 columns, 64 int8 ones), the four rows' piece s one after
+     * another; rows past 4 * (rows / 4) stay row-major after them. DS_ILV_PANELS (int8, rows a
+     * multiple of 16): the bytes of rows 16p .. 16p + 15 are the panel pack16_i8 makes of them,
+     * which gemm16x8_i8 reads in place. */
     int ilv;
 } ds_mat;
+
+enum { DS_ILV_NONE, DS_ILV_FOURS, DS_ILV_PANELS };
 
 /* True when the dtype is one ds_matmul can read. */
 int ds_mat_dtype_ok(ds_dtype t);
@@ -234,15 +240,19 @@ void ds_mat_row_part_f32(const ds_mat *w, int64_t r, int64_t c0, int64_t n, floa
  * not int4, no static activations): its bytes, with *scale set; NULL for any other w. Its f32
  * row is i8_to_f32(q, cols, *scale), as ds_mat_row_f32 makes it. */
 const int8_t *ds_mat_i8_row(const ds_mat *w, int64_t r, float *scale);
-/* Narrows w to its rows [r0, r1) in place (data advanced, row0 for the scale grid). An
- * interleaved w is cut at whole blocks of 4 rows only (r1 may be its end). */
+/* Narrows w to its rows [r0, r1) in place (data advanced, row0 for the scale grid). A w
+ * interleaved by fours is cut at whole blocks of 4 rows only (r1 may be its end), one in panels
+ * at whole panels. */
 void ds_mat_slice_rows(ds_mat *w, int64_t r0, int64_t r1);
-/* Interleaves w's rows by fours in place (ds_mat.ilv), when its rows are whole 64-byte pieces,
- * it has at least 4 rows, and it is BF16 read fused by this machine's kernel table
- * (dot4xn_bf16) or int8 (not int4) whose scale blocks are whole pieces: the four rows a kernel
- * call reads side by side are then one stream in memory, which the hardware prefetcher follows
- * (four streams a row apart it did not). w->data must be writable and seen through no other
- * ds_mat. Returns 1 when interleaved, 0 when left as it is. */
+/* Lays w's rows out in place for the kernels that read it (ds_mat.ilv), and returns the layout
+ * (DS_ILV_NONE: left as it is). Int8 (not int4) with rows a multiple of 16, columns of 4 and
+ * scale blocks of whole 4-column groups becomes DS_ILV_PANELS where this machine's table has a
+ * SIMD gemm16x8_i8: every token count then runs the GEMM on the stored panels, with no packing
+ * and no horizontal sums. Otherwise rows of whole 64-byte pieces, 4 rows or more, that are BF16
+ * read fused by the table (dot4xn_bf16) or int8 (not int4) whose scale blocks are whole pieces
+ * become DS_ILV_FOURS: the four rows a kernel call reads side by side are then one stream in
+ * memory, which the hardware prefetcher follows (four streams a row apart it did not). w->data
+ * must be writable and seen through no other ds_mat. */
 int ds_mat_interleave(ds_mat *w);
 /* Bytes of the stored matrix (scales included). */
 uint64_t ds_mat_bytes(const ds_mat *w);

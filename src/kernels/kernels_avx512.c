@@ -746,65 +746,88 @@ static inline __m512i bcast4(const int8_t *p) {
     return _mm512_set1_epi32(v);
 }
 
-/* The exact int32 sums of 4-column groups [g0, g1) for eight tokens: one panel load feeds eight
- * VNNI steps whose token operand is a 4-byte broadcast. A function of its own (noinline): inlined
- * into the block loop below, gcc 12 copied every accumulator between registers twice per step
- * (16 extra moves per 8 dot steps, ~40% slower); on its own it keeps the 8 chains in place. */
-static __attribute__((noinline)) void gemm_block8_avx512(const uint8_t *panel, size_t g0, size_t g1,
-                                                         const int8_t *const x[8], const char **pfp,
-                                                         size_t *n_pfp, size_t per,
-                                                         __m512i acc[8]) {
+/* The exact int32 sums of 4-column groups [g0, g1) for nt (1, 2, 4 or 8) tokens, in eight
+ * chains: a token owns 8 / nt of them, over alternate groups (integer sums are exact, so their
+ * order is free), and one panel load feeds nt VNNI steps whose token operand is a 4-byte
+ * broadcast. Fewer chains waited on the VNNI latency. One noinline function per nt (below): inlined
+ * into the block loop, gcc 12 copied every accumulator between registers twice per step (16 extra
+ * moves per 8 dot steps, ~40% slower); dpbusd_acc keeps each chain in its register. */
+static inline __attribute__((always_inline)) void
+gemm_block_body(const uint8_t *panel, size_t g0, size_t g1, const int8_t *const x[8], const int nt,
+                const char **pfp, size_t *n_pfp, size_t per, __m512i acc[8]) {
+    const int ch = 8 / nt; /* chains per token */
     const char *pf = *pfp;
     size_t n_pf = *n_pfp;
-    const int8_t *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
-    const int8_t *x4 = x[4], *x5 = x[5], *x6 = x[6], *x7 = x[7];
-    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-    __m512i a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-    for (size_t g = g0; g < g1; g++) {
+    __m512i a[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++) a[i] = _mm512_setzero_si512();
+    size_t g = g0;
+    for (; g + (size_t)ch <= g1; g += (size_t)ch) {
+#pragma GCC unroll 8
+        for (int j = 0; j < ch; j++) {
+            for (size_t q = 0; q < per && n_pf; q++, n_pf--, pf += 64) __builtin_prefetch(pf);
+            const __m512i p = _mm512_loadu_si512(panel + 64 * (g + (size_t)j));
+#pragma GCC unroll 8
+            for (int t = 0; t < nt; t++) dpbusd_acc(&a[j * nt + t], p, bcast4(x[t] + 4 * (g + j)));
+        }
+    }
+    for (; g < g1; g++) {
         for (size_t q = 0; q < per && n_pf; q++, n_pf--, pf += 64) __builtin_prefetch(pf);
         const __m512i p = _mm512_loadu_si512(panel + 64 * g);
-        const size_t o = 4 * g;
-        a0 = _mm512_dpbusd_epi32(a0, p, bcast4(x0 + o));
-        a1 = _mm512_dpbusd_epi32(a1, p, bcast4(x1 + o));
-        a2 = _mm512_dpbusd_epi32(a2, p, bcast4(x2 + o));
-        a3 = _mm512_dpbusd_epi32(a3, p, bcast4(x3 + o));
-        a4 = _mm512_dpbusd_epi32(a4, p, bcast4(x4 + o));
-        a5 = _mm512_dpbusd_epi32(a5, p, bcast4(x5 + o));
-        a6 = _mm512_dpbusd_epi32(a6, p, bcast4(x6 + o));
-        a7 = _mm512_dpbusd_epi32(a7, p, bcast4(x7 + o));
+#pragma GCC unroll 8
+        for (int t = 0; t < nt; t++) dpbusd_acc(&a[t], p, bcast4(x[t] + 4 * g));
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < nt; t++) {
+        __m512i s = a[t];
+#pragma GCC unroll 8
+        for (int j = 1; j < ch; j++) s = _mm512_add_epi32(s, a[j * nt + t]);
+        acc[t] = s;
     }
     *pfp = pf;
     *n_pfp = n_pf;
-    acc[0] = a0;
-    acc[1] = a1;
-    acc[2] = a2;
-    acc[3] = a3;
-    acc[4] = a4;
-    acc[5] = a5;
-    acc[6] = a6;
-    acc[7] = a7;
 }
+
+#define GEMM_BLOCK(NT)                                                                             \
+    static __attribute__((noinline)) void gemm_block##NT##_avx512(                                 \
+        const uint8_t *panel, size_t g0, size_t g1, const int8_t *const x[8], const char **pfp,    \
+        size_t *n_pfp, size_t per, __m512i acc[8]) {                                               \
+        gemm_block_body(panel, g0, g1, x, NT, pfp, n_pfp, per, acc);                               \
+    }
+GEMM_BLOCK(1)
+GEMM_BLOCK(2)
+GEMM_BLOCK(4)
+GEMM_BLOCK(8)
 
 /* The prefetches go out a few per 4-column group: issued in one burst before the call, they
  * stalled on the full miss queue. Experts of the medium model's shapes, weights cold, 2 threads,
  * alternating in one process (mean GB/s): 8 tokens each 20.0 -> 22.8, 16 tokens 13.6 -> 16.9. */
-static void gemm16x8_i8_avx512(const uint8_t *panel, size_t n, size_t block,
+static void gemm16x8_i8_avx512(const uint8_t *panel, size_t n, size_t block, int nt,
                                const int8_t *const x[8], const int32_t *const xoff[8],
                                const float *sw, const char *pf, size_t n_pf, float out[128]) {
     const size_t ng = (n + 3) / 4, bg = block >= n ? ng : block / 4;
     const size_t per = ng ? (n_pf + ng - 1) / ng : 0;
+    const int nv = nt <= 2 ? nt : nt <= 4 ? 4 : 8; /* tokens computed: x[nt..nv) are readable */
     __m512 f[8];
-    for (int t = 0; t < 8; t++) f[t] = _mm512_setzero_ps();
+    for (int t = 0; t < nv; t++) f[t] = _mm512_setzero_ps();
     for (size_t g0 = 0, b = 0; g0 < ng; g0 += bg, b++) {
+        const size_t g1 = g0 + bg < ng ? g0 + bg : ng;
         __m512i a[8];
-        gemm_block8_avx512(panel, g0, g0 + bg < ng ? g0 + bg : ng, x, &pf, &n_pf, per, a);
+        if (nv == 1)
+            gemm_block1_avx512(panel, g0, g1, x, &pf, &n_pf, per, a);
+        else if (nv == 2)
+            gemm_block2_avx512(panel, g0, g1, x, &pf, &n_pf, per, a);
+        else if (nv == 4)
+            gemm_block4_avx512(panel, g0, g1, x, &pf, &n_pf, per, a);
+        else
+            gemm_block8_avx512(panel, g0, g1, x, &pf, &n_pf, per, a);
         const __m512 s = _mm512_loadu_ps(sw + 16 * b);
-        for (int t = 0; t < 8; t++) {
+        for (int t = 0; t < nv; t++) {
             __m512i isum = _mm512_sub_epi32(a[t], _mm512_set1_epi32(xoff[t][b]));
             f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, f[t]);
         }
     }
-    for (int t = 0; t < 8; t++) _mm512_storeu_ps(out + 16 * t, f[t]);
+    for (int t = 0; t < nt; t++) _mm512_storeu_ps(out + 16 * t, f[t]);
     for (; n_pf; n_pf--, pf += 64) __builtin_prefetch(pf);
 }
 

@@ -277,13 +277,13 @@ static void pack16_i4_scalar(uint8_t *panel, const uint8_t *const w[16], size_t 
             }
 }
 
-static void gemm16x8_i8_scalar(const uint8_t *panel, size_t n, size_t block,
+static void gemm16x8_i8_scalar(const uint8_t *panel, size_t n, size_t block, int nt,
                                const int8_t *const x[8], const int32_t *const xoff[8],
                                const float *sw, const char *pf, size_t n_pf, float out[128]) {
     (void)pf; /* the scalar table does not prefetch */
     (void)n_pf;
     size_t ng = (n + 3) / 4, bg = block >= n ? ng : block / 4; /* groups per block */
-    for (size_t t = 0; t < 8; t++)
+    for (size_t t = 0; t < (size_t)nt; t++)
         for (size_t r = 0; r < 16; r++) {
             float acc = 0;
             for (size_t g0 = 0, b = 0; g0 < ng; g0 += bg, b++) {

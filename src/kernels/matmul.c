@@ -121,10 +121,17 @@ static void check_mat(const ds_mat *w) {
                   w->act_zp && (w->act_n == 1 || w->act_n == w->cols));
 }
 
-/* Row r of interleaved w (ds_mat.ilv, r in a whole block) gathered from its 64-byte pieces into
- * tmp (row_bytes(w)). */
+/* Row r of interleaved w (ds_mat.ilv; by fours, r in a whole block) gathered into tmp
+ * (row_bytes(w)): from its 64-byte pieces, or from its panel's 4-byte slices (w + 128 there). */
 static void ilv_gather(const ds_mat *w, int64_t r, unsigned char *tmp) {
-    const size_t rb = row_bytes(w), j = (size_t)r % 4;
+    const size_t rb = row_bytes(w);
+    if (w->ilv == DS_ILV_PANELS) {
+        const unsigned char *p = (const unsigned char *)w->data + (size_t)(r - r % 16) * rb;
+        for (size_t i = 0; i < rb; i++)
+            tmp[i] = p[64 * (i / 4) + 4 * (size_t)(r % 16) + i % 4] ^ 0x80;
+        return;
+    }
+    const size_t j = (size_t)r % 4;
     const unsigned char *blk = (const unsigned char *)w->data + (size_t)(r - r % 4) * rb;
     for (size_t s = 0; s < rb / 64; s++) memcpy(tmp + 64 * s, blk + (4 * s + j) * 64, 64);
 }
@@ -227,7 +234,8 @@ const int8_t *ds_mat_i8_row(const ds_mat *w, int64_t r, float *scale) {
 
 void ds_mat_slice_rows(ds_mat *w, int64_t r0, int64_t r1) {
     DS_ASSERT(r0 >= 0 && r0 <= r1 && r1 <= w->rows);
-    DS_ASSERT(!w->ilv || (r0 % 4 == 0 && (r1 % 4 == 0 || r1 == w->rows)));
+    DS_ASSERT(w->ilv != DS_ILV_FOURS || (r0 % 4 == 0 && (r1 % 4 == 0 || r1 == w->rows)));
+    DS_ASSERT(w->ilv != DS_ILV_PANELS || (r0 % 16 == 0 && r1 % 16 == 0));
     w->data = (const unsigned char *)w->data + (size_t)r0 * row_bytes(w);
     w->row0 += r0;
     w->rows = r1 - r0;
@@ -239,10 +247,32 @@ void ds_mat_row_f32(const ds_mat *w, int64_t r, float *dst) {
 
 static int fused_native(const ds_kernels *k, ds_dtype t);
 
+/* Whether w, int8, can be stored as panels the table's own (SIMD) GEMM reads in place. */
+static int panels_ok(const ds_mat *w, const ds_kernels *k) {
+    const int64_t bc = w->block_cols;
+    return w->dtype == DS_I8 && !w->int4 && w->rows >= 16 && w->rows % 16 == 0 &&
+           w->cols % 4 == 0 && (bc >= w->cols || bc % 4 == 0) &&
+           k->gemm16x8_i8 != ds_kernels_scalar()->gemm16x8_i8;
+}
+
 int ds_mat_interleave(ds_mat *w) {
     check_mat(w);
     const size_t rb = row_bytes(w);
-    const int bf16 = w->dtype == DS_BF16 && fused_native(ds_kernels_get(), DS_BF16);
+    unsigned char *data = (unsigned char *)(uintptr_t)w->data; /* writable: the caller's promise */
+    const ds_kernels *k = ds_kernels_get();
+    if (!w->ilv && panels_ok(w, k)) { /* each 16 rows' bytes become their panel */
+        unsigned char *blk = malloc(16 * rb);
+        DS_ASSERT(blk);
+        const int8_t *src[16];
+        for (size_t j = 0; j < 16; j++) src[j] = (const int8_t *)blk + j * rb;
+        for (size_t p = 0; p < (size_t)w->rows / 16; p++) {
+            memcpy(blk, data + 16 * p * rb, 16 * rb);
+            k->pack16_i8(data + 16 * p * rb, src, rb, 64);
+        }
+        free(blk);
+        return w->ilv = DS_ILV_PANELS;
+    }
+    const int bf16 = w->dtype == DS_BF16 && fused_native(k, DS_BF16);
     /* int8 (not int4): every table's dot4_i8 and the GEMM's packing read pieces; a scale block
      * must not end inside one */
     const int i8 =
@@ -250,7 +280,6 @@ int ds_mat_interleave(ds_mat *w) {
     if (w->ilv || !(bf16 || i8) || rb % 64 || w->rows < 4) return 0;
     unsigned char *block = malloc(4 * rb);
     DS_ASSERT(block);
-    unsigned char *data = (unsigned char *)(uintptr_t)w->data; /* writable: the caller's promise */
     for (size_t b = 0; b < (size_t)w->rows / 4; b++) {
         unsigned char *d = data + 4 * b * rb;
         memcpy(block, d, 4 * rb);
@@ -259,8 +288,7 @@ int ds_mat_interleave(ds_mat *w) {
                 memcpy(d + (4 * s + j) * 64, block + j * rb + 64 * s, 64);
     }
     free(block);
-    w->ilv = 1;
-    return 1;
+    return w->ilv = DS_ILV_FOURS;
 }
 
 /* ---- the matmul ---- */
@@ -1010,7 +1038,7 @@ static void matmul_fgemm_thread(void *arg, int thread, int n_threads) {
     }
 }
 
-/* ---- the GEMM path (DS_I8 with MM_GEMM_MIN_TOK_I8 / _I4 tokens or more) ----
+/* ---- the GEMM path (DS_I8 in panels, or from MM_GEMM_MIN_TOK_I8 / _I4 tokens on) ----
  *
  * Prefill and batched decode multiply many tokens by the same weights, so the work is compute
  * bound and the layout of the products matters more than the bytes. The dot4 kernels keep one
@@ -1028,7 +1056,14 @@ static void matmul_fgemm_thread(void *arg, int thread, int n_threads) {
  * each panel is re-read from L2. The offset of the unsigned weights comes back out through
  * xoff = off * the block sums of each token's activations, computed once per call. Rows do not
  * depend on the thread count (whole panels per thread, fixed order). Tables without their own
- * GEMM kernels (AVX2, NEON) and blocks that are not whole 4-column groups keep the dot4 path. */
+ * GEMM kernels (AVX2, NEON) and blocks that are not whole 4-column groups keep the dot4 path.
+ *
+ * Loaded int8 weights are stored as these panels (ds_mat_interleave, DS_ILV_PANELS) where the
+ * table has its own GEMM: nothing is packed, the scales of a per-channel panel are read in place
+ * too, and every token count runs here, the kernel narrowed to 1, 2 or 4 tokens below eight.
+ * The medium model's experts (7 layers x 32, all three matrices, 2 threads, weights cold, GB/s
+ * against the dot4 path and packing on interleaved rows, two processes each way): 1 token 37 ->
+ * 48, 4 tokens 38 -> 42, 8 tokens 29 -> 33 - 39, 24 tokens 13 - 16 -> 13 - 17. */
 #define MM_GEMM_L2 (512 * 1024)
 /* From this many tokens on the GEMM path runs. Packing costs about one streaming pass over the
  * weights, so below these counts the dot4 kernels, which stream without it, win. Measured on the
@@ -1096,14 +1131,19 @@ static void matmul_gemm_thread(void *arg, int thread, int n_threads) {
     ds_split_range((rows + 15) / 16, thread, n_threads, &p_lo, &p_hi);
     if (p_lo >= p_hi) return;
     if (gp > p_hi - p_lo) gp = p_hi - p_lo;
-    /* [gp][groups][16][4], then the scales [gp][nb][16] */
-    uint8_t *pan = ds_thread_scratch(DS_SCRATCH_TASK, gp * pbytes + gp * nb * 16 * sizeof(float));
+    /* [gp][groups][16][4] unless stored as panels, then the scales [gp][nb][16] */
+    const int stored = w->ilv == DS_ILV_PANELS;
+    const size_t packed = stored ? 0 : gp * pbytes;
+    uint8_t *pan = ds_thread_scratch(DS_SCRATCH_TASK, packed + gp * nb * 16 * sizeof(float));
     DS_ASSERT(pan);
-    float *sw = (float *)(void *)(pan + gp * pbytes); /* pbytes: whole 64-byte groups */
+    float *sw = (float *)(void *)(pan + packed); /* pbytes: whole 64-byte groups */
     const unsigned char *data = w->data;
+    /* stored panels of one scale a row read their 16 scales in place (whole panels: rows % 16 is
+     * 0), as they read their weights */
+    const int sw_stored = stored && nb == 1 && w->block_rows == 1;
     for (size_t p0 = p_lo; p0 < p_hi; p0 += gp) {
         size_t pn = p_hi - p0 < gp ? p_hi - p0 : gp;
-        for (size_t pi = 0; pi < pn; pi++) {
+        for (size_t pi = 0; pi < pn && !sw_stored; pi++) {
             size_t r0 = 16 * (p0 + pi), nr = rows - r0 < 16 ? rows - r0 : 16;
             const uint8_t *w4[16];
             const int8_t *w8[16];
@@ -1115,6 +1155,7 @@ static void matmul_gemm_thread(void *arg, int thread, int n_threads) {
                 for (size_t b = 0; b < nb; b++)
                     memcpy(sw + (pi * nb + b) * 16 + j, srow + b, sizeof(float));
             }
+            if (stored) continue; /* read in place */
             /* interleaved: whole blocks of rows as dot4_i8 reads them; a panel reaching the
              * row-major tail rows piece by piece (64 columns are 16 whole groups of it) */
             const int ilv = w->ilv && r0 + 16 <= (size_t)rows / 4 * 4;
@@ -1159,8 +1200,10 @@ static void matmul_gemm_thread(void *arg, int thread, int n_threads) {
                 float out[128];
                 const size_t pt = pf0 + (pf_end - pf0) * ++call / calls;
                 const size_t n_pf = pt > pf ? (pt - pf + 63) / 64 : 0;
-                k->gemm16x8_i8(pan + pi * pbytes, cols, blk, xs, xo, sw + pi * nb * 16,
-                               (const char *)data + pf, n_pf, out);
+                const uint8_t *panel = stored ? data + r0 * rowb : pan + pi * pbytes;
+                const float *s16 = sw_stored ? w->scale + w->row0 + r0 : sw + pi * nb * 16;
+                k->gemm16x8_i8(panel, cols, blk, (int)nt, xs, xo, s16, (const char *)data + pf,
+                               n_pf, out);
                 pf += 64 * n_pf;
                 for (size_t j = 0; j < nt; j++)
                     scale_rows(c->y + (t0 + j) * rows + r0, out + 16 * j, c->sx[t0 + j], nr);
@@ -1310,7 +1353,8 @@ static void job_setup(const ds_mm_job *j, mm_job_state *st) {
     prep_ctx *pc = &st->pc;
     st->fn = matmul_i8_thread;
     st->c.ldq = (cols + 3) / 4 * 4;
-    if (j->n_tok >= gemm_min_tok(w) && (blk == cols || blk % 4 == 0) && gemm_native(st->c.k)) {
+    if (w->ilv == DS_ILV_PANELS ||
+        (j->n_tok >= gemm_min_tok(w) && (blk == cols || blk % 4 == 0) && gemm_native(st->c.k))) {
         pc->mode = PREP_GEMM;
         pc->np = (cols + blk - 1) / blk;
         st->fn = matmul_gemm_thread;

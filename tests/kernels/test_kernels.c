@@ -764,11 +764,13 @@ static void check_matmul(const test_mat *t, ds_pool *p1, ds_pool *p3, const char
     }
 }
 
-/* ds_mat_interleave on a copy of t (BF16 or int8): where the shape allows (rows of whole 64-byte
- * pieces, 4 rows or more; BF16 where the table reads it fused, int8 with scale blocks of whole
- * pieces) it interleaves, and then rows, every token count's matmul (BF16's fused and blocked
- * paths, int8's dot4 and GEMM ones) and a slice at a block boundary give exactly the floats of
- * the row-major matrix. */
+/* ds_mat_interleave on a copy of t (BF16 or int8): where the shape allows it lays the rows out
+ * as expected (int8 panels: rows of 16, columns and scale blocks of whole 4-column groups, a
+ * table with its own GEMM; else by fours: rows of whole 64-byte pieces, 4 rows or more, BF16
+ * where the table reads it fused, int8 with scale blocks of whole pieces), and then rows, every
+ * token count's matmul (BF16's fused and blocked paths, int8's dot4 and GEMM ones, every width of
+ * the GEMM kernel on panels) and a slice at a block boundary give exactly the floats of the
+ * row-major matrix. */
 static void check_interleaved(const test_mat *t, ds_pool *p1, ds_pool *p3, const char *what) {
     const int64_t rows = t->m.rows, cols = t->m.cols, bc = t->m.block_cols;
     const size_t bytes = (size_t)rows * (t->m.int4 ? (size_t)(cols + 1) / 2
@@ -778,10 +780,13 @@ static void check_interleaved(const test_mat *t, ds_pool *p1, ds_pool *p3, const
     memcpy(c.raw + 1, t->m.data, bytes);
     c.m.data = c.raw + 1;
     const int ok = ds_mat_interleave(&c.m);
-    const int can =
-        rows >= 4 &&
-        (t->m.dtype == DS_BF16 ? cols % 32 == 0 && strcmp(ds_kernels_get()->name, "neon")
-                               : !t->m.int4 && cols % 64 == 0 && (bc >= cols || bc % 64 == 0));
+    const int i8 = t->m.dtype == DS_I8 && !t->m.int4;
+    const int panels = i8 && rows % 16 == 0 && cols % 4 == 0 && (bc >= cols || bc % 4 == 0) &&
+                       ds_kernels_get()->gemm16x8_i8 != ds_kernels_scalar()->gemm16x8_i8;
+    const int fours = rows >= 4 && (t->m.dtype == DS_BF16
+                                        ? cols % 32 == 0 && strcmp(ds_kernels_get()->name, "neon")
+                                        : i8 && cols % 64 == 0 && (bc >= cols || bc % 64 == 0));
+    const int can = panels ? DS_ILV_PANELS : fours ? DS_ILV_FOURS : DS_ILV_NONE;
     CHECK_MSG(ok == can && c.m.ilv == ok, "%s: interleaved %d, expected %d", what, ok, can);
     if (ok) {
         CHECK_MSG(memcmp(c.m.data, t->m.data, bytes) != 0, "%s: interleaving moved nothing", what);
@@ -790,21 +795,24 @@ static void check_interleaved(const test_mat *t, ds_pool *p1, ds_pool *p3, const
         check_rows(&c, w2);
         const int64_t toks[] = {1, 2, 3, 4, 5, 8, 33, 130};
         for (size_t ti = 0; ti < sizeof toks / sizeof toks[0]; ti++) {
-            const int64_t nt = toks[ti];
-            float *x = malloc((size_t)(nt * cols) * sizeof(float));
-            float *y = malloc((size_t)(nt * rows) * sizeof(float));
+            /* panels run the GEMM at every count: the row-major reference runs it too, on the
+             * tokens and more (the dot4 path sums blocks of scales in another order) */
+            const int64_t nt = toks[ti], nr = ok == DS_ILV_PANELS && nt < 8 ? 8 : nt;
+            float *x = malloc((size_t)(nr * cols) * sizeof(float));
+            float *y = malloc((size_t)(nr * rows) * sizeof(float));
             float *yi = malloc((size_t)(nt * rows) * sizeof(float));
-            fill(x, (size_t)(nt * cols));
-            ds_matmul(p1, y, x, nt, &t->m);
+            fill(x, (size_t)(nr * cols));
+            ds_matmul(p1, y, x, nr, &t->m);
             ds_matmul(p3, yi, x, nt, &c.m);
             CHECK_MSG(memcmp(y, yi, (size_t)(nt * rows) * sizeof(float)) == 0,
                       "%s n_tok=%lld: differs from the row-major matrix", w2, (long long)nt);
-            ds_mat a = t->m, b = c.m; /* this rank's rows from the second block on */
-            ds_mat_slice_rows(&a, 4, rows);
-            ds_mat_slice_rows(&b, 4, rows);
-            ds_matmul(p1, y, x, nt, &a);
+            const int64_t cut = ok == DS_ILV_PANELS ? 16 : 4; /* from the second block on */
+            ds_mat a = t->m, b = c.m;
+            ds_mat_slice_rows(&a, cut, rows);
+            ds_mat_slice_rows(&b, cut, rows);
+            ds_matmul(p1, y, x, nr, &a);
             ds_matmul(p3, yi, x, nt, &b);
-            CHECK_MSG(memcmp(y, yi, (size_t)(nt * (rows - 4)) * sizeof(float)) == 0,
+            CHECK_MSG(memcmp(y, yi, (size_t)(nt * (rows - cut)) * sizeof(float)) == 0,
                       "%s n_tok=%lld: a slice differs from the row-major one", w2, (long long)nt);
             free(x);
             free(y);
@@ -872,6 +880,12 @@ static void matmul_suite(void) {
         {{130, 384, 1, 384}, 0},
         {{12, 4096, 1, 4096}, 0},
         {{8, 4352, 128, 128}, 0},
+        /* in panels where the table has its own GEMM: per channel, columns not whole 64-byte
+         * pieces, 128 x 128 blocks, blocks of 36 columns */
+        {{32, 1024, 1, 1024}, 0},
+        {{48, 200, 1, 200}, 0},
+        {{16, 2048, 128, 128}, 0},
+        {{32, 144, 1, 36}, 0},
     };
     for (size_t i = 0; i < sizeof i8s / sizeof i8s[0]; i++) {
         test_mat t;
@@ -887,8 +901,11 @@ static void matmul_suite(void) {
     }
     /* static activations (Ascend W8A8): per tensor and per channel, one kernel chunk and a row
      * wider than a chunk (the int32 partials summed over chunks before the bias) */
-    const shape sts[] = {
-        {37, 200, 1, 200}, {33, 4097, 1, 4097}, {20, 300, 1, 300}, {20, 512, 1, 512}};
+    const shape sts[] = {{37, 200, 1, 200},
+                         {33, 4097, 1, 4097},
+                         {20, 300, 1, 300},
+                         {20, 512, 1, 512},
+                         {32, 512, 1, 512}};
     for (size_t i = 0; i < sizeof sts / sizeof sts[0]; i++)
         for (int pc = 0; pc < 2; pc++) {
             test_mat t;
@@ -1454,9 +1471,9 @@ static void test_gemm(const ds_kernels *k) {
                                                    xo[4], xo[5], xo[6], xo[7]};
                     float ok_[128], os_[128];
                     /* the prefetched lines: the panel itself, a harmless hint */
-                    k->gemm16x8_i8(v ? p4 : pk, n, blk, xc, xoc, sw, (const char *)pan, n / 16,
+                    k->gemm16x8_i8(v ? p4 : pk, n, blk, 8, xc, xoc, sw, (const char *)pan, n / 16,
                                    ok_);
-                    s->gemm16x8_i8(pan, n, blk, xc, xoc, sw, NULL, 0, os_);
+                    s->gemm16x8_i8(pan, n, blk, 8, xc, xoc, sw, NULL, 0, os_);
                     int bad = 0, bads = 0;
                     for (int t = 0; t < 8; t++)
                         for (int r = 0; r < 16; r++) {
@@ -1478,6 +1495,17 @@ static void test_gemm(const ds_kernels *k) {
                               v ? "int4" : "int8", n, blk, pat, bads);
                     CHECK_MSG(bad == 0, "%s gemm16x8 %s n=%zu block=%zu pattern %d: %d differ",
                               k->name, v ? "int4" : "int8", n, blk, pat, bad);
+                    /* fewer tokens (each table's narrower kernels): the first nt of the eight */
+                    for (int nt = 1; nt < 8; nt++) {
+                        const ds_kernels *tab[2] = {k, s};
+                        for (int ti = 0; ti < 2; ti++) {
+                            float on[128];
+                            tab[ti]->gemm16x8_i8(v ? p4 : pk, n, blk, nt, xc, xoc, sw, NULL, 0, on);
+                            CHECK_MSG(memcmp(on, os_, (size_t)(16 * nt) * sizeof(float)) == 0,
+                                      "%s gemm16x8 %s n=%zu block=%zu nt=%d differs from 8 tokens",
+                                      tab[ti]->name, v ? "int4" : "int8", n, blk, nt);
+                        }
+                    }
                     for (int t = 0; t < 8; t++) free(xo[t]);
                 }
                 free(sw);
