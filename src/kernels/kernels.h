@@ -140,9 +140,9 @@ typedef struct ds_kernels {
     void (*pack16_i4)(uint8_t *panel, const uint8_t *const w[16], size_t n);
     /* nt (1 - 8) tokens against one panel. x[t] are quantized activations (|x| <= 127)
      * readable for 4 * ceil(n / 4) bytes, zero past n (-128 allowed: static activations reach
-     * it); x[t] and xoff[t] are readable for every t < 8, a kernel may read those past nt (callers
-     * repeat a token there). The columns
-     * are cut into blocks of `block` (a multiple of 4, or >= n: one block); for each block b the
+     * it); x[t] and xoff[t] are readable for every t < 8, and a kernel may read those past nt
+     * (callers repeat a token there). The columns are cut into blocks of `block` (a multiple of
+     * 4, or >= n: one block); for each block b the
      * exact sum is isum[t][r] = sum_{i in b} x[t][i] * panel(r, i) - xoff[t][b] where the caller
      * passes xoff[t][b] = off * sum_{i in b} x[t][i] (int32 arithmetic wraps: the raw sums may
      * exceed 2^31 for long blocks, the difference, a true int8 dot, does not). Then, blocks in
