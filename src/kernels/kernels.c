@@ -120,6 +120,7 @@ static void complete(ds_kernels *dst, const ds_kernels *src) {
     if (!dst->pack16_i8) dst->pack16_i8 = s->pack16_i8;
     if (!dst->pack16_i4) dst->pack16_i4 = s->pack16_i4;
     if (!dst->gemm16x8_i8) dst->gemm16x8_i8 = s->gemm16x8_i8;
+    if (!dst->gemm32x8_i8) dst->gemm32x8_i8 = s->gemm32x8_i8;
     if (!dst->pack16_f32) dst->pack16_f32 = s->pack16_f32;
     if (!dst->pack16_bf16) dst->pack16_bf16 = s->pack16_bf16;
     if (!dst->pack16_i8_f32) dst->pack16_i8_f32 = s->pack16_i8_f32;

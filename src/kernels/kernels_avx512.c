@@ -831,6 +831,63 @@ static void gemm16x8_i8_avx512(const uint8_t *panel, size_t n, size_t block, int
     for (; n_pf; n_pf--, pf += 64) __builtin_prefetch(pf);
 }
 
+/* gemm_block_body for two panels and eight tokens: each 4-column group loads both panels' 64
+ * bytes and broadcasts every token's 4 bytes once for the two (16 accumulators, one chain each). */
+static __attribute__((noinline)) void gemm_block8x2_avx512(const uint8_t *panel0,
+                                                           const uint8_t *panel1, size_t g0,
+                                                           size_t g1, const int8_t *const x[8],
+                                                           const char **pfp, size_t *n_pfp,
+                                                           size_t per, __m512i acc[16]) {
+    const char *pf = *pfp;
+    size_t n_pf = *n_pfp;
+    __m512i a[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; i++) a[i] = _mm512_setzero_si512();
+    for (size_t g = g0; g < g1; g++) {
+        for (size_t q = 0; q < per && n_pf; q++, n_pf--, pf += 64) __builtin_prefetch(pf);
+        const __m512i p0 = _mm512_loadu_si512(panel0 + 64 * g);
+        const __m512i p1 = _mm512_loadu_si512(panel1 + 64 * g);
+#pragma GCC unroll 8
+        for (int t = 0; t < 8; t++) {
+            const __m512i b = bcast4(x[t] + 4 * g);
+            dpbusd_acc(&a[t], p0, b);
+            dpbusd_acc(&a[8 + t], p1, b);
+        }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; i++) acc[i] = a[i];
+    *pfp = pf;
+    *n_pfp = n_pf;
+}
+
+/* gemm16x8_i8_avx512's block loop and conversion, for both panels. */
+static void gemm32x8_i8_avx512(const uint8_t *panel0, const uint8_t *panel1, size_t n, size_t block,
+                               const int8_t *const x[8], const int32_t *const xoff[8],
+                               const float *sw0, const float *sw1, const char *pf, size_t n_pf,
+                               float out[256]) {
+    const size_t ng = (n + 3) / 4, bg = block >= n ? ng : block / 4;
+    const size_t per = ng ? (n_pf + ng - 1) / ng : 0;
+    __m512 f[16];
+    for (int i = 0; i < 16; i++) f[i] = _mm512_setzero_ps();
+    for (size_t g0 = 0, b = 0; g0 < ng; g0 += bg, b++) {
+        const size_t g1 = g0 + bg < ng ? g0 + bg : ng;
+        __m512i a[16];
+        gemm_block8x2_avx512(panel0, panel1, g0, g1, x, &pf, &n_pf, per, a);
+        const __m512 s0 = _mm512_loadu_ps(sw0 + 16 * b), s1 = _mm512_loadu_ps(sw1 + 16 * b);
+        for (int t = 0; t < 8; t++) {
+            const __m512i o = _mm512_set1_epi32(xoff[t][b]);
+            f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a[t], o)), s0, f[t]);
+            f[8 + t] =
+                _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a[8 + t], o)), s1, f[8 + t]);
+        }
+    }
+    for (int t = 0; t < 8; t++) {
+        _mm512_storeu_ps(out + 16 * t, f[t]);
+        _mm512_storeu_ps(out + 128 + 16 * t, f[8 + t]);
+    }
+    for (; n_pf; n_pf--, pf += 64) __builtin_prefetch(pf);
+}
+
 static float absmax_f32_avx512(const float *x, size_t n) {
     const __m512 abs = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
     __m512 m = _mm512_setzero_ps();
@@ -1127,6 +1184,7 @@ static const ds_kernels avx512_table = {
     .pack16_i8 = pack16_i8_avx512,
     .pack16_i4 = pack16_i4_avx512,
     .gemm16x8_i8 = gemm16x8_i8_avx512,
+    .gemm32x8_i8 = gemm32x8_i8_avx512,
     .pack16_f32 = pack16_f32_avx512,
     .pack16_bf16 = pack16_bf16_avx512,
     .pack16_i8_f32 = pack16_i8_f32_avx512,

@@ -298,6 +298,14 @@ static void gemm16x8_i8_scalar(const uint8_t *panel, size_t n, size_t block, int
         }
 }
 
+static void gemm32x8_i8_scalar(const uint8_t *panel0, const uint8_t *panel1, size_t n, size_t block,
+                               const int8_t *const x[8], const int32_t *const xoff[8],
+                               const float *sw0, const float *sw1, const char *pf, size_t n_pf,
+                               float out[256]) {
+    gemm16x8_i8_scalar(panel0, n, block, 8, x, xoff, sw0, pf, n_pf, out);
+    gemm16x8_i8_scalar(panel1, n, block, 8, x, xoff, sw1, NULL, 0, out + 128);
+}
+
 static float absmax_f32_scalar(const float *x, size_t n) {
     float amax = 0.0f;
     for (size_t i = 0; i < n; i++) {
@@ -435,6 +443,7 @@ static const ds_kernels scalar_table = {
     .pack16_i8 = pack16_i8_scalar,
     .pack16_i4 = pack16_i4_scalar,
     .gemm16x8_i8 = gemm16x8_i8_scalar,
+    .gemm32x8_i8 = gemm32x8_i8_scalar,
     .pack16_f32 = pack16_f32_scalar,
     .pack16_bf16 = pack16_bf16_scalar,
     .pack16_i8_f32 = pack16_i8_f32_scalar,

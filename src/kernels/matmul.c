@@ -1046,9 +1046,12 @@ static void matmul_fgemm_thread(void *arg, int thread, int n_threads) {
  * rows are packed once into a panel (pack16_*: [4-column group][16 rows][4 bytes], unsigned
  * w + off) so that a lane is a row: one 64-byte panel load and one VNNI step per token add four
  * columns of 16 rows, eight tokens per pass (gemm16x8_i8), and a block end costs one convert and
- * one FMA per 16 outputs instead of a horizontal reduction. int4 weights are widened to bytes
- * while packing, so W4A8 prefill runs the same inner loop as W8A8 and pays its unpacking once per
- * weight, not once per token.
+ * one FMA per 16 outputs instead of a horizontal reduction. Eight tokens take two panels a call
+ * (gemm32x8_i8) where two are left: each broadcast then feeds 32 rows, and a call's fixed cost
+ * (~38 ns; a call of q_b's 384 columns spent a fifth of its time outside the column loop, alone
+ * on one core) covers twice the work. int4 weights are widened to bytes while packing, so W4A8
+ * prefill runs the same inner loop as W8A8 and pays its unpacking once per weight, not once per
+ * token.
  *
  * Each thread owns whole panels (16-row groups) and takes up to MM_GEMM_L2 bytes of them at a
  * time: packs them (weights read from memory once), then walks the tokens eight at a time over
@@ -1097,6 +1100,13 @@ static int gemm_native(const ds_kernels *k) {
     return strcmp(k->name, s->name) == 0 || k->gemm16x8_i8 != s->gemm16x8_i8;
 }
 
+/* Whether table k runs two panels a call in its own kernel (or is the scalar table, whose pair
+ * is two single calls). */
+static int gemm_pairs(const ds_kernels *k) {
+    const ds_kernels *s = ds_kernels_scalar();
+    return strcmp(k->name, s->name) == 0 || k->gemm32x8_i8 != s->gemm32x8_i8;
+}
+
 /* y[r] = o[r] * s for r < n <= 16. A memcpy call per token cost a sixth of the GEMM's time at
  * 8 tokens; the fixed count of 16 is vectorised, which gcc does only with the pointers restrict
  * (the kernel saw o's address, so y might have aliased it). */
@@ -1115,18 +1125,20 @@ static void matmul_gemm_thread(void *arg, int thread, int n_threads) {
     const size_t rowb = row_bytes(w), blk = i8_block(w);
     const size_t nb = (cols + blk - 1) / blk, pbytes = 64 * ((cols + 3) / 4);
     /* While every token's activations fit in MM_GEMM_L2 (n_tok x cols bytes), a group is one
-     * panel: packing (which reads the weights from memory) and the GEMM then alternate every 16
-     * rows, and the next panel's rows are prefetched while the GEMM runs, instead of one whole
-     * L2 group packed at memory latency before any arithmetic; each panel re-reads the
-     * activations from L2. Beyond, the L2 group's panels share each pass over them. Measured on
+     * panel, or from eight tokens on the pair gemm32x8_i8 takes: packing (which reads the weights
+     * from memory) and the GEMM then alternate every 16 or 32 rows, and the next group's rows are
+     * prefetched while the GEMM runs, instead of one whole L2 group packed at memory latency
+     * before any arithmetic; each group re-reads the activations from L2. Beyond, the L2 group's
+     * panels share each pass over them. Measured (one-panel groups against L2 groups) on
      * the 2-vCPU Zen 5 VM, 2 threads, weights cold, alternating in one process (mean GB/s of
      * weights, one panel vs L2 groups): the medium model's experts (512 x 1024) at 64 / 96
      * tokens each 4.8 / 2.9 vs 4.4 / 2.6, o_proj (1024 x 2048) at 64 / 192 tokens 6.5 / 2.4 vs
      * 5.1 / 2.0, q_b (3072 x 384) at 64 tokens 4.4 vs 3.1; 2048 x 7168 at 96 tokens 4.7 vs 4.7,
      * at 256 tokens 1.8 vs 2.0. (Before the GEMM spread its prefetches, the L2 groups won at 96
      * tokens an expert, and 6- or 12-panel groups were twice as slow at 192, not understood.) */
-    size_t gp = n_tok * c->ldq <= MM_GEMM_L2 ? 1 : MM_GEMM_L2 / pbytes; /* panels per group */
-    if (gp < 1) gp = 1;
+    const int pairs = gemm_pairs(k);
+    size_t gp = n_tok * c->ldq > MM_GEMM_L2 ? MM_GEMM_L2 / pbytes : n_tok >= 8 && pairs ? 2 : 1;
+    if (gp < 1) gp = 1; /* panels per group */
     size_t p_lo, p_hi;
     ds_split_range((rows + 15) / 16, thread, n_threads, &p_lo, &p_hi);
     if (p_lo >= p_hi) return;
@@ -1195,18 +1207,28 @@ static void matmul_gemm_thread(void *arg, int thread, int n_threads) {
                 xs[j] = c->q + t * c->ldq;
                 xo[j] = c->xoff + t * nb;
             }
-            for (size_t pi = 0; pi < pn; pi++) {
-                size_t r0 = 16 * (p0 + pi), nr = rows - r0 < 16 ? rows - r0 : 16;
-                float out[128];
-                const size_t pt = pf0 + (pf_end - pf0) * ++call / calls;
+            for (size_t pi = 0, np; pi < pn; pi += np) {
+                /* eight tokens take two panels a call where two are left */
+                np = nt == 8 && pi + 1 < pn && pairs ? 2 : 1;
+                const size_t r0 = 16 * (p0 + pi), nr = rows - r0 < 16 * np ? rows - r0 : 16 * np;
+                float out[256];
+                call += np;
+                const size_t pt = pf0 + (pf_end - pf0) * call / calls;
                 const size_t n_pf = pt > pf ? (pt - pf + 63) / 64 : 0;
                 const uint8_t *panel = stored ? data + r0 * rowb : pan + pi * pbytes;
                 const float *s16 = sw_stored ? w->scale + w->row0 + r0 : sw + pi * nb * 16;
-                k->gemm16x8_i8(panel, cols, blk, (int)nt, xs, xo, s16, (const char *)data + pf,
-                               n_pf, out);
+                if (np == 2)
+                    k->gemm32x8_i8(panel, stored ? panel + 16 * rowb : panel + pbytes, cols, blk,
+                                   xs, xo, s16, sw_stored ? s16 + 16 : s16 + nb * 16,
+                                   (const char *)data + pf, n_pf, out);
+                else
+                    k->gemm16x8_i8(panel, cols, blk, (int)nt, xs, xo, s16, (const char *)data + pf,
+                                   n_pf, out);
                 pf += 64 * n_pf;
-                for (size_t j = 0; j < nt; j++)
-                    scale_rows(c->y + (t0 + j) * rows + r0, out + 16 * j, c->sx[t0 + j], nr);
+                for (size_t q = 0; q < np; q++) /* the second panel's rows: out + 128 */
+                    for (size_t j = 0; j < nt; j++)
+                        scale_rows(c->y + (t0 + j) * rows + r0 + 16 * q, out + 128 * q + 16 * j,
+                                   c->sx[t0 + j], nr - 16 * q < 16 ? nr - 16 * q : 16);
             }
         }
     }

@@ -1506,6 +1506,27 @@ static void test_gemm(const ds_kernels *k) {
                                       tab[ti]->name, v ? "int4" : "int8", n, blk, nt);
                         }
                     }
+                    /* two panels a call: the second is this one rotated by a 4-column group,
+                     * with other scales; each half must be gemm16x8_i8's for its panel */
+                    uint8_t *p2 = malloc(pb);
+                    float *sw2 = malloc(nb * 16 * sizeof(float)), o1[128], o2[128];
+                    for (size_t i = 0; i < pb; i++) p2[i] = pan[(i + 64) % pb];
+                    for (size_t i = 0; i < nb * 16; i++) sw2[i] = sw[nb * 16 - 1 - i] * 0.5f;
+                    s->gemm16x8_i8(p2, n, blk, 8, xc, xoc, sw2, NULL, 0, o2);
+                    for (int ti = 0; ti < 2; ti++) {
+                        const ds_kernels *tk = ti ? s : k;
+                        float op[256];
+                        tk->gemm32x8_i8(pan, p2, n, blk, xc, xoc, sw, sw2, (const char *)pan,
+                                        n / 16, op);
+                        memcpy(o1, os_, sizeof o1);
+                        CHECK_MSG(memcmp(op, o1, sizeof o1) == 0 &&
+                                      memcmp(op + 128, o2, sizeof o2) == 0,
+                                  "%s gemm32x8 %s n=%zu block=%zu pattern %d differs from two "
+                                  "gemm16x8 calls",
+                                  tk->name, v ? "int4" : "int8", n, blk, pat);
+                    }
+                    free(p2);
+                    free(sw2);
                     for (int t = 0; t < 8; t++) free(xo[t]);
                 }
                 free(sw);
@@ -1962,9 +1983,9 @@ int main(void) {
         test_fused(k);
         test_dot4xn_bf16(k);
         CHECK(k->argmax_f32 && k->swiglu_f32 && k->exp_f32 && k->dot4_i8 && k->dot4_i4 &&
-              k->pack16_i8 && k->pack16_i4 && k->gemm16x8_i8 && k->pack16_f32 && k->pack16_bf16 &&
-              k->pack16_i8_f32 && k->gemm16x8_f32 && k->gemm16x8_f32_rows && k->axpy_i8 &&
-              k->axpy_bf16);
+              k->pack16_i8 && k->pack16_i4 && k->gemm16x8_i8 && k->gemm32x8_i8 && k->pack16_f32 &&
+              k->pack16_bf16 && k->pack16_i8_f32 && k->gemm16x8_f32 && k->gemm16x8_f32_rows &&
+              k->axpy_i8 && k->axpy_bf16);
         test_int_dots(k);
         test_int_dequant(k);
         test_axpy_rows(k);
