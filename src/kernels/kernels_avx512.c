@@ -749,29 +749,36 @@ static inline __m512i bcast4(const int8_t *p) {
 /* The exact int32 sums of 4-column groups [g0, g1) for nt (1, 2, 4 or 8) tokens, in eight
  * chains: a token owns 8 / nt of them, over alternate groups (integer sums are exact, so their
  * order is free), and one panel load feeds nt VNNI steps whose token operand is a 4-byte
- * broadcast. Fewer chains waited on the VNNI latency. One noinline function per nt (below): inlined
- * into the block loop, gcc 12 copied every accumulator between registers twice per step (16 extra
- * moves per 8 dot steps, ~40% slower); dpbusd_acc keeps each chain in its register. */
+ * broadcast. Fewer chains waited on the VNNI latency. With np = 2 (nt = 8) a second panel's
+ * load shares each broadcast, its sums in acc[8 + t]. One noinline function per form (below):
+ * inlined into the block loop, gcc 12 copied every accumulator between registers twice per step
+ * (16 extra moves per 8 dot steps, ~40% slower); dpbusd_acc keeps each chain in its register. */
 static inline __attribute__((always_inline)) void
-gemm_block_body(const uint8_t *panel, size_t g0, size_t g1, const int8_t *const x[8], const int nt,
-                const char **pfp, size_t *n_pfp, size_t per, __m512i acc[8]) {
+gemm_block_body(const uint8_t *panel, const uint8_t *panel1, size_t g0, size_t g1,
+                const int8_t *const x[8], const int nt, const int np, const char **pfp,
+                size_t *n_pfp, size_t per, __m512i acc[16]) {
     const int ch = 8 / nt; /* chains per token */
     const char *pf = *pfp;
     size_t n_pf = *n_pfp;
-    __m512i a[8];
-#pragma GCC unroll 8
-    for (int i = 0; i < 8; i++) a[i] = _mm512_setzero_si512();
+    __m512i a[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 8 * np; i++) a[i] = _mm512_setzero_si512();
     size_t g = g0;
     for (; g + (size_t)ch <= g1; g += (size_t)ch) {
 #pragma GCC unroll 8
         for (int j = 0; j < ch; j++) {
             for (size_t q = 0; q < per && n_pf; q++, n_pf--, pf += 64) __builtin_prefetch(pf);
             const __m512i p = _mm512_loadu_si512(panel + 64 * (g + (size_t)j));
+            const __m512i p1 = np == 2 ? _mm512_loadu_si512(panel1 + 64 * (g + (size_t)j)) : p;
 #pragma GCC unroll 8
-            for (int t = 0; t < nt; t++) dpbusd_acc(&a[j * nt + t], p, bcast4(x[t] + 4 * (g + j)));
+            for (int t = 0; t < nt; t++) {
+                const __m512i b = bcast4(x[t] + 4 * (g + j));
+                dpbusd_acc(&a[j * nt + t], p, b);
+                if (np == 2) dpbusd_acc(&a[8 + t], p1, b);
+            }
         }
     }
-    for (; g < g1; g++) {
+    for (; g < g1; g++) { /* np = 2 has one chain a token: it never gets here */
         for (size_t q = 0; q < per && n_pf; q++, n_pf--, pf += 64) __builtin_prefetch(pf);
         const __m512i p = _mm512_loadu_si512(panel + 64 * g);
 #pragma GCC unroll 8
@@ -783,109 +790,75 @@ gemm_block_body(const uint8_t *panel, size_t g0, size_t g1, const int8_t *const 
 #pragma GCC unroll 8
         for (int j = 1; j < ch; j++) s = _mm512_add_epi32(s, a[j * nt + t]);
         acc[t] = s;
+        if (np == 2) acc[8 + t] = a[8 + t];
     }
     *pfp = pf;
     *n_pfp = n_pf;
 }
 
-#define GEMM_BLOCK(NT)                                                                             \
-    static __attribute__((noinline)) void gemm_block##NT##_avx512(                                 \
-        const uint8_t *panel, size_t g0, size_t g1, const int8_t *const x[8], const char **pfp,    \
-        size_t *n_pfp, size_t per, __m512i acc[8]) {                                               \
-        gemm_block_body(panel, g0, g1, x, NT, pfp, n_pfp, per, acc);                               \
+#define GEMM_BLOCK(NAME, NT, NP)                                                                   \
+    static __attribute__((noinline)) void NAME(                                                    \
+        const uint8_t *panel, const uint8_t *panel1, size_t g0, size_t g1,                         \
+        const int8_t *const x[8], const char **pfp, size_t *n_pfp, size_t per, __m512i acc[16]) {  \
+        gemm_block_body(panel, panel1, g0, g1, x, NT, NP, pfp, n_pfp, per, acc);                   \
     }
-GEMM_BLOCK(1)
-GEMM_BLOCK(2)
-GEMM_BLOCK(4)
-GEMM_BLOCK(8)
+GEMM_BLOCK(gemm_block1_avx512, 1, 1)
+GEMM_BLOCK(gemm_block2_avx512, 2, 1)
+GEMM_BLOCK(gemm_block4_avx512, 4, 1)
+GEMM_BLOCK(gemm_block8_avx512, 8, 1)
+GEMM_BLOCK(gemm_block8x2_avx512, 8, 2)
 
-/* The prefetches go out a few per 4-column group: issued in one burst before the call, they
- * stalled on the full miss queue. Experts of the medium model's shapes, weights cold, 2 threads,
- * alternating in one process (mean GB/s): 8 tokens each 20.0 -> 22.8, 16 tokens 13.6 -> 16.9. */
-static void gemm16x8_i8_avx512(const uint8_t *panel, size_t n, size_t block, int nt,
-                               const int8_t *const x[8], const int32_t *const xoff[8],
-                               const float *sw, const char *pf, size_t n_pf, float out[128]) {
+/* np (1 or 2) panels against nt tokens (np = 2: nt = 8), the second panel's outputs from out +
+ * 128 on, scaled by sw1. The prefetches go out a few per 4-column group: issued in one burst
+ * before the call, they stalled on the full miss queue. Experts of the medium model's shapes,
+ * weights cold, 2 threads, alternating in one process (mean GB/s): 8 tokens each 20.0 -> 22.8,
+ * 16 tokens 13.6 -> 16.9. */
+static inline __attribute__((always_inline)) void
+gemm_i8_avx512(const uint8_t *panel, const uint8_t *panel1, const int np, size_t n, size_t block,
+               int nt, const int8_t *const x[8], const int32_t *const xoff[8], const float *sw,
+               const float *sw1, const char *pf, size_t n_pf, float *out) {
     const size_t ng = (n + 3) / 4, bg = block >= n ? ng : block / 4;
     const size_t per = ng ? (n_pf + ng - 1) / ng : 0;
     const int nv = nt <= 2 ? nt : nt <= 4 ? 4 : 8; /* tokens computed: x[nt..nv) are readable */
-    __m512 f[8];
-    for (int t = 0; t < nv; t++) f[t] = _mm512_setzero_ps();
-    for (size_t g0 = 0, b = 0; g0 < ng; g0 += bg, b++) {
-        const size_t g1 = g0 + bg < ng ? g0 + bg : ng;
-        __m512i a[8];
-        if (nv == 1)
-            gemm_block1_avx512(panel, g0, g1, x, &pf, &n_pf, per, a);
-        else if (nv == 2)
-            gemm_block2_avx512(panel, g0, g1, x, &pf, &n_pf, per, a);
-        else if (nv == 4)
-            gemm_block4_avx512(panel, g0, g1, x, &pf, &n_pf, per, a);
-        else
-            gemm_block8_avx512(panel, g0, g1, x, &pf, &n_pf, per, a);
-        const __m512 s = _mm512_loadu_ps(sw + 16 * b);
-        for (int t = 0; t < nv; t++) {
-            __m512i isum = _mm512_sub_epi32(a[t], _mm512_set1_epi32(xoff[t][b]));
-            f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, f[t]);
-        }
-    }
-    for (int t = 0; t < nt; t++) _mm512_storeu_ps(out + 16 * t, f[t]);
-    for (; n_pf; n_pf--, pf += 64) __builtin_prefetch(pf);
-}
-
-/* gemm_block_body for two panels and eight tokens: each 4-column group loads both panels' 64
- * bytes and broadcasts every token's 4 bytes once for the two (16 accumulators, one chain each). */
-static __attribute__((noinline)) void gemm_block8x2_avx512(const uint8_t *panel0,
-                                                           const uint8_t *panel1, size_t g0,
-                                                           size_t g1, const int8_t *const x[8],
-                                                           const char **pfp, size_t *n_pfp,
-                                                           size_t per, __m512i acc[16]) {
-    const char *pf = *pfp;
-    size_t n_pf = *n_pfp;
-    __m512i a[16];
-#pragma GCC unroll 16
-    for (int i = 0; i < 16; i++) a[i] = _mm512_setzero_si512();
-    for (size_t g = g0; g < g1; g++) {
-        for (size_t q = 0; q < per && n_pf; q++, n_pf--, pf += 64) __builtin_prefetch(pf);
-        const __m512i p0 = _mm512_loadu_si512(panel0 + 64 * g);
-        const __m512i p1 = _mm512_loadu_si512(panel1 + 64 * g);
-#pragma GCC unroll 8
-        for (int t = 0; t < 8; t++) {
-            const __m512i b = bcast4(x[t] + 4 * g);
-            dpbusd_acc(&a[t], p0, b);
-            dpbusd_acc(&a[8 + t], p1, b);
-        }
-    }
-#pragma GCC unroll 16
-    for (int i = 0; i < 16; i++) acc[i] = a[i];
-    *pfp = pf;
-    *n_pfp = n_pf;
-}
-
-/* gemm16x8_i8_avx512's block loop and conversion, for both panels. */
-static void gemm32x8_i8_avx512(const uint8_t *panel0, const uint8_t *panel1, size_t n, size_t block,
-                               const int8_t *const x[8], const int32_t *const xoff[8],
-                               const float *sw0, const float *sw1, const char *pf, size_t n_pf,
-                               float out[256]) {
-    const size_t ng = (n + 3) / 4, bg = block >= n ? ng : block / 4;
-    const size_t per = ng ? (n_pf + ng - 1) / ng : 0;
     __m512 f[16];
     for (int i = 0; i < 16; i++) f[i] = _mm512_setzero_ps();
     for (size_t g0 = 0, b = 0; g0 < ng; g0 += bg, b++) {
         const size_t g1 = g0 + bg < ng ? g0 + bg : ng;
         __m512i a[16];
-        gemm_block8x2_avx512(panel0, panel1, g0, g1, x, &pf, &n_pf, per, a);
-        const __m512 s0 = _mm512_loadu_ps(sw0 + 16 * b), s1 = _mm512_loadu_ps(sw1 + 16 * b);
-        for (int t = 0; t < 8; t++) {
-            const __m512i o = _mm512_set1_epi32(xoff[t][b]);
-            f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a[t], o)), s0, f[t]);
-            f[8 + t] =
-                _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a[8 + t], o)), s1, f[8 + t]);
+        if (np == 2)
+            gemm_block8x2_avx512(panel, panel1, g0, g1, x, &pf, &n_pf, per, a);
+        else if (nv == 1)
+            gemm_block1_avx512(panel, NULL, g0, g1, x, &pf, &n_pf, per, a);
+        else if (nv == 2)
+            gemm_block2_avx512(panel, NULL, g0, g1, x, &pf, &n_pf, per, a);
+        else if (nv == 4)
+            gemm_block4_avx512(panel, NULL, g0, g1, x, &pf, &n_pf, per, a);
+        else
+            gemm_block8_avx512(panel, NULL, g0, g1, x, &pf, &n_pf, per, a);
+        for (int q = 0; q < np; q++) {
+            const __m512 s = _mm512_loadu_ps((q ? sw1 : sw) + 16 * b);
+            for (int t = 0; t < nv; t++) {
+                __m512i isum = _mm512_sub_epi32(a[8 * q + t], _mm512_set1_epi32(xoff[t][b]));
+                f[8 * q + t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, f[8 * q + t]);
+            }
         }
     }
-    for (int t = 0; t < 8; t++) {
-        _mm512_storeu_ps(out + 16 * t, f[t]);
-        _mm512_storeu_ps(out + 128 + 16 * t, f[8 + t]);
-    }
+    for (int q = 0; q < np; q++)
+        for (int t = 0; t < nt; t++) _mm512_storeu_ps(out + 128 * q + 16 * t, f[8 * q + t]);
     for (; n_pf; n_pf--, pf += 64) __builtin_prefetch(pf);
+}
+
+static void gemm16x8_i8_avx512(const uint8_t *panel, size_t n, size_t block, int nt,
+                               const int8_t *const x[8], const int32_t *const xoff[8],
+                               const float *sw, const char *pf, size_t n_pf, float out[128]) {
+    gemm_i8_avx512(panel, NULL, 1, n, block, nt, x, xoff, sw, NULL, pf, n_pf, out);
+}
+
+static void gemm32x8_i8_avx512(const uint8_t *panel0, const uint8_t *panel1, size_t n, size_t block,
+                               const int8_t *const x[8], const int32_t *const xoff[8],
+                               const float *sw0, const float *sw1, const char *pf, size_t n_pf,
+                               float out[256]) {
+    gemm_i8_avx512(panel0, panel1, 2, n, block, 8, x, xoff, sw0, sw1, pf, n_pf, out);
 }
 
 static float absmax_f32_avx512(const float *x, size_t n) {
