@@ -1509,7 +1509,7 @@ static void test_gemm(const ds_kernels *k) {
                     /* two panels a call: the second is this one rotated by a 4-column group,
                      * with other scales; each half must be gemm16x8_i8's for its panel */
                     uint8_t *p2 = malloc(pb);
-                    float *sw2 = malloc(nb * 16 * sizeof(float)), o1[128], o2[128];
+                    float *sw2 = malloc(nb * 16 * sizeof(float)), o2[128];
                     for (size_t i = 0; i < pb; i++) p2[i] = pan[(i + 64) % pb];
                     for (size_t i = 0; i < nb * 16; i++) sw2[i] = sw[nb * 16 - 1 - i] * 0.5f;
                     s->gemm16x8_i8(p2, n, blk, 8, xc, xoc, sw2, NULL, 0, o2);
@@ -1518,8 +1518,7 @@ static void test_gemm(const ds_kernels *k) {
                         float op[256];
                         tk->gemm32x8_i8(pan, p2, n, blk, xc, xoc, sw, sw2, (const char *)pan,
                                         n / 16, op);
-                        memcpy(o1, os_, sizeof o1);
-                        CHECK_MSG(memcmp(op, o1, sizeof o1) == 0 &&
+                        CHECK_MSG(memcmp(op, os_, sizeof os_) == 0 &&
                                       memcmp(op + 128, o2, sizeof o2) == 0,
                                   "%s gemm32x8 %s n=%zu block=%zu pattern %d differs from two "
                                   "gemm16x8 calls",
