@@ -154,9 +154,10 @@ typedef struct ds_kernels {
                         const int8_t *const x[8], const int32_t *const xoff[8], const float *sw,
                         const char *pf, size_t n_pf, float out[128]);
     /* Two panels (32 rows) against eight tokens: out[16 t + r] is gemm16x8_i8's with nt = 8 for
-     * panel0 and its scales sw0, out[128 + 16 t + r] for panel1 and sw1, the same floats. Each
-     * token's broadcast then feeds both panels (10 loads per 16 VNNI steps instead of 9 per 8),
-     * and a call's fixed cost is spread over twice the work. */
+     * panel0 and its scales sw0, out[128 + 16 t + r] for panel1 and sw1, the same floats (pf and
+     * n_pf as there, for the whole call). Each token's broadcast then feeds both panels (10 loads
+     * per 16 VNNI steps instead of 9 per 8), and a call's fixed cost is spread over twice the
+     * work. */
     void (*gemm32x8_i8)(const uint8_t *panel0, const uint8_t *panel1, size_t n, size_t block,
                         const int8_t *const x[8], const int32_t *const xoff[8], const float *sw0,
                         const float *sw1, const char *pf, size_t n_pf, float out[256]);
