@@ -125,7 +125,7 @@ static void complete(ds_kernels *dst, const ds_kernels *src) {
     if (!dst->pack16_bf16) dst->pack16_bf16 = s->pack16_bf16;
     if (!dst->pack16_i8_f32) dst->pack16_i8_f32 = s->pack16_i8_f32;
     if (!dst->gemm16x8_f32) dst->gemm16x8_f32 = s->gemm16x8_f32;
-    if (!dst->gemm16x8_f32_rows) dst->gemm16x8_f32_rows = s->gemm16x8_f32_rows;
+    if (!dst->gemm32x8_f32_rows) dst->gemm32x8_f32_rows = s->gemm32x8_f32_rows;
     if (!dst->gemm128x1_f32) dst->gemm128x1_f32 = s->gemm128x1_f32;
 }
 
@@ -191,7 +191,7 @@ const ds_kernels *ds_kernels_get(void) {
 int ds_kernels_fgemm_native(const ds_kernels *k) {
     const ds_kernels *s = ds_kernels_scalar();
     return strcmp(k->name, s->name) == 0 ||
-           (k->gemm16x8_f32 != s->gemm16x8_f32 && k->gemm16x8_f32_rows != s->gemm16x8_f32_rows &&
+           (k->gemm16x8_f32 != s->gemm16x8_f32 && k->gemm32x8_f32_rows != s->gemm32x8_f32_rows &&
             k->gemm128x1_f32 != s->gemm128x1_f32);
 }
 

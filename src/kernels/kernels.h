@@ -175,11 +175,14 @@ typedef struct ds_kernels {
     void (*pack16_i8_f32)(float *panel, const int8_t *const rows[16], const float scale[16],
                           size_t n);
     void (*gemm16x8_f32)(const float *panel, size_t n, const float *const x[8], float out[128]);
-    /* The same with the panel's row i read in place at rows[i] + off, its first m (<= 16) lanes
-     * (out is 0 in the others): attention's weighted sum over cached latent rows, unpacked.
-     *   out[16 t + r] = sum_i rows[i][off + r] * x[t][i]   (r < m), same order and fmaf */
-    void (*gemm16x8_f32_rows)(const float *const *rows, size_t off, size_t m, size_t n,
-                              const float *const x[8], float out[128]);
+    /* The same with the panel's row i read in place at rows[i] + off, 32 columns wide, its
+     * first m (<= 32) lanes (out is 0 in the others), each half of 16 laid out as gemm16x8_f32's
+     * out: attention's absorption and weighted sum over rows left unpacked. 32 columns a call
+     * load each token's x[t][i] once for two vectors of chains.
+     *   out[128 (r / 16) + 16 t + r % 16] = sum_i rows[i][off + r] * x[t][i]   (r < m),
+     * same order and fmaf */
+    void (*gemm32x8_f32_rows)(const float *const *rows, size_t off, size_t m, size_t n,
+                              const float *const x[8], float out[256]);
     /* One token against eight panels, the same order and fmaf, so each panel's sums are
      * gemm16x8_f32's for that token: out[16 j + r] = sum_i panel[j][16 i + r] * x[i]. */
     void (*gemm128x1_f32)(const float *const panel[8], size_t n, const float *x, float out[128]);
@@ -191,7 +194,7 @@ const ds_kernels *ds_kernels_get(void);
 const ds_kernels *ds_kernels_for(const char *isa);
 /* The scalar reference table. */
 const ds_kernels *ds_kernels_scalar(void);
-/* True when table k has its own float GEMM kernels (gemm16x8_f32, _rows, gemm128x1_f32; or is the
+/* True when table k has its own float GEMM kernels (gemm16x8_f32, gemm32x8_f32_rows, gemm128x1_f32; or is the
  * scalar table, their oracle): the others fill those slots from scalar, slower than their dot /
  * axpy kernels. */
 int ds_kernels_fgemm_native(const ds_kernels *k);

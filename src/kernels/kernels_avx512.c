@@ -1058,46 +1058,81 @@ static void pack16_i8_f32_avx512(float *panel, const int8_t *const rows[16], con
         for (size_t k = 0; k < 16; k++) panel[16 * i + k] = (float)rows[k][i] * scale[k];
 }
 
-/* The float GEMMs, packed panel or rows in place: per column one load of 16 values (LOAD_ROW,
- * column i) and eight FMAs with the tokens' values broadcast from memory; eight independent
- * accumulators hide the FMA latency. noinline for the same gcc register-allocation reason as
- * gemm_block8_avx512. */
-#define GEMM16X8_F32_BODY(LOAD_ROW)                                                                \
-    const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];                                    \
-    const float *x4 = x[4], *x5 = x[5], *x6 = x[6], *x7 = x[7];                                    \
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,         \
-           a7 = a0;                                                                                \
-    for (size_t i = 0; i < n; i++) {                                                               \
-        const __m512 p = LOAD_ROW;                                                                 \
-        a0 = _mm512_fmadd_ps(p, _mm512_set1_ps(x0[i]), a0);                                        \
-        a1 = _mm512_fmadd_ps(p, _mm512_set1_ps(x1[i]), a1);                                        \
-        a2 = _mm512_fmadd_ps(p, _mm512_set1_ps(x2[i]), a2);                                        \
-        a3 = _mm512_fmadd_ps(p, _mm512_set1_ps(x3[i]), a3);                                        \
-        a4 = _mm512_fmadd_ps(p, _mm512_set1_ps(x4[i]), a4);                                        \
-        a5 = _mm512_fmadd_ps(p, _mm512_set1_ps(x5[i]), a5);                                        \
-        a6 = _mm512_fmadd_ps(p, _mm512_set1_ps(x6[i]), a6);                                        \
-        a7 = _mm512_fmadd_ps(p, _mm512_set1_ps(x7[i]), a7);                                        \
-    }                                                                                              \
-    _mm512_storeu_ps(out, a0);                                                                     \
-    _mm512_storeu_ps(out + 16, a1);                                                                \
-    _mm512_storeu_ps(out + 32, a2);                                                                \
-    _mm512_storeu_ps(out + 48, a3);                                                                \
-    _mm512_storeu_ps(out + 64, a4);                                                                \
-    _mm512_storeu_ps(out + 80, a5);                                                                \
-    _mm512_storeu_ps(out + 96, a6);                                                                \
-    _mm512_storeu_ps(out + 112, a7)
-
+/* The float GEMM over a packed panel: per column one load of 16 values and eight FMAs with the
+ * tokens' values broadcast from memory; eight independent accumulators hide the FMA latency.
+ * noinline for the same gcc register-allocation reason as gemm_block8_avx512. */
 static __attribute__((noinline)) void gemm16x8_f32_avx512(const float *panel, size_t n,
                                                           const float *const x[8], float out[128]) {
-    GEMM16X8_F32_BODY(_mm512_loadu_ps(panel + 16 * i));
+    const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
+    const float *x4 = x[4], *x5 = x[5], *x6 = x[6], *x7 = x[7];
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (size_t i = 0; i < n; i++) {
+        const __m512 p = _mm512_loadu_ps(panel + 16 * i);
+        a0 = _mm512_fmadd_ps(p, _mm512_set1_ps(x0[i]), a0);
+        a1 = _mm512_fmadd_ps(p, _mm512_set1_ps(x1[i]), a1);
+        a2 = _mm512_fmadd_ps(p, _mm512_set1_ps(x2[i]), a2);
+        a3 = _mm512_fmadd_ps(p, _mm512_set1_ps(x3[i]), a3);
+        a4 = _mm512_fmadd_ps(p, _mm512_set1_ps(x4[i]), a4);
+        a5 = _mm512_fmadd_ps(p, _mm512_set1_ps(x5[i]), a5);
+        a6 = _mm512_fmadd_ps(p, _mm512_set1_ps(x6[i]), a6);
+        a7 = _mm512_fmadd_ps(p, _mm512_set1_ps(x7[i]), a7);
+    }
+    _mm512_storeu_ps(out, a0);
+    _mm512_storeu_ps(out + 16, a1);
+    _mm512_storeu_ps(out + 32, a2);
+    _mm512_storeu_ps(out + 48, a3);
+    _mm512_storeu_ps(out + 64, a4);
+    _mm512_storeu_ps(out + 80, a5);
+    _mm512_storeu_ps(out + 96, a6);
+    _mm512_storeu_ps(out + 112, a7);
 }
 
-static __attribute__((noinline)) void gemm16x8_f32_rows_avx512(const float *const *rows, size_t off,
+/* Two vectors of chains, 16 in all (20 of the 32 registers with the loads and the broadcast). */
+#define ROWS32_TOKEN(t)                                                                            \
+    do {                                                                                           \
+        const __m512 v = _mm512_set1_ps(x##t[i]);                                                  \
+        a##t = _mm512_fmadd_ps(p, v, a##t);                                                        \
+        b##t = _mm512_fmadd_ps(q, v, b##t);                                                        \
+    } while (0)
+
+static __attribute__((noinline)) void gemm32x8_f32_rows_avx512(const float *const *rows, size_t off,
                                                                size_t m, size_t n,
                                                                const float *const x[8],
-                                                               float out[128]) {
-    const __mmask16 k = m >= 16 ? (__mmask16)0xffff : tail16(m);
-    GEMM16X8_F32_BODY(_mm512_maskz_loadu_ps(k, rows[i] + off));
+                                                               float out[256]) {
+    const __mmask16 k0 = m >= 16 ? (__mmask16)0xffff : tail16(m);
+    const __mmask16 k1 = m >= 32 ? (__mmask16)0xffff : m > 16 ? tail16(m - 16) : 0;
+    const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
+    const float *x4 = x[4], *x5 = x[5], *x6 = x[6], *x7 = x[7];
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    __m512 b0 = a0, b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0, b6 = a0, b7 = a0;
+    for (size_t i = 0; i < n; i++) {
+        const float *r = rows[i] + off;
+        const __m512 p = _mm512_maskz_loadu_ps(k0, r), q = _mm512_maskz_loadu_ps(k1, r + 16);
+        ROWS32_TOKEN(0);
+        ROWS32_TOKEN(1);
+        ROWS32_TOKEN(2);
+        ROWS32_TOKEN(3);
+        ROWS32_TOKEN(4);
+        ROWS32_TOKEN(5);
+        ROWS32_TOKEN(6);
+        ROWS32_TOKEN(7);
+    }
+    _mm512_storeu_ps(out, a0);
+    _mm512_storeu_ps(out + 16, a1);
+    _mm512_storeu_ps(out + 32, a2);
+    _mm512_storeu_ps(out + 48, a3);
+    _mm512_storeu_ps(out + 64, a4);
+    _mm512_storeu_ps(out + 80, a5);
+    _mm512_storeu_ps(out + 96, a6);
+    _mm512_storeu_ps(out + 112, a7);
+    _mm512_storeu_ps(out + 128, b0);
+    _mm512_storeu_ps(out + 144, b1);
+    _mm512_storeu_ps(out + 160, b2);
+    _mm512_storeu_ps(out + 176, b3);
+    _mm512_storeu_ps(out + 192, b4);
+    _mm512_storeu_ps(out + 208, b5);
+    _mm512_storeu_ps(out + 224, b6);
+    _mm512_storeu_ps(out + 240, b7);
 }
 
 /* Eight panels' chains side by side, one broadcast of x per column: at one token, gemm16x8_f32
@@ -1162,7 +1197,7 @@ static const ds_kernels avx512_table = {
     .pack16_bf16 = pack16_bf16_avx512,
     .pack16_i8_f32 = pack16_i8_f32_avx512,
     .gemm16x8_f32 = gemm16x8_f32_avx512,
-    .gemm16x8_f32_rows = gemm16x8_f32_rows_avx512,
+    .gemm32x8_f32_rows = gemm32x8_f32_rows_avx512,
     .gemm128x1_f32 = gemm128x1_f32_avx512,
 };
 

@@ -393,14 +393,14 @@ static void gemm16x8_f32_scalar(const float *panel, size_t n, const float *const
         }
 }
 
-static void gemm16x8_f32_rows_scalar(const float *const *rows, size_t off, size_t m, size_t n,
-                                     const float *const x[8], float out[128]) {
+static void gemm32x8_f32_rows_scalar(const float *const *rows, size_t off, size_t m, size_t n,
+                                     const float *const x[8], float out[256]) {
     for (size_t t = 0; t < 8; t++)
-        for (size_t r = 0; r < 16; r++) {
+        for (size_t r = 0; r < 32; r++) {
             float acc = 0;
             for (size_t i = 0; r < m && i < n; i++)
                 acc = fmaf(ld_f32(rows[i], off + r), ld_f32(x[t], i), acc);
-            out[16 * t + r] = acc;
+            out[128 * (r / 16) + 16 * t + r % 16] = acc;
         }
 }
 
@@ -448,7 +448,7 @@ static const ds_kernels scalar_table = {
     .pack16_bf16 = pack16_bf16_scalar,
     .pack16_i8_f32 = pack16_i8_f32_scalar,
     .gemm16x8_f32 = gemm16x8_f32_scalar,
-    .gemm16x8_f32_rows = gemm16x8_f32_rows_scalar,
+    .gemm32x8_f32_rows = gemm32x8_f32_rows_scalar,
     .gemm128x1_f32 = gemm128x1_f32_scalar,
 };
 

@@ -319,7 +319,7 @@ static int64_t slot_of(const ds_kv_cache *kv, const ds_batch *bt, int64_t i, int
  * tokens share its step (a seeded request samples the same tokens under load as alone), and a
  * GEMM column is the same fmaf chain however many tokens share the pass:
  *  - q_abs: W_UK[h]'s rows dequantised into the thread's buffer and read there in place, sixteen
- *    latent columns a lane (gemm16x8_f32_rows). Below ABSORB_Q_GEMM_MIN_TOK tokens, one row at
+ *    latent columns a lane (gemm32x8_f32_rows). Below ABSORB_Q_GEMM_MIN_TOK tokens, one row at
  *    a time through axpy instead: the same fmaf chain over the rows in the same order (axpy is a
  *    fused multiply-add), and cheaper there. Packing the head's rows into panels first, as this
  *    was written, scattered each row over sixteen panels 8 KiB apart; without it the phase went
@@ -349,6 +349,19 @@ static int absorb_gemm_ok(const ds_kernels *k) {
  * group repeats token t0; its outputs are dropped). */
 static void token_group(const float *x0, int64_t ldx, int64_t t0, int64_t n, const float *xs[8]) {
     for (int64_t j = 0; j < 8; j++) xs[j] = x0 + (t0 + (t0 + j < n ? j : 0)) * ldx;
+}
+
+/* Lane j's m (<= 32) sums of a gemm32x8_f32_rows call into dst, copied or added. */
+static void rows32_out(float *dst, const float out[256], int64_t j, int64_t m, int add) {
+    for (int64_t half = 0; half * 16 < m; half++) {
+        const float *src = out + 128 * half + 16 * j;
+        float *d = dst + 16 * half;
+        const int64_t w = m - 16 * half < 16 ? m - 16 * half : 16;
+        if (add)
+            for (int64_t r = 0; r < w; r++) d[r] += src[r];
+        else
+            memcpy(d, src, (size_t)w * sizeof(float));
+    }
 }
 
 /* q_abs[t, h] = sum_d q_nope[t, h, d] * W_UK[h][d, :]. Threads split the heads. */
@@ -399,13 +412,12 @@ static void absorb_q_task(void *arg, int thread, int n_threads) {
         for (int64_t t0 = 0; gemm && t0 < a->n; t0 += 8) {
             const float *xs[8];
             token_group(a->b->q + h * qk, H * qk, t0, a->n, xs);
-            for (int64_t r0 = 0; r0 < R; r0 += 16) {
-                const int64_t m = R - r0 < 16 ? R - r0 : 16;
-                float out[128];
-                k->gemm16x8_f32_rows(rows, (size_t)r0, (size_t)m, (size_t)dn, xs, out);
+            for (int64_t r0 = 0; r0 < R; r0 += 32) {
+                const int64_t m = R - r0 < 32 ? R - r0 : 32;
+                float out[256];
+                k->gemm32x8_f32_rows(rows, (size_t)r0, (size_t)m, (size_t)dn, xs, out);
                 for (int64_t j = 0; j < 8 && t0 + j < a->n; j++)
-                    memcpy(a->b->q_abs + ((t0 + j) * H + h) * R + r0, out + 16 * j,
-                           (size_t)m * sizeof(float));
+                    rows32_out(a->b->q_abs + ((t0 + j) * H + h) * R + r0, out, j, m, 0);
             }
         }
     }
@@ -557,11 +569,13 @@ static void attend_task(void *arg, int thread, int n_threads) {
             if (c0 || S > ATTEND_CHUNK) /* one chunk: its rows are still in lat / pe */
                 cached_rows(a, bi, c0, cn, S, conv, lat, pe);
             for (int64_t j = 0; j < cn; j++) __builtin_prefetch(lat[j]);
-            for (int64_t r0 = 0; r0 < R; r0 += 16) {
-                /* every group's heads read the rows' same 16 columns while they are in L1; the
-                 * next 16 are prefetched, a line a row */
-                for (int64_t j = 0; r0 + 16 < R && j < cn; j++)
-                    __builtin_prefetch(lat[j] + r0 + 16);
+            for (int64_t r0 = 0; r0 < R; r0 += 32) {
+                /* every group's heads read the rows' same 32 columns while they are in L1; the
+                 * next 32 are prefetched, two lines a row */
+                for (int64_t j = 0; r0 + 32 < R && j < cn; j++) {
+                    __builtin_prefetch(lat[j] + r0 + 32);
+                    __builtin_prefetch(lat[j] + r0 + 48);
+                }
                 for (int64_t g = 0; g < gn; g++) {
                     const int64_t nh = group_heads(H, g0 + g);
                     for (int64_t e0 = 0; e0 < nh; e0 += 8) { /* eight heads a pass */
@@ -569,16 +583,12 @@ static void attend_task(void *arg, int thread, int n_threads) {
                         const float *xs[8];
                         for (int64_t j = 0; j < 8; j++) /* past ne: head e0 again, dropped */
                             xs[j] = scores + (g * 16 + e0 + (j < ne ? j : 0)) * ld + c0;
-                        float out[128];
-                        size_t m = (size_t)(R - r0 < 16 ? R - r0 : 16);
-                        k->gemm16x8_f32_rows(lat, (size_t)r0, m, (size_t)cn, xs, out);
+                        float out[256];
+                        const int64_t m = R - r0 < 32 ? R - r0 : 32;
+                        k->gemm32x8_f32_rows(lat, (size_t)r0, (size_t)m, (size_t)cn, xs, out);
                         for (int64_t j = 0; j < ne; j++) { /* the first chunk copies, later add */
                             int64_t h = 16 * (g0 + g) + e0 + j;
-                            float *ol = a->b->o_lat + (t * H + h) * R + r0;
-                            if (c0)
-                                for (size_t r = 0; r < m; r++) ol[r] += out[16 * j + r];
-                            else
-                                memcpy(ol, out + 16 * j, m * sizeof(float));
+                            rows32_out(a->b->o_lat + (t * H + h) * R + r0, out, j, m, c0 > 0);
                         }
                     }
                 }

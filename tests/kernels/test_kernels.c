@@ -1659,29 +1659,31 @@ static void test_fgemm(const ds_kernels *k) {
                   badref);
         CHECK_MSG(bad == 0, "%s gemm128x1_f32 n=%zu: %d sums differ from scalar", k->name, n, bad);
         free(pans);
-        /* _rows: panel row i read in place as the 16 columns at off of "cached" row i (n rows of
-         * 24 floats, in reverse order), first m lanes only, against the fmaf chain */
-        float *cache = malloc(n * 24 * sizeof(float));
+        /* _rows: panel row i read in place as the 32 columns at off of "cached" row i (n rows of
+         * 40 floats, in reverse order), first m lanes only, against the fmaf chain */
+        float *cache = malloc(n * 40 * sizeof(float));
         const float **rp = malloc(n * sizeof *rp);
-        fill(cache, n * 24);
-        for (size_t i = 0; i < n; i++) rp[i] = cache + (n - 1 - i) * 24; /* any order */
-        const size_t ms[] = {16, 5, 1};
-        for (size_t mi = 0; mi < 3; mi++) {
+        fill(cache, n * 40);
+        for (size_t i = 0; i < n; i++) rp[i] = cache + (n - 1 - i) * 40; /* any order */
+        const size_t ms[] = {32, 21, 16, 5, 1};
+        for (size_t mi = 0; mi < 5; mi++) {
             const size_t m = ms[mi], off = 3 + mi;
-            k->gemm16x8_f32_rows(rp, off, m, n, xc, ok_);
-            s->gemm16x8_f32_rows(rp, off, m, n, xc, os_);
+            float o32k[256], o32s[256];
+            k->gemm32x8_f32_rows(rp, off, m, n, xc, o32k);
+            s->gemm32x8_f32_rows(rp, off, m, n, xc, o32s);
             bad = badref = 0;
             for (size_t t = 0; t < 8; t++)
-                for (size_t r = 0; r < 16; r++) {
+                for (size_t r = 0; r < 32; r++) {
                     float acc = 0;
                     for (size_t i = 0; r < m && i < n; i++)
                         acc = fmaf(rp[i][off + r], xc[t][i], acc);
-                    badref += memcmp(&acc, &os_[16 * t + r], 4) != 0;
-                    bad += memcmp(&ok_[16 * t + r], &os_[16 * t + r], 4) != 0;
+                    const size_t o = 128 * (r / 16) + 16 * t + r % 16;
+                    badref += memcmp(&acc, &o32s[o], 4) != 0;
+                    bad += memcmp(&o32k[o], &o32s[o], 4) != 0;
                 }
-            CHECK_MSG(badref == 0, "scalar gemm16x8_f32_rows n=%zu m=%zu: %d sums differ", n, m,
+            CHECK_MSG(badref == 0, "scalar gemm32x8_f32_rows n=%zu m=%zu: %d sums differ", n, m,
                       badref);
-            CHECK_MSG(bad == 0, "%s gemm16x8_f32_rows n=%zu m=%zu: %d sums differ from scalar",
+            CHECK_MSG(bad == 0, "%s gemm32x8_f32_rows n=%zu m=%zu: %d sums differ from scalar",
                       k->name, n, m, bad);
         }
         free(cache);
@@ -1983,7 +1985,7 @@ int main(void) {
         test_dot4xn_bf16(k);
         CHECK(k->argmax_f32 && k->swiglu_f32 && k->exp_f32 && k->dot4_i8 && k->dot4_i4 &&
               k->pack16_i8 && k->pack16_i4 && k->gemm16x8_i8 && k->gemm32x8_i8 && k->pack16_f32 &&
-              k->pack16_bf16 && k->pack16_i8_f32 && k->gemm16x8_f32 && k->gemm16x8_f32_rows &&
+              k->pack16_bf16 && k->pack16_i8_f32 && k->gemm16x8_f32 && k->gemm32x8_f32_rows &&
               k->axpy_i8 && k->axpy_bf16);
         test_int_dots(k);
         test_int_dequant(k);
