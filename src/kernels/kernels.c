@@ -98,6 +98,7 @@ static void complete(ds_kernels *dst, const ds_kernels *src) {
     if (!dst->fp8_to_f32) dst->fp8_to_f32 = s->fp8_to_f32;
     if (!dst->i8_to_f32) dst->i8_to_f32 = s->i8_to_f32;
     if (!dst->i4_to_f32) dst->i4_to_f32 = s->i4_to_f32;
+    if (!dst->i8_to_f32_lanes) dst->i8_to_f32_lanes = s->i8_to_f32_lanes;
     if (!dst->absmax_f32) dst->absmax_f32 = s->absmax_f32;
     if (!dst->argmax_f32) dst->argmax_f32 = s->argmax_f32;
     if (!dst->swiglu_f32) dst->swiglu_f32 = s->swiglu_f32;

@@ -28,6 +28,9 @@ typedef struct ds_kernels {
      * even column, n logical columns) */
     void (*i8_to_f32)(float *dst, const int8_t *src, size_t n, float scale);
     void (*i4_to_f32)(float *dst, const uint8_t *src, size_t n, float scale);
+    /* dst[i] = (float)q[i] * scale[i]: i8_to_f32 with a scale per element, for int8 rows stored
+     * transposed (a column's scale is its output row's) */
+    void (*i8_to_f32_lanes)(float *dst, const int8_t *src, size_t n, const float *scale);
     /* max_i |x[i]|, NaNs skipped (0 for n = 0) */
     float (*absmax_f32)(const float *x, size_t n);
     /* the lowest i with x[i] = max_i x[i] over the values above -inf (NaNs skipped), -1 when
@@ -194,9 +197,9 @@ const ds_kernels *ds_kernels_get(void);
 const ds_kernels *ds_kernels_for(const char *isa);
 /* The scalar reference table. */
 const ds_kernels *ds_kernels_scalar(void);
-/* True when table k has its own float GEMM kernels (gemm16x8_f32, gemm32x8_f32_rows, gemm128x1_f32; or is the
- * scalar table, their oracle): the others fill those slots from scalar, slower than their dot /
- * axpy kernels. */
+/* True when table k has its own float GEMM kernels (gemm16x8_f32, gemm32x8_f32_rows,
+ * gemm128x1_f32; or is the scalar table, their oracle): the others fill those slots from scalar,
+ * slower than their dot / axpy kernels. */
 int ds_kernels_fgemm_native(const ds_kernels *k);
 
 /* A weight matrix W [rows, cols] (PyTorch's Linear layout: y = x W^T) in its stored form. The

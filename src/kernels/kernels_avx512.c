@@ -980,6 +980,20 @@ static void i8_to_f32_avx512(float *dst, const int8_t *src, size_t n, float scal
     }
 }
 
+static void i8_to_f32_lanes_avx512(float *dst, const int8_t *src, size_t n, const float *scale) {
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(const void *)(src + i)));
+        _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_loadu_ps(scale + i)));
+    }
+    if (i < n) {
+        __mmask16 m = tail16(n - i);
+        __m512i v = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, src + i));
+        _mm512_mask_storeu_ps(
+            dst + i, m, _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_maskz_loadu_ps(m, scale + i)));
+    }
+}
+
 /* 16 packed bytes -> 32 columns: the bytes widened to dwords, low and high nibbles interleaved
  * back into column order by two two-source permutes, sign-extended by (v ^ 8) - 8. */
 static void i4_to_f32_avx512(float *dst, const uint8_t *src, size_t n, float scale) {
@@ -1176,6 +1190,7 @@ static const ds_kernels avx512_table = {
     .quantize_i8 = quantize_i8_avx512,
     .i8_to_f32 = i8_to_f32_avx512,
     .i4_to_f32 = i4_to_f32_avx512,
+    .i8_to_f32_lanes = i8_to_f32_lanes_avx512,
     .dot_f32 = dot_f32_avx512,
     .dot4_f32 = dot4_f32_avx512,
     .axpy_f32 = axpy_f32_avx512,

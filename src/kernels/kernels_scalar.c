@@ -363,6 +363,10 @@ static void i8_to_f32_scalar(float *dst, const int8_t *src, size_t n, float scal
     for (size_t i = 0; i < n; i++) dst[i] = (float)src[i] * scale;
 }
 
+static void i8_to_f32_lanes_scalar(float *dst, const int8_t *src, size_t n, const float *scale) {
+    for (size_t i = 0; i < n; i++) dst[i] = (float)src[i] * scale[i];
+}
+
 static void i4_to_f32_scalar(float *dst, const uint8_t *src, size_t n, float scale) {
     for (size_t i = 0; i < n; i++) dst[i] = (float)ds_i4_get(src, i) * scale;
 }
@@ -427,6 +431,7 @@ static const ds_kernels scalar_table = {
     .quantize_i8 = quantize_i8_scalar,
     .i8_to_f32 = i8_to_f32_scalar,
     .i4_to_f32 = i4_to_f32_scalar,
+    .i8_to_f32_lanes = i8_to_f32_lanes_scalar,
     .dot_f32 = dot_f32_scalar,
     .dot4_f32 = dot4_f32_scalar,
     .axpy_f32 = axpy_f32_scalar,

@@ -96,11 +96,12 @@ static size_t buf_sizes(const ds_config *c, int64_t heads, int64_t max_ctx, int6
     int64_t k = imax(1, c->n_experts_per_tok), E = imax(1, c->n_routed_experts);
     int64_t G = group_pairs(c, B), gu = imax(B * inter, G * c->moe_intermediate_size);
     /* scores of attend_groups' heads, then (attention's row_off) a dequantised latent row,
-     * W_UK[h]'s rows (absorb_q_task), absorb_o_task's rows and a head's panels, or attend_task's
-     * panels and rows */
+     * W_UK[h]'s rows (absorb_q_task), absorb_o_task's rows and a head's panels (absorb_o_t_task:
+     * W_UV[h]'s converted rows, its scales and a row), or attend_task's panels and rows */
     int64_t R16 = (c->kv_lora_rank + 15) & ~(int64_t)15;
     int64_t lat_rope = c->kv_lora_rank + c->qk_rope_head_dim;
-    int64_t wuv = R16 * (16 + ((c->v_head_dim + 15) & ~(int64_t)15));
+    int64_t wuv = imax(R16 * (16 + ((c->v_head_dim + 15) & ~(int64_t)15)),
+                       (c->kv_lora_rank + 2) * c->v_head_dim);
     int64_t groups = attend_groups(H, max_ctx);
     *thread_floats = (size_t)(groups * scores_floats(max_ctx) +
                               imax(imax(R16 * imax(c->qk_nope_head_dim + 1, 32), wuv),
@@ -319,7 +320,7 @@ static int64_t slot_of(const ds_kv_cache *kv, const ds_batch *bt, int64_t i, int
  * tokens share its step (a seeded request samples the same tokens under load as alone), and a
  * GEMM column is the same fmaf chain however many tokens share the pass:
  *  - q_abs: W_UK[h]'s rows dequantised into the thread's buffer and read there in place, sixteen
- *    latent columns a lane (gemm32x8_f32_rows). Below ABSORB_Q_GEMM_MIN_TOK tokens, one row at
+ *    latent columns a lane (gemm32x8_f32_rows). Below ABSORB_GEMM_MIN_TOK tokens, one row at
  *    a time through axpy instead: the same fmaf chain over the rows in the same order (axpy is a
  *    fused multiply-add), and cheaper there. Packing the head's rows into panels first, as this
  *    was written, scattered each row over sixteen panels 8 KiB apart; without it the phase went
@@ -337,9 +338,10 @@ static int64_t slot_of(const ds_kv_cache *kv, const ds_batch *bt, int64_t i, int
  *    per row below 8 tokens, as first written, summed W_UV's rows in another order, and one
  *    seeded request of the soak test then drew another token under load than alone. At 1 token
  *    the head's panels are all packed first and gemm128x1_f32 runs the token over eight at
- *    once, the same chains without gemm16x8_f32's seven repeats of the token.
+ *    once, the same chains without gemm16x8_f32's seven repeats of the token. Loaded models
+ *    store W_UV transposed and take absorb_o_t_task instead, the same floats.
  * Tables without the float GEMM kernels keep axpy / dot at every size. */
-#define ABSORB_Q_GEMM_MIN_TOK 4
+#define ABSORB_GEMM_MIN_TOK 4
 
 static int absorb_gemm_ok(const ds_kernels *k) {
     return ds_kernels_fgemm_native(k);
@@ -364,6 +366,23 @@ static void rows32_out(float *dst, const float out[256], int64_t j, int64_t m, i
     }
 }
 
+/* out[t, :width] = sum_i x[t, i] * rows[i][:width] for the n tokens (x of token t at x0 + t *
+ * ldx, its out at out0 + t * ldo): eight tokens and 32 columns a gemm32x8_f32_rows call. */
+static void rows_gemm(const ds_kernels *k, const float *const *rows, int64_t n_rows, int64_t width,
+                      const float *x0, int64_t ldx, int64_t n, float *out0, int64_t ldo) {
+    for (int64_t t0 = 0; t0 < n; t0 += 8) {
+        const float *xs[8];
+        token_group(x0, ldx, t0, n, xs);
+        for (int64_t r0 = 0; r0 < width; r0 += 32) {
+            const int64_t m = width - r0 < 32 ? width - r0 : 32;
+            float out[256];
+            k->gemm32x8_f32_rows(rows, (size_t)r0, (size_t)m, (size_t)n_rows, xs, out);
+            for (int64_t j = 0; j < 8 && t0 + j < n; j++)
+                rows32_out(out0 + (t0 + j) * ldo + r0, out, j, m, 0);
+        }
+    }
+}
+
 /* q_abs[t, h] = sum_d q_nope[t, h, d] * W_UK[h][d, :]. Threads split the heads. */
 static void absorb_q_task(void *arg, int thread, int n_threads) {
     attn_ctx *a = arg;
@@ -373,7 +392,7 @@ static void absorb_q_task(void *arg, int thread, int n_threads) {
     int64_t qk = dn + c->qk_rope_head_dim, rows_per_head = dn + c->v_head_dim;
     float *wuk = a->b->thread_buf + (size_t)thread * a->b->thread_floats + a->row_off; /* [dn][R] */
     const ds_mat *wb = &a->L->kv_b;
-    const int gemm = absorb_gemm_ok(k) && a->n >= ABSORB_Q_GEMM_MIN_TOK;
+    const int gemm = absorb_gemm_ok(k) && a->n >= ABSORB_GEMM_MIN_TOK;
     const int bf16 = wb->dtype == DS_BF16; /* kv_b is never interleaved (weights.c) */
     const float **rows = gemm ? malloc((size_t)dn * sizeof *rows) : NULL;
     DS_ASSERT(rows || !gemm);
@@ -409,17 +428,8 @@ static void absorb_q_task(void *arg, int thread, int n_threads) {
                     k->axpy_f32(qa, qd, row, (size_t)R);
             }
         }
-        for (int64_t t0 = 0; gemm && t0 < a->n; t0 += 8) {
-            const float *xs[8];
-            token_group(a->b->q + h * qk, H * qk, t0, a->n, xs);
-            for (int64_t r0 = 0; r0 < R; r0 += 32) {
-                const int64_t m = R - r0 < 32 ? R - r0 : 32;
-                float out[256];
-                k->gemm32x8_f32_rows(rows, (size_t)r0, (size_t)m, (size_t)dn, xs, out);
-                for (int64_t j = 0; j < 8 && t0 + j < a->n; j++)
-                    rows32_out(a->b->q_abs + ((t0 + j) * H + h) * R + r0, out, j, m, 0);
-            }
-        }
+        if (gemm)
+            rows_gemm(k, rows, dn, R, a->b->q + h * qk, H * qk, a->n, a->b->q_abs + h * R, H * R);
     }
     free(rows);
 }
@@ -715,6 +725,64 @@ static void absorb_o_task(void *arg, int thread, int n_threads) {
     }
 }
 
+/* absorb_o_task where W_UV is stored transposed (ds_layer.uv_t): row j of a head's (R, dv)
+ * block holds latent column j's weights of every output, so o[t, h] = sum_j o_lat[t, h, j] * row
+ * j is absorb_q's form, and computed as it is: the rows converted once per head and read in
+ * place by the GEMM (rows_gemm), or below ABSORB_GEMM_MIN_TOK tokens added one at a time
+ * (axpy). Each output is the fmaf chain over j in order that the panels of the row-major rows
+ * give (absorb_o_task), the same floats. The head's weights are one stream read once; packing
+ * read the row-major rows sixteen side by side, a stream the hardware prefetcher did not follow.
+ * Medium models, old and new alternating step by step (medians of 32 steps), ms a step: W8A8
+ * 0.38 -> 0.28 at 1 sequence, 2.04 -> 1.82 at 64, 5.46 -> 4.75 at 192 (even at 8); BF16 0.49 ->
+ * 0.24, 0.65 -> 0.58 at 8, 2.32 -> 1.92, 6.11 -> 5.07. */
+static void absorb_o_t_task(void *arg, int thread, int n_threads) {
+    attn_ctx *a = arg;
+    const ds_config *c = &a->m->cfg;
+    const ds_kernels *k = ds_kernels_get();
+    const int64_t H = local_heads(a->m), R = c->kv_lora_rank, dn = c->qk_nope_head_dim;
+    const int64_t dv = c->v_head_dim;
+    float *conv =
+        a->b->thread_buf + (size_t)thread * a->b->thread_floats + a->row_off; /* [R][dv] */
+    float *sc = conv + R * dv, *tmp = sc + dv; /* W_UV's row scales (int8), a converted row */
+    const ds_mat *wb = &a->L->kv_b;
+    const int bf16 = wb->dtype == DS_BF16, gemm = a->n >= ABSORB_GEMM_MIN_TOK;
+    const float **rows = gemm ? malloc((size_t)R * sizeof *rows) : NULL;
+    DS_ASSERT(rows || !gemm);
+    size_t h0, h1;
+    ds_split_range((size_t)H, thread, n_threads, &h0, &h1);
+    for (int64_t h = (int64_t)h0; h < (int64_t)h1; h++) {
+        const int64_t r0 = h * (dn + dv) + dn; /* kv_b's row of W_UV[h]'s row 0 */
+        const uint16_t *u16 = (const uint16_t *)wb->data + r0 * R;
+        const int8_t *u8 = (const int8_t *)wb->data + r0 * R;
+        for (int64_t d = 0; !bf16 && d < dv; d++) /* the row's scale; its bytes moved */
+            ds_mat_i8_row(wb, r0 + d, &sc[d]);
+        const float *x0 = a->b->o_lat + h * R;
+        float *o0 = a->o + h * dv;
+        for (int64_t t = 0; !gemm && t < a->n; t++) /* axpy adds the rows to zeros */
+            memset(o0 + t * H * dv, 0, (size_t)dv * sizeof(float));
+        for (int64_t j = 0; j < R; j++) {
+            float *row = gemm ? conv + j * dv : tmp;
+            if (bf16 && gemm)
+                k->bf16_to_f32(row, u16 + j * dv, (size_t)dv);
+            else if (!bf16)
+                k->i8_to_f32_lanes(row, u8 + j * dv, (size_t)dv, sc);
+            if (gemm) {
+                rows[j] = row;
+                continue;
+            }
+            for (int64_t t = 0; t < a->n; t++) {
+                const float xj = x0[t * H * R + j];
+                if (bf16)
+                    k->axpy_bf16(o0 + t * H * dv, xj, u16 + j * dv, (size_t)dv);
+                else
+                    k->axpy_f32(o0 + t * H * dv, xj, row, (size_t)dv);
+            }
+        }
+        if (gemm) rows_gemm(k, rows, R, dv, x0, H * R, a->n, o0, H * dv);
+    }
+    free(rows);
+}
+
 /* MindSpore checkpoints store the rope rows of q_b and kv_a per head as the even dimensions
  * then the odd ones (ds_format_rope_split): x[0, dr) back to interleaved pairs. */
 static void rope_unsplit(float *x, int64_t dr) {
@@ -802,7 +870,7 @@ static int attention(ds_model *m, const ds_layer *L, int64_t l, ds_kv_cache *kv,
     ds_pool_run(m->pool, absorb_q_task, &a);
     ds_pool_run(m->pool, ds_kernels_fgemm_native(ds_kernels_get()) ? attend_task : attend_head_task,
                 &a);
-    ds_pool_run(m->pool, absorb_o_task, &a);
+    ds_pool_run(m->pool, L->uv_t ? absorb_o_t_task : absorb_o_task, &a);
     if (split) {
         int rc = ds_shard_gather_cols(m, o, n, c->n_heads, c->v_head_dim, b->o);
         if (rc) return rc;

@@ -21,6 +21,7 @@ typedef struct {
     ds_mat kv_a;      /* (kv_lora_rank + rope, hidden) */
     float *kv_a_norm; /* (kv_lora_rank) */
     ds_mat kv_b;      /* (heads * (nope + v), kv_lora_rank): per head W_UK rows then W_UV rows */
+    int uv_t;         /* each head's W_UV stored transposed, (kv_lora_rank, v) (weights.c) */
     ds_mat o;         /* (hidden, heads * v) */
     /* feed-forward */
     float *ffn_norm; /* (hidden) */

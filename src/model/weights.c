@@ -60,10 +60,47 @@ static void interleave_slice(void *arg, int slice, int n_slices) {
     ds_mat_interleave(((ds_mat **)arg)[slice]);
 }
 
+/* Once loaded (writable), each head's W_UV rows of kv_b transposed in place to (kv_lora_rank,
+ * v_head_dim), where kv_b is BF16 or per-channel int8 and this machine's table runs the float
+ * GEMMs (ds_layer.uv_t; the scales stay those of the rows). absorb_o then reads a head's W_UV as
+ * one stream of rows that the GEMM reads in place; packing the row-major rows into panels read
+ * them sixteen side by side, and at one token that was most of the phase. */
+static int transpose_uv(ds_model *m) {
+    const ds_config *c = &m->cfg;
+    const int64_t H = m->shard.heads.hi - m->shard.heads.lo, R = c->kv_lora_rank;
+    const int64_t dn = c->qk_nope_head_dim, dv = c->v_head_dim;
+    float s;
+    if (!ds_kernels_fgemm_native(ds_kernels_get()) || H <= 0 || R <= 0 || dv <= 0) return DS_OK;
+    unsigned char *tmp = malloc((size_t)(dv * R) * 2);
+    if (!tmp) return ds_err_set(DS_ERR_NOMEM, "out of memory (transposing kv_b)");
+    for (int64_t l = 0; l < c->n_layers; l++) {
+        ds_layer *L = &m->layers[l];
+        const ds_mat *w = &L->kv_b;
+        const size_t esz = w->dtype == DS_BF16 ? 2 : 1;
+        if (!w->data || w->ilv != DS_ILV_NONE || w->bias || w->rows != H * (dn + dv) ||
+            w->cols != R || (w->dtype != DS_BF16 && !ds_mat_i8_row(w, 0, &s)))
+            continue;
+        for (int64_t h = 0; h < H; h++) {
+            unsigned char *uv = (unsigned char *)w->data + (size_t)((h * (dn + dv) + dn) * R) * esz;
+            memcpy(tmp, uv, (size_t)(dv * R) * esz);
+            for (int64_t d = 0; d < dv; d++)
+                for (int64_t j = 0; j < R; j++)
+                    if (esz == 2)
+                        ((uint16_t *)(void *)uv)[j * dv + d] = ((uint16_t *)(void *)tmp)[d * R + j];
+                    else
+                        uv[j * dv + d] = tmp[d * R + j];
+        }
+        L->uv_t = 1;
+    }
+    free(tmp);
+    return DS_OK;
+}
+
 /* Once the weights are loaded: the BF16 and int8 projections that only the matmuls read,
  * interleaved by fours in place (ds_mat_interleave), a matrix per pool slice (one thread took
  * ~0.08 s per GiB: ~20 s on a 671B node's share). Not the embedding (rows looked up one at a
- * time, and lm_head may be the same bytes) nor kv_b (the absorptions read its rows in place). */
+ * time, and lm_head may be the same bytes) nor kv_b (the absorptions read its rows in place;
+ * its W_UV rows are transposed instead, transpose_uv). */
 static int interleave_weights(ds_model *m) {
     const ds_config *c = &m->cfg;
     /* lm_head, then per layer 5 attention matrices and the dense, shared and routed MLPs */
@@ -83,6 +120,7 @@ static int interleave_weights(ds_model *m) {
     }
     int rc = ds_st_loaded_writable(m->st, 1);
     if (!rc && n) ds_pool_run_slices(m->pool, interleave_slice, mats, (int)n);
+    if (!rc) rc = transpose_uv(m);
     free(mats);
     return rc ? rc : ds_st_loaded_writable(m->st, 0);
 }

@@ -1054,20 +1054,25 @@ static void test_int_dots(const ds_kernels *k) {
     }
 }
 
-/* i8_to_f32 / i4_to_f32 against scalar bit-exact, and scalar against q * scale computed here,
- * on every length up to 70 and 1000 (tails), rows at odd offsets, all byte values. */
+/* i8_to_f32 / _lanes / i4_to_f32 against scalar bit-exact, and scalar against q * scale computed
+ * here, on every length up to 70 and 1000 (tails), rows at odd offsets, all byte values. */
 static void test_int_dequant(const ds_kernels *k) {
     const ds_kernels *s = ds_kernels_scalar();
     unsigned char buf[1002];
     for (size_t i = 0; i < sizeof buf; i++) buf[i] = (uint8_t)(i * 37 + 11);
-    float a[2001], b[2001];
+    float a[2001], b[2001], lane[1000];
     const float sc = 0.0371f;
+    for (size_t i = 0; i < 1000; i++) lane[i] = 0.0013f * (float)(i % 97) - 0.05f;
     int bad = 0, badref = 0;
     for (size_t n = 0; n <= 1000; n = n < 70 ? n + 1 : 1000) {
         const int8_t *q = (const int8_t *)buf + 1;
         k->i8_to_f32(a, q, n, sc);
         s->i8_to_f32(b, q, n, sc);
         for (size_t i = 0; i < n; i++) badref += b[i] != (float)q[i] * sc;
+        bad += memcmp(a, b, n * sizeof(float)) != 0;
+        k->i8_to_f32_lanes(a, q, n, lane);
+        s->i8_to_f32_lanes(b, q, n, lane);
+        for (size_t i = 0; i < n; i++) badref += b[i] != (float)q[i] * lane[i];
         bad += memcmp(a, b, n * sizeof(float)) != 0;
         k->i4_to_f32(a, buf + 1, n, sc);
         s->i4_to_f32(b, buf + 1, n, sc);
@@ -1078,8 +1083,9 @@ static void test_int_dequant(const ds_kernels *k) {
         bad += memcmp(a, b, n * sizeof(float)) != 0;
         if (n == 1000) break;
     }
-    CHECK_MSG(badref == 0, "scalar i8_to_f32 / i4_to_f32: %d values wrong", badref);
-    CHECK_MSG(bad == 0, "%s i8_to_f32 / i4_to_f32 differ from scalar at %d lengths", k->name, bad);
+    CHECK_MSG(badref == 0, "scalar i8_to_f32 / _lanes / i4_to_f32: %d values wrong", badref);
+    CHECK_MSG(bad == 0, "%s i8_to_f32 / _lanes / i4_to_f32 differ from scalar at %d lengths",
+              k->name, bad);
 }
 
 /* axpy_i8 / axpy_bf16 against scalar bit-exact, and scalar against fmaf over the row converted
