@@ -315,22 +315,22 @@ static int64_t slot_of(const ds_kv_cache *kv, const ds_batch *bt, int64_t i, int
            pos % bs;
 }
 
-/* The absorptions are small GEMMs per head (sixteen outputs a lane, eight tokens a pass), the
+/* The absorptions are small GEMMs per head (sixteen outputs a vector, eight tokens a pass), the
  * head's kv_b rows dequantised once per call. A token's result must not depend on how many
  * tokens share its step (a seeded request samples the same tokens under load as alone), and a
  * GEMM column is the same fmaf chain however many tokens share the pass:
- *  - q_abs: W_UK[h]'s rows dequantised into the thread's buffer and read there in place, sixteen
- *    latent columns a lane (gemm32x8_f32_rows). Below ABSORB_GEMM_MIN_TOK tokens, one row at
- *    a time through axpy instead: the same fmaf chain over the rows in the same order (axpy is a
- *    fused multiply-add), and cheaper there. Packing the head's rows into panels first, as this
- *    was written, scattered each row over sixteen panels 8 KiB apart; without it the phase went
- *    2.0 -> 0.9 - 1.1 ms a step at 8 sequences, 4.2 - 4.3 -> 3.0 - 3.4 at 64 and 9.3 - 10.4 ->
- *    8.6 - 8.7 at 192 (medium, BF16 and W8A8, medians). At 4 tokens axpy and the GEMM measured
- *    even; at 1 token axpy took 0.5 ms, the GEMM 0.7 - 1.0. Per-channel int8 and BF16 rows go
- *    to axpy_i8 / axpy_bf16 as stored, converted in registers (the same floats): at 1 sequence
- *    0.48 -> 0.28 ms a step (W8A8) and 0.47 -> 0.30 (BF16); at 4 tokens it measured even with
- *    the GEMM for W8A8 and faster for BF16 (0.64 against 0.83 ms), at 8 1.2 - 1.5x slower (old
- *    and new alternating step by step, medians).
+ *  - q_abs: W_UK[h]'s rows dequantised into the thread's buffer and read there in place, 32 latent
+ *    columns a call (gemm32x8_f32_rows, rows_gemm). Below ABSORB_GEMM_MIN_TOK tokens, one row at a
+ *    time through axpy instead: the same fmaf chain over the rows in the same order (axpy is a
+ *    fused multiply-add), and cheaper there. Packing the head's rows into panels first, as this was
+ *    written, scattered each row over sixteen panels 8 KiB apart; without it the phase went 2.0 ->
+ *    0.9 - 1.1 ms a step at 8 sequences, 4.2 - 4.3 -> 3.0 - 3.4 at 64 and 9.3 - 10.4 -> 8.6 - 8.7
+ *    at 192 (medium, BF16 and W8A8, medians). At 4 tokens axpy and the GEMM measured even; at 1
+ *    token axpy took 0.5 ms, the GEMM 0.7 - 1.0. Per-channel int8 and BF16 rows go to axpy_i8 /
+ *    axpy_bf16 as stored, converted in registers (the same floats): at 1 sequence 0.48 -> 0.28 ms a
+ *    step (W8A8) and 0.47 -> 0.30 (BF16); at 4 tokens it measured even with the GEMM for W8A8 and
+ *    faster for BF16 (0.64 against 0.83 ms), at 8 1.2 - 1.5x slower (old and new alternating step
+ *    by step, medians).
  *  - o: always the GEMM (gemm16x8_f32 over packed W_UV rows: its lanes are rows; BF16 rows
  *    packed straight from the weights by pack16_bf16, not dequantised first: 1.03 -> 0.73 ms a
  *    step at 1 sequence, 7.6 -> 7.0 at 192, medium BF16, medians; per-channel int8 rows likewise
