@@ -1072,6 +1072,19 @@ static void pack16_i8_f32_avx512(float *panel, const int8_t *const rows[16], con
         for (size_t k = 0; k < 16; k++) panel[16 * i + k] = (float)rows[k][i] * scale[k];
 }
 
+/* The float GEMMs' eight accumulators v0 .. v7 stored as out's rows of 16 from dst on. */
+#define STORE8_PS(dst, v)                                                                          \
+    do {                                                                                           \
+        _mm512_storeu_ps((dst), v##0);                                                             \
+        _mm512_storeu_ps((dst) + 16, v##1);                                                        \
+        _mm512_storeu_ps((dst) + 32, v##2);                                                        \
+        _mm512_storeu_ps((dst) + 48, v##3);                                                        \
+        _mm512_storeu_ps((dst) + 64, v##4);                                                        \
+        _mm512_storeu_ps((dst) + 80, v##5);                                                        \
+        _mm512_storeu_ps((dst) + 96, v##6);                                                        \
+        _mm512_storeu_ps((dst) + 112, v##7);                                                       \
+    } while (0)
+
 /* The float GEMM over a packed panel: per column one load of 16 values and eight FMAs with the
  * tokens' values broadcast from memory; eight independent accumulators hide the FMA latency.
  * noinline for the same gcc register-allocation reason as gemm_block8_avx512. */
@@ -1091,14 +1104,7 @@ static __attribute__((noinline)) void gemm16x8_f32_avx512(const float *panel, si
         a6 = _mm512_fmadd_ps(p, _mm512_set1_ps(x6[i]), a6);
         a7 = _mm512_fmadd_ps(p, _mm512_set1_ps(x7[i]), a7);
     }
-    _mm512_storeu_ps(out, a0);
-    _mm512_storeu_ps(out + 16, a1);
-    _mm512_storeu_ps(out + 32, a2);
-    _mm512_storeu_ps(out + 48, a3);
-    _mm512_storeu_ps(out + 64, a4);
-    _mm512_storeu_ps(out + 80, a5);
-    _mm512_storeu_ps(out + 96, a6);
-    _mm512_storeu_ps(out + 112, a7);
+    STORE8_PS(out, a);
 }
 
 /* Two vectors of chains, 16 in all (20 of the 32 registers with the loads and the broadcast). */
@@ -1131,22 +1137,8 @@ static __attribute__((noinline)) void gemm32x8_f32_rows_avx512(const float *cons
         ROWS32_TOKEN(6);
         ROWS32_TOKEN(7);
     }
-    _mm512_storeu_ps(out, a0);
-    _mm512_storeu_ps(out + 16, a1);
-    _mm512_storeu_ps(out + 32, a2);
-    _mm512_storeu_ps(out + 48, a3);
-    _mm512_storeu_ps(out + 64, a4);
-    _mm512_storeu_ps(out + 80, a5);
-    _mm512_storeu_ps(out + 96, a6);
-    _mm512_storeu_ps(out + 112, a7);
-    _mm512_storeu_ps(out + 128, b0);
-    _mm512_storeu_ps(out + 144, b1);
-    _mm512_storeu_ps(out + 160, b2);
-    _mm512_storeu_ps(out + 176, b3);
-    _mm512_storeu_ps(out + 192, b4);
-    _mm512_storeu_ps(out + 208, b5);
-    _mm512_storeu_ps(out + 224, b6);
-    _mm512_storeu_ps(out + 240, b7);
+    STORE8_PS(out, a);
+    STORE8_PS(out + 128, b);
 }
 
 /* Eight panels' chains side by side, one broadcast of x per column: at one token, gemm16x8_f32
@@ -1167,14 +1159,7 @@ static void gemm128x1_f32_avx512(const float *const panel[8], size_t n, const fl
         a6 = _mm512_fmadd_ps(_mm512_loadu_ps(p6 + 16 * i), v, a6);
         a7 = _mm512_fmadd_ps(_mm512_loadu_ps(p7 + 16 * i), v, a7);
     }
-    _mm512_storeu_ps(out, a0);
-    _mm512_storeu_ps(out + 16, a1);
-    _mm512_storeu_ps(out + 32, a2);
-    _mm512_storeu_ps(out + 48, a3);
-    _mm512_storeu_ps(out + 64, a4);
-    _mm512_storeu_ps(out + 80, a5);
-    _mm512_storeu_ps(out + 96, a6);
-    _mm512_storeu_ps(out + 112, a7);
+    STORE8_PS(out, a);
 }
 
 static const ds_kernels avx512_table = {

@@ -24,9 +24,11 @@ static double max_diff(const float *a, const float *b, size_t n) {
     return w;
 }
 
-/* All-position logits of `ids` from one prefill with the given params. */
-static float *prefill_all(const char *dir, int threads, int max_batch, int map,
-                          const int32_t *ids) {
+/* Logits of `ids` with the given params: split == T, every position of one prefill ([T][V]);
+ * else the last of a prefill of the first `split`, then one token at a time ([T - split + 1][V]).
+ */
+static float *logits_of(const char *dir, int threads, int max_batch, int map, int split,
+                        const int32_t *ids) {
     ds_model_params mp = ds_model_default_params();
     mp.n_threads = threads;
     mp.max_batch = max_batch;
@@ -37,30 +39,11 @@ static float *prefill_all(const char *dir, int threads, int max_batch, int map,
         return NULL;
     }
     int64_t V = ds_model_config(m)->vocab_size;
-    float *out = malloc((size_t)(T * V) * sizeof *out);
+    const int all = split == T;
+    float *out = malloc((size_t)((all ? T : T - split + 1) * V) * sizeof *out);
     ds_kv_cache *kv;
     CHECK(ds_kv_open(ds_model_config(m), T, &kv) == DS_OK);
-    CHECK(ds_model_forward(m, kv, ids, T, 0, out, 1) == DS_OK);
-    ds_kv_close(kv);
-    ds_model_close(m);
-    return out;
-}
-
-/* The logits of `ids` from a prefill of the first `split` (the last of them) and then one
- * token at a time, [T - split + 1][V]. */
-static float *prefill_then_decode(const char *dir, int map, int split, const int32_t *ids) {
-    ds_model_params mp = ds_model_default_params();
-    mp.map_weights = map;
-    ds_model *m;
-    if (ds_model_open(dir, &mp, &m) != DS_OK) {
-        CHECK_MSG(0, "%s", ds_err_msg());
-        return NULL;
-    }
-    int64_t V = ds_model_config(m)->vocab_size;
-    float *out = malloc((size_t)((T - split + 1) * V) * sizeof *out);
-    ds_kv_cache *kv;
-    CHECK(ds_kv_open(ds_model_config(m), T, &kv) == DS_OK);
-    CHECK(ds_model_forward(m, kv, ids, split, 0, out, 0) == DS_OK);
+    CHECK(ds_model_forward(m, kv, ids, split, 0, out, all) == DS_OK);
     for (int t = split; t < T; t++)
         CHECK(ds_model_forward(m, kv, ids + t, 1, t, out + (t - split + 1) * V, 0) == DS_OK);
     ds_kv_close(kv);
@@ -75,11 +58,11 @@ static void check_model(const char *dir) {
     CHECK_MSG(ds_model_open(dir, NULL, &m) == DS_OK, "%s", ds_err_msg());
     if (!m) return;
     int64_t V = ds_model_config(m)->vocab_size;
-    float *full = prefill_all(dir, 0, 512, 0, ids);
+    float *full = logits_of(dir, 0, 512, 0, T, ids);
     /* Prefill the first 5, then decode the rest one at a time, loaded and mapped. */
     const int split = 5;
-    float *step = prefill_then_decode(dir, 0, split, ids);
-    float *step_mapped = prefill_then_decode(dir, 1, split, ids);
+    float *step = logits_of(dir, 0, 512, 0, split, ids);
+    float *step_mapped = logits_of(dir, 0, 512, 1, split, ids);
     double worst = 0;
     for (int t = split - 1; full && step && t < T; t++) {
         double d = max_diff(step + (t - split + 1) * V, full + (size_t)t * (size_t)V, (size_t)V);
@@ -91,10 +74,10 @@ static void check_model(const char *dir) {
     printf("%s: prefill-then-decode vs prefill max |diff| %.2e\n", dir, worst);
     CHECK_MSG(worst <= 1e-4, "prefill-then-decode differs by %.3g", worst);
 
-    float *chunked = prefill_all(dir, 0, 3, 0, ids);
-    float *single = prefill_all(dir, 1, 512, 0, ids);
-    float *three = prefill_all(dir, 3, 512, 0, ids);
-    float *mapped = prefill_all(dir, 0, 512, 1, ids);
+    float *chunked = logits_of(dir, 0, 3, 0, T, ids);
+    float *single = logits_of(dir, 1, 512, 0, T, ids);
+    float *three = logits_of(dir, 3, 512, 0, T, ids);
+    float *mapped = logits_of(dir, 0, 512, 1, T, ids);
     if (full && mapped)
         CHECK_MSG(memcmp(full, mapped, (size_t)(T * V) * sizeof *full) == 0,
                   "%s: mapped weights give other logits than loaded ones", dir);
