@@ -83,10 +83,10 @@ static int transpose_uv(ds_model *m) {
         for (int64_t h = 0; h < H; h++) {
             unsigned char *uv = (unsigned char *)w->data + (size_t)((h * (dn + dv) + dn) * R) * esz;
             memcpy(tmp, uv, (size_t)(dv * R) * esz);
-            for (int64_t d = 0; d < dv; d++)
+            for (int64_t d = 0; d < dv; d++) /* BF16 may sit at an odd address: byte copies */
                 for (int64_t j = 0; j < R; j++)
                     if (esz == 2)
-                        ((uint16_t *)(void *)uv)[j * dv + d] = ((uint16_t *)(void *)tmp)[d * R + j];
+                        memcpy(uv + 2 * (j * dv + d), tmp + 2 * (d * R + j), 2);
                     else
                         uv[j * dv + d] = tmp[d * R + j];
         }
