@@ -479,6 +479,25 @@ static void prefetch_row(const float *lat, const float *pe, int64_t n, int64_t d
     for (int64_t o = 0; o < dr; o += 16) __builtin_prefetch(pe + o);
 }
 
+/* The cached rows of batch token bi's sequence, from position 0 on and up to ATTEND_NEXT_BYTES
+ * of them, prefetched into L2: attend_task asks for the next token's while it works on one, so
+ * that the next token's first pass does not start from memory. */
+#define ATTEND_NEXT_BYTES (512 * 1024)
+
+static void prefetch_seq_rows(const attn_ctx *a, int64_t bi) {
+    const ds_kv_cache *kv = a->kv;
+    const size_t esz = kv->dtype == DS_KV_F32 ? 4 : 2;
+    const size_t lat = (size_t)kv->kv_lora_rank * esz, pe = (size_t)kv->rope_dim * esz;
+    const int64_t S = a->bt->positions[bi] + 1;
+    for (int64_t j = 0, bytes = 0; j < S && bytes < ATTEND_NEXT_BYTES;
+         j++, bytes += (int64_t)(lat + pe)) {
+        const int64_t slot = slot_of(kv, a->bt, bi, j);
+        const char *l = ds_kv_latent_at(kv, a->layer, slot), *p = ds_kv_pe_at(kv, a->layer, slot);
+        for (size_t o = 0; o < lat; o += 64) __builtin_prefetch(l + o, 0, 2);
+        for (size_t o = 0; o < pe; o += 64) __builtin_prefetch(p + o, 0, 2);
+    }
+}
+
 /* Heads of group g (16 a group) of H. */
 static int64_t group_heads(int64_t H, int64_t g) {
     return H - 16 * g < 16 ? H - 16 * g : 16;
@@ -537,6 +556,8 @@ static void attend_task(void *arg, int thread, int n_threads) {
         int64_t t = (int64_t)i / parts, g0 = gp * ((int64_t)i % parts), bi = a->i0 + t;
         int64_t gn = G - g0 < gp ? G - g0 : gp;
         int64_t S = a->bt->positions[bi] + 1; /* causal: positions 0 .. p */
+        if (i + 1 < i1 && (int64_t)(i + 1) / parts != t)
+            prefetch_seq_rows(a, a->i0 + (int64_t)(i + 1) / parts);
         for (int64_t g = 0; g < gn; g++) {
             const int64_t h0 = 16 * (g0 + g), nh = group_heads(H, g0 + g);
             const float *qa[16], *qp[16];
