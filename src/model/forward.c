@@ -479,13 +479,13 @@ static void prefetch_row(const float *lat, const float *pe, int64_t n, int64_t d
     for (int64_t o = 0; o < dr; o += 16) __builtin_prefetch(pe + o);
 }
 
-/* The cached rows of batch token bi's sequence, from position 0 on and up to ATTEND_NEXT_BYTES
- * of them, prefetched into L2: attend_task asks for the next token's while it works on one, so
- * that the next token's first pass does not start from memory (the scores GEMM stalled on its
- * broadcasts of the cached rows). Medium models, old and new alternating step by step (medians
- * of 32 steps), attend W8A8 / BF16 in ms a step: 15.1 -> 13.9 / 16.4 -> 13.4 at 192 sequences of
- * ~40 positions, 5.2 -> 4.7 / 4.8 -> 4.7 at 64, even at 8 and 32; at 32 sequences of 1024
- * positions (1.3 MB a token, capped) 47.0 -> 45.7 / 48.5 -> 49.8. */
+/* The cached rows of batch token bi's sequence, from position 0 on and up to ATTEND_NEXT_BYTES of
+ * them, prefetched into L2: attend_task asks for the next token's while it works on one, so that
+ * the next token's first pass does not start from memory (the scores GEMM stalled on its broadcasts
+ * of the cached rows). Medium models, old and new alternating step by step (medians of 32 steps),
+ * attend W8A8 / BF16 in ms a step: 15.1 -> 13.9 / 16.4 -> 13.4 at 192 sequences of ~40 positions,
+ * 5.2 -> 4.7 / 4.8 -> 4.7 at 64, 0.72 -> 0.67 / even at 8, even / 2.42 -> 2.34 at 32; at 32
+ * sequences of 1024 positions (1.3 MB a token, capped) 47.0 -> 45.7 / 48.5 -> 49.8. */
 #define ATTEND_NEXT_BYTES (512 * 1024)
 
 static void prefetch_seq_rows(const attn_ctx *a, int64_t bi) {
