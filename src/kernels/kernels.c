@@ -190,10 +190,8 @@ const ds_kernels *ds_kernels_get(void) {
 }
 
 int ds_kernels_fgemm_native(const ds_kernels *k) {
-    const ds_kernels *s = ds_kernels_scalar();
-    return strcmp(k->name, s->name) == 0 ||
-           (k->gemm16x8_f32 != s->gemm16x8_f32 && k->gemm32x8_f32_rows != s->gemm32x8_f32_rows &&
-            k->gemm128x1_f32 != s->gemm128x1_f32);
+    return DS_KERNELS_OWN(k, gemm16x8_f32) && DS_KERNELS_OWN(k, gemm32x8_f32_rows) &&
+           DS_KERNELS_OWN(k, gemm128x1_f32);
 }
 
 const ds_kernels *ds_kernels_for(const char *isa) {

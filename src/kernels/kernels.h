@@ -12,6 +12,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 /* Primitive kernels. All pointers may be unaligned; n may be any size (odd tails included).
  * Kernels never fail: preconditions are the caller's job. */
@@ -197,6 +198,10 @@ const ds_kernels *ds_kernels_get(void);
 const ds_kernels *ds_kernels_for(const char *isa);
 /* The scalar reference table. */
 const ds_kernels *ds_kernels_scalar(void);
+/* Whether table k has its own kernel `fn` (not the scalar one filled in), or is the scalar table,
+ * the kernels' oracle (whose gemm32x8_i8, say, is two gemm16x8_i8 calls). */
+#define DS_KERNELS_OWN(k, fn)                                                                      \
+    (strcmp((k)->name, ds_kernels_scalar()->name) == 0 || (k)->fn != ds_kernels_scalar()->fn)
 /* True when table k has its own float GEMM kernels (gemm16x8_f32, gemm32x8_f32_rows,
  * gemm128x1_f32; or is the scalar table, their oracle): the others fill those slots from scalar,
  * slower than their dot / axpy kernels. */

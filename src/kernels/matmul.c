@@ -1095,13 +1095,8 @@ static int64_t gemm_min_tok(const ds_mat *w) {
     return rows_path ? MM_FUSED_MAX_TOK + 1 : MM_GEMM_MIN_TOK_I8;
 }
 
-/* Whether table k has its own kernel `fn`, or is the scalar table (whose pair of panels is two
- * single calls). */
-#define OWN_OR_SCALAR(k, fn)                                                                       \
-    (strcmp((k)->name, ds_kernels_scalar()->name) == 0 || (k)->fn != ds_kernels_scalar()->fn)
-
 static int gemm_native(const ds_kernels *k) {
-    return OWN_OR_SCALAR(k, gemm16x8_i8);
+    return DS_KERNELS_OWN(k, gemm16x8_i8);
 }
 
 /* y[r] = o[r] * s for r < n <= 16. A memcpy call per token cost a sixth of the GEMM's time at
@@ -1133,7 +1128,7 @@ static void matmul_gemm_thread(void *arg, int thread, int n_threads) {
      * 5.1 / 2.0, q_b (3072 x 384) at 64 tokens 4.4 vs 3.1; 2048 x 7168 at 96 tokens 4.7 vs 4.7,
      * at 256 tokens 1.8 vs 2.0. (Before the GEMM spread its prefetches, the L2 groups won at 96
      * tokens an expert, and 6- or 12-panel groups were twice as slow at 192, not understood.) */
-    const int pairs = OWN_OR_SCALAR(k, gemm32x8_i8);
+    const int pairs = DS_KERNELS_OWN(k, gemm32x8_i8);
     size_t gp = n_tok * c->ldq > MM_GEMM_L2 ? MM_GEMM_L2 / pbytes : n_tok >= 8 && pairs ? 2 : 1;
     if (gp < 1) gp = 1; /* panels per group */
     size_t p_lo, p_hi;
