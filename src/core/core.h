@@ -138,6 +138,9 @@ void ds_pool_run(ds_pool *p, ds_pool_fn fn, void *ctx);
 void ds_pool_run_slices(ds_pool *p, ds_pool_fn fn, void *ctx, int n_slices);
 /* Splits [0, total) into n near-equal contiguous parts; part i is [*lo, *hi). */
 void ds_split_range(size_t total, int i, int n, size_t *lo, size_t *hi);
+/* Splits [0, total) into n contiguous parts that shrink geometrically, each about q (0 < q < 1)
+ * times the one before: slices claimed in order end a loop on small ones. */
+void ds_split_tapered(size_t total, int i, int n, double q, size_t *lo, size_t *hi);
 
 /* ---- progress bar (stderr, only when stderr is a terminal) ---------------------------------- */
 typedef struct {

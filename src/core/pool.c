@@ -15,6 +15,7 @@
  * holds the ticket, so reading them after a successful claim is race-free. */
 #include "core/core.h"
 
+#include <math.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -185,4 +186,10 @@ void ds_split_range(size_t total, int i, int n, size_t *lo, size_t *hi) {
     size_t base = total / (size_t)n, rem = total % (size_t)n, ui = (size_t)i;
     *lo = ui * base + (ui < rem ? ui : rem);
     *hi = *lo + base + (ui < rem ? 1 : 0);
+}
+
+void ds_split_tapered(size_t total, int i, int n, double q, size_t *lo, size_t *hi) {
+    const double all = 1 - pow(q, n); /* part j holds total q^j (1 - q) / all */
+    *lo = (size_t)((double)total * (1 - pow(q, i)) / all);
+    *hi = i + 1 == n ? total : (size_t)((double)total * (1 - pow(q, i + 1)) / all);
 }

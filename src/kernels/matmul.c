@@ -307,7 +307,20 @@ typedef struct {
     const ds_kernels *k8; /* DS_I8: the table whose dot4_i8 runs (k, or scalar for a -128) */
     const float *xb;      /* DS_BF16 fused: x in ds_bf16_split's layout, [n_tok, ldb] */
     size_t ldb;           /* cols rounded up to 16: every row of xb starts on a cache line */
+    int tapered;          /* its slices shrink (slice_range) */
 } matmul_ctx;
+
+/* Slice `sub` of `n` of a call's `total` row units (groups of rows) as [lo, hi). A tapered call's
+ * slices shrink, each MM_TAPER of the one before (ds_split_tapered): the threads claim the large
+ * ones first and finish on small ones, with few slice starts in all (each reads its first rows
+ * at memory latency). */
+#define MM_TAPER 0.85
+static void slice_range(const matmul_ctx *c, size_t total, int sub, int n, size_t *lo, size_t *hi) {
+    if (c->tapered)
+        ds_split_tapered(total, sub, n, MM_TAPER, lo, hi);
+    else
+        ds_split_range(total, sub, n, lo, hi);
+}
 
 /* Columns per tile. 4 x MM_TILE f32 is 8 KiB of scratch, well inside L1D with the tile of x. A
  * multiple of 128, so DeepSeek's FP8 blocks never straddle a tile (other block sizes still
@@ -337,7 +350,7 @@ static void matmul_thread(void *arg, int thread, int n_threads) {
     const size_t cols = (size_t)w->cols, rows = (size_t)w->rows, n_tok = (size_t)c->n_tok;
     _Alignas(64) float scratch[4 * MM_STRIDE]; /* [4, MM_STRIDE], MM_TILE used per row */
     size_t b_lo, b_hi;                         /* in blocks of 4 rows */
-    ds_split_range((rows + 3) / 4, thread, n_threads, &b_lo, &b_hi);
+    slice_range(c, (rows + 3) / 4, thread, n_threads, &b_lo, &b_hi);
 
     for (size_t b = b_lo; b < b_hi; b++) {
         size_t r0 = 4 * b, nr = rows - r0 < 4 ? rows - r0 : 4;
@@ -534,7 +547,7 @@ static void matmul_bf16_blocks_thread(void *arg, int thread, int n_threads) {
     const size_t chunk = cols < MM_FUSED_CHUNK ? cols : MM_FUSED_CHUNK;
     const size_t n_chunks = (cols + chunk - 1) / chunk;
     size_t b_lo, b_hi; /* in blocks of 4 rows */
-    ds_split_range((rows + 3) / 4, thread, n_threads, &b_lo, &b_hi);
+    slice_range(c, (rows + 3) / 4, thread, n_threads, &b_lo, &b_hi);
     size_t tblk = MM_FUSED_BF16_X / c->ldb / 4 * 4, rblk = MM_FUSED_ROWS_BYTES / (8 * cols);
     if (tblk < 4) tblk = 4;
     if (rblk < 1) rblk = 1;
@@ -644,7 +657,7 @@ static void matmul_fused_thread(void *arg, int thread, int n_threads) {
     const size_t ahead = w->ilv && n_tok == 1 ? MM_ONE_PF_AHEAD : MM_FUSED_PF_AHEAD;
     if (chunk > cols) chunk = cols;
     size_t b_lo, b_hi; /* in blocks of 4 rows */
-    ds_split_range((rows + 3) / 4, thread, n_threads, &b_lo, &b_hi);
+    slice_range(c, (rows + 3) / 4, thread, n_threads, &b_lo, &b_hi);
 
     /* byte offsets into W: this thread's slice is [4 b_lo cols esz, end); prefetched up to pf */
     size_t pf = 4 * b_lo * cols * esz, end = (4 * b_hi < rows ? 4 * b_hi : rows) * cols * esz;
@@ -779,7 +792,7 @@ static void matmul_i8_thread(void *arg, int thread, int n_threads) {
     const size_t seg = pl.seg, kblock = pl.kblock;
     const size_t gpt = decode ? 1 : MM_I8_TILE_ROWS / 4; /* groups per tile */
     size_t g_lo, g_hi;                                   /* in groups of 4 rows */
-    ds_split_range((rows + 3) / 4, thread, n_threads, &g_lo, &g_hi);
+    slice_range(c, (rows + 3) / 4, thread, n_threads, &g_lo, &g_hi);
     if (g_lo >= g_hi) return;
     const size_t r_lo = 4 * g_lo, r_hi = 4 * g_hi < rows ? 4 * g_hi : rows;
     /* one kernel call per row: y is written once, already times the activation scale (as
@@ -912,7 +925,7 @@ static void matmul_i8_rows_thread(void *arg, int thread, int n_threads) {
     const int8_t *data = (const int8_t *)w->data;
     const float *scale = w->scale + w->row0;
     size_t g_lo, g_hi; /* in groups of 4 rows */
-    ds_split_range((rows + 3) / 4, thread, n_threads, &g_lo, &g_hi);
+    slice_range(c, (rows + 3) / 4, thread, n_threads, &g_lo, &g_hi);
     const size_t end = (4 * g_hi < rows ? 4 * g_hi : rows) * cols;
     size_t pf = 4 * g_lo * cols; /* prefetch cursor, as in matmul_i8_thread */
     const size_t ahead = n_tok == 1 && cols <= MM_I8_CHUNK ? MM_ONE_PF_AHEAD : MM_FUSED_PF_AHEAD;
@@ -976,7 +989,7 @@ static void matmul_fgemm_thread(void *arg, int thread, int n_threads) {
     const ds_kernels *k = c->k;
     const size_t cols = (size_t)w->cols, rows = (size_t)w->rows, n_tok = (size_t)c->n_tok;
     size_t p_lo, p_hi;
-    ds_split_range((rows + 15) / 16, thread, n_threads, &p_lo, &p_hi);
+    slice_range(c, (rows + 15) / 16, thread, n_threads, &p_lo, &p_hi);
     if (p_lo >= p_hi) return;
     /* the panel [MM_FGEMM_K][16], then [16][MM_FGEMM_K]: the rows converted to f32 first, but
      * F32 packed in place */
@@ -1132,7 +1145,7 @@ static void matmul_gemm_thread(void *arg, int thread, int n_threads) {
     size_t gp = n_tok * c->ldq > MM_GEMM_L2 ? MM_GEMM_L2 / pbytes : n_tok >= 8 && pairs ? 2 : 1;
     if (gp < 1) gp = 1; /* panels per group */
     size_t p_lo, p_hi;
-    ds_split_range((rows + 15) / 16, thread, n_threads, &p_lo, &p_hi);
+    slice_range(c, (rows + 15) / 16, thread, n_threads, &p_lo, &p_hi);
     if (p_lo >= p_hi) return;
     if (gp > p_hi - p_lo) gp = p_hi - p_lo;
     /* [gp][groups][16][4] unless stored as panels, then the scales [gp][nb][16] */
@@ -1300,6 +1313,15 @@ static void prep_task(void *arg, int slice, int n_slices) {
 /* Slices of rows per thread and job: a thread that finishes early, or runs while the other is
  * descheduled (a shared VM), takes the rest. */
 #define MM_SLICES_PER_THREAD 4
+/* Most work (job_work's units) in a slice of its share, or else in a job's last slice, tapered
+ * (slice_range). The threads finish a call apart by up to a slice, and lm_head's eighths were
+ * long: ~0.7 ms at 1 token, ~7 ms at 32 (medium preset). Medium models, old and new alternating
+ * step by step on the 2-vCPU VM (medians of 32 steps, ms), lm_head: at 1 token 4.35 -> 4.23,
+ * 5.46 -> 5.32, 4.50 -> 4.35 (W8A8); where the VM was busy 8.95 -> 8.00 at 8 tokens, 30.9 ->
+ * 27.9 and 30.4 -> 27.1 at 32, 173 -> 168 and 171 -> 161 at 192; quiet, even (24.1 -> 24.0 at
+ * 32, 147.1 -> 146.9 at 192). Uniform slices of this much cost 2% when quiet (24.5 -> 24.9 at 32
+ * tokens): every slice streams its first rows in without prefetching ahead. */
+#define MM_SLICE_WORK ((double)(32 << 20))
 
 /* One pool slice: sub-slice `sub` of `n_sub` of a job's task. */
 typedef struct {
@@ -1337,7 +1359,8 @@ typedef struct {
     matmul_ctx c;
     prep_ctx pc;
     ds_pool_fn fn;
-    int from; /* -1: prepares its activations itself; else the job before it that does */
+    int from;   /* -1: prepares its activations itself; else the job before it that does */
+    int slices; /* of its row task */
 } mm_job_state;
 
 /* Picks job j's path and, for DS_I8, what its per-token preparation makes (prep_ctx). */
@@ -1345,7 +1368,7 @@ static void job_setup(const ds_mm_job *j, mm_job_state *st) {
     const ds_mat *w = j->w;
     memset(st, 0, sizeof *st);
     st->c = (matmul_ctx){
-        ds_kernels_get(), w, j->y, j->x, j->n_tok, NULL, 0, NULL, NULL, NULL, 0, NULL, NULL, 0};
+        ds_kernels_get(), w, j->y, j->x, j->n_tok, NULL, 0, NULL, NULL, NULL, 0, NULL, NULL, 0, 0};
     st->pc.c = &st->c;
     if (w->dtype != DS_I8) {
         /* few tokens: stream the stored weights through the fused kernels; more: tiles of f32 */
@@ -1454,8 +1477,7 @@ void ds_matmul_jobs(ds_pool *pool, const ds_mm_job *jobs, int n_jobs) {
     if (n_jobs <= 0) return;
     const int threads = ds_pool_size(pool);
     mm_job_state *st = calloc((size_t)n_jobs, sizeof *st);
-    mm_unit *u = malloc(((size_t)n_jobs * (size_t)threads * MM_SLICES_PER_THREAD + 1) * sizeof *u);
-    DS_ASSERT(st && u);
+    DS_ASSERT(st);
     size_t bytes = 0; /* of the activations the jobs prepare */
     for (int i = 0; i < n_jobs; i++) {
         const ds_mm_job *j = &jobs[i];
@@ -1478,8 +1500,30 @@ void ds_matmul_jobs(ds_pool *pool, const ds_mm_job *jobs, int n_jobs) {
         st[i].from = k >= 0 && jobs[k].x == j->x ? k : -1;
         if (st[i].from < 0) bytes += job_place(&st[i], bf16, NULL);
     }
+    /* each job's slices: its share of the call's by its work, more (tapered) where those would
+     * hold over MM_SLICE_WORK, at least one, none below a panel */
+    double total = 0;
+    for (int i = 0; i < n_jobs; i++)
+        if (st[i].fn) total += job_work(&jobs[i]);
+    size_t units = 0;
+    for (int i = 0; i < n_jobs; i++) {
+        if (!st[i].fn) continue;
+        const double work = job_work(&jobs[i]);
+        double n = threads > 1 ? ceil(threads * MM_SLICES_PER_THREAD * work / total) : 1;
+        if (threads > 1 && work / n > MM_SLICE_WORK) {
+            /* the last of n tapered slices holds about work (1 - q) q^(n - 1) */
+            n = fmax(n, ceil(1 + log(MM_SLICE_WORK / (work * (1 - MM_TAPER))) / log(MM_TAPER)));
+            st[i].c.tapered = 1;
+        }
+        const double panels = (double)((jobs[i].w->rows + 15) / 16);
+        st[i].slices = (int)(n < panels ? n : panels);
+        units += (size_t)st[i].slices;
+    }
+    /* the preparations' units (up to one a thread and job), then the rows' */
+    const size_t prep_units = (size_t)n_jobs * (size_t)threads;
+    mm_unit *u = malloc((units > prep_units ? units : prep_units) * sizeof *u);
     unsigned char *arena = ds_thread_scratch(DS_SCRATCH_CALL, bytes);
-    DS_ASSERT(arena);
+    DS_ASSERT(u && arena);
     int nu = 0;
     for (int i = 0; i < n_jobs; i++) {
         const ds_mm_job *j = &jobs[i];
@@ -1502,9 +1546,6 @@ void ds_matmul_jobs(ds_pool *pool, const ds_mm_job *jobs, int n_jobs) {
     }
     run_units(pool, u, nu);
     nu = 0;
-    double total = 0;
-    for (int i = 0; i < n_jobs; i++)
-        if (st[i].fn) total += job_work(&jobs[i]);
     for (int i = 0; i < n_jobs; i++) {
         if (!st[i].fn) continue;
         const ds_mat *w = jobs[i].w;
@@ -1512,13 +1553,7 @@ void ds_matmul_jobs(ds_pool *pool, const ds_mm_job *jobs, int n_jobs) {
         c->k8 = c->k;
         if (w->act_n && c->k->dot4_i8_no_min && memchr(c->q, 0x80, (size_t)c->n_tok * c->ldq))
             c->k8 = ds_kernels_scalar();
-        /* the call's slices shared by the jobs as their work, at least one, none below a panel */
-        int64_t n_sub =
-            threads > 1
-                ? (int64_t)ceil((double)threads * MM_SLICES_PER_THREAD * job_work(&jobs[i]) / total)
-                : 1;
-        int64_t panels = (w->rows + 15) / 16;
-        add_units(u, &nu, st[i].fn, c, (int)(n_sub < panels ? n_sub : panels));
+        add_units(u, &nu, st[i].fn, c, st[i].slices);
     }
     run_units(pool, u, nu);
     for (int i = 0; i < n_jobs; i++) {

@@ -5,6 +5,7 @@
 #include "core/core.h"
 #include "testutil.h"
 
+#include <math.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -66,6 +67,33 @@ static void test_split(void) {
     CHECK(lo == 3 && hi == 3);
 }
 
+/* Tapered parts: contiguous from 0 to total, each q times the one before (to rounding), the
+ * first total (1 - q) / (1 - q^n); more parts than units leave some empty, none lost. */
+static void test_split_tapered(void) {
+    const struct {
+        size_t total;
+        int n;
+        double q;
+    } cases[] = {{100, 7, 0.85}, {32320, 12, 0.85}, {1000000, 40, 0.9}, {5, 8, 0.85}, {0, 3, 0.5}};
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        const size_t total = cases[k].total;
+        const int n = cases[k].n;
+        const double q = cases[k].q;
+        size_t lo, hi, prev = 0, prev_len = 0;
+        int bad = 0;
+        for (int i = 0; i < n; i++) {
+            ds_split_tapered(total, i, n, q, &lo, &hi);
+            const double want = (double)total * pow(q, i) * (1 - q) / (1 - pow(q, n));
+            bad += lo != prev || hi < lo || fabs((double)(hi - lo) - want) > 1;
+            bad += i > 0 && hi - lo > prev_len + 1; /* never grows */
+            prev = hi;
+            prev_len = hi - lo;
+        }
+        CHECK_MSG(bad == 0 && prev == total, "ds_split_tapered(%zu, n %d, q %g): %d parts wrong",
+                  total, n, q, bad);
+    }
+}
+
 /* Each slice fills its thread's scratch with its own index and reads it back after the others
  * had time to write theirs: two threads sharing a buffer would see another's index. */
 static void scratch_body(void *arg, int i, int n) {
@@ -112,6 +140,7 @@ static void test_scratch(void) {
 
 int main(void) {
     test_split();
+    test_split_tapered();
     test_scratch();
     run_many(1, 100);
     run_many(2, 20000);

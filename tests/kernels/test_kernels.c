@@ -547,6 +547,41 @@ static void make_mat_i8(test_mat *t, shape sh, int int4) {
                     .int4 = int4};
 }
 
+/* A matmul big enough that 2 threads cut it into tapered slices (matmul.c, MM_SLICE_WORK): BF16
+ * (the blocked path lm_head takes) and per-channel int8 (the GEMM), 128 tokens, bit for bit the
+ * one-thread result, every output written once (y starts as NaN), nothing past y. */
+static void check_tapered(ds_pool *p1) {
+    ds_pool *p2 = ds_pool_open(2);
+    CHECK(p2 != NULL);
+    if (!p2) return;
+    const int64_t rows = 1024, cols = 2048, nt = 128;
+    for (int i8 = 0; i8 < 2; i8++) {
+        test_mat t;
+        if (i8)
+            make_mat_i8(&t, (shape){rows, cols, 1, cols}, 0);
+        else
+            make_mat(&t, DS_BF16, (shape){rows, cols, 128, 128});
+        float *x = malloc((size_t)(nt * cols) * sizeof(float));
+        float *y1 = malloc((size_t)(nt * rows + 1) * sizeof(float));
+        float *y2 = malloc((size_t)(nt * rows + 1) * sizeof(float));
+        fill(x, (size_t)(nt * cols));
+        for (int64_t i = 0; i < nt * rows; i++) y1[i] = y2[i] = NAN;
+        y1[nt * rows] = y2[nt * rows] = 999.0f;
+        ds_matmul(p1, y1, x, nt, &t.m);
+        ds_matmul(p2, y2, x, nt, &t.m);
+        int unset = 0;
+        for (int64_t i = 0; i < nt * rows; i++) unset += isnan(y1[i]);
+        CHECK_MSG(unset == 0 && memcmp(y1, y2, (size_t)(nt * rows) * sizeof(float)) == 0,
+                  "%s: tapered slices on 2 threads differ from 1 thread", i8 ? "I8" : "BF16");
+        CHECK_MSG(y2[nt * rows] == 999.0f, "%s: tapered slices wrote past y", i8 ? "I8" : "BF16");
+        free(x);
+        free(y1);
+        free(y2);
+        free_mat(&t);
+    }
+    ds_pool_close(p2);
+}
+
 /* ds_matmul_jobs: jobs of every dtype and path (fused, float GEMM, int8 dot and GEMM, int4,
  * static activations), token counts from 0 to 40, and jobs reading the x of the job before, as a
  * MoE's gate and up read theirs: the same quantization shared (jobs 4, 12, 14) or not shareable,
@@ -920,6 +955,7 @@ static void matmul_suite(void) {
             free_mat(&t);
         }
     check_matmul_jobs(p1, p3);
+    check_tapered(p1);
     ds_pool_close(p1);
     ds_pool_close(p3);
 }
