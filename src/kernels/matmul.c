@@ -1122,6 +1122,17 @@ static void scale_rows(float *restrict y, const float *restrict o, float s, size
         for (size_t r = 0; r < n; r++) y[r] = o[r] * s;
 }
 
+/* Tokens from which the GEMM prefetches stored panels ahead. Below, the kernel's few steps a
+ * byte leave the stream to the hardware prefetcher, and the software prefetches only took miss
+ * buffers: the one-token kernel over cold stored panels, 2 threads, 1024 columns (medians of 400
+ * matrices, GB/s, none vs the next panel): 2048 rows 63 vs 55, 8192 rows 66 - 72 vs 56 - 59
+ * (dot_f32 reading the same bytes 62 - 68), 2 / 4 tokens at 2048 rows 61 - 71 vs 52 - 75 / 59 - 63
+ * vs 55 - 56, 512 rows even; 8 tokens even. In the medium W8A8 model, old and new alternating
+ * step by step (two runs, medians of 48 steps): the experts at 8 sequences (1 - 2 tokens each)
+ * 4.80 -> 4.60 and 4.88 -> 4.65 ms a step, even at 1; with 4 tokens too, the experts at 32
+ * sequences (4 each) were 3 - 4% slower, hence 3. */
+#define MM_GEMM_PF_MIN_TOK 3
+
 static void matmul_gemm_thread(void *arg, int thread, int n_threads) {
     const matmul_ctx *c = arg;
     const ds_mat *w = c->w;
@@ -1197,10 +1208,13 @@ static void matmul_gemm_thread(void *arg, int thread, int n_threads) {
                 }
             }
         }
-        /* the next group's stored rows, a share prefetched by each kernel call */
+        /* the next group's stored rows, a share prefetched by each kernel call (none where the
+         * hardware prefetcher alone keeps up: MM_GEMM_PF_MIN_TOK) */
         const size_t next = p0 + pn, next_end = next + gp < p_hi ? next + gp : p_hi;
         const size_t pf0 = (16 * next < rows ? 16 * next : rows) * rowb;
-        const size_t pf_end = (16 * next_end < rows ? 16 * next_end : rows) * rowb;
+        const size_t pf_end = stored && n_tok < MM_GEMM_PF_MIN_TOK
+                                  ? pf0
+                                  : (16 * next_end < rows ? 16 * next_end : rows) * rowb;
         const size_t calls = (n_tok + 7) / 8 * pn;
         size_t pf = pf0, call = 0;
         for (size_t t0 = 0; t0 < n_tok; t0 += 8) {
