@@ -1129,10 +1129,9 @@ static void scale_rows(float *restrict y, const float *restrict o, float s, size
  * (dot_f32 reading the same bytes 62 - 68), 2 / 4 tokens at 2048 rows 61 - 71 vs 52 - 75 / 59 - 63
  * vs 55 - 56, 512 rows even. From 8 tokens on they are needed: a MoE layer's gate and up, 32
  * experts cold, 8 tokens each, 272 GMAC/s with them, 180 without. In the medium W8A8 model, old
- * and new alternating
- * step by step (two runs, medians of 48 steps): the experts at 8 sequences (1 - 2 tokens each)
- * 4.80 -> 4.60 and 4.88 -> 4.65 ms a step, even at 1; with 4 tokens too, the experts at 32
- * sequences (4 each) were 3 - 4% slower, hence 3. */
+ * and new alternating step by step (two runs, medians of 48 steps): the experts at 8 sequences
+ * (1 - 2 tokens each) 4.80 -> 4.60 and 4.88 -> 4.65 ms a step, even at 1; with 4 tokens too, the
+ * experts at 32 sequences (4 each) were 3 - 4% slower, hence 3. */
 #define MM_GEMM_PF_MIN_TOK 3
 
 static void matmul_gemm_thread(void *arg, int thread, int n_threads) {
