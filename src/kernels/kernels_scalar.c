@@ -216,6 +216,16 @@ static void axpy_i8_scalar(float *y, float a, const int8_t *q, float scale, size
     for (size_t i = 0; i < n; i++) st_f32(y, i, fmaf(a, (float)q[i] * scale, ld_f32(y, i)));
 }
 
+static void axpy_rows_i8_lanes_scalar(float *y, const float *x, const int8_t *q, size_t m, size_t n,
+                                      const float *scale) {
+    for (size_t i = 0; i < n; i++) {
+        float acc = 0.0f;
+        for (size_t j = 0; j < m; j++)
+            acc = fmaf(ld_f32(x, j), (float)q[j * n + i] * scale[i], acc);
+        st_f32(y, i, acc);
+    }
+}
+
 static void axpy_bf16_scalar(float *y, float a, const uint16_t *w, size_t n) {
     for (size_t i = 0; i < n; i++)
         st_f32(y, i, fmaf(a, ds_bf16_decode(ld_u16(w, i)), ld_f32(y, i)));
@@ -436,6 +446,7 @@ static const ds_kernels scalar_table = {
     .dot4_f32 = dot4_f32_scalar,
     .axpy_f32 = axpy_f32_scalar,
     .axpy_i8 = axpy_i8_scalar,
+    .axpy_rows_i8_lanes = axpy_rows_i8_lanes_scalar,
     .axpy_bf16 = axpy_bf16_scalar,
     .dot4_bf16 = dot4_bf16_scalar,
     .dot4_f16 = dot4_f16_scalar,
