@@ -129,6 +129,8 @@ static void complete(ds_kernels *dst, const ds_kernels *src) {
     if (!dst->gemm32x8_f32_rows) dst->gemm32x8_f32_rows = s->gemm32x8_f32_rows;
     if (!dst->gemm128x1_f32) dst->gemm128x1_f32 = s->gemm128x1_f32;
     if (!dst->axpy_rows_i8_lanes) dst->axpy_rows_i8_lanes = s->axpy_rows_i8_lanes;
+    if (!dst->axpy_rows_i8) dst->axpy_rows_i8 = s->axpy_rows_i8;
+    if (!dst->axpy_rows_bf16) dst->axpy_rows_bf16 = s->axpy_rows_bf16;
 }
 
 static void detect(void) {

@@ -63,14 +63,17 @@ typedef struct ds_kernels {
      * with w[i] = (float)q[i] * scale rounded first (i8_to_f32's value), resp. the BF16 value, so
      * each y[i] is what axpy_f32 gives over the converted row (the absorptions' one-token path) */
     void (*axpy_i8)(float *y, float a, const int8_t *q, float scale, size_t n);
-    /* m such rows at once, int8 with a scale per column (rows stored transposed, as
-     * i8_to_f32_lanes reads them), n <= 128: y[i] = the fmaf chain from 0 over j < m of
-     * x[j] * w[j][i], w[j][i] = (float)q[j n + i] * scale[i] rounded first. Each y[i] is what
-     * axpy_f32 gives over the rows converted by i8_to_f32_lanes, in order; the sums stay in
-     * registers instead of going through y for every row. */
+    void (*axpy_bf16)(float *y, float a, const uint16_t *w, size_t n);
+    /* The same over m rows of n columns at once (row j at q + j n): y[i] = the fmaf chain from 0
+     * over j < m of x[j] * w[j][i], w[j][i] as above: (float)q * scale rounded first, with a
+     * scale per column (rows stored transposed, as i8_to_f32_lanes reads them) or per row, resp.
+     * the BF16 value. Each y[i] is what axpy_f32 gives over the converted rows in order; the sums
+     * stay in registers over the rows instead of going through y for every row. */
     void (*axpy_rows_i8_lanes)(float *y, const float *x, const int8_t *q, size_t m, size_t n,
                                const float *scale);
-    void (*axpy_bf16)(float *y, float a, const uint16_t *w, size_t n);
+    void (*axpy_rows_i8)(float *y, const float *x, const int8_t *q, size_t m, size_t n,
+                         const float *row_scale);
+    void (*axpy_rows_bf16)(float *y, const float *x, const uint16_t *w, size_t m, size_t n);
     /* Fused decode + dot4 for the memory-bound matmuls of decoding (few tokens): the weights are
      * read in their stored dtype and widened in registers, never written to a scratch.
      * out[r] = sum_i x[i] * bf16(w[r][i]) (resp. f16) for r in 0..3, the decode exact. */

@@ -458,47 +458,75 @@ static void axpy_i8_avx512(float *y, float a, const int8_t *q, float scale, size
     }
 }
 
-/* The sums of y's 128 columns at most stay in registers over the rows. `full` (a constant once
- * inlined): all 128 columns, unmasked. Masked like the general case, the one-token absorption
- * through W_UV's 128 columns got slower than the axpy it replaced (medium W8A8, 0.28 -> 0.37 ms
- * a step); unmasked it is faster (forward.c, absorb_o_t_task). */
-static inline __attribute__((always_inline)) void
-axpy_rows_i8_lanes_body(float *y, const float *x, const int8_t *q, size_t m, size_t n,
-                        const float *scale, const int full) {
-    __m512 acc[8], sc[8];
+/* The axpy_rows kernels (kernels.h), kind as in the scalar table's rows_w: the sums of columns
+ * [c0, c0 + 128) stay in registers over the rows. `full` (a constant once inlined): all 128
+ * columns there, unmasked. Masked like a tail, the one-token absorption through W_UV's 128
+ * columns got slower than the axpy it replaced (medium W8A8, 0.28 -> 0.37 ms a step); unmasked
+ * it is faster (forward.c, absorb_o_t_task). */
+static inline __attribute__((always_inline)) void axpy_rows_body(float *y, const float *x,
+                                                                 const void *w, size_t m, size_t n,
+                                                                 size_t c0, const float *scale,
+                                                                 const int kind, const int full) {
+    __m512 acc[8], cs[8];
     __mmask16 mk[8];
 #pragma GCC unroll 8
     for (int v = 0; v < 8; v++) {
-        const size_t i = 16 * (size_t)v;
+        const size_t i = c0 + 16 * (size_t)v;
         mk[v] = full          ? (__mmask16)0xffff
                 : i >= n      ? 0
                 : n - i >= 16 ? (__mmask16)0xffff
                               : tail16(n - i);
         acc[v] = _mm512_setzero_ps();
-        sc[v] = full ? _mm512_loadu_ps(scale + i) : _mm512_maskz_loadu_ps(mk[v], scale + i);
+        if (kind == 0)
+            cs[v] = full ? _mm512_loadu_ps(scale + i) : _mm512_maskz_loadu_ps(mk[v], scale + i);
     }
     for (size_t j = 0; j < m; j++) {
         const __m512 xj = _mm512_set1_ps(x[j]);
-        const int8_t *r = q + j * n;
+        const __m512 rs = kind == 1 ? _mm512_set1_ps(scale[j]) : xj;
 #pragma GCC unroll 8
         for (int v = 0; v < 8; v++) {
-            const __m128i b = full ? _mm_loadu_si128((const __m128i *)(const void *)(r + 16 * v))
-                                   : _mm_maskz_loadu_epi8(mk[v], r + 16 * v);
-            const __m512 w = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), sc[v]);
-            acc[v] = _mm512_fmadd_ps(xj, w, acc[v]);
+            const size_t i = j * n + c0 + 16 * (size_t)v;
+            __m512 wv;
+            if (kind == 2) {
+                const uint16_t *p = (const uint16_t *)w + i;
+                wv = full ? ld_bf16x16(p) : ld_bf16x16_m(p, mk[v]);
+            } else {
+                const int8_t *p = (const int8_t *)w + i;
+                const __m128i b = full ? _mm_loadu_si128((const __m128i *)(const void *)p)
+                                       : _mm_maskz_loadu_epi8(mk[v], p);
+                wv = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)),
+                                   kind == 0 ? cs[v] : rs);
+            }
+            acc[v] = _mm512_fmadd_ps(xj, wv, acc[v]);
         }
     }
 #pragma GCC unroll 8
-    for (int v = 0; v < 8; v++) _mm512_mask_storeu_ps(y + 16 * v, mk[v], acc[v]);
+    for (int v = 0; v < 8; v++) _mm512_mask_storeu_ps(y + c0 + 16 * (size_t)v, mk[v], acc[v]);
 }
 
-static void axpy_rows_i8_lanes_avx512(float *y, const float *x, const int8_t *q, size_t m, size_t n,
+#define AXPY_ROWS(KIND)                                                                            \
+    for (size_t c0 = 0; c0 < n; c0 += 128) {                                                       \
+        if (n - c0 >= 128)                                                                         \
+            axpy_rows_body(y, x, w, m, n, c0, scale, KIND, 1);                                     \
+        else                                                                                       \
+            axpy_rows_body(y, x, w, m, n, c0, scale, KIND, 0);                                     \
+    }
+
+static void axpy_rows_i8_lanes_avx512(float *y, const float *x, const int8_t *w, size_t m, size_t n,
                                       const float *scale) {
-    if (n == 128)
-        axpy_rows_i8_lanes_body(y, x, q, m, n, scale, 1);
-    else
-        axpy_rows_i8_lanes_body(y, x, q, m, n, scale, 0);
+    AXPY_ROWS(0)
 }
+
+static void axpy_rows_i8_avx512(float *y, const float *x, const int8_t *w, size_t m, size_t n,
+                                const float *scale) {
+    AXPY_ROWS(1)
+}
+
+static void axpy_rows_bf16_avx512(float *y, const float *x, const uint16_t *w, size_t m, size_t n) {
+    const float *scale = NULL;
+    AXPY_ROWS(2)
+}
+#undef AXPY_ROWS
 
 static void axpy_bf16_avx512(float *y, float a, const uint16_t *w, size_t n) {
     const __m512 va = _mm512_set1_ps(a);
@@ -1227,6 +1255,8 @@ static const ds_kernels avx512_table = {
     .axpy_f32 = axpy_f32_avx512,
     .axpy_i8 = axpy_i8_avx512,
     .axpy_rows_i8_lanes = axpy_rows_i8_lanes_avx512,
+    .axpy_rows_i8 = axpy_rows_i8_avx512,
+    .axpy_rows_bf16 = axpy_rows_bf16_avx512,
     .axpy_bf16 = axpy_bf16_avx512,
     .dot4_bf16 = dot4_bf16_avx512,
     .dot4_f16 = dot4_f16_avx512,

@@ -216,19 +216,40 @@ static void axpy_i8_scalar(float *y, float a, const int8_t *q, float scale, size
     for (size_t i = 0; i < n; i++) st_f32(y, i, fmaf(a, (float)q[i] * scale, ld_f32(y, i)));
 }
 
-static void axpy_rows_i8_lanes_scalar(float *y, const float *x, const int8_t *q, size_t m, size_t n,
-                                      const float *scale) {
+static void axpy_bf16_scalar(float *y, float a, const uint16_t *w, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        st_f32(y, i, fmaf(a, ds_bf16_decode(ld_u16(w, i)), ld_f32(y, i)));
+}
+
+/* w[j][i] of the axpy_rows kernels (kernels.h): kind 0 int8 x column scale, 1 int8 x row
+ * scale, 2 BF16 */
+static float rows_w(const void *w, size_t j, size_t n, size_t i, const float *scale, int kind) {
+    if (kind == 2) return ds_bf16_decode(ld_u16(w, j * n + i));
+    return (float)((const int8_t *)w)[j * n + i] * scale[kind ? j : i];
+}
+
+static void axpy_rows_scalar(float *y, const float *x, const void *w, size_t m, size_t n,
+                             const float *scale, int kind) {
     for (size_t i = 0; i < n; i++) {
         float acc = 0.0f;
         for (size_t j = 0; j < m; j++)
-            acc = fmaf(ld_f32(x, j), (float)q[j * n + i] * scale[i], acc);
+            acc = fmaf(ld_f32(x, j), rows_w(w, j, n, i, scale, kind), acc);
         st_f32(y, i, acc);
     }
 }
 
-static void axpy_bf16_scalar(float *y, float a, const uint16_t *w, size_t n) {
-    for (size_t i = 0; i < n; i++)
-        st_f32(y, i, fmaf(a, ds_bf16_decode(ld_u16(w, i)), ld_f32(y, i)));
+static void axpy_rows_i8_lanes_scalar(float *y, const float *x, const int8_t *q, size_t m, size_t n,
+                                      const float *scale) {
+    axpy_rows_scalar(y, x, q, m, n, scale, 0);
+}
+
+static void axpy_rows_i8_scalar(float *y, const float *x, const int8_t *q, size_t m, size_t n,
+                                const float *row_scale) {
+    axpy_rows_scalar(y, x, q, m, n, row_scale, 1);
+}
+
+static void axpy_rows_bf16_scalar(float *y, const float *x, const uint16_t *w, size_t m, size_t n) {
+    axpy_rows_scalar(y, x, w, m, n, NULL, 2);
 }
 
 /* Integer dots: plain int32 sums per block and row, the oracle of the SIMD reorderings. */
@@ -447,6 +468,8 @@ static const ds_kernels scalar_table = {
     .axpy_f32 = axpy_f32_scalar,
     .axpy_i8 = axpy_i8_scalar,
     .axpy_rows_i8_lanes = axpy_rows_i8_lanes_scalar,
+    .axpy_rows_i8 = axpy_rows_i8_scalar,
+    .axpy_rows_bf16 = axpy_rows_bf16_scalar,
     .axpy_bf16 = axpy_bf16_scalar,
     .dot4_bf16 = dot4_bf16_scalar,
     .dot4_f16 = dot4_f16_scalar,

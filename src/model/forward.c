@@ -339,15 +339,19 @@ static int64_t slot_of(const ds_kv_cache *kv, const ds_batch *bt, int64_t i, int
  *    seeded request of the soak test then drew another token under load than alone. At 1 token
  *    the head's panels are all packed first and gemm128x1_f32 runs the token over eight at
  *    once, the same chains without gemm16x8_f32's seven repeats of the token. Loaded models
- *    store W_UV transposed and take absorb_o_t_task instead, the same floats. There, below
- *    ABSORB_GEMM_MIN_TOK tokens, int8 rows go through axpy_rows_i8_lanes where the table has
- *    its own: a head's 128 sums stay in registers over its rows, instead of converting each row
- *    into a buffer and adding it to the sums in memory (axpy_f32). Medium W8A8, old and new
- *    alternating step by step (medians of 24 steps, two runs), ms a step: 0.31 / 0.35 -> 0.19 /
- *    0.20 at 1 sequence, 0.39 / 0.47 -> 0.21 / 0.25 at 2, 0.48 / 0.61 -> 0.27 / 0.31 at 3; steps
- *    2 - 4% faster.
+ *    store W_UV transposed and take absorb_o_t_task instead, the same floats.
+ *  - Below ABSORB_GEMM_MIN_TOK tokens, where the table has its own axpy_rows kernels, both take
+ *    them: per token, a head's sums stay in registers over its rows as stored (the same chains
+ *    again), instead of going through memory for every row (axpy) or through a dequantised copy
+ *    and a GEMM pass of eight tokens. Medium models, old and new alternating step by step
+ *    (medians of 24 steps), absorb_q / absorb_o in ms a step, W8A8: 0.29 / 0.39 -> 0.27 / 0.18 at
+ *    1 sequence, 0.40 / 0.54 -> 0.33 / 0.23 at 2, 0.59 / 0.82 -> 0.42 / 0.33 at 3, 0.60 / 0.59 ->
+ *    0.45 / 0.39 at 4 (the GEMM before, axpy below 4), 0.60 / 0.58 -> 0.56 / 0.48 at 6; BF16: 0.38
+ * / 0.29 -> 0.37 / 0.22, 0.47 / 0.37 -> 0.42 / 0.25, 0.59 / 0.56 -> 0.49 / 0.29, 0.73 / 0.67 ->
+ * 0.48 / 0.32, 0.82 / 0.74 -> 0.68 / 0.44. At 8 tokens they and the GEMM measured even (two W8A8
+ * runs: absorb_q 0.72 -> 0.67 and 0.48 -> 0.58), at 12 absorb_q was slower: the GEMM from 8 on.
  * Tables without the float GEMM kernels keep axpy / dot at every size. */
-#define ABSORB_GEMM_MIN_TOK 4
+#define ABSORB_GEMM_MIN_TOK 8
 
 static int absorb_gemm_ok(const ds_kernels *k) {
     return ds_kernels_fgemm_native(k);
@@ -408,11 +412,30 @@ static void absorb_q_task(void *arg, int thread, int n_threads) {
     const ds_mat *wb = &a->L->kv_b;
     const int gemm = absorb_gemm_ok(k) && a->n >= ABSORB_GEMM_MIN_TOK;
     const int bf16 = wb->dtype == DS_BF16; /* kv_b is never interleaved (weights.c) */
+    float s0;
+    const int in_regs =
+        !gemm && (bf16 ? DS_KERNELS_OWN(k, axpy_rows_bf16)
+                       : ds_mat_i8_row(wb, 0, &s0) && DS_KERNELS_OWN(k, axpy_rows_i8));
     const float **rows = gemm ? malloc((size_t)dn * sizeof *rows) : NULL;
     DS_ASSERT(rows || !gemm);
     size_t h0, h1;
     ds_split_range((size_t)H, thread, n_threads, &h0, &h1);
     for (int64_t h = (int64_t)h0; h < (int64_t)h1; h++) {
+        if (in_regs) { /* W_UK[h]'s rows one after another; the row scales in wuk */
+            const int64_t r0 = h * rows_per_head;
+            const int8_t *q8 = bf16 ? NULL : ds_mat_i8_row(wb, r0, &wuk[0]);
+            for (int64_t d = 1; !bf16 && d < dn; d++) ds_mat_i8_row(wb, r0 + d, &wuk[d]);
+            for (int64_t t = 0; t < a->n; t++) {
+                const float *x = a->b->q + (t * H + h) * qk;
+                float *y = a->b->q_abs + (t * H + h) * R;
+                if (bf16)
+                    k->axpy_rows_bf16(y, x, (const uint16_t *)wb->data + r0 * R, (size_t)dn,
+                                      (size_t)R);
+                else
+                    k->axpy_rows_i8(y, x, q8, (size_t)dn, (size_t)R, wuk);
+            }
+            continue;
+        }
         /* axpy adds the rows to zeros, as the GEMM's chains start */
         for (int64_t t = 0; !gemm && t < a->n; t++)
             memset(a->b->q_abs + (t * H + h) * R, 0, (size_t)R * sizeof(float));
@@ -785,7 +808,8 @@ static void absorb_o_t_task(void *arg, int thread, int n_threads) {
     float *sc = conv + R * dv, *tmp = sc + dv; /* W_UV's row scales (int8), a converted row */
     const ds_mat *wb = &a->L->kv_b;
     const int bf16 = wb->dtype == DS_BF16, gemm = a->n >= ABSORB_GEMM_MIN_TOK;
-    const int in_regs = !gemm && !bf16 && dv <= 128 && DS_KERNELS_OWN(k, axpy_rows_i8_lanes);
+    const int in_regs =
+        !gemm && (bf16 ? DS_KERNELS_OWN(k, axpy_rows_bf16) : DS_KERNELS_OWN(k, axpy_rows_i8_lanes));
     const float **rows = gemm ? malloc((size_t)R * sizeof *rows) : NULL;
     DS_ASSERT(rows || !gemm);
     size_t h0, h1;
@@ -798,12 +822,14 @@ static void absorb_o_t_task(void *arg, int thread, int n_threads) {
             ds_mat_i8_row(wb, r0 + d, &sc[d]);
         const float *x0 = a->b->o_lat + h * R;
         float *o0 = a->o + h * dv;
-        if (in_regs) {
-            for (int64_t t = 0; t < a->n; t++)
-                k->axpy_rows_i8_lanes(o0 + t * H * dv, x0 + t * H * R, u8, (size_t)R, (size_t)dv,
-                                      sc);
-            continue;
+        for (int64_t t = 0; in_regs && t < a->n; t++) {
+            float *o = o0 + t * H * dv;
+            if (bf16)
+                k->axpy_rows_bf16(o, x0 + t * H * R, u16, (size_t)R, (size_t)dv);
+            else
+                k->axpy_rows_i8_lanes(o, x0 + t * H * R, u8, (size_t)R, (size_t)dv, sc);
         }
+        if (in_regs) continue;
         for (int64_t t = 0; !gemm && t < a->n; t++) /* axpy adds the rows to zeros */
             memset(o0 + t * H * dv, 0, (size_t)dv * sizeof(float));
         for (int64_t j = 0; j < R; j++) {

@@ -1176,38 +1176,57 @@ static void test_axpy_rows(const ds_kernels *k) {
     CHECK_MSG(oob == 0, "%s axpy_i8 / axpy_bf16 wrote out of bounds", k->name);
 }
 
-/* axpy_rows_i8_lanes against scalar bit-exact, and scalar against the fmaf chain over rows
- * converted here (q * scale[i] rounded first): every byte value, widths with tails up to the
- * 128 columns the kernel holds, 0 - 300 rows, x at an odd offset, canaries past y. */
-static void test_axpy_rows_lanes(const ds_kernels *k) {
+/* axpy_rows_i8_lanes / axpy_rows_i8 / axpy_rows_bf16 against scalar bit-exact, and scalar
+ * against the fmaf chain over rows converted here (q * scale rounded first, the BF16 value):
+ * every byte value, finite BF16 patterns of every exponent, widths with tails below, at and past
+ * the 128 columns a pass holds, 0 - 300 rows, x at an odd offset, canaries past y. */
+static void test_axpy_rows_many(const ds_kernels *k) {
     const ds_kernels *s = ds_kernels_scalar();
-    enum { MAXN = 128, MAXM = 300, PAD = 16 };
+    enum { MAXN = 300, MAXM = 300, PAD = 16 };
     static int8_t q[MAXM * MAXN];
-    float x[MAXM + 1], sc[MAXN], ys[MAXN], yk[MAXN + PAD];
-    for (size_t i = 0; i < sizeof q; i++) q[i] = (int8_t)(uint8_t)(i * 37 + 11);
+    static uint16_t h[MAXM * MAXN];
+    static float x[MAXM + 1], sc[MAXN > MAXM ? MAXN : MAXM], ys[MAXN], yk[MAXN + PAD];
+    for (size_t i = 0; i < sizeof q; i++) {
+        q[i] = (int8_t)(uint8_t)(i * 37 + 11);
+        do h[i] = (uint16_t)rnd64();
+        while ((h[i] & 0x7f80) == 0x7f80); /* no infinity or NaN: payloads may differ */
+    }
     fill(x, MAXM + 1);
-    for (size_t i = 0; i < MAXN; i++) sc[i] = 0.001f + 0.0007f * (float)i;
-    static const size_t ns[] = {0, 1, 7, 16, 17, 33, 100, 127, 128};
-    static const size_t ms[] = {0, 1, 3, 64, 256, 300};
+    for (size_t i = 0; i < sizeof sc / sizeof *sc; i++) sc[i] = 0.001f + 0.0007f * (float)i;
+    static const size_t ns[] = {0, 1, 7, 16, 17, 100, 127, 128, 129, 256, 300};
+    static const size_t ms[] = {0, 1, 3, 64, 300};
     int bad = 0, badref = 0, oob = 0;
-    for (size_t a = 0; a < sizeof ns / sizeof *ns; a++)
-        for (size_t b = 0; b < sizeof ms / sizeof *ms; b++) {
-            const size_t n = ns[a], m = ms[b];
-            for (size_t i = 0; i < MAXN + PAD; i++) yk[i] = 777.0f;
-            k->axpy_rows_i8_lanes(yk, x + 1, q, m, n, sc);
-            s->axpy_rows_i8_lanes(ys, x + 1, q, m, n, sc);
-            for (size_t i = 0; i < n; i++) {
-                float want = 0.0f;
-                for (size_t j = 0; j < m; j++)
-                    want = fmaf(x[1 + j], (float)q[j * n + i] * sc[i], want);
-                badref += !same_float(ys[i], want, 0);
-                bad += !same_float(yk[i], ys[i], 0);
+    for (int kind = 0; kind < 3; kind++)
+        for (size_t a = 0; a < sizeof ns / sizeof *ns; a++)
+            for (size_t b = 0; b < sizeof ms / sizeof *ms; b++) {
+                const size_t n = ns[a], m = ms[b];
+                for (size_t i = 0; i < MAXN + PAD; i++) yk[i] = 777.0f;
+                if (kind == 0) {
+                    k->axpy_rows_i8_lanes(yk, x + 1, q, m, n, sc);
+                    s->axpy_rows_i8_lanes(ys, x + 1, q, m, n, sc);
+                } else if (kind == 1) {
+                    k->axpy_rows_i8(yk, x + 1, q, m, n, sc);
+                    s->axpy_rows_i8(ys, x + 1, q, m, n, sc);
+                } else {
+                    k->axpy_rows_bf16(yk, x + 1, h, m, n);
+                    s->axpy_rows_bf16(ys, x + 1, h, m, n);
+                }
+                for (size_t i = 0; i < n; i++) {
+                    float want = 0.0f;
+                    for (size_t j = 0; j < m; j++) {
+                        const uint32_t bits = (uint32_t)h[j * n + i] << 16;
+                        float w = (float)q[j * n + i] * sc[kind ? j : i];
+                        if (kind == 2) memcpy(&w, &bits, sizeof w);
+                        want = fmaf(x[1 + j], w, want);
+                    }
+                    badref += !same_float(ys[i], want, 0);
+                    bad += !same_float(yk[i], ys[i], 0);
+                }
+                for (size_t i = n; i < MAXN + PAD; i++) oob += yk[i] != 777.0f;
             }
-            for (size_t i = n; i < MAXN + PAD; i++) oob += yk[i] != 777.0f;
-        }
-    CHECK_MSG(badref == 0, "scalar axpy_rows_i8_lanes: %d values differ from fmaf", badref);
-    CHECK_MSG(bad == 0, "%s axpy_rows_i8_lanes: %d values differ from scalar", k->name, bad);
-    CHECK_MSG(oob == 0, "%s axpy_rows_i8_lanes wrote out of bounds", k->name);
+    CHECK_MSG(badref == 0, "scalar axpy_rows kernels: %d values differ from fmaf", badref);
+    CHECK_MSG(bad == 0, "%s axpy_rows kernels: %d values differ from scalar", k->name, bad);
+    CHECK_MSG(oob == 0, "%s axpy_rows kernels wrote out of bounds", k->name);
 }
 
 /* absmax_f32 / quantize_i8 against scalar, bit-exact: lengths with tails, ties (x / s exactly
@@ -2062,11 +2081,12 @@ int main(void) {
         CHECK(k->argmax_f32 && k->swiglu_f32 && k->exp_f32 && k->dot4_i8 && k->dot4_i4 &&
               k->pack16_i8 && k->pack16_i4 && k->gemm16x8_i8 && k->gemm32x8_i8 && k->pack16_f32 &&
               k->pack16_bf16 && k->pack16_i8_f32 && k->gemm16x8_f32 && k->gemm32x8_f32_rows &&
-              k->axpy_i8 && k->axpy_bf16 && k->axpy_rows_i8_lanes);
+              k->axpy_i8 && k->axpy_bf16 && k->axpy_rows_i8_lanes && k->axpy_rows_i8 &&
+              k->axpy_rows_bf16);
         test_int_dots(k);
         test_int_dequant(k);
         test_axpy_rows(k);
-        test_axpy_rows_lanes(k);
+        test_axpy_rows_many(k);
         test_quant_kernels(k);
         test_argmax(k);
         test_swiglu(k);
