@@ -343,13 +343,12 @@ static int64_t slot_of(const ds_kv_cache *kv, const ds_batch *bt, int64_t i, int
  *  - Below ABSORB_GEMM_MIN_TOK tokens, where the table has its own axpy_rows kernels, both take
  *    them: per token, a head's sums stay in registers over its rows as stored (the same chains
  *    again), instead of going through memory for every row (axpy) or through a dequantised copy
- *    and a GEMM pass of eight tokens. Medium models, old and new alternating step by step
- *    (medians of 24 steps), absorb_q / absorb_o in ms a step, W8A8: 0.29 / 0.39 -> 0.27 / 0.18 at
- *    1 sequence, 0.40 / 0.54 -> 0.33 / 0.23 at 2, 0.59 / 0.82 -> 0.42 / 0.33 at 3, 0.60 / 0.59 ->
- *    0.45 / 0.39 at 4 (the GEMM before, axpy below 4), 0.60 / 0.58 -> 0.56 / 0.48 at 6; BF16: 0.38
- * / 0.29 -> 0.37 / 0.22, 0.47 / 0.37 -> 0.42 / 0.25, 0.59 / 0.56 -> 0.49 / 0.29, 0.73 / 0.67 ->
- * 0.48 / 0.32, 0.82 / 0.74 -> 0.68 / 0.44. At 8 tokens they and the GEMM measured even (two W8A8
- * runs: absorb_q 0.72 -> 0.67 and 0.48 -> 0.58), at 12 absorb_q was slower: the GEMM from 8 on.
+ *    and a GEMM pass of eight tokens. Medium models, the two alternating step by step (medians of
+ *    24 steps), absorb_q + absorb_o in ms a step, W8A8: 0.74 -> 0.45 at 1 sequence, 0.93 -> 0.53
+ *    at 2, 1.24 -> 0.64 at 3, 1.10 -> 0.72 at 4 (the GEMM before), 1.12 -> 0.94 at 6; BF16: 0.62
+ *    -> 0.43, 0.64 -> 0.49, 0.81 -> 0.57, 1.38 -> 0.69, 1.17 -> 0.81. At 8 tokens they and the
+ *    GEMM measured even (absorb_q 0.72 -> 0.67 and 0.48 -> 0.58 in two W8A8 runs), at 12 absorb_q
+ *    was slower: the GEMM from 8 on.
  * Tables without the float GEMM kernels keep axpy / dot at every size. */
 #define ABSORB_GEMM_MIN_TOK 8
 
@@ -412,7 +411,7 @@ static void absorb_q_task(void *arg, int thread, int n_threads) {
     const ds_mat *wb = &a->L->kv_b;
     const int gemm = absorb_gemm_ok(k) && a->n >= ABSORB_GEMM_MIN_TOK;
     const int bf16 = wb->dtype == DS_BF16; /* kv_b is never interleaved (weights.c) */
-    float s0;
+    float s0; /* in_regs: per-channel int8 rows (one scale a row) or BF16 */
     const int in_regs =
         !gemm && (bf16 ? DS_KERNELS_OWN(k, axpy_rows_bf16)
                        : ds_mat_i8_row(wb, 0, &s0) && DS_KERNELS_OWN(k, axpy_rows_i8));
