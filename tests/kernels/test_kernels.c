@@ -1179,7 +1179,7 @@ static void test_axpy_rows(const ds_kernels *k) {
 /* axpy_rows_i8_lanes / axpy_rows_i8 / axpy_rows_bf16 against scalar bit-exact, and scalar
  * against the fmaf chain over rows converted here (q * scale rounded first, the BF16 value):
  * every byte value, finite BF16 patterns of every exponent, widths with tails below, at and past
- * the 128 columns a pass holds, 0 - 300 rows, x at an odd offset, canaries past y. */
+ * the 128 and 256 columns a pass holds, 0 - 300 rows, x at an odd offset, canaries past y. */
 static void test_axpy_rows_many(const ds_kernels *k) {
     const ds_kernels *s = ds_kernels_scalar();
     enum { MAXN = 300, MAXM = 300, PAD = 16 };
