@@ -821,14 +821,16 @@ static void absorb_o_t_task(void *arg, int thread, int n_threads) {
             ds_mat_i8_row(wb, r0 + d, &sc[d]);
         const float *x0 = a->b->o_lat + h * R;
         float *o0 = a->o + h * dv;
-        for (int64_t t = 0; in_regs && t < a->n; t++) {
-            float *o = o0 + t * H * dv;
-            if (bf16)
-                k->axpy_rows_bf16(o, x0 + t * H * R, u16, (size_t)R, (size_t)dv);
-            else
-                k->axpy_rows_i8_lanes(o, x0 + t * H * R, u8, (size_t)R, (size_t)dv, sc);
+        if (in_regs) { /* W_UV[h]'s rows one after another; the column scales in sc */
+            for (int64_t t = 0; t < a->n; t++) {
+                float *o = o0 + t * H * dv;
+                if (bf16)
+                    k->axpy_rows_bf16(o, x0 + t * H * R, u16, (size_t)R, (size_t)dv);
+                else
+                    k->axpy_rows_i8_lanes(o, x0 + t * H * R, u8, (size_t)R, (size_t)dv, sc);
+            }
+            continue;
         }
-        if (in_regs) continue;
         for (int64_t t = 0; !gemm && t < a->n; t++) /* axpy adds the rows to zeros */
             memset(o0 + t * H * dv, 0, (size_t)dv * sizeof(float));
         for (int64_t j = 0; j < R; j++) {
