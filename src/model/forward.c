@@ -55,9 +55,10 @@ enum { N_BUFS = 19 };
 
 /* Most (token, expert) pairs in one group of experts (moe) for a chunk of B tokens: at least B,
  * as every token may choose one expert. The pairs of a few tokens make one group, whose gate and
- * up, then down, matmuls run as one pool run each (ds_matmul_jobs). Groups of B pairs cost pool
- * runs and waits for the slowest thread: 5 - 21% of the experts' time at 1 - 64 tokens (medium
- * preset). Capped because the buffers grow with it; 512 pairs keep the threads busy. */
+ * up, then down, matmuls run as one pool run each (ds_matmul_jobs), or all in one at a few tokens
+ * an expert (moe_pipe_task). Groups of B pairs cost pool runs and waits for the slowest thread:
+ * 5 - 21% of the experts' time at 1 - 64 tokens (medium preset). Capped because the buffers grow
+ * with it; 512 pairs keep the threads busy. */
 #define MOE_GROUP_PAIRS 512
 
 static int64_t group_pairs(const ds_config *c, int64_t B) {
