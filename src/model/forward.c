@@ -1115,10 +1115,9 @@ static int moe_chain(ds_model *m, fwd_bufs *b, int64_t n, size_t used) {
 /* One group of experts: ex[j] the j-th with tokens in expert order, its gate and up jobs
  * gu[2j], gu[2j + 1], its down job down[j]; order[] those j by tokens, descending. */
 typedef struct {
-    const ds_config *c;
-    fwd_bufs *b;
+    const rows_op *gather; /* the group's pairs' rows (row r: pair p0 + r) */
     const int32_t *start, *ex, *order;
-    int64_t p0; /* the group's first pair */
+    int64_t p0;
     const ds_mm_job *gu, *down;
 } moe_pipe;
 
@@ -1126,21 +1125,11 @@ static void moe_pipe_task(void *arg, int slice, int n_slices) {
     (void)n_slices;
     const moe_pipe *mp = arg;
     const int32_t j = mp->order[slice], e = mp->ex[j];
-    const int64_t o = mp->start[e] - mp->p0, cnt = mp->start[e + 1] - mp->start[e];
-    const rows_op gather = {gather_fn,
-                            mp->b->xs,
-                            mp->b->h,
-                            NULL,
-                            NULL,
-                            NULL,
-                            mp->b->by_expert + mp->p0,
-                            mp->c->hidden_size,
-                            mp->c->n_experts_per_tok,
-                            0,
-                            0};
-    gather_fn(&gather, o, o + cnt);
-    ds_matmul_jobs(NULL, mp->gu + 2 * j, 2);
-    ds_swiglu(mp->gu[2 * j].y, mp->gu[2 * j + 1].y, cnt * mp->c->moe_intermediate_size);
+    const ds_mm_job *gate = mp->gu + 2 * j;
+    const int64_t o = mp->start[e] - mp->p0;
+    mp->gather->fn(mp->gather, o, o + gate->n_tok);
+    ds_matmul_jobs(NULL, gate, 2);
+    ds_swiglu(gate[0].y, gate[1].y, gate->n_tok * gate->w->rows);
     ds_matmul_jobs(NULL, mp->down + j, 1);
 }
 
@@ -1194,6 +1183,7 @@ static int moe(ds_model *m, const ds_layer *L, int64_t l, fwd_bufs *b, int64_t n
         const int64_t rows = start[e1] - p0;
         if (!rows) continue;
         float *d = stash ? m->moe_out + used * (size_t)D : b->d;
+        rows_op gather = {gather_fn, b->xs, b->h, NULL, NULL, NULL, b->by_expert + p0, D, K, 0, 0};
         int32_t ex[DS_MAX_EXPERTS], order[DS_MAX_EXPERTS];
         int nx = 0;
         for (int64_t e = e0; e < e1; e++) {
@@ -1214,12 +1204,10 @@ static int moe(ds_model *m, const ds_layer *L, int64_t l, fwd_bufs *b, int64_t n
                     order[i] = order[i - 1];
                 order[i] = j;
             }
-            moe_pipe mp = {c, b, start, ex, order, p0, jobs, down};
+            moe_pipe mp = {&gather, start, ex, order, p0, jobs, down};
             ds_pool_run_slices(m->pool, moe_pipe_task, &mp, nx);
             count_jobs(m, jobs, 3 * nx);
         } else {
-            rows_op gather = {gather_fn,         b->xs, b->h, NULL, NULL, NULL,
-                              b->by_expert + p0, D,     K,    0,    0};
             run_rows(m, &gather, rows);
             mm_jobs(m, jobs, 2 * nx);
             swiglu_rows(m, b->g, b->u, rows, ie);
