@@ -1175,7 +1175,8 @@ static int moe(ds_model *m, const ds_layer *L, int64_t l, fwd_bufs *b, int64_t n
     ds_mm_job *jobs = malloc((size_t)(3 * (hi - lo) + 1) * sizeof *jobs);
     if (!jobs) return ds_err_set(DS_ERR_NOMEM, "out of memory (expert jobs)");
     /* experts in groups of at most G pairs (the buffers' rows; one expert has at most n <= G),
-     * each group's matmuls run together: gate and up, then down (ds_matmul_jobs) */
+     * each group's matmuls run together: each expert's chain a task (moe_pipe_task), or gate and
+     * up, then down (ds_matmul_jobs) */
     const int64_t ie = c->moe_intermediate_size, G = group_pairs(c, n);
     for (int64_t e0 = lo, e1; e0 < hi; e0 = e1) {
         const int64_t p0 = start[e0];
