@@ -48,6 +48,11 @@ typedef struct ds_kernels {
      * normal float), the scalar table expf; every table gives exactly 0 below -104 (-inf included,
      * so a masked token keeps weight 0), inf above 88.8 and NaN for NaN. */
     void (*exp_f32)(float *dst, const float *x, size_t n);
+    /* ds_rmsnorm's row, out may be x, n > 0: the squares summed in double in eight chains
+     * (element i in chain i mod 8), merged ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7));
+     * r = 1 / sqrtf((float)(sum / n) + eps); out[i] = (x[i] * r) * w[i]. Every table gives the
+     * same floats: a float's square is exact in double, so a fused add of it is the plain add. */
+    void (*rmsnorm_f32)(float *out, const float *x, const float *w, size_t n, float eps);
     /* ds_bf16_split (a permutation: every table gives the same floats) */
     void (*bf16_split)(const float *x, size_t n, float *xs);
     /* q[i] = round-half-even(x[i] / s) clamped to [-127, 127], NaN -> 0 (the IEEE division, so

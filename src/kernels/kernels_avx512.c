@@ -1035,6 +1035,29 @@ static void exp_f32_avx512(float *dst, const float *x, size_t n) {
     }
 }
 
+/* The eight chains are a vector's eight double lanes; a tail adds +0 to the lanes past it. The
+ * portable loop (SSE2 at -O2, two doubles a step) took ~0.8 us a 1024-float row. Medium models,
+ * the two alternating step by step (medians of 48 - 64 steps, ms a step): W8A8 7.85 -> 7.72 and
+ * 7.84 -> 7.68 at 1 sequence, 18.60 -> 18.41 at 8, 48.52 -> 47.82 at 32, 87.46 -> 87.20 at 64,
+ * 233.4 -> 231.3 at 192; BF16 25.14 -> 24.66 at 8, 119.12 -> 119.01 at 64. */
+static void rmsnorm_f32_avx512(float *out, const float *x, const float *w, size_t n, float eps) {
+    __m512d s = _mm512_setzero_pd();
+    for (size_t i = 0; i < n; i += 8) {
+        const __mmask8 m = n - i >= 8 ? (__mmask8)0xff : (__mmask8)((1u << (n - i)) - 1);
+        const __m512d v = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, x + i));
+        s = _mm512_fmadd_pd(v, v, s);
+    }
+    double c[8];
+    _mm512_storeu_pd(c, s);
+    const double ss = ((c[0] + c[1]) + (c[2] + c[3])) + ((c[4] + c[5]) + (c[6] + c[7]));
+    const __m512 r = _mm512_set1_ps(1.0f / sqrtf((float)(ss / (double)n) + eps));
+    for (size_t i = 0; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : tail16(n - i);
+        const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), r);
+        _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, w + i)));
+    }
+}
+
 static void quantize_i8_avx512(const float *x, size_t n, float s, int8_t *q) {
     const __m512 vs = _mm512_set1_ps(s), hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
     for (size_t i = 0; i < n; i += 16) {
@@ -1252,6 +1275,7 @@ static const ds_kernels avx512_table = {
     .argmax_f32 = argmax_f32_avx512,
     .swiglu_f32 = swiglu_f32_avx512,
     .exp_f32 = exp_f32_avx512,
+    .rmsnorm_f32 = rmsnorm_f32_avx512,
     .bf16_split = bf16_split_avx512,
     .quantize_i8 = quantize_i8_avx512,
     .i8_to_f32 = i8_to_f32_avx512,

@@ -363,6 +363,22 @@ static void exp_f32_scalar(float *dst, const float *x, size_t n) {
     for (size_t i = 0; i < n; i++) dst[i] = expf(x[i]);
 }
 
+/* One chain waited an add's latency per element; the eight let the adds overlap. Medium W8A8, one
+ * chain and eight alternating step by step (medians of 16 steps): the norms and residual adds
+ * 3.47 -> 3.15 ms a step at 192 sequences, 0.69 -> 0.63 at 32. */
+static void rmsnorm_f32_scalar(float *out, const float *x, const float *w, size_t n, float eps) {
+    double s[8] = {0};
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (size_t j = 0; j < 8; j++) s[j] += (double)ld_f32(x, i + j) * (double)ld_f32(x, i + j);
+    for (size_t j = 0; i < n; i++, j++) s[j] += (double)ld_f32(x, i) * (double)ld_f32(x, i);
+    const double ss = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    /* torch: x * rsqrt(mean(x^2) + eps) * w, with mean and rsqrt in f32 */
+    const float r = 1.0f / sqrtf((float)(ss / (double)n) + eps);
+    /* element i is read before it is written, so out may alias x */
+    for (i = 0; i < n; i++) st_f32(out, i, (ld_f32(x, i) * r) * ld_f32(w, i));
+}
+
 static void bf16_split_scalar(const float *x, size_t n, float *xs) {
     size_t i = 0;
     for (; i + 32 <= n; i += 32)
@@ -458,6 +474,7 @@ static const ds_kernels scalar_table = {
     .argmax_f32 = argmax_f32_scalar,
     .swiglu_f32 = swiglu_f32_scalar,
     .exp_f32 = exp_f32_scalar,
+    .rmsnorm_f32 = rmsnorm_f32_scalar,
     .bf16_split = bf16_split_scalar,
     .quantize_i8 = quantize_i8_scalar,
     .i8_to_f32 = i8_to_f32_scalar,

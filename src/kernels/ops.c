@@ -15,21 +15,7 @@
 
 void ds_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps) {
     DS_ASSERT(n > 0);
-    /* the squares (exact in double) summed in eight chains (i mod 8), merged pairwise in a fixed
-     * order, so every row of every batch gets the same sum: one chain waited an add's latency per
-     * element. Medium W8A8, one chain and eight alternating step by step (medians of 16 steps):
-     * the norms and residual adds 3.47 -> 3.15 ms a step at 192 sequences, 0.69 -> 0.63 at 32 */
-    double s[8] = {0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) s[j] += (double)x[i + j] * (double)x[i + j];
-    for (int j = 0; i < n; i++, j++) s[j] += (double)x[i] * (double)x[i];
-    const double ss = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-    /* torch: x * rsqrt(mean(x^2) + eps) * w, with mean and rsqrt in f32 */
-    float ms = (float)(ss / (double)n);
-    float r = 1.0f / sqrtf(ms + eps);
-    /* element i is read before it is written, so out may alias x */
-    for (i = 0; i < n; i++) out[i] = (x[i] * r) * w[i];
+    ds_kernels_get()->rmsnorm_f32(out, x, w, (size_t)n, eps);
 }
 
 /* max_i x[i] by the first-wins scan `if (x[i] > m) m = x[i]` from m = x[0], in eight chains (i

@@ -1294,6 +1294,46 @@ static void test_argmax(const ds_kernels *k) {
     CHECK(k->argmax_f32(h, 0) == -1);
 }
 
+/* rmsnorm_f32 against scalar bit for bit, and scalar against the formula of kernels.h worked out
+ * here: lengths with tails of every size, magnitudes from 1e-20 to 1e18 (squares past the float
+ * range, which the double sums keep), in place, an unaligned start. */
+static void test_rmsnorm(const ds_kernels *k) {
+    const ds_kernels *s = ds_kernels_scalar();
+    enum { MAXN = 7169 };
+    float *x = malloc((MAXN + 1) * sizeof(float)), *w = malloc(MAXN * sizeof(float));
+    float *a = malloc(MAXN * sizeof(float)), *b = malloc(MAXN * sizeof(float));
+    int bad = 0, off = 0;
+    for (size_t n = 1; n <= MAXN; n = n < 70 ? n + 1 : n * 3 + 1) {
+        float *xs = x + n % 2; /* unaligned for odd n */
+        const float scale = n % 3 == 0 ? 1e-20f : n % 3 == 1 ? 1.0f : 1e18f;
+        for (size_t i = 0; i < n; i++) {
+            xs[i] = rnd_uniform(-3, 3) * scale;
+            w[i] = rnd_uniform(0.5f, 1.5f);
+        }
+        const float eps = 1e-6f;
+        k->rmsnorm_f32(a, xs, w, n, eps);
+        s->rmsnorm_f32(b, xs, w, n, eps);
+        bad += memcmp(a, b, n * sizeof(float)) != 0;
+        double c[8] = {0};
+        for (size_t i = 0; i < n; i++) c[i % 8] += (double)xs[i] * (double)xs[i];
+        const float r =
+            1.0f /
+            sqrtf((float)((((c[0] + c[1]) + (c[2] + c[3])) + ((c[4] + c[5]) + (c[6] + c[7]))) /
+                          (double)n) +
+                  eps);
+        for (size_t i = 0; i < n; i++) off += b[i] != (xs[i] * r) * w[i];
+        memcpy(b, xs, n * sizeof(float));
+        k->rmsnorm_f32(b, b, w, n, eps);
+        bad += memcmp(a, b, n * sizeof(float)) != 0;
+    }
+    CHECK_MSG(bad == 0, "%s rmsnorm_f32: %d cases differ from scalar or in place", k->name, bad);
+    CHECK_MSG(off == 0, "scalar rmsnorm_f32: %d elements off the formula", off);
+    free(x);
+    free(w);
+    free(a);
+    free(b);
+}
+
 /* swiglu_f32 against a double evaluation of the formula: gates over the whole range that matters
  * (and past it, where exp over- or underflows), lengths with tails, an unaligned start; then the
  * special values by hand: signed zeros, +-inf, NaN, gates beyond +-100. */
@@ -2082,7 +2122,7 @@ int main(void) {
               k->pack16_i8 && k->pack16_i4 && k->gemm16x8_i8 && k->gemm32x8_i8 && k->pack16_f32 &&
               k->pack16_bf16 && k->pack16_i8_f32 && k->gemm16x8_f32 && k->gemm32x8_f32_rows &&
               k->axpy_i8 && k->axpy_bf16 && k->axpy_rows_i8_lanes && k->axpy_rows_i8 &&
-              k->axpy_rows_bf16);
+              k->axpy_rows_bf16 && k->rmsnorm_f32);
         test_int_dots(k);
         test_int_dequant(k);
         test_axpy_rows(k);
@@ -2090,13 +2130,14 @@ int main(void) {
         test_quant_kernels(k);
         test_argmax(k);
         test_swiglu(k);
+        test_rmsnorm(k);
         test_exp(k);
         test_bf16_split(k);
         test_gemm(k);
         test_fgemm(k);
         printf("table %s: conversions, dot, dot4, axpy, fused dot4 / dot4x2 / dot4xn, dot4_i8 / "
                "dot4_i4, "
-               "argmax, swiglu, int8 and f32 pack16 / gemm16x8 checked\n",
+               "argmax, swiglu, rmsnorm, int8 and f32 pack16 / gemm16x8 checked\n",
                k->name);
     }
     CHECK(ds_kernels_for("bogus") == NULL && ds_kernels_for(NULL) == NULL);
