@@ -103,6 +103,7 @@ static void complete(ds_kernels *dst, const ds_kernels *src) {
     if (!dst->argmax_f32) dst->argmax_f32 = s->argmax_f32;
     if (!dst->swiglu_f32) dst->swiglu_f32 = s->swiglu_f32;
     if (!dst->exp_f32) dst->exp_f32 = s->exp_f32;
+    if (!dst->softmax16_f32) dst->softmax16_f32 = s->softmax16_f32;
     if (!dst->rmsnorm_f32) dst->rmsnorm_f32 = s->rmsnorm_f32;
     if (!dst->bf16_split) dst->bf16_split = s->bf16_split;
     if (!dst->quantize_i8) dst->quantize_i8 = s->quantize_i8;

@@ -48,6 +48,10 @@ typedef struct ds_kernels {
      * normal float), the scalar table expf; every table gives exactly 0 below -104 (-inf included,
      * so a masked token keeps weight 0), inf above 88.8 and NaN for NaN. */
     void (*exp_f32)(float *dst, const float *x, size_t n);
+    /* Attention's scores of 16 heads, x [n][16] (head l's i-th at x[16 i + l]), n > 0: each
+     * head's n scores become ds_softmax's floats for them with this table's exp_f32: the
+     * first-wins max, e^(x - max), the double sum in order, each times (float)(1 / sum). */
+    void (*softmax16_f32)(float *x, size_t n);
     /* ds_rmsnorm's row, out may be x, n > 0: the squares summed in double in eight chains
      * (element i in chain i mod 8), merged ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7));
      * r = 1 / sqrtf((float)(sum / n) + eps); out[i] = (x[i] * r) * w[i]. Every table gives the
@@ -197,11 +201,12 @@ typedef struct ds_kernels {
     /* The same with the panel's row i read in place at rows[i] + off, 32 columns wide, its
      * first m (<= 32) lanes (out is 0 in the others), each half of 16 laid out as gemm16x8_f32's
      * out: attention's absorption and weighted sum over rows left unpacked. 32 columns a call
-     * load each token's x[t][i] once for two vectors of chains.
-     *   out[128 (r / 16) + 16 t + r % 16] = sum_i rows[i][off + r] * x[t][i]   (r < m),
+     * load each token's x[t][i * ldx] once for two vectors of chains (ldx 16: softmax16_f32's
+     * scores, a head a token).
+     *   out[128 (r / 16) + 16 t + r % 16] = sum_i rows[i][off + r] * x[t][i * ldx]   (r < m),
      * same order and fmaf */
     void (*gemm32x8_f32_rows)(const float *const *rows, size_t off, size_t m, size_t n,
-                              const float *const x[8], float out[256]);
+                              const float *const x[8], size_t ldx, float out[256]);
     /* One token against eight panels, the same order and fmaf, so each panel's sums are
      * gemm16x8_f32's for that token: out[16 j + r] = sum_i panel[j][16 i + r] * x[i]. */
     void (*gemm128x1_f32)(const float *const panel[8], size_t n, const float *x, float out[128]);
@@ -331,8 +336,6 @@ void ds_quantize_row_static(const float *x, int64_t n, const float *scale, const
 void ds_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps);
 /* in place: x = softmax(x) with the max subtracted, in f32 */
 void ds_softmax(float *x, int64_t n);
-/* ds_softmax of each of `rows` rows of n, row r at x + r * ld: the same floats per row */
-void ds_softmax_rows(float *x, int64_t ld, int64_t rows, int64_t n);
 /* a[i] = silu(a[i]) * b[i] */
 void ds_swiglu(float *a, const float *b, int64_t n);
 

@@ -37,53 +37,19 @@ static float row_max(const float *x, int64_t n) {
     return mx;
 }
 
-/* sum[r] = the double sum of row r's n floats in order, four rows side by side so that each
- * chain waits on its adds' latency once per four. */
-static void sum4(float *const row[4], int64_t n, double sum[4]) {
-    const float *r0 = row[0], *r1 = row[1], *r2 = row[2], *r3 = row[3];
-    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
-    for (int64_t i = 0; i < n; i++) {
-        s0 += r0[i];
-        s1 += r1[i];
-        s2 += r2[i];
-        s3 += r3[i];
-    }
-    sum[0] = s0;
-    sum[1] = s1;
-    sum[2] = s2;
-    sum[3] = s3;
-}
-
-/* Attention's 16 heads a token, one row at a time, took ~2.2 ns a score: the max scan and the
- * double sum are serial chains. Each row gets the floats ds_softmax gives it alone. 16 rows, one
- * core (us): 1.45 - 1.49 -> 0.93 - 1.01 at 40 positions, 35 - 44 -> 20 - 25 at 1024. */
-void ds_softmax_rows(float *x, int64_t ld, int64_t rows, int64_t n) {
-    if (n <= 0) return;
-    const ds_kernels *k = ds_kernels_get();
-    for (int64_t r0 = 0; r0 < rows; r0 += 4) {
-        float *row[4]; /* a group short of four repeats its first row, summed and dropped */
-        for (int64_t r = 0; r < 4; r++) row[r] = x + (r0 + (r0 + r < rows ? r : 0)) * ld;
-        const int64_t nr = rows - r0 < 4 ? rows - r0 : 4;
-        /* exp through the table's kernel: scalar expf took most of attention's time at long
-         * contexts (a score per cached position and head) */
-        for (int64_t r = 0; r < nr; r++) {
-            const float mx = row_max(row[r], n);
-            for (int64_t i = 0; i < n; i++) row[r][i] -= mx;
-            k->exp_f32(row[r], row[r], (size_t)n);
-        }
-        double sum[4];
-        sum4(row, n, sum);
-        for (int64_t r = 0; r < nr; r++) {
-            /* sum >= 1 (the max contributes exp(0)) unless the row holds NaN or is all -inf, in
-             * which case the NaNs propagate as they do in torch */
-            const float inv = (float)(1.0 / sum[r]);
-            for (int64_t i = 0; i < n; i++) row[r][i] *= inv;
-        }
-    }
-}
-
 void ds_softmax(float *x, int64_t n) {
-    ds_softmax_rows(x, n, 1, n);
+    if (n <= 0) return;
+    const float mx = row_max(x, n);
+    for (int64_t i = 0; i < n; i++) x[i] -= mx;
+    /* exp through the table's kernel: scalar expf took most of attention's time at long contexts
+     * (a score per cached position and head) */
+    ds_kernels_get()->exp_f32(x, x, (size_t)n);
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; i++) sum += x[i];
+    /* sum >= 1 (the max contributes exp(0)) unless the row holds NaN or is all -inf, in which
+     * case the NaNs propagate as they do in torch */
+    const float inv = (float)(1.0 / sum);
+    for (int64_t i = 0; i < n; i++) x[i] *= inv;
 }
 
 void ds_swiglu(float *a, const float *b, int64_t n) {

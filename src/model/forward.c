@@ -399,7 +399,7 @@ static void rows_gemm(const ds_kernels *k, const float *const *rows, int64_t n_r
         for (int64_t r0 = 0; r0 < width; r0 += 32) {
             const int64_t m = width - r0 < 32 ? width - r0 : 32;
             float out[256];
-            k->gemm32x8_f32_rows(rows, (size_t)r0, (size_t)m, (size_t)n_rows, xs, out);
+            k->gemm32x8_f32_rows(rows, (size_t)r0, (size_t)m, (size_t)n_rows, xs, 1, out);
             for (int64_t j = 0; j < 8 && t0 + j < n; j++)
                 rows32_out(out0 + (t0 + j) * ldo + r0, out, j, m, 0);
         }
@@ -565,7 +565,7 @@ static int64_t group_heads(int64_t H, int64_t g) {
  * rows, and the weighted sum takes the rows' columns sixteen at a time for every head group
  * together (before, each group swept them in turn, and at 64 rows a chunk the second sweep
  * found them gone from L1), prefetching the next sixteen; with the heads' softmax chains side by
- * side (ds_softmax_rows), medium W8A8, old and new alternating step by step (medians of 16
+ * side, medium W8A8, old and new alternating step by step (medians of 16
  * steps): 50.7 -> 36.7 ms a step at 32 sequences of 1024 positions (the step 98 -> 81), 13.7 ->
  * 10.5 at 192 of ~40 positions, 4.5 -> 3.4 at 64. Against the shared sweep alone, the
  * prefetches and the softmax: 38 - 40 -> 36 - 37 at 1024 positions, BF16 and W8A8.
@@ -575,14 +575,19 @@ static int64_t group_heads(int64_t H, int64_t g) {
  * read the rows twice per group. R1's width (bench-layer, 2 layers), old and new alternating
  * step by step: attention 24.0 -> 21.9 ms a step at 8 sequences of 1024 positions, 49.8 -> 44.5
  * at 4 of 4096. With fewer tokens than threads, a token's groups are cut into parts so that no
- * thread idles. Each head's sums are the same chains in the same order either way. */
+ * thread idles. Each head's sums are the same chains in the same order either way.
+ * The scores stay as the GEMM gives them, a position's 16 heads side by side: the softmax takes
+ * the heads as lanes (softmax16_f32) and the weighted sum reads a head's scores 16 floats apart.
+ * Stored a row per head, a pass cost 128 scalar stores and each head's softmax a serial scan;
+ * medium W8A8, the two alternating step by step (medians of 48 steps), attend 3.65 -> 3.43 ms a
+ * step at 64 sequences, 14.21 -> 13.51 at 192, 0.79 -> 0.69 at 8. */
 static void attend_task(void *arg, int thread, int n_threads) {
     attn_ctx *a = arg;
     const ds_config *c = &a->m->cfg;
     const ds_kernels *k = ds_kernels_get();
     int64_t H = local_heads(a->m), R = c->kv_lora_rank, dr = c->qk_rope_head_dim;
     int64_t qk = c->qk_nope_head_dim + dr, G = (H + 15) / 16, ld = a->ld;
-    float *scores = a->b->thread_buf + (size_t)thread * a->b->thread_floats; /* [groups][16][ld] */
+    float *scores = a->b->thread_buf + (size_t)thread * a->b->thread_floats; /* [groups][ld][16] */
     float *pan = scores + a->row_off; /* [groups][R + dr][16]: q_abs then q_pe, packed */
     float *conv = pan + a->groups * 16 * (R + dr); /* [ATTEND_CHUNK][R + dr]: converted rows */
     const float *lat[ATTEND_CHUNK], *pe[ATTEND_CHUNK];
@@ -628,19 +633,17 @@ static void attend_task(void *arg, int thread, int n_threads) {
                     xp[j] = pe[r];
                 }
                 for (int64_t g = 0; g < gn; g++) { /* every group while the rows are in L1 */
-                    const int64_t nh = group_heads(H, g0 + g);
                     const float *pg = pan + g * 16 * (R + dr);
-                    float o1[128], o2[128], *sg = scores + g * 16 * ld;
+                    float o1[128], o2[128], *sg = scores + (g * ld + c0 + s0) * 16;
                     k->gemm16x8_f32(pg, (size_t)R, xl, o1);
                     k->gemm16x8_f32(pg + 16 * R, (size_t)dr, xp, o2);
-                    for (int64_t j = 0; j < 8 && s0 + j < cn; j++)
-                        for (int64_t h = 0; h < nh; h++)
-                            sg[h * ld + c0 + s0 + j] = (o1[16 * j + h] + o2[16 * j + h]) * scale;
+                    /* all eight positions (a row holds ld >= s0 + 8 of them), so that the
+                     * compiler vectorises the loop; those past cn are never read */
+                    for (int64_t e = 0; e < 128; e++) sg[e] = (o1[e] + o2[e]) * scale;
                 }
             }
         }
-        for (int64_t g = 0; g < gn; g++)
-            ds_softmax_rows(scores + g * 16 * ld, ld, group_heads(H, g0 + g), S);
+        for (int64_t g = 0; g < gn; g++) k->softmax16_f32(scores + g * 16 * ld, (size_t)S);
         for (int64_t c0 = 0; c0 < S; c0 += ATTEND_CHUNK) {
             int64_t cn = S - c0 < ATTEND_CHUNK ? S - c0 : ATTEND_CHUNK;
             if (c0 || S > ATTEND_CHUNK) /* one chunk: its rows are still in lat / pe */
@@ -659,10 +662,10 @@ static void attend_task(void *arg, int thread, int n_threads) {
                         int64_t ne = nh - e0 < 8 ? nh - e0 : 8;
                         const float *xs[8];
                         for (int64_t j = 0; j < 8; j++) /* past ne: head e0 again, dropped */
-                            xs[j] = scores + (g * 16 + e0 + (j < ne ? j : 0)) * ld + c0;
+                            xs[j] = scores + (g * ld + c0) * 16 + e0 + (j < ne ? j : 0);
                         float out[256];
                         const int64_t m = R - r0 < 32 ? R - r0 : 32;
-                        k->gemm32x8_f32_rows(lat, (size_t)r0, (size_t)m, (size_t)cn, xs, out);
+                        k->gemm32x8_f32_rows(lat, (size_t)r0, (size_t)m, (size_t)cn, xs, 16, out);
                         for (int64_t j = 0; j < ne; j++) { /* the first chunk copies, later add */
                             int64_t h = 16 * (g0 + g) + e0 + j;
                             rows32_out(a->b->o_lat + (t * H + h) * R + r0, out, j, m, c0 > 0);

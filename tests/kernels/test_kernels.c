@@ -1423,6 +1423,60 @@ static void test_exp(const ds_kernels *k) {
           fabs(e[9] - exp(-87.0)) <= 2.1e-7 * exp(-87.0));
 }
 
+/* The softmax as first written, one serial scan of row x (n floats, stride ld): the first-wins
+ * max from x[0], x - max, table k's exp, the double sum in order, the product by (float)(1 / sum).
+ */
+static void softmax_serial(const ds_kernels *k, float *x, int64_t n, int64_t ld) {
+    float mx = x[0];
+    for (int64_t i = 1; i < n; i++)
+        if (x[i * ld] > mx) mx = x[i * ld];
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        float e = x[i * ld] - mx;
+        k->exp_f32(&e, &e, 1);
+        x[i * ld] = e;
+        sum += e;
+    }
+    const float inv = (float)(1.0 / sum);
+    for (int64_t i = 0; i < n; i++) x[i * ld] *= inv;
+}
+
+/* softmax16_f32: each of the 16 lanes gets exactly the serial scan's floats, lanes being heads of
+ * different magnitudes (an unsubtracted max would overflow), a NaN score late and first (NaN
+ * stays), an all -inf head (NaN), equal scores and -0 / +0 maxima, at an unaligned start. */
+static void test_softmax16(const ds_kernels *k) {
+    const size_t ns[] = {1, 2, 3, 4, 5, 7, 9, 40, 133};
+    for (size_t ni = 0; ni < sizeof ns / sizeof ns[0]; ni++) {
+        const size_t n = ns[ni];
+        float *buf = malloc((16 * n + 1) * sizeof(float)), *x = buf + 1;
+        float *y = malloc(16 * n * sizeof(float));
+        for (size_t i = 0; i < 16 * n; i++)
+            x[i] = rnd_uniform(-30, 30) + (float)(i % 16) * (i % 3 ? 40.0f : -60.0f);
+        for (size_t i = 0; i < n; i++) {
+            x[16 * i + 5] = -INFINITY;
+            x[16 * i + 9] = 2.5f;
+            x[16 * i + 10] = i % 2 ? -0.0f : 0.0f;
+        }
+        x[16 * (n / 2) + 3] = NAN;
+        x[7] = NAN;
+        memcpy(y, x, 16 * n * sizeof(float));
+        k->softmax16_f32(x, n);
+        int bad = 0;
+        for (size_t l = 0; l < 16; l++) {
+            softmax_serial(k, y + l, (int64_t)n, 16);
+            for (size_t i = 0; i < n; i++) bad += memcmp(&x[16 * i + l], &y[16 * i + l], 4) != 0;
+        }
+        CHECK_MSG(bad == 0, "%s softmax16_f32 n=%zu: %d scores differ from the serial scan",
+                  k->name, n, bad);
+        CHECK_MSG(isnan(x[3 + 16 * (n / 2)]) && isnan(x[7]) && isnan(x[5]),
+                  "%s softmax16_f32 n=%zu: a NaN head came out finite", k->name, n);
+        CHECK_MSG(fabsf(x[9] * (float)n - 1.0f) < 1e-5f, "%s softmax16_f32 n=%zu: equal scores",
+                  k->name, n);
+        free(buf);
+        free(y);
+    }
+}
+
 /* dot4xn_bf16 on odd lengths, rows and x in allocations of exactly their bytes at an offset
  * off any SIMD boundary (ASan catches a read past the end): bit-exact against scalar, every nx
  * giving each token the same floats as nx = 4, and scalar against a double-precision dot. The
@@ -1795,23 +1849,29 @@ static void test_fgemm(const ds_kernels *k) {
         CHECK_MSG(bad == 0, "%s gemm128x1_f32 n=%zu: %d sums differ from scalar", k->name, n, bad);
         free(pans);
         /* _rows: panel row i read in place as the 32 columns at off of "cached" row i (n rows of
-         * 40 floats, in reverse order), first m lanes only, against the fmaf chain */
-        float *cache = malloc(n * 40 * sizeof(float));
+         * 40 floats, in reverse order), first m lanes only, against the fmaf chain; x as the
+         * tokens' rows, or (odd m) as lanes of a [n][16] block (attention's scores) */
+        float *cache = malloc(n * 40 * sizeof(float)),
+              *lanes = malloc((16 * n + 1) * sizeof(float));
         const float **rp = malloc(n * sizeof *rp);
         fill(cache, n * 40);
+        fill(lanes, 16 * n + 1);
         for (size_t i = 0; i < n; i++) rp[i] = cache + (n - 1 - i) * 40; /* any order */
         const size_t ms[] = {32, 21, 16, 5, 1};
         for (size_t mi = 0; mi < 5; mi++) {
-            const size_t m = ms[mi], off = 3 + mi;
+            const size_t m = ms[mi], off = 3 + mi, ldx = m % 2 ? 16 : 1;
+            const float *const xl[8] = {lanes + 1,  lanes + 3,  lanes + 4,  lanes + 8,
+                                        lanes + 16, lanes + 12, lanes + 15, lanes + 2};
+            const float *const *xr = ldx == 1 ? xc : xl;
             float o32k[256], o32s[256];
-            k->gemm32x8_f32_rows(rp, off, m, n, xc, o32k);
-            s->gemm32x8_f32_rows(rp, off, m, n, xc, o32s);
+            k->gemm32x8_f32_rows(rp, off, m, n, xr, ldx, o32k);
+            s->gemm32x8_f32_rows(rp, off, m, n, xr, ldx, o32s);
             bad = badref = 0;
             for (size_t t = 0; t < 8; t++)
                 for (size_t r = 0; r < 32; r++) {
                     float acc = 0;
                     for (size_t i = 0; r < m && i < n; i++)
-                        acc = fmaf(rp[i][off + r], xc[t][i], acc);
+                        acc = fmaf(rp[i][off + r], xr[t][i * ldx], acc);
                     const size_t o = 128 * (r / 16) + 16 * t + r % 16;
                     badref += memcmp(&acc, &o32s[o], 4) != 0;
                     bad += memcmp(&o32k[o], &o32s[o], 4) != 0;
@@ -1822,6 +1882,7 @@ static void test_fgemm(const ds_kernels *k) {
                       k->name, n, m, bad);
         }
         free(cache);
+        free(lanes);
         free(rp);
         for (int r = 0; r < 16; r++) free(rows[r]);
         for (int t = 0; t < 8; t++) free(xs[t]);
@@ -2036,48 +2097,26 @@ static void test_row_ops(void) {
     free(o2);
 }
 
-/* The softmax as first written, one serial scan per row: the first-wins max from x[0], x - max,
- * the table's exp, the double sum in order, the product by (float)(1 / sum). */
-static void softmax_serial(float *x, int64_t n) {
-    float mx = x[0];
-    for (int64_t i = 1; i < n; i++)
-        if (x[i] > mx) mx = x[i];
-    for (int64_t i = 0; i < n; i++) x[i] -= mx;
-    ds_kernels_get()->exp_f32(x, x, (size_t)n);
-    double sum = 0.0;
-    for (int64_t i = 0; i < n; i++) sum += x[i];
-    const float inv = (float)(1.0 / sum);
-    for (int64_t i = 0; i < n; i++) x[i] *= inv;
-}
-
-/* ds_softmax_rows: each of 19 rows (groups of four and a partial one; a NaN row, an all -inf row,
- * rows of mixed magnitudes) gets exactly the floats of the serial scan, as does ds_softmax on a
- * row alone, and the floats between the rows (ld > n) are left alone. */
-static void test_softmax_rows(void) {
-    const int64_t rows = 19, ns[] = {1, 7, 40, 133};
+/* ds_softmax: the serial scan's floats, for rows with a NaN (late or first), all -inf, and of
+ * mixed magnitudes. */
+static void test_softmax(void) {
+    const int64_t ns[] = {1, 7, 8, 9, 40, 133};
     for (size_t ni = 0; ni < sizeof ns / sizeof ns[0]; ni++) {
-        const int64_t n = ns[ni], ld = n + 5;
-        float *x = malloc((size_t)(rows * ld) * sizeof(float));
-        float *y = malloc((size_t)(rows * ld) * sizeof(float));
-        for (int64_t i = 0; i < rows * ld; i++) x[i] = rnd_uniform(-30, 30) + (i % 3 ? 0 : 200);
-        x[3 * ld + n / 2] = NAN;
-        for (int64_t i = 0; i < n; i++) x[5 * ld + i] = -INFINITY;
-        memcpy(y, x, (size_t)(rows * ld) * sizeof(float));
-        ds_softmax_rows(x, ld, rows, n);
-        int bad = 0;
-        float *alone = malloc((size_t)ld * sizeof(float));
-        for (int64_t r = 0; r < rows; r++) {
-            memcpy(alone, y + r * ld, (size_t)ld * sizeof(float));
-            softmax_serial(y + r * ld, n);
-            ds_softmax(alone, n);
-            bad += memcmp(x + r * ld, y + r * ld, (size_t)ld * sizeof(float)) != 0;
-            bad += memcmp(alone, y + r * ld, (size_t)ld * sizeof(float)) != 0;
+        const int64_t n = ns[ni];
+        float *x = malloc((size_t)n * sizeof(float)), *y = malloc((size_t)n * sizeof(float));
+        for (int kind = 0; kind < 4; kind++) {
+            for (int64_t i = 0; i < n; i++)
+                x[i] = kind == 3 ? -INFINITY : rnd_uniform(-30, 30) + (i % 3 ? 0 : 200);
+            if (kind == 1) x[n / 2] = NAN;
+            if (kind == 2) x[0] = NAN;
+            memcpy(y, x, (size_t)n * sizeof(float));
+            ds_softmax(x, n);
+            softmax_serial(ds_kernels_get(), y, n, 1);
+            CHECK_MSG(memcmp(x, y, (size_t)n * sizeof(float)) == 0,
+                      "softmax n=%lld kind %d: differs from the serial scan", (long long)n, kind);
+            CHECK_MSG(kind == 0 || isnan(x[0]), "softmax n=%lld kind %d: came out finite",
+                      (long long)n, kind);
         }
-        free(alone);
-        CHECK_MSG(bad == 0, "softmax_rows n=%lld: %d rows differ from the serial scan",
-                  (long long)n, bad);
-        CHECK_MSG(n < 2 || isnan(x[3 * ld]), "softmax_rows n=%lld: a NaN row came out finite",
-                  (long long)n);
         free(x);
         free(y);
     }
@@ -2122,7 +2161,7 @@ int main(void) {
               k->pack16_i8 && k->pack16_i4 && k->gemm16x8_i8 && k->gemm32x8_i8 && k->pack16_f32 &&
               k->pack16_bf16 && k->pack16_i8_f32 && k->gemm16x8_f32 && k->gemm32x8_f32_rows &&
               k->axpy_i8 && k->axpy_bf16 && k->axpy_rows_i8_lanes && k->axpy_rows_i8 &&
-              k->axpy_rows_bf16 && k->rmsnorm_f32);
+              k->axpy_rows_bf16 && k->rmsnorm_f32 && k->softmax16_f32);
         test_int_dots(k);
         test_int_dequant(k);
         test_axpy_rows(k);
@@ -2132,6 +2171,7 @@ int main(void) {
         test_swiglu(k);
         test_rmsnorm(k);
         test_exp(k);
+        test_softmax16(k);
         test_bf16_split(k);
         test_gemm(k);
         test_fgemm(k);
@@ -2151,7 +2191,7 @@ int main(void) {
     test_quantize_static();
     test_i4_split();
     test_row_ops();
-    test_softmax_rows();
+    test_softmax();
 
     ds_pool *p2 = ds_pool_open(2);
     double bw = ds_measure_read_bandwidth(p2, (size_t)32 << 20);
