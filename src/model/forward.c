@@ -195,7 +195,7 @@ static void trace(ds_model *m, const char *fmt, int64_t l, const float *data, in
 typedef struct rows_op rows_op;
 struct rows_op {
     void (*fn)(const rows_op *op, int64_t r0, int64_t r1); /* rows (or columns) [r0, r1) */
-    float *out;
+    float *out, *res;
     const float *in, *w, *bias, *topw;
     const int32_t *idx;
     int64_t width, k, count;
@@ -221,28 +221,46 @@ static void run_rows(ds_model *m, rows_op *op, int64_t count) {
         ds_pool_run(m->pool, rows_op_task, op);
 }
 
-/* out = RMSNorm(in) * w, plus the norm's anti-outlier bias when it has one (out may be in) */
+/* out = RMSNorm(in) * w, plus the norm's anti-outlier bias when it has one (out may be in).
+ * With res: res += in first, and the norm is of res (a residual add and the norm after it, one
+ * pass and one pool run: a row is normed while its sum is in L1). Medium W8A8, against the add
+ * and the norm apart, alternating step by step (medians of 48 steps), the adds and norms in ms a
+ * step: 0.17 -> 0.14 at 8 sequences, 0.55 -> 0.46 at 64, 2.34 -> 1.68 at 192. */
 static void norm_fn(const rows_op *op, int64_t r0, int64_t r1) {
+    const ds_kernels *k = ds_kernels_get();
     for (int64_t t = r0; t < r1; t++) {
+        const float *x = op->in + t * op->width;
+        if (op->res) {
+            k->axpy_f32(op->res + t * op->width, 1.0f, x, (size_t)op->width); /* exactly x + r */
+            x = op->res + t * op->width;
+        }
         float *o = op->out + t * op->width;
-        ds_rmsnorm(o, op->in + t * op->width, op->w, op->width, op->eps);
+        ds_rmsnorm(o, x, op->w, op->width, op->eps);
         for (int64_t i = 0; op->bias && i < op->width; i++) o[i] += op->bias[i];
     }
 }
 
 static void rmsnorm_rows(ds_model *m, float *out, const float *in, const float *w,
                          const float *bias, int64_t rows, int64_t n) {
-    rows_op op = {norm_fn, out, in, w, bias, NULL, NULL, n, 0, 0, m->cfg.rms_norm_eps};
+    rows_op op = {norm_fn, out, NULL, in, w, bias, NULL, NULL, n, 0, 0, m->cfg.rms_norm_eps};
     run_rows(m, &op, rows);
 }
 
-/* out += in */
+/* res += in, then out = the norm (w, bias) of res */
+static void add_rmsnorm_rows(ds_model *m, float *res, const float *in, float *out, const float *w,
+                             const float *bias, int64_t rows, int64_t n) {
+    rows_op op = {norm_fn, out, res, in, w, bias, NULL, NULL, n, 0, 0, m->cfg.rms_norm_eps};
+    run_rows(m, &op, rows);
+}
+
+/* out += in: a multiply-add by 1 is exactly the add */
 static void add_fn(const rows_op *op, int64_t r0, int64_t r1) {
-    for (int64_t i = r0 * op->width; i < r1 * op->width; i++) op->out[i] += op->in[i];
+    ds_kernels_get()->axpy_f32(op->out + r0 * op->width, 1.0f, op->in + r0 * op->width,
+                               (size_t)((r1 - r0) * op->width));
 }
 
 static void add_rows(ds_model *m, float *out, const float *in, int64_t rows, int64_t n) {
-    rows_op op = {add_fn, out, in, NULL, NULL, NULL, NULL, n, 0, 0, 0};
+    rows_op op = {add_fn, out, NULL, in, NULL, NULL, NULL, NULL, n, 0, 0, 0};
     run_rows(m, &op, rows);
 }
 
@@ -252,7 +270,7 @@ static void swiglu_fn(const rows_op *op, int64_t r0, int64_t r1) {
 }
 
 static void swiglu_rows(ds_model *m, float *g, const float *u, int64_t rows, int64_t n) {
-    rows_op op = {swiglu_fn, g, u, NULL, NULL, NULL, NULL, n, 0, 0, 0};
+    rows_op op = {swiglu_fn, g, NULL, u, NULL, NULL, NULL, NULL, n, 0, 0, 0};
     run_rows(m, &op, rows);
 }
 
@@ -1187,7 +1205,8 @@ static int moe(ds_model *m, const ds_layer *L, int64_t l, fwd_bufs *b, int64_t n
         const int64_t rows = start[e1] - p0;
         if (!rows) continue;
         float *d = stash ? m->moe_out + used * (size_t)D : b->d;
-        rows_op gather = {gather_fn, b->xs, b->h, NULL, NULL, NULL, b->by_expert + p0, D, K, 0, 0};
+        rows_op gather = {gather_fn,         b->xs, NULL, b->h, NULL, NULL, NULL,
+                          b->by_expert + p0, D,     K,    0,    0};
         int32_t ex[DS_MAX_EXPERTS], order[DS_MAX_EXPERTS];
         int nx = 0;
         for (int64_t e = e0; e < e1; e++) {
@@ -1220,8 +1239,8 @@ static int moe(ds_model *m, const ds_layer *L, int64_t l, fwd_bufs *b, int64_t n
         if (stash) {
             for (int64_t j = 0; j < rows; j++) m->moe_slot[used++] = b->by_expert[p0 + j];
         } else { /* split by columns: each output keeps its experts' order */
-            rows_op acc = {weigh_fn,          b->a, d, NULL, NULL, b->topw,
-                           b->by_expert + p0, rows, K, 0,    0};
+            rows_op acc = {weigh_fn,          b->a, NULL, d, NULL, NULL, b->topw,
+                           b->by_expert + p0, rows, K,    0, 0};
             run_rows(m, &acc, D);
         }
     }
@@ -1259,29 +1278,34 @@ static int forward_chunk(ds_model *m, ds_kv_cache *kv, const ds_batch *bt, int64
     }
     if (m->shard.size > 1 && (rc = ds_dist_allreduce_sum_f32(b.x, (size_t)(n * D)))) return rc;
     trace(m, "embed", 0, b.x, n, D);
+    /* each residual add runs with the norm after it: the next layer's attention norm, or past
+     * the last layer the final norm; b.h holds every norm's output */
+    if (c->n_layers)
+        rmsnorm_rows(m, b.h, b.x, m->layers[0].attn_norm, m->layers[0].attn_norm_bias, n, D);
+    else
+        rmsnorm_rows(m, b.h, b.x, m->final_norm, m->final_norm_bias, n, D);
     for (int64_t l = 0; l < c->n_layers; l++) {
-        const ds_layer *L = &m->layers[l];
-        rmsnorm_rows(m, b.h, b.x, L->attn_norm, L->attn_norm_bias, n, D);
+        const ds_layer *L = &m->layers[l], *next = l + 1 < c->n_layers ? L + 1 : NULL;
         trace(m, "layers.%lld.attn_norm_out", l, b.h, n, D);
         if ((rc = attention(m, L, l, kv, &b, bt, i0, n, max_ctx))) return rc;
         trace(m, "layers.%lld.attn_out", l, b.a, n, D);
-        add_rows(m, b.x, b.a, n, D);
-        rmsnorm_rows(m, b.h, b.x, L->ffn_norm, L->ffn_norm_bias, n, D);
+        add_rmsnorm_rows(m, b.x, b.a, b.h, L->ffn_norm, L->ffn_norm_bias, n, D);
         trace(m, "layers.%lld.ffn_norm_out", l, b.h, n, D);
         rc =
             L->moe ? moe(m, L, l, &b, n) : mlp(m, &L->dense, b.h, n, b.a, &b, c->intermediate_size);
         if (rc) return rc;
         trace(m, "layers.%lld.ffn_out", l, b.a, n, D);
-        add_rows(m, b.x, b.a, n, D);
+        add_rmsnorm_rows(m, b.x, b.a, b.h, next ? next->attn_norm : m->final_norm,
+                         next ? next->attn_norm_bias : m->final_norm_bias, n, D);
         trace(m, "layers.%lld.out", l, b.x, n, D);
     }
-    rmsnorm_rows(m, b.x, b.x, m->final_norm, m->final_norm_bias, n, D);
-    trace(m, "final_norm_out", 0, b.x, n, D);
-    /* the rows that want logits, packed in order (b.h is free now), through lm_head at once */
+    trace(m, "final_norm_out", 0, b.h, n, D);
+    /* the rows that want logits, packed in order within b.h (a row moves to one at or before
+     * it), through lm_head at once */
     int32_t j0 = *li, nl = 0;
     while (j0 + nl < bt->n_logits && bt->logits_idx[j0 + nl] < i0 + n) {
         int64_t t = bt->logits_idx[j0 + nl] - i0;
-        memmove(b.h + nl * D, b.x + t * D, (size_t)D * sizeof(float));
+        memmove(b.h + nl * D, b.h + t * D, (size_t)D * sizeof(float));
         nl++;
     }
     /* logits is NULL on ranks > 0: their vocabulary rows go to rank 0 */
