@@ -107,6 +107,7 @@ static void complete(ds_kernels *dst, const ds_kernels *src) {
     if (!dst->rmsnorm_f32) dst->rmsnorm_f32 = s->rmsnorm_f32;
     if (!dst->bf16_split) dst->bf16_split = s->bf16_split;
     if (!dst->quantize_i8) dst->quantize_i8 = s->quantize_i8;
+    if (!dst->sum_i8) dst->sum_i8 = s->sum_i8;
     if (!dst->dot_f32) dst->dot_f32 = s->dot_f32;
     if (!dst->dot4_f32) dst->dot4_f32 = s->dot4_f32;
     if (!dst->axpy_f32) dst->axpy_f32 = s->axpy_f32;

@@ -62,6 +62,8 @@ typedef struct ds_kernels {
     /* q[i] = round-half-even(x[i] / s) clamped to [-127, 127], NaN -> 0 (the IEEE division, so
      * every table gives the same bytes): ds_quantize_row_i8's second pass */
     void (*quantize_i8)(const float *x, size_t n, float s, int8_t *q);
+    /* sum_i q[i], exact (the int8 matmuls' activation offsets, per block of quantized x) */
+    int64_t (*sum_i8)(const int8_t *q, size_t n);
     /* sum_i a[i] * b[i] */
     float (*dot_f32)(const float *a, const float *b, size_t n);
     /* out[r] = sum_i x[i] * w[r][i] for r in 0..3: one pass over x feeds four rows */

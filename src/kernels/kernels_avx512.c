@@ -1109,6 +1109,20 @@ static void quantize_i8_avx512(const float *x, size_t n, float s, int8_t *q) {
     }
 }
 
+/* q ^ 0x80 is q + 128 as an unsigned byte: psadbw against zero sums eight of those into each
+ * 64-bit lane; 128 a byte read comes off at the end. */
+static int64_t sum_i8_avx512(const int8_t *q, size_t n) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
+    __m512i acc = zero;
+    for (size_t i = 0; i < n; i += 64) {
+        const __mmask64 m = n - i >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << (n - i)) - 1;
+        /* lanes past n read 0, which the flip makes 128 like every counted byte */
+        const __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, q + i), flip);
+        acc = _mm512_add_epi64(acc, _mm512_sad_epu8(v, zero));
+    }
+    return _mm512_reduce_add_epi64(acc) - 128 * (int64_t)((n + 63) / 64 * 64);
+}
+
 static void i8_to_f32_avx512(float *dst, const int8_t *src, size_t n, float scale) {
     const __m512 vs = _mm512_set1_ps(scale);
     size_t i = 0;
@@ -1318,6 +1332,7 @@ static const ds_kernels avx512_table = {
     .rmsnorm_f32 = rmsnorm_f32_avx512,
     .bf16_split = bf16_split_avx512,
     .quantize_i8 = quantize_i8_avx512,
+    .sum_i8 = sum_i8_avx512,
     .i8_to_f32 = i8_to_f32_avx512,
     .i4_to_f32 = i4_to_f32_avx512,
     .i8_to_f32_lanes = i8_to_f32_lanes_avx512,

@@ -1261,6 +1261,21 @@ static void test_quant_kernels(const ds_kernels *k) {
     int8_t qt[3];
     s->quantize_i8(t, 3, 1.0f, qt);
     CHECK(qt[0] == 2 && qt[1] == -4 && qt[2] == 127); /* ties to even */
+    /* sum_i8 against a plain sum: every tail length, unaligned starts, all -128 and all 127 */
+    static int8_t q[4099];
+    for (size_t n = 0; n <= 4096; n = n < 200 ? n + 1 : n * 2 + 1) {
+        for (int kind = 0; kind < 3; kind++) {
+            int8_t *p = q + n % 3;
+            int64_t want = 0;
+            for (size_t i = 0; i < n; i++) {
+                p[i] = kind == 0 ? (int8_t)(rnd64() & 0xff) : kind == 1 ? -128 : 127;
+                want += p[i];
+            }
+            const int64_t got = k->sum_i8(p, n);
+            CHECK_MSG(got == want, "%s sum_i8 n=%zu kind %d: %lld, want %lld", k->name, n, kind,
+                      (long long)got, (long long)want);
+        }
+    }
 }
 
 /* argmax_f32 against scalar and by hand: lengths with tails, ties (the lowest index wins), NaN
@@ -2161,7 +2176,7 @@ int main(void) {
               k->pack16_i8 && k->pack16_i4 && k->gemm16x8_i8 && k->gemm32x8_i8 && k->pack16_f32 &&
               k->pack16_bf16 && k->pack16_i8_f32 && k->gemm16x8_f32 && k->gemm32x8_f32_rows &&
               k->axpy_i8 && k->axpy_bf16 && k->axpy_rows_i8_lanes && k->axpy_rows_i8 &&
-              k->axpy_rows_bf16 && k->rmsnorm_f32 && k->softmax16_f32);
+              k->axpy_rows_bf16 && k->rmsnorm_f32 && k->softmax16_f32 && k->sum_i8);
         test_int_dots(k);
         test_int_dequant(k);
         test_axpy_rows(k);
