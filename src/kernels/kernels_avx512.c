@@ -1105,7 +1105,11 @@ static void quantize_i8_avx512(const float *x, size_t n, float s, int8_t *q) {
         v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         __mmask16 ok = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q); /* NaN -> 0 */
         v = _mm512_maskz_mov_ps(ok, _mm512_max_ps(_mm512_min_ps(v, hi), lo));
-        _mm_mask_storeu_epi8(q + i, m, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+        const __m128i b = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v));
+        if (m == 0xffff)
+            _mm_storeu_si128((__m128i *)(void *)(q + i), b);
+        else
+            _mm_mask_storeu_epi8(q + i, m, b);
     }
 }
 
