@@ -583,8 +583,8 @@ static int64_t group_heads(int64_t H, int64_t g) {
  * rows, and the weighted sum takes the rows' columns sixteen at a time for every head group
  * together (before, each group swept them in turn, and at 64 rows a chunk the second sweep
  * found them gone from L1), prefetching the next sixteen; with the heads' softmax chains side by
- * side, medium W8A8, old and new alternating step by step (medians of 16
- * steps): 50.7 -> 36.7 ms a step at 32 sequences of 1024 positions (the step 98 -> 81), 13.7 ->
+ * side, medium W8A8, old and new alternating step by step (medians of 16 steps): 50.7 -> 36.7
+ * ms a step at 32 sequences of 1024 positions (the step 98 -> 81), 13.7 ->
  * 10.5 at 192 of ~40 positions, 4.5 -> 3.4 at 64. Against the shared sweep alone, the
  * prefetches and the softmax: 38 - 40 -> 36 - 37 at 1024 positions, BF16 and W8A8.
  * A token's groups (DeepSeek-R1's 128 heads on a rank are eight) share each pass over its rows,
