@@ -1257,6 +1257,13 @@ static int moe(ds_model *m, const ds_layer *L, int64_t l, fwd_bufs *b, int64_t n
 
 /* ---- the network ---- */
 
+/* The norm ahead of layer l: its attention norm, or past the last layer the final norm. */
+static const float *norm_ahead(const ds_model *m, int64_t l, const float **bias) {
+    const int last = l == m->cfg.n_layers;
+    *bias = last ? m->final_norm_bias : m->layers[l].attn_norm_bias;
+    return last ? m->final_norm : m->layers[l].attn_norm;
+}
+
 /* Tokens [i0, i0 + n) of a batch; logits for those of logits_idx[*li ..] in range, advancing *li.
  */
 static int forward_chunk(ds_model *m, ds_kv_cache *kv, const ds_batch *bt, int64_t i0, int64_t n,
@@ -1278,14 +1285,12 @@ static int forward_chunk(ds_model *m, ds_kv_cache *kv, const ds_batch *bt, int64
     }
     if (m->shard.size > 1 && (rc = ds_dist_allreduce_sum_f32(b.x, (size_t)(n * D)))) return rc;
     trace(m, "embed", 0, b.x, n, D);
-    /* each residual add runs with the norm after it: the next layer's attention norm, or past
-     * the last layer the final norm; b.h holds every norm's output */
-    if (c->n_layers)
-        rmsnorm_rows(m, b.h, b.x, m->layers[0].attn_norm, m->layers[0].attn_norm_bias, n, D);
-    else
-        rmsnorm_rows(m, b.h, b.x, m->final_norm, m->final_norm_bias, n, D);
+    /* each residual add runs with the norm after it (norm_ahead); b.h holds every norm's output */
+    const float *nw, *nb;
+    nw = norm_ahead(m, 0, &nb);
+    rmsnorm_rows(m, b.h, b.x, nw, nb, n, D);
     for (int64_t l = 0; l < c->n_layers; l++) {
-        const ds_layer *L = &m->layers[l], *next = l + 1 < c->n_layers ? L + 1 : NULL;
+        const ds_layer *L = &m->layers[l];
         trace(m, "layers.%lld.attn_norm_out", l, b.h, n, D);
         if ((rc = attention(m, L, l, kv, &b, bt, i0, n, max_ctx))) return rc;
         trace(m, "layers.%lld.attn_out", l, b.a, n, D);
@@ -1295,8 +1300,8 @@ static int forward_chunk(ds_model *m, ds_kv_cache *kv, const ds_batch *bt, int64
             L->moe ? moe(m, L, l, &b, n) : mlp(m, &L->dense, b.h, n, b.a, &b, c->intermediate_size);
         if (rc) return rc;
         trace(m, "layers.%lld.ffn_out", l, b.a, n, D);
-        add_rmsnorm_rows(m, b.x, b.a, b.h, next ? next->attn_norm : m->final_norm,
-                         next ? next->attn_norm_bias : m->final_norm_bias, n, D);
+        nw = norm_ahead(m, l + 1, &nb);
+        add_rmsnorm_rows(m, b.x, b.a, b.h, nw, nb, n, D);
         trace(m, "layers.%lld.out", l, b.x, n, D);
     }
     trace(m, "final_norm_out", 0, b.h, n, D);
