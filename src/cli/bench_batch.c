@@ -20,8 +20,9 @@
  *
  * Method: the largest batch's sequences are prefilled once (random prompts of --context tokens,
  * their own blocks), then for each batch size the first B sequences decode --decode-tokens steps
- * from position --context on (overwriting the same positions each time), greedy sampling on the
- * thread pool as the engine does; each step is timed alone and the median is reported. */
+ * from position --context on (overwriting the same positions each time), greedy as the engine
+ * samples plain greedy requests (the argmax lm_head returns); each step is timed alone and the
+ * median is reported. */
 #include "cli/cli.h"
 #include "kernels/kernels.h"
 
@@ -98,23 +99,6 @@ static void measure_rates(ds_pool *pool, ds_dtype fdt, size_t bw_bytes, rates *b
     best->r_f32 = now.r_f32 > best->r_f32 ? now.r_f32 : best->r_f32;
 }
 
-typedef struct {
-    const float *logits;
-    int32_t *next;
-    int64_t n, vocab;
-} argmax_ctx;
-
-static void argmax_task(void *arg, int slice, int n_slices) {
-    argmax_ctx *a = arg;
-    size_t i0, i1;
-    ds_split_range((size_t)a->n, slice, n_slices, &i0, &i1);
-    for (size_t i = i0; i < i1; i++) {
-        int64_t b =
-            ds_kernels_get()->argmax_f32(a->logits + i * (size_t)a->vocab, (size_t)a->vocab);
-        a->next[i] = (int32_t)(b < 0 ? 0 : b);
-    }
-}
-
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return x < y ? -1 : x > y;
@@ -162,10 +146,8 @@ int ds_cli_bench_batch(ds_model *m, const int32_t *batches, int n_batches, long 
     }
     double t0 = ds_now();
     ds_batch pre = {n, tok, pos, seq, B, maxb, tables, B, lidx};
-    if ((rc = ds_model_forward_batch(m, kv, &pre, logits))) goto out;
+    if ((rc = ds_model_forward_batch(m, kv, &pre, logits, next))) goto out;
     ds_info("prefilled %d sequences of %ld tokens in %.1fs", B, context, ds_now() - t0);
-    argmax_ctx am = {logits, next, B, V};
-    ds_pool_run(pool, argmax_task, &am);
 
     /* the float weights' dtype: FP8 in the official release, else BF16 (W8A8 / W4A8 keep
      * lm_head and the router in it) */
@@ -177,16 +159,14 @@ int ds_cli_bench_batch(ds_model *m, const int32_t *batches, int n_batches, long 
         ds_forward_cost cost = {0}, *sum = &rows[bi].sum;
         for (long st = 0; st < steps; st++) {
             for (int32_t q = 0; q < b; q++) {
-                tok[q] = next[q];
+                tok[q] = next[q] < 0 ? 0 : next[q]; /* -1: every logit -inf */
                 pos[q] = (int32_t)(context + st);
                 seq[q] = q;
                 lidx[q] = q;
             }
             ds_batch dec = {b, tok, pos, seq, B, maxb, tables, b, lidx};
             double ts = ds_now();
-            if ((rc = ds_model_forward_batch(m, kv, &dec, logits))) goto out;
-            argmax_ctx a = {logits, next, b, V};
-            ds_pool_run(pool, argmax_task, &a);
+            if ((rc = ds_model_forward_batch(m, kv, &dec, logits, next))) goto out;
             times[st] = ds_now() - ts;
             ds_model_last_cost(m, &cost);
             sum->weight_bytes += cost.weight_bytes;

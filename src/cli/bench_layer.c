@@ -92,7 +92,7 @@ static int timed_step(ds_model *m, ds_kv_cache *kv, const ds_batch *b, float *lo
     uint64_t o0, o1;
     ds_dist_wait_stats(&w0, &o0);
     const double t0 = ds_now();
-    int rc = ds_model_forward_batch(m, kv, b, logits);
+    int rc = ds_model_forward_batch(m, kv, b, logits, NULL);
     r->step_ms = 1e3 * (ds_now() - t0);
     ds_dist_wait_stats(&w1, &o1);
     r->wait_ms = 1e3 * (w1 - w0);

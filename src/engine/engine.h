@@ -66,6 +66,13 @@ ds_sampling_params ds_sampling_default_params(void);
  * thread. ds_sampler_sample runs it too, so bad params can never crash the sampler. */
 int ds_sampling_params_validate(const ds_sampling_params *p, int32_t vocab);
 
+/* Whether p makes output step n_output a plain argmax of the raw logits: greedy, with nothing
+ * that changes a logit first (logit_bias, min_tokens' mask in force, a penalty) and no logprobs.
+ * ds_sampler_sample then returns only the token, the logits' argmax_f32 (kernels.h) whenever that
+ * token's logit is finite (else its error), so a caller that has the argmax (the model gives it
+ * with the logits) may skip the sampler and its passes over the vocabulary. p must be valid. */
+int ds_sampling_plain_greedy(const ds_sampling_params *p, int64_t n_output);
+
 /* The uniform draw in [0, 1) for output step `step` of a request keyed `seed`: a counter-based
  * generator (two 64-bit finalizers over seed and step; the top 53 bits). Pure; any thread. */
 double ds_sampler_uniform(uint64_t seed, uint64_t step);

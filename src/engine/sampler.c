@@ -339,6 +339,21 @@ static int check_ids(const int32_t *ids, int64_t n, int32_t vocab, const char *w
     return DS_OK;
 }
 
+/* Whether min_tokens holds the stop ids back at output step n_output. */
+static int masks_stops(const ds_sampling_params *p, int64_t n_output) {
+    return n_output < p->min_tokens && p->n_stop_ids > 0;
+}
+
+static int penalised(const ds_sampling_params *p) {
+    return p->repetition_penalty != 1.0f || p->frequency_penalty != 0.0f ||
+           p->presence_penalty != 0.0f;
+}
+
+int ds_sampling_plain_greedy(const ds_sampling_params *p, int64_t n_output) {
+    return p->temperature < DS_SAMPLER_GREEDY_EPS && p->n_logit_bias == 0 &&
+           !masks_stops(p, n_output) && !penalised(p) && p->logprobs < 0;
+}
+
 /* s->w = the raw logits with logit_bias, the min_tokens mask and the penalties applied (vLLM V1:
  * bias and min_tokens, then repetition, frequency, presence); *modified: whether any logit
  * changed. On error the scratch is left as it was (all zero). */
@@ -355,7 +370,7 @@ static int prepare(ds_sampler *s, const float *logits, const ds_sampling_params 
                           (long long)n_prompt, (long long)n_output);
     const int32_t V = s->vocab;
     const int rep = p->repetition_penalty != 1.0f;
-    const int pen = rep || p->frequency_penalty != 0.0f || p->presence_penalty != 0.0f;
+    const int pen = penalised(p);
     if (pen) {
         if (n_output > INT32_MAX)
             return ds_err_set(DS_ERR_RANGE, "output of %lld tokens: penalties count up to %d",
@@ -388,7 +403,7 @@ static int prepare(ds_sampler *s, const float *logits, const ds_sampling_params 
         w[p->logit_bias[i].token] += p->logit_bias[i].bias;
     if (p->n_logit_bias > 0) *modified = 1;
 
-    if (n_output < p->min_tokens && p->n_stop_ids > 0) {
+    if (masks_stops(p, n_output)) {
         for (int32_t i = 0; i < p->n_stop_ids; i++) w[p->stop_ids[i]] = -INFINITY;
         *modified = 1;
     }
@@ -531,7 +546,7 @@ static int run(ds_sampler *s, const float *logits, const ds_sampling_params *p,
     const int32_t am = (int32_t)ds_kernels_get()->argmax_f32(w, (size_t)V);
     const float m = am < 0 ? -INFINITY : w[am];
     if (am < 0) {
-        if (n_output < p->min_tokens && p->n_stop_ids > 0)
+        if (masks_stops(p, n_output))
             return ds_err_set(DS_ERR_RANGE,
                               "no token can be sampled: every logit is -inf once min_tokens = %d "
                               "masks the %d stop ids (%lld tokens generated so far)",

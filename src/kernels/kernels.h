@@ -34,8 +34,9 @@ typedef struct ds_kernels {
     void (*i8_to_f32_lanes)(float *dst, const int8_t *src, size_t n, const float *scale);
     /* max_i |x[i]|, NaNs skipped (0 for n = 0) */
     float (*absmax_f32)(const float *x, size_t n);
-    /* the lowest i with x[i] = max_i x[i] over the values above -inf (NaNs skipped), -1 when
-     * there is none: greedy sampling's pick over the vocabulary */
+    /* the lowest i with x[i] = max_i x[i] over the values above -inf, a NaN counting above
+     * every number (numpy's and torch's order), -1 when there is none: greedy sampling's pick
+     * over the vocabulary. x[i] is finite unless x holds a NaN or +inf. */
     int64_t (*argmax_f32)(const float *x, size_t n);
     /* a[i] = a[i] / (1 + exp(-a[i])) * b[i]: SwiGLU, silu of the gate times the up projection.
      * The SIMD tables evaluate exp as a polynomial (the scalar table calls expf): the result is
@@ -305,12 +306,14 @@ uint64_t ds_mat_bytes(const ds_mat *w);
  *   y[t, r] = sum_blocks s_x[t] * scale(r, block) * sum_{c in block} q_x[t, c] * q_w[r, c]. */
 void ds_matmul(ds_pool *pool, float *y, const float *x, int64_t n_tok, const ds_mat *w);
 /* Independent matmuls (no job's y may alias another's x), each y[t, r] = x W^T exactly as
- * ds_matmul computes it, run together: their slices share the pool's runs. */
+ * ds_matmul computes it, run together: their slices share the pool's runs. A job with argmax
+ * also gets argmax[t] = argmax_f32 of y's row t, taken tile by tile while y is in cache. */
 typedef struct {
     float *y;
     const float *x;
     int64_t n_tok;
     const ds_mat *w;
+    int32_t *argmax; /* NULL, or [n_tok] */
 } ds_mm_job;
 void ds_matmul_jobs(ds_pool *pool, const ds_mm_job *jobs, int n_jobs);
 

@@ -351,6 +351,7 @@ static int64_t argmax_f32_scalar(const float *x, size_t n) {
     int64_t am = -1;
     for (size_t i = 0; i < n; i++) {
         float v = ld_f32(x, i);
+        if (isnan(v)) return (int64_t)i;
         if (v > m) {
             m = v;
             am = (int64_t)i;

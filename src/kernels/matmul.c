@@ -292,6 +292,18 @@ int ds_mat_interleave(ds_mat *w) {
 }
 
 /* ---- the matmul ---- */
+/* A token's best row among those seen (argmax_f32's order: a NaN above every number, then the
+ * larger value, then the lower row); i = -1 before any row above -inf. */
+typedef struct {
+    float v;
+    int32_t i;
+} row_best;
+
+/* Whether value v at a later row than b's replaces it. */
+static int beats(float v, row_best b) {
+    return b.i < 0 || (!isnan(b.v) && (isnan(v) || v > b.v));
+}
+
 typedef struct {
     const ds_kernels *k;
     const ds_mat *w;
@@ -308,6 +320,7 @@ typedef struct {
     const float *xb;      /* DS_BF16 fused: x in ds_bf16_split's layout, [n_tok, ldb] */
     size_t ldb;           /* cols rounded up to 16: every row of xb starts on a cache line */
     int tapered;          /* its slices shrink (slice_range) */
+    row_best *best;       /* argmax jobs: [slices][n_tok], each slice's best row so far */
 } matmul_ctx;
 
 /* Slice `sub` of `n` of a call's `total` row units (groups of rows) as [lo, hi). A tapered call's
@@ -320,6 +333,25 @@ static void slice_range(const matmul_ctx *c, size_t total, int sub, int n, size_
         ds_split_tapered(total, sub, n, MM_TAPER, lo, hi);
     else
         ds_split_range(total, sub, n, lo, hi);
+}
+
+/* Rows [r0, r1) of tokens [t0, t1) are final: the bias is added and, for an argmax job, each
+ * token's best row in slice `sub` updated, while the tile is in cache. A pass over the finished
+ * y read it back from memory: 64 tokens' logits (129280 each) took ~0.8 ms of a 73 ms step.
+ * A slice's tiles come in row order for every token, so ties keep the lower row. */
+static void tile_done(const matmul_ctx *c, int sub, size_t t0, size_t t1, size_t r0, size_t r1) {
+    const ds_mat *w = c->w;
+    const size_t rows = (size_t)w->rows;
+    if (r0 >= r1) return;
+    for (size_t t = t0; w->bias && t < t1; t++)
+        for (size_t r = r0; r < r1; r++) c->y[t * rows + r] += w->bias[w->row0 + r];
+    for (size_t t = t0; c->best && t < t1; t++) {
+        const float *yt = c->y + t * rows;
+        const int64_t i = c->k->argmax_f32(yt + r0, r1 - r0);
+        row_best *b = &c->best[(size_t)sub * (size_t)c->n_tok + t];
+        if (i >= 0 && beats(yt[r0 + (size_t)i], *b))
+            *b = (row_best){yt[r0 + (size_t)i], (int32_t)(r0 + (size_t)i)};
+    }
 }
 
 /* Columns per tile. 4 x MM_TILE f32 is 8 KiB of scratch, well inside L1D with the tile of x. A
@@ -384,6 +416,7 @@ static void matmul_thread(void *arg, int thread, int n_threads) {
             }
         }
     }
+    tile_done(c, thread, 0, n_tok, 4 * b_lo, 4 * b_hi < rows ? 4 * b_hi : rows);
 }
 
 /* ---- the fused path (few tokens) ---- */
@@ -588,6 +621,7 @@ static void matmul_bf16_blocks_thread(void *arg, int thread, int n_threads) {
                     }
                 }
             }
+            tile_done(c, thread, t_lo, t_hi, 4 * b0, 4 * b1 < rows ? 4 * b1 : rows);
         }
     }
 }
@@ -701,6 +735,7 @@ static void matmul_fused_thread(void *arg, int thread, int n_threads) {
             }
         }
     }
+    tile_done(c, thread, 0, n_tok, 4 * b_lo, 4 * b_hi < rows ? 4 * b_hi : rows);
 }
 
 /* ---- the integer path (DS_I8: W8A8, W4A8) ----
@@ -909,6 +944,7 @@ static void matmul_i8_thread(void *arg, int thread, int n_threads) {
         for (size_t t = 0; t < n_tok && !one_call; t++)
             for (size_t r = g_r0; r < g_r1; r++) c->y[t * rows + r] *= c->sx[t];
     }
+    tile_done(c, thread, 0, n_tok, r_lo, r_hi);
 }
 
 /* The decode path's common case, per-channel int8 rows that one kernel call covers: the
@@ -961,6 +997,7 @@ static void matmul_i8_rows_thread(void *arg, int thread, int n_threads) {
             }
         }
     }
+    tile_done(c, thread, 0, n_tok, 4 * g_lo, 4 * g_hi < rows ? 4 * g_hi : rows);
 }
 
 /* ---- the float GEMM path (F32 weights beyond MM_FUSED_MAX_TOK tokens, F16 / FP8 beyond the fused
@@ -1049,6 +1086,7 @@ static void matmul_fgemm_thread(void *arg, int thread, int n_threads) {
             }
         }
     }
+    tile_done(c, thread, 0, n_tok, 16 * p_lo, 16 * p_hi < rows ? 16 * p_hi : rows);
 }
 
 /* ---- the GEMM path (DS_I8 in panels, or from MM_GEMM_MIN_TOK_I8 / _I4 tokens on) ----
@@ -1252,6 +1290,7 @@ static void matmul_gemm_thread(void *arg, int thread, int n_threads) {
             }
         }
     }
+    tile_done(c, thread, 0, n_tok, 16 * p_lo, 16 * p_hi < rows ? 16 * p_hi : rows);
 }
 
 /* off * the sum of q over each block of kblock columns in [c0, c0 + len), into dst; returns the
@@ -1384,8 +1423,7 @@ typedef struct {
 static void job_setup(const ds_mm_job *j, mm_job_state *st) {
     const ds_mat *w = j->w;
     memset(st, 0, sizeof *st);
-    st->c = (matmul_ctx){
-        ds_kernels_get(), w, j->y, j->x, j->n_tok, NULL, 0, NULL, NULL, NULL, 0, NULL, NULL, 0, 0};
+    st->c = (matmul_ctx){.k = ds_kernels_get(), .w = w, .y = j->y, .x = j->x, .n_tok = j->n_tok};
     st->pc.c = &st->c;
     if (w->dtype != DS_I8) {
         /* few tokens: stream the stored weights through the fused kernels; more: tiles of f32 */
@@ -1490,6 +1528,17 @@ static size_t job_place(mm_job_state *st, int bf16, unsigned char *p) {
     return q + sx + xo + (split ? q : 0);
 }
 
+/* A job of no rows or no columns: its sums are empty, so y is the bias or 0. */
+static void empty_job(const ds_mm_job *j) {
+    const ds_mat *w = j->w;
+    const size_t rows = (size_t)w->rows;
+    for (size_t t = 0; t < (size_t)j->n_tok; t++) {
+        for (size_t r = 0; r < rows; r++) j->y[t * rows + r] = w->bias ? w->bias[w->row0 + r] : 0;
+        if (j->argmax)
+            j->argmax[t] = rows ? (int32_t)ds_kernels_get()->argmax_f32(j->y + t * rows, rows) : -1;
+    }
+}
+
 void ds_matmul_jobs(ds_pool *pool, const ds_mm_job *jobs, int n_jobs) {
     if (n_jobs <= 0) return;
     const int threads = ds_pool_size(pool);
@@ -1501,12 +1550,12 @@ void ds_matmul_jobs(ds_pool *pool, const ds_mm_job *jobs, int n_jobs) {
         check_mat(j->w);
         DS_ASSERT(j->n_tok >= 0);
         st[i].fn = NULL;
-        if (j->n_tok == 0 || j->w->rows == 0) continue;
-        DS_ASSERT(j->y && j->x);
-        if (j->w->cols == 0) { /* empty sums: the tile loop would never write y */
-            memset(j->y, 0, (size_t)j->n_tok * (size_t)j->w->rows * sizeof(float));
+        if (j->n_tok == 0) continue;
+        if (j->w->rows == 0 || j->w->cols == 0) { /* no slice would write y */
+            empty_job(j);
             continue;
         }
+        DS_ASSERT(j->y && j->x);
         job_setup(j, &st[i]);
         const int bf16 = bf16_split_job(j, &st[i]);
         if (!bf16 && j->w->dtype != DS_I8) continue;
@@ -1522,7 +1571,7 @@ void ds_matmul_jobs(ds_pool *pool, const ds_mm_job *jobs, int n_jobs) {
     double total = 0;
     for (int i = 0; i < n_jobs; i++)
         if (st[i].fn) total += job_work(&jobs[i]);
-    size_t units = 0;
+    size_t units = 0, n_best = 0;
     for (int i = 0; i < n_jobs; i++) {
         if (!st[i].fn) continue;
         const double work = job_work(&jobs[i]);
@@ -1535,7 +1584,17 @@ void ds_matmul_jobs(ds_pool *pool, const ds_mm_job *jobs, int n_jobs) {
         const double panels = (double)((jobs[i].w->rows + 15) / 16);
         st[i].slices = (int)(n < panels ? n : panels);
         units += (size_t)st[i].slices;
+        if (jobs[i].argmax) n_best += (size_t)st[i].slices * (size_t)jobs[i].n_tok;
     }
+    row_best *best = n_best ? malloc(n_best * sizeof *best) : NULL;
+    DS_ASSERT(best || !n_best);
+    for (size_t i = 0; i < n_best; i++) best[i] = (row_best){0, -1};
+    for (int i = 0; i < n_jobs; i++) {
+        if (!st[i].fn || !jobs[i].argmax) continue;
+        st[i].c.best = best;
+        best += (size_t)st[i].slices * (size_t)jobs[i].n_tok;
+    }
+    best -= n_best;
     /* the preparations' units (up to one a thread and job), then the rows' */
     const size_t prep_units = (size_t)n_jobs * (size_t)threads;
     mm_unit *u = malloc((units > prep_units ? units : prep_units) * sizeof *u);
@@ -1573,17 +1632,24 @@ void ds_matmul_jobs(ds_pool *pool, const ds_mm_job *jobs, int n_jobs) {
         add_units(u, &nu, st[i].fn, c, st[i].slices);
     }
     run_units(pool, u, nu);
+    /* each token's best over the slices, in row order */
     for (int i = 0; i < n_jobs; i++) {
         const ds_mm_job *j = &jobs[i];
-        for (int64_t t = 0; st[i].fn && j->w->bias && t < j->n_tok; t++)
-            for (int64_t r = 0; r < j->w->rows; r++)
-                j->y[t * j->w->rows + r] += j->w->bias[j->w->row0 + r];
+        for (int64_t t = 0; st[i].c.best && t < j->n_tok; t++) {
+            row_best b = {0, -1};
+            for (int s = 0; s < st[i].slices; s++) {
+                const row_best o = st[i].c.best[(size_t)s * (size_t)j->n_tok + (size_t)t];
+                if (o.i >= 0 && beats(o.v, b)) b = o;
+            }
+            j->argmax[t] = b.i;
+        }
     }
+    free(best);
     free(st);
     free(u);
 }
 
 void ds_matmul(ds_pool *pool, float *y, const float *x, int64_t n_tok, const ds_mat *w) {
-    const ds_mm_job j = {y, x, n_tok, w};
+    const ds_mm_job j = {y, x, n_tok, w, NULL};
     ds_matmul_jobs(pool, &j, 1);
 }

@@ -300,7 +300,7 @@ static void mm_jobs(ds_model *m, const ds_mm_job *jobs, int n_jobs) {
 }
 
 static void mm(ds_model *m, float *y, const float *x, int64_t n, const ds_mat *w) {
-    const ds_mm_job j = {y, x, n, w};
+    const ds_mm_job j = {y, x, n, w, NULL};
     mm_jobs(m, &j, 1);
 }
 
@@ -938,9 +938,9 @@ static int attention(ds_model *m, const ds_layer *L, int64_t l, ds_kv_cache *kv,
     const ds_config *c = &m->cfg;
     int64_t H = local_heads(m), R = c->kv_lora_rank, dr = c->qk_rope_head_dim;
     /* the projections of the normed input run together (one pool run, not two) */
-    const ds_mm_job in[2] = {c->q_lora_rank ? (ds_mm_job){b->qa, b->h, n, &L->q_a}
-                                            : (ds_mm_job){b->q, b->h, n, &L->q_b},
-                             {b->kv, b->h, n, &L->kv_a}};
+    const ds_mm_job in[2] = {c->q_lora_rank ? (ds_mm_job){b->qa, b->h, n, &L->q_a, NULL}
+                                            : (ds_mm_job){b->q, b->h, n, &L->q_b, NULL},
+                             {b->kv, b->h, n, &L->kv_a, NULL}};
     mm_jobs(m, in, 2);
     if (c->q_lora_rank) {
         rmsnorm_rows(m, b->qa, b->qa, L->q_a_norm, L->q_a_norm_bias, n, c->q_lora_rank);
@@ -985,7 +985,7 @@ static int attention(ds_model *m, const ds_layer *L, int64_t l, ds_kv_cache *kv,
  * > 0: the MLP is split across ranks (shard.c) and is that wide in all; 0: whole (an expert). */
 static int mlp(ds_model *m, const ds_mlp *p, const float *x, int64_t n, float *out, fwd_bufs *b,
                int64_t width) {
-    const ds_mm_job gu[2] = {{b->g, x, n, &p->gate}, {b->u, x, n, &p->up}};
+    const ds_mm_job gu[2] = {{b->g, x, n, &p->gate, NULL}, {b->u, x, n, &p->up, NULL}};
     mm_jobs(m, gu, 2);
     swiglu_rows(m, b->g, b->u, n, p->gate.rows);
     if (!width || m->shard.size == 1) {
@@ -1212,14 +1212,16 @@ static int moe(ds_model *m, const ds_layer *L, int64_t l, fwd_bufs *b, int64_t n
         for (int64_t e = e0; e < e1; e++) {
             const int64_t o = start[e] - p0, cnt = start[e + 1] - start[e];
             if (!cnt) continue;
-            jobs[2 * nx] = (ds_mm_job){b->g + o * ie, b->xs + o * D, cnt, &L->experts[e].gate};
-            jobs[2 * nx + 1] = (ds_mm_job){b->u + o * ie, b->xs + o * D, cnt, &L->experts[e].up};
+            jobs[2 * nx] =
+                (ds_mm_job){b->g + o * ie, b->xs + o * D, cnt, &L->experts[e].gate, NULL};
+            jobs[2 * nx + 1] =
+                (ds_mm_job){b->u + o * ie, b->xs + o * D, cnt, &L->experts[e].up, NULL};
             ex[nx++] = (int32_t)e;
         }
         ds_mm_job *down = jobs + 2 * nx;
         for (int j = 0; j < nx; j++)
             down[j] = (ds_mm_job){d + (start[ex[j]] - p0) * D, jobs[2 * j].y, jobs[2 * j].n_tok,
-                                  &L->experts[ex[j]].down};
+                                  &L->experts[ex[j]].down, NULL};
         if (rows <= MOE_PIPE_MAX_TOK * nx) {
             for (int j = 0; j < nx; j++) { /* insertion: ties keep expert order */
                 int i = j;
@@ -1264,10 +1266,25 @@ static const float *norm_ahead(const ds_model *m, int64_t l, const float **bias)
     return last ? m->final_norm : m->layers[l].attn_norm;
 }
 
-/* Tokens [i0, i0 + n) of a batch; logits for those of logits_idx[*li ..] in range, advancing *li.
- */
+typedef struct {
+    const float *logits;
+    int32_t *argmax;
+    int64_t n, vocab;
+} argmax_ctx;
+
+static void argmax_task(void *arg, int slice, int n_slices) {
+    const argmax_ctx *a = arg;
+    size_t i0, i1;
+    ds_split_range((size_t)a->n, slice, n_slices, &i0, &i1);
+    for (size_t i = i0; i < i1; i++)
+        a->argmax[i] = (int32_t)ds_kernels_get()->argmax_f32(a->logits + i * (size_t)a->vocab,
+                                                             (size_t)a->vocab);
+}
+
+/* Tokens [i0, i0 + n) of a batch; logits (and argmax) for those of logits_idx[*li ..] in range,
+ * advancing *li. */
 static int forward_chunk(ds_model *m, ds_kv_cache *kv, const ds_batch *bt, int64_t i0, int64_t n,
-                         int64_t max_ctx, float *logits, int32_t *li) {
+                         int64_t max_ctx, float *logits, int32_t *argmax, int32_t *li) {
     const ds_config *c = &m->cfg;
     int64_t D = c->hidden_size;
     fwd_bufs b;
@@ -1313,15 +1330,20 @@ static int forward_chunk(ds_model *m, ds_kv_cache *kv, const ds_batch *bt, int64
         memmove(b.h + nl * D, b.h + t * D, (size_t)D * sizeof(float));
         nl++;
     }
-    /* logits is NULL on ranks > 0: their vocabulary rows go to rank 0 */
+    /* logits is NULL on ranks > 0: their vocabulary rows go to rank 0, whose argmax, when asked
+     * for, is a pass over the gathered rows (one rank: taken tile by tile in lm_head) */
     float *out = logits ? logits + (size_t)j0 * (size_t)c->vocab_size : NULL;
+    int32_t *am = argmax ? argmax + j0 : NULL;
     if (nl && m->shard.size == 1) {
-        mm(m, out, b.h, nl, &m->lm_head);
+        const ds_mm_job j = {out, b.h, nl, &m->lm_head, am};
+        mm_jobs(m, &j, 1);
     } else if (nl) {
         float *part = ds_shard_buf(&m->part, &m->part_floats, (size_t)nl * (size_t)m->lm_head.rows);
         if (!part) return DS_ERR_NOMEM;
         mm(m, part, b.h, nl, &m->lm_head);
         if ((rc = ds_shard_gather_cols_root(m, part, nl, c->vocab_size, out))) return rc;
+        argmax_ctx a = {out, am, nl, c->vocab_size};
+        if (out && am) ds_pool_run(m->pool, argmax_task, &a);
     }
     *li = j0 + nl;
     return DS_OK;
@@ -1372,7 +1394,8 @@ static int check_batch(const ds_model *m, const ds_kv_cache *kv, const ds_batch 
     return DS_OK;
 }
 
-int ds_model_forward_batch(ds_model *m, ds_kv_cache *kv, const ds_batch *bt, float *logits) {
+int ds_model_forward_batch(ds_model *m, ds_kv_cache *kv, const ds_batch *bt, float *logits,
+                           int32_t *argmax) {
     int64_t max_ctx = 0;
     int rc = check_batch(m, kv, bt, &max_ctx);
     if (rc) return rc;
@@ -1384,7 +1407,7 @@ int ds_model_forward_batch(ds_model *m, ds_kv_cache *kv, const ds_batch *bt, flo
     if (m->shard.size > 1 && m->shard.rank == 0 && (rc = ds_shard_send_step(kv, bt))) return rc;
     for (int64_t done = 0; done < bt->n_tokens;) {
         int64_t len = bt->n_tokens - done < m->max_batch ? bt->n_tokens - done : m->max_batch;
-        rc = forward_chunk(m, kv, bt, done, len, max_ctx, logits, &li);
+        rc = forward_chunk(m, kv, bt, done, len, max_ctx, logits, argmax, &li);
         if (rc) return rc;
         done += len;
     }
@@ -1421,7 +1444,7 @@ int ds_model_forward(ds_model *m, ds_kv_cache *kv, const int32_t *tokens, int64_
                    table,
                    all_logits ? (int32_t)n : 1,
                    all_logits ? lidx : lidx + n - 1};
-    rc = ds_model_forward_batch(m, kv, &bt, logits);
+    rc = ds_model_forward_batch(m, kv, &bt, logits, NULL);
 out:
     free(pos);
     free(seq);

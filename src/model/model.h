@@ -188,11 +188,15 @@ typedef struct {
     const int32_t *logits_idx; /* [n_logits] increasing token indices that want logits */
 } ds_batch;
 
-/* Runs a batch; logits[j][vocab] for token logits_idx[j]. DS_ERR_RANGE names the first bad
- * token id, position, block id or index; nothing is written to the cache then.
+/* Runs a batch; logits[j][vocab] for token logits_idx[j], and when argmax is not NULL,
+ * argmax[j] = the argmax_f32 of that row (kernels.h: its maximum's lowest id, a NaN's before any
+ * number, -1 when all are -inf), taken while lm_head writes the row: greedy sampling without a
+ * pass over the logits. DS_ERR_RANGE names the first bad token id, position, block id or index;
+ * nothing is written to the cache then.
  * Several ranks (src/dist): rank 0 calls this as usual and the step goes to the other ranks,
- * which run it from ds_model_follow (logits NULL there); the logits are rank 0's. */
-int ds_model_forward_batch(ds_model *m, ds_kv_cache *kv, const ds_batch *b, float *logits);
+ * which run it from ds_model_follow (logits and argmax NULL there); the logits are rank 0's. */
+int ds_model_forward_batch(ds_model *m, ds_kv_cache *kv, const ds_batch *b, float *logits,
+                           int32_t *argmax);
 
 /* Ranks > 0 of a multi-rank run: runs every step rank 0 hands out, on this rank's shard and a
  * KV cache of the same geometry as rank 0's, until rank 0 closes its model (DS_OK) or the ranks

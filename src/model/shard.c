@@ -196,7 +196,7 @@ int ds_model_follow(ds_model *m) {
         ds_batch b = {h.n_tokens, p,          p + nt,
                       p + 2 * nt, h.n_seqs,   h.max_blocks,
                       p + 3 * nt, h.n_logits, p + 3 * nt + (size_t)h.n_seqs * (size_t)h.max_blocks};
-        if ((rc = ds_model_forward_batch(m, kv, &b, NULL))) break;
+        if ((rc = ds_model_forward_batch(m, kv, &b, NULL, NULL))) break;
         /* this rank's copy of the weights changed: leave, rank 0 then fails the requests */
         if ((rc = ds_model_check_files(m))) break;
     }

@@ -13,6 +13,7 @@
  *    --dist-timeout the same way.
  * The binary is also its own rank program: `test_dist --rank MODEL OUT` (see rank_main). */
 #include "dist/dist.h"
+#include "kernels/kernels.h"
 #include "model/model.h"
 #include "server/serverutil.h"
 #include "formats/fmtgen.h"
@@ -106,12 +107,19 @@ static int rank_main(const char *model_dir, const char *out) {
         }
         ds_kv_cache *kv = NULL;
         float *lg = malloc(np * V * sizeof *lg);
+        int32_t *am = malloc(np * sizeof *am);
         ds_batch b = {(int32_t)total, all_tok, all_pos,     all_seq, (int32_t)np,
                       MAXB,           tables,  (int32_t)np, lidx};
         rc = ds_kv_open_paged(c, (int64_t)np * MAXB, BS, DS_KV_BF16, &kv) ||
-             ds_model_forward_batch(m, kv, &b, lg) || write_all(f, lg, np * V);
+             ds_model_forward_batch(m, kv, &b, lg, am) || write_all(f, lg, np * V);
+        for (size_t p = 0; !rc && p < np; p++) /* the gathered rows' argmax */
+            if (am[p] != ds_kernels_get()->argmax_f32(lg + p * V, V)) {
+                fprintf(stderr, "rank 0: prompt %zu's argmax %d is not its logits'\n", p, am[p]);
+                rc = 1;
+            }
         ds_kv_close(kv);
         free(lg);
+        free(am);
     }
     if (rc) fprintf(stderr, "rank 0: %s\n", ds_err_msg());
     free(all_tok), free(all_pos), free(all_seq), free(lidx), free(tables);

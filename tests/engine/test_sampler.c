@@ -5,6 +5,7 @@
  * never flaky); raw logprobs against a double log-softmax; validation messages; the all-masked
  * case and a clean scratch after every error. */
 #include "engine/engine.h"
+#include "kernels/kernels.h"
 #include "testutil.h"
 
 #include <float.h>
@@ -412,6 +413,70 @@ static void test_greedy(void) {
     }
     CHECK_MSG(kept == 100 && wrong == 0, "top_k=1 over ties kept %d tokens, %d wrong", kept, wrong);
     free(probs);
+    free(l);
+    ds_sampler_close(s);
+}
+
+/* ds_sampling_plain_greedy: random plain greedy params (seeds, top_k / top_p / min_p, a
+ * min_tokens already reached or without stop ids, history) draw exactly the logits' argmax_f32
+ * and report nothing else, over logits with ties and masked tokens; each thing the sampler would
+ * do beyond that, alone, makes the params not plain. */
+static void test_plain_greedy(void) {
+    const int32_t V = 777;
+    ds_sampler *s;
+    CHECK(ds_sampler_open(V, &s) == DS_OK);
+    float *l = malloc(V * sizeof *l);
+    int bad = 0, not_plain = 0;
+    for (int it = 0; it < 300; it++) {
+        random_logits(l, V, it % 6);
+        rcase c;
+        random_case(&c, V);
+        ds_sampling_params *p = &c.p;
+        p->temperature = it % 2 ? 0 : 0.99f * DS_SAMPLER_GREEDY_EPS;
+        p->n_logit_bias = 0;
+        p->repetition_penalty = 1;
+        p->frequency_penalty = p->presence_penalty = 0;
+        p->logprobs = -1;
+        if (p->min_tokens > c.no) p->n_stop_ids = 0;
+        bad += !ds_sampling_plain_greedy(p, c.no);
+        ds_sample_result r, want;
+        memset(&want, 0, sizeof want);
+        want.token = (int32_t)ds_kernels_get()->argmax_f32(l, (size_t)V);
+        CHECK(ds_sampler_sample(s, l, p, c.prompt, c.np, c.output, c.no, &r) == DS_OK);
+        bad += memcmp(&r, &want, sizeof r) != 0;
+        for (int k = 0; k < 7; k++) {
+            ds_sampling_params q = *p;
+            static const ds_logit_bias zero = {0, 0.0f};
+            switch (k) {
+            case 0:
+                q.temperature = DS_SAMPLER_GREEDY_EPS;
+                break;
+            case 1:
+                q.logit_bias = &zero, q.n_logit_bias = 1;
+                break;
+            case 2:
+                q.min_tokens = (int32_t)c.no + 1, q.n_stop_ids = 1;
+                break;
+            case 3:
+                q.repetition_penalty = 1.01f;
+                break;
+            case 4:
+                q.frequency_penalty = -0.1f;
+                break;
+            case 5:
+                q.presence_penalty = 0.1f;
+                break;
+            default:
+                q.logprobs = 0;
+                break;
+            }
+            not_plain += !ds_sampling_plain_greedy(&q, c.no);
+        }
+        free_case(&c);
+    }
+    CHECK_MSG(bad == 0, "plain greedy: %d cases not plain or not the argmax alone", bad);
+    CHECK_MSG(not_plain == 300 * 7, "plain greedy: %d of %d modified cases counted as modified",
+              not_plain, 300 * 7);
     free(l);
     ds_sampler_close(s);
 }
@@ -892,6 +957,7 @@ static void test_all_masked(void) {
 int main(void) {
     test_validation();
     test_greedy();
+    test_plain_greedy();
     test_all_masked();
     test_seeds();
     test_uniform_stats();

@@ -582,6 +582,57 @@ static void check_tapered(ds_pool *p1) {
     ds_pool_close(p2);
 }
 
+/* A job's argmax across tapered slices (BF16's blocked path, tile by tile; the int8 GEMM, slice
+ * by slice), 128 tokens on 2 threads, against a pass over its y: rows 600 and 900 are equal and
+ * every token's largest (the lower must win, from another slice), and row 800 is infinite (a
+ * BF16 weight of column 0 / an int8 row's scale), so tokens get +inf, -inf or NaN there. */
+static void check_tapered_argmax(void) {
+    ds_pool *p2 = ds_pool_open(2);
+    CHECK(p2 != NULL);
+    if (!p2) return;
+    const int64_t rows = 1024, cols = 2048, nt = 128;
+    float *x = malloc((size_t)(nt * cols) * sizeof(float));
+    float *y = malloc((size_t)(nt * rows) * sizeof(float));
+    int32_t am[128];
+    for (int64_t t = 0; t < nt; t++)
+        for (int64_t c = 0; c < cols; c++) /* column 0 positive, negative or 0 by token */
+            x[t * cols + c] = c ? rnd_uniform(0.25f, 1.0f) : (float)(t % 3) - 1.0f;
+    for (int i8 = 0; i8 < 2; i8++) {
+        test_mat t;
+        if (i8) {
+            make_mat_i8(&t, (shape){rows, cols, 1, cols}, 0);
+            memset((int8_t *)t.m.data + 600 * cols, 127, (size_t)cols);
+            memset((int8_t *)t.m.data + 900 * cols, 127, (size_t)cols);
+            t.scale[900] = t.scale[600];
+            t.scale[800] = INFINITY;
+        } else {
+            make_mat(&t, DS_BF16, (shape){rows, cols, 128, 128});
+            uint16_t *w = (uint16_t *)t.m.data; /* 2-byte aligned (make_mat) */
+            for (int64_t c = 0; c < cols; c++) w[600 * cols + c] = w[900 * cols + c] = 0x3f80;
+            w[800 * cols] = 0x7f80;
+        }
+        ds_mm_job j = {y, x, nt, &t.m, am};
+        ds_matmul_jobs(p2, &j, 1);
+        int bad = 0, tie = 0, inf = 0, nan = 0;
+        for (int64_t k = 0; k < nt; k++) {
+            const float *yt = y + k * rows;
+            bad += am[k] != ds_kernels_scalar()->argmax_f32(yt, (size_t)rows);
+            tie += am[k] == 600 && yt[900] == yt[600];
+            inf += am[k] == 800 && yt[800] == INFINITY;
+            nan += am[k] == 800 && isnan(yt[800]);
+        }
+        CHECK_MSG(bad == 0, "%s: argmax over tapered slices wrong in %d tokens", i8 ? "I8" : "BF16",
+                  bad);
+        CHECK_MSG(tie > 0 && inf > 0 && (i8 || nan > 0),
+                  "%s: the argmax cases did not occur (%d ties, %d inf, %d NaN)",
+                  i8 ? "I8" : "BF16", tie, inf, nan);
+        free_mat(&t);
+    }
+    free(x);
+    free(y);
+    ds_pool_close(p2);
+}
+
 /* ds_matmul_jobs: jobs of every dtype and path (fused, float GEMM, int8 dot and GEMM, int4,
  * static activations), token counts from 0 to 40, and jobs reading the x of the job before, as a
  * MoE's gate and up read theirs: the same quantization shared (jobs 4, 12, 14) or not shareable,
@@ -616,6 +667,7 @@ static void check_matmul_jobs(ds_pool *p1, ds_pool *p3) {
     const int64_t toks[NJ] = {40, 9, 17, 4, 4, 4, 4, 4, 4, 4, 6, 1, 1, 3, 3, 5, 0};
     const int from[NJ] = {-1, -1, -1, -1, 3, 3, 3, 3, 3, 3, 3, 3, 3, -1, 13, -1, -1};
     float *x[NJ], *want[NJ], *got[NJ];
+    int32_t am[NJ][41];
     ds_mm_job jobs[NJ];
     for (int i = 0; i < NJ; i++) {
         size_t nx = (size_t)(toks[i] * t[i].m.cols), ny = (size_t)(toks[i] * t[i].m.rows);
@@ -634,7 +686,9 @@ static void check_matmul_jobs(ds_pool *p1, ds_pool *p3) {
         for (int i = 0; i < NJ; i++) {
             size_t ny = (size_t)(toks[i] * t[i].m.rows);
             for (size_t j = 0; j <= ny; j++) got[i][j] = 999.0f;
-            jobs[i] = (ds_mm_job){got[i], x[i], toks[i], &t[i].m};
+            /* every other job asks for argmax too (as many tokens as any has: 40) */
+            for (int j = 0; j < 41; j++) am[i][j] = -2;
+            jobs[i] = (ds_mm_job){got[i], x[i], toks[i], &t[i].m, i % 2 == pi ? am[i] : NULL};
         }
         ds_matmul_jobs(pi ? p3 : p1, jobs, NJ);
         for (int i = 0; i < NJ; i++) {
@@ -643,6 +697,14 @@ static void check_matmul_jobs(ds_pool *p1, ds_pool *p3) {
                       "ds_matmul_jobs (%d threads): job %d differs from its ds_matmul", pi ? 3 : 1,
                       i);
             CHECK_MSG(got[i][ny] == 999.0f, "ds_matmul_jobs: job %d wrote past its y", i);
+            int bad = 0;
+            for (int64_t j = 0; j < toks[i]; j++)
+                bad += jobs[i].argmax &&
+                       am[i][j] != ds_kernels_scalar()->argmax_f32(got[i] + j * t[i].m.rows,
+                                                                   (size_t)t[i].m.rows);
+            bad += am[i][toks[i]] != -2; /* nothing past its tokens */
+            CHECK_MSG(bad == 0, "ds_matmul_jobs (%d threads): job %d's argmax wrong in %d tokens",
+                      pi ? 3 : 1, i, bad);
         }
     }
     ds_matmul_jobs(p3, jobs, 0); /* no jobs: nothing to do */
@@ -956,6 +1018,7 @@ static void matmul_suite(void) {
         }
     check_matmul_jobs(p1, p3);
     check_tapered(p1);
+    check_tapered_argmax();
     ds_pool_close(p1);
     ds_pool_close(p3);
 }
@@ -1278,35 +1341,38 @@ static void test_quant_kernels(const ds_kernels *k) {
     }
 }
 
-/* argmax_f32 against scalar and by hand: lengths with tails, ties (the lowest index wins), NaN
- * and -inf never picked, nothing to pick (-1), signed zeros equal, an unaligned start. */
+/* argmax_f32 against scalar and by hand: lengths with tails, ties (the lowest index wins), the
+ * first NaN above every number, -inf never picked, nothing to pick (-1), signed zeros equal, an
+ * unaligned start. */
 static void test_argmax(const ds_kernels *k) {
     const ds_kernels *s = ds_kernels_scalar();
     float buf[1001];
     int bad = 0;
     for (size_t n = 0; n <= 1000; n = n < 40 ? n + 1 : n * 5) {
         float *x = buf + 1;
-        for (int mode = 0; mode < 4; mode++) {
+        for (int mode = 0; mode < 5; mode++) {
             for (size_t i = 0; i < n; i++) {
                 uint64_t r = rnd64();
                 x[i] = mode == 3 ? -(float)(r % 5) : (float)((int)(r % 2001) - 1000) * 0.25f;
-                if (r % 37 == 0 || mode == 1) x[i] = NAN;
+                if ((mode == 0 && r % 997 == 0) || mode == 1) x[i] = NAN;
                 if (r % 41 == 0 || mode == 2) x[i] = -INFINITY;
                 if (mode == 3 && x[i] == 0.0f && r % 2) x[i] = -0.0f;
             }
+            if (mode == 4 && n) x[rnd64() % n] = NAN; /* one NaN anywhere, tails included */
             int64_t a = k->argmax_f32(x, n), b = s->argmax_f32(x, n);
             bad += a != b;
-            int64_t want = -1; /* the first strict maximum, by a second loop */
-            for (size_t i = 0; i < n; i++)
-                if (x[i] > -INFINITY && (want < 0 || x[i] > x[want])) want = (int64_t)i;
+            int64_t want = -1; /* the first NaN, else the first strict maximum: a second loop */
+            for (size_t i = 0; i < n && !(want >= 0 && isnan(x[want])); i++)
+                if (isnan(x[i]) || (x[i] > -INFINITY && (want < 0 || x[i] > x[want])))
+                    want = (int64_t)i;
             bad += b != want;
         }
         if (n == 1000) break;
     }
     CHECK_MSG(bad == 0, "%s argmax_f32: %d cases wrong", k->name, bad);
-    const float h[] = {NAN, -INFINITY, 3.0f, 5.0f, 1.0f, 5.0f, INFINITY, NAN, INFINITY};
-    CHECK(k->argmax_f32(h, 6) == 3 && k->argmax_f32(h, 9) == 6 && k->argmax_f32(h, 2) == -1);
-    CHECK(k->argmax_f32(h, 0) == -1);
+    const float h[] = {-INFINITY, 3.0f, 5.0f, 1.0f, 5.0f, INFINITY, INFINITY, NAN, 9.0f, NAN};
+    CHECK(k->argmax_f32(h, 5) == 2 && k->argmax_f32(h, 7) == 5 && k->argmax_f32(h, 10) == 7);
+    CHECK(k->argmax_f32(h, 1) == -1 && k->argmax_f32(h, 0) == -1 && k->argmax_f32(h + 8, 2) == 1);
 }
 
 /* rmsnorm_f32 against scalar bit for bit, and scalar against the formula of kernels.h worked out

@@ -10,8 +10,10 @@
  *     the same greedy token (on the tiny model only: the small FP8 one is chaotic enough that
  *     the summation order alone, on identical bf16-rounded cache values, moves some logits by
  *     4e-4 and a bf16 rounding by up to 1.0, so it has no useful tolerance).
+ *   - The argmax the batch returns beside the logits is each row's argmax_f32.
  *   - Bad indices are refused with DS_ERR_RANGE and a message naming them. */
 #include "cli/cli.h"
+#include "kernels/kernels.h"
 #include "model/model.h"
 #include "testutil.h"
 
@@ -83,8 +85,13 @@ static int run_batched(ds_model *m, int64_t bs, ds_kv_dtype dt, float *out[NSEQ]
             }
         }
         float *lg = malloc((size_t)n * (size_t)V * sizeof(float));
+        int32_t am[64];
         ds_batch b = {n, tok, pos, seq, NSEQ, (int32_t)maxb, tables, n, lidx};
-        rc = ds_model_forward_batch(m, kv, &b, lg);
+        rc = ds_model_forward_batch(m, kv, &b, lg, am);
+        for (int32_t i = 0; rc == DS_OK && i < n; i++) /* taken in lm_head, chunk by chunk */
+            CHECK_MSG(am[i] == ds_kernels_get()->argmax_f32(lg + (size_t)i * (size_t)V, (size_t)V),
+                      "block size %lld: token %d's argmax %d is not its logits'", (long long)bs, i,
+                      am[i]);
         for (int32_t i = 0; rc == DS_OK && i < n; i++)
             memcpy(out[map_s[i]] + (size_t)map_p[i] * (size_t)V, lg + (size_t)i * (size_t)V,
                    (size_t)V * sizeof(float));
@@ -102,24 +109,24 @@ static void check_errors(ds_model *m) {
     int32_t tok[2] = {1, 2}, pos[2] = {0, 1}, seq[2] = {0, 0}, table[2] = {3, 9}, lidx[2] = {1, 0};
     float *lg = malloc(2 * (size_t)ds_model_config(m)->vocab_size * sizeof(float));
     ds_batch b = {2, tok, pos, seq, 1, 2, table, 1, lidx};
-    CHECK(ds_model_forward_batch(m, kv, &b, lg) == DS_OK); /* block 9 unused: positions < 4 */
-    pos[1] = 4;                                            /* now block 9 is used */
-    CHECK(ds_model_forward_batch(m, kv, &b, lg) == DS_ERR_RANGE);
+    CHECK(ds_model_forward_batch(m, kv, &b, lg, NULL) == DS_OK); /* block 9 unused: positions < 4 */
+    pos[1] = 4;                                                  /* now block 9 is used */
+    CHECK(ds_model_forward_batch(m, kv, &b, lg, NULL) == DS_ERR_RANGE);
     CHECK_ERR_CONTAINS("block id 9");
     pos[1] = 8; /* past the table */
-    CHECK(ds_model_forward_batch(m, kv, &b, lg) == DS_ERR_RANGE);
+    CHECK(ds_model_forward_batch(m, kv, &b, lg, NULL) == DS_ERR_RANGE);
     CHECK_ERR_CONTAINS("position 8");
     pos[1] = 1;
     b.n_logits = 2; /* 1 then 0: out of order */
-    CHECK(ds_model_forward_batch(m, kv, &b, lg) == DS_ERR_RANGE);
+    CHECK(ds_model_forward_batch(m, kv, &b, lg, NULL) == DS_ERR_RANGE);
     CHECK_ERR_CONTAINS("logits index");
     b.n_logits = 1;
     seq[1] = 1;
-    CHECK(ds_model_forward_batch(m, kv, &b, lg) == DS_ERR_RANGE);
+    CHECK(ds_model_forward_batch(m, kv, &b, lg, NULL) == DS_ERR_RANGE);
     CHECK_ERR_CONTAINS("sequence 1");
     seq[1] = 0;
     tok[0] = -5;
-    CHECK(ds_model_forward_batch(m, kv, &b, lg) == DS_ERR_RANGE);
+    CHECK(ds_model_forward_batch(m, kv, &b, lg, NULL) == DS_ERR_RANGE);
     CHECK_ERR_CONTAINS("token id -5");
     ds_kv_dtype dt;
     CHECK(ds_kv_dtype_parse("bf16", &dt) == DS_OK && dt == DS_KV_BF16);
