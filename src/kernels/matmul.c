@@ -1590,12 +1590,11 @@ void ds_matmul_jobs(ds_pool *pool, const ds_mm_job *jobs, int n_jobs) {
     row_best *best = n_best ? malloc(n_best * sizeof *best) : NULL;
     DS_ASSERT(best || !n_best);
     for (size_t i = 0; i < n_best; i++) best[i] = (row_best){0, -1};
-    for (int i = 0; i < n_jobs; i++) {
-        if (!st[i].fn || !jobs[i].argmax) continue;
-        st[i].c.best = best;
-        best += (size_t)st[i].slices * (size_t)jobs[i].n_tok;
+    for (size_t i = 0, at = 0; i < (size_t)n_jobs; i++) {
+        if (!st[i].fn || !jobs[i].argmax) continue; /* best + at: a job that asked, best non-NULL */
+        st[i].c.best = best + at;
+        at += (size_t)st[i].slices * (size_t)jobs[i].n_tok;
     }
-    best -= n_best;
     /* the preparations' units (up to one a thread and job), then the rows' */
     const size_t prep_units = (size_t)n_jobs * (size_t)threads;
     mm_unit *u = malloc((units > prep_units ? units : prep_units) * sizeof *u);
