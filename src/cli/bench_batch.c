@@ -12,8 +12,8 @@
  *
  * Each rate is this machine's best: the read bandwidth and ds_matmul's multiply-add rates (best
  * over a large and a cache-resident shape, see matmul_rate) are measured again before every batch
- * size, and every row is set against the best of all of them, printed when the last batch size
- * is done. The VM this is measured on moves by a third between minutes; one measurement at the
+ * size and once after the last, and every row is set against the best of all of them, printed
+ * at the end. The VM this is measured on moves by a third between minutes; one measurement at the
  * start made the batch sizes that ran in a slow minute look closer to their limit than they were,
  * and a rate measured only at 256 tokens on 4096 x 4096 (BF16 93 - 121 GMAC/s) was below what the
  * medium model's lm_head reached at 32 tokens (~148), so the compute limit was not a bound.
@@ -178,6 +178,9 @@ int ds_cli_bench_batch(ds_model *m, const int32_t *batches, int n_batches, long 
         qsort(times, (size_t)steps, sizeof *times, cmp_double);
         rows[bi].med = times[steps / 2];
     }
+    /* a run of one batch size had one probe, and a Zen 4 VM whose reads moved between 35 and 70
+     * GB/s put it in a slow minute: 35.9 GB/s against steps that read at 43 (121% of the limit) */
+    measure_rates(pool, fdt, bw_bytes, &best);
     printf("batch decode     context %ld + %ld steps, 16-token blocks, f32 KV, greedy\n", context,
            steps);
     printf("rates (best of all measured) read %.1f GB/s; matmul: int8 %.0f, %s %.0f, f32 %.0f "
