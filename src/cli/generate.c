@@ -8,10 +8,12 @@
  * --prompt / --chat; special tokens skipped, as vLLM's skip_special_tokens does). */
 #include "cli/cli.h"
 #include "dist/dist.h"
+#include "kernels/kernels.h"
 #include "model/model.h"
 #include "tokenizer/tokenizer.h"
 
 #include <getopt.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -51,11 +53,16 @@ typedef struct {
     ds_engine_params ep;
 } gen_opts;
 
-static int argmax(const float *x, int64_t n) {
-    int64_t best = 0;
-    for (int64_t i = 1; i < n; i++)
-        if (x[i] > x[best]) best = i;
-    return (int)best;
+/* The greedy token: the logits' argmax_f32, refused when its logit is not finite (a NaN or +inf
+ * from the weights, or every logit -inf), as the engine's sampler refuses such logits. */
+static int greedy(const float *x, int64_t n, int32_t *out) {
+    const int64_t i = ds_kernels_get()->argmax_f32(x, (size_t)n);
+    if (i < 0) return ds_err_set(DS_ERR_RANGE, "no token can be chosen: every logit is -inf");
+    if (!isfinite(x[i]))
+        return ds_err_set(DS_ERR_RANGE, "logits[%lld] = %g: the model gave a non-finite logit",
+                          (long long)i, (double)x[i]);
+    *out = (int32_t)i;
+    return DS_OK;
 }
 
 /* Renders --chat (and --system) with the model's chat format into text. */
@@ -146,7 +153,8 @@ static int run(const gen_opts *o) {
     double t2 = ds_now();
     long produced = 0;
     for (; produced < o->max_tokens; produced++) {
-        int32_t next = argmax(logits, cfg->vocab_size);
+        int32_t next;
+        if ((rc = greedy(logits, cfg->vocab_size, &next))) goto out;
         int is_eos = 0;
         for (int i = 0; i < cfg->n_eos; i++) is_eos |= next == cfg->eos_token_ids[i];
         if (is_eos && !o->ignore_eos) {

@@ -6,11 +6,42 @@
  *   - stdout carries nothing but the result;
  *   - --batch-file runs every line through the engine at once: each golden prompt's greedy
  *     continuation, a chat line equal to --chat, a seeded sampling line that repeats, and bad
- *     lines that fail alone (with their message) and make the exit status 1. */
+ *     lines that fail alone (with their message) and make the exit status 1;
+ *   - a model whose lm_head holds a NaN (row 5) fails by name, alone and through the engine (whose
+ *     greedy steps take the argmax from lm_head and leave such a row to the sampler). */
 #include "testutil.h"
 #include "io/io.h"
 
 #include <stdlib.h>
+
+/* make-tiny into dir with lm_head.weight[5][0] a BF16 NaN, patched in the safetensors file. */
+static int make_nan_model(const char *dir) {
+    char cmd[4300], path[4200];
+    int st = 0;
+    snprintf(cmd, sizeof cmd, "'%s' make-tiny '%s' --no-tokenizer --force 2>&1", DSINFER_BIN, dir);
+    free(ds_test_run(cmd, &st));
+    if (st) return -1;
+    snprintf(path, sizeof path, "%s/model-00001-of-00001.safetensors", dir);
+    FILE *f = fopen(path, "r+b");
+    if (!f) return -1;
+    unsigned char len8[8];
+    uint64_t n = 0;
+    if (fread(len8, 1, 8, f) == 8)
+        for (int i = 7; i >= 0; i--) n = n << 8 | len8[i];
+    char *hdr = n && n < (1u << 24) ? calloc(1, (size_t)n + 1) : NULL;
+    json_t *h = hdr && fread(hdr, 1, (size_t)n, f) == n ? json_loads(hdr, 0, NULL) : NULL;
+    json_t *t = json_object_get(h, "lm_head.weight");
+    const char *dt = json_string_value(json_object_get(t, "dtype"));
+    const json_int_t at = json_integer_value(json_array_get(json_object_get(t, "data_offsets"), 0)),
+                     cols = json_integer_value(json_array_get(json_object_get(t, "shape"), 1));
+    /* row 5, column 0 := 0x7fc0, little-endian */
+    const int ok = dt && !strcmp(dt, "BF16") &&
+                   !fseek(f, (long)(8 + n + at + 2 * 5 * cols), SEEK_SET) &&
+                   fwrite("\xc0\x7f", 1, 2, f) == 2;
+    json_decref(h);
+    free(hdr);
+    return fclose(f) == 0 && ok ? 0 : -1;
+}
 
 static void chomp(char *s) {
     size_t n = strlen(s);
@@ -190,6 +221,30 @@ int main(void) {
     free(bout);
     if (tmp) ds_test_rmtree(tmp);
     free(tmp);
+
+    /* A NaN logit: a clear error, never a token chosen past it. */
+    char *nan_dir = ds_test_tmpdir();
+    CHECK(nan_dir && make_nan_model(nan_dir) == 0);
+    if (nan_dir) {
+        snprintf(cmd, sizeof cmd, "'%s' generate --model '%s' --prompt-ids 1,2,3 2>&1", DSINFER_BIN,
+                 nan_dir);
+        char *o = ds_test_run(cmd, &st);
+        CHECK_MSG(st == 1 && o && strstr(o, "logits[5] = nan"), "NaN logit alone: status %d, %s",
+                  st, o ? o : "");
+        free(o);
+        snprintf(path, sizeof path, "%s/b.jsonl", nan_dir);
+        FILE *f = fopen(path, "w");
+        CHECK(f && fputs("{\"prompt_ids\":[1,2,3],\"max_tokens\":3,\"temperature\":0}\n", f) >= 0);
+        if (f) fclose(f);
+        snprintf(cmd, sizeof cmd, "'%s' generate --model '%s' --batch-file '%s' 2>/dev/null",
+                 DSINFER_BIN, nan_dir, path);
+        o = ds_test_run(cmd, &st);
+        CHECK_MSG(st == 1 && o && strstr(o, "\"error\":\"logits[5] = nan"),
+                  "NaN logit through the engine: status %d, %s", st, o ? o : "");
+        free(o);
+        ds_test_rmtree(nan_dir);
+        free(nan_dir);
+    }
 
     /* Usage errors exit 2 and print nothing on stdout. */
     snprintf(cmd, sizeof cmd, "'%s' generate --model '%s' --prompt x --chat y 2>/dev/null",
