@@ -686,7 +686,7 @@ static void check_matmul_jobs(ds_pool *p1, ds_pool *p3) {
         for (int i = 0; i < NJ; i++) {
             size_t ny = (size_t)(toks[i] * t[i].m.rows);
             for (size_t j = 0; j <= ny; j++) got[i][j] = 999.0f;
-            /* every other job asks for argmax too (as many tokens as any has: 40) */
+            /* every other job asks for argmax too: up to 40 tokens, one slot past */
             for (int j = 0; j < 41; j++) am[i][j] = -2;
             jobs[i] = (ds_mm_job){got[i], x[i], toks[i], &t[i].m, i % 2 == pi ? am[i] : NULL};
         }
