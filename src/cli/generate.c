@@ -54,12 +54,12 @@ typedef struct {
 } gen_opts;
 
 /* The greedy token: the logits' argmax_f32, refused when its logit is not finite (a NaN or +inf
- * from the weights, or every logit -inf), as the engine's sampler refuses such logits. */
+ * from the weights, or every logit -inf) with the engine's sampler's words. */
 static int greedy(const float *x, int64_t n, int32_t *out) {
     const int64_t i = ds_kernels_get()->argmax_f32(x, (size_t)n);
-    if (i < 0) return ds_err_set(DS_ERR_RANGE, "no token can be chosen: every logit is -inf");
+    if (i < 0) return ds_err_set(DS_ERR_RANGE, "no token can be sampled: every logit is -inf");
     if (!isfinite(x[i]))
-        return ds_err_set(DS_ERR_RANGE, "logits[%lld] = %g: the model gave a non-finite logit",
+        return ds_err_set(DS_ERR_RANGE, "logits[%lld] = %g: logits must be finite or -inf",
                           (long long)i, (double)x[i]);
     *out = (int32_t)i;
     return DS_OK;
