@@ -563,6 +563,504 @@ static void i4_to_f32_avx2(float *dst, const uint8_t *src, size_t n, float scale
     for (; i < n; i++) dst[i] = (float)ds_i4_get(src, i) * scale;
 }
 
+/* ---- row ops: the AVX-512 table's algorithms in 8 lanes, so the two give the same floats ---- */
+
+/* max over the 8 lanes of a vector holding no NaN */
+static inline float hmax256(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static float absmax_f32_avx2(const float *x, size_t n) {
+    const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 m = _mm256_setzero_ps();
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) /* max_ps(a, m) returns m when a is NaN: NaNs are skipped */
+        m = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + i), abs), m);
+    if (i < n) /* the lanes past n load 0, which leaves a maximum >= 0 unchanged */
+        m = _mm256_max_ps(_mm256_and_ps(_mm256_maskload_ps(x + i, tail_mask(n - i)), abs), m);
+    return hmax256(m);
+}
+
+/* The maximum in 8 lanes with a NaN mask beside it, then the first position holding the maximum,
+ * or the first NaN when there is one (argmax_f32_avx512's two passes). */
+static int64_t argmax_f32_avx2(const float *x, size_t n) {
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    __m256 m = ninf, nan = _mm256_setzero_ps();
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) { /* max_ps(a, m) returns m when a is NaN */
+        const __m256 v = _mm256_loadu_ps(x + i);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        m = _mm256_max_ps(v, m);
+    }
+    if (i < n) { /* the lanes past n are -inf, which no maximum needs */
+        const __m256i t = tail_mask(n - i);
+        const __m256 v =
+            _mm256_blendv_ps(ninf, _mm256_maskload_ps(x + i, t), _mm256_castsi256_ps(t));
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        m = _mm256_max_ps(v, m);
+    }
+    const float best = hmax256(m);
+    const int any_nan = _mm256_movemask_ps(nan) != 0;
+    if (best == -INFINITY && !any_nan) return -1;
+    const __m256 b = _mm256_set1_ps(best);
+    for (i = 0; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        const int hit = _mm256_movemask_ps(any_nan ? _mm256_cmp_ps(v, v, _CMP_UNORD_Q)
+                                                   : _mm256_cmp_ps(v, b, _CMP_EQ_OQ));
+        if (hit) return (int64_t)(i + (size_t)__builtin_ctz((unsigned)hit));
+    }
+    for (; i < n; i++) {
+        float v;
+        memcpy(&v, x + i, sizeof v);
+        if (any_nan ? isnan(v) : v == best) return (int64_t)i;
+    }
+    return -1; /* not reached: best or a NaN is one of the values */
+}
+
+/* exp_ps of the AVX-512 table: x = k ln2 + r, e^r by the degree-7 polynomial, then times 2^k.
+ * AVX2 has no scalef: 2^k is applied as 2^k1 then 2^k2 (k1 = k >> 1, k2 = k - k1, both normal
+ * powers for the clamped |k| <= 151). p in [0.7, 1.5] times 2^k1 is exact, so the one rounding
+ * is the second product's, as scalef rounds once: the same floats, infinities and subnormals
+ * included. */
+static inline __m256 exp_ps(__m256 x) {
+    const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i ki = _mm256_cvtps_epi32(k), k1 = _mm256_srai_epi32(ki, 1);
+    const __m256i bias = _mm256_set1_epi32(127);
+    const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k1, bias), 23));
+    const __m256 s2 = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ki, k1), bias), 23));
+    return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+}
+
+/* swiglu_f32_avx512's steps (-a clamped to [-100, 100]; NaN passes through a) */
+static void swiglu_f32_avx2(float *a, const float *b, size_t n) {
+    const __m256 lo = _mm256_set1_ps(-100.0f), hi = _mm256_set1_ps(100.0f);
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (size_t i = 0; i < n; i += 8) {
+        const __m256i m = n - i >= 8 ? _mm256_set1_epi32(-1) : tail_mask(n - i);
+        const __m256 v = _mm256_maskload_ps(a + i, m);
+        const __m256 x =
+            _mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), v), lo), hi);
+        const __m256 y = _mm256_div_ps(v, _mm256_add_ps(one, exp_ps(x)));
+        _mm256_maskstore_ps(a + i, m, _mm256_mul_ps(y, _mm256_maskload_ps(b + i, m)));
+    }
+}
+
+/* exp_f32's e^v: clamped to [-104, 100] for the polynomial, a NaN kept */
+static inline __m256 exp_clamped_ps(__m256 v) {
+    const __m256 c =
+        _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(-104.0f)), _mm256_set1_ps(100.0f));
+    return exp_ps(_mm256_blendv_ps(c, v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+}
+
+static void exp_f32_avx2(float *dst, const float *x, size_t n) {
+    for (size_t i = 0; i < n; i += 8) {
+        const __m256i m = n - i >= 8 ? _mm256_set1_epi32(-1) : tail_mask(n - i);
+        _mm256_maskstore_ps(dst + i, m, exp_clamped_ps(_mm256_maskload_ps(x + i, m)));
+    }
+}
+
+/* v where v > m, else m: the first-wins maximum's step */
+static inline __m256 gt_max(__m256 m, __m256 v) {
+    return _mm256_blendv_ps(m, v, _mm256_cmp_ps(v, m, _CMP_GT_OQ));
+}
+
+/* softmax16_f32_avx512 with each row of 16 heads in two vectors (heads 0-7, 8-15): four chains
+ * of the first-wins compare merged in order, the sums in four vectors of double chains. */
+static void softmax16_f32_avx2(float *x, size_t n) {
+    __m256 l0 = _mm256_loadu_ps(x), h0 = _mm256_loadu_ps(x + 8);
+    __m256 l1 = l0, h1 = h0, l2 = l0, h2 = h0, l3 = l0, h3 = h0;
+    size_t i = 1;
+    for (; i + 4 <= n; i += 4) {
+        const float *p = x + 16 * i;
+        l0 = gt_max(l0, _mm256_loadu_ps(p)), h0 = gt_max(h0, _mm256_loadu_ps(p + 8));
+        l1 = gt_max(l1, _mm256_loadu_ps(p + 16)), h1 = gt_max(h1, _mm256_loadu_ps(p + 24));
+        l2 = gt_max(l2, _mm256_loadu_ps(p + 32)), h2 = gt_max(h2, _mm256_loadu_ps(p + 40));
+        l3 = gt_max(l3, _mm256_loadu_ps(p + 48)), h3 = gt_max(h3, _mm256_loadu_ps(p + 56));
+    }
+    for (; i < n; i++) {
+        l0 = gt_max(l0, _mm256_loadu_ps(x + 16 * i));
+        h0 = gt_max(h0, _mm256_loadu_ps(x + 16 * i + 8));
+    }
+    l0 = gt_max(gt_max(gt_max(l0, l1), l2), l3);
+    h0 = gt_max(gt_max(gt_max(h0, h1), h2), h3);
+    __m256d s0 = _mm256_setzero_pd(), s1 = s0, s2 = s0, s3 = s0;
+    for (i = 0; i < n; i++) {
+        const __m256 el = exp_clamped_ps(_mm256_sub_ps(_mm256_loadu_ps(x + 16 * i), l0));
+        const __m256 eh = exp_clamped_ps(_mm256_sub_ps(_mm256_loadu_ps(x + 16 * i + 8), h0));
+        _mm256_storeu_ps(x + 16 * i, el);
+        _mm256_storeu_ps(x + 16 * i + 8, eh);
+        s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(el)));
+        s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(el, 1)));
+        s2 = _mm256_add_pd(s2, _mm256_cvtps_pd(_mm256_castps256_ps128(eh)));
+        s3 = _mm256_add_pd(s3, _mm256_cvtps_pd(_mm256_extractf128_ps(eh, 1)));
+    }
+    const __m256d one = _mm256_set1_pd(1.0);
+    const __m256 il = _mm256_set_m128(_mm256_cvtpd_ps(_mm256_div_pd(one, s1)),
+                                      _mm256_cvtpd_ps(_mm256_div_pd(one, s0)));
+    const __m256 ih = _mm256_set_m128(_mm256_cvtpd_ps(_mm256_div_pd(one, s3)),
+                                      _mm256_cvtpd_ps(_mm256_div_pd(one, s2)));
+    for (i = 0; i < n; i++) {
+        _mm256_storeu_ps(x + 16 * i, _mm256_mul_ps(_mm256_loadu_ps(x + 16 * i), il));
+        _mm256_storeu_ps(x + 16 * i + 8, _mm256_mul_ps(_mm256_loadu_ps(x + 16 * i + 8), ih));
+    }
+}
+
+/* The eight chains are two vectors of four double lanes; a tail adds +0 to the lanes past it. */
+static void rmsnorm_f32_avx2(float *out, const float *x, const float *w, size_t n, float eps) {
+    __m256d lo = _mm256_setzero_pd(), hi = lo;
+    for (size_t i = 0; i < n; i += 8) {
+        const __m256i m = n - i >= 8 ? _mm256_set1_epi32(-1) : tail_mask(n - i);
+        const __m256 v = _mm256_maskload_ps(x + i, m);
+        const __m256d a = _mm256_cvtps_pd(_mm256_castps256_ps128(v)),
+                      b = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+        lo = _mm256_fmadd_pd(a, a, lo);
+        hi = _mm256_fmadd_pd(b, b, hi);
+    }
+    double c[8];
+    _mm256_storeu_pd(c, lo);
+    _mm256_storeu_pd(c + 4, hi);
+    const double ss = ((c[0] + c[1]) + (c[2] + c[3])) + ((c[4] + c[5]) + (c[6] + c[7]));
+    const __m256 r = _mm256_set1_ps(1.0f / sqrtf((float)(ss / (double)n) + eps));
+    for (size_t i = 0; i < n; i += 8) {
+        const __m256i m = n - i >= 8 ? _mm256_set1_epi32(-1) : tail_mask(n - i);
+        const __m256 v = _mm256_mul_ps(_mm256_maskload_ps(x + i, m), r);
+        _mm256_maskstore_ps(out + i, m, _mm256_mul_ps(v, _mm256_maskload_ps(w + i, m)));
+    }
+}
+
+/* The even (0x88) or odd (0xdd) floats of a, then of b: a shuffle leaves them in 64-bit pairs
+ * a a b b per 128-bit half, one permute puts a's four before b's. */
+#define SPLIT8(a, b, imm)                                                                          \
+    _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, imm)), 0xd8))
+
+static void bf16_split_avx2(const float *x, size_t n, float *xs) {
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        const __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8),
+                     c = _mm256_loadu_ps(x + i + 16), d = _mm256_loadu_ps(x + i + 24);
+        _mm256_storeu_ps(xs + i, SPLIT8(a, b, 0x88));
+        _mm256_storeu_ps(xs + i + 8, SPLIT8(c, d, 0x88));
+        _mm256_storeu_ps(xs + i + 16, SPLIT8(a, b, 0xdd));
+        _mm256_storeu_ps(xs + i + 24, SPLIT8(c, d, 0xdd));
+    }
+    memcpy(xs + i, x + i, (n - i) * sizeof *x);
+}
+#undef SPLIT8
+
+/* 8 quantized values as 8 bytes: the int32s narrowed with signed saturation (they are in
+ * [-127, 127] already) */
+static inline __m128i narrow8(__m256i v) {
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    return _mm_packs_epi16(w, w);
+}
+
+static void quantize_i8_avx2(const float *x, size_t n, float s, int8_t *q) {
+    const __m256 vs = _mm256_set1_ps(s), hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
+    for (size_t i = 0; i < n; i += 8) {
+        const __m256i m = n - i >= 8 ? _mm256_set1_epi32(-1) : tail_mask(n - i);
+        __m256 v = _mm256_div_ps(_mm256_maskload_ps(x + i, m), vs);
+        v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m256 ok = _mm256_cmp_ps(v, v, _CMP_ORD_Q); /* NaN -> 0 */
+        v = _mm256_and_ps(ok, _mm256_max_ps(_mm256_min_ps(v, hi), lo));
+        const __m128i b = narrow8(_mm256_cvtps_epi32(v));
+        if (n - i >= 8) {
+            _mm_storel_epi64((__m128i *)(void *)(q + i), b);
+        } else {
+            int8_t t[16];
+            _mm_storeu_si128((__m128i *)(void *)t, b);
+            memcpy(q + i, t, n - i);
+        }
+    }
+}
+
+/* q ^ 0x80 is q + 128 as an unsigned byte: psadbw against zero sums eight of those into each
+ * 64-bit lane; 128 a byte read comes off at the end. */
+static int64_t sum_i8_avx2(const int8_t *q, size_t n) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80), zero = _mm256_setzero_si256();
+    __m256i acc = zero;
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        const __m256i v =
+            _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(const void *)(q + i)), flip);
+        acc = _mm256_add_epi64(acc, _mm256_sad_epu8(v, zero));
+    }
+    int64_t l[4], s = -128 * (int64_t)i;
+    _mm256_storeu_si256((__m256i *)(void *)l, acc);
+    s += l[0] + l[1] + l[2] + l[3];
+    for (; i < n; i++) s += q[i];
+    return s;
+}
+
+static void i8_to_f32_lanes_avx2(float *dst, const int8_t *src, size_t n, const float *scale) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256i v =
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(src + i)));
+        _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_loadu_ps(scale + i)));
+    }
+    for (; i < n; i++) dst[i] = (float)src[i] * ld_scale(scale, i);
+}
+
+/* ---- axpy over rows: the sums of 64 columns stay in 8 registers over the rows ---- */
+
+/* 8 int8 weights from p (cnt < 8: only those, zeros after) times the scales sc, rounded once */
+static inline __m256 ld_i8x8(const int8_t *p, size_t cnt, __m256 sc) {
+    __m128i b;
+    if (cnt >= 8) {
+        b = _mm_loadl_epi64((const __m128i *)(const void *)p);
+    } else {
+        int8_t t[8] = {0};
+        memcpy(t, p, cnt);
+        b = _mm_loadl_epi64((const __m128i *)(const void *)t);
+    }
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), sc);
+}
+
+/* Columns [c0, c0 + 64) of the axpy_rows kernels (kernels.h), kind 0: int8 with a scale per
+ * column, 1: int8 with a scale per row, 2: BF16. `full` (a constant once inlined): all 64
+ * columns are there, loaded and stored unmasked. */
+static inline __attribute__((always_inline)) void axpy_rows_body(float *y, const float *x,
+                                                                 const void *w, size_t m, size_t n,
+                                                                 size_t c0, const float *scale,
+                                                                 const int kind, const int full) {
+    __m256 acc[8];
+    size_t cnt[8];
+#pragma GCC unroll 8
+    for (int v = 0; v < 8; v++) {
+        const size_t i = c0 + 8 * (size_t)v;
+        cnt[v] = full ? 8 : i >= n ? 0 : n - i >= 8 ? 8 : n - i;
+        acc[v] = _mm256_setzero_ps();
+    }
+    for (size_t j = 0; j < m; j++) {
+        const __m256 xj = _mm256_set1_ps(x[j]);
+        const __m256 rs = kind == 1 ? _mm256_set1_ps(ld_scale(scale, j)) : xj;
+#pragma GCC unroll 8
+        for (int v = 0; v < 8; v++) {
+            if (!full && !cnt[v]) continue;
+            const size_t i = j * n + c0 + 8 * (size_t)v;
+            __m256 wv;
+            if (kind == 2) {
+                const uint16_t *p = (const uint16_t *)w + i;
+                wv = full || cnt[v] == 8 ? ld_bf16x8(p) : ld_bf16_tail(p, cnt[v]);
+            } else {
+                const size_t col = c0 + 8 * (size_t)v;
+                const __m256 sc = kind == 1 ? rs
+                                  : full || cnt[v] == 8
+                                      ? _mm256_loadu_ps(scale + col)
+                                      : _mm256_maskload_ps(scale + col, tail_mask(cnt[v]));
+                wv = ld_i8x8((const int8_t *)w + i, full ? 8 : cnt[v], sc);
+            }
+            acc[v] = _mm256_fmadd_ps(xj, wv, acc[v]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < 8; v++) {
+        float *d = y + c0 + 8 * (size_t)v;
+        if (full || cnt[v] == 8)
+            _mm256_storeu_ps(d, acc[v]);
+        else if (cnt[v])
+            _mm256_maskstore_ps(d, tail_mask(cnt[v]), acc[v]);
+    }
+}
+
+#define AXPY_ROWS(KIND)                                                                            \
+    for (size_t c0 = 0; c0 < n; c0 += 64) {                                                        \
+        if (n - c0 >= 64)                                                                          \
+            axpy_rows_body(y, x, w, m, n, c0, scale, KIND, 1);                                     \
+        else                                                                                       \
+            axpy_rows_body(y, x, w, m, n, c0, scale, KIND, 0);                                     \
+    }
+
+static void axpy_rows_i8_lanes_avx2(float *y, const float *x, const int8_t *w, size_t m, size_t n,
+                                    const float *scale) {
+    AXPY_ROWS(0)
+}
+
+static void axpy_rows_i8_avx2(float *y, const float *x, const int8_t *w, size_t m, size_t n,
+                              const float *scale) {
+    AXPY_ROWS(1)
+}
+
+static void axpy_rows_bf16_avx2(float *y, const float *x, const uint16_t *w, size_t m, size_t n) {
+    const float *scale = NULL;
+    AXPY_ROWS(2)
+}
+#undef AXPY_ROWS
+
+/* ---- the float GEMMs (kernels.h): each output the fmaf chain over the columns in order ----
+ * Sixteen registers hold 64 sums with the loads beside them, half of a 16 x 8 block: each
+ * kernel runs its block as passes of 16 outputs x 4 tokens (two panel loads and four broadcasts
+ * feed eight FMAs), re-reading the panel from L1 for the next pass. */
+
+/* 8 x 8 transpose: r[k] row k in, column k out */
+static inline void transpose8_ps(__m256 r[8]) {
+    __m256 t[8], s[8];
+    for (int k = 0; k < 8; k += 2) {
+        t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
+        t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+    }
+    for (int k = 0; k < 8; k += 4) {
+        s[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
+        s[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xee);
+        s[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
+        s[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xee);
+    }
+    for (int k = 0; k < 4; k++) {
+        r[k] = _mm256_permute2f128_ps(s[k], s[k + 4], 0x20);
+        r[k + 4] = _mm256_permute2f128_ps(s[k], s[k + 4], 0x31);
+    }
+}
+
+/* The panel's columns [i, i + 8) from r[16] (r[k]: row k's 8 values), transposed in two halves */
+static inline void store_panel8(float *panel, size_t i, __m256 r[16]) {
+    transpose8_ps(r);
+    transpose8_ps(r + 8);
+    for (int k = 0; k < 8; k++) {
+        _mm256_storeu_ps(panel + 16 * (i + (size_t)k), r[k]);
+        _mm256_storeu_ps(panel + 16 * (i + (size_t)k) + 8, r[8 + k]);
+    }
+}
+
+static void pack16_f32_avx2(float *panel, const float *const rows[16], size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 r[16];
+        for (int k = 0; k < 16; k++) r[k] = _mm256_loadu_ps(rows[k] + i);
+        store_panel8(panel, i, r);
+    }
+    for (; i < n; i++)
+        for (size_t k = 0; k < 16; k++) panel[16 * i + k] = rows[k][i];
+}
+
+static void pack16_bf16_avx2(float *panel, const uint16_t *const rows[16], size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 r[16];
+        for (int k = 0; k < 16; k++) r[k] = ld_bf16x8(rows[k] + i);
+        store_panel8(panel, i, r);
+    }
+    for (; i < n; i++)
+        for (size_t k = 0; k < 16; k++) {
+            uint16_t h; /* rows in an mmap may sit at odd addresses */
+            memcpy(&h, rows[k] + i, sizeof h);
+            panel[16 * i + k] = ds_bf16_decode(h);
+        }
+}
+
+static void pack16_i8_f32_avx2(float *panel, const int8_t *const rows[16], const float scale[16],
+                               size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 r[16];
+        for (int k = 0; k < 16; k++) r[k] = ld_i8x8(rows[k] + i, 8, _mm256_set1_ps(scale[k]));
+        store_panel8(panel, i, r);
+    }
+    for (; i < n; i++)
+        for (size_t k = 0; k < 16; k++) panel[16 * i + k] = (float)rows[k][i] * scale[k];
+}
+
+/* Four tokens' chains over 16 lanes: a (lanes 0-7) and b (8-15) per token */
+#define ZERO4X2()                                                                                  \
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0
+#define FMA_TOKEN(t, xv)                                                                           \
+    do {                                                                                           \
+        const __m256 v_ = (xv);                                                                    \
+        a##t = _mm256_fmadd_ps(p, v_, a##t);                                                       \
+        b##t = _mm256_fmadd_ps(q, v_, b##t);                                                       \
+    } while (0)
+#define STORE4X2(dst, ld)                                                                          \
+    do {                                                                                           \
+        _mm256_storeu_ps((dst), a0), _mm256_storeu_ps((dst) + 8, b0);                              \
+        _mm256_storeu_ps((dst) + (ld), a1), _mm256_storeu_ps((dst) + (ld) + 8, b1);                \
+        _mm256_storeu_ps((dst) + 2 * (ld), a2), _mm256_storeu_ps((dst) + 2 * (ld) + 8, b2);        \
+        _mm256_storeu_ps((dst) + 3 * (ld), a3), _mm256_storeu_ps((dst) + 3 * (ld) + 8, b3);        \
+    } while (0)
+
+static void gemm16x8_f32_avx2(const float *panel, size_t n, const float *const x[8],
+                              float out[128]) {
+    for (int g = 0; g < 8; g += 4) {
+        const float *x0 = x[g], *x1 = x[g + 1], *x2 = x[g + 2], *x3 = x[g + 3];
+        ZERO4X2();
+        for (size_t i = 0; i < n; i++) {
+            const __m256 p = _mm256_loadu_ps(panel + 16 * i),
+                         q = _mm256_loadu_ps(panel + 16 * i + 8);
+            FMA_TOKEN(0, _mm256_broadcast_ss(x0 + i));
+            FMA_TOKEN(1, _mm256_broadcast_ss(x1 + i));
+            FMA_TOKEN(2, _mm256_broadcast_ss(x2 + i));
+            FMA_TOKEN(3, _mm256_broadcast_ss(x3 + i));
+        }
+        STORE4X2(out + 16 * g, 16);
+    }
+}
+
+/* Each half of 16 columns that holds any of the m, as passes of four tokens; the lanes past m
+ * load 0 (out is 0 there), and a half past m is stored as zeros. */
+static void gemm32x8_f32_rows_avx2(const float *const *rows, size_t off, size_t m, size_t n,
+                                   const float *const x[8], size_t ldx, float out[256]) {
+    for (size_t h = 0; h < 2; h++) {
+        if (16 * h >= m) {
+            memset(out + 128 * h, 0, 128 * sizeof(float));
+            continue;
+        }
+        const size_t c = off + 16 * h, lm = m - 16 * h;
+        const __m256i k0 = lm >= 8 ? _mm256_set1_epi32(-1) : tail_mask(lm);
+        const __m256i k1 = lm >= 16 ? _mm256_set1_epi32(-1)
+                           : lm > 8 ? tail_mask(lm - 8)
+                                    : _mm256_setzero_si256();
+        for (int g = 0; g < 8; g += 4) {
+            const float *x0 = x[g], *x1 = x[g + 1], *x2 = x[g + 2], *x3 = x[g + 3];
+            ZERO4X2();
+            for (size_t i = 0; i < n; i++) {
+                const float *r = rows[i] + c;
+                const __m256 p = _mm256_maskload_ps(r, k0), q = _mm256_maskload_ps(r + 8, k1);
+                FMA_TOKEN(0, _mm256_broadcast_ss(x0 + i * ldx));
+                FMA_TOKEN(1, _mm256_broadcast_ss(x1 + i * ldx));
+                FMA_TOKEN(2, _mm256_broadcast_ss(x2 + i * ldx));
+                FMA_TOKEN(3, _mm256_broadcast_ss(x3 + i * ldx));
+            }
+            STORE4X2(out + 128 * h + 16 * g, 16);
+        }
+    }
+}
+
+/* Four panels' chains a pass (a: lanes 0-7, b: 8-15 of each), one broadcast of x per column */
+static void gemm128x1_f32_avx2(const float *const panel[8], size_t n, const float *x,
+                               float out[128]) {
+    for (int g = 0; g < 8; g += 4) {
+        const float *p0 = panel[g], *p1 = panel[g + 1], *p2 = panel[g + 2], *p3 = panel[g + 3];
+        ZERO4X2();
+        for (size_t i = 0; i < n; i++) {
+            const __m256 v = _mm256_broadcast_ss(x + i);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(p0 + 16 * i), v, a0);
+            b0 = _mm256_fmadd_ps(_mm256_loadu_ps(p0 + 16 * i + 8), v, b0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(p1 + 16 * i), v, a1);
+            b1 = _mm256_fmadd_ps(_mm256_loadu_ps(p1 + 16 * i + 8), v, b1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(p2 + 16 * i), v, a2);
+            b2 = _mm256_fmadd_ps(_mm256_loadu_ps(p2 + 16 * i + 8), v, b2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(p3 + 16 * i), v, a3);
+            b3 = _mm256_fmadd_ps(_mm256_loadu_ps(p3 + 16 * i + 8), v, b3);
+        }
+        STORE4X2(out + 16 * g, 16);
+    }
+}
+#undef ZERO4X2
+#undef FMA_TOKEN
+#undef STORE4X2
+
 static const ds_kernels avx2_table = {
     .name = "avx2",
     .bf16_to_f32 = bf16_to_f32_avx2,
@@ -570,11 +1068,24 @@ static const ds_kernels avx2_table = {
     .fp8_to_f32 = fp8_to_f32_avx2,
     .i8_to_f32 = i8_to_f32_avx2,
     .i4_to_f32 = i4_to_f32_avx2,
+    .i8_to_f32_lanes = i8_to_f32_lanes_avx2,
+    .absmax_f32 = absmax_f32_avx2,
+    .argmax_f32 = argmax_f32_avx2,
+    .swiglu_f32 = swiglu_f32_avx2,
+    .exp_f32 = exp_f32_avx2,
+    .softmax16_f32 = softmax16_f32_avx2,
+    .rmsnorm_f32 = rmsnorm_f32_avx2,
+    .bf16_split = bf16_split_avx2,
+    .quantize_i8 = quantize_i8_avx2,
+    .sum_i8 = sum_i8_avx2,
     .dot_f32 = dot_f32_avx2,
     .dot4_f32 = dot4_f32_avx2,
     .axpy_f32 = axpy_f32_avx2,
     .axpy_i8 = axpy_i8_avx2,
     .axpy_bf16 = axpy_bf16_avx2,
+    .axpy_rows_i8_lanes = axpy_rows_i8_lanes_avx2,
+    .axpy_rows_i8 = axpy_rows_i8_avx2,
+    .axpy_rows_bf16 = axpy_rows_bf16_avx2,
     .dot4_bf16 = dot4_bf16_avx2,
     .dot4_f16 = dot4_f16_avx2,
     .dot4_fp8 = dot4_fp8_avx2,
@@ -584,6 +1095,12 @@ static const ds_kernels avx2_table = {
     .dot4_i8 = dot4_i8_avx2,
     .dot4_i8_no_min = 1, /* _mm256_sign_epi8 cannot negate -128 */
     .dot4_i4 = dot4_i4_avx2,
+    .pack16_f32 = pack16_f32_avx2,
+    .pack16_bf16 = pack16_bf16_avx2,
+    .pack16_i8_f32 = pack16_i8_f32_avx2,
+    .gemm16x8_f32 = gemm16x8_f32_avx2,
+    .gemm32x8_f32_rows = gemm32x8_f32_rows_avx2,
+    .gemm128x1_f32 = gemm128x1_f32_avx2,
 };
 
 const ds_kernels *ds_kernels_avx2_table(void) {
