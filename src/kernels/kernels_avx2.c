@@ -310,9 +310,31 @@ static float bf16_row_avx2(const float *x, const uint16_t *w, size_t n) {
     return hsum256(_mm256_add_ps(lo, hi));
 }
 
-/* The 16 lanes of kernels.h's order as two registers per row, lo (lanes 0..7) and hi (8..15):
- * their sum is the first step of that order, hsum256 the rest. One token at a time (16 registers
- * hold no more), the four rows' words re-read from L1 for the next. */
+/* Lanes 0..7 (lo) or 8..15 (hi) of one 32-column step for rows a, b x tokens p, q: the even
+ * columns' words v shifted, the odd ones' masked, each decoded word feeding both tokens. */
+#define BF16_2X2(acc, va, vb, xp, xq, e, od)                                                       \
+    do {                                                                                           \
+        const __m256 wa_ = _mm256_castsi256_ps(_mm256_slli_epi32(va, 16)),                         \
+                     wb_ = _mm256_castsi256_ps(_mm256_slli_epi32(vb, 16));                         \
+        const __m256 xe_ = _mm256_loadu_ps((xp) + (e)), ye_ = _mm256_loadu_ps((xq) + (e));         \
+        acc##ap = _mm256_fmadd_ps(xe_, wa_, acc##ap);                                              \
+        acc##aq = _mm256_fmadd_ps(ye_, wa_, acc##aq);                                              \
+        acc##bp = _mm256_fmadd_ps(xe_, wb_, acc##bp);                                              \
+        acc##bq = _mm256_fmadd_ps(ye_, wb_, acc##bq);                                              \
+        const __m256 oa_ = _mm256_castsi256_ps(_mm256_and_si256(va, high)),                        \
+                     ob_ = _mm256_castsi256_ps(_mm256_and_si256(vb, high));                        \
+        const __m256 xo_ = _mm256_loadu_ps((xp) + (od)), yo_ = _mm256_loadu_ps((xq) + (od));       \
+        acc##ap = _mm256_fmadd_ps(xo_, oa_, acc##ap);                                              \
+        acc##aq = _mm256_fmadd_ps(yo_, oa_, acc##aq);                                              \
+        acc##bp = _mm256_fmadd_ps(xo_, ob_, acc##bp);                                              \
+        acc##bq = _mm256_fmadd_ps(yo_, ob_, acc##bq);                                              \
+    } while (0)
+
+/* The 16 lanes of kernels.h's order as two registers per row and token, lo (lanes 0..7) and hi
+ * (8..15): their sum is the first step of that order, hsum256 the rest. Two rows x two tokens a
+ * pass (eight chains in registers), so each decoded word feeds two FMAs: with one token a pass
+ * over all four rows, the shifts and masks of the words took as many issue slots as the FMAs.
+ * One token takes the four rows a pass. */
 static void dot4xn_bf16_avx2(const float *const x[4], int nx, const uint16_t *const w[4], size_t n,
                              size_t step, const char *pf, size_t n_pf, float out[16]) {
     if (nx == 1 && !pf && step == 32) { /* one row after another */
@@ -320,15 +342,16 @@ static void dot4xn_bf16_avx2(const float *const x[4], int nx, const uint16_t *co
         return;
     }
     const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
-    const size_t steps = n / 32, per = steps ? (n_pf + steps - 1) / steps : 0;
-    for (int t = 0; t < nx; t++) {
+    const size_t steps = n / 32, passes = nx == 1 ? 1 : (size_t)nx;
+    const size_t per = steps ? (n_pf + steps * passes - 1) / (steps * passes) : 0;
+    if (nx == 1) {
         __m256 lo[4], hi[4];
         for (int r = 0; r < 4; r++) lo[r] = hi[r] = _mm256_setzero_ps();
         size_t i = 0, o = 0; /* o: the piece's offset from w[r] */
         for (; i + 32 <= n; i += 32, o += step) {
             for (size_t q = 0; q < per && n_pf; q++, n_pf--, pf += 64) __builtin_prefetch(pf);
-            const __m256 xel = _mm256_loadu_ps(x[t] + i), xeh = _mm256_loadu_ps(x[t] + i + 8),
-                         xol = _mm256_loadu_ps(x[t] + i + 16), xoh = _mm256_loadu_ps(x[t] + i + 24);
+            const __m256 xel = _mm256_loadu_ps(x[0] + i), xeh = _mm256_loadu_ps(x[0] + i + 8),
+                         xol = _mm256_loadu_ps(x[0] + i + 16), xoh = _mm256_loadu_ps(x[0] + i + 24);
             for (int r = 0; r < 4; r++) {
                 const __m256i v0 = _mm256_loadu_si256((const __m256i *)(w[r] + o)),
                               v1 = _mm256_loadu_si256((const __m256i *)(w[r] + o + 16));
@@ -343,17 +366,56 @@ static void dot4xn_bf16_avx2(const float *const x[4], int nx, const uint16_t *co
         for (; n_pf; n_pf--, pf += 64) __builtin_prefetch(pf);
         for (const size_t i0 = i; i < n; i += 16) { /* the last piece, at offset o */
             const size_t rl = n - i < 8 ? n - i : 8, rh = n - i < 16 ? n - i - rl : 8;
-            const __m256 xl = _mm256_maskload_ps(x[t] + i, tail_mask(rl)),
-                         xh = _mm256_maskload_ps(x[t] + i + 8, tail_mask(rh));
+            const __m256 xl = _mm256_maskload_ps(x[0] + i, tail_mask(rl)),
+                         xh = _mm256_maskload_ps(x[0] + i + 8, tail_mask(rh));
             for (int r = 0; r < 4; r++) {
                 const uint16_t *wt = w[r] + o + (i - i0);
                 lo[r] = _mm256_fmadd_ps(xl, ld_bf16_tail(wt, rl), lo[r]);
                 hi[r] = _mm256_fmadd_ps(xh, ld_bf16_tail(wt + 8, rh), hi[r]);
             }
         }
-        for (int r = 0; r < 4; r++) out[4 * t + r] = hsum256(_mm256_add_ps(lo[r], hi[r]));
+        for (int r = 0; r < 4; r++) out[r] = hsum256(_mm256_add_ps(lo[r], hi[r]));
+        return;
     }
+    for (int t = 0; t < nx; t += 2)
+        for (int r = 0; r < 4; r += 2) {
+            const float *xp = x[t], *xq = x[t + 1];
+            const uint16_t *wa = w[r], *wb = w[r + 1];
+            __m256 loap = _mm256_setzero_ps(), loaq = loap, lobp = loap, lobq = loap;
+            __m256 hiap = loap, hiaq = loap, hibp = loap, hibq = loap;
+            size_t i = 0, o = 0;
+            for (; i + 32 <= n; i += 32, o += step) {
+                for (size_t k = 0; k < per && n_pf; k++, n_pf--, pf += 64) __builtin_prefetch(pf);
+                const __m256i a0 = _mm256_loadu_si256((const __m256i *)(wa + o)),
+                              b0 = _mm256_loadu_si256((const __m256i *)(wb + o));
+                BF16_2X2(lo, a0, b0, xp + i, xq + i, 0, 16);
+                const __m256i a1 = _mm256_loadu_si256((const __m256i *)(wa + o + 16)),
+                              b1 = _mm256_loadu_si256((const __m256i *)(wb + o + 16));
+                BF16_2X2(hi, a1, b1, xp + i, xq + i, 8, 24);
+            }
+            for (const size_t i0 = i; i < n; i += 16) { /* the last piece, at offset o */
+                const size_t rl = n - i < 8 ? n - i : 8, rh = n - i < 16 ? n - i - rl : 8;
+                const __m256i ml = tail_mask(rl), mh = tail_mask(rh);
+                const __m256 pl = _mm256_maskload_ps(xp + i, ml),
+                             ph = _mm256_maskload_ps(xp + i + 8, mh);
+                const __m256 ql = _mm256_maskload_ps(xq + i, ml),
+                             qh = _mm256_maskload_ps(xq + i + 8, mh);
+                const uint16_t *ta = wa + o + (i - i0), *tb = wb + o + (i - i0);
+                const __m256 al = ld_bf16_tail(ta, rl), ah = ld_bf16_tail(ta + 8, rh);
+                const __m256 bl = ld_bf16_tail(tb, rl), bh = ld_bf16_tail(tb + 8, rh);
+                loap = _mm256_fmadd_ps(pl, al, loap), hiap = _mm256_fmadd_ps(ph, ah, hiap);
+                loaq = _mm256_fmadd_ps(ql, al, loaq), hiaq = _mm256_fmadd_ps(qh, ah, hiaq);
+                lobp = _mm256_fmadd_ps(pl, bl, lobp), hibp = _mm256_fmadd_ps(ph, bh, hibp);
+                lobq = _mm256_fmadd_ps(ql, bl, lobq), hibq = _mm256_fmadd_ps(qh, bh, hibq);
+            }
+            out[4 * t + r] = hsum256(_mm256_add_ps(loap, hiap));
+            out[4 * t + r + 1] = hsum256(_mm256_add_ps(lobp, hibp));
+            out[4 * t + 4 + r] = hsum256(_mm256_add_ps(loaq, hiaq));
+            out[4 * t + 4 + r + 1] = hsum256(_mm256_add_ps(lobq, hibq));
+        }
+    for (; n_pf; n_pf--, pf += 64) __builtin_prefetch(pf);
 }
+#undef BF16_2X2
 
 static void dot4x2_f16_avx2(const float *x0, const float *x1, const uint16_t *const w[4], size_t n,
                             float out[8]) {

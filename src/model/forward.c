@@ -695,7 +695,7 @@ static void attend_task(void *arg, int thread, int n_threads) {
     }
 }
 
-/* attend_task for tables without their own float GEMM kernels (AVX2, NEON): for each (token,
+/* attend_task for tables without their own float GEMM kernels (NEON): for each (token,
  * head), scores over the cached positions four at a time through the dot4 kernels (reading the
  * cache's dtype in place), softmax, then the weighted latent sum row by row (axpy). */
 static void attend_head_task(void *arg, int thread, int n_threads) {
