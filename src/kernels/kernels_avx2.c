@@ -336,6 +336,54 @@ static float bf16_row_avx2(const float *x, const uint16_t *w, size_t n) {
         acc##bq = _mm256_fmadd_ps(yo_, ob_, acc##bq);                                              \
     } while (0)
 
+/* Half h of the 16 lanes (0: lanes 0..7, 1: 8..15) of rows wa, wb x four tokens: acc[t] row a's,
+ * acc[4 + t] row b's. Eight chains, each decoded word feeding four FMAs. */
+static inline __attribute__((always_inline)) void
+bf16_half_2x4(const float *const x[4], const uint16_t *wa, const uint16_t *wb, size_t n,
+              size_t step, size_t h, const char **pf, size_t *n_pf, size_t per, __m256 acc[8]) {
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    const size_t e = 8 * h; /* the half's x within a step; its words are 16 h further */
+#define HALF_TOKEN(t, xv, ua, ub)                                                                  \
+    do {                                                                                           \
+        const __m256 v_ = (xv);                                                                    \
+        a##t = _mm256_fmadd_ps(v_, ua, a##t);                                                      \
+        b##t = _mm256_fmadd_ps(v_, ub, b##t);                                                      \
+    } while (0)
+    size_t i = 0, o = 0;
+    for (; i + 32 <= n; i += 32, o += step) {
+        for (size_t k = 0; k < per && *n_pf; k++, (*n_pf)--, *pf += 64) __builtin_prefetch(*pf);
+        const __m256i va = _mm256_loadu_si256((const __m256i *)(wa + o + 2 * e)),
+                      vb = _mm256_loadu_si256((const __m256i *)(wb + o + 2 * e));
+        const __m256 ea = _mm256_castsi256_ps(_mm256_slli_epi32(va, 16)),
+                     eb = _mm256_castsi256_ps(_mm256_slli_epi32(vb, 16));
+        HALF_TOKEN(0, _mm256_loadu_ps(x[0] + i + e), ea, eb);
+        HALF_TOKEN(1, _mm256_loadu_ps(x[1] + i + e), ea, eb);
+        HALF_TOKEN(2, _mm256_loadu_ps(x[2] + i + e), ea, eb);
+        HALF_TOKEN(3, _mm256_loadu_ps(x[3] + i + e), ea, eb);
+        const __m256 oa = _mm256_castsi256_ps(_mm256_and_si256(va, high)),
+                     ob = _mm256_castsi256_ps(_mm256_and_si256(vb, high));
+        HALF_TOKEN(0, _mm256_loadu_ps(x[0] + i + 16 + e), oa, ob);
+        HALF_TOKEN(1, _mm256_loadu_ps(x[1] + i + 16 + e), oa, ob);
+        HALF_TOKEN(2, _mm256_loadu_ps(x[2] + i + 16 + e), oa, ob);
+        HALF_TOKEN(3, _mm256_loadu_ps(x[3] + i + 16 + e), oa, ob);
+    }
+    for (const size_t i0 = i; i < n; i += 16) { /* the last piece, at offset o */
+        const size_t rl = n - i < 8 ? n - i : 8, rh = n - i < 16 ? n - i - rl : 8;
+        const size_t cnt = h ? rh : rl;
+        const __m256i m = tail_mask(cnt);
+        const __m256 ua = ld_bf16_tail(wa + o + (i - i0) + e, cnt),
+                     ub = ld_bf16_tail(wb + o + (i - i0) + e, cnt);
+        HALF_TOKEN(0, _mm256_maskload_ps(x[0] + i + e, m), ua, ub);
+        HALF_TOKEN(1, _mm256_maskload_ps(x[1] + i + e, m), ua, ub);
+        HALF_TOKEN(2, _mm256_maskload_ps(x[2] + i + e, m), ua, ub);
+        HALF_TOKEN(3, _mm256_maskload_ps(x[3] + i + e, m), ua, ub);
+    }
+#undef HALF_TOKEN
+    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
+    acc[4] = b0, acc[5] = b1, acc[6] = b2, acc[7] = b3;
+}
+
 /* The 16 lanes of kernels.h's order as two registers per row and token, lo (lanes 0..7) and hi
  * (8..15): their sum is the first step of that order, hsum256 the rest. Two rows x two tokens a
  * pass (eight chains in registers), so each decoded word feeds two FMAs: with one token a pass
@@ -381,6 +429,19 @@ static void dot4xn_bf16_avx2(const float *const x[4], int nx, const uint16_t *co
             }
         }
         for (int r = 0; r < 4; r++) out[r] = hsum256(_mm256_add_ps(lo[r], hi[r]));
+        return;
+    }
+    if (nx == 4) { /* a row pair's halves one after another, its words in L1 for the second */
+        for (int r = 0; r < 4; r += 2) {
+            __m256 lo[8], hi[8];
+            bf16_half_2x4(x, w[r], w[r + 1], n, step, 0, &pf, &n_pf, per, lo);
+            bf16_half_2x4(x, w[r], w[r + 1], n, step, 1, &pf, &n_pf, per, hi);
+            for (int t = 0; t < 4; t++) {
+                out[4 * t + r] = hsum256(_mm256_add_ps(lo[t], hi[t]));
+                out[4 * t + r + 1] = hsum256(_mm256_add_ps(lo[4 + t], hi[4 + t]));
+            }
+        }
+        for (; n_pf; n_pf--, pf += 64) __builtin_prefetch(pf);
         return;
     }
     for (int t = 0; t < nx; t += 2)
