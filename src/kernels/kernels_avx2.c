@@ -385,10 +385,11 @@ bf16_half_2x4(const float *const x[4], const uint16_t *wa, const uint16_t *wb, s
 }
 
 /* The 16 lanes of kernels.h's order as two registers per row and token, lo (lanes 0..7) and hi
- * (8..15): their sum is the first step of that order, hsum256 the rest. Two rows x two tokens a
- * pass (eight chains in registers), so each decoded word feeds two FMAs: with one token a pass
- * over all four rows, the shifts and masks of the words took as many issue slots as the FMAs.
- * One token takes the four rows a pass. */
+ * (8..15): their sum is the first step of that order, hsum256 the rest. Eight chains in registers
+ * a pass: one token against the four rows; two tokens against a row pair, each decoded word
+ * feeding two FMAs; four tokens against a row pair, lo then hi, each word feeding four. With one
+ * token a pass at every nx, the shifts and masks of the words took as many issue slots as the
+ * FMAs. */
 static void dot4xn_bf16_avx2(const float *const x[4], int nx, const uint16_t *const w[4], size_t n,
                              size_t step, const char *pf, size_t n_pf, float out[16]) {
     if (nx == 1 && !pf && step == 32) { /* one row after another */
@@ -444,42 +445,41 @@ static void dot4xn_bf16_avx2(const float *const x[4], int nx, const uint16_t *co
         for (; n_pf; n_pf--, pf += 64) __builtin_prefetch(pf);
         return;
     }
-    for (int t = 0; t < nx; t += 2)
-        for (int r = 0; r < 4; r += 2) {
-            const float *xp = x[t], *xq = x[t + 1];
-            const uint16_t *wa = w[r], *wb = w[r + 1];
-            __m256 loap = _mm256_setzero_ps(), loaq = loap, lobp = loap, lobq = loap;
-            __m256 hiap = loap, hiaq = loap, hibp = loap, hibq = loap;
-            size_t i = 0, o = 0;
-            for (; i + 32 <= n; i += 32, o += step) {
-                for (size_t k = 0; k < per && n_pf; k++, n_pf--, pf += 64) __builtin_prefetch(pf);
-                const __m256i a0 = _mm256_loadu_si256((const __m256i *)(wa + o)),
-                              b0 = _mm256_loadu_si256((const __m256i *)(wb + o));
-                BF16_2X2(lo, a0, b0, xp + i, xq + i, 0, 16);
-                const __m256i a1 = _mm256_loadu_si256((const __m256i *)(wa + o + 16)),
-                              b1 = _mm256_loadu_si256((const __m256i *)(wb + o + 16));
-                BF16_2X2(hi, a1, b1, xp + i, xq + i, 8, 24);
-            }
-            for (const size_t i0 = i; i < n; i += 16) { /* the last piece, at offset o */
-                const size_t rl = n - i < 8 ? n - i : 8, rh = n - i < 16 ? n - i - rl : 8;
-                const __m256i ml = tail_mask(rl), mh = tail_mask(rh);
-                const __m256 pl = _mm256_maskload_ps(xp + i, ml),
-                             ph = _mm256_maskload_ps(xp + i + 8, mh);
-                const __m256 ql = _mm256_maskload_ps(xq + i, ml),
-                             qh = _mm256_maskload_ps(xq + i + 8, mh);
-                const uint16_t *ta = wa + o + (i - i0), *tb = wb + o + (i - i0);
-                const __m256 al = ld_bf16_tail(ta, rl), ah = ld_bf16_tail(ta + 8, rh);
-                const __m256 bl = ld_bf16_tail(tb, rl), bh = ld_bf16_tail(tb + 8, rh);
-                loap = _mm256_fmadd_ps(pl, al, loap), hiap = _mm256_fmadd_ps(ph, ah, hiap);
-                loaq = _mm256_fmadd_ps(ql, al, loaq), hiaq = _mm256_fmadd_ps(qh, ah, hiaq);
-                lobp = _mm256_fmadd_ps(pl, bl, lobp), hibp = _mm256_fmadd_ps(ph, bh, hibp);
-                lobq = _mm256_fmadd_ps(ql, bl, lobq), hibq = _mm256_fmadd_ps(qh, bh, hibq);
-            }
-            out[4 * t + r] = hsum256(_mm256_add_ps(loap, hiap));
-            out[4 * t + r + 1] = hsum256(_mm256_add_ps(lobp, hibp));
-            out[4 * t + 4 + r] = hsum256(_mm256_add_ps(loaq, hiaq));
-            out[4 * t + 4 + r + 1] = hsum256(_mm256_add_ps(lobq, hibq));
+    for (int r = 0; r < 4; r += 2) { /* two tokens */
+        const float *xp = x[0], *xq = x[1];
+        const uint16_t *wa = w[r], *wb = w[r + 1];
+        __m256 loap = _mm256_setzero_ps(), loaq = loap, lobp = loap, lobq = loap;
+        __m256 hiap = loap, hiaq = loap, hibp = loap, hibq = loap;
+        size_t i = 0, o = 0;
+        for (; i + 32 <= n; i += 32, o += step) {
+            for (size_t k = 0; k < per && n_pf; k++, n_pf--, pf += 64) __builtin_prefetch(pf);
+            const __m256i a0 = _mm256_loadu_si256((const __m256i *)(wa + o)),
+                          b0 = _mm256_loadu_si256((const __m256i *)(wb + o));
+            BF16_2X2(lo, a0, b0, xp + i, xq + i, 0, 16);
+            const __m256i a1 = _mm256_loadu_si256((const __m256i *)(wa + o + 16)),
+                          b1 = _mm256_loadu_si256((const __m256i *)(wb + o + 16));
+            BF16_2X2(hi, a1, b1, xp + i, xq + i, 8, 24);
         }
+        for (const size_t i0 = i; i < n; i += 16) { /* the last piece, at offset o */
+            const size_t rl = n - i < 8 ? n - i : 8, rh = n - i < 16 ? n - i - rl : 8;
+            const __m256i ml = tail_mask(rl), mh = tail_mask(rh);
+            const __m256 pl = _mm256_maskload_ps(xp + i, ml),
+                         ph = _mm256_maskload_ps(xp + i + 8, mh);
+            const __m256 ql = _mm256_maskload_ps(xq + i, ml),
+                         qh = _mm256_maskload_ps(xq + i + 8, mh);
+            const uint16_t *ta = wa + o + (i - i0), *tb = wb + o + (i - i0);
+            const __m256 al = ld_bf16_tail(ta, rl), ah = ld_bf16_tail(ta + 8, rh);
+            const __m256 bl = ld_bf16_tail(tb, rl), bh = ld_bf16_tail(tb + 8, rh);
+            loap = _mm256_fmadd_ps(pl, al, loap), hiap = _mm256_fmadd_ps(ph, ah, hiap);
+            loaq = _mm256_fmadd_ps(ql, al, loaq), hiaq = _mm256_fmadd_ps(qh, ah, hiaq);
+            lobp = _mm256_fmadd_ps(pl, bl, lobp), hibp = _mm256_fmadd_ps(ph, bh, hibp);
+            lobq = _mm256_fmadd_ps(ql, bl, lobq), hibq = _mm256_fmadd_ps(qh, bh, hibq);
+        }
+        out[r] = hsum256(_mm256_add_ps(loap, hiap));
+        out[r + 1] = hsum256(_mm256_add_ps(lobp, hibp));
+        out[4 + r] = hsum256(_mm256_add_ps(loaq, hiaq));
+        out[4 + r + 1] = hsum256(_mm256_add_ps(lobq, hibq));
+    }
     for (; n_pf; n_pf--, pf += 64) __builtin_prefetch(pf);
 }
 #undef BF16_2X2
