@@ -33,6 +33,11 @@ static inline __m256i tail_mask(size_t r) {
     return _mm256_loadu_si256((const __m256i *)(mask_tab + 8 - r));
 }
 
+/* the first min(r, 8) lanes: a whole vector, or the tail of r */
+static inline __m256i lanes_mask(size_t r) {
+    return tail_mask(r < 8 ? r : 8);
+}
+
 static inline float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -786,7 +791,7 @@ static void swiglu_f32_avx2(float *a, const float *b, size_t n) {
     const __m256 lo = _mm256_set1_ps(-100.0f), hi = _mm256_set1_ps(100.0f);
     const __m256 one = _mm256_set1_ps(1.0f);
     for (size_t i = 0; i < n; i += 8) {
-        const __m256i m = n - i >= 8 ? _mm256_set1_epi32(-1) : tail_mask(n - i);
+        const __m256i m = lanes_mask(n - i);
         const __m256 v = _mm256_maskload_ps(a + i, m);
         const __m256 x =
             _mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), v), lo), hi);
@@ -804,7 +809,7 @@ static inline __m256 exp_clamped_ps(__m256 v) {
 
 static void exp_f32_avx2(float *dst, const float *x, size_t n) {
     for (size_t i = 0; i < n; i += 8) {
-        const __m256i m = n - i >= 8 ? _mm256_set1_epi32(-1) : tail_mask(n - i);
+        const __m256i m = lanes_mask(n - i);
         _mm256_maskstore_ps(dst + i, m, exp_clamped_ps(_mm256_maskload_ps(x + i, m)));
     }
 }
@@ -859,7 +864,7 @@ static void softmax16_f32_avx2(float *x, size_t n) {
 static void rmsnorm_f32_avx2(float *out, const float *x, const float *w, size_t n, float eps) {
     __m256d lo = _mm256_setzero_pd(), hi = lo;
     for (size_t i = 0; i < n; i += 8) {
-        const __m256i m = n - i >= 8 ? _mm256_set1_epi32(-1) : tail_mask(n - i);
+        const __m256i m = lanes_mask(n - i);
         const __m256 v = _mm256_maskload_ps(x + i, m);
         const __m256d a = _mm256_cvtps_pd(_mm256_castps256_ps128(v)),
                       b = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
@@ -872,7 +877,7 @@ static void rmsnorm_f32_avx2(float *out, const float *x, const float *w, size_t 
     const double ss = ((c[0] + c[1]) + (c[2] + c[3])) + ((c[4] + c[5]) + (c[6] + c[7]));
     const __m256 r = _mm256_set1_ps(1.0f / sqrtf((float)(ss / (double)n) + eps));
     for (size_t i = 0; i < n; i += 8) {
-        const __m256i m = n - i >= 8 ? _mm256_set1_epi32(-1) : tail_mask(n - i);
+        const __m256i m = lanes_mask(n - i);
         const __m256 v = _mm256_mul_ps(_mm256_maskload_ps(x + i, m), r);
         _mm256_maskstore_ps(out + i, m, _mm256_mul_ps(v, _mm256_maskload_ps(w + i, m)));
     }
@@ -907,7 +912,7 @@ static inline __m128i narrow8(__m256i v) {
 static void quantize_i8_avx2(const float *x, size_t n, float s, int8_t *q) {
     const __m256 vs = _mm256_set1_ps(s), hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
     for (size_t i = 0; i < n; i += 8) {
-        const __m256i m = n - i >= 8 ? _mm256_set1_epi32(-1) : tail_mask(n - i);
+        const __m256i m = lanes_mask(n - i);
         __m256 v = _mm256_div_ps(_mm256_maskload_ps(x + i, m), vs);
         v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         const __m256 ok = _mm256_cmp_ps(v, v, _CMP_ORD_Q); /* NaN -> 0 */
