@@ -155,6 +155,19 @@ static void dot4_f32_avx2(const float *x, const float *const w[4], size_t n, flo
  * elements -> one __m256. AVX2 has no 8- or 16-bit masked loads, so a tail of fewer than 8
  * elements is copied into a zeroed 8-element buffer first (x is loaded with a float mask, so
  * the padding lanes multiply 0 by 0). */
+/* 8 int8 weights from p (cnt < 8: only those, zeros after) times the scales sc, rounded once */
+static inline __m256 ld_i8x8(const int8_t *p, size_t cnt, __m256 sc) {
+    __m128i b;
+    if (cnt >= 8) {
+        b = _mm_loadl_epi64((const __m128i *)(const void *)p);
+    } else {
+        int8_t t[8] = {0};
+        memcpy(t, p, cnt);
+        b = _mm_loadl_epi64((const __m128i *)(const void *)t);
+    }
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), sc);
+}
+
 static inline __m256 ld_bf16x8(const uint16_t *p) {
     __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
@@ -537,10 +550,7 @@ static void axpy_i8_avx2(float *y, float a, const int8_t *q, float scale, size_t
     const __m256 va = _mm256_set1_ps(a), vs = _mm256_set1_ps(scale);
     size_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        const __m256i v =
-            _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(q + i)));
-        const __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(v), vs);
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, w, _mm256_loadu_ps(y + i)));
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, ld_i8x8(q + i, 8, vs), _mm256_loadu_ps(y + i)));
     }
     for (; i < n; i++) y[i] = fmaf(a, (float)q[i] * scale, y[i]);
 }
@@ -678,8 +688,7 @@ static void i8_to_f32_avx2(float *dst, const int8_t *src, size_t n, float scale)
     const __m256 vs = _mm256_set1_ps(scale);
     size_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(src + i)));
-        _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtepi32_ps(v), vs));
+        _mm256_storeu_ps(dst + i, ld_i8x8(src + i, 8, vs));
     }
     for (; i < n; i++) dst[i] = (float)src[i] * scale;
 }
@@ -949,27 +958,12 @@ static int64_t sum_i8_avx2(const int8_t *q, size_t n) {
 static void i8_to_f32_lanes_avx2(float *dst, const int8_t *src, size_t n, const float *scale) {
     size_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        const __m256i v =
-            _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(src + i)));
-        _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_loadu_ps(scale + i)));
+        _mm256_storeu_ps(dst + i, ld_i8x8(src + i, 8, _mm256_loadu_ps(scale + i)));
     }
     for (; i < n; i++) dst[i] = (float)src[i] * ld_scale(scale, i);
 }
 
 /* ---- axpy over rows: the sums of 64 columns stay in 8 registers over the rows ---- */
-
-/* 8 int8 weights from p (cnt < 8: only those, zeros after) times the scales sc, rounded once */
-static inline __m256 ld_i8x8(const int8_t *p, size_t cnt, __m256 sc) {
-    __m128i b;
-    if (cnt >= 8) {
-        b = _mm_loadl_epi64((const __m128i *)(const void *)p);
-    } else {
-        int8_t t[8] = {0};
-        memcpy(t, p, cnt);
-        b = _mm_loadl_epi64((const __m128i *)(const void *)t);
-    }
-    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), sc);
-}
 
 /* Columns [c0, c0 + 64) of the axpy_rows kernels (kernels.h), kind 0: int8 with a scale per
  * column, 1: int8 with a scale per row, 2: BF16. `full` (a constant once inlined): all 64
@@ -1114,7 +1108,7 @@ static void pack16_i8_f32_avx2(float *panel, const int8_t *const rows[16], const
         for (size_t k = 0; k < 16; k++) panel[16 * i + k] = (float)rows[k][i] * scale[k];
 }
 
-/* Four tokens' chains over 16 lanes: a (lanes 0-7) and b (8-15) per token */
+/* Four tokens' chains over 16 lanes: a (lanes 0-7) and b (8-15) per token, stored as rows of 16 */
 #define ZERO4X2()                                                                                  \
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0
 #define FMA_TOKEN(t, xv)                                                                           \
@@ -1123,12 +1117,12 @@ static void pack16_i8_f32_avx2(float *panel, const int8_t *const rows[16], const
         a##t = _mm256_fmadd_ps(p, v_, a##t);                                                       \
         b##t = _mm256_fmadd_ps(q, v_, b##t);                                                       \
     } while (0)
-#define STORE4X2(dst, ld)                                                                          \
+#define STORE4X2(dst)                                                                              \
     do {                                                                                           \
         _mm256_storeu_ps((dst), a0), _mm256_storeu_ps((dst) + 8, b0);                              \
-        _mm256_storeu_ps((dst) + (ld), a1), _mm256_storeu_ps((dst) + (ld) + 8, b1);                \
-        _mm256_storeu_ps((dst) + 2 * (ld), a2), _mm256_storeu_ps((dst) + 2 * (ld) + 8, b2);        \
-        _mm256_storeu_ps((dst) + 3 * (ld), a3), _mm256_storeu_ps((dst) + 3 * (ld) + 8, b3);        \
+        _mm256_storeu_ps((dst) + 16, a1), _mm256_storeu_ps((dst) + 24, b1);                        \
+        _mm256_storeu_ps((dst) + 32, a2), _mm256_storeu_ps((dst) + 40, b2);                        \
+        _mm256_storeu_ps((dst) + 48, a3), _mm256_storeu_ps((dst) + 56, b3);                        \
     } while (0)
 
 static void gemm16x8_f32_avx2(const float *panel, size_t n, const float *const x[8],
@@ -1144,7 +1138,7 @@ static void gemm16x8_f32_avx2(const float *panel, size_t n, const float *const x
             FMA_TOKEN(2, _mm256_broadcast_ss(x2 + i));
             FMA_TOKEN(3, _mm256_broadcast_ss(x3 + i));
         }
-        STORE4X2(out + 16 * g, 16);
+        STORE4X2(out + 16 * g);
     }
 }
 
@@ -1173,7 +1167,7 @@ static void gemm32x8_f32_rows_avx2(const float *const *rows, size_t off, size_t 
                 FMA_TOKEN(2, _mm256_broadcast_ss(x2 + i * ldx));
                 FMA_TOKEN(3, _mm256_broadcast_ss(x3 + i * ldx));
             }
-            STORE4X2(out + 128 * h + 16 * g, 16);
+            STORE4X2(out + 128 * h + 16 * g);
         }
     }
 }
@@ -1195,7 +1189,7 @@ static void gemm128x1_f32_avx2(const float *const panel[8], size_t n, const floa
             a3 = _mm256_fmadd_ps(_mm256_loadu_ps(p3 + 16 * i), v, a3);
             b3 = _mm256_fmadd_ps(_mm256_loadu_ps(p3 + 16 * i + 8), v, b3);
         }
-        STORE4X2(out + 16 * g, 16);
+        STORE4X2(out + 16 * g);
     }
 }
 #undef ZERO4X2
