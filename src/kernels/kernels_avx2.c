@@ -449,8 +449,27 @@ static void dot4xn_bf16_avx2(const float *const x[4], int nx, const uint16_t *co
     const size_t steps = n / 32, passes = nx == 1 ? 1 : (size_t)nx;
     const size_t per = steps ? (n_pf + steps * passes - 1) / (steps * passes) : 0;
     if (nx == 1) {
-        __m256 lo[4], hi[4];
-        for (int r = 0; r < 4; r++) lo[r] = hi[r] = _mm256_setzero_ps();
+        /* named chains: in arrays indexed by a loop over the rows they lived in memory, a store
+         * and a load between FMAs (in L1, one thread, alternating in one process: 12.0 - 12.5 ->
+         * 18.1 - 20.0 GMAC/s; medium models at 1 sequence, alternating step by step: 1 - 7%
+         * faster) */
+        __m256 l0 = _mm256_setzero_ps(), l1 = l0, l2 = l0, l3 = l0, h0 = l0, h1 = l0, h2 = l0,
+               h3 = l0;
+#define ROW_STEP(l, h, wr)                                                                         \
+    do {                                                                                           \
+        const __m256i v0 = in_reg_i(_mm256_loadu_si256((const __m256i *)((wr) + o))),              \
+                      v1 = in_reg_i(_mm256_loadu_si256((const __m256i *)((wr) + o + 16)));         \
+        l = _mm256_fmadd_ps(xel, _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)), l);               \
+        l = _mm256_fmadd_ps(xol, _mm256_castsi256_ps(_mm256_and_si256(v0, high)), l);              \
+        h = _mm256_fmadd_ps(xeh, _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)), h);               \
+        h = _mm256_fmadd_ps(xoh, _mm256_castsi256_ps(_mm256_and_si256(v1, high)), h);              \
+    } while (0)
+#define ROW_TAIL(l, h, wr)                                                                         \
+    do {                                                                                           \
+        const uint16_t *wt = (wr) + o + (i - i0);                                                  \
+        l = _mm256_fmadd_ps(xl, ld_bf16_tail(wt, rl), l);                                          \
+        h = _mm256_fmadd_ps(xh, ld_bf16_tail(wt + 8, rh), h);                                      \
+    } while (0)
         size_t i = 0, o = 0; /* o: the piece's offset from w[r] */
         for (; i + 32 <= n; i += 32, o += step) {
             for (size_t q = 0; q < per && n_pf; q++, n_pf--, pf += 64) __builtin_prefetch(pf);
@@ -458,29 +477,25 @@ static void dot4xn_bf16_avx2(const float *const x[4], int nx, const uint16_t *co
                          xeh = in_reg(_mm256_loadu_ps(x[0] + i + 8)),
                          xol = in_reg(_mm256_loadu_ps(x[0] + i + 16)),
                          xoh = in_reg(_mm256_loadu_ps(x[0] + i + 24));
-            for (int r = 0; r < 4; r++) {
-                const __m256i v0 = in_reg_i(_mm256_loadu_si256((const __m256i *)(w[r] + o))),
-                              v1 = in_reg_i(_mm256_loadu_si256((const __m256i *)(w[r] + o + 16)));
-                lo[r] = _mm256_fmadd_ps(xel, _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)), lo[r]);
-                lo[r] =
-                    _mm256_fmadd_ps(xol, _mm256_castsi256_ps(_mm256_and_si256(v0, high)), lo[r]);
-                hi[r] = _mm256_fmadd_ps(xeh, _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)), hi[r]);
-                hi[r] =
-                    _mm256_fmadd_ps(xoh, _mm256_castsi256_ps(_mm256_and_si256(v1, high)), hi[r]);
-            }
+            ROW_STEP(l0, h0, w[0]);
+            ROW_STEP(l1, h1, w[1]);
+            ROW_STEP(l2, h2, w[2]);
+            ROW_STEP(l3, h3, w[3]);
         }
         for (; n_pf; n_pf--, pf += 64) __builtin_prefetch(pf);
         for (const size_t i0 = i; i < n; i += 16) { /* the last piece, at offset o */
             const size_t rl = n - i < 8 ? n - i : 8, rh = n - i < 16 ? n - i - rl : 8;
             const __m256 xl = _mm256_maskload_ps(x[0] + i, tail_mask(rl)),
                          xh = _mm256_maskload_ps(x[0] + i + 8, tail_mask(rh));
-            for (int r = 0; r < 4; r++) {
-                const uint16_t *wt = w[r] + o + (i - i0);
-                lo[r] = _mm256_fmadd_ps(xl, ld_bf16_tail(wt, rl), lo[r]);
-                hi[r] = _mm256_fmadd_ps(xh, ld_bf16_tail(wt + 8, rh), hi[r]);
-            }
+            ROW_TAIL(l0, h0, w[0]);
+            ROW_TAIL(l1, h1, w[1]);
+            ROW_TAIL(l2, h2, w[2]);
+            ROW_TAIL(l3, h3, w[3]);
         }
-        for (int r = 0; r < 4; r++) out[r] = hsum256(_mm256_add_ps(lo[r], hi[r]));
+#undef ROW_STEP
+#undef ROW_TAIL
+        out[0] = hsum256(_mm256_add_ps(l0, h0)), out[1] = hsum256(_mm256_add_ps(l1, h1));
+        out[2] = hsum256(_mm256_add_ps(l2, h2)), out[3] = hsum256(_mm256_add_ps(l3, h3));
         return;
     }
     if (nx == 4) { /* a row pair's halves one after another, its words in L1 for the second */
