@@ -299,6 +299,15 @@ static void dot4_fp8_avx2(const float *x, const uint8_t *const w[4], const float
     out[3] = hsum256(t3) * 256.0f;
 }
 
+/* a##t += p v, b##t += q v: two chains sharing v (here two tokens' x against a row's weights; in
+ * the float GEMMs below a panel's two halves against a token) */
+#define FMA2(t, v)                                                                                 \
+    do {                                                                                           \
+        const __m256 v_ = (v);                                                                     \
+        a##t = _mm256_fmadd_ps(p, v_, a##t);                                                       \
+        b##t = _mm256_fmadd_ps(q, v_, b##t);                                                       \
+    } while (0)
+
 /* Two tokens: each decoded vector feeds two FMAs, one per token; a0..a3 (ZERO8) collect x0 and
  * b0..b3 x1 (eight independent chains, one step of 8 columns per iteration). wv[r] points at row
  * r. Named accumulators: in an array indexed by a loop over the rows GCC kept them in memory,
@@ -307,32 +316,26 @@ static void dot4_fp8_avx2(const float *x, const uint8_t *const w[4], const float
  * 9.0 - 9.1 -> 34.8 - 38.7 GMAC/s, FP8 7.1 - 7.3 -> 12.0 - 12.6; 2 threads, 16384 x 4096 cold,
  * three runs: FP8 at 2 tokens 8.2 - 12.1 -> 4.9 - 6.2 ms, at 8 tokens 32 - 46 -> 18 - 21, F16 at
  * 8 tokens 22 - 32 -> 11 - 13. */
-#define DOT4X2_ROW(r, v)                                                                           \
-    do {                                                                                           \
-        const __m256 v_ = (v);                                                                     \
-        a##r = _mm256_fmadd_ps(p, v_, a##r);                                                       \
-        b##r = _mm256_fmadd_ps(q, v_, b##r);                                                       \
-    } while (0)
 #define DOT4X2_BODY(LD, LDT, x0, x1, wv, n)                                                        \
     do {                                                                                           \
         size_t i = 0;                                                                              \
         for (; i + 8 <= (n); i += 8) {                                                             \
             const __m256 p = in_reg(_mm256_loadu_ps((x0) + i)),                                    \
                          q = in_reg(_mm256_loadu_ps((x1) + i));                                    \
-            DOT4X2_ROW(0, LD((wv)[0] + i));                                                        \
-            DOT4X2_ROW(1, LD((wv)[1] + i));                                                        \
-            DOT4X2_ROW(2, LD((wv)[2] + i));                                                        \
-            DOT4X2_ROW(3, LD((wv)[3] + i));                                                        \
+            FMA2(0, LD((wv)[0] + i));                                                              \
+            FMA2(1, LD((wv)[1] + i));                                                              \
+            FMA2(2, LD((wv)[2] + i));                                                              \
+            FMA2(3, LD((wv)[3] + i));                                                              \
         }                                                                                          \
         if (i < (n)) {                                                                             \
             size_t r_ = (n)-i;                                                                     \
             __m256i m_ = tail_mask(r_);                                                            \
             const __m256 p = _mm256_maskload_ps((x0) + i, m_),                                     \
                          q = _mm256_maskload_ps((x1) + i, m_);                                     \
-            DOT4X2_ROW(0, LDT((wv)[0] + i, r_));                                                   \
-            DOT4X2_ROW(1, LDT((wv)[1] + i, r_));                                                   \
-            DOT4X2_ROW(2, LDT((wv)[2] + i, r_));                                                   \
-            DOT4X2_ROW(3, LDT((wv)[3] + i, r_));                                                   \
+            FMA2(0, LDT((wv)[0] + i, r_));                                                         \
+            FMA2(1, LDT((wv)[1] + i, r_));                                                         \
+            FMA2(2, LDT((wv)[2] + i, r_));                                                         \
+            FMA2(3, LDT((wv)[3] + i, r_));                                                         \
         }                                                                                          \
     } while (0)
 
@@ -1168,12 +1171,6 @@ static void pack16_i8_f32_avx2(float *panel, const int8_t *const rows[16], const
 /* Four tokens' chains over 16 lanes: a (lanes 0-7) and b (8-15) per token, stored as rows of 16 */
 #define ZERO4X2()                                                                                  \
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0
-#define FMA_TOKEN(t, xv)                                                                           \
-    do {                                                                                           \
-        const __m256 v_ = (xv);                                                                    \
-        a##t = _mm256_fmadd_ps(p, v_, a##t);                                                       \
-        b##t = _mm256_fmadd_ps(q, v_, b##t);                                                       \
-    } while (0)
 #define STORE4X2(dst)                                                                              \
     do {                                                                                           \
         _mm256_storeu_ps((dst), a0), _mm256_storeu_ps((dst) + 8, b0);                              \
@@ -1190,10 +1187,10 @@ static void gemm16x8_f32_avx2(const float *panel, size_t n, const float *const x
         for (size_t i = 0; i < n; i++) {
             const __m256 p = _mm256_loadu_ps(panel + 16 * i),
                          q = _mm256_loadu_ps(panel + 16 * i + 8);
-            FMA_TOKEN(0, _mm256_broadcast_ss(x0 + i));
-            FMA_TOKEN(1, _mm256_broadcast_ss(x1 + i));
-            FMA_TOKEN(2, _mm256_broadcast_ss(x2 + i));
-            FMA_TOKEN(3, _mm256_broadcast_ss(x3 + i));
+            FMA2(0, _mm256_broadcast_ss(x0 + i));
+            FMA2(1, _mm256_broadcast_ss(x1 + i));
+            FMA2(2, _mm256_broadcast_ss(x2 + i));
+            FMA2(3, _mm256_broadcast_ss(x3 + i));
         }
         STORE4X2(out + 16 * g);
     }
@@ -1219,10 +1216,10 @@ static void gemm32x8_f32_rows_avx2(const float *const *rows, size_t off, size_t 
             for (size_t i = 0; i < n; i++) {
                 const float *r = rows[i] + c;
                 const __m256 p = _mm256_maskload_ps(r, k0), q = _mm256_maskload_ps(r + 8, k1);
-                FMA_TOKEN(0, _mm256_broadcast_ss(x0 + i * ldx));
-                FMA_TOKEN(1, _mm256_broadcast_ss(x1 + i * ldx));
-                FMA_TOKEN(2, _mm256_broadcast_ss(x2 + i * ldx));
-                FMA_TOKEN(3, _mm256_broadcast_ss(x3 + i * ldx));
+                FMA2(0, _mm256_broadcast_ss(x0 + i * ldx));
+                FMA2(1, _mm256_broadcast_ss(x1 + i * ldx));
+                FMA2(2, _mm256_broadcast_ss(x2 + i * ldx));
+                FMA2(3, _mm256_broadcast_ss(x3 + i * ldx));
             }
             STORE4X2(out + 128 * h + 16 * g);
         }
@@ -1250,7 +1247,7 @@ static void gemm128x1_f32_avx2(const float *const panel[8], size_t n, const floa
     }
 }
 #undef ZERO4X2
-#undef FMA_TOKEN
+#undef FMA2
 #undef STORE4X2
 
 static const ds_kernels avx2_table = {
