@@ -646,10 +646,11 @@ static inline __m256i i8_row(__m256i acc, __m256i xv, __m256i wv, __m256i ones16
  * steps: issued at once before the call, they stalled on the full miss queue while the
  * arithmetic waited (2-core Zen 3 VM, one thread, 16384 x 4096: 11 - 13 GB/s, spread 18 - 20, of
  * the 19 - 20 one core reads; medium W8A8 at one sequence, MoE 2.7 - 3.3 -> 2.3 ms a step).
- * Pieces of 64 columns with the offset carried (in L1, one thread, alternating in one process,
- * medians): 49.5 - 50.5 -> 55.9 - 57.0 GMAC/s, and 27.6 - 28.5 -> 38.2 - 40.8 while the VM's
- * other tenants were busy; medium W8A8 alternating step by step, three runs: even at 1
- * sequence, 2 - 5% faster at 8. */
+ * The steps walk 64-column pieces with the offset carried: ds_i8_at per 32 columns (a shift, a
+ * mask and a multiply) took issue slots from the vector work (in L1, one thread, alternating in
+ * one process, medians: 49.5 - 50.5 -> 55.9 - 57.0 GMAC/s, and 27.6 - 28.5 -> 38.2 - 40.8 while the
+ * VM's other tenants were busy; medium W8A8 alternating step by step, three runs: even at 1
+ * sequence, 2 - 5% faster at 8). */
 static void dot4_i8_one_avx2(const int8_t *x, const int8_t *const w[4], size_t n, size_t block,
                              size_t step, const char *pf, size_t n_pf, int32_t *out,
                              size_t stride) {
@@ -672,8 +673,6 @@ static void dot4_i8_one_avx2(const int8_t *x, const int8_t *const w[4], size_t n
         a3 = i8_row(a3, xv, _mm256_loadu_si256((const __m256i *)(const void *)(w[3] + (o))),       \
                     ones16);                                                                       \
     } while (0)
-        /* a 64-column piece a pass, its offset carried from the last: ds_i8_at per 32 columns
-         * (a shift, a mask and a multiply) took issue slots from the vector work */
         for (size_t o = ds_i8_at(i, step); i + 64 <= end; i += 64, o += step) {
             STEP32(i, o);
             STEP32(i + 32, o + 32);
