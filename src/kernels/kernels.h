@@ -347,6 +347,13 @@ void ds_swiglu(float *a, const float *b, int64_t n);
 /* Measured sustained read bandwidth of this machine in bytes/s: the pool's threads sum a buffer
  * of `bytes` (well above the last-level cache) several times; the best pass counts. */
 double ds_measure_read_bandwidth(ds_pool *pool, size_t bytes);
+/* The same probe with its buffer kept between measurements, for a rate taken again and again
+ * (bench-model --batch: beside every step). open: NULL, warned, when the buffer cannot be had;
+ * run: the best of `passes` passes in bytes/s, 0 for a NULL probe. */
+typedef struct ds_bw_probe ds_bw_probe;
+ds_bw_probe *ds_bw_probe_open(ds_pool *pool, size_t bytes);
+double ds_bw_probe_run(ds_bw_probe *p, int passes);
+void ds_bw_probe_close(ds_bw_probe *p);
 
 /* ---- quantize/encode helpers (src/kernels/fp8.c) ----
  * Scalar encoders used when writing checkpoints (make-tiny, quantize); not on any hot path. */

@@ -111,41 +111,59 @@ static void bw_run(ds_pool *pool, bw_ctx *c) {
         bw_thread(c, 0, 1);
 }
 
-double ds_measure_read_bandwidth(ds_pool *pool, size_t bytes) {
+struct ds_bw_probe {
+    ds_pool *pool;
+    bw_ctx c;
+};
+
+ds_bw_probe *ds_bw_probe_open(ds_pool *pool, size_t bytes) {
     size_t n = bytes / sizeof(float);
     int nt = pool ? ds_pool_size(pool) : 1;
-    if (n == 0) return 0.0;
+    ds_bw_probe *p = n ? calloc(1, sizeof *p) : NULL;
+    float *sums = p ? calloc((size_t)nt, sizeof *sums) : NULL;
     /* not ds_alloc: it zeroes the buffer on this thread, which would defeat the parallel first
      * touch (fresh pages are only placed when first written); on 2 MiB pages where the kernel
      * allows, as the weights whose reads this rate bounds (ds_st_load_used) */
-    void *mem = ds_map_aligned(n * sizeof(float), -1);
+    void *mem = sums ? ds_map_aligned(n * sizeof(float), -1) : NULL;
     if (!mem) {
         ds_warn("bandwidth probe: cannot allocate %zu bytes", bytes);
-        return 0.0;
+        free(sums);
+        free(p);
+        return NULL;
     }
-    float *sums = calloc((size_t)nt, sizeof *sums);
-    if (!sums) {
-        munmap(mem, n * sizeof(float));
-        ds_warn("bandwidth probe: out of memory");
-        return 0.0;
-    }
-    bw_ctx c = {ds_kernels_get(), mem, n, 1, sums};
-    bw_run(pool, &c);
-    c.touch = 0;
+    *p = (ds_bw_probe){pool, {ds_kernels_get(), mem, n, 1, sums}};
+    bw_run(pool, &p->c);
+    p->c.touch = 0;
+    return p;
+}
 
+double ds_bw_probe_run(ds_bw_probe *p, int passes) {
+    if (!p) return 0.0;
     volatile float sink = 0; /* consumes the sums so the passes cannot be optimised away */
     double best = 0.0;
-    for (int pass = 0; pass < 5; pass++) {
+    for (int pass = 0; pass < passes; pass++) {
         double t0 = ds_now();
-        bw_run(pool, &c);
+        bw_run(p->pool, &p->c);
         double dt = ds_now() - t0;
-        for (int i = 0; i < nt; i++) sink += sums[i];
+        for (int i = 0; i < (p->pool ? ds_pool_size(p->pool) : 1); i++) sink += p->c.sums[i];
         if (dt > 0 && (best == 0.0 || dt < best)) best = dt;
     }
     (void)sink;
-    free(sums);
-    munmap(mem, n * sizeof(float));
-    return best > 0 ? (double)(n * sizeof(float)) / best : 0.0;
+    return best > 0 ? (double)(p->c.n * sizeof(float)) / best : 0.0;
+}
+
+void ds_bw_probe_close(ds_bw_probe *p) {
+    if (!p) return;
+    munmap(p->c.buf, p->c.n * sizeof(float));
+    free(p->c.sums);
+    free(p);
+}
+
+double ds_measure_read_bandwidth(ds_pool *pool, size_t bytes) {
+    ds_bw_probe *p = ds_bw_probe_open(pool, bytes);
+    double bw = ds_bw_probe_run(p, 5);
+    ds_bw_probe_close(p);
+    return bw;
 }
 
 void ds_bf16_split(const float *x, size_t n, float *xs) {

@@ -2,6 +2,9 @@
  *   - one row per batch size, in order; tok/s is the batch over the step time;
  *   - mem ms is (weights + KV) / the printed read rate, and the limit column is the larger of
  *     mem and comp over the step (within the printed digits);
+ *   - the paired column is positive, and for one sequence, whose steps all read the same weights
+ *     (its token's top-k experts), no lower than the limit column: each step is set against rates
+ *     no higher than the run's best, which count every probe;
  *   - no batch reads fewer weight bytes than one sequence (each token alone touches top-k
  *     distinct experts, the most one sequence's step can);
  *   - the KV bytes per token line is layers x (kv_lora_rank + qk_rope_head_dim) x 4, the demo's
@@ -14,7 +17,7 @@
 
 typedef struct {
     int batch;
-    double tps, step, weights, kv, gmac, mem, comp, limit;
+    double tps, step, weights, kv, gmac, mem, comp, limit, paired;
 } row;
 
 /* Relative closeness, for figures printed to a few digits. */
@@ -36,8 +39,8 @@ int main(void) {
     int n = 0;
     for (p = out; p && *p && n < 4; p = strchr(p, '\n'), p = p ? p + 1 : NULL) {
         row x;
-        if (sscanf(p, "%d %lf %lf %lfMB %lfMB %lf %lf %lf %lf%%", &x.batch, &x.tps, &x.step,
-                   &x.weights, &x.kv, &x.gmac, &x.mem, &x.comp, &x.limit) == 9)
+        if (sscanf(p, "%d %lf %lf %lfMB %lfMB %lf %lf %lf %lf%% %lf%%", &x.batch, &x.tps, &x.step,
+                   &x.weights, &x.kv, &x.gmac, &x.mem, &x.comp, &x.limit, &x.paired) == 10)
             r[n++] = x;
     }
     CHECK_MSG(n == 3 && r[0].batch == 1 && r[1].batch == 3 && r[2].batch == 8,
@@ -55,6 +58,9 @@ int main(void) {
         const double top = x->mem > x->comp ? x->mem : x->comp, lim = 100 * top / x->step;
         CHECK_MSG(fabs(x->limit - lim) <= 0.5 + lim * (0.005 / top + 0.005 / x->step),
                   "batch %d: limit %.0f%%, want %.1f%%", x->batch, x->limit, lim);
+        CHECK_MSG(x->paired > 0 && (x->batch > 1 || x->paired >= x->limit - 1),
+                  "batch %d: paired %.0f%% against a limit of %.0f%%", x->batch, x->paired,
+                  x->limit);
         CHECK_MSG(x->weights >= r[0].weights,
                   "batch %d read %.1f MB of weights, fewer than one sequence's %.1f", x->batch,
                   x->weights, r[0].weights);
