@@ -637,41 +637,52 @@ static inline __m128i reduce4_epi32_avx2(__m256i a0, __m256i a1, __m256i a2, __m
     return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
 }
 
-static inline __m256i i8_row(__m256i acc, __m256i xv, __m256i wv, __m256i ones16) {
-    __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
+/* acc + the pair sums of x times w, aw = |w| */
+static inline __m256i i8_acc(__m256i acc, __m256i aw, __m256i xv, __m256i wv, __m256i ones16) {
+    __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv));
     return _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones16));
 }
 
-/* One token; its sums of block b go to out[stride * b + r]. The prefetches are spread over the
- * steps: issued at once before the call, they stalled on the full miss queue while the
- * arithmetic waited (2-core Zen 3 VM, one thread, 16384 x 4096: 11 - 13 GB/s, spread 18 - 20, of
- * the 19 - 20 one core reads; medium W8A8 at one sequence, MoE 2.7 - 3.3 -> 2.3 ms a step).
+/* Row r's 32 weights at p against token 0 (a##r) and, with two tokens, token 1 (b##r): |w|
+ * once for both. */
+#define I8_ROW(r, p)                                                                               \
+    do {                                                                                           \
+        const __m256i wv = _mm256_loadu_si256((const __m256i *)(const void *)(p));                 \
+        const __m256i aw = _mm256_abs_epi8(wv);                                                    \
+        a##r = i8_acc(a##r, aw, xa, wv, ones16);                                                   \
+        if (nt == 2) b##r = i8_acc(b##r, aw, xb, wv, ones16);                                      \
+    } while (0)
+
+/* nt (1 or 2, a constant where inlined) tokens x0, x1 in one pass; token t's sums of block b go
+ * to out[4 t + stride * b + r]. The prefetches are spread over the steps: issued at once before
+ * the call, they stalled on the full miss queue while the arithmetic waited (2-core Zen 3 VM, one
+ * thread, 16384 x 4096: 11 - 13 GB/s, spread 18 - 20, of the 19 - 20 one core reads; medium W8A8
+ * at one sequence, MoE 2.7 - 3.3 -> 2.3 ms a step).
  * The steps walk 64-column pieces with the offset carried: ds_i8_at per 32 columns (a shift, a
  * mask and a multiply) took issue slots from the vector work (in L1, one thread, alternating in
  * one process, medians: 49.5 - 50.5 -> 55.9 - 57.0 GMAC/s, and 27.6 - 28.5 -> 38.2 - 40.8 while the
  * VM's other tenants were busy; medium W8A8 alternating step by step, three runs: even at 1
  * sequence, 2 - 5% faster at 8). */
-static void dot4_i8_one_avx2(const int8_t *x, const int8_t *const w[4], size_t n, size_t block,
-                             size_t step, const char *pf, size_t n_pf, int32_t *out,
-                             size_t stride) {
+static inline __attribute__((always_inline)) void
+dot4_i8_pass(const int nt, const int8_t *x0, const int8_t *x1, const int8_t *const w[4], size_t n,
+             size_t block, size_t step, const char *pf, size_t n_pf, int32_t *out, size_t stride) {
     const __m256i ones16 = _mm256_set1_epi16(1);
     const size_t steps = n / 32, per = steps ? (n_pf + steps - 1) / steps : 0;
-    for (size_t c0 = 0, b = 0; c0 < n; c0 += block, b++) {
+    for (size_t c0 = 0, bk = 0; c0 < n; c0 += block, bk++) {
         size_t end = c0 + (n - c0 < block ? n - c0 : block);
         __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+        __m256i b0 = a0, b1 = a0, b2 = a0, b3 = a0;
         size_t i = c0;
 #define STEP32(xi, o)                                                                              \
     do {                                                                                           \
         for (size_t q = 0; q < per && n_pf; q++, n_pf--, pf += 64) __builtin_prefetch(pf);         \
-        const __m256i xv = _mm256_loadu_si256((const __m256i *)(const void *)(x + (xi)));          \
-        a0 = i8_row(a0, xv, _mm256_loadu_si256((const __m256i *)(const void *)(w[0] + (o))),       \
-                    ones16);                                                                       \
-        a1 = i8_row(a1, xv, _mm256_loadu_si256((const __m256i *)(const void *)(w[1] + (o))),       \
-                    ones16);                                                                       \
-        a2 = i8_row(a2, xv, _mm256_loadu_si256((const __m256i *)(const void *)(w[2] + (o))),       \
-                    ones16);                                                                       \
-        a3 = i8_row(a3, xv, _mm256_loadu_si256((const __m256i *)(const void *)(w[3] + (o))),       \
-                    ones16);                                                                       \
+        const __m256i xa = _mm256_loadu_si256((const __m256i *)(const void *)(x0 + (xi)));         \
+        const __m256i xb =                                                                         \
+            nt == 2 ? _mm256_loadu_si256((const __m256i *)(const void *)(x1 + (xi))) : xa;         \
+        I8_ROW(0, w[0] + (o));                                                                     \
+        I8_ROW(1, w[1] + (o));                                                                     \
+        I8_ROW(2, w[2] + (o));                                                                     \
+        I8_ROW(3, w[3] + (o));                                                                     \
     } while (0)
         for (size_t o = ds_i8_at(i, step); i + 64 <= end; i += 64, o += step) {
             STEP32(i, o);
@@ -683,34 +694,48 @@ static void dot4_i8_one_avx2(const int8_t *x, const int8_t *const w[4], size_t n
         }
 #undef STEP32
         if (i < end) {
-            _Alignas(32) int8_t bx[32] = {0}, bw[4][32] = {{0}};
-            memcpy(bx, x + i, end - i);
+            _Alignas(32) int8_t bx[2][32] = {{0}}, bw[4][32] = {{0}};
+            memcpy(bx[0], x0 + i, end - i);
+            if (nt == 2) memcpy(bx[1], x1 + i, end - i);
             for (int r = 0; r < 4; r++) memcpy(bw[r], w[r] + ds_i8_at(i, step), end - i);
-            __m256i xv = _mm256_load_si256((const __m256i *)(const void *)bx);
-            a0 = i8_row(a0, xv, _mm256_load_si256((const __m256i *)(const void *)bw[0]), ones16);
-            a1 = i8_row(a1, xv, _mm256_load_si256((const __m256i *)(const void *)bw[1]), ones16);
-            a2 = i8_row(a2, xv, _mm256_load_si256((const __m256i *)(const void *)bw[2]), ones16);
-            a3 = i8_row(a3, xv, _mm256_load_si256((const __m256i *)(const void *)bw[3]), ones16);
+            const __m256i xa = _mm256_load_si256((const __m256i *)(const void *)bx[0]);
+            const __m256i xb = _mm256_load_si256((const __m256i *)(const void *)bx[1]);
+            I8_ROW(0, bw[0]);
+            I8_ROW(1, bw[1]);
+            I8_ROW(2, bw[2]);
+            I8_ROW(3, bw[3]);
         }
-        _mm_storeu_si128((__m128i *)(void *)(out + stride * b), reduce4_epi32_avx2(a0, a1, a2, a3));
+        _mm_storeu_si128((__m128i *)(void *)(out + stride * bk),
+                         reduce4_epi32_avx2(a0, a1, a2, a3));
+        if (nt == 2)
+            _mm_storeu_si128((__m128i *)(void *)(out + 4 + stride * bk),
+                             reduce4_epi32_avx2(b0, b1, b2, b3));
     }
     for (; n_pf; n_pf--, pf += 64) __builtin_prefetch(pf);
 }
+#undef I8_ROW
 
-/* A token at a time: the weights come from L1 for the tokens after the first. Each token's pass
+/* Tokens two at a time, one pass each pair: every weight vector loaded and its |w| taken once for
+ * both. A pass per token re-read the weights from L1 and redid |w| for each, and the arithmetic
+ * of the later passes did not overlap the weights' reads (2-core Zen 3 VM, 2 threads, the medium
+ * model's experts streamed as the MoE runs them, alternating in one process, medians, GB/s: 2
+ * tokens an expert 21.4 -> 24.6, 3 tokens 16.3 -> 18.2, 4 tokens 12.4 -> 16.3). Each pass
  * issues its share of the prefetches; when the first carried them all, memory idled through the
- * others' (2-core Zen 3 VM, 2 threads, 65536 x 1024 cold, three alternating runs, GMAC/s: 2
- * tokens 49 - 52 -> 43 - 62, 4 tokens 55 - 65 -> 61 - 70, 8 tokens 65 - 80 -> 73 - 77; medium
- * W8A8 alternating step by step, two runs of 48 steps: 0 - 1% faster at 1 sequence, 1.4% at 8,
- * 2% at 32, 0 - 6% at 64). */
+ * others' (65536 x 1024 cold, GMAC/s: 2 tokens 49 - 52 -> 43 - 62, 4 tokens 55 - 65 -> 61 - 70,
+ * 8 tokens 65 - 80 -> 73 - 77). */
 static void dot4_i8_avx2(const int8_t *const x[4], const int32_t *const xoff[4], int nx,
                          const int8_t *const w[4], size_t n, size_t block, size_t step,
                          const char *pf, size_t n_pf, int32_t *out) {
     (void)xoff; /* signed products need no offset */
-    for (size_t t = 0, done = 0; t < (size_t)nx; t++) {
-        const size_t share = n_pf * (t + 1) / (size_t)nx - done;
-        dot4_i8_one_avx2(x[t], w, n, block, step, share ? pf + 64 * done : NULL, share, out + 4 * t,
-                         4 * (size_t)nx);
+    const size_t stride = 4 * (size_t)nx;
+    for (size_t t = 0, done = 0, k; t < (size_t)nx; t += k) {
+        k = (size_t)nx - t >= 2 ? 2 : 1;
+        const size_t share = n_pf * (t + k) / (size_t)nx - done;
+        const char *p = share ? pf + 64 * done : NULL;
+        if (k == 2)
+            dot4_i8_pass(2, x[t], x[t + 1], w, n, block, step, p, share, out + 4 * t, stride);
+        else
+            dot4_i8_pass(1, x[t], NULL, w, n, block, step, p, share, out + 4 * t, stride);
         done += share;
     }
 }
