@@ -16,6 +16,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #if defined(DS_KERNELS_X86)
 #include <cpuid.h>
@@ -31,6 +32,7 @@ static const char *const isa_names[ISA_COUNT] = {"scalar", "avx2", "avx512", "ne
 static ds_kernels tables[ISA_COUNT];
 static int have[ISA_COUNT];
 static const ds_kernels *selected;
+static size_t l2_bytes; /* per core; 0: unknown */
 static pthread_once_t detect_once = PTHREAD_ONCE_INIT;
 static pthread_once_t select_once = PTHREAD_ONCE_INIT;
 
@@ -137,6 +139,10 @@ static void complete(ds_kernels *dst, const ds_kernels *src) {
 }
 
 static void detect(void) {
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE); /* glibc: from CPUID on x86, 0 where unknown */
+    l2_bytes = l2 > 0 ? (size_t)l2 : 0;
+#endif
     complete(&tables[ISA_SCALAR], ds_kernels_scalar());
     have[ISA_SCALAR] = 1;
 #if defined(DS_KERNELS_X86)
@@ -193,6 +199,11 @@ static void select_table(void) {
 const ds_kernels *ds_kernels_get(void) {
     pthread_once(&select_once, select_table);
     return selected;
+}
+
+size_t ds_kernels_l2_bytes(void) {
+    pthread_once(&detect_once, detect);
+    return l2_bytes;
 }
 
 int ds_kernels_fgemm_native(const ds_kernels *k) {

@@ -229,6 +229,8 @@ const ds_kernels *ds_kernels_scalar(void);
  * gemm128x1_f32; or is the scalar table, their oracle): the others fill those slots from scalar,
  * slower than their dot / axpy kernels. */
 int ds_kernels_fgemm_native(const ds_kernels *k);
+/* This CPU's L2 cache per core in bytes (sysconf), 0 where the C library does not know it. */
+size_t ds_kernels_l2_bytes(void);
 
 /* A weight matrix W [rows, cols] (PyTorch's Linear layout: y = x W^T) in its stored form. The
  * data is not owned: it usually points into a safetensors mmap. */
