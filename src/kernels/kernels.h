@@ -135,10 +135,11 @@ typedef struct ds_kernels {
      * made once per token by the caller (the kernels that add w + 128 take it back out; int32
      * arithmetic wraps). Every table gives the same integers (the SIMD ones reorder an exact
      * sum); the caller keeps block * 127 * 128 < 2^31 (block <= 131072). The AVX-512 kernel
-     * loads each weight once for all nx tokens. The kernel also prefetches the n_pf 64-byte lines
-     * from pf on. Row r's columns are read in pieces of 64 (the last may be shorter), piece s at
-     * w[r] + s * step: step 64 for a row in one piece of memory, 256 for the rows of a ds_mat
-     * interleaved by fours (ds_mat_interleave; then block is a multiple of 64 or >= n). */
+     * loads each weight once for all nx tokens, the AVX2 one once for each pair of them. The
+     * kernel also prefetches the n_pf 64-byte lines from pf on. Row r's columns are read in
+     * pieces of 64 (the last may be shorter), piece s at w[r] + s * step: step 64 for a row in
+     * one piece of memory, 256 for the rows of a ds_mat interleaved by fours (ds_mat_interleave;
+     * then block is a multiple of 64 or >= n). */
     void (*dot4_i8)(const int8_t *const x[4], const int32_t *const xoff[4], int nx,
                     const int8_t *const w[4], size_t n, size_t block, size_t step, const char *pf,
                     size_t n_pf, int32_t *out);
