@@ -1142,12 +1142,14 @@ static int moe_chain(ds_model *m, fwd_bufs *b, int64_t n, size_t used) {
  * the most tokens).
  *
  * Why the shared experts run among the routed ones: at a few tokens an expert the routed chains
- * are bound by their weights' reads and the shared experts' by their arithmetic, so one thread
- * computes the shared experts while the other streams routed experts. Run after the group as
- * three pool runs, their arithmetic had the memory idle. Medium models, 2-vCPU Zen 3 VM, the two
+ * are bound by their weights' reads and the shared experts' by their arithmetic (from
+ * MOE_PIPE_MAX_TOK tokens), so one thread computes the shared experts while the other streams
+ * routed experts. Run after the group as three pool runs, their arithmetic had the memory idle.
+ * Below MOE_PIPE_MAX_TOK tokens they are read-bound too, and one more chain only unbalanced the
+ * threads (BF16 at 1 sequence 2.4% slower, twice). Medium models, 2-vCPU Zen 3 VM, the two
  * alternating step by step (medians of 24 - 32 steps, both models), steps faster by: 32
- * sequences 1.7 - 6.6% in six runs, -5% in the two of one noisy pass; 64 sequences 2.0 - 4.2%
- * (four runs); 8 sequences -4.9 to +2.1% (eight runs). */
+ * sequences +1.5% on average over twelve runs (-6.5 to +6.6%), 64 sequences +1.7% over eight
+ * (-3.0 to +4.6%), 8 sequences even (-4.9 to +10.4%, twelve runs). */
 typedef struct {
     const rows_op *gather; /* the group's pairs' rows (row r: pair p0 + r) */
     const int32_t *start, *ex, *order;
@@ -1252,7 +1254,7 @@ static int moe(ds_model *m, const ds_layer *L, int64_t l, fwd_bufs *b, int64_t n
                     order[i] = order[i - 1];
                 order[i] = j;
             }
-            const int with_sh = !shared_done && sh->size == 1;
+            const int with_sh = !shared_done && sh->size == 1 && n >= MOE_PIPE_MAX_TOK;
             moe_pipe mp = {&gather, start, ex, order, p0, jobs, down, with_sh ? sj : NULL};
             ds_pool_run_slices(m->pool, moe_pipe_task, &mp, nx + with_sh);
             count_jobs(m, jobs, 3 * nx);
