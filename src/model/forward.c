@@ -1219,11 +1219,10 @@ static int moe(ds_model *m, const ds_layer *L, int64_t l, fwd_bufs *b, int64_t n
      * up, then down (ds_matmul_jobs) */
     const int64_t ie = c->moe_intermediate_size, G = group_pairs(c, n);
     /* the shared experts' jobs, their rows after the routed ones' (buf_sizes) */
-    const int64_t sw = L->shared.gate.rows;
     const ds_mm_job sj[3] = {{b->g + G * ie, b->h, n, &L->shared.gate, NULL},
                              {b->u + G * ie, b->h, n, &L->shared.up, NULL},
                              {b->d + G * D, b->g + G * ie, n, &L->shared.down, NULL}};
-    int shared_done = !sw;
+    int shared_done = !L->shared.gate.rows;
     for (int64_t e0 = lo, e1; e0 < hi; e0 = e1) {
         const int64_t p0 = start[e0];
         for (e1 = e0 + 1; e1 < hi && start[e1 + 1] - p0 <= G;) e1++;
@@ -1276,7 +1275,7 @@ static int moe(ds_model *m, const ds_layer *L, int64_t l, fwd_bufs *b, int64_t n
     }
     free(jobs);
     if (sh->size > 1 && (rc = moe_chain(m, b, n, used))) return rc;
-    if (sw) {
+    if (L->shared.gate.rows) {
         int64_t width = c->moe_intermediate_size * c->n_shared_experts;
         if (!shared_done && (rc = mlp(m, &L->shared, b->h, n, sj[2].y, b, width))) return rc;
         trace(m, "layers.%lld.moe.shared_out", l, sj[2].y, n, D);
