@@ -116,8 +116,10 @@ static double matmul_rate(ds_pool *pool, ds_dtype dt, int *fastest) {
         if (mm_probe_open(&p, dt, shapes[i][0], shapes[i][1], shapes[i][2]))
             r = mm_probe_rate(pool, &p, 3);
         mm_probe_close(&p);
-        if (r > best) *fastest = i;
-        best = r > best ? r : best;
+        if (r > best) {
+            best = r;
+            *fastest = i;
+        }
     }
     return best;
 }
